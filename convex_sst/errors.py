@@ -1,0 +1,56 @@
+"""Exception hierarchy of convex_sst.
+
+Every error raised on bad input is a :class:`ConvexSSTError`, so callers can catch the library's
+errors as a group, and most also subclass the builtin that fits (``ValueError``,
+``RuntimeError``), so generic handlers keep working. Messages say what was wrong, where, what
+was expected, and give a hint.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ConvexSSTError(Exception):
+    """Base class of every error raised by convex_sst."""
+
+
+class ConfigError(ConvexSSTError, ValueError):
+    """A polytope config file (or dict) is malformed: wrong key, type, expression or parameter."""
+
+
+class PolytopeError(ConvexSSTError, ValueError):
+    """A polytope is unusable: empty, unbounded, not integral, or too large to enumerate."""
+
+
+class InputError(ConvexSSTError, ValueError):
+    """A tensor or scalar argument has the wrong shape, dtype or value (NaN, inf, t <= 0)."""
+
+
+class UnknownNameError(ConvexSSTError, ValueError):
+    """A name (polytope, regularizer, noise, backend, argmax) is not registered."""
+
+
+class RegistrationError(ConvexSSTError, ValueError):
+    """A registration was rejected (duplicate name, wrong type)."""
+
+
+class SolverError(ConvexSSTError, RuntimeError):
+    """A numerical solver failed or returned a solution that does not pass verification."""
+
+
+class SolverWarning(UserWarning):
+    """A solver returned a usable but possibly inaccurate result."""
+
+
+def unknown_name(kind: str, name: object, available: Iterable[str], hint: str = "") -> UnknownNameError:
+    """Build an :class:`UnknownNameError` listing the available names and the closest match."""
+    available = sorted(available)
+    msg = f"unknown {kind} {name!r}; available: {', '.join(available) or '(none)'}"
+    close = difflib.get_close_matches(str(name), available, n=1)
+    if close:
+        msg += f". Did you mean {close[0]!r}?"
+    if hint:
+        msg += f" {hint}"
+    return UnknownNameError(msg)

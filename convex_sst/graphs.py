@@ -1,0 +1,174 @@
+"""Constant helpers available inside polytope configs (index sets, incidence matrices).
+
+Every function here takes and returns numpy arrays (or ints) and is exposed by name to the
+config expression language (see :data:`CONFIG_FUNCTIONS`). Graph conventions:
+
+* an undirected edge list ``E`` is an ``(m, 2)`` int array with ``i < j`` per row; for Kₙ it
+  is lexicographic, the order of ``torch.triu_indices(n, n, 1)``;
+* an arc list ``A`` is an ``(a, 2)`` int array of ``(tail, head)`` pairs;
+* ``incidence(A, n)[v, a] = +1`` if arc ``a`` leaves ``v`` and ``-1`` if it enters ``v``, so
+  ``incidence(A, n) @ flow`` is the net outflow at every vertex.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .expr import ExprError
+
+
+def _int(value: Any, what: str) -> int:
+    arr = np.asarray(value)
+    if arr.ndim != 0 or arr.dtype.kind not in "iuf" or float(arr) != int(arr):
+        raise ExprError(f"{what} must be an integer, got {value!r}")
+    return int(arr)
+
+
+def _pairs(pairs: Any, n: int, what: str) -> np.ndarray:
+    arr = np.asarray(pairs if pairs is not None else np.zeros((0, 2)), dtype=float)
+    if arr.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    if arr.ndim != 2 or arr.shape[1] != 2 or np.any(arr != np.round(arr)):
+        raise ExprError(f"{what} must be a list of integer pairs [i, j], got shape {arr.shape}")
+    arr = arr.astype(np.int64)
+    bad = np.flatnonzero((arr < 0).any(1) | (arr >= n).any(1))
+    if bad.size:
+        raise ExprError(f"{what}[{bad[0]}] = {arr[bad[0]].tolist()} has a vertex outside 0..{n - 1}")
+    loops = np.flatnonzero(arr[:, 0] == arr[:, 1])
+    if loops.size:
+        raise ExprError(f"{what}[{loops[0]}] = {arr[loops[0]].tolist()} is a self-loop")
+    return arr
+
+
+def complete_edges(n: Any) -> np.ndarray:
+    """Edges ``(i, j)``, ``i < j``, of Kₙ in lexicographic order: shape ``(n(n-1)/2, 2)``."""
+    n = _int(n, "n")
+    i, j = np.triu_indices(n, 1)
+    return np.stack([i, j], 1).astype(np.int64)
+
+
+def graph_edges(n: Any, edges: Any = None) -> np.ndarray:
+    """The given undirected edges as ``i < j`` pairs (in the given order), or Kₙ's if None."""
+    n = _int(n, "n")
+    if edges is None:
+        return complete_edges(n)
+    arr = np.sort(_pairs(edges, n, "edges"), axis=1)
+    _, first = np.unique(arr, axis=0, return_index=True)
+    if first.size != len(arr):
+        dup = sorted(set(range(len(arr))) - set(first.tolist()))[0]
+        raise ExprError(f"edges[{dup}] = {arr[dup].tolist()} repeats an earlier edge")
+    return arr
+
+
+def complete_arcs(n: Any) -> np.ndarray:
+    """Arcs ``(h, m)``, ``h != m``, of the complete digraph, ordered by ``h`` then ``m``."""
+    n = _int(n, "n")
+    h, m = np.nonzero(~np.eye(n, dtype=bool))
+    return np.stack([h, m], 1).astype(np.int64)
+
+
+def both_orientations(edges: Any) -> np.ndarray:
+    """Arcs ``(i, j)`` for every edge, then ``(j, i)`` for every edge: shape ``(2m, 2)``."""
+    e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    return np.concatenate([e, e[:, ::-1]], 0)
+
+
+def dag_arcs(n: Any, arcs: Any) -> np.ndarray:
+    """Validate that ``arcs`` form a directed acyclic graph on ``n`` vertices; return them."""
+    n = _int(n, "n")
+    a = _pairs(arcs, n, "edges")
+    indeg = np.zeros(n, dtype=np.int64)
+    np.add.at(indeg, a[:, 1], 1)
+    order, stack = [], [v for v in range(n) if indeg[v] == 0]
+    while stack:
+        v = stack.pop()
+        order.append(v)
+        for w in a[a[:, 0] == v, 1]:
+            indeg[w] -= 1
+            if indeg[w] == 0:
+                stack.append(int(w))
+    if len(order) != n:
+        raise ExprError("edges contain a directed cycle; dag_path needs a DAG")
+    return a
+
+
+def incidence(arcs: Any, n: Any) -> np.ndarray:
+    """Node-arc incidence ``(n, a)``: +1 where the arc leaves the vertex, -1 where it enters."""
+    return out_incidence(arcs, n) - in_incidence(arcs, n)
+
+
+def in_incidence(arcs: Any, n: Any) -> np.ndarray:
+    """``(n, a)`` with 1 where arc ``a`` enters vertex ``v``."""
+    n = _int(n, "n")
+    a = np.asarray(arcs, dtype=np.int64).reshape(-1, 2)
+    m = np.zeros((n, len(a)))
+    m[a[:, 1], np.arange(len(a))] = 1.0
+    return m
+
+
+def out_incidence(arcs: Any, n: Any) -> np.ndarray:
+    """``(n, a)`` with 1 where arc ``a`` leaves vertex ``v``."""
+    n = _int(n, "n")
+    a = np.asarray(arcs, dtype=np.int64).reshape(-1, 2)
+    m = np.zeros((n, len(a)))
+    m[a[:, 0], np.arange(len(a))] = 1.0
+    return m
+
+
+def orientation_sum(edges: Any, arcs: Any) -> np.ndarray:
+    """``(m, a)`` with 1 where arc ``a`` is an orientation of edge ``e``: ``x = M @ y``."""
+    e = np.sort(np.asarray(edges, dtype=np.int64).reshape(-1, 2), axis=1)
+    a = np.sort(np.asarray(arcs, dtype=np.int64).reshape(-1, 2), axis=1)
+    return (e[:, None, :] == a[None, :, :]).all(-1).astype(float)
+
+
+def arc_scatter(arcs: Any, n: Any) -> np.ndarray:
+    """``(n*n, a)`` placing arc ``(h, m)`` at the row-major position of entry ``[h, m]``."""
+    n = _int(n, "n")
+    a = np.asarray(arcs, dtype=np.int64).reshape(-1, 2)
+    m = np.zeros((n * n, len(a)))
+    m[a[:, 0] * n + a[:, 1], np.arange(len(a))] = 1.0
+    return m
+
+
+def onehot(n: Any, i: Any) -> np.ndarray:
+    """The ``i``-th standard basis vector of length ``n``."""
+    n, i = _int(n, "n"), _int(i, "index")
+    if not 0 <= i < n:
+        raise ExprError(f"onehot index {i} outside 0..{n - 1}")
+    v = np.zeros(n)
+    v[i] = 1.0
+    return v
+
+
+def _shape(args: tuple) -> tuple[int, ...]:
+    return tuple(_int(a, "shape") for a in args)
+
+
+def _delete(arr: Any, index: Any, axis: Any = 0) -> np.ndarray:
+    return np.delete(np.asarray(arr), _int(index, "index"), axis=_int(axis, "axis"))
+
+
+#: Constant functions exposed to config expressions (linear ones live in :mod:`expr`).
+CONFIG_FUNCTIONS = {
+    "range": lambda n: np.arange(_int(n, "range bound")),
+    "eye": lambda n: np.eye(_int(n, "n")),
+    "ones": lambda *shape: np.ones(_shape(shape)),
+    "zeros": lambda *shape: np.zeros(_shape(shape)),
+    "onehot": onehot,
+    "outer": lambda a, b: np.outer(np.asarray(a), np.asarray(b)),
+    "delete": _delete,
+    "len": lambda a: int(np.shape(a)[0]) if np.ndim(a) else 0,
+    "complete_edges": complete_edges,
+    "graph_edges": graph_edges,
+    "complete_arcs": complete_arcs,
+    "both_orientations": both_orientations,
+    "dag_arcs": dag_arcs,
+    "incidence": incidence,
+    "in_incidence": in_incidence,
+    "out_incidence": out_incidence,
+    "orientation_sum": orientation_sum,
+    "arc_scatter": arc_scatter,
+}

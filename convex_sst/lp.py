@@ -1,0 +1,180 @@
+"""Linear programs over a :class:`CanonicalForm` with HiGHS (dual simplex, exact vertices).
+
+Used for the generic hard argmax (an exact vertex of P for ``max uᵀx``), for emptiness and
+boundedness checks at load time, for membership tests, and for vertex enumeration of small
+0/1 polytopes by branch and bound (fix one coordinate of x at a time, prune infeasible
+branches with an LP; the model is built once and only column bounds change).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import scipy.sparse as sp
+
+from .canonical import CanonicalForm
+from .errors import PolytopeError, SolverError
+
+try:  # highspy is a dependency of cvxpy >= 1.5
+    import highspy
+except ImportError as exc:  # pragma: no cover - environment problem
+    raise ImportError("convex_sst needs highspy (installed with cvxpy); pip install highspy") from exc
+
+
+def _new_highs() -> "highspy.Highs":
+    """A silent HiGHS instance (the first construction prints a banner to fd 1)."""
+    global _BANNER_DONE
+    if _BANNER_DONE:
+        h = highspy.Highs()
+    else:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), 1)
+                h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        _BANNER_DONE = True
+    h.setOptionValue("output_flag", False)
+    return h
+
+
+_BANNER_DONE = False
+
+
+class LinearProgram:
+    """A HiGHS model of ``max cᵀx s.t. z in Q`` kept alive for repeated solves."""
+
+    def __init__(self, form: CanonicalForm):
+        self.form = form
+        h = _new_highs()
+        h.setOptionValue("random_seed", 0)
+        A = sp.vstack([form.A_eq, form.A_ub], format="csc")
+        m = A.shape[0]
+        lp = highspy.HighsLp()
+        lp.num_col_ = form.num_z
+        lp.num_row_ = m
+        lp.col_cost_ = np.zeros(form.num_z)
+        lp.col_lower_ = form.lb.copy()
+        lp.col_upper_ = form.ub.copy()
+        lp.row_lower_ = np.concatenate([form.b_eq, np.full(form.num_ub, -highspy.kHighsInf)])
+        lp.row_upper_ = np.concatenate([form.b_eq, form.b_ub])
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_ = A.indptr.astype(np.int32)
+        lp.a_matrix_.index_ = A.indices.astype(np.int32)
+        lp.a_matrix_.value_ = A.data.astype(float)
+        lp.a_matrix_.num_col_ = form.num_z
+        lp.a_matrix_.num_row_ = m
+        lp.sense_ = highspy.ObjSense.kMaximize
+        h.passModel(lp)
+        self._h = h
+        self._x_idx = np.arange(form.out_size, dtype=np.int32)
+
+    def _set_cost(self, c: np.ndarray) -> None:
+        self._h.changeColsCost(len(self._x_idx), self._x_idx, np.asarray(c, dtype=float))
+
+    def _set_x_bounds(self, lower: np.ndarray, upper: np.ndarray) -> None:
+        self._h.changeColsBounds(len(self._x_idx), self._x_idx, lower.astype(float), upper.astype(float))
+
+    def _reset_x_bounds(self) -> None:
+        self._set_x_bounds(self.form.lb[: self.form.out_size], self.form.ub[: self.form.out_size])
+
+    def _run(self) -> str:
+        self._h.run()
+        status = self._h.getModelStatus()
+        if status == highspy.HighsModelStatus.kOptimal:
+            return "optimal"
+        if status == highspy.HighsModelStatus.kInfeasible:
+            return "infeasible"
+        if status in (highspy.HighsModelStatus.kUnbounded, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+            return "unbounded"
+        return self._h.modelStatusToString(status)
+
+    def solution(self) -> np.ndarray:
+        return np.asarray(self._h.getSolution().col_value, dtype=float)
+
+    def maximize(self, c: np.ndarray) -> tuple[str, np.ndarray | None]:
+        """Solve ``max cᵀx``; returns ``(status, z)`` (z is None unless optimal)."""
+        self._set_cost(c)
+        status = self._run()
+        return status, (self.solution() if status == "optimal" else None)
+
+    def is_feasible(self, lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> bool:
+        """Whether some z in Q has ``lower <= x <= upper`` (defaults: the form's own bounds)."""
+        self._set_cost(np.zeros(self.form.out_size))
+        if lower is not None:
+            self._set_x_bounds(lower, upper)
+        try:
+            status = self._run()
+        finally:
+            if lower is not None:
+                self._reset_x_bounds()
+        if status not in ("optimal", "infeasible"):
+            raise SolverError(f"HiGHS returned status {status!r} on a feasibility problem")
+        return status == "optimal"
+
+    def x_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Coordinate-wise min and max of x over P (LPs only where bounds are not declared)."""
+        n = self.form.out_size
+        lo = self.form.lb[:n].copy()
+        hi = self.form.ub[:n].copy()
+        for j in range(n):
+            for sign, arr in ((-1.0, lo), (1.0, hi)):
+                if np.isfinite(arr[j]):
+                    continue
+                c = np.zeros(n)
+                c[j] = sign
+                status, z = self.maximize(c)
+                if status == "optimal":
+                    arr[j] = z[j]
+                elif status == "unbounded":
+                    arr[j] = sign * np.inf
+                else:
+                    raise SolverError(f"HiGHS returned status {status!r} bounding x[{j}]")
+        return lo, hi
+
+    def enumerate_binary(self, limit: int) -> np.ndarray:
+        """All 0/1 points of P, in lexicographic order; raise if there are more than ``limit``."""
+        n = self.form.out_size
+        lo0 = np.maximum(self.form.lb[:n], 0.0)
+        hi0 = np.minimum(self.form.ub[:n], 1.0)
+        lower, upper = lo0.copy(), hi0.copy()
+        found: list[np.ndarray] = []
+        self._set_cost(np.zeros(n))
+
+        def feasible() -> bool:
+            self._set_x_bounds(lower, upper)
+            status = self._run()
+            if status not in ("optimal", "infeasible"):
+                raise SolverError(f"HiGHS returned status {status!r} during enumeration")
+            return status == "optimal"
+
+        def dfs(j: int) -> None:
+            if j == n:
+                found.append(lower.copy())
+                if len(found) > limit:
+                    raise PolytopeError(
+                        f"more than {limit} vertices; vertices() is meant for small instances "
+                        "(raise `limit` if you really want them all)"
+                    )
+                return
+            for v in (0.0, 1.0):
+                if v < lo0[j] or v > hi0[j]:
+                    continue
+                lower[j] = upper[j] = v
+                if feasible():
+                    dfs(j + 1)
+            lower[j], upper[j] = lo0[j], hi0[j]
+
+        try:
+            if feasible():
+                dfs(0)
+        finally:
+            self._reset_x_bounds()
+        if not found:
+            return np.zeros((0, n))
+        return np.stack(found)

@@ -1,0 +1,92 @@
+"""Noise distributions for the random utility ``U = θ + G``.
+
+A noise is an object with ``sample(shape, generator=None, dtype=..., device=...)`` and an
+elementwise ``log_prob(g)``; pass your own subclass of :class:`Noise` wherever a noise name
+is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import InputError, unknown_name
+
+
+class Noise:
+    """Base class: i.i.d. noise added to every utility."""
+
+    name = "noise"
+
+    def sample(self, shape, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, g: torch.Tensor) -> torch.Tensor:
+        """Elementwise log density of the noise at ``g``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Gumbel(Noise):
+    """Gumbel(0, scale): ``G = -scale · log(-log V)``, V ~ Uniform(0, 1) clamped away from 0 and 1.
+
+    With scale 1, ``argmax_i θ_i + G_i`` is a sample of ``softmax(θ)`` (the Gumbel-max trick).
+    """
+
+    name = "gumbel"
+
+    def __init__(self, scale: float = 1.0):
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise InputError(f"Gumbel scale must be a finite number > 0, got {scale!r}")
+        self.scale = float(scale)
+
+    def sample(self, shape, generator=None, dtype=torch.float32, device=None):
+        v = torch.rand(tuple(shape), generator=generator, dtype=dtype, device=device)
+        tiny = torch.finfo(dtype).tiny
+        eps = torch.finfo(dtype).eps
+        v = v.clamp(min=tiny, max=1.0 - eps)
+        return -self.scale * torch.log(-torch.log(v))
+
+    def log_prob(self, g):
+        z = g / self.scale
+        return -z - torch.exp(-z) - math.log(self.scale)
+
+    def __repr__(self):
+        return f"Gumbel(scale={self.scale})"
+
+
+class Gaussian(Noise):
+    """Normal(0, scale²) noise."""
+
+    name = "gaussian"
+
+    def __init__(self, scale: float = 1.0):
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise InputError(f"Gaussian scale must be a finite number > 0, got {scale!r}")
+        self.scale = float(scale)
+
+    def sample(self, shape, generator=None, dtype=torch.float32, device=None):
+        return self.scale * torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+
+    def log_prob(self, g):
+        z = g / self.scale
+        return -0.5 * z * z - math.log(self.scale) - 0.5 * math.log(2 * math.pi)
+
+    def __repr__(self):
+        return f"Gaussian(scale={self.scale})"
+
+
+_NOISES = {"gumbel": Gumbel, "gaussian": Gaussian}
+
+
+def get_noise(noise: str | Noise | None) -> Noise | None:
+    """A :class:`Noise` from a name (``"gumbel"``, ``"gaussian"``), an instance, or None (no noise)."""
+    if noise is None or isinstance(noise, Noise):
+        return noise
+    if isinstance(noise, str) and noise in _NOISES:
+        return _NOISES[noise]()
+    raise unknown_name("noise", noise, list(_NOISES) + ["None"], hint="Or pass a convex_sst.Noise instance.")

@@ -1,0 +1,365 @@
+"""Polytopes: loading configs, the :class:`Polytope` object, and the exact-argmax registry.
+
+``load_polytope("k_subset", n=5, k=2)`` finds the built-in config (shipped as package data),
+validates the parameters, compiles the constraints to a :class:`CanonicalForm`, checks that
+the polytope is non-empty and bounded, and caches the instance, so compiled layers attached to
+it are reused by later calls with the same parameters.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import PolytopeConfig, load_config_file
+from .errors import ConfigError, InputError, PolytopeError, RegistrationError, unknown_name
+from .lp import LinearProgram
+from .regularizers import Regularizer, get_regularizer, regularizer_names
+
+ArgmaxFn = Callable[[torch.Tensor, "Polytope"], torch.Tensor]
+_ARGMAX: dict[str, ArgmaxFn] = {}
+_USER_CONFIGS: dict[str, Path] = {}
+_CONFIG_CACHE: dict[str, tuple[int, PolytopeConfig]] = {}
+_INSTANCES: dict[tuple, Polytope] = {}
+_LOCK = threading.Lock()
+
+
+def register_argmax(name: str) -> Callable[[ArgmaxFn], ArgmaxFn]:
+    """Register an exact combinatorial argmax under ``name`` (decorator).
+
+    The function maps utilities ``u: (B, *shape)`` and the polytope to the maximizing
+    structures ``(B, *shape)`` (0/1 values, same dtype and device). A config opts in with
+    ``argmax: name``.
+    """
+
+    def deco(fn: ArgmaxFn) -> ArgmaxFn:
+        if not callable(fn):
+            raise RegistrationError(f"argmax {name!r} must be callable")
+        if name in _ARGMAX:
+            raise RegistrationError(f"an argmax named {name!r} is already registered")
+        _ARGMAX[name] = fn
+        return fn
+
+    return deco
+
+
+def available_argmax() -> list[str]:
+    return sorted(_ARGMAX)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding configs
+# --------------------------------------------------------------------------------------------
+
+
+def _builtin_dir() -> Path:
+    """Directory of the built-in configs: package data when installed, else the checkout."""
+    try:
+        res = importlib.resources.files("convex_sst.polytopes")
+        path = Path(str(res))
+        if path.is_dir() and any(path.glob("*.yaml")):
+            return path
+    except ModuleNotFoundError:
+        pass
+    checkout = Path(__file__).resolve().parent.parent / "polytopes"
+    if checkout.is_dir():
+        return checkout
+    raise PolytopeError("built-in polytope configs not found; reinstall convex_sst")  # pragma: no cover
+
+
+def builtin_config_paths() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(_builtin_dir().glob("*.yaml"))}
+
+
+def available_polytopes() -> list[str]:
+    """Names of the built-in and user-registered polytopes, sorted."""
+    return sorted(set(builtin_config_paths()) | set(_USER_CONFIGS))
+
+
+def _read_config(path: Path) -> PolytopeConfig:
+    """Parse a config file once per modification time."""
+    key = str(path.resolve())
+    mtime = path.stat().st_mtime_ns if path.exists() else 0
+    cached = _CONFIG_CACHE.get(key)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    cfg = load_config_file(path, known_regularizers=regularizer_names(), known_argmax=_ARGMAX)
+    _CONFIG_CACHE[key] = (mtime, cfg)
+    return cfg
+
+
+def _resolve(name_or_path: str | Path) -> tuple[Path, bool]:
+    builtins = builtin_config_paths()
+    s = str(name_or_path)
+    if isinstance(name_or_path, str) and s in builtins:
+        return builtins[s], True
+    if isinstance(name_or_path, str) and s in _USER_CONFIGS:
+        return _USER_CONFIGS[s], False
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"polytope config file {s!r} does not exist")
+        return p, False
+    raise unknown_name("polytope", s, available_polytopes(),
+                       hint="Pass a path to a .yaml config to load your own.")
+
+
+def register_polytope(path: str | Path) -> str:
+    """Register a user config file under its ``name`` so ``load_polytope(name)`` finds it."""
+    path = Path(path)
+    cfg = _read_config(path)
+    if cfg.name in builtin_config_paths():
+        raise RegistrationError(f"{path}: name {cfg.name!r} is taken by a built-in polytope; choose another name")
+    if cfg.name in _USER_CONFIGS and _USER_CONFIGS[cfg.name].resolve() != path.resolve():
+        raise RegistrationError(f"{path}: a polytope named {cfg.name!r} is already registered from {_USER_CONFIGS[cfg.name]}")
+    _USER_CONFIGS[cfg.name] = path
+    return cfg.name
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return ("array", value.shape, tuple(value.reshape(-1).tolist()))
+    return value
+
+
+def load_polytope(name_or_path: str | Path, **params: Any) -> Polytope:
+    """Load a polytope by built-in name, registered name, or config file path.
+
+    Args:
+        name_or_path: e.g. ``"k_subset"`` or ``"my/polytope.yaml"``.
+        **params: the config's parameters, e.g. ``n=5, k=2``; omitted ones take their defaults.
+
+    Returns:
+        A cached :class:`Polytope` (the same object for the same file and parameters).
+
+    Raises:
+        UnknownNameError: no such polytope (lists the available ones).
+        ConfigError: malformed config, unknown or out-of-range parameter.
+        PolytopeError: the polytope is empty or unbounded.
+    """
+    path, builtin = _resolve(name_or_path)
+    cfg = _read_config(path)
+    if not builtin and cfg.name in builtin_config_paths():
+        raise ConfigError(
+            f"{path}: name {cfg.name!r} is taken by a built-in polytope; choose another name "
+            "(fast paths are keyed by name)"
+        )
+    values = cfg.resolve_params(params)
+    key = (str(path.resolve()), _CONFIG_CACHE[str(path.resolve())][0], tuple((k, _freeze(v)) for k, v in values.items()))
+    with _LOCK:
+        inst = _INSTANCES.get(key)
+        if inst is None:
+            inst = Polytope(cfg, values, builtin=builtin)
+            _INSTANCES[key] = inst
+    return inst
+
+
+# --------------------------------------------------------------------------------------------
+# The Polytope object
+# --------------------------------------------------------------------------------------------
+
+
+class Polytope:
+    """``P = conv(𝒳)`` for a finite set 𝒳 of 0/1 structures, declared by a config.
+
+    Attributes:
+        name: config name (``"spanning_tree"``); fast paths are keyed by it.
+        params: the resolved parameters.
+        shape: output shape, e.g. ``(n, n)`` for ``birkhoff``.
+        size: number of entries of one structure, ``prod(shape)``.
+        form: the :class:`CanonicalForm` over ``z = (x, aux)``.
+        regularizers: the regularizers this structure declares (and the tests cover).
+        data: the evaluated ``data:`` entries of the config (e.g. the edge list ``E``).
+    """
+
+    def __init__(self, config: PolytopeConfig, params: dict[str, Any], builtin: bool = False):
+        self.config = config
+        self.name = config.name
+        self.description = config.description
+        self.params = dict(params)
+        self.builtin = builtin
+        self.form, self.shape, self.data = config.compile(self.params)
+        self.size = self.form.out_size
+        self.regularizers = config.regularizers
+        self.argmax_name = config.argmax
+        self._lp: LinearProgram | None = None
+        self._x_range: tuple[np.ndarray, np.ndarray] | None = None
+        self._domain_ok: set[str] = set()
+        self.cache: dict[Any, Any] = {}  # compiled layers and fast-path state, keyed by their owners
+        self._check_nonempty_bounded()
+
+    def __repr__(self) -> str:
+        ps = ", ".join(f"{k}={v.tolist() if isinstance(v, np.ndarray) else v}" for k, v in self.params.items())
+        return f"Polytope({self.name!r}{', ' + ps if ps else ''}, shape={self.shape})"
+
+    @property
+    def lp(self) -> LinearProgram:
+        if self._lp is None:
+            self._lp = LinearProgram(self.form)
+        return self._lp
+
+    def _where(self) -> str:
+        ps = ", ".join(f"{k}={v}" for k, v in self.params.items() if np.ndim(v) == 0)
+        return f"polytope {self.name!r} ({ps}) from {self.config.source}"
+
+    def _check_nonempty_bounded(self) -> None:
+        if not self.lp.is_feasible():
+            raise PolytopeError(
+                f"{self._where()} is empty: no point satisfies all constraints. "
+                "Check the constraints (and, for graphs, that the graph is connected / has a path)."
+            )
+        lo, hi = self.x_range()
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+            j = int(np.flatnonzero(~(np.isfinite(lo) & np.isfinite(hi)))[0])
+            raise PolytopeError(
+                f"{self._where()} is unbounded in x[{j}]; a polytope must be bounded "
+                "(add bounds such as '0 <= x <= 1')"
+            )
+
+    def x_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Coordinate-wise ``(min, max)`` of x over P, each of shape ``(size,)``."""
+        if self._x_range is None:
+            self._x_range = self.lp.x_range()
+        return self._x_range
+
+    def check_regularizer(self, regularizer: str | Regularizer) -> Regularizer:
+        """Return the regularizer after checking that its domain contains P."""
+        reg = get_regularizer(regularizer)
+        if reg.name in self._domain_ok:
+            return reg
+        lo, hi = self.x_range()
+        dlo, dhi = reg.domain
+        bad = np.flatnonzero((lo < dlo - 1e-9) | (hi > dhi + 1e-9))
+        if bad.size:
+            j = int(bad[0])
+            raise PolytopeError(
+                f"regularizer {reg.name!r} is defined on [{dlo}, {dhi}] per coordinate, but "
+                f"{self._where()} has x[{j}] ranging over [{lo[j]:g}, {hi[j]:g}]; "
+                "use a regularizer whose domain contains P (e.g. 'quadratic')"
+            )
+        self._domain_ok.add(reg.name)
+        return reg
+
+    # ------------------------------------------------------------------ inputs
+
+    def check_input(self, u: Any, argname: str = "u") -> tuple[int, ...]:
+        """Validate a tensor of shape ``(*batch, *self.shape)``; return the batch shape."""
+        if not isinstance(u, torch.Tensor):
+            raise InputError(f"{argname} must be a torch.Tensor, got {type(u).__name__}")
+        if not u.is_floating_point():
+            raise InputError(
+                f"{argname} must be a floating-point tensor (float32 or float64), got {u.dtype}; "
+                f"hint: {argname}.double()"
+            )
+        k = len(self.shape)
+        if u.dim() < k or tuple(u.shape[u.dim() - k:]) != self.shape:
+            raise InputError(
+                f"{argname} has shape {tuple(u.shape)}, expected (*batch, {', '.join(map(str, self.shape))}) "
+                f"for {self!r}"
+            )
+        finite = torch.isfinite(u.detach())
+        if not bool(finite.all()):
+            batch = tuple(u.shape[: u.dim() - k])
+            flat = (~finite).reshape(-1, self.size).any(1).nonzero().reshape(-1)
+            first = int(flat[0])
+            idx = np.unravel_index(first, batch) if batch else ()
+            nbad = int(flat.numel())
+            raise InputError(
+                f"{argname} contains NaN or inf at batch index {tuple(int(i) for i in idx)} "
+                f"({nbad} of {max(1, int(np.prod(batch)))} structures affected); "
+                "utilities must be finite"
+            )
+        return tuple(u.shape[: u.dim() - k])
+
+    # ------------------------------------------------------------------ SMT
+
+    def argmax(self, u: torch.Tensor) -> torch.Tensor:
+        """Hard structure ``X = argmax_{x in 𝒳} uᵀx`` (the stochastic argmax trick).
+
+        Args:
+            u: utilities ``(*batch, *shape)``.
+
+        Returns:
+            ``(*batch, *shape)`` 0/1 tensor, same dtype and device as ``u``, no gradient. Uses
+            the config's registered combinatorial algorithm when there is one, else an LP.
+        """
+        batch = self.check_input(u)
+        flat = u.detach().reshape((-1,) + self.shape)
+        if self.argmax_name is not None:
+            out = _ARGMAX[self.argmax_name](flat, self)
+        else:
+            out = self.lp_argmax(flat)
+        return out.reshape(batch + self.shape)
+
+    def lp_argmax(self, u: torch.Tensor) -> torch.Tensor:
+        """The generic argmax: one HiGHS LP per structure, result verified integral."""
+        batch = self.check_input(u)
+        flat = u.detach().reshape(-1, self.size).cpu().double().numpy()
+        out = np.empty_like(flat)
+        for b in range(flat.shape[0]):
+            status, z = self.lp.maximize(flat[b])
+            if status != "optimal":
+                raise PolytopeError(f"LP argmax failed on batch element {b} with status {status!r} for {self!r}")
+            x = z[: self.size]
+            r = np.round(x)
+            if np.abs(x - r).max() > 1e-6:
+                raise PolytopeError(
+                    f"LP argmax returned a fractional vertex for {self._where()} (batch element {b}, "
+                    f"x = {np.array2string(x, precision=3)}): the constraints do not describe the "
+                    "convex hull of 0/1 structures (the polytope is not integral)"
+                )
+            out[b] = r
+        return torch.as_tensor(out, dtype=u.dtype, device=u.device).reshape(batch + self.shape)
+
+    def vertices(self, limit: int = 10_000, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """All structures (0/1 points of P) in lexicographic order: ``(V, *shape)``.
+
+        Found by LP-pruned branch and bound over the coordinates of x, so it is independent of
+        any combinatorial algorithm. Raises :class:`PolytopeError` if there are more than
+        ``limit``.
+        """
+        key = ("vertices", limit)
+        if key not in self.cache:
+            self.cache[key] = self.lp.enumerate_binary(limit)
+        v = self.cache[key]
+        return torch.as_tensor(v, dtype=dtype).reshape((v.shape[0],) + self.shape)
+
+    def contains(self, x: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
+        """Whether each ``x: (*batch, *shape)`` lies in P up to ``atol`` (per coordinate)."""
+        batch = self.check_input(x, "x")
+        flat = x.detach().reshape(-1, self.size).cpu().double().numpy()
+        out = np.empty(flat.shape[0], dtype=bool)
+        for b in range(flat.shape[0]):
+            out[b] = self.lp.is_feasible(flat[b] - atol, flat[b] + atol)
+        return torch.as_tensor(out).reshape(batch)
+
+
+# ------------------------------------------------------------------------------------------
+# Built-in exact argmax algorithms (more, e.g. Kruskal and Hungarian, in convex_sst.argmax)
+# ------------------------------------------------------------------------------------------
+
+
+@register_argmax("one_hot")
+def _one_hot_argmax(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+    flat = u.reshape(u.shape[0], -1)
+    return torch.zeros_like(flat).scatter_(1, flat.argmax(1, keepdim=True), 1.0).reshape(u.shape)
+
+
+@register_argmax("threshold")
+def _threshold_argmax(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+    return (u > 0).to(u.dtype)
+
+
+@register_argmax("top_k")
+def _top_k_argmax(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+    k = int(polytope.params["k"])
+    flat = u.reshape(u.shape[0], -1)
+    idx = flat.topk(k, dim=1).indices
+    return torch.zeros_like(flat).scatter_(1, idx, 1.0).reshape(u.shape)
+

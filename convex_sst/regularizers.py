@@ -1,0 +1,102 @@
+"""Strongly convex regularizers f, the second axis of an SST (polytope x regularizer).
+
+A regularizer declares properties, not procedures: its cvxpy expression (for the generic
+layer), its torch value, and the box that contains its domain (checked against the polytope
+once, when a layer is compiled). Users register their own with :func:`register_regularizer`.
+
+Built-ins (applied to the output block ``x`` only):
+
+========================  ======================================  ===============
+name                      f(x)                                    domain
+========================  ======================================  ===============
+``entropy``               Σ x log x                               x ≥ 0
+``binary_entropy``        Σ x log x + (1 - x) log(1 - x)           0 ≤ x ≤ 1
+``quadratic``             ½ ‖x‖²                                  ℝⁿ
+========================  ======================================  ===============
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cvxpy as cp
+import torch
+
+from .errors import RegistrationError, unknown_name
+
+
+@dataclass(frozen=True)
+class Regularizer:
+    """A strongly convex function f on the output block.
+
+    Attributes:
+        name: registry name.
+        description: one line, shown by ``convex-sst list``.
+        cvxpy: ``x -> f(x)``, a convex scalar cvxpy expression of the flattened output variable;
+            ``None`` for regularizers with no cvxpy form (fast-path only).
+        value: ``x -> f(x)`` in torch, ``x: (*batch, d) -> (*batch,)``.
+        domain: ``(lo, hi)``: the domain of f contains the box ``[lo, hi]^d`` (its closure).
+    """
+
+    name: str
+    description: str
+    cvxpy: Callable[[cp.Expression], cp.Expression] | None
+    value: Callable[[torch.Tensor], torch.Tensor]
+    domain: tuple[float, float] = (-math.inf, math.inf)
+
+
+_REGISTRY: dict[str, Regularizer] = {}
+
+
+def register_regularizer(reg: Regularizer) -> Regularizer:
+    """Add a regularizer to the registry (rejects duplicates and wrong types)."""
+    if not isinstance(reg, Regularizer):
+        raise RegistrationError(f"register_regularizer expects a Regularizer, got {type(reg).__name__}")
+    if reg.name in _REGISTRY:
+        raise RegistrationError(f"a regularizer named {reg.name!r} is already registered")
+    lo, hi = reg.domain
+    if not lo < hi:
+        raise RegistrationError(f"regularizer {reg.name!r}: domain {reg.domain} is empty")
+    _REGISTRY[reg.name] = reg
+    return reg
+
+
+def get_regularizer(name: str | Regularizer) -> Regularizer:
+    if isinstance(name, Regularizer):
+        return name
+    if name not in _REGISTRY:
+        raise unknown_name("regularizer", name, _REGISTRY, hint="Register new ones with convex_sst.register_regularizer.")
+    return _REGISTRY[name]
+
+
+def available_regularizers() -> list[str]:
+    """Names of the registered regularizers, sorted."""
+    return sorted(_REGISTRY)
+
+
+def regularizer_names() -> set[str]:
+    return set(_REGISTRY)
+
+
+register_regularizer(Regularizer(
+    name="entropy",
+    description="negative Shannon entropy Σ x log x (softmax on the simplex, Sinkhorn on Birkhoff)",
+    cvxpy=lambda x: -cp.sum(cp.entr(x)),
+    value=lambda x: torch.special.xlogy(x, x).sum(-1),
+    domain=(0.0, math.inf),
+))
+register_regularizer(Regularizer(
+    name="binary_entropy",
+    description="Σ x log x + (1-x) log(1-x) (sigmoid on the cube, LML layer on k-subsets)",
+    cvxpy=lambda x: -cp.sum(cp.entr(x)) - cp.sum(cp.entr(1 - x)),
+    value=lambda x: (torch.special.xlogy(x, x) + torch.special.xlogy(1 - x, 1 - x)).sum(-1),
+    domain=(0.0, 1.0),
+))
+register_regularizer(Regularizer(
+    name="quadratic",
+    description="½‖x‖² (Euclidean projection: sparsemax on the simplex)",
+    cvxpy=lambda x: 0.5 * cp.sum_squares(x),
+    value=lambda x: 0.5 * (x * x).sum(-1),
+))

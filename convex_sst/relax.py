@@ -1,0 +1,139 @@
+"""``relax``: the deterministic map U ↦ X_t = argmax_{x in P} Uᵀx − t f(x), and backend dispatch.
+
+Backends:
+
+* ``"fast"``: an exact algorithm registered for the (polytope name, regularizer) pair with
+  :func:`register_fast_path` (softmax, Sinkhorn, matrix-tree, ...);
+* ``"generic"``: the cvxpylayers program of :mod:`convex_sst.generic` (any pair with a cvxpy
+  regularizer; the reference implementation);
+* ``"auto"``: ``"fast"`` where registered, else ``"generic"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .errors import InputError, UnknownNameError, unknown_name
+from .generic import relax_generic
+from .polytope import Polytope, load_polytope
+from .regularizers import Regularizer
+
+FastPath = Callable[..., torch.Tensor]
+_FAST: dict[tuple[str, str], FastPath] = {}
+BACKENDS = ("auto", "fast", "generic")
+
+
+def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], FastPath]:
+    """Register ``fn(theta, polytope, **options) -> x`` for a (polytope, regularizer) pair.
+
+    ``theta = u / t`` has shape ``(B, *polytope.shape)``; ``fn`` returns the relaxed sample of
+    the same shape, dtype and device, differentiable w.r.t. ``theta``.
+    """
+    from .errors import RegistrationError
+
+    def deco(fn: FastPath) -> FastPath:
+        key = (polytope, regularizer)
+        if not callable(fn):
+            raise RegistrationError(f"fast path {key} must be callable")
+        if key in _FAST:
+            raise RegistrationError(f"a fast path for {key} is already registered")
+        _FAST[key] = fn
+        return fn
+
+    return deco
+
+
+def available_fast_paths() -> list[tuple[str, str]]:
+    """Registered (polytope name, regularizer name) pairs, sorted."""
+    return sorted(_FAST)
+
+
+def as_polytope(polytope: Polytope | str) -> Polytope:
+    if isinstance(polytope, Polytope):
+        return polytope
+    if isinstance(polytope, str):
+        return load_polytope(polytope)
+    raise InputError(f"polytope must be a Polytope or a name, got {type(polytope).__name__}; "
+                     "hint: convex_sst.load_polytope('k_subset', n=5, k=2)")
+
+
+def check_temperature(temperature: Any, batch: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Validate t > 0, finite, broadcastable to the batch shape; return it as a tensor."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+        raise InputError(f"temperature must be a positive float or tensor, got {type(temperature).__name__}")
+    t = torch.as_tensor(temperature, dtype=like.dtype, device=like.device)
+    if t.dim() > len(batch):
+        raise InputError(
+            f"temperature has shape {tuple(t.shape)}; expected a scalar or a shape broadcastable to the batch shape {batch}"
+        )
+    try:
+        ok = torch.broadcast_shapes(tuple(t.shape), batch) == torch.Size(batch)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise InputError(
+            f"temperature has shape {tuple(t.shape)}, not broadcastable to the batch shape {batch}"
+        )
+    td = t.detach()
+    if not bool(torch.isfinite(td).all()) or not bool((td > 0).all()):
+        bad = td[~(torch.isfinite(td) & (td > 0))].reshape(-1)[0].item()
+        raise InputError(f"temperature must be finite and > 0, got {bad}; the hard limit t -> 0 is polytope.argmax(u)")
+    return t
+
+
+def relax(
+    u: torch.Tensor,
+    polytope: Polytope | str,
+    regularizer: str | Regularizer = "entropy",
+    temperature: float | torch.Tensor = 1.0,
+    backend: str = "auto",
+    **options: Any,
+) -> torch.Tensor:
+    """Relaxed structure ``X_t = argmax_{x in P} uᵀx − t·f(x)`` (the stochastic softmax trick).
+
+    Equivalently ``argmax (u/t)ᵀx − f(x)``; the map is differentiable in ``u`` and ``t``.
+
+    Args:
+        u: utilities ``(*batch, *polytope.shape)``, float32 or float64, any device.
+        polytope: a :class:`Polytope` (``load_polytope(...)``) or a built-in name (defaults).
+        regularizer: name of a registered regularizer (``entropy``, ``binary_entropy``,
+            ``quadratic``, ...) or a :class:`Regularizer`.
+        temperature: ``t > 0``; a float or a tensor broadcastable to ``batch`` (per sample).
+        backend: ``"auto"`` | ``"fast"`` | ``"generic"``.
+        **options: backend options, e.g. ``solver="scs"``, ``solver_args={...}`` (generic).
+
+    Returns:
+        ``(*batch, *polytope.shape)`` tensor in P, same dtype and device as ``u``.
+
+    Example:
+        >>> P = load_polytope("simplex", n=3)
+        >>> relax(torch.tensor([1.0, 2.0, 3.0]), P, "entropy", 1.0)   # == softmax
+    """
+    P = as_polytope(polytope)
+    batch = P.check_input(u)
+    reg = P.check_regularizer(regularizer)
+    t = check_temperature(temperature, batch, u)
+    theta = u / t.reshape(tuple(t.shape) + (1,) * len(P.shape))
+    theta = theta.reshape((-1,) + P.shape)
+    fn = select_backend(P, reg, backend)
+    x = fn(theta, P, reg, **options)
+    return x.reshape(batch + P.shape)
+
+
+def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[..., torch.Tensor]:
+    if backend not in BACKENDS:
+        raise unknown_name("backend", backend, BACKENDS)
+    fast = _FAST.get((P.name, reg.name)) if P.builtin else None
+    if backend == "fast" or (backend == "auto" and fast is not None):
+        if fast is None:
+            have = [r for (p, r) in _FAST if p == P.name]
+            raise UnknownNameError(
+                f"no fast path for polytope {P.name!r} with regularizer {reg.name!r}; "
+                f"fast paths for {P.name!r}: {', '.join(sorted(have)) or '(none)'}; "
+                "use backend='generic' or 'auto'"
+            )
+        return lambda theta, P, reg, **opt: fast(theta, P, **opt)
+    return relax_generic

@@ -1,0 +1,115 @@
+"""Stochastic softmax tricks as a function and an ``nn.Module``.
+
+``U = θ + G`` with G from a :class:`~convex_sst.noise.Noise`, then one of
+
+* ``mode="relaxed"``: ``X_t = argmax_{x in P} Uᵀx − t f(x)`` (SST, differentiable);
+* ``mode="hard"``: ``X = argmax_{x in 𝒳} Uᵀx`` (SMT sample, no gradient);
+* ``mode="straight_through"``: forward ``X``, backward through ``X_t``:
+  ``X_st = X_t + (X − X_t).detach()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError, unknown_name
+from .noise import Noise, get_noise
+from .polytope import Polytope
+from .regularizers import Regularizer
+from .relax import BACKENDS, as_polytope, check_temperature, relax
+
+MODES = ("relaxed", "hard", "straight_through")
+
+
+def perturb(theta: torch.Tensor, noise: Noise | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``U = θ + G`` with G i.i.d. from ``noise`` (``θ`` itself when noise is None)."""
+    if noise is None:
+        return theta
+    g = noise.sample(theta.shape, generator=generator, dtype=theta.dtype, device=theta.device)
+    return theta + g
+
+
+def sst(
+    theta: torch.Tensor,
+    polytope: Polytope | str,
+    regularizer: str | Regularizer = "entropy",
+    temperature: float | torch.Tensor = 1.0,
+    noise: str | Noise | None = "gumbel",
+    mode: str = "relaxed",
+    backend: str = "auto",
+    generator: torch.Generator | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Sample a structure with a stochastic softmax trick.
+
+    Args:
+        theta: parameters (logits) ``(*batch, *polytope.shape)``.
+        polytope, regularizer, temperature, backend, **options: as in :func:`relax`.
+        noise: ``"gumbel"`` (default), ``"gaussian"``, a :class:`Noise`, or None.
+        mode: ``"relaxed"`` | ``"hard"`` | ``"straight_through"``.
+        generator: a ``torch.Generator`` for reproducible noise.
+
+    Returns:
+        ``(*batch, *polytope.shape)`` sample, same dtype and device as ``theta``.
+    """
+    if mode not in MODES:
+        raise unknown_name("mode", mode, MODES)
+    P = as_polytope(polytope)
+    batch = P.check_input(theta, "theta")
+    u = perturb(theta, get_noise(noise), generator)
+    if mode == "hard":
+        check_temperature(temperature, batch, theta)
+        return P.argmax(u)
+    x_t = relax(u, P, regularizer, temperature, backend, **options)
+    if mode == "relaxed":
+        return x_t
+    hard = P.argmax(u.detach())
+    return x_t + (hard - x_t).detach()
+
+
+class SST(nn.Module):
+    """A stochastic softmax trick layer: ``forward(theta, generator=None)`` returns a sample.
+
+    Same keywords as :func:`sst`. The temperature may be a float or a tensor (register it as a
+    parameter of your model to learn it).
+
+    Example:
+        >>> layer = SST(load_polytope("k_subset", n=10, k=3), "binary_entropy", temperature=0.5)
+        >>> x = layer(theta)            # theta: (batch, 10) -> x: (batch, 10), rows sum to 3
+    """
+
+    def __init__(
+        self,
+        polytope: Polytope | str,
+        regularizer: str | Regularizer = "entropy",
+        temperature: float | torch.Tensor = 1.0,
+        noise: str | Noise | None = "gumbel",
+        mode: str = "relaxed",
+        backend: str = "auto",
+        **options: Any,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise unknown_name("mode", mode, MODES)
+        if backend not in BACKENDS:
+            raise unknown_name("backend", backend, BACKENDS)
+        self.polytope = as_polytope(polytope)
+        self.regularizer = self.polytope.check_regularizer(regularizer)
+        check_temperature(temperature, (), torch.zeros(()))
+        self.temperature = temperature
+        self.noise = get_noise(noise)
+        self.mode = mode
+        self.backend = backend
+        self.options = options
+
+    def forward(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return sst(theta, self.polytope, self.regularizer, self.temperature, self.noise, self.mode,
+                   self.backend, generator, **self.options)
+
+    def extra_repr(self) -> str:
+        return (f"polytope={self.polytope!r}, regularizer={self.regularizer.name!r}, "
+                f"temperature={self.temperature}, noise={self.noise!r}, mode={self.mode!r}, "
+                f"backend={self.backend!r}")

@@ -1,0 +1,1 @@
+"""Built-in polytope configs, shipped as package data (``convex_sst.polytopes``)."""
