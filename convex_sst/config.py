@@ -25,7 +25,7 @@ TOP_KEYS = {"name", "description", "params", "data", "output", "variables", "con
             "regularizers", "argmax"}
 REQUIRED_KEYS = ("name", "output", "constraints")
 PARAM_KEYS = {"type", "default", "min", "max", "doc", "vertices"}
-PARAM_TYPES = ("int", "float", "bool", "edge_list")
+PARAM_TYPES = ("int", "float", "bool", "int_list", "edge_list")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
 _REQUIRED = object()
 
@@ -178,6 +178,17 @@ class PolytopeConfig:
             if not isinstance(raw, (bool, np.bool_)):
                 raise ConfigError(f"{where}: expected true or false, got {type(raw).__name__}")
             value = bool(raw)
+        elif spec.type == "int_list":
+            if raw is None:
+                value = None
+            else:
+                try:
+                    arr = np.asarray(raw, dtype=float)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{where}: expected a list of integers") from None
+                if arr.ndim != 1 or np.any(arr != np.round(arr)):
+                    raise ConfigError(f"{where}: expected a flat list of integers, got shape {arr.shape}")
+                value = arr.astype(np.int64)
         else:  # edge_list
             if raw is None:
                 value = None

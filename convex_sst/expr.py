@@ -282,7 +282,8 @@ class _Parser:
         node = self.comparison()
         kind, val, pos = self.peek()
         if kind != "end":
-            raise ExprError(f"unexpected {val!r} at column {pos + 1} of {self.text!r}")
+            hint = "; use '==' for equality" if val == "=" else ""
+            raise ExprError(f"unexpected {val!r} at column {pos + 1} of {self.text!r}{hint}")
         return node
 
     def comparison(self) -> tuple:

@@ -12,7 +12,7 @@ cost. Clarabel is the default; ``solver="scs"`` and ``solver_args`` are exposed.
 
 diffcp does not report Clarabel's status ("AlmostSolved" is passed on silently), so every
 returned sample is verified against the canonical constraints: a violation above ``1e-4``
-raises :class:`SolverError` naming the batch elements; one above ``1e-7`` warns
+raises :class:`SolverError` naming the batch elements; one above ``1e-6`` warns
 (:class:`SolverWarning`).
 """
 
@@ -42,7 +42,7 @@ SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     "scs": {"solve_method": "SCS", "eps_abs": 1e-9, "eps_rel": 1e-9, "max_iters": 100_000},
 }
 ERROR_RESIDUAL = 1e-4
-WARN_RESIDUAL = 1e-7
+WARN_RESIDUAL = 1e-6
 
 
 def build_problem(polytope: Polytope, reg: Regularizer) -> tuple[cp.Problem, cp.Parameter, list[cp.Variable]]:
@@ -131,7 +131,8 @@ class GenericLayer:
                 f"generic solver ({solver}) returned infeasible solutions for batch element(s) "
                 f"{bad[:10].tolist()} of {B}: constraint violation up to {res.max():.2e} "
                 f"(> {ERROR_RESIDUAL:g}) for {self.polytope!r} with {self.reg.name!r}. "
-                "Likely not converged: raise max_iter / loosen the temperature, or try solver='scs'."
+                "Likely not converged: raise the iteration limit, use a higher temperature, or try "
+                f"solver={'scs' if solver == 'clarabel' else 'clarabel'!r}."
             )
         inacc = np.flatnonzero(res > WARN_RESIDUAL)
         if inacc.size:

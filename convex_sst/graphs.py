@@ -143,6 +143,16 @@ def onehot(n: Any, i: Any) -> np.ndarray:
     return v
 
 
+def group_indicator(labels: Any) -> np.ndarray:
+    """``(g, n)`` with 1 where item ``i`` has label ``g`` (labels are 0..g-1), so ``G @ x`` sums per group."""
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or lab.size == 0 or lab.dtype.kind not in "iu" or lab.min() < 0:
+        raise ExprError(f"group labels must be a non-empty list of integers >= 0, got {labels!r}")
+    m = np.zeros((int(lab.max()) + 1, lab.size))
+    m[lab, np.arange(lab.size)] = 1.0
+    return m
+
+
 def _shape(args: tuple) -> tuple[int, ...]:
     return tuple(_int(a, "shape") for a in args)
 
@@ -171,4 +181,5 @@ CONFIG_FUNCTIONS = {
     "out_incidence": out_incidence,
     "orientation_sum": orientation_sum,
     "arc_scatter": arc_scatter,
+    "group_indicator": group_indicator,
 }

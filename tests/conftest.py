@@ -1,0 +1,56 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import convex_sst as cs  # noqa: E402
+
+# Small instances of every built-in, with the number of structures theory predicts.
+# test_every_builtin_has_cases fails if a built-in polytope is added without an entry here.
+SMALL_CASES = {
+    "simplex": [({"n": 4}, 4), ({"n": 2}, 2)],
+    "hypercube": [({"n": 3}, 8)],
+    "k_subset": [({"n": 5, "k": 2}, 10), ({"n": 6, "k": 3}, 20), ({"n": 4, "k": 4}, 1)],
+    "birkhoff": [({"n": 3}, 6), ({"n": 4}, 24)],
+    "matching": [({"n": 2, "m": 3}, 6), ({"n": 2, "m": 4}, 12)],
+    "spanning_tree": [({"n": 4}, 16), ({"n": 5}, 125),
+                      ({"n": 4, "edges": [[0, 1], [1, 2], [2, 3], [3, 0], [0, 2]]}, 8)],
+    "arborescence": [({"n": 3}, 3), ({"n": 4}, 16), ({"n": 4, "root": 3}, 16), ({"n": 5}, 125)],
+    "dag_path": [({}, 3), ({"n": 5, "edges": [[0, 1], [0, 2], [1, 3], [2, 3], [3, 4], [1, 4]],
+                         "source": 0, "target": 4}, 3)],
+}
+
+# One small instance per built-in for the (slower) relaxation tests.
+RELAX_CASES = {
+    "simplex": {"n": 4},
+    "hypercube": {"n": 3},
+    "k_subset": {"n": 5, "k": 2},
+    "birkhoff": {"n": 3},
+    "matching": {"n": 2, "m": 3},
+    "spanning_tree": {"n": 4},
+    "arborescence": {"n": 3},
+    "dag_path": {},
+}
+
+
+def relax_pairs():
+    """Every (built-in polytope, declared regularizer with a cvxpy form) pair."""
+    pairs = []
+    from convex_sst.polytope import builtin_config_paths
+
+    for name in builtin_config_paths():
+        P = cs.load_polytope(name, **RELAX_CASES.get(name, {}))
+        for reg in P.regularizers:
+            from convex_sst.regularizers import get_regularizer
+
+            if get_regularizer(reg).cvxpy is not None:
+                pairs.append((name, reg))
+    return pairs
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,228 @@
+"""Config format: the expression language, the canonical form, errors with file/key/line, docs."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import convex_sst as cs
+from convex_sst.expr import Affine, Evaluator, ExprError, parse
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "polytope-config.md"
+
+
+def _blocks(path, lang):
+    return re.findall(rf"```{lang}\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def write(tmp_path, text, name="p.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# ---------------------------------------------------------------- expression language
+
+
+def test_affine_ops_match_numpy():
+    rng = np.random.default_rng(0)
+    x_val = rng.normal(size=(3, 4))
+    y_val = rng.normal(size=4)
+    num_z = 16
+    names = {
+        "x": Affine.variable((3, 4), 0, num_z),
+        "y": Affine.variable((4,), 12, num_z),
+        "M": rng.normal(size=(2, 3)),
+        "N": rng.normal(size=(4, 5)),
+        "v": rng.normal(size=4),
+    }
+    z = np.concatenate([x_val.reshape(-1), y_val])
+    ev = Evaluator(names, {}, num_z)
+    env = {"x": x_val, "y": y_val, "M": names["M"], "N": names["N"], "v": names["v"]}
+    cases = {
+        "M @ x": env["M"] @ x_val,
+        "x @ N": x_val @ env["N"],
+        "x @ v": x_val @ env["v"],
+        "v @ y": env["v"] @ y_val,
+        "x.T": x_val.T,
+        "2 * x - y / 4 + 1": 2 * x_val - y_val / 4 + 1,
+        "sum(x, axis=0)": x_val.sum(0),
+        "sum(x, axis=1)": x_val.sum(1),
+        "sum(x)": x_val.sum(),
+        "x[1]": x_val[1],
+        "x[:, 2]": x_val[:, 2],
+        "x[0:2, 1:3]": x_val[0:2, 1:3],
+        "vec(x)": x_val.reshape(-1),
+        "reshape(y, [2, 2])": y_val.reshape(2, 2),
+        "-(x - y)": -(x_val - y_val),
+    }
+    for text, expected in cases.items():
+        val = ev.eval(parse(text))
+        got = (val.coef @ z + val.const).reshape(val.shape)
+        assert got.shape == np.shape(expected), text
+        assert np.allclose(got, expected), text
+
+
+def test_comparisons_produce_rows():
+    ev = Evaluator({"x": Affine.variable((3,), 0, 3)}, {}, 3)
+    rows = ev.eval(parse("0 <= x <= 1"))
+    assert [r.kind for r in rows] == ["le", "le"]
+    assert ev.eval(parse("sum(x) == 2"))[0].expr.shape == ()
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("x * x == 1", "not linear"),
+    ("x @ x == 1", "not linear"),
+    ("1 / x == 1", "not linear"),
+    ("__import__('os')", "unexpected character"),
+    ("x ==", "expected a value"),
+    ("foo(x) == 1", "unknown function 'foo'"),
+    ("sum(xx) == 1", "Did you mean 'x'"),
+    ("x + ones(2) == 1", "cannot broadcast"),
+])
+def test_expression_errors(text, msg):
+    ev = Evaluator({"x": Affine.variable((3,), 0, 3)}, {"ones": lambda *s: np.ones(s)}, 3)
+    with pytest.raises(ExprError, match=re.escape(msg)):
+        ev.eval(parse(text))
+
+
+def test_no_python_evaluation_is_possible():
+    for text in ("().__class__", "x.__dict__", "lambda: 1", "open('f')", "x; y"):
+        with pytest.raises(ExprError):
+            Evaluator({"x": 1}, {}).eval(parse(text))
+
+
+# ---------------------------------------------------------------- config errors
+
+GOOD = """\
+name: tiny
+params:
+  n: {type: int, min: 2, default: 3}
+output: {name: x, shape: [n]}
+constraints:
+  - sum(x) == 1
+  - 0 <= x <= 1
+"""
+
+
+def test_canonical_form_moves_single_variable_rows_to_bounds(tmp_path):
+    P = cs.load_polytope(write(tmp_path, GOOD))
+    f = P.form
+    assert f.num_eq == 1 and f.num_ub == 0
+    assert np.all(f.lb == 0) and np.all(f.ub == 1)
+    assert P.vertices().shape == (3, 3)
+
+
+@pytest.mark.parametrize("text,pattern", [
+    (GOOD.replace("name: tiny", "name: tiny\nbogus: 1"), r"p\.yaml:\d+: bogus: unknown top-level key 'bogus'"),
+    (GOOD.replace("  - sum(x) == 1", "  - sum(y) == 1"), r"p\.yaml:6: constraints\[0\]: unknown name 'y'"),
+    (GOOD.replace("  - sum(x) == 1", "  - sum(x) = 1"), r"p\.yaml:6: constraints\[0\]: unexpected '=' at column 8.*use '==' for equality"),
+    (GOOD.replace("  - sum(x) == 1", "  - sum(x)"), r"p\.yaml:6: constraints\[0\]: a constraint must be a comparison"),
+    (GOOD.replace("type: int", "type: integer"), r"p\.yaml:3: params\.n\.type: type must be one of"),
+    (GOOD.replace("min: 2", "minimum: 2"), r"params\.n\.minimum: unknown parameter key 'minimum'.*'min'"),
+    (GOOD.replace("output: {name: x, shape: [n]}", "output: {name: x, shape: [n - 5]}"), r"output\.shape\[0\]: dimension must be >= 1"),
+    (GOOD.replace("name: tiny", "name: 2tiny"), r"p\.yaml:1: name: name must be an identifier"),
+    (GOOD.replace("name: tiny", "name: tiny\nname: again"), r"p\.yaml:2: name: duplicate key"),
+    (GOOD + "  - [unclosed\n", r"p\.yaml:\d+: not valid YAML"),
+    (GOOD.replace("output: {name: x, shape: [n]}\n", ""), r"missing required key 'output'"),
+    (GOOD + "regularizers: [entropi]\n", r"regularizers\[0\]: unknown regularizer 'entropi'.*Did you mean 'entropy'"),
+    (GOOD + "argmax: kruskall_typo\n", r"argmax: unknown argmax algorithm"),
+    (GOOD + "data:\n  sum: ones(2)\n", r"data\.sum: 'sum' is the name of a built-in function"),
+])
+def test_malformed_configs_name_file_key_and_line(tmp_path, text, pattern):
+    with pytest.raises(cs.ConfigError, match=pattern):
+        cs.load_polytope(write(tmp_path, text))
+
+
+def test_empty_polytope_detected_at_load(tmp_path):
+    text = GOOD.replace("  - sum(x) == 1", "  - sum(x) == n + 1")
+    with pytest.raises(cs.PolytopeError, match="is empty"):
+        cs.load_polytope(write(tmp_path, text))
+    with pytest.raises(cs.PolytopeError, match="is empty"):
+        cs.load_polytope("spanning_tree", n=4, edges=[[0, 1], [2, 3]])  # disconnected graph
+    with pytest.raises(cs.PolytopeError, match="empty"):
+        cs.load_polytope(write(tmp_path, GOOD.replace("  - sum(x) == 1", "  - 0 * sum(x) == 1")))
+
+
+def test_unbounded_polytope_detected_at_load(tmp_path):
+    with pytest.raises(cs.PolytopeError, match="unbounded"):
+        cs.load_polytope(write(tmp_path, GOOD.replace("  - 0 <= x <= 1", "  - x >= 0").replace("sum(x) == 1", "x[0] - x[1] == 0")))
+
+
+def test_non_integral_polytope_reported_by_argmax(tmp_path):
+    text = GOOD.replace("sum(x) == 1", "2 * sum(x) == 3")  # vertices like (1, 0.5, 0)
+    P = cs.load_polytope(write(tmp_path, text))
+    with pytest.raises(cs.PolytopeError, match="fractional vertex"):
+        P.lp_argmax(torch.tensor([1.0, 0.5, 0.0]))
+
+
+def test_parameter_errors():
+    with pytest.raises(cs.ConfigError, match=r"parameter k=7 \(given\): out of range; expected 1 <= k <= n \(with n = 5\)"):
+        cs.load_polytope("k_subset", n=5, k=7)
+    with pytest.raises(cs.ConfigError, match="expected an integer"):
+        cs.load_polytope("k_subset", n=5, k="2")
+    with pytest.raises(cs.UnknownNameError, match="unknown parameter of polytope 'k_subset' 'kk'.*Did you mean 'k'"):
+        cs.load_polytope("k_subset", n=5, kk=2)
+    with pytest.raises(cs.ConfigError, match=r"pair 0 = \[0, 9\] has a vertex outside 0..3"):
+        cs.load_polytope("spanning_tree", n=4, edges=[[0, 9]])
+    with pytest.raises(cs.ConfigError, match="directed cycle"):
+        cs.load_polytope("dag_path", n=3, edges=[[0, 1], [1, 2], [2, 0]], target=2)
+
+
+def test_unknown_polytope_name_suggests_closest():
+    with pytest.raises(cs.UnknownNameError, match=r"unknown polytope 'spaning_tree'.*Did you mean 'spanning_tree'"):
+        cs.load_polytope("spaning_tree")
+    with pytest.raises(cs.ConfigError, match="does not exist"):
+        cs.load_polytope("no/such/file.yaml")
+
+
+def test_user_config_cannot_shadow_builtin(tmp_path):
+    with pytest.raises(cs.ConfigError, match="taken by a built-in"):
+        cs.load_polytope(write(tmp_path, GOOD.replace("name: tiny", "name: simplex")))
+
+
+def test_register_polytope_by_name(tmp_path):
+    path = write(tmp_path, GOOD.replace("name: tiny", "name: tiny_registered"))
+    assert cs.register_polytope(path) == "tiny_registered"
+    assert "tiny_registered" in cs.available_polytopes()
+    assert cs.load_polytope("tiny_registered", n=4).shape == (4,)
+
+
+# ---------------------------------------------------------------- packaging and docs
+
+
+def test_builtin_configs_ship_as_package_data():
+    import importlib.resources
+
+    files = {p.name for p in importlib.resources.files("convex_sst.polytopes").iterdir()}
+    from convex_sst.polytope import builtin_config_paths
+
+    assert {f"{name}.yaml" for name in builtin_config_paths()} <= files
+    assert len(files) >= 8
+
+
+def test_docs_worked_example(tmp_path, monkeypatch):
+    (yaml_text,) = _blocks(DOC, "yaml")
+    (py_text, reg_text) = _blocks(DOC, "python")
+    write(tmp_path, yaml_text, "group_subset.yaml")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(py_text, str(DOC), "exec"), {})
+    P = cs.load_polytope("group_subset.yaml", k=2)
+    assert P.form.num_eq == 1 and P.form.num_ub == 3
+    out = subprocess.run([sys.executable, "-m", "convex_sst.cli", "check", "group_subset.yaml", "--param", "k=2"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "1 equalities, 3 inequalities, 12 bounds over 6 variables" in out.stdout
+    assert "vertices     12" in out.stdout
+
+
+def test_docs_error_example_is_real(tmp_path):
+    (yaml_text,) = _blocks(DOC, "yaml")
+    bad = yaml_text.replace("G @ x <= 1", "G2 @ x <= 1")
+    with pytest.raises(cs.ConfigError, match=r"constraints\[1\]: unknown name 'G2'.*Did you mean 'G'"):
+        cs.load_polytope(write(tmp_path, bad, "my_polytope.yaml"))

@@ -1,0 +1,156 @@
+"""Bad input gets a clear error (what, where, expected, hint), never a silent NaN."""
+
+import warnings
+
+import pytest
+import torch
+
+import convex_sst as cs
+from convex_sst.generic import ERROR_RESIDUAL
+
+
+@pytest.fixture
+def P():
+    return cs.load_polytope("k_subset", n=4, k=2)
+
+
+def test_nan_and_inf_in_u_name_the_batch_index(P):
+    u = torch.zeros(3, 4)
+    u[1, 2] = float("nan")
+    with pytest.raises(cs.InputError, match=r"u contains NaN or inf at batch index \(1,\) \(1 of 3"):
+        cs.relax(u, P, "entropy")
+    u[1, 2] = float("inf")
+    with pytest.raises(cs.InputError, match=r"batch index \(1,\)"):
+        P.argmax(u)
+    with pytest.raises(cs.InputError, match="theta contains NaN"):
+        cs.SST(P)(torch.full((4,), float("nan")))
+
+
+def test_wrong_trailing_shape_says_expected_and_got(P):
+    with pytest.raises(cs.InputError, match=r"u has shape \(3, 5\), expected \(\*batch, 4\) for Polytope\('k_subset'"):
+        cs.relax(torch.zeros(3, 5), P)
+    B = cs.load_polytope("birkhoff", n=3)
+    with pytest.raises(cs.InputError, match=r"expected \(\*batch, 3, 3\)"):
+        cs.relax(torch.zeros(9), B)
+
+
+def test_non_tensor_and_integer_inputs(P):
+    with pytest.raises(cs.InputError, match="must be a torch.Tensor, got list"):
+        cs.relax([0.0, 1.0, 2.0, 3.0], P)
+    with pytest.raises(cs.InputError, match=r"floating-point.*hint: u.double\(\)"):
+        cs.relax(torch.zeros(4, dtype=torch.long), P)
+
+
+@pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature(P, t):
+    with pytest.raises(cs.InputError, match="temperature must be finite and > 0"):
+        cs.relax(torch.zeros(4), P, "entropy", t)
+
+
+def test_bad_temperature_shape_and_type(P):
+    with pytest.raises(cs.InputError, match=r"temperature has shape \(3,\).*batch shape \(2,\)"):
+        cs.relax(torch.zeros(2, 4), P, "entropy", torch.ones(3))
+    with pytest.raises(cs.InputError, match="temperature must be a positive float or tensor, got str"):
+        cs.relax(torch.zeros(4), P, "entropy", "hot")
+    with pytest.raises(cs.InputError, match="temperature must be finite and > 0"):
+        cs.SST(P, temperature=0.0)
+
+
+def test_unknown_names_list_available_and_suggest(P):
+    with pytest.raises(cs.UnknownNameError, match=r"unknown regularizer 'entropyy'; available: .*Did you mean 'entropy'"):
+        cs.relax(torch.zeros(4), P, "entropyy")
+    with pytest.raises(cs.UnknownNameError, match=r"unknown backend 'fastest'.*Did you mean 'fast'"):
+        cs.relax(torch.zeros(4), P, "entropy", backend="fastest")
+    with pytest.raises(cs.UnknownNameError, match=r"unknown noise 'gumble'.*Did you mean 'gumbel'"):
+        cs.SST(P, noise="gumble")
+    with pytest.raises(cs.UnknownNameError, match=r"unknown mode 'soft'"):
+        cs.SST(P, mode="soft")
+    with pytest.raises(cs.UnknownNameError, match=r"unknown generic solver 'clarabell'.*Did you mean 'clarabel'"):
+        cs.relax(torch.zeros(4), P, backend="generic", solver="clarabell")
+    with pytest.raises(cs.InputError, match=r"unknown option\(s\) \['tol'\] for the generic backend"):
+        cs.relax(torch.zeros(4), P, backend="generic", tol=1e-3)
+
+
+def test_fast_backend_without_fast_path_raises():
+    M = cs.load_polytope("matching", n=2, m=3)
+    with pytest.raises(cs.UnknownNameError, match=r"no fast path for polytope 'matching' with regularizer 'quadratic'"):
+        cs.relax(torch.zeros(2, 3), M, "quadratic", backend="fast")
+
+
+def test_regularizer_domain_must_contain_polytope(tmp_path):
+    path = tmp_path / "signed.yaml"
+    path.write_text("name: signed\noutput: {shape: [3]}\nconstraints:\n  - sum(x) == 0\n  - -1 <= x <= 1\n")
+    P = cs.load_polytope(path)
+    with pytest.raises(cs.PolytopeError, match=r"regularizer 'entropy' is defined on \[0.0, inf\].*x\[0\] ranging over \[-1, 1\]"):
+        cs.relax(torch.zeros(3), P, "entropy")
+    x = cs.relax(torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64), P, "quadratic")
+    assert torch.allclose(x, torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64), atol=1e-6)
+
+
+def test_solver_failure_names_batch_element_and_returns_nothing(P):
+    u = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(cs.SolverError, match=r"batch element\(s\) \[0, 1, 2\] of 3.*Likely not converged"):
+        cs.relax(u, P, "entropy", backend="generic", solver_args={"max_iter": 1})
+
+
+def test_solver_exception_is_wrapped_with_index(P, monkeypatch):
+    # a backend exception (as diffcp raises for SCS failures) is re-diagnosed per element
+    from convex_sst.generic import generic_layer
+    from convex_sst.regularizers import get_regularizer
+
+    layer = generic_layer(P, get_regularizer("entropy"))
+    real = layer.layer
+
+    def flaky(theta, solver_args=None):
+        if bool((theta[..., 0] > 50).any()):
+            raise RuntimeError("Solver scs returned status infeasible")
+        return real(theta, solver_args=solver_args)
+
+    monkeypatch.setattr(layer, "layer", flaky)
+    u = torch.zeros(3, 4, dtype=torch.float64)
+    u[2, 0] = 100.0
+    with pytest.raises(cs.SolverError, match=r"failed on batch element\(s\) \[2\] of 3.*status infeasible"):
+        cs.relax(u, P, "entropy", backend="generic")
+
+
+def test_inaccurate_solutions_warn(P, monkeypatch):
+    import convex_sst.generic as g
+
+    monkeypatch.setattr(g, "WARN_RESIDUAL", -1.0)  # every solution counts as inaccurate
+    with pytest.warns(cs.SolverWarning, match=r"inaccurate for batch element\(s\) \[0\]"):
+        cs.relax(torch.zeros(1, 4, dtype=torch.float64), P, "entropy", backend="generic")
+    assert ERROR_RESIDUAL > 0
+
+
+def test_errors_form_a_hierarchy():
+    for exc in (cs.ConfigError, cs.PolytopeError, cs.InputError, cs.SolverError, cs.UnknownNameError):
+        assert issubclass(exc, cs.ConvexSSTError)
+    assert issubclass(cs.ConfigError, ValueError) and issubclass(cs.SolverError, RuntimeError)
+
+
+def test_registration_rejects_duplicates_and_wrong_types():
+    with pytest.raises(cs.RegistrationError, match="already registered"):
+        cs.register_regularizer(cs.Regularizer("entropy", "dup", None, lambda x: x.sum(-1)))
+    with pytest.raises(cs.RegistrationError, match="expects a Regularizer"):
+        cs.register_regularizer("entropy")
+    with pytest.raises(cs.RegistrationError, match="already registered"):
+        cs.register_argmax("top_k")(lambda u, p: u)
+    with pytest.raises(cs.RegistrationError, match="already registered"):
+        @cs.register_fast_path("simplex", "x_test_dup")
+        def a(theta, polytope):
+            return theta
+
+        @cs.register_fast_path("simplex", "x_test_dup")
+        def b(theta, polytope):
+            return theta
+
+
+def test_vertices_too_many_is_a_clear_error():
+    with pytest.raises(cs.PolytopeError, match="more than 100 vertices"):
+        cs.load_polytope("hypercube", n=8).vertices(limit=100)
+
+
+def test_no_warnings_on_normal_use(P):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        cs.relax(torch.randn(8, 4, dtype=torch.float64), P, "binary_entropy", backend="generic")

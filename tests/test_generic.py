@@ -1,0 +1,185 @@
+"""The generic cvxpylayers SST layer against independent oracles."""
+
+import cvxpy as cp
+import numpy as np
+import oracles
+import pytest
+import torch
+from conftest import RELAX_CASES, relax_pairs
+
+import convex_sst as cs
+
+TOL = 1e-4  # acceptance bound of the core issue (measured errors are ~1e-6 and below)
+
+
+def test_simplex_entropy_is_softmax(gen):
+    P = cs.load_polytope("simplex", n=5)
+    u = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    for t in (1.0, 0.5):
+        x = cs.relax(u, P, "entropy", t, backend="generic")
+        assert (x - torch.softmax(u / t, -1)).abs().max() < TOL
+
+
+def test_simplex_quadratic_is_sparsemax(gen):
+    P = cs.load_polytope("simplex", n=5)
+    u = 2 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "quadratic", 1.0, backend="generic")
+    ref = np.stack([oracles.sparsemax(r) for r in u.numpy()])
+    assert np.abs(x.numpy() - ref).max() < TOL
+    assert (ref == 0).any()  # the case exercises the sparse regime of sparsemax
+
+
+def test_k_subset_binary_entropy_is_lml(gen):
+    P = cs.load_polytope("k_subset", n=7, k=3)
+    u = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "binary_entropy", 0.5, backend="generic")
+    ref = np.stack([oracles.lml(r / 0.5, 3) for r in u.numpy()])
+    assert np.abs(x.numpy() - ref).max() < TOL
+
+
+def test_birkhoff_entropy_is_sinkhorn(gen):
+    P = cs.load_polytope("birkhoff", n=4)
+    u = torch.randn(3, 4, 4, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "entropy", 1.0, backend="generic")
+    ref = np.stack([oracles.sinkhorn(r) for r in u.numpy()])
+    assert np.abs(x.numpy() - ref).max() < TOL
+
+
+@pytest.mark.parametrize("n", [4, 5])
+@pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "quadratic"])
+def test_spanning_tree_matches_subtour_formulation(n, reg, gen):
+    P = cs.load_polytope("spanning_tree", n=n)
+    u = torch.randn(2, P.size, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, reg, 1.0, backend="generic")
+    for b in range(2):
+        ref = oracles.subtour_spanning_tree(u[b].numpy(), n, reg)
+        assert np.abs(x[b].numpy() - ref).max() < TOL
+
+
+def _hull_solve(V: np.ndarray, theta: np.ndarray, reg: str) -> np.ndarray:
+    """The SST over conv(V) in V-representation with plain cvxpy: independent of our constraints."""
+    lam = cp.Variable(len(V), nonneg=True)
+    x = V.T @ lam
+    f = {
+        "entropy": -cp.sum(cp.entr(x)),
+        "binary_entropy": -cp.sum(cp.entr(x)) - cp.sum(cp.entr(1 - x)),
+        "quadratic": 0.5 * cp.sum_squares(x),
+    }[reg]
+    cp.Problem(cp.Maximize(theta @ x - f), [cp.sum(lam) == 1]).solve(
+        solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    return V.T @ lam.value
+
+
+@pytest.mark.parametrize("name,reg", relax_pairs())
+def test_every_pair_matches_convex_hull_solve_and_certificate(name, reg, gen):
+    P = cs.load_polytope(name, **RELAX_CASES[name])
+    V = P.vertices().reshape(-1, P.size).numpy()
+    u = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64)
+    t = 0.7
+    x = cs.relax(u, P, reg, t, backend="generic").reshape(3, -1).numpy()
+    theta = u.reshape(3, -1).numpy() / t
+    for b in range(3):
+        ref = _hull_solve(V, theta[b], reg)
+        assert np.abs(x[b] - ref).max() < TOL, (name, reg)
+        # optimality certificate: no vertex beats X_t on the regularized objective
+        obj = theta[b] @ x[b] - oracles.f_value(x[b], reg)
+        assert np.all(obj >= V @ theta[b] - oracles.f_value(V, reg) - 1e-6)
+    assert bool(P.contains(torch.as_tensor(x).reshape((3,) + P.shape), atol=1e-6).all())
+
+
+@pytest.mark.parametrize("name,reg,params", [
+    ("simplex", "entropy", {"n": 4}),
+    ("k_subset", "binary_entropy", {"n": 5, "k": 2}),
+    ("birkhoff", "quadratic", {"n": 3}),
+])
+def test_jacobian_is_symmetric_psd(name, reg, params, gen):
+    P = cs.load_polytope(name, **params)
+    u = torch.randn(P.shape, generator=gen, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda v: cs.relax(v, P, reg, 1.0, backend="generic").reshape(-1), u)
+    J = J.reshape(P.size, P.size)
+    assert (J - J.T).abs().max() < 1e-4
+    assert torch.linalg.eigvalsh(0.5 * (J + J.T)).min() > -1e-4
+    if name in ("simplex", "k_subset"):  # P lies in {1ᵀx = k}: J 1 = 0
+        assert (J @ torch.ones(P.size, dtype=torch.float64)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name,reg,params", [
+    ("simplex", "entropy", {"n": 3}),
+    ("k_subset", "binary_entropy", {"n": 4, "k": 2}),
+    ("spanning_tree", "quadratic", {"n": 3}),
+])
+def test_gradcheck_wrt_u_and_t(name, reg, params, gen):
+    # Finite differences need forward solves far more accurate than eps: SCS at eps 1e-12 reaches
+    # ~1e-12 at t ~ 1 (Clarabel's default settings give 1e-10 typical, 1e-6 worst, which swamps
+    # finite differences). The backward pass is diffcp's adjoint either way.
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((2,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    tight = {"eps_abs": 1e-12, "eps_rel": 1e-12}
+    fn = lambda u, t: cs.relax(u, P, reg, t, backend="generic", solver="scs", solver_args=tight)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (u, t), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def test_default_solver_jacobian_matches_softmax_jacobian(gen):
+    P = cs.load_polytope("simplex", n=5)
+    u = torch.randn(5, generator=gen, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda v: cs.relax(v, P, "entropy", 0.5, backend="generic"), u)
+    Jref = torch.autograd.functional.jacobian(lambda v: torch.softmax(v / 0.5, -1), u)
+    assert (J - Jref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name,reg", [(n, r) for n, r in relax_pairs() if n in ("simplex", "k_subset", "spanning_tree", "birkhoff")])
+def test_zero_temperature_limit_is_hard_argmax(name, reg, gen):
+    P = cs.load_polytope(name, **RELAX_CASES[name])
+    u = torch.randn((4,) + P.shape, generator=gen, dtype=torch.float64)
+    hard = P.argmax(u)
+    errs = [(cs.relax(u, P, reg, t, backend="generic") - hard).abs().max().item() for t in (0.1, 0.01, 0.001)]
+    assert errs[0] > errs[1] > errs[2] or errs[2] < 1e-6
+    assert errs[2] < 0.02
+
+
+def test_batched_equals_loop_and_any_batch_shape(gen):
+    P = cs.load_polytope("k_subset", n=5, k=2)
+    u = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "binary_entropy", 0.5, backend="generic")
+    assert x.shape == (2, 3, 5)
+    loop = torch.stack([torch.stack([cs.relax(u[i, j], P, "binary_entropy", 0.5, backend="generic")
+                                     for j in range(3)]) for i in range(2)])
+    assert (x - loop).abs().max() < 1e-7
+
+
+def test_float32_and_per_sample_temperature(gen):
+    P = cs.load_polytope("simplex", n=4)
+    u = torch.randn(3, 4, generator=gen)
+    t = torch.tensor([0.5, 1.0, 2.0])
+    x = cs.relax(u, P, "entropy", t, backend="generic")
+    assert x.dtype == torch.float32 and x.shape == (3, 4)
+    assert (x - torch.softmax(u / t[:, None], -1)).abs().max() < 1e-4
+    empty = cs.relax(torch.zeros(0, 4), P, "entropy", 1.0, backend="generic")
+    assert empty.shape == (0, 4)
+
+
+def test_temperature_gradient_matches_softmax(gen):
+    P = cs.load_polytope("simplex", n=4)
+    u = torch.randn(4, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, generator=gen, dtype=torch.float64)
+    t1 = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    t2 = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    (g1,) = torch.autograd.grad((cs.relax(u, P, "entropy", t1, backend="generic") * w).sum(), t1)
+    (g2,) = torch.autograd.grad((torch.softmax(u / t2, -1) * w).sum(), t2)
+    assert abs(g1 - g2) < 1e-4
+
+
+def test_layer_is_compiled_once_per_pair():
+    P = cs.load_polytope("simplex", n=6)
+    cs.relax(torch.zeros(6), P, "entropy", backend="generic")
+    layer = P.cache[("generic", "entropy")]
+    cs.relax(torch.ones(2, 6), P, "entropy", backend="generic")
+    assert P.cache[("generic", "entropy")] is layer
+
+
+def test_scs_solver_option(gen):
+    P = cs.load_polytope("simplex", n=4)
+    u = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "entropy", 1.0, backend="generic", solver="scs")
+    assert (x - torch.softmax(u, -1)).abs().max() < 1e-3

@@ -1,0 +1,125 @@
+"""Built-in polytopes: exactly the intended structures as vertices; argmax equals brute force."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL_CASES
+
+import convex_sst as cs
+
+CASES = [(name, params, count) for name, cases in SMALL_CASES.items() for params, count in cases]
+
+
+def test_every_builtin_has_cases():
+    from convex_sst.polytope import builtin_config_paths
+
+    assert set(builtin_config_paths()) == set(SMALL_CASES)
+
+
+def _is_structure(name, params, v):
+    """Independent combinatorial characterisation of each built-in structure."""
+    v = np.asarray(v).round().astype(int)
+    if name == "simplex":
+        return v.sum() == 1
+    if name == "hypercube":
+        return True
+    if name == "k_subset":
+        return v.sum() == params["k"]
+    if name == "birkhoff":
+        return (v.sum(0) == 1).all() and (v.sum(1) == 1).all()
+    if name == "matching":
+        return (v.sum(1) == 1).all() and (v.sum(0) <= 1).all()
+    if name == "spanning_tree":
+        n = params["n"]
+        edges = params.get("edges")
+        edges = list(itertools.combinations(range(n), 2)) if edges is None else np.asarray(edges).tolist()
+        chosen = [tuple(sorted(e)) for e, b in zip(edges, v) if b]
+        return len(chosen) == n - 1 and _connected(n, chosen)
+    if name == "arborescence":
+        n, root = params["n"], params.get("root", 0)
+        if v[:, root].sum() != 0 or (np.delete(v.sum(0), root) != 1).any() or np.trace(v) != 0:
+            return False
+        arcs = [(h, m) for h in range(n) for m in range(n) if v[h, m]]
+        return _connected(n, arcs)
+    if name == "dag_path":
+        return True  # counted below
+    raise KeyError(name)
+
+
+def _connected(n, edges):
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for i, j in edges:
+        parent[find(i)] = find(j)
+    return len({find(i) for i in range(n)}) == 1
+
+
+@pytest.mark.parametrize("name,params,count", CASES)
+def test_vertices_are_exactly_the_structures(name, params, count):
+    P = cs.load_polytope(name, **params)
+    V = P.vertices()
+    assert V.shape == (count,) + P.shape
+    assert len({tuple(v.reshape(-1).tolist()) for v in V}) == count
+    assert all(_is_structure(name, P.params, v) for v in V)
+    assert bool(P.contains(V).all())
+
+
+def test_theory_counts():
+    # Cayley: n^(n-2) spanning trees of K_n and arborescences of K_n with a fixed root
+    assert cs.load_polytope("spanning_tree", n=5).vertices().shape[0] == 5 ** 3
+    assert cs.load_polytope("arborescence", n=5, root=2).vertices().shape[0] == 5 ** 3
+    assert cs.load_polytope("birkhoff", n=4).vertices().shape[0] == math.factorial(4)
+    assert cs.load_polytope("k_subset", n=7, k=3).vertices().shape[0] == math.comb(7, 3)
+
+
+@pytest.mark.parametrize("name,params,count", CASES)
+def test_argmax_equals_brute_force(name, params, count, gen):
+    P = cs.load_polytope(name, **params)
+    V = P.vertices()
+    u = torch.randn((16,) + P.shape, generator=gen, dtype=torch.float64)
+    scores = torch.einsum("bd,vd->bv", u.reshape(16, -1), V.reshape(len(V), -1))
+    brute = V[scores.argmax(1)]
+    assert torch.equal(P.argmax(u), brute)
+    assert torch.equal(P.lp_argmax(u), brute)
+    # float32 and unbatched inputs keep dtype and shape
+    x32 = P.argmax(u[0].float())
+    assert x32.dtype == torch.float32 and x32.shape == P.shape
+    assert torch.equal(x32.double(), brute[0])
+
+
+def test_spanning_tree_edge_order_matches_triu_indices():
+    P = cs.load_polytope("spanning_tree", n=5)
+    i, j = torch.triu_indices(5, 5, 1)
+    assert P.data["E"].tolist() == torch.stack([i, j], 1).tolist()
+
+
+def test_contains_rejects_points_outside(gen):
+    P = cs.load_polytope("birkhoff", n=3)
+    inside = torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    outside = torch.eye(3, dtype=torch.float64) * 0.9
+    assert P.contains(torch.stack([inside, outside])).tolist() == [True, False]
+    T = cs.load_polytope("spanning_tree", n=4)
+    assert not bool(T.contains(torch.ones(6, dtype=torch.float64)))
+    assert bool(T.contains(torch.full((6,), 0.5, dtype=torch.float64)))
+
+
+def test_polytope_instances_are_cached():
+    assert cs.load_polytope("k_subset", n=6, k=2) is cs.load_polytope("k_subset", k=2, n=6)
+    assert cs.load_polytope("k_subset", n=6, k=2) is not cs.load_polytope("k_subset", n=6, k=3)
+
+
+def test_extended_formulations_compile_fast():
+    import time
+
+    t0 = time.perf_counter()
+    cs.load_polytope("spanning_tree", n=10)
+    cs.load_polytope("arborescence", n=10)
+    assert time.perf_counter() - t0 < 5.0  # measured ~0.06 s; generous bound for slow CI

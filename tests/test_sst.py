@@ -1,0 +1,89 @@
+"""The SST module and function: noise, modes, reproducibility, gradients."""
+
+import math
+
+import pytest
+import torch
+
+import convex_sst as cs
+
+
+def test_gumbel_max_frequencies_are_softmax():
+    P = cs.load_polytope("simplex", n=4)
+    theta = torch.tensor([0.5, -1.0, 1.0, 0.0], dtype=torch.float64)
+    N = 20000
+    x = cs.sst(theta.expand(N, 4), P, mode="hard", generator=torch.Generator().manual_seed(0))
+    freq = x.mean(0)
+    p = torch.softmax(theta, 0)
+    se = (p * (1 - p) / N).sqrt()
+    assert torch.all((freq - p).abs() < 4 * se)
+
+
+def test_noise_is_reproducible_with_generator_and_noise_objects():
+    P = cs.load_polytope("k_subset", n=5, k=2)
+    theta = torch.zeros(3, 5, dtype=torch.float64)
+    layer = cs.SST(P, "binary_entropy", 0.5)
+    a = layer(theta, generator=torch.Generator().manual_seed(7))
+    b = layer(theta, generator=torch.Generator().manual_seed(7))
+    c = layer(theta, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g = cs.Gumbel().sample((100000,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert abs(g.mean().item() - 0.5772156649) < 0.02 and abs(g.var().item() - math.pi ** 2 / 6) < 0.05
+    assert torch.isfinite(g).all()
+    n = cs.Gaussian(2.0).sample((100000,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert abs(n.std().item() - 2.0) < 0.03
+
+
+def test_custom_noise_and_no_noise():
+    class Zero(cs.Noise):
+        def sample(self, shape, generator=None, dtype=torch.float32, device=None):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+    P = cs.load_polytope("simplex", n=3)
+    theta = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    x1 = cs.SST(P, "entropy", 1.0, noise=Zero())(theta)
+    x2 = cs.SST(P, "entropy", 1.0, noise=None)(theta)
+    assert torch.allclose(x1, torch.softmax(theta, 0), atol=1e-6) and torch.allclose(x1, x2)
+
+
+def test_modes_hard_relaxed_straight_through():
+    P = cs.load_polytope("k_subset", n=5, k=2)
+    theta = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    outs, grads = {}, {}
+    for mode in ("relaxed", "hard", "straight_through"):
+        layer = cs.SST(P, "binary_entropy", 0.5, mode=mode)
+        x = layer(theta, generator=torch.Generator().manual_seed(3))
+        outs[mode] = x
+        if mode != "hard":
+            (grads[mode],) = torch.autograd.grad((x * w).sum(), theta)
+    assert not outs["hard"].requires_grad
+    assert torch.equal(outs["straight_through"].detach(), outs["hard"])      # forward: hard sample
+    assert torch.all(outs["hard"].sum(-1) == 2)
+    assert torch.allclose(grads["straight_through"], grads["relaxed"])       # backward: relaxed
+    assert grads["relaxed"].abs().sum() > 0
+
+
+def test_learnable_temperature_inside_a_model():
+    P = cs.load_polytope("simplex", n=4)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logits = torch.nn.Linear(3, 4).double()
+            self.log_t = torch.nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+
+        def forward(self, inp, gen):
+            return cs.sst(self.logits(inp), P, "entropy", self.log_t.exp(), generator=gen)
+
+    m = Model()
+    x = m(torch.randn(5, 3, dtype=torch.float64), torch.Generator().manual_seed(0))
+    (x[:, 0]).sum().backward()
+    assert m.log_t.grad is not None and m.logits.weight.grad.abs().sum() > 0
+
+
+def test_string_polytope_and_repr():
+    layer = cs.SST("simplex", "entropy", 0.3)
+    assert "simplex" in repr(layer) and layer.polytope.shape == (5,)
+    with pytest.raises(cs.InputError, match="polytope must be a Polytope or a name"):
+        cs.relax(torch.zeros(3), 3)
