@@ -98,7 +98,8 @@ class SST(nn.Module):
             raise unknown_name("backend", backend, BACKENDS)
         self.polytope = as_polytope(polytope)
         self.regularizer = self.polytope.check_regularizer(regularizer)
-        check_temperature(temperature, (), torch.zeros(()))
+        if not (isinstance(temperature, torch.Tensor) and temperature.dim() > 0):
+            check_temperature(temperature, (), torch.zeros(()))  # per-sample tensors are checked per call
         self.temperature = temperature
         self.noise = get_noise(noise)
         self.mode = mode
