@@ -29,6 +29,9 @@ from .polytope import (
 from .regularizers import Regularizer, available_regularizers, register_regularizer
 from .relax import available_fast_paths, register_fast_path, relax
 from .sst import SST, sst
+from . import argmax as _argmax  # noqa: E402,F401  (registers the combinatorial argmax algorithms)
+from . import fast as _fast  # noqa: E402,F401  (registers the fast paths)
+from . import testing  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -39,5 +42,5 @@ __all__ = [
     "register_polytope",
     "Regularizer", "available_regularizers", "register_regularizer",
     "available_fast_paths", "register_fast_path", "relax",
-    "SST", "sst",
+    "SST", "sst", "testing",
 ]

@@ -12,7 +12,13 @@ name                      f(x)                                    domain
 ``entropy``               Σ x log x                               x ≥ 0
 ``binary_entropy``        Σ x log x + (1 - x) log(1 - x)           0 ≤ x ≤ 1
 ``quadratic``             ½ ‖x‖²                                  ℝⁿ
+``exp_family``            conjugate of A(η) = log Σ_{x∈𝒳} exp(ηᵀx)  conv(𝒳) ⊆ [0,1]
 ========================  ======================================  ===============
+
+``exp_family`` has no cvxpy form: its relaxed sample is the mean parameter ``∇A(u/t)`` of the
+exponential family on the structures, available as fast paths only (see
+:mod:`convex_sst.fast`); its oracle for small instances is
+:func:`convex_sst.testing.brute_force_marginals`.
 """
 
 from __future__ import annotations
@@ -36,14 +42,15 @@ class Regularizer:
         description: one line, shown by ``convex-sst list``.
         cvxpy: ``x -> f(x)``, a convex scalar cvxpy expression of the flattened output variable;
             ``None`` for regularizers with no cvxpy form (fast-path only).
-        value: ``x -> f(x)`` in torch, ``x: (*batch, d) -> (*batch,)``.
+        value: ``x -> f(x)`` in torch, ``x: (*batch, d) -> (*batch,)``; ``None`` where f has no
+            closed form (``exp_family``).
         domain: ``(lo, hi)``: the domain of f contains the box ``[lo, hi]^d`` (its closure).
     """
 
     name: str
     description: str
     cvxpy: Callable[[cp.Expression], cp.Expression] | None
-    value: Callable[[torch.Tensor], torch.Tensor]
+    value: Callable[[torch.Tensor], torch.Tensor] | None
     domain: tuple[float, float] = (-math.inf, math.inf)
 
 
@@ -99,4 +106,11 @@ register_regularizer(Regularizer(
     description="½‖x‖² (Euclidean projection: sparsemax on the simplex)",
     cvxpy=lambda x: 0.5 * cp.sum_squares(x),
     value=lambda x: 0.5 * (x * x).sum(-1),
+))
+register_regularizer(Regularizer(
+    name="exp_family",
+    description="exponential-family entropy: X_t = marginals of p(x) ∝ exp(uᵀx/t) (fast paths only)",
+    cvxpy=None,
+    value=None,
+    domain=(0.0, 1.0),
 ))

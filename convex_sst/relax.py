@@ -127,6 +127,13 @@ def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[...,
     if backend not in BACKENDS:
         raise unknown_name("backend", backend, BACKENDS)
     fast = _FAST.get((P.name, reg.name)) if P.builtin else None
+    if backend == "auto" and fast is None and reg.cvxpy is None:
+        have = sorted(p for (p, r) in _FAST if r == reg.name)
+        raise UnknownNameError(
+            f"no fast path for polytope {P.name!r} with regularizer {reg.name!r}, and {reg.name!r} has no "
+            f"cvxpy form for the generic path; {reg.name!r} has fast paths for: {', '.join(have) or '(none)'}. "
+            "For small instances, convex_sst.testing.brute_force_marginals computes it by enumeration."
+        )
     if backend == "fast" or (backend == "auto" and fast is not None):
         if fast is None:
             have = [r for (p, r) in _FAST if p == P.name]

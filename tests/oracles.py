@@ -60,7 +60,7 @@ def subtour_spanning_tree(theta: np.ndarray, n: int, regularizer: str) -> np.nda
         "quadratic": 0.5 * cp.sum_squares(x),
     }[regularizer]
     prob = cp.Problem(cp.Maximize(theta @ x - f), cons)
-    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
     return np.asarray(x.value)
 
 

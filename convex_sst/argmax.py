@@ -1,0 +1,210 @@
+"""Exact combinatorial argmax algorithms (the stochastic argmax trick), registered by name.
+
+Each maps utilities ``u: (B, *shape)`` to the maximizing 0/1 structures of the same shape, dtype
+and device. The computation runs on the CPU in float64 (these are combinatorial loops; the
+relaxations are the GPU-friendly part). A config opts in with ``argmax: <name>``.
+
+=====================  ==========================  =================================
+name                   polytope                    algorithm, cost per sample
+=====================  ==========================  =================================
+``one_hot``            simplex                     argmax, O(n)
+``threshold``          hypercube                   ``u > 0``, O(n)
+``top_k``              k_subset                    top-k, O(n log n)
+``hungarian``          birkhoff, matching          Jonker–Volgenant (scipy), O(n³)
+``kruskal``            spanning_tree               Kruskal with union–find, O(m log m)
+``chu_liu_edmonds``    arborescence                Chu–Liu/Edmonds (own), O(n³)
+``dag_longest_path``   dag_path                    DP in topological order, O(n + m)
+=====================  ==========================  =================================
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .errors import PolytopeError
+from .polytope import Polytope, register_argmax
+
+
+def _apply(u: torch.Tensor, fn) -> torch.Tensor:
+    arr = u.detach().cpu().double().numpy()
+    out = np.stack([fn(a) for a in arr]) if len(arr) else np.zeros_like(arr)
+    return torch.as_tensor(out, dtype=u.dtype, device=u.device)
+
+
+@register_argmax("hungarian")
+def hungarian(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+    """Max-weight assignment of every row (rows ≤ columns) by ``scipy.optimize.linear_sum_assignment``."""
+
+    def one(a: np.ndarray) -> np.ndarray:
+        rows, cols = linear_sum_assignment(a, maximize=True)
+        x = np.zeros_like(a)
+        x[rows, cols] = 1.0
+        return x
+
+    return _apply(u, one)
+
+
+def kruskal_tree(n: int, edges: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Maximum-weight spanning tree as an indicator over ``edges`` (Kruskal, union–find)."""
+    parent = list(range(n))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    x = np.zeros(len(edges))
+    taken = 0
+    for e in np.argsort(-weights, kind="stable"):
+        ri, rj = find(int(edges[e, 0])), find(int(edges[e, 1]))
+        if ri != rj:
+            parent[ri] = rj
+            x[e] = 1.0
+            taken += 1
+            if taken == n - 1:
+                break
+    if taken != n - 1:
+        raise PolytopeError("the graph is not connected: no spanning tree exists")
+    return x
+
+
+@register_argmax("kruskal")
+def kruskal(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+    """Maximum spanning tree of the polytope's graph (``polytope.data['E']``)."""
+    n = int(polytope.params["n"])
+    E = np.asarray(polytope.data["E"])
+    return _apply(u, lambda a: kruskal_tree(n, E, a))
+
+
+def chu_liu_edmonds_tree(W: np.ndarray, root: int) -> np.ndarray:
+    """Maximum-weight spanning arborescence rooted at ``root``: ``W[h, m]`` scores arc h → m.
+
+    Returns ``parent`` (``parent[root] = -1``). Chu–Liu/Edmonds with cycle contraction, O(n³).
+    """
+    n = W.shape[0]
+    W = W.astype(float).copy()
+    np.fill_diagonal(W, -np.inf)
+    W[:, root] = -np.inf
+    return _cle(W, root)
+
+
+def _cle(W: np.ndarray, root: int) -> np.ndarray:
+    n = W.shape[0]
+    parent = W.argmax(0)
+    parent[root] = -1
+    # find a cycle among the chosen in-arcs
+    color = np.zeros(n, dtype=int)  # 0 unvisited, 1 on stack, 2 done
+    cycle = None
+    for start in range(n):
+        path = []
+        v = start
+        while v != -1 and color[v] == 0:
+            color[v] = 1
+            path.append(v)
+            v = parent[v]
+        if v != -1 and color[v] == 1:
+            cycle = path[path.index(v):]
+        for p in path:
+            color[p] = 2
+        if cycle is not None:
+            break
+    if cycle is None:
+        return parent
+    in_cycle = np.zeros(n, dtype=bool)
+    in_cycle[cycle] = True
+    rest = [v for v in range(n) if not in_cycle[v]]
+    c = len(rest)  # index of the contracted node
+    index = {v: i for i, v in enumerate(rest)}
+    m = c + 1
+    W2 = np.full((m, m), -np.inf)
+    W2[:c, :c] = W[np.ix_(rest, rest)]
+    cyc = np.array(cycle)
+    # arcs into the cycle: gain of replacing the cycle arc into v by h -> v
+    into = W[np.ix_(rest, cyc)] - W[parent[cyc], cyc][None, :]
+    best_in = into.argmax(1)
+    W2[:c, c] = into[np.arange(c), best_in]
+    # arcs out of the cycle: the best cycle node as tail
+    out = W[np.ix_(cyc, rest)]
+    best_out = out.argmax(0)
+    W2[c, :c] = out[best_out, np.arange(c)]
+    sub = _cle(W2, index[root])
+    new_parent = parent.copy()
+    for v in rest:
+        p = sub[index[v]]
+        if p == -1:
+            new_parent[v] = -1
+        elif p == c:
+            new_parent[v] = cyc[best_out[index[v]]]
+        else:
+            new_parent[v] = rest[p]
+    h = sub[c]  # the arc entering the contracted node comes from rest[h]
+    entry = cyc[best_in[h]]
+    new_parent[entry] = rest[h]
+    return new_parent
+
+
+@register_argmax("chu_liu_edmonds")
+def chu_liu_edmonds(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+    """Maximum-weight arborescence rooted at ``polytope.params['root']`` (own implementation)."""
+    root = int(polytope.params["root"])
+
+    def one(a: np.ndarray) -> np.ndarray:
+        parent = chu_liu_edmonds_tree(a, root)
+        x = np.zeros_like(a)
+        for m, h in enumerate(parent):
+            if h >= 0:
+                x[h, m] = 1.0
+        return x
+
+    return _apply(u, one)
+
+
+@register_argmax("dag_longest_path")
+def dag_longest_path(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+    """Maximum-weight source → target path in the DAG (dynamic programming in topological order)."""
+    n = int(polytope.params["n"])
+    s, t = int(polytope.params["source"]), int(polytope.params["target"])
+    A = np.asarray(polytope.data["A"])
+    order = _topological_order(n, A)
+    incoming = [[] for _ in range(n)]
+    for a, (h, m) in enumerate(A):
+        incoming[m].append((a, h))
+
+    def one(w: np.ndarray) -> np.ndarray:
+        best = np.full(n, -np.inf)
+        via = np.full(n, -1)
+        best[s] = 0.0
+        for v in order:
+            for a, h in incoming[v]:
+                if best[h] + w[a] > best[v]:
+                    best[v], via[v] = best[h] + w[a], a
+        x = np.zeros_like(w)
+        v = t
+        while v != s:
+            a = via[v]
+            if a < 0:
+                raise PolytopeError(f"no path from {s} to {t}")
+            x[a] = 1.0
+            v = int(A[a, 0])
+        return x
+
+    return _apply(u, one)
+
+
+def _topological_order(n: int, A: np.ndarray) -> list[int]:
+    indeg = np.zeros(n, dtype=int)
+    for _, m in A:
+        indeg[m] += 1
+    order, stack = [], [v for v in range(n) if indeg[v] == 0]
+    while stack:
+        v = stack.pop()
+        order.append(v)
+        for h, m in A:
+            if h == v:
+                indeg[m] -= 1
+                if indeg[m] == 0:
+                    stack.append(int(m))
+    return order

@@ -1,0 +1,159 @@
+"""Fast paths against the generic layer, brute force, gradcheck; combinatorial argmax vs LP."""
+
+import pytest
+import torch
+from conftest import RELAX_CASES
+
+import convex_sst as cs
+from convex_sst.regularizers import get_regularizer
+from convex_sst.testing import brute_force_marginals
+
+FAST = cs.available_fast_paths()
+GENERIC_TWINS = [(p, r) for p, r in FAST if get_regularizer(r).cvxpy is not None]
+EXP_FAMILY = [(p, r) for p, r in FAST if r == "exp_family"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def small(name):
+    return cs.load_polytope(name, **RELAX_CASES[name])
+
+
+def test_fast_paths_cover_the_issue_list():
+    expected = {("simplex", "entropy"), ("simplex", "quadratic"), ("hypercube", "binary_entropy"),
+                ("hypercube", "quadratic"), ("k_subset", "binary_entropy"), ("k_subset", "quadratic"),
+                ("k_subset", "exp_family"), ("birkhoff", "entropy"), ("spanning_tree", "exp_family"),
+                ("arborescence", "exp_family")}
+    assert expected <= set(FAST)
+
+
+@pytest.mark.parametrize("name,reg", GENERIC_TWINS)
+@pytest.mark.parametrize("t", [1.0, 0.5])
+def test_fast_equals_generic(name, reg, t, gen):
+    P = small(name)
+    u = torch.randn((4,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((4,) + P.shape, generator=gen, dtype=torch.float64)
+    xf = cs.relax(u, P, reg, t, backend="fast")
+    xg = cs.relax(u, P, reg, t, backend="generic")
+    assert (xf - xg).abs().max() < 1e-5
+    (gf,) = torch.autograd.grad((xf * w).sum(), u)
+    (gg,) = torch.autograd.grad((xg * w).sum(), u)
+    assert (gf - gg).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name,reg", EXP_FAMILY)
+def test_exp_family_equals_brute_force(name, reg, gen):
+    cases = {"k_subset": [{"n": 8, "k": 3}, {"n": 5, "k": 1}, {"n": 7, "k": 6}],
+             "spanning_tree": [{"n": 4}, {"n": 5}, {"n": 5, "edges": [[0, 1], [1, 2], [2, 3], [3, 4], [4, 0], [0, 2]]}],
+             "arborescence": [{"n": 4}, {"n": 5, "root": 3}],
+             "simplex": [{"n": 5}], "hypercube": [{"n": 4}]}[name]
+    for params in cases:
+        P = cs.load_polytope(name, **params)
+        u = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        w = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64)
+        x = cs.relax(u, P, reg, 0.7)
+        ref = brute_force_marginals(u, P, 0.7)
+        assert (x - ref).abs().max() < 1e-10
+        (g,) = torch.autograd.grad((x * w).sum(), u)
+        (gr,) = torch.autograd.grad((ref * w).sum(), u)
+        assert (g - gr).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("name,reg", FAST)
+def test_gradcheck(name, reg, gen):
+    P = small(name)
+    u = torch.randn((2,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u, t: cs.relax(u, P, reg, t, backend="fast"), (u, t))
+
+
+@pytest.mark.parametrize("name,reg", FAST)
+def test_jacobian_symmetric_psd(name, reg, gen):
+    P = small(name)
+    u = torch.randn(P.shape, generator=gen, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda v: cs.relax(v, P, reg, 1.0, backend="fast").reshape(-1), u)
+    J = J.reshape(P.size, P.size)
+    assert (J - J.T).abs().max() < 1e-8
+    assert torch.linalg.eigvalsh(0.5 * (J + J.T)).min() > -1e-8
+
+
+@pytest.mark.parametrize("name,reg", FAST)
+def test_float32_and_batch_shapes(name, reg, gen):
+    P = small(name)
+    u = torch.randn((2, 3) + P.shape, generator=gen, dtype=torch.float64)
+    x64 = cs.relax(u, P, reg, 0.5, backend="fast")
+    x32 = cs.relax(u.float(), P, reg, 0.5, backend="fast")
+    assert x32.dtype == torch.float32 and x32.shape == (2, 3) + P.shape
+    assert (x32.double() - x64).abs().max() < 1e-4
+    loop = torch.stack([cs.relax(u[0, j], P, reg, 0.5, backend="fast") for j in range(3)])
+    assert (loop - x64[0]).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("name,reg", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_range_tiny_temperature_is_finite(name, reg, dtype, gen):
+    P = small(name)
+    u = (1e3 * torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+    x = cs.relax(u, P, reg, 1e-3, backend="fast")
+    assert torch.isfinite(x).all()
+    (g,) = torch.autograd.grad((x * torch.linspace(-1, 1, P.size, dtype=dtype).reshape(P.shape)).sum(), u)
+    assert torch.isfinite(g).all()
+    assert bool(P.contains(x.detach().double(), atol=1e-3).all())
+    if name not in ("spanning_tree", "arborescence"):  # the matrix-tree paths clip at max_range
+        assert (x.double() - P.argmax(u.detach()).double()).abs().max() < 1e-2
+
+
+def test_sinkhorn_reports_non_convergence(gen):
+    P = cs.load_polytope("birkhoff", n=5)
+    u = 5 * torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
+    with pytest.warns(cs.SolverWarning, match=r"Sinkhorn did not converge for batch element\(s\) \[0, 1\] of 2"):
+        cs.relax(u, P, "entropy", 0.1, backend="fast", max_iter=3)
+    with pytest.raises(cs.SolverError, match="Sinkhorn did not converge"):
+        cs.relax(u, P, "entropy", 0.1, backend="fast", max_iter=3, on_failure="raise")
+
+
+def test_fast_path_options_are_validated():
+    P = cs.load_polytope("simplex", n=3)
+    with pytest.raises(cs.InputError, match=r"unknown option\(s\) \['tol'\] for the fast path simplex/entropy"):
+        cs.relax(torch.zeros(3), P, "entropy", backend="fast", tol=1e-3)
+
+
+def test_exp_family_has_no_generic_path():
+    P = cs.load_polytope("k_subset", n=4, k=2)
+    with pytest.raises(cs.ConvexSSTError, match="no cvxpy form"):
+        cs.relax(torch.zeros(4), P, "exp_family", backend="generic")
+    M = cs.load_polytope("birkhoff", n=3)
+    with pytest.raises(cs.UnknownNameError, match="no fast path for polytope 'birkhoff' with regularizer 'exp_family'"):
+        cs.relax(torch.zeros(3, 3), M, "exp_family")
+
+
+@pytest.mark.parametrize("name,params", [
+    ("arborescence", {"n": 7, "root": 2}), ("spanning_tree", {"n": 8}), ("birkhoff", {"n": 6}),
+    ("matching", {"n": 3, "m": 6}), ("dag_path", {"n": 6, "edges": [[0, 1], [0, 2], [1, 2], [1, 3], [2, 4], [3, 4], [3, 5], [4, 5], [0, 5]], "target": 5}),
+])
+def test_combinatorial_argmax_equals_lp_on_larger_instances(name, params, gen):
+    P = cs.load_polytope(name, **params)
+    assert P.argmax_name is not None
+    u = torch.randn((40,) + P.shape, generator=gen, dtype=torch.float64)
+    assert torch.equal(P.argmax(u), P.lp_argmax(u))
+
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")  # t = 1e-3 stalls at ~1e-4, reported, not hidden
+def test_argmax_limit_of_fast_relaxations(gen):
+    for name, reg in FAST:
+        P = small(name)
+        u = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64)
+        errs = []
+        for t in (0.1, 0.01, 0.001):
+            opts = {"max_range": None} if reg == "exp_family" and name in ("spanning_tree", "arborescence") else {}
+            errs.append((cs.relax(u, P, reg, t, backend="fast", **opts) - P.argmax(u)).abs().max().item())
+        assert errs[-1] < 1e-3 and errs[0] >= errs[-1], (name, reg, errs)
+
+
+@CUDA
+@pytest.mark.parametrize("name,reg", FAST)
+def test_cuda_matches_cpu(name, reg, gen):
+    P = small(name)
+    u = torch.randn((4,) + P.shape, generator=gen, dtype=torch.float64)
+    x = cs.relax(u.cuda(), P, reg, 0.5, backend="fast")
+    assert x.device.type == "cuda"
+    assert (x.cpu() - cs.relax(u, P, reg, 0.5, backend="fast")).abs().max() < 1e-10
