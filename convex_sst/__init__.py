@@ -29,6 +29,16 @@ from .polytope import (
 from .regularizers import Regularizer, available_regularizers, register_regularizer
 from .relax import available_fast_paths, register_fast_path, relax
 from .sst import SST, sst
+from .estimators import (
+    EMABaseline,
+    exact_gradient,
+    expected_loss,
+    gumbel_kl,
+    score_function,
+    smt_distribution,
+    sst_gradient,
+)
+from .diagnostics import diagnose
 from . import argmax as _argmax  # noqa: E402,F401  (registers the combinatorial argmax algorithms)
 from . import fast as _fast  # noqa: E402,F401  (registers the fast paths)
 from . import testing  # noqa: E402
@@ -43,4 +53,6 @@ __all__ = [
     "Regularizer", "available_regularizers", "register_regularizer",
     "available_fast_paths", "register_fast_path", "relax",
     "SST", "sst", "testing",
+    "EMABaseline", "exact_gradient", "expected_loss", "gumbel_kl", "score_function", "smt_distribution",
+    "sst_gradient", "diagnose",
 ]

@@ -91,6 +91,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    import time
+
+    from .diagnostics import diagnose, write_report
+    from .polytope import load_polytope
+
+    P = load_polytope(args.polytope, **_parse_params(args.param))
+    t0 = time.perf_counter()
+    rows = diagnose(P, args.regularizer, temperatures=args.temperatures, num_estimates=args.num_estimates,
+                    num_samples=args.num_samples, seed=args.seed)
+    title = (f"{P!r}, {args.regularizer}, loss ‖x − c‖²/d, {args.num_estimates} estimates of "
+             f"{args.num_samples} samples each")
+    paths = write_report(rows, args.out_dir, title, plot=not args.no_plot)
+    print(paths[1].read_text())
+    print(f"({time.perf_counter() - t0:.1f} s) wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convex-sst",
@@ -106,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-vertices", type=int, default=2000, help="enumerate vertices up to this count")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("diagnose", help="bias/variance/MSE of gradient estimators vs the exact gradient")
+    p.add_argument("--polytope", default="k_subset", help="a structure with an exact SMT distribution")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a polytope parameter (repeatable)")
+    p.add_argument("--regularizer", default="exp_family")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.2, 0.5, 1.0, 2.0])
+    p.add_argument("--num-estimates", type=int, default=400)
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="diagnostics")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(fn=cmd_diagnose)
     p = sub.add_parser("demo", help="learn a distribution over spanning trees through an SST layer")
     p.add_argument("--n", type=int, default=8, help="number of vertices")
     p.add_argument("--steps", type=int, default=150, help="training steps")

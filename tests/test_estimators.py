@@ -1,0 +1,141 @@
+"""Estimators against exact gradients; exact SMT distributions against sampling."""
+
+import math
+
+import pytest
+import torch
+
+import convex_sst as cs
+from convex_sst.cli import main
+from convex_sst.diagnostics import diagnose
+
+
+def lin_loss(c):
+    return lambda x: (x.reshape(x.shape[0], -1) * c.reshape(-1)).sum(-1) ** 2
+
+
+CASES = [("simplex", {"n": 4}), ("k_subset", {"n": 5, "k": 2}), ("spanning_tree", {"n": 4})]
+
+
+def test_gumbel_kl_matches_monte_carlo():
+    theta = torch.tensor([-1.0, 0.0, 0.7, 2.0], dtype=torch.float64)
+    g = cs.Gumbel().sample((200000, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64) + theta
+    noise = cs.Gumbel()
+    mc = (noise.log_prob(g - theta) - noise.log_prob(g)).mean(0)
+    assert torch.allclose(cs.gumbel_kl(theta), mc, atol=0.02)
+    assert cs.gumbel_kl(torch.zeros(3)).abs().max() == 0
+
+
+@pytest.mark.parametrize("name,params", CASES + [("hypercube", {"n": 3}), ("spanning_tree", {"n": 5})])
+def test_exact_smt_distribution_matches_sampling(name, params):
+    P = cs.load_polytope(name, **params)
+    theta = torch.randn(P.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    V, p = cs.smt_distribution(P, theta)
+    assert abs(p.sum().item() - 1) < 1e-12 and V.shape[0] == P.vertices().shape[0]
+    N = 20000
+    Vm, pm, se = cs.smt_distribution(P, theta, method="monte_carlo", num_samples=N,
+                                     generator=torch.Generator().manual_seed(4), return_stderr=True)
+    exact = {tuple(v.reshape(-1).tolist()): q for v, q in zip(V, p.tolist())}
+    for v, q, s in zip(Vm, pm.tolist(), se.tolist()):
+        assert abs(exact[tuple(v.reshape(-1).tolist())] - q) < 4 * max(s, 1 / N)
+
+
+def test_one_hot_probabilities_are_softmax():
+    P = cs.load_polytope("simplex", n=5)
+    theta = torch.randn(5, dtype=torch.float64)
+    V, p = cs.smt_distribution(P, theta)
+    assert torch.allclose(p, torch.softmax(theta, 0)[V.argmax(1)], atol=1e-14)
+
+
+def test_exact_gradient_matches_finite_differences():
+    P = cs.load_polytope("spanning_tree", n=4)
+    theta = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    loss = lin_loss(torch.arange(6.0, dtype=torch.float64))
+    g = cs.exact_gradient(loss, theta, P)
+    eps = 1e-6
+    fd = torch.stack([(cs.expected_loss(loss, theta + eps * e, P) - cs.expected_loss(loss, theta - eps * e, P)) / (2 * eps)
+                      for e in torch.eye(6, dtype=torch.float64)])
+    assert torch.allclose(g, fd, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+@pytest.mark.parametrize("baseline", [None, "loo", "constant"])
+def test_score_function_is_unbiased(name, params, baseline):
+    P = cs.load_polytope(name, **params)
+    gen = torch.Generator().manual_seed(11)
+    theta = torch.randn(P.shape, generator=gen, dtype=torch.float64)
+    loss = lin_loss(torch.randn(P.shape, generator=gen, dtype=torch.float64))
+    exact = cs.exact_gradient(loss, theta, P)
+    b = (lambda th: torch.tensor(0.3)) if baseline == "constant" else baseline
+    est = torch.stack([cs.score_function(loss, theta, P, num_samples=50, baseline=b, generator=gen) for _ in range(200)])
+    mean, se = est.mean(0), est.std(0) / math.sqrt(len(est))
+    assert torch.all((mean - exact).abs() <= 3 * se + 1e-12), (mean, exact, se)
+
+
+def test_ema_baseline_uses_past_losses_only():
+    P = cs.load_polytope("simplex", n=3)
+    ema = cs.EMABaseline(decay=0.5, initial=1.0)
+    theta = torch.zeros(3, dtype=torch.float64)
+    loss = lambda x: x[:, 0] * 2.0  # noqa: E731
+    _, info = cs.score_function(loss, theta, P, num_samples=8, baseline=ema, return_info=True,
+                                generator=torch.Generator().manual_seed(0))
+    assert torch.all(info.baseline == 1.0)
+    assert ema.value == pytest.approx(0.5 * 1.0 + 0.5 * info.losses.mean().item())
+    g = cs.score_function(loss, theta, P, num_samples=8, baseline="ema")  # default state per loss_fn
+    assert g.shape == (3,)
+
+
+def test_sst_gradient_approaches_exact_gradient_as_t_to_zero():
+    P = cs.load_polytope("simplex", n=4)
+    rows = diagnose(P, "entropy", temperatures=[0.2, 0.5, 1.0], num_estimates=2000, num_samples=4,
+                    estimators=["sst"], seed=1)
+    bias = [r["bias"] for r in rows]
+    se = [r["bias_se"] for r in rows]
+    assert bias[0] + 3 * se[0] < bias[2]
+    assert bias[0] < bias[1] < bias[2]
+    assert bias[0] < 0.25 * rows[0]["exact_norm"]
+
+
+@pytest.mark.parametrize("name,params,reg", [
+    ("simplex", {"n": 5}, "entropy"), ("k_subset", {"n": 6, "k": 2}, "exp_family"),
+    ("spanning_tree", {"n": 4}, "exp_family"),
+])
+def test_diagnostics_show_the_expected_pattern(name, params, reg):
+    P = cs.load_polytope(name, **params)
+    rows = diagnose(P, reg, temperatures=[0.1, 1.0], num_estimates=300, num_samples=4,
+                    estimators=["sst", "score_function"], seed=0)
+    sst = {r["temperature"]: r for r in rows if r["estimator"] == "sst"}
+    sf = [r for r in rows if r["estimator"] == "score_function"][0]
+    assert sst[0.1]["variance"] > sst[1.0]["variance"]                         # variance rises as t -> 0
+    assert sst[0.1]["bias"] < sst[1.0]["bias"]                                 # bias falls as t -> 0
+    assert sst[1.0]["variance"] < 0.2 * sf["variance"]                         # far below REINFORCE
+    assert sf["bias"] < 3 * sf["bias_se"] + 1e-12                              # REINFORCE is unbiased
+
+
+def test_estimator_input_errors():
+    P = cs.load_polytope("k_subset", n=4, k=2)
+    theta = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(cs.InputError, match=r"loss_fn must map structures \(\*batch, 4\) to losses \(\*batch,\)"):
+        cs.score_function(lambda x: x, theta, P, num_samples=3)
+    with pytest.raises(cs.InputError, match="loss_fn returned NaN"):
+        cs.exact_gradient(lambda x: x.sum(-1) * float("nan"), theta, P)
+    with pytest.raises(cs.InputError, match="needs num_samples >= 2"):
+        cs.score_function(lambda x: x.sum(-1), theta, P, num_samples=1, baseline="loo")
+    with pytest.raises(cs.InputError, match=r"theta must have exactly the polytope's shape \(4,\)"):
+        cs.exact_gradient(lambda x: x.sum(-1), torch.zeros(2, 4), P)
+    with pytest.raises(cs.InputError, match="temperatures must be finite and > 0"):
+        diagnose(P, "exp_family", temperatures=[0.0])
+    with pytest.raises(cs.PolytopeError, match=r"more than 100 utility orderings.*method='monte_carlo'"):
+        cs.smt_distribution(cs.load_polytope("spanning_tree", n=5), torch.zeros(10), limit=100)
+    with pytest.raises(cs.PolytopeError, match="not a greedy rule.*monte_carlo"):
+        cs.smt_distribution(cs.load_polytope("birkhoff", n=3), torch.zeros(3, 3))
+    with pytest.raises(cs.InputError, match="standard Gumbel noise only"):
+        cs.smt_distribution(P, theta, noise="gaussian")
+    V, p = cs.smt_distribution(P, theta, noise="gaussian", method="monte_carlo", num_samples=500)
+    assert abs(p.sum().item() - 1) < 1e-12
+
+
+def test_cli_diagnose(tmp_path, capsys):
+    assert main(["diagnose", "--polytope", "simplex", "--param", "n=3", "--regularizer", "entropy",
+                 "--temperatures", "0.3", "1", "--num-estimates", "50", "--out-dir", str(tmp_path), "--no-plot"]) == 0
+    assert (tmp_path / "diagnostics.csv").exists() and "score_function_loo" in (tmp_path / "diagnostics.md").read_text()
