@@ -278,7 +278,7 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) 
 
 
 def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000, check_every: int = 10,
-             on_failure: str = "warn") -> torch.Tensor:
+             on_failure: str = "warn", return_error: bool = False):
     """Log-domain Sinkhorn: the doubly stochastic ``X = diag(a) exp(θ) diag(b)``.
 
     Stops when every row sum is within ``tol`` of 1 (columns are exact after each sweep); the
@@ -318,16 +318,17 @@ def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000
         lam = new_lam
     X = torch.exp(theta + log_a[:, :, None] + log_b[:, None, :])
     err = (X.sum(2) - 1.0).abs().max(1).values
-    if bool((err > tol).any()):
+    if bool((err > tol).any()) and on_failure in ("warn", "raise"):
         _report("Sinkhorn", err > tol, B, f"row-sum error up to {err.max().item():.1e} after {total} sweeps "
                 "(raise max_iter, or use a higher temperature)", on_failure)
-    return X
+    return (X, err > tol) if return_error else X
 
 
 class _Sinkhorn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, theta, tol, max_iter, on_failure):
-        X = sinkhorn(theta.detach(), tol, max_iter, on_failure=on_failure)
+    def forward(ctx, theta, tol, max_iter, on_failure, holder):
+        X, bad = sinkhorn(theta.detach(), tol, max_iter, on_failure=on_failure, return_error=True)
+        holder.append(bad)
         ctx.save_for_backward(X)
         return X
 
@@ -349,17 +350,30 @@ class _Sinkhorn(torch.autograd.Function):
         rhs = c - (X.transpose(1, 2) @ r[..., None])[..., 0]
         v = torch.linalg.solve(M, rhs[..., None])[..., 0]
         u = r - (X @ v[..., None])[..., 0]
-        return X * (G - u[:, :, None] - v[:, None, :]), None, None, None
+        return X * (G - u[:, :, None] - v[:, None, :]), None, None, None, None
 
 
 @register_fast_path("birkhoff", "entropy")
 def birkhoff_sinkhorn(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 2000,
-                      on_failure: str = "warn") -> torch.Tensor:
-    """Gumbel-Sinkhorn: log-domain Sinkhorn (O(n²) per sweep) with an implicit backward
-    (one (n × n) linear solve per sample). Options: tol, max_iter, on_failure ('warn'|'raise')."""
-    if on_failure not in ("warn", "raise"):
-        raise InputError(f"on_failure must be 'warn' or 'raise', got {on_failure!r}")
-    return _Sinkhorn.apply(theta, tol, max_iter, on_failure)
+                      on_failure: str = "fallback") -> torch.Tensor:
+    """Gumbel-Sinkhorn: log-domain Sinkhorn (O(n²) per sweep) with an implicit backward (one
+    (n × n) linear solve per sample). Sinkhorn slows down sharply at low temperature; rows that
+    have not converged after ``max_iter`` sweeps are, by default (``on_failure="fallback"``),
+    re-solved by the batched interior-point solver (``backend="torch"``, exact to ~1e-10);
+    ``"warn"`` keeps the approximate rows with a warning, ``"raise"`` raises.
+    Options: tol, max_iter, on_failure."""
+    if on_failure not in ("fallback", "warn", "raise"):
+        raise InputError(f"on_failure must be 'fallback', 'warn' or 'raise', got {on_failure!r}")
+    holder: list[torch.Tensor] = []
+    X = _Sinkhorn.apply(theta, tol, max_iter, "silent" if on_failure == "fallback" else on_failure, holder)
+    bad = holder[0]
+    if on_failure == "fallback" and bool(bad.any()):
+        from .regularizers import get_regularizer
+        from .solver import relax_torch
+
+        idx = bad.nonzero().reshape(-1)
+        X = X.index_put((idx,), relax_torch(theta[idx], polytope, get_regularizer("entropy")))
+    return X
 
 
 # ------------------------------------------------------------------------------------------

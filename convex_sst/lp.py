@@ -103,6 +103,24 @@ class LinearProgram:
         status = self._run()
         return status, (self.solution() if status == "optimal" else None)
 
+    def z_range(self, j: int) -> tuple[float, float]:
+        """Min and max of the stacked variable ``z[j]`` over Q (``±inf`` when unbounded)."""
+        idx = np.arange(self.form.num_z, dtype=np.int32)
+        out = []
+        for sign in (-1.0, 1.0):
+            c = np.zeros(self.form.num_z)
+            c[j] = sign
+            self._h.changeColsCost(len(idx), idx, c)
+            status = self._run()
+            if status == "optimal":
+                out.append(float(self.solution()[j]))
+            elif status == "unbounded":
+                out.append(sign * np.inf)
+            else:
+                raise SolverError(f"HiGHS returned status {status!r} bounding z[{j}]")
+        self._h.changeColsCost(len(idx), idx, np.zeros(self.form.num_z))
+        return out[0], out[1]
+
     def is_feasible(self, lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> bool:
         """Whether some z in Q has ``lower <= x <= upper`` (defaults: the form's own bounds)."""
         self._set_cost(np.zeros(self.form.out_size))

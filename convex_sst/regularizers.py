@@ -45,6 +45,10 @@ class Regularizer:
         value: ``x -> f(x)`` in torch, ``x: (*batch, d) -> (*batch,)``; ``None`` where f has no
             closed form (``exp_family``).
         domain: ``(lo, hi)``: the domain of f contains the box ``[lo, hi]^d`` (its closure).
+        grad, hess: elementwise ``f'`` and ``f''`` of the per-coordinate function, for the batched
+            torch solver (``backend="torch"``); optional.
+        open_domain: ``f'`` blows up at the finite ends of ``domain`` (entropies), so the
+            solution is strictly inside and those bounds need no multipliers.
     """
 
     name: str
@@ -52,6 +56,14 @@ class Regularizer:
     cvxpy: Callable[[cp.Expression], cp.Expression] | None
     value: Callable[[torch.Tensor], torch.Tensor] | None
     domain: tuple[float, float] = (-math.inf, math.inf)
+    grad: Callable[[torch.Tensor], torch.Tensor] | None = None
+    hess: Callable[[torch.Tensor], torch.Tensor] | None = None
+    open_domain: bool = False
+
+    @property
+    def separable(self) -> bool:
+        """Whether the batched torch solver can use it (elementwise f', f'' given)."""
+        return self.grad is not None and self.hess is not None
 
 
 _REGISTRY: dict[str, Regularizer] = {}
@@ -93,6 +105,9 @@ register_regularizer(Regularizer(
     cvxpy=lambda x: -cp.sum(cp.entr(x)),
     value=lambda x: torch.special.xlogy(x, x).sum(-1),
     domain=(0.0, math.inf),
+    grad=lambda x: torch.log(x) + 1.0,
+    hess=lambda x: 1.0 / x,
+    open_domain=True,
 ))
 register_regularizer(Regularizer(
     name="binary_entropy",
@@ -100,12 +115,17 @@ register_regularizer(Regularizer(
     cvxpy=lambda x: -cp.sum(cp.entr(x)) - cp.sum(cp.entr(1 - x)),
     value=lambda x: (torch.special.xlogy(x, x) + torch.special.xlogy(1 - x, 1 - x)).sum(-1),
     domain=(0.0, 1.0),
+    grad=lambda x: torch.log(x) - torch.log1p(-x),
+    hess=lambda x: 1.0 / x + 1.0 / (1.0 - x),
+    open_domain=True,
 ))
 register_regularizer(Regularizer(
     name="quadratic",
     description="½‖x‖² (Euclidean projection: sparsemax on the simplex)",
     cvxpy=lambda x: 0.5 * cp.sum_squares(x),
     value=lambda x: 0.5 * (x * x).sum(-1),
+    grad=lambda x: x,
+    hess=lambda x: torch.ones_like(x),
 ))
 register_regularizer(Regularizer(
     name="exp_family",

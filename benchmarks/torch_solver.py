@@ -1,0 +1,85 @@
+"""Benchmark the batched torch interior-point solver (backend="torch") against cvxpylayers.
+
+cvxpylayers runs at its best measured setting (Clarabel through diffcp, tight tolerances; the
+project's default). Prints, per polytope and regularizer: forward+backward times at each batch
+size, the ratio at the largest batch, and the largest value and gradient differences between
+the two (the reference for those is the fast path where one exists, which is exact).
+
+    python benchmarks/torch_solver.py
+    python benchmarks/torch_solver.py --targets      # only the issue's three target problems
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+import convex_sst as cs
+from convex_sst.regularizers import get_regularizer
+
+SMALL = {"simplex": {"n": 10}, "hypercube": {"n": 10}, "k_subset": {"n": 10, "k": 3}, "birkhoff": {"n": 5},
+         "matching": {"n": 4, "m": 6}, "spanning_tree": {"n": 5}, "arborescence": {"n": 4}, "dag_path": {}}
+TARGETS = [("spanning_tree", {"n": 8}, "binary_entropy"), ("k_subset", {"n": 100, "k": 10}, "binary_entropy"),
+           ("birkhoff", {"n": 10}, "entropy")]
+
+
+def run(P, reg, backend, u, w, repeats):
+    times = []
+    for _ in range(repeats):
+        uu = u.clone().requires_grad_()
+        t0 = time.perf_counter()
+        x = cs.relax(uu, P, reg, 1.0, backend=backend)
+        (g,) = torch.autograd.grad((x * w).sum(), uu)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times), x.detach(), g
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--targets", action="store_true", help="only the three target problems, batch 128")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    cases = [(n, p, r) for n, p, r in TARGETS] if args.targets else [
+        (n, p, r) for n, p in SMALL.items() for r in cs.load_polytope(n, **p).regularizers if get_regularizer(r).separable
+    ] + TARGETS
+    batches = [128] if args.targets else args.batches
+    print(f"torch solver vs cvxpylayers (Clarabel), float64, t = 1, fwd+bwd ms, median of {args.repeats} "
+          f"(1 for the largest problems)\n")
+    head = " | ".join(f"torch B={b} | cvxpylayers B={b}" for b in batches)
+    print(f"| polytope | params | regularizer | rows | {head} | speed-up B={batches[-1]} | max |Δx| | max |Δgrad| |")
+    print("|" + "---|" * (4 + 2 * len(batches) + 3))
+    for name, params, reg in cases:
+        P = cs.load_polytope(name, **params)
+        rows = P.form.num_eq + P.form.num_ub
+        cells, last = [], None
+        for b in batches:
+            u = torch.randn((b,) + P.shape, dtype=torch.float64)
+            w = torch.randn((b,) + P.shape, dtype=torch.float64)
+            reps = 1 if rows > 200 or P.size > 60 else args.repeats
+            cs.relax(u[:1], P, reg, 1.0, backend="torch")
+            cs.relax(u[:1], P, reg, 1.0, backend="generic")
+            tt, xt, gt = run(P, reg, "torch", u, w, reps)
+            tg, xg, gg = run(P, reg, "generic", u, w, reps)
+            cells += [f"{tt:.1f}", f"{tg:.0f}"]
+            last = (tt, tg, xt, gt, xg, gg, u, w)
+        tt, tg, xt, gt, xg, gg, u, w = last
+        if (name, reg) in cs.available_fast_paths():  # exact reference
+            _, xr, gr = run(P, reg, "fast", u, w, 1)
+            err = f"torch {float((xt - xr).abs().max()):.0e} / cvx {float((xg - xr).abs().max()):.0e}"
+            gerr = f"torch {float((gt - gr).abs().max()):.0e} / cvx {float((gg - gr).abs().max()):.0e}"
+        else:
+            err = f"{float((xt - xg).abs().max()):.0e} (between them)"
+            gerr = f"{float((gt - gg).abs().max()):.0e} (between them)"
+        ps = ", ".join(f"{k}={v}" for k, v in P.params.items() if v is not None and not hasattr(v, "shape"))
+        print(f"| {name} | {ps} | {reg} | {rows} | " + " | ".join(cells) + f" | {tg / tt:.1f}× | {err} | {gerr} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
