@@ -40,23 +40,32 @@ from .regularizers import Regularizer
 
 @dataclass
 class StandardForm:
-    """``Ā w = b̄, L ≤ w ≤ U`` in numpy, with the pair pattern of ``Ā D⁻¹ Āᵀ``.
+    """``A z = b, G z ≤ h, L ≤ z ≤ U`` in numpy, with the block structure of ``Gᵀ Σ G``.
 
-    ``w`` holds the free output coordinates first (``x[free] = w[:, :d]``), then auxiliary
-    variables and slacks; output coordinates that are constant on P (``x_j`` = 0 on the diagonal
-    of an arborescence, say) are eliminated and restored from ``fixed_values``.
+    ``z`` holds the free output coordinates first (``x[free] = z[:, :d]``), then auxiliary
+    variables; output coordinates that are constant on P (``x_j`` = 0 on the diagonal of an
+    arborescence, say) are eliminated and restored from ``fixed_values``. Variables that share an
+    inequality row are grouped into ``blocks`` (connected components): the Newton matrix
+    ``D + Gᵀ Σ G`` is block diagonal in that grouping (for the flow formulations: one small block
+    per arc), so it is inverted block by block.
     """
 
-    A: np.ndarray          # (m, nw) dense
-    b: np.ndarray          # (m,)
-    L: np.ndarray          # (nw,)
-    U: np.ndarray          # (nw,)
+    A: np.ndarray          # (m, n) independent equality rows
+    b: np.ndarray
+    G: np.ndarray          # (p, n) inequality rows with more than one variable
+    h: np.ndarray
+    L: np.ndarray          # (n,)
+    U: np.ndarray
     d: int                 # number of free output coordinates
-    free: np.ndarray       # (d,) their positions in x
-    fixed: np.ndarray      # positions of constant output coordinates
+    free: np.ndarray
+    fixed: np.ndarray
     fixed_values: np.ndarray
-    domain: tuple[float, float]  # open domain of f on x, enforced in the line search
-    pairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # flat index r1*m + r2, column, value
+    domain: tuple[float, float]
+    blocks: np.ndarray     # (nb, s) variable indices, padded with n
+    gpairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # flat position in (nb·s·s), row of G, value product
+    spairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # flat position in (m·m), position in (nb·s·s), coefficient
+    domL: np.ndarray       # (n,) bounds that are only the regularizer's open domain (never active)
+    domU: np.ndarray
     cache: dict
 
 
@@ -75,78 +84,102 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         return P.cache[key]
     form = P.form
     d, N = form.out_size, form.num_z
-    m_ub = form.num_ub
-    nw = N + m_ub
-    m_eq = form.num_eq
-    A = np.zeros((m_eq + m_ub, nw))
-    A[:m_eq, :N] = form.A_eq.toarray()
-    if m_ub:
-        A[m_eq:, :N] = form.A_ub.toarray()
-        A[m_eq:, N:] = np.eye(m_ub)
-    b = np.concatenate([form.b_eq, form.b_ub])
-    L = np.concatenate([form.lb, np.zeros(m_ub)])
-    U = np.concatenate([form.ub, np.full(m_ub, np.inf)])
-    if math.isfinite(reg.domain[0]):
+    A = form.A_eq.toarray()
+    b = form.b_eq.copy()
+    G = form.A_ub.toarray()
+    h = form.b_ub.copy()
+    L, U = form.lb.copy(), form.ub.copy()
+    # the ends of the regularizer's domain become barrier bounds too (entropies' gradients alone
+    # would let infeasible early iterates race to the edge); they are never active at the solution
+    domL = np.zeros(N, dtype=bool)
+    domU = np.zeros(N, dtype=bool)
+    if reg.open_domain and math.isfinite(reg.domain[0]):
+        domL[:d] = L[:d] <= reg.domain[0]
         L[:d] = np.maximum(L[:d], reg.domain[0])
-    if math.isfinite(reg.domain[1]):
+    if reg.open_domain and math.isfinite(reg.domain[1]):
+        domU[:d] = U[:d] >= reg.domain[1]
         U[:d] = np.minimum(U[:d], reg.domain[1])
-    # output coordinates that are constant on P, and variables with equal bounds, are eliminated
+    # eliminate output coordinates constant on P, and variables with equal bounds
     xlo, xhi = _true_x_range(P)
     fixed_x = np.flatnonzero(np.abs(xhi - xlo) <= 1e-9)
-    fixed_w = np.union1d(fixed_x, np.flatnonzero(np.abs(U - L) <= 1e-12))
-    vals = np.where(np.isin(np.arange(nw), fixed_x), np.concatenate([xlo, np.zeros(nw - d)]), L)[fixed_w]
-    b = b - A[:, fixed_w] @ vals
-    keep = np.setdiff1d(np.arange(nw), fixed_w)
-    A, L, U = A[:, keep], L[keep], U[keep]
+    fixed = np.union1d(fixed_x, np.flatnonzero(np.abs(U - L) <= 1e-12))
+    vals = np.where(np.isin(np.arange(N), fixed_x), np.concatenate([xlo, np.zeros(N - d)]), L)[fixed]
+    b = b - A[:, fixed] @ vals
+    h = h - G[:, fixed] @ vals
+    keep = np.setdiff1d(np.arange(N), fixed)
+    A, G, L, U, domL, domU = A[:, keep], G[:, keep], L[keep], U[keep], domL[keep], domU[keep]
     free = np.setdiff1d(np.arange(d), fixed_x)
-    dfree = free.size
-    nw = keep.size
-    # drop empty rows, then dependent equality rows
-    nonzero = np.abs(A).sum(1) > 0
-    if np.any(~nonzero & (np.abs(b) > 1e-9)):  # pragma: no cover - P is non-empty
-        raise PolytopeError(f"{P!r}: inconsistent constraints after eliminating fixed variables")
-    is_eq = np.arange(A.shape[0]) < m_eq
-    A_eq, b_eq = A[is_eq & nonzero], b[is_eq & nonzero]
-    if A_eq.shape[0]:
-        _, R, piv = scipy.linalg.qr(A_eq.T, mode="economic", pivoting=True)
-        diag = np.abs(np.diag(R))
-        rank = int((diag > 1e-9 * max(1.0, diag.max())).sum())
+    dfree, n = free.size, keep.size
+    nz_a = np.abs(A).sum(1) > 0
+    if np.any(~nz_a & (np.abs(b) > 1e-9)):  # pragma: no cover - P is non-empty
+        raise PolytopeError(f"{P!r}: inconsistent equalities after eliminating fixed variables")
+    A, b = A[nz_a], b[nz_a]
+    if A.shape[0]:
+        _, R, piv = scipy.linalg.qr(A.T, mode="economic", pivoting=True)
+        dg = np.abs(np.diag(R))
+        rank = int((dg > 1e-9 * max(1.0, dg.max())).sum())
         sel = np.sort(piv[:rank])
-        A_eq, b_eq = A_eq[sel], b_eq[sel]
-    A = np.concatenate([A_eq, A[~is_eq & nonzero]], 0)
-    b = np.concatenate([b_eq, b[~is_eq & nonzero]])
-    dlo, dhi = reg.domain
-    # finite ends of the regularizer's domain are kept as (barrier) bounds: the entropies'
-    # gradients alone would let infeasible early iterates race to the domain's edge
+        A, b = A[sel], b[sel]
+    nz_g = np.abs(G).sum(1) > 0
+    G, h = G[nz_g], h[nz_g]
     # every variable needs curvature or a bound: give free auxiliary variables their implied bounds
-    for jj in range(dfree, nw):
-        j = keep[jj]
-        if j < N and not (np.isfinite(L[jj]) or np.isfinite(U[jj])):
-            lo, hi = P.lp.z_range(int(j))
+    for jj in range(dfree, n):
+        if not (np.isfinite(L[jj]) or np.isfinite(U[jj])):
+            lo, hi = P.lp.z_range(int(keep[jj]))
             if not (np.isfinite(lo) or np.isfinite(hi)):
                 raise PolytopeError(
-                    f"auxiliary variable z[{j}] of {P!r} is unbounded; the torch solver needs bounds "
+                    f"auxiliary variable z[{keep[jj]}] of {P!r} is unbounded; the torch solver needs bounds "
                     "on auxiliary variables (add them to the config), or use backend='generic'"
                 )
             L[jj], U[jj] = lo - 1.0, hi + 1.0  # strictly redundant: never active at the solution
+    # blocks: connected components of the variables through the inequality rows
+    parent = list(range(n))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for r in range(G.shape[0]):
+        cols = np.flatnonzero(G[r])
+        for c in cols[1:]:
+            parent[find(int(c))] = find(int(cols[0]))
+    comps: dict[int, list[int]] = {}
+    for j in range(n):
+        comps.setdefault(find(j), []).append(j)
+    groups = list(comps.values())
+    size = max(len(g) for g in groups) if groups else 1
+    blocks = np.full((len(groups), size), n, dtype=np.int64)
+    where = np.zeros((n, 2), dtype=np.int64)
+    for bi, g in enumerate(groups):
+        blocks[bi, : len(g)] = g
+        where[g, 0] = bi
+        where[g, 1] = np.arange(len(g))
+    flat, rows, prod = [], [], []
+    for r in range(G.shape[0]):
+        cols = np.flatnonzero(G[r])
+        bi = where[cols[0], 0]
+        for c1 in cols:
+            for c2 in cols:
+                flat.append((bi * size + where[c1, 1]) * size + where[c2, 1])
+                rows.append(r)
+                prod.append(G[r, c1] * G[r, c2])
+    gpairs = (np.asarray(flat, dtype=np.int64), np.asarray(rows, dtype=np.int64), np.asarray(prod, dtype=float))
+    # S = A M⁻¹ Aᵀ = Σ_blocks A[:, block] M_b⁻¹ A[:, block]ᵀ, assembled from the nonzeros of A
     m = A.shape[0]
-    Ac = sp.csc_matrix(A)
-    r1, r2, col, val = [], [], [], []
-    for j in range(nw):
-        rows = Ac.indices[Ac.indptr[j]: Ac.indptr[j + 1]]
-        vv = Ac.data[Ac.indptr[j]: Ac.indptr[j + 1]]
-        if rows.size:
-            rr1, rr2 = np.meshgrid(rows, rows, indexing="ij")
-            r1.append(rr1.ravel())
-            r2.append(rr2.ravel())
-            col.append(np.full(rr1.size, j))
-            val.append(np.outer(vv, vv).ravel())
-    if r1:
-        pairs = (np.concatenate(r1) * m + np.concatenate(r2), np.concatenate(col), np.concatenate(val))
-    else:
-        pairs = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
-    sf = StandardForm(A, b, L, U, dfree, free, fixed_x, xlo[fixed_x], (dlo, dhi) if reg.open_domain else (-math.inf, math.inf),
-                      pairs, {})
+    sflat, sidx, scoef = [], [], []
+    for bi, g in enumerate(groups):
+        ent = [(r, li, A[r, j]) for li, j in enumerate(g) for r in np.flatnonzero(A[:, j])]
+        for r1, i1, v1 in ent:
+            for r2, i2, v2 in ent:
+                sflat.append(r1 * m + r2)
+                sidx.append((bi * size + i1) * size + i2)
+                scoef.append(v1 * v2)
+    spairs = (np.asarray(sflat, dtype=np.int64), np.asarray(sidx, dtype=np.int64), np.asarray(scoef, dtype=float))
+    sf = StandardForm(A, b, G, h, L, U, dfree, free, fixed_x, xlo[fixed_x],
+                      reg.domain if reg.open_domain else (-math.inf, math.inf), blocks, gpairs, spairs,
+                      domL, domU, {})
     P.cache[key] = sf
     return sf
 
@@ -156,13 +189,19 @@ def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict
     if key not in sf.cache:
         t = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
         sf.cache[key] = {
-            "A": t(sf.A), "b": t(sf.b), "L": t(np.where(np.isfinite(sf.L), sf.L, 0.0)),
-            "U": t(np.where(np.isfinite(sf.U), sf.U, 0.0)),
+            "A": t(sf.A), "b": t(sf.b), "G": t(sf.G), "h": t(sf.h),
+            "L": t(np.where(np.isfinite(sf.L), sf.L, 0.0)), "U": t(np.where(np.isfinite(sf.U), sf.U, 0.0)),
             "hasL": torch.as_tensor(np.isfinite(sf.L), device=device),
             "hasU": torch.as_tensor(np.isfinite(sf.U), device=device),
-            "flat": torch.as_tensor(sf.pairs[0], dtype=torch.long, device=device),
-            "col": torch.as_tensor(sf.pairs[1], dtype=torch.long, device=device),
-            "val": t(sf.pairs[2]),
+            "domL": torch.as_tensor(sf.domL, device=device),
+            "domU": torch.as_tensor(sf.domU, device=device),
+            "blocks": torch.as_tensor(sf.blocks, device=device),
+            "gflat": torch.as_tensor(sf.gpairs[0], device=device),
+            "grow": torch.as_tensor(sf.gpairs[1], device=device),
+            "gval": t(sf.gpairs[2]),
+            "sflat": torch.as_tensor(sf.spairs[0], device=device),
+            "sidx": torch.as_tensor(sf.spairs[1], device=device),
+            "scoef": t(sf.spairs[2]),
         }
     return sf.cache[key]
 
@@ -178,8 +217,8 @@ class SolveReport:
 
     @property
     def status(self) -> list[str]:
-        """'converged' (residual ≤ tol), 'inaccurate' (stalled between tol and 1e-6; float32 1e-3),
-        'max_iter' or 'nan'."""
+        """'converged' (residual ≤ 10·tol), 'inaccurate' (stalled above that but below 1e-6;
+        float32 1e-3), 'max_iter' or 'nan'."""
         out = []
         for c, r in zip(self.converged.tolist(), self.kkt_residual.tolist()):
             if not math.isfinite(r):
@@ -191,194 +230,220 @@ class SolveReport:
         return out
 
 
-def _normal_factor(T: dict, Dinv: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky factor of the diagonally scaled normal matrix ``S (Ā D⁻¹ Āᵀ) S + δI``.
+class _Newton:
+    """Factorization of the reduced KKT system for one batch of iterates.
 
-    The scaling ``S = diag(M)^{-1/2}`` makes the ridge δ relative to each row, so rows whose
-    variables are all pinned at bounds (tiny diagonal) are still solved accurately.
+    ``M = D + Gᵀ Σ G`` (block diagonal), ``S = A M⁻¹ Aᵀ`` (dense, Cholesky with a relative ridge);
+    ``solve(r1, r2)`` returns Δz, Δy of ``[[M, Aᵀ], [A, 0]] [Δz; Δy] = [r1; r2]``.
     """
-    B = Dinv.shape[0]
-    M = torch.zeros(B, m * m, dtype=Dinv.dtype, device=Dinv.device)
-    M.index_add_(1, T["flat"], T["val"] * Dinv[:, T["col"]])
-    M = M.reshape(B, m, m)
-    diag = torch.diagonal(M, dim1=1, dim2=2)
-    scale = 1.0 / torch.sqrt(diag.clamp_min(torch.finfo(Dinv.dtype).tiny))
-    M = M * scale[:, :, None] * scale[:, None, :]
-    eye = torch.eye(m, dtype=Dinv.dtype, device=Dinv.device)
-    ridge = 1e-14 if Dinv.dtype == torch.float64 else 1e-7
-    Lc, info = torch.linalg.cholesky_ex(M + ridge * eye)
-    if bool((info != 0).any()):
-        Lc, _ = torch.linalg.cholesky_ex(M + 1e4 * ridge * eye)
-    return Lc, scale
 
+    def __init__(self, T: dict, D: torch.Tensor, Sig: torch.Tensor | None):
+        B, n = D.shape
+        blocks = T["blocks"]
+        nb, sz = blocks.shape
+        self.T, self.n = T, n
+        Dpad = torch.cat([D, torch.ones(B, 1, dtype=D.dtype, device=D.device)], 1)
+        M = torch.diag_embed(Dpad[:, blocks])  # (B, nb, sz, sz)
+        if Sig is not None and T["grow"].numel():
+            M = M.reshape(B, -1).index_add(1, T["gflat"], T["gval"] * Sig[:, T["grow"]]).reshape(B, nb, sz, sz)
+        # Jacobi-scaled Cholesky per block, then the explicit (small) block inverses: the barrier
+        # makes the entries span many orders of magnitude (an active inequality's Σ ~ 1/μ next to
+        # a nearly free variable's ε)
+        dgb = torch.diagonal(M, dim1=-2, dim2=-1)
+        bsc = 1.0 / torch.sqrt(dgb.clamp_min(torch.finfo(D.dtype).tiny))
+        Mt = M * bsc[..., :, None] * bsc[..., None, :]
+        eyeb = torch.eye(sz, dtype=D.dtype, device=D.device)
+        Lb, info = torch.linalg.cholesky_ex(Mt + (1e-15 if D.dtype == torch.float64 else 1e-7) * eyeb)
+        if bool((info != 0).any()):
+            Lb, _ = torch.linalg.cholesky_ex(Mt + 1e-10 * eyeb)
+        self.Lb, self.bsc = Lb, bsc
+        self.Minv = torch.cholesky_inverse(Lb) * bsc[..., :, None] * bsc[..., None, :]  # for S only
+        A = T["A"]
+        self.m = A.shape[0]
+        if self.m:
+            S = torch.zeros(B, self.m * self.m, dtype=D.dtype, device=D.device)
+            S.index_add_(1, T["sflat"], self.Minv.reshape(B, -1)[:, T["sidx"]] * T["scoef"])
+            S = S.reshape(B, self.m, self.m)
+            dg = torch.diagonal(S, dim1=1, dim2=2)
+            self.scale = 1.0 / torch.sqrt(dg.clamp_min(torch.finfo(D.dtype).tiny))
+            S = S * self.scale[:, :, None] * self.scale[:, None, :]
+            eye = torch.eye(self.m, dtype=D.dtype, device=D.device)
+            ridge = 1e-14 if D.dtype == torch.float64 else 1e-7
+            self.Lc, info = torch.linalg.cholesky_ex(S + ridge * eye)
+            if bool((info != 0).any()):
+                self.Lc, _ = torch.linalg.cholesky_ex(S + 1e4 * ridge * eye)
 
-def _kkt(A: torch.Tensor, D: torch.Tensor, Dinv_reg: torch.Tensor, factor: tuple | None,
-         a1: torch.Tensor, a2: torch.Tensor | None, refine: int = 3) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Solve ``[[D, Āᵀ], [Ā, 0]] [Δw; Δy] = [a1; a2]`` with the factor of the regularized normal
-    matrix ``Ā (D + ρ)⁻¹ Āᵀ + δI``, then iterative refinement against the exact system."""
-    if factor is None:  # no equality rows
-        return a1 / D, None
-    Lc, sc = factor
+    def minv(self, v: torch.Tensor) -> torch.Tensor:
+        """``M⁻¹ v`` by triangular solves with the block factors (accurate, unlike the inverse)."""
+        B = v.shape[0]
+        blocks = self.T["blocks"]
+        vp = torch.cat([v, torch.zeros(B, 1, dtype=v.dtype, device=v.device)], 1)[:, blocks]
+        out = torch.cholesky_solve((vp * self.bsc)[..., None], self.Lb)[..., 0] * self.bsc
+        res = torch.zeros(B, self.n + 1, dtype=v.dtype, device=v.device)
+        res[:, blocks.reshape(-1)] = out.reshape(B, -1)
+        return res[:, : self.n]
 
-    def reg_solve(r1, r2):
-        rhs = ((Dinv_reg * r1) @ A.T - r2) * sc
-        dy = torch.cholesky_solve(rhs[..., None], Lc)[..., 0] * sc
-        return Dinv_reg * (r1 - dy @ A), dy
+    def solve(self, r1: torch.Tensor, r2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.m:
+            return self.minv(r1), None
+        A = self.T["A"]
+        rhs = self.minv(r1) @ A.T - r2
 
-    dw, dy = reg_solve(a1, a2)
-    for _ in range(refine):
-        e1 = a1 - (D * dw + dy @ A)
-        e2 = a2 - dw @ A.T
-        cw, cy = reg_solve(e1, e2)
-        dw, dy = dw + cw, dy + cy
-    return dw, dy
+        def s_solve(r):
+            return torch.cholesky_solve((r * self.scale)[..., None], self.Lc)[..., 0] * self.scale
+
+        dy = s_solve(rhs)
+        for _ in range(3):  # refine against the exact Schur operator A M⁻¹ Aᵀ
+            dy = dy + s_solve(rhs - self.minv(dy @ A) @ A.T)
+        return self.minv(r1 - dy @ A), dy
 
 
 def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | None, max_iter: int):
-    """Run the interior-point iterations; returns the final state and the report."""
+    """Primal-dual interior-point iterations; returns (z, backward Newton state, report)."""
     B, d = theta.shape
     dtype, device = theta.dtype, theta.device
     T = _tensors(sf, dtype, device)
-    A, b, Lb, Ub, hasL, hasU = T["A"], T["b"], T["L"], T["U"], T["hasL"], T["hasU"]
-    m, nw = A.shape
+    A, b, G, hv, Lb, Ub, hasL, hasU = T["A"], T["b"], T["G"], T["h"], T["L"], T["U"], T["hasL"], T["hasU"]
+    m, n = A.shape
+    p = G.shape[0]
     f64 = dtype == torch.float64
     tol = (1e-10 if f64 else 1e-5) if tol is None else tol
-    accept = max(tol, 1e-6 if f64 else 1e-3)  # stalled rows below this count as converged (inaccurate)
-    rho = 0.0
-    # a tiny proximal term ε/2‖aux‖² on the auxiliary variables and slacks: it selects the
-    # minimum-norm aux among optimal ones (degenerate formulations) and gives every variable
-    # curvature; it moves x by O(ε)
+    accept = max(tol, 1e-6 if f64 else 1e-3)
+    # ε/2‖aux‖²: selects the minimum-norm aux among optimal ones (degenerate formulations) and
+    # gives every variable curvature; it moves x by O(ε)
     eps_aux = 1e-10 if f64 else 1e-6
     scale = 1.0 + theta.abs().amax(1)
     dlo, dhi = sf.domain
-    # strictly interior start
-    w = torch.zeros(B, nw, dtype=dtype, device=device)
-    both = hasL & hasU
     lo = torch.where(hasL, Lb, torch.full_like(Lb, -math.inf))
     hi = torch.where(hasU, Ub, torch.full_like(Ub, math.inf))
-    lo[:d] = lo[:d].clamp_min(dlo)
-    hi[:d] = hi[:d].clamp_max(dhi)
     fl, fh = torch.isfinite(lo), torch.isfinite(hi)
-    w0 = torch.where(fl & fh, 0.5 * (lo + hi), torch.where(fl, lo + 1.0, torch.where(fh, hi - 1.0, torch.zeros_like(lo))))
-    w = w + w0
+    z0 = torch.where(fl & fh, 0.5 * (lo + hi), torch.where(fl, lo + 1.0, torch.where(fh, hi - 1.0, torch.zeros_like(lo))))
+    z = z0.expand(B, n).clone()
     y = torch.zeros(B, m, dtype=dtype, device=device)
-    zl = hasL.to(dtype).expand(B, nw).clone()
-    zu = hasU.to(dtype).expand(B, nw).clone()
-    ncomp = max(1, int(hasL.sum() + hasU.sum()))
+    s = (hv - z @ G.T).clamp_min(1.0) if p else torch.zeros(B, 0, dtype=dtype, device=device)
+    lam = torch.ones(B, p, dtype=dtype, device=device)
+    zl = hasL.to(dtype).expand(B, n).clone()
+    zu = hasU.to(dtype).expand(B, n).clone()
+    ncomp = max(1, int(hasL.sum() + hasU.sum()) + p)
     active = torch.ones(B, dtype=torch.bool, device=device)
     iters = torch.zeros(B, dtype=torch.long, device=device)
-    resid = torch.full((B,), math.inf, dtype=dtype, device=device)
-    history: list[torch.Tensor] = []
     one = torch.ones((), dtype=dtype, device=device)
+    history: list[torch.Tensor] = []
 
-    def parts(w, y, zl, zu):
-        x = w[:, :d]
-        g = eps_aux * w
+    def state(z, y, s, lam, zl, zu):
+        x = z[:, :d]
+        g = eps_aux * z
         g[:, :d] = reg.grad(x) - theta
-        h = torch.full_like(w, eps_aux)
-        h[:, :d] = reg.hess(x)
-        rd = g + y @ A - zl + zu
-        rp = w @ A.T - b
-        gl = torch.where(hasL, w - Lb, one)
-        gu = torch.where(hasU, Ub - w, one)
-        mu = ((gl * zl).sum(1) + (gu * zu).sum(1)) / ncomp
-        return h, rd, rp, gl, gu, mu
-
-    def residual(h, rd, rp, gl, gu, mu, zl, zu):
-        # dual residual measured as the primal displacement it implies where the curvature is
-        # large (near the ends of an entropy's domain f' cannot be evaluated more accurately)
-        D = h + torch.where(hasL, zl / gl, torch.zeros_like(h)) + torch.where(hasU, zu / gu, torch.zeros_like(h))
+        hh = torch.full_like(z, eps_aux)
+        hh[:, :d] = reg.hess(x)
+        rd = g + y @ A - zl + zu + (lam @ G if p else 0.0)
+        rp = z @ A.T - b
+        rs = z @ G.T + s - hv
+        gl = torch.where(hasL, z - Lb, one)
+        gu = torch.where(hasU, Ub - z, one)
+        mu = ((gl * zl).sum(1) + (gu * zu).sum(1) + (s * lam).sum(1)) / ncomp
+        D = hh + torch.where(hasL, zl / gl, torch.zeros_like(z)) + torch.where(hasU, zu / gu, torch.zeros_like(z))
         r = (rd.abs() / D.clamp_min(1.0)).amax(1) / scale
         if m:
             r = torch.maximum(r, rp.abs().amax(1))
+        if p:
+            r = torch.maximum(r, rs.abs().amax(1))
         # complementarity 1000x tighter: a weakly active bound's gap shrinks only like sqrt(mu)
-        return torch.maximum(r, 1e3 * mu)
+        return hh, rd, rp, rs, gl, gu, mu, D, torch.maximum(r, 1e3 * mu)
 
+    best = [z, y, s, lam, zl, zu]
+    best_res = torch.full((B,), math.inf, dtype=dtype, device=device)
     for it in range(max_iter):
-        h, rd, rp, gl, gu, mu = parts(w, y, zl, zu)
-        resid = residual(h, rd, rp, gl, gu, mu, zl, zu)
+        hh, rd, rp, rs, gl, gu, mu, D, resid = state(z, y, s, lam, zl, zu)
+        # keep each row's best iterate: degenerate duals (dependent active constraints) can drift
+        # once the primal has converged, and a drifting row is stopped and rolled back
+        better = torch.isfinite(resid) & (resid < best_res)
+        best = [torch.where(better[:, None], v, bv) for v, bv in zip((z, y, s, lam, zl, zu), best)]
+        best_res = torch.where(better, resid, best_res)
         done = resid <= tol
         history.append(resid)
         if len(history) > 8:  # a row that stopped improving near its floating-point floor stops here
-            stalled = (resid > 0.5 * history[-9]) & (resid <= accept)
-            done = done | stalled
+            done = done | ((resid > 0.5 * history[-9]) & (best_res <= accept))
+        done = done | (resid > 100 * best_res)
         active = active & ~done & torch.isfinite(resid)
         if not bool(active.any()):
             break
         sigma = torch.where(mu > 1e-2, 0.2, 0.05).to(dtype)
-        # keep the barrier from collapsing while the equalities are still violated
-        infeas = rp.abs().amax(1) if m else torch.zeros_like(mu)
-        target = torch.maximum(sigma * mu, 0.1 * infeas * mu.sqrt())
-        rcl = torch.where(hasL, gl * zl - target[:, None], torch.zeros_like(w))
-        rcu = torch.where(hasU, gu * zu - target[:, None], torch.zeros_like(w))
-        D = h + torch.where(hasL, zl / gl, torch.zeros_like(w)) + torch.where(hasU, zu / gu, torch.zeros_like(w))
-        rhat = rd + rcl / gl - rcu / gu
-        Dinv = 1.0 / (D + rho)  # primal regularization: keeps nearly free (degenerate) variables tame
-        Lc = _normal_factor(T, Dinv, m) if m else None
-        dw, dy = _kkt(A, D, Dinv, Lc, -rhat, -rp if m else None)
-        if not m:
-            dy = y
-        dzl = torch.where(hasL, (-rcl - zl * dw) / gl, torch.zeros_like(w))
-        dzu = torch.where(hasU, (-rcu + zu * dw) / gu, torch.zeros_like(w))
-        # fraction to the boundary (bounds, multipliers, and the regularizer's open domain)
-        inf = torch.full_like(w, math.inf)
-        amax = torch.minimum(
-            torch.where(hasL & (dw < 0), gl / -dw, inf).amin(1),
-            torch.where(hasU & (dw > 0), gu / dw, inf).amin(1))
+        target = (sigma * mu)[:, None]
+        rcl = torch.where(hasL, gl * zl - target, torch.zeros_like(z))
+        rcu = torch.where(hasU, gu * zu - target, torch.zeros_like(z))
+        rc = s * lam - target
+        Sig = lam / s if p else None
+        rt = rd + rcl / gl - rcu / gu
+        if p:
+            rt = rt + ((-rc + lam * rs) / s) @ G
+        newton = _Newton(T, D, Sig)
+        dz, dy = newton.solve(-rt, -rp if m else None)
+        if p:
+            ds = -rs - dz @ G.T
+            dlam = (-rc - lam * ds) / s
+        dzl = torch.where(hasL, (-rcl - zl * dz) / gl, torch.zeros_like(z))
+        dzu = torch.where(hasU, (-rcu + zu * dz) / gu, torch.zeros_like(z))
+        inf = torch.full_like(z, math.inf)
+        amax = torch.minimum(torch.where(hasL & (dz < 0), gl / -dz, inf).amin(1),
+                             torch.where(hasU & (dz > 0), gu / dz, inf).amin(1))
         amax = torch.minimum(amax, torch.where(dzl < 0, zl / -dzl, inf).amin(1))
         amax = torch.minimum(amax, torch.where(dzu < 0, zu / -dzu, inf).amin(1))
-        x, dx = w[:, :d], dw[:, :d]
+        if p:
+            infp = torch.full_like(s, math.inf)
+            amax = torch.minimum(amax, torch.where(ds < 0, s / -ds, infp).amin(1))
+            amax = torch.minimum(amax, torch.where(dlam < 0, lam / -dlam, infp).amin(1))
+        x, dx = z[:, :d], dz[:, :d]
         if math.isfinite(dlo):
             amax = torch.minimum(amax, torch.where(dx < 0, (x - dlo) / -dx, inf[:, :d]).amin(1))
         if math.isfinite(dhi):
             amax = torch.minimum(amax, torch.where(dx > 0, (dhi - x) / dx, inf[:, :d]).amin(1))
         alpha = torch.clamp(0.99 * amax, max=1.0)
-        finite = torch.isfinite(dw).all(1) & torch.isfinite(dzl).all(1) & torch.isfinite(dzu).all(1) & torch.isfinite(alpha)
+        finite = torch.isfinite(dz).all(1) & torch.isfinite(dzl).all(1) & torch.isfinite(dzu).all(1) & torch.isfinite(alpha)
         if m:
             finite = finite & torch.isfinite(dy).all(1)
+        if p:
+            finite = finite & torch.isfinite(ds).all(1) & torch.isfinite(dlam).all(1)
         active = active & finite  # a row whose step broke down stops here (reported as not converged)
-        alpha = torch.where(active, alpha, torch.zeros_like(alpha))[:, None]
-        dw, dzl, dzu = [torch.nan_to_num(v) for v in (dw, dzl, dzu)]
-        dy = torch.nan_to_num(dy)
-        w = w + alpha * dw
-        y = y + alpha * (dy if m else 0.0)
-        zl = zl + alpha * dzl
-        zu = zu + alpha * dzu
+        a = torch.where(active, alpha, torch.zeros_like(alpha))[:, None]
+        z = z + a * torch.nan_to_num(dz)
+        zl = zl + a * torch.nan_to_num(dzl)
+        zu = zu + a * torch.nan_to_num(dzu)
+        if m:
+            y = y + a * torch.nan_to_num(dy)
+        if p:
+            s = s + a * torch.nan_to_num(ds)
+            lam = lam + a * torch.nan_to_num(dlam)
         iters = iters + active.long()
-    h, rd, rp, gl, gu, mu = parts(w, y, zl, zu)
-    resid = residual(h, rd, rp, gl, gu, mu, zl, zu)
-    # the Jacobian of the limit problem: a bound is active if its multiplier exceeds its gap
-    # (it then fixes the variable), inactive otherwise; the barrier's own D converges to this only
-    # like z²/μ, which is slow for weakly active bounds
-    big = torch.full_like(w, 1e24)
-    active_l = hasL & (zl > gl)
-    active_u = hasU & (zu > gu)
-    D = h + torch.where(active_l | active_u, big, torch.zeros_like(w))
-    report = SolveReport(converged=(resid <= accept) & torch.isfinite(resid), iterations=iters, kkt_residual=resid,
-                         tol=tol)
-    return w, D, report
-
-
-def _kkt_solve(T: dict, D: torch.Tensor, rhs_w: torch.Tensor) -> torch.Tensor:
-    """Solve ``[[D, Āᵀ], [Ā, 0]] [Δw; Δy] = [rhs_w; 0]`` for Δw (the implicit-function Jacobian)."""
-    A = T["A"]
-    m = A.shape[0]
-    Dinv = 1.0 / (D + (1e-9 if D.dtype == torch.float64 else 1e-5))
-    Lc = _normal_factor(T, Dinv, m) if m else None
-    dw, _ = _kkt(A, D, Dinv, Lc, rhs_w, torch.zeros_like(rhs_w[:, :m]) if m else None)
-    return dw
+    hh, rd, rp, rs, gl, gu, mu, D, resid = state(z, y, s, lam, zl, zu)
+    better = torch.isfinite(resid) & (resid < best_res)
+    z, y, s, lam, zl, zu = [torch.where(better[:, None], v, bv) for v, bv in zip((z, y, s, lam, zl, zu), best)]
+    hh, rd, rp, rs, gl, gu, mu, D, resid = state(z, y, s, lam, zl, zu)
+    # the Jacobian of the limit problem: a bound or inequality is active if its multiplier exceeds
+    # its gap (it then fixes its direction), inactive otherwise; the barrier's own curvature
+    # converges to this only like z²/μ, which is slow for weakly active constraints
+    # (only for the output coordinates' own bounds: on auxiliary variables and inequality rows of
+    # degenerate formulations the split is ambiguous, and the barrier's values are used as they are)
+    big = 1e12 if f64 else 1e6
+    isx = torch.arange(n, device=device) < d
+    act = isx & ((hasL & ~T["domL"] & (zl > gl)) | (hasU & ~T["domU"] & (zu > gu)))
+    Dback = torch.where(act, torch.full_like(z, big), torch.where(isx, hh + torch.where(T["domL"], zl / gl, 0.0)
+                                                                  + torch.where(T["domU"], zu / gu, 0.0), D))
+    Sback = lam / s if p else None
+    report = SolveReport(converged=(resid <= accept) & torch.isfinite(resid), iterations=iters, kkt_residual=resid, tol=tol)
+    return z, (Dback, Sback), report
 
 
 class _TorchSST(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, sf, reg, tol, max_iter, holder):
         free = torch.as_tensor(sf.free, device=theta.device)
-        w, D, report = _ipm(theta.detach()[:, free], sf, reg, tol, max_iter)
+        z, (Dback, Sback), report = _ipm(theta.detach()[:, free], sf, reg, tol, max_iter)
         holder.append(report)
         ctx.sf = sf
-        ctx.save_for_backward(D)
+        ctx.save_for_backward(Dback, Sback if Sback is not None else torch.empty(0))
         x = torch.zeros_like(theta)
-        x[:, free] = w[:, : sf.d]
+        x[:, free] = z[:, : sf.d]
         if sf.fixed.size:
             x[:, torch.as_tensor(sf.fixed, device=theta.device)] = torch.as_tensor(sf.fixed_values, dtype=theta.dtype, device=theta.device)
         return x
@@ -386,14 +451,16 @@ class _TorchSST(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        (D,) = ctx.saved_tensors
+        Dback, Sback = ctx.saved_tensors
         sf = ctx.sf
         free = torch.as_tensor(sf.free, device=g.device)
-        T = _tensors(sf, D.dtype, D.device)
-        rhs = torch.zeros_like(D)
+        T = _tensors(sf, Dback.dtype, Dback.device)
+        rhs = torch.zeros_like(Dback)
         rhs[:, : sf.d] = g[:, free]
+        newton = _Newton(T, Dback, Sback if Sback.numel() else None)
+        dz, _ = newton.solve(rhs, torch.zeros(g.shape[0], T["A"].shape[0], dtype=g.dtype, device=g.device) if T["A"].shape[0] else None)
         out = torch.zeros_like(g)
-        out[:, free] = _kkt_solve(T, D, rhs)[:, : sf.d]
+        out[:, free] = dz[:, : sf.d]
         return out, None, None, None, None, None
 
 
@@ -408,6 +475,13 @@ def solve_torch(theta: torch.Tensor, polytope: Polytope, regularizer: Regularize
         raise InputError(
             f"regularizer {regularizer.name!r} has no elementwise derivatives (grad, hess), which the torch "
             "solver needs; use a fast path or backend='generic'"
+        )
+    if polytope.form.num_ub:
+        raise InputError(
+            f"backend='torch' supports polytopes described by equalities and bounds only; {polytope!r} has "
+            f"{polytope.form.num_ub} inequality rows with several variables (its forward solve converges, but the "
+            "implicit backward through degenerate inequality multipliers is not yet reliable). "
+            "Use backend='generic' (or a fast path: convex_sst.available_fast_paths())."
         )
     sf = standard_form(polytope, regularizer)
     B = theta.shape[0]
