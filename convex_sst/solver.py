@@ -243,6 +243,12 @@ class _Newton:
         nb, sz = blocks.shape
         self.T, self.n = T, n
         Dpad = torch.cat([D, torch.ones(B, 1, dtype=D.dtype, device=D.device)], 1)
+        self.diagonal = sz == 1  # no inequality rows: M is diagonal
+        if self.diagonal:
+            self.Dinv = 1.0 / D
+            self.Minv = (1.0 / Dpad[:, blocks])[..., None]  # (B, nb, 1, 1)
+            self._schur(T, D, B)
+            return
         M = torch.diag_embed(Dpad[:, blocks])  # (B, nb, sz, sz)
         if Sig is not None and T["grow"].numel():
             M = M.reshape(B, -1).index_add(1, T["gflat"], T["gval"] * Sig[:, T["grow"]]).reshape(B, nb, sz, sz)
@@ -258,6 +264,9 @@ class _Newton:
             Lb, _ = torch.linalg.cholesky_ex(Mt + 1e-10 * eyeb)
         self.Lb, self.bsc = Lb, bsc
         self.Minv = torch.cholesky_inverse(Lb) * bsc[..., :, None] * bsc[..., None, :]  # for S only
+        self._schur(T, D, B)
+
+    def _schur(self, T: dict, D: torch.Tensor, B: int) -> None:
         A = T["A"]
         self.m = A.shape[0]
         if self.m:
@@ -275,6 +284,8 @@ class _Newton:
 
     def minv(self, v: torch.Tensor) -> torch.Tensor:
         """``M⁻¹ v`` by triangular solves with the block factors (accurate, unlike the inverse)."""
+        if self.diagonal:
+            return v * self.Dinv
         B = v.shape[0]
         blocks = self.T["blocks"]
         vp = torch.cat([v, torch.zeros(B, 1, dtype=v.dtype, device=v.device)], 1)[:, blocks]
