@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ._unionfind import UnionFind
 from .errors import PolytopeError
 from .polytope import Polytope, register_argmax
 
@@ -48,20 +49,11 @@ def hungarian(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
 
 def kruskal_tree(n: int, edges: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Maximum-weight spanning tree as an indicator over ``edges`` (Kruskal, union–find)."""
-    parent = list(range(n))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    sets = UnionFind(n)
     x = np.zeros(len(edges))
     taken = 0
     for e in np.argsort(-weights, kind="stable"):
-        ri, rj = find(int(edges[e, 0])), find(int(edges[e, 1]))
-        if ri != rj:
-            parent[ri] = rj
+        if sets.union(int(edges[e, 0]), int(edges[e, 1])):
             x[e] = 1.0
             taken += 1
             if taken == n - 1:

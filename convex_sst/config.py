@@ -178,40 +178,15 @@ class PolytopeConfig:
             if not isinstance(raw, (bool, np.bool_)):
                 raise ConfigError(f"{where}: expected true or false, got {type(raw).__name__}")
             value = bool(raw)
-        elif spec.type == "int_list":
-            if raw is None:
-                value = None
-            else:
-                try:
-                    arr = np.asarray(raw, dtype=float)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{where}: expected a list of integers") from None
-                if arr.ndim != 1 or np.any(arr != np.round(arr)):
-                    raise ConfigError(f"{where}: expected a flat list of integers, got shape {arr.shape}")
-                value = arr.astype(np.int64)
-        else:  # edge_list
-            if raw is None:
-                value = None
-            else:
-                try:
-                    arr = np.asarray(raw, dtype=float)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{where}: expected a list of [i, j] pairs") from None
-                if arr.size == 0:
-                    arr = arr.reshape(0, 2)
-                if arr.ndim != 2 or arr.shape[1] != 2 or np.any(arr != np.round(arr)):
+        else:  # int_list or edge_list: integer arrays
+            value = None if raw is None else self._int_array(spec.type, raw, where)
+            if value is not None and spec.type == "edge_list" and spec.vertices is not None:
+                nv = self._eval_bound(spec, "vertices", spec.vertices, known)
+                bad = np.flatnonzero((value < 0).any(1) | (value >= nv).any(1))
+                if bad.size:
                     raise ConfigError(
-                        f"{where}: expected a list of integer [i, j] pairs, got shape {arr.shape}"
+                        f"{where}: pair {bad[0]} = {value[bad[0]].tolist()} has a vertex outside 0..{nv - 1}"
                     )
-                value = arr.astype(np.int64)
-                if spec.vertices is not None:
-                    nv = self._eval_bound(spec, "vertices", spec.vertices, known)
-                    bad = np.flatnonzero((value < 0).any(1) | (value >= nv).any(1))
-                    if bad.size:
-                        raise ConfigError(
-                            f"{where}: pair {bad[0]} = {value[bad[0]].tolist()} has a vertex "
-                            f"outside 0..{nv - 1}"
-                        )
         if spec.type in ("int", "float"):
             for key, bound, ok in (("min", spec.min, lambda v, b: v >= b), ("max", spec.max, lambda v, b: v <= b)):
                 if bound is None:
@@ -227,11 +202,26 @@ class PolytopeConfig:
                     )
         return value
 
+    @staticmethod
+    def _int_array(kind: str, raw: Any, where: str) -> np.ndarray:
+        """Validate an ``int_list`` (flat) or ``edge_list`` (pairs) parameter value."""
+        what = "a list of integers" if kind == "int_list" else "a list of integer [i, j] pairs"
+        try:
+            arr = np.asarray(raw, dtype=float)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {what}") from None
+        if kind == "edge_list" and arr.size == 0:
+            arr = arr.reshape(0, 2)
+        shape_ok = arr.ndim == 1 if kind == "int_list" else (arr.ndim == 2 and arr.shape[1] == 2)
+        if not shape_ok or np.any(arr != np.round(arr)):
+            raise ConfigError(f"{where}: expected {what}, got shape {arr.shape}")
+        return arr.astype(np.int64)
+
     def _eval_bound(self, spec: ParamSpec, key: str, bound: Any, known: dict) -> Any:
         path = ("params", spec.name, key)
         try:
             node = parse(str(bound))
-            return Evaluator(known, CONFIG_FUNCTIONS).eval(node)
+            return Evaluator(known, CONFIG_FUNCTIONS).evaluate(node)
         except ExprError as exc:
             raise self.error(path, str(exc)) from None
 
@@ -244,7 +234,7 @@ class PolytopeConfig:
         data_values: dict[str, Any] = {}
         for key, node in self.data.items():
             try:
-                value = const_eval.eval(node)
+                value = const_eval.evaluate(node)
             except ExprError as exc:
                 raise self.error(("data", key), str(exc)) from None
             if isinstance(value, (Affine, list)):
@@ -256,7 +246,7 @@ class PolytopeConfig:
             dims = []
             for i, n in enumerate(nodes):
                 try:
-                    d = to_int(const_eval.eval(n), "a dimension")
+                    d = to_int(const_eval.evaluate(n), "a dimension")
                 except ExprError as exc:
                     raise self.error(path + (i,), str(exc)) from None
                 if d < (0 if allow_zero else 1):
@@ -282,7 +272,7 @@ class PolytopeConfig:
         rows: list[Constraint] = []
         for i, node in enumerate(self.constraints):
             try:
-                res = aff_eval.eval(node)
+                res = aff_eval.evaluate(node)
             except ExprError as exc:
                 raise self.error(("constraints", i), str(exc)) from None
             if not isinstance(res, list):

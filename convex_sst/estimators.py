@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._unionfind import UnionFind
 from .errors import InputError, PolytopeError
 from .noise import Gumbel, Noise, get_noise
 from .polytope import Polytope
@@ -95,16 +96,10 @@ def _greedy_sequences(P: Polytope, limit: int) -> tuple[np.ndarray, np.ndarray, 
         r = n - 1
 
         def can_add(chosen, e):
-            parent = list(range(n))
-
-            def find(a):
-                while parent[a] != a:
-                    a = parent[a]
-                return a
-
+            sets = UnionFind(n)
             for c in chosen:
-                parent[find(int(E[c, 0]))] = find(int(E[c, 1]))
-            return find(int(E[e, 0])) != find(int(E[e, 1]))
+                sets.union(int(E[c, 0]), int(E[c, 1]))
+            return sets.find(int(E[e, 0])) != sets.find(int(E[e, 1]))
     else:
         return None
     d = P.size

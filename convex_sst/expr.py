@@ -435,7 +435,7 @@ class Evaluator:
         self.functions = {**LINEAR_FUNCTIONS, **functions}
         self.num_z = num_z
 
-    def eval(self, node: tuple) -> Any:
+    def evaluate(self, node: tuple) -> Any:
         tag = node[0]
         if tag == "num":
             return node[1]
@@ -447,28 +447,28 @@ class Evaluator:
                 raise ExprError(str(unknown_name("name", name, self.names)))
             return self.names[name]
         if tag == "list":
-            items = [self.eval(n) for n in node[1]]
+            items = [self.evaluate(n) for n in node[1]]
             if any(_is_affine(v) for v in items):
                 raise ExprError("list literals may only hold constants")
             return np.asarray(items)
         if tag == "neg":
-            v = self.eval(node[1])
+            v = self.evaluate(node[1])
             return -v if _is_affine(v) else -np.asarray(v)
         if tag == "bin":
-            return _binary(node[1], self.eval(node[2]), self.eval(node[3]), self.num_z)
+            return _binary(node[1], self.evaluate(node[2]), self.evaluate(node[3]), self.num_z)
         if tag == "T":
-            v = self.eval(node[1])
+            v = self.evaluate(node[1])
             return v.transpose() if _is_affine(v) else np.asarray(v).T
         if tag == "index":
-            return self._index(self.eval(node[1]), node[2])
+            return self._index(self.evaluate(node[1]), node[2])
         if tag == "call":
             name, args, kwargs = node[1], node[2], node[3]
             if name not in self.functions:
                 from .errors import unknown_name
 
                 raise ExprError(str(unknown_name("function", name, self.functions)))
-            vals = [self.eval(a) for a in args]
-            kw = {k: self.eval(v) for k, v in kwargs}
+            vals = [self.evaluate(a) for a in args]
+            kw = {k: self.evaluate(v) for k, v in kwargs}
             try:
                 return self.functions[name](*vals, **kw)
             except ConfigError:
@@ -476,7 +476,7 @@ class Evaluator:
             except (TypeError, ValueError, IndexError) as exc:
                 raise ExprError(f"{name}(...) failed: {exc}") from None
         if tag == "cmp":
-            values = [self.eval(node[1])] + [self.eval(n) for n in node[3]]
+            values = [self.evaluate(node[1])] + [self.evaluate(n) for n in node[3]]
             out: list[Constraint] = []
             for op, a, b in zip(node[2], values[:-1], values[1:]):
                 res = _compare(op, a, b, self.num_z)
@@ -491,12 +491,12 @@ class Evaluator:
         key = []
         for s in subs:
             if s[0] == "sub":
-                v = np.asarray(self.eval(s[1]))
+                v = np.asarray(self.evaluate(s[1]))
                 if v.dtype.kind == "f" and np.all(v == np.round(v)):
                     v = v.astype(np.int64)
                 key.append(v if v.ndim else int(v))
             else:
-                parts = [None if p is None else int(self.eval(p)) for p in s[1:]]
+                parts = [None if p is None else int(self.evaluate(p)) for p in s[1:]]
                 key.append(slice(*parts))
         key_t = tuple(key)
         try:

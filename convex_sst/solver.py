@@ -33,6 +33,7 @@ import scipy.linalg
 import scipy.sparse as sp
 import torch
 
+from ._unionfind import UnionFind
 from .errors import InputError, PolytopeError, SolverError, SolverWarning
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -133,21 +134,14 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
                 )
             L[jj], U[jj] = lo - 1.0, hi + 1.0  # strictly redundant: never active at the solution
     # blocks: connected components of the variables through the inequality rows
-    parent = list(range(n))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    sets = UnionFind(n)
     for r in range(G.shape[0]):
         cols = np.flatnonzero(G[r])
         for c in cols[1:]:
-            parent[find(int(c))] = find(int(cols[0]))
+            sets.union(int(c), int(cols[0]))
     comps: dict[int, list[int]] = {}
     for j in range(n):
-        comps.setdefault(find(j), []).append(j)
+        comps.setdefault(sets.find(j), []).append(j)
     groups = list(comps.values())
     size = max(len(g) for g in groups) if groups else 1
     blocks = np.full((len(groups), size), n, dtype=np.int64)

@@ -62,7 +62,7 @@ def test_affine_ops_match_numpy():
         "-(x - y)": -(x_val - y_val),
     }
     for text, expected in cases.items():
-        val = ev.eval(parse(text))
+        val = ev.evaluate(parse(text))
         got = (val.coef @ z + val.const).reshape(val.shape)
         assert got.shape == np.shape(expected), text
         assert np.allclose(got, expected), text
@@ -70,9 +70,9 @@ def test_affine_ops_match_numpy():
 
 def test_comparisons_produce_rows():
     ev = Evaluator({"x": Affine.variable((3,), 0, 3)}, {}, 3)
-    rows = ev.eval(parse("0 <= x <= 1"))
+    rows = ev.evaluate(parse("0 <= x <= 1"))
     assert [r.kind for r in rows] == ["le", "le"]
-    assert ev.eval(parse("sum(x) == 2"))[0].expr.shape == ()
+    assert ev.evaluate(parse("sum(x) == 2"))[0].expr.shape == ()
 
 
 @pytest.mark.parametrize("text,msg", [
@@ -88,13 +88,13 @@ def test_comparisons_produce_rows():
 def test_expression_errors(text, msg):
     ev = Evaluator({"x": Affine.variable((3,), 0, 3)}, {"ones": lambda *s: np.ones(s)}, 3)
     with pytest.raises(ExprError, match=re.escape(msg)):
-        ev.eval(parse(text))
+        ev.evaluate(parse(text))
 
 
 def test_no_python_evaluation_is_possible():
     for text in ("().__class__", "x.__dict__", "lambda: 1", "open('f')", "x; y"):
         with pytest.raises(ExprError):
-            Evaluator({"x": 1}, {}).eval(parse(text))
+            Evaluator({"x": 1}, {}).evaluate(parse(text))
 
 
 # ---------------------------------------------------------------- config errors
