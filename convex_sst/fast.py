@@ -257,7 +257,8 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) 
     n = theta.shape[-1]
     if k == n:
         return torch.ones_like(theta)
-    tiny = 1e-250 if theta.dtype == torch.float64 else 1e-30
+    # the double backward of log p divides by p²: keep p far enough from underflow for that
+    tiny = 1e-140 if theta.dtype == torch.float64 else 1e-15
     with torch.enable_grad():
         th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
         A = elementary_symmetric_linear(th, k)

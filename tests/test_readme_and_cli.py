@@ -93,3 +93,12 @@ def test_demo_recovers_hidden_tree():
 
     res = run_demo(n=5, steps=40, seed=1, quiet=True)
     assert res["right_after"] == 4 and res["hit_after"] > 0.5 > res["hit_before"]
+
+
+def test_quickstart_example_learns():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(steps=100) > 0.6
