@@ -4,13 +4,13 @@ Backends:
 
 * ``"fast"``: an exact algorithm registered for the (polytope name, regularizer) pair with
   :func:`register_fast_path` (softmax, Sinkhorn, matrix-tree, ...);
-* ``"torch"``: the batched interior-point solver of :mod:`convex_sst.solver` (polytopes given
-  by equalities and bounds, any regularizer with elementwise derivatives; CPU and CUDA);
+* ``"torch"``: the batched interior-point solver of :mod:`convex_sst.solver` (any polytope,
+  any regularizer with elementwise derivatives; CPU and CUDA);
 * ``"generic"``: the cvxpylayers program of :mod:`convex_sst.generic` (any pair with a cvxpy
   regularizer; the reference implementation);
 * ``"auto"``: ``"fast"`` where registered, else ``"torch"`` where the regularizer allows it and
-  the polytope is described by equalities (at most ``TORCH_AUTO_MAX_ROWS``) and bounds, else
-  ``"generic"``.
+  the polytope has at most ``TORCH_AUTO_MAX_ROWS`` constraint rows (beyond that, cvxpylayers'
+  sparse factorizations win on this CPU), else ``"generic"``.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[...,
         )
     # the torch solver factors a dense normal matrix (one row per equality/inequality): it beats
     # cvxpylayers by 10-100x on small constraint systems but not on large extended formulations
-    small = P.form.num_ub == 0 and P.form.num_eq <= TORCH_AUTO_MAX_ROWS
+    small = P.form.num_eq + P.form.num_ub <= TORCH_AUTO_MAX_ROWS
     if backend == "torch" or (backend == "auto" and fast is None and reg.separable and small):
         from .solver import relax_torch
 

@@ -12,7 +12,7 @@ def _equality_form(name):
     return cs.load_polytope(name, **RELAX_CASES[name]).form.num_ub == 0
 
 
-SEPARABLE = [(name, reg) for name in RELAX_CASES if _equality_form(name)
+SEPARABLE = [(name, reg) for name in RELAX_CASES
              for reg in cs.load_polytope(name, **RELAX_CASES[name]).regularizers if get_regularizer(reg).separable]
 TIGHT = {"solver": "scs", "solver_args": {"eps_abs": 1e-12, "eps_rel": 1e-12}}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -32,7 +32,9 @@ def test_torch_solver_matches_reference_at_t1(name, reg, gen):
 
 GRADCHECK = [(n, r, t) for t in (1.0, 0.1) for n, r in [
     ("simplex", "entropy"), ("k_subset", "binary_entropy"), ("k_subset", "quadratic"), ("birkhoff", "quadratic"),
-    ("birkhoff", "entropy"), ("hypercube", "binary_entropy"), ("dag_path", "quadratic"), ("dag_path", "entropy")]]
+    ("birkhoff", "entropy"), ("hypercube", "binary_entropy"), ("dag_path", "quadratic"), ("dag_path", "entropy"),
+    ("matching", "binary_entropy"), ("spanning_tree", "binary_entropy"), ("spanning_tree", "entropy"),
+    ("arborescence", "entropy"), ("arborescence", "quadratic")]]
 
 
 @pytest.mark.parametrize("name,reg,t", GRADCHECK)
@@ -95,12 +97,13 @@ def test_degenerate_polytope_with_redundant_rows_and_free_aux(tmp_path, gen):
     assert cs.relax(u, P, "entropy", 0.5).shape == (5, 4)  # auto picks the torch solver here
 
 
-def test_polytopes_with_inequality_rows_are_refused_clearly():
-    M = cs.load_polytope("matching", n=2, m=3)
-    with pytest.raises(cs.InputError, match=r"backend='torch' supports polytopes described by equalities and bounds only"):
-        cs.relax(torch.zeros(2, 3), M, "entropy", backend="torch")
-    x = cs.relax(torch.zeros(2, 3, dtype=torch.float64), M, "entropy")  # auto uses the generic path
-    assert x.shape == (2, 3)
+def test_auto_picks_torch_for_small_and_generic_for_large_formulations():
+    from convex_sst.relax import select_backend
+    from convex_sst.solver import relax_torch
+
+    reg = get_regularizer("entropy")
+    assert select_backend(cs.load_polytope("matching", n=2, m=3), reg, "auto") is relax_torch
+    assert select_backend(cs.load_polytope("spanning_tree", n=6), reg, "auto") is not relax_torch
 
 
 def test_float32_inputs():
