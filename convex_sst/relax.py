@@ -9,8 +9,8 @@ Backends:
 * ``"generic"``: the cvxpylayers program of :mod:`convex_sst.generic` (any pair with a cvxpy
   regularizer; the reference implementation);
 * ``"auto"``: ``"fast"`` where registered, else ``"torch"`` where the regularizer allows it and
-  the polytope has at most ``TORCH_AUTO_MAX_ROWS`` constraint rows (beyond that, cvxpylayers'
-  sparse factorizations win on this CPU), else ``"generic"``.
+  the polytope is given by at most ``TORCH_AUTO_MAX_ROWS`` equalities and bounds (no
+  multi-variable inequalities), else ``"generic"``.
 """
 
 from __future__ import annotations
@@ -142,7 +142,9 @@ def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[...,
         )
     # the torch solver factors a dense normal matrix (one row per equality/inequality): it beats
     # cvxpylayers by 10-100x on small constraint systems but not on large extended formulations
-    small = P.form.num_eq + P.form.num_ub <= TORCH_AUTO_MAX_ROWS
+    # auto uses the torch solver only where it converges reliably: polytopes without
+    # multi-variable inequalities (on flow formulations it stalls near 1e-7 on some samples)
+    small = P.form.num_ub == 0 and P.form.num_eq <= TORCH_AUTO_MAX_ROWS
     if backend == "torch" or (backend == "auto" and fast is None and reg.separable and small):
         from .solver import relax_torch
 

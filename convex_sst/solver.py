@@ -211,8 +211,8 @@ class SolveReport:
 
     @property
     def status(self) -> list[str]:
-        """'converged' (residual ≤ 10·tol), 'inaccurate' (stalled above that but below 1e-6;
-        float32 1e-3), 'max_iter' or 'nan'."""
+        """'converged' (residual ≤ 10·tol), 'inaccurate' (stalled above that but below 1e-8;
+        float32 1e-4), 'max_iter' or 'nan'."""
         out = []
         for c, r in zip(self.converged.tolist(), self.kkt_residual.tolist()):
             if not math.isfinite(r):
@@ -313,7 +313,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     p = G.shape[0]
     f64 = dtype == torch.float64
     tol = (1e-10 if f64 else 1e-5) if tol is None else tol
-    accept = max(tol, 1e-6 if f64 else 1e-3)
+    accept = max(tol, 1e-8 if f64 else 1e-4)  # stalled rows below this count as converged (inaccurate)
     # ε/2‖aux‖²: selects the minimum-norm aux among optimal ones (degenerate formulations) and
     # gives every variable curvature; it moves x by O(ε)
     eps_aux = 1e-10 if f64 else 1e-6
