@@ -2,23 +2,27 @@
 
 Solves, for every row of ``θ = u / t``,
 
-    min_w  −θᵀx + Σ_i f(x_i)   s.t.  Ā w = b̄,  L ≤ w ≤ U,      w = (z, s) = (x, aux, slacks)
+    min_z  −θᵀx + Σ_i f(x_i) + ε/2‖aux‖²   s.t.  A z = b,  G z ≤ h,  L ≤ z ≤ U,   z = (x, aux)
 
-which is the canonical form of the polytope with a slack per multi-variable inequality
-(``A_ub z + s = b_ub``, ``s ≥ 0``) and equality rows reduced to an independent subset.
-Bounds at the ends of an entropy's domain are dropped (its gradient keeps iterates strictly
-inside); variables that have neither curvature nor a bound get their implied bounds from LPs
-once, so degenerate formulations (free auxiliary variables, non-unique optimal aux) are fine.
+from the polytope's canonical form: output coordinates that are constant on P are eliminated,
+dependent equalities removed, the finite ends of an entropy's domain kept as barrier bounds,
+free auxiliary variables given their implied bounds (LPs, once), and a tiny proximal term ε on
+the auxiliary variables selects a unique aux among optimal ones in degenerate formulations
+(it moves x by O(ε) = 1e-10).
 
-Each iteration is a damped Newton step on the perturbed KKT conditions: with
-``D = f''(x) ⊕ 0 + Z_L/(w − L) + Z_U/(U − w)`` diagonal, one batched Cholesky factorization of
-the normal matrix ``Ā D⁻¹ Āᵀ`` (size: independent equalities + inequalities), assembled from a
-sparsity pattern shared by the whole batch. The backward pass is implicit differentiation of
-the KKT system at the solution: one more solve with the same factor, no unrolling.
+Each iteration is a damped Newton step on the perturbed KKT conditions. With the diagonal
+``D = f'' ⊕ ε + Z_L/(z − L) + Z_U/(U − z)`` and ``Σ = λ/s``, the matrix ``M = D + Gᵀ Σ G`` is
+block diagonal once the variables are grouped by the inequality rows they share (one small
+block per arc in the flow formulations; diagonal when there are none), so it is factored block
+by block; the equality Schur complement ``A M⁻¹ Aᵀ`` is assembled from a sparsity pattern shared
+by the whole batch, Cholesky-factored with a relative ridge, and refined against the exact
+operator. A best-iterate safeguard and a stall test end each row.
 
-Per-sample convergence (status, KKT residual, iterations) is returned by :func:`solve_torch`;
-``relax(..., backend="torch")`` warns (or raises, ``on_failure="raise"``) naming the batch
-indices that did not converge, and returns the others' solutions unchanged.
+The backward pass is implicit differentiation of the active-set reduced KKT system at the
+solution (constraints classified by their slack, enforced by a penalty): one more block solve,
+no unrolling. Per-sample convergence (status, KKT residual, iterations) is returned by
+:func:`solve_torch`; ``relax(..., backend="torch")`` warns (or raises, ``on_failure="raise"``)
+naming the batch indices that did not converge, and returns the others' solutions unchanged.
 """
 
 from __future__ import annotations
