@@ -117,7 +117,6 @@ class PolytopeConfig:
     argmax: str | None
     source: str
     lines: dict = field(default_factory=dict, repr=False)
-    raw: dict = field(default_factory=dict, repr=False)
 
     def where(self, path: tuple) -> str:
         """``file:line: key`` for error messages."""
@@ -300,7 +299,7 @@ def parse_config(data: Mapping[str, Any], source: str, lines: dict | None = None
     cfg = PolytopeConfig(
         name="", description="", params={}, data={}, output_name="x", output_shape=[],
         variables={}, constraints=[], regularizers=(), argmax=None, source=source,
-        lines=lines, raw=dict(data),
+        lines=lines,
     )
     unknown = set(data) - TOP_KEYS
     if unknown:

@@ -210,9 +210,7 @@ def _binary(op: str, a: Any, b: Any, num_z: int) -> Any:
             return b.left_matmul(_as_array(a))
         # a @ M == (M.T @ a.T).T
         m = _as_array(b)
-        if m.ndim == 1:
-            if len(a.shape) == 1:
-                return a.transpose().left_matmul(m)
+        if m.ndim == 1:  # a @ v == v @ a.T (a.T is a itself for 1-D a)
             return a.transpose().left_matmul(m)
         if len(a.shape) == 1:
             return a.left_matmul(m.T)

@@ -24,7 +24,8 @@ def brute_force_marginals(u: torch.Tensor, polytope: Polytope | str, temperature
     batch = P.check_input(u)
     t = check_temperature(temperature, batch, u)
     V = P.vertices(limit=limit, dtype=u.dtype).to(u.device).reshape(-1, P.size)
-    scores = u.reshape(-1, P.size) @ V.T / t.reshape(-1, 1).expand(-1, 1) if t.dim() else u.reshape(-1, P.size) @ V.T / t
+    t_rows = t.expand(batch).reshape(-1, 1) if t.dim() else t  # one temperature per structure
+    scores = u.reshape(-1, P.size) @ V.T / t_rows
     probs = torch.softmax(scores, dim=-1)
     return (probs @ V).reshape(batch + P.shape)
 
