@@ -221,14 +221,18 @@ def log_elementary_symmetric(theta: torch.Tensor, k: int) -> torch.Tensor:
 def elementary_symmetric_linear(theta: torch.Tensor, k: int) -> torch.Tensor:
     """``log e_k(exp θ)`` by a product tree of polynomials in linear space: ``(B, n) -> (B,)``.
 
-    Weights ``exp(θ − max θ) ≤ 1`` make every coefficient a sum of positive terms bounded by
-    ``C(n, k)``: no overflow and no cancellation. Each tree level is one batched Toeplitz
-    contraction (no exp/log inside), so this is several times faster than the log-space
-    version; it underflows only when the k-th largest logit is ~700 (float64) / ~85 (float32)
-    below the largest, where the caller falls back to :func:`log_elementary_symmetric`.
+    Weights ``exp(θ − s)`` with ``s`` the mean of the k largest logits make every coefficient a
+    sum of positive terms (no cancellation) and ``e_k ≥ 1``. Each tree level is one batched
+    Toeplitz contraction (no exp/log inside), so this is several times faster than the log-space
+    version; partial products overflow or underflow only when the k largest logits spread over
+    ~700 (float64) / ~80 (float32), which the caller detects (``e_k`` not finite or ``< 1``) and
+    hands to :func:`log_elementary_symmetric`.
     """
     B, n = theta.shape
-    shift = theta.max(1, keepdim=True).values.detach()
+    # shift by the mean of the k largest logits: the dominant term of e_k (the product of the
+    # k largest weights) is then exactly 1, so e_k >= 1 and small weights only underflow
+    # where they are negligible
+    shift = theta.detach().topk(k, dim=1).values.mean(1, keepdim=True)
     w = torch.exp(theta - shift)
     size = 1 << max(0, (n - 1).bit_length())
     w = torch.cat([w, torch.zeros(B, size - n, dtype=w.dtype, device=w.device)], 1)
@@ -257,13 +261,14 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) 
     n = theta.shape[-1]
     if k == n:
         return torch.ones_like(theta)
-    # the double backward of log p divides by p²: keep p far enough from underflow for that
-    tiny = 1e-140 if theta.dtype == torch.float64 else 1e-15
     with torch.enable_grad():
         th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
         A = elementary_symmetric_linear(th, k)
         with torch.no_grad():
-            ok = torch.isfinite(A) & (A - k * th.max(1).values > math.log(tiny))
+            # exactly, e_k(exp(θ − s)) >= 1 (see elementary_symmetric_linear); below 1/2 the
+            # dominant term was lost to underflow, and the double backward needs it
+            s = th.topk(k, dim=1).values.sum(1)
+            ok = torch.isfinite(A) & (A - s > math.log(0.5))
         if not bool(ok.all()):
             # recompute with each branch fed only the rows it is valid for (finite gradients)
             zero = torch.zeros_like(th)
