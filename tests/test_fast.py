@@ -5,6 +5,7 @@ import torch
 from conftest import RELAX_CASES
 
 import convex_sst as cs
+from convex_sst.fast import sinkhorn
 from convex_sst.regularizers import get_regularizer
 from convex_sst.testing import brute_force_marginals
 
@@ -109,6 +110,20 @@ def test_sinkhorn_reports_non_convergence(gen):
         cs.relax(u, P, "entropy", 0.1, backend="fast", max_iter=3, on_failure="warn")
     with pytest.raises(cs.SolverError, match="Sinkhorn did not converge"):
         cs.relax(u, P, "entropy", 0.1, backend="fast", max_iter=3, on_failure="raise")
+
+
+def test_sinkhorn_newton_finish_converges_where_sweeps_stall(gen):
+    # logits spanning ~60 with near-ties: plain sweeps leave most rows at ~1e-3 after 2000
+    # sweeps; the Newton finish on the duals reaches the float64 tolerance in a few steps
+    P = cs.load_polytope("birkhoff", n=5)
+    u = 10 * torch.randn(64, 5, 5, generator=gen, dtype=torch.float64)
+    plain, bad = sinkhorn(u, max_iter=2000, newton_after=10**9, on_failure="ignore", return_error=True)
+    assert int(bad.sum()) > 10                                     # the regime is really hard
+    X, bad = sinkhorn(u, max_iter=2000, on_failure="ignore", return_error=True)
+    assert not bool(bad.any())
+    assert (X.sum(1) - 1).abs().max() < 1e-9 and (X.sum(2) - 1).abs().max() < 1e-9
+    ref = cs.relax(u[:8], P, "entropy", 1.0, backend="torch")      # independent: interior point
+    assert (X[:8] - ref).abs().max() < 1e-7
 
 
 def test_sinkhorn_falls_back_to_the_interior_point_solver(gen):
