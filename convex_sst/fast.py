@@ -218,21 +218,30 @@ def log_elementary_symmetric(theta: torch.Tensor, k: int) -> torch.Tensor:
     return polys[:, 0, k] + k * shift[:, 0]
 
 
+def _linear_range(dtype: torch.dtype) -> float:
+    """How far (in log space) the linear product tree may stray from 1 in ``dtype``."""
+    return 200.0 if dtype == torch.float64 else 20.0
+
+
+def _linear_shift(theta: torch.Tensor, k: int) -> torch.Tensor:
+    """``s = max(mean of the k largest θ, max θ − L/k)``: the dominant term of ``e_k(exp(θ − s))``
+    (the product of the k largest weights) is 1 when the k largest logits are close, and no
+    partial product exceeds ``e^L`` when they are not."""
+    top = theta.detach().topk(k, dim=1).values
+    return torch.maximum(top.mean(1, keepdim=True), top[:, :1] - _linear_range(theta.dtype) / k)
+
+
 def elementary_symmetric_linear(theta: torch.Tensor, k: int) -> torch.Tensor:
     """``log e_k(exp θ)`` by a product tree of polynomials in linear space: ``(B, n) -> (B,)``.
 
-    Weights ``exp(θ − s)`` with ``s`` the mean of the k largest logits make every coefficient a
-    sum of positive terms (no cancellation) and ``e_k ≥ 1``. Each tree level is one batched
+    Weights ``exp(θ − s)`` (``s`` from :func:`_linear_shift`) make every coefficient a sum of
+    positive terms (no cancellation) bounded by ``C(n, k)·e^L``. Each tree level is one batched
     Toeplitz contraction (no exp/log inside), so this is several times faster than the log-space
-    version; partial products overflow or underflow only when the k largest logits spread over
-    ~700 (float64) / ~80 (float32), which the caller detects (``e_k`` not finite or ``< 1``) and
-    hands to :func:`log_elementary_symmetric`.
+    version; the dominant term underflows when the k largest logits spread too far, which the
+    caller detects and hands to :func:`log_elementary_symmetric`.
     """
     B, n = theta.shape
-    # shift by the mean of the k largest logits: the dominant term of e_k (the product of the
-    # k largest weights) is then exactly 1, so e_k >= 1 and small weights only underflow
-    # where they are negligible
-    shift = theta.detach().topk(k, dim=1).values.mean(1, keepdim=True)
+    shift = _linear_shift(theta, k)
     w = torch.exp(theta - shift)
     size = 1 << max(0, (n - 1).bit_length())
     w = torch.cat([w, torch.zeros(B, size - n, dtype=w.dtype, device=w.device)], 1)
@@ -265,10 +274,12 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) 
         th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
         A = elementary_symmetric_linear(th, k)
         with torch.no_grad():
-            # exactly, e_k(exp(θ − s)) >= 1 (see elementary_symmetric_linear); below 1/2 the
-            # dominant term was lost to underflow, and the double backward needs it
-            s = th.topk(k, dim=1).values.sum(1)
-            ok = torch.isfinite(A) & (A - s > math.log(0.5))
+            # exactly, e_k >= exp(sum of the k largest θ); below half of that the dominant term
+            # was lost to underflow. The double backward divides by e_k², so the shifted e_k
+            # must also stay above e^{-1.5 L}.
+            top = th.topk(k, dim=1).values.sum(1)
+            floor = k * _linear_shift(th, k)[:, 0] - 1.5 * _linear_range(th.dtype)
+            ok = torch.isfinite(A) & (A > top + math.log(0.5)) & (A > floor)
         if not bool(ok.all()):
             # recompute with each branch fed only the rows it is valid for (finite gradients)
             zero = torch.zeros_like(th)

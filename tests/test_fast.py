@@ -103,6 +103,26 @@ def test_huge_range_tiny_temperature_is_finite(name, reg, dtype, gen):
         assert (x.double() - P.argmax(u.detach()).double()).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
+def test_k_subset_exp_family_float32_matches_float64(gen, scale):
+    # float32 stays on the linear-space product tree where it can, and must never overflow in
+    # the backward: the last row (a regression) has two logits ~50 apart above the rest
+    P = cs.load_polytope("k_subset", n=10, k=4)
+    u = scale * torch.randn(64, 10, generator=gen, dtype=torch.float64)
+    u = torch.cat([u, torch.tensor([[117.9, -6.4, -33.7, -23.4, -20.0, -7.4, -12.1, -9.6, 64.1, -8.5]],
+                                   dtype=torch.float64)])
+    w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        ud = u.to(dtype).requires_grad_()
+        x = cs.relax(ud, P, "exp_family", 1.0)
+        (g,) = torch.autograd.grad((x * w.to(dtype)).sum(), ud)
+        assert torch.isfinite(x).all() and torch.isfinite(g).all()
+        grads.append((x.double(), g.double()))
+    assert (grads[0][0] - grads[1][0]).abs().max() < 2e-4
+    assert (grads[0][1] - grads[1][1]).abs().max() < 1e-3
+
+
 def test_sinkhorn_reports_non_convergence(gen):
     P = cs.load_polytope("birkhoff", n=5)
     u = 5 * torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
