@@ -264,6 +264,7 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) 
     ``log e_k`` comes from a polynomial product tree (⌈log₂ n⌉ batched steps, O(n k²) work):
     in linear space (:func:`elementary_symmetric_linear`) where that is representable, in log
     space (:func:`log_elementary_symmetric`) for the rows where it is not (any range of u/t).
+    Computed in float64 whatever the input dtype; the result has the input's dtype.
     """
     _reject_options("k_subset/exp_family", options)
     k = int(polytope.params["k"])
@@ -271,7 +272,10 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) 
     if k == n:
         return torch.ones_like(theta)
     with torch.enable_grad():
-        th = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+        leaf = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+        # lower precisions run the tree in float64 (range ~e^±700 instead of e^±88: the linear
+        # branch then covers ordinary low-temperature inputs) and are cast back
+        th = leaf if leaf.dtype == torch.float64 else leaf.double()
         A = elementary_symmetric_linear(th, k)
         with torch.no_grad():
             # exactly, e_k >= exp(sum of the k largest θ); below half of that the dominant term
@@ -286,6 +290,7 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) 
             A = torch.where(ok, elementary_symmetric_linear(torch.where(ok[:, None], th, zero), k),
                             log_elementary_symmetric(torch.where(ok[:, None], zero, th), k))
         (mu,) = torch.autograd.grad(A.sum(), th, create_graph=theta.requires_grad)
+        mu = mu.to(theta.dtype)
     return mu if theta.requires_grad else mu.detach()
 
 
