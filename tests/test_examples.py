@@ -1,0 +1,170 @@
+"""The paper experiments' ``--quick`` modes, DDP under torchrun, and the custom-polytope README.
+
+The quick modes are smoke tests of the whole pipeline (data, model, SST layer, training loop,
+metrics, JSON/markdown/PNG outputs); where a few seconds of training are enough to learn (sorting
+n = 5, the custom line-up) the tests also check that it learned.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import convex_sst as cs
+from convex_sst.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod                 # dataclasses look their module up here
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _in_unit_interval(x) -> bool:
+    return 0.0 <= x <= 1.0
+
+
+def test_graph_layout_quick(tmp_path):
+    pytest.importorskip("networkx")
+    run = _load(EXAMPLES / "graph_layout" / "run.py", "graph_layout_run")
+    out = run.main(["--quick", "--out", str(tmp_path), "--workers", "1"])
+    assert [(r["method"], r["mode"]) for r in out["table"]] == run.SETTINGS
+    for r in out["table"]:
+        assert _in_unit_interval(r["precision"][0]) and _in_unit_interval(r["recall"][0])
+        assert r["elbo"][0] < 0
+        if r["method"] != "independent":          # exactly |V| - 1 edges: precision = recall
+            assert r["precision"][0] == pytest.approx(r["recall"][0])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["runs"]) == 6 and len(saved["runs"][0]["curve"]) == 2
+    assert "spanning tree" in (tmp_path / "results.md").read_text()
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "learning_curves.png").stat().st_size > 0 and (tmp_path / "trees.png").exists()
+
+
+def test_graph_layout_data_are_spring_layouts_of_trees():
+    pytest.importorskip("networkx")
+    nri = _load(EXAMPLES / "graph_layout" / "nri.py", "nri")
+    data = nri.simulate(n=6, steps=3, num_graphs=4, seed=0)
+    assert data["traj"].shape == (4, 4, 6, 2) and data["edges"].shape == (4, 15)
+    P = cs.load_polytope("spanning_tree", n=6)
+    assert bool(P.contains(torch.from_numpy(data["edges"]).double()).all())      # spanning trees
+    assert abs(data["traj"][:, 1:]).max() <= 1.0 + 1e-6                          # spring_layout rescales
+
+
+@pytest.mark.slow
+def test_graph_layout_trains_under_torchrun_ddp(tmp_path):
+    pytest.importorskip("networkx")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(EXAMPLES / "graph_layout" / "train.py"), "--quick", "--epochs", "1", "--threads", "1",
+           "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "data")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert res["world_size"] == 2
+    assert res["distributed"] == {"world_size": 2, "replicas_identical": True}
+    assert _in_unit_interval(res["test"]["precision"])
+
+
+def test_subset_selection_quick(tmp_path):
+    run = _load(EXAMPLES / "subset_selection" / "run.py", "subset_selection_run")
+    out = run.main(["--quick", "--out", str(tmp_path), "--workers", "1"])
+    assert {(r["task"], r["method"]) for r in out["table"]} == {(t, m) for t in run.TASKS for m in run.METHODS}
+    for r in out["table"]:
+        assert _in_unit_interval(r["accuracy"][0]) and _in_unit_interval(r["relevant_selected"][0])
+        assert 1.0 <= r["median_rank"][0] <= 10.0
+    assert (tmp_path / "results.md").exists()
+
+
+def test_subset_selection_tasks_have_the_stated_relevant_features():
+    run = _load(EXAMPLES / "subset_selection" / "run.py", "subset_selection_run")
+    for task, k in run.TASKS.items():
+        X, y, rel = run.make_task(task, 2000, 0)
+        assert X.shape == (2000, 10) and set(y.tolist()) == {0, 1}
+        assert (rel.sum(1) == k).all()
+    X, y, rel = run.make_task("switch", 2000, 0)
+    assert ((X[:, 0] > 0) == (rel[:, 1] == 1)).mean() > 0.99      # the switch feature decides the group
+
+
+def test_listops_quick_and_parses(tmp_path):
+    run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
+    import random
+
+    tokens, parents, value = run.generate(random.Random(3), max_depth=3, max_args=4)
+    assert parents[0] == -1 and tokens[0] in run.OPS
+    arcs = torch.zeros(len(tokens), len(tokens))
+    for m, h in enumerate(parents[1:], 1):
+        arcs[h, m] = 1
+    P = cs.load_polytope("arborescence", n=len(tokens), root=0)
+    assert bool(P.contains(arcs.double()).all())                    # the parse is an arborescence
+    # the value is the evaluation of the parse tree
+    def ev(i):
+        kids = [m for m in range(len(tokens)) if parents[m] == i and tokens[m] != "]"]
+        return int(tokens[i]) if not kids and tokens[i].isdigit() else run._apply(tokens[i], [ev(m) for m in kids])
+    assert ev(0) == value
+    out = run.main(["--quick", "--out", str(tmp_path), "--workers", "1"])
+    assert [r["method"] for r in out["table"]] == list(run.METHODS)
+    for r in out["table"]:
+        assert _in_unit_interval(r["accuracy"][0])
+        if r["method"] == "arborescence":
+            assert r["precision"][0] == pytest.approx(r["recall"][0])
+
+
+def test_sorting_quick_learns_to_sort_five_numbers(tmp_path):
+    run = _load(EXAMPLES / "sorting" / "run.py", "sorting_run")
+    out = run.main(["--quick", "--out", str(tmp_path)])
+    (row,) = out["table"]
+    assert row["n"] == 5 and row["elements_correct"][0] > 0.6      # random placement: 20%
+    assert (tmp_path / "results.md").exists()
+
+
+# ------------------------------------------------------------------ custom polytope, README only
+CUSTOM = EXAMPLES / "custom_polytope"
+
+
+def _readme_blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", (CUSTOM / "README.md").read_text(), flags=re.S)
+
+
+def test_custom_polytope_readme_config_is_the_shipped_file():
+    (shown,) = _readme_blocks("yaml")
+    strip = lambda text: [ln.split("#")[0].rstrip() for ln in text.splitlines()  # noqa: E731
+                          if ln.split("#")[0].strip()]
+    assert strip(shown) == strip((CUSTOM / "lineup.yaml").read_text())
+
+
+def test_custom_polytope_readme_commands(capsys, monkeypatch):
+    commands = [c.strip() for c in _readme_blocks("bash")]
+    assert any("pip install" in c for c in commands)
+    monkeypatch.chdir(ROOT)                                           # the README runs from the root
+    (check,) = [c for c in commands if c.startswith("convex-sst check")]
+    assert cli_main(check.split()[1:]) == 0
+    printed = capsys.readouterr().out
+    assert "vertices     180" in printed and "integral     yes" in printed
+    (snippet,) = _readme_blocks("python")
+    env = {}
+    exec(compile(snippet, str(CUSTOM / "README.md"), "exec"), env)
+    hard = env["hard"]
+    quota = torch.tensor([1, 2, 2], dtype=hard.dtype)
+    groups = torch.tensor(env["P"].params["groups"])
+    per_group = torch.stack([hard[:, groups == g].sum(-1) for g in range(3)], -1)
+    assert torch.equal(per_group, quota.expand_as(per_group))
+
+
+def test_custom_polytope_training_learns(tmp_path):
+    train = _load(CUSTOM / "train.py", "custom_polytope_train")
+    res = train.main(["--quick", "--out", str(tmp_path)])
+    t = res["test"]
+    assert res["vertices"] == 180
+    assert t["model"] > 0.5 * t["best"] and t["model"] > t["random"] + 1.0
