@@ -123,11 +123,11 @@ class Config:
     method: str = "arborescence"
     temperature: float = 1.0
     lr: float = 2e-3
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 64
     hidden: int = 64
     rounds: int = 4                 # message-passing rounds (≥ depth)
-    num_train: int = 8000
+    num_train: int = 5000
     num_test: int = 1000
     max_depth: int = 3
     max_args: int = 4
