@@ -26,7 +26,8 @@ An explainer MLP maps ``X`` to logits ``θ`` over the 10 features, a sampler pic
 
 At test time every method selects the top-k logits (deterministic, as in L2X). Metrics: test
 accuracy of the predictor on the selected features, the fraction of the truly relevant features
-selected, and the median rank of the relevant features among the logits (ideal: (k+1)/2).
+selected, and the median rank of the relevant features among the logits (the lower median, as
+``torch.median``; ideal: ⌈k/2⌉).
 The temperature of each relaxation is picked by validation accuracy from ``--temperatures``.
 Writes ``results.json``, ``results.md`` and ``learning_curves.png`` under ``--out``.
 """
@@ -245,7 +246,8 @@ def main(argv=None) -> dict:
 
 def table_markdown(rows: list[dict], base: Config) -> str:
     lines = [f"L2X synthetic tasks, d = {D}, {base.num_train} training / {base.num_test} test samples, "
-             f"{base.epochs} epochs; test set, mean ± std over seeds. Median rank: ideal (k+1)/2.", "",
+             f"{base.epochs} epochs; test set, mean ± std over seeds. Median rank: lower median of the relevant "
+             "features' ranks among the logits, ideal ⌈k/2⌉.", "",
              "| task | k | method | t | accuracy | relevant features selected | median rank | seeds |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
