@@ -1,6 +1,6 @@
 """NRI graph layout: does a spanning-tree SST recover the latent tree better than independent edges?
 
-    python examples/graph_layout/run.py              # full experiment (~20 min on 2 cores)
+    python examples/graph_layout/run.py              # full experiment (~30 min on 2 cores)
     python examples/graph_layout/run.py --quick      # smoke test (< 1 min)
 
 For each method (independent edges, top-|V|−1 edges, spanning tree; relaxed and straight-through)

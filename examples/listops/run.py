@@ -121,6 +121,7 @@ def batches(data: list[tuple], batch_size: int, rng: random.Random | None):
 @dataclass
 class Config:
     method: str = "arborescence"
+    mode: str = "relaxed"           # or "straight_through": hard structure forward, relaxed backward
     temperature: float = 1.0
     lr: float = 2e-3
     epochs: int = 8
@@ -239,7 +240,7 @@ def train(cfg: Config) -> dict:
     for epoch in range(cfg.epochs):
         losses = []
         for tok, _, val in batches(tr, cfg.batch_size, rng):
-            logits, _, _ = model(tok, "relaxed", gen)
+            logits, _, _ = model(tok, cfg.mode, gen)
             loss = nn.functional.cross_entropy(logits, val)
             opt.zero_grad()
             loss.backward()
@@ -250,6 +251,21 @@ def train(cfg: Config) -> dict:
                       **{f"valid_{k}": v for k, v in evaluate(model, va, 100 + epoch).items()}})
     return {"config": asdict(cfg), "curve": curve, "valid": evaluate(model, va, 1), "test": evaluate(model, te, 2),
             "seconds": time.perf_counter() - start}
+
+
+def reference_precisions(data: list[tuple], seed: int = 0) -> dict:
+    """Arc precision of two structure-free references on ``data``: the left-to-right chain
+    ``i − 1 → i`` (what a locality bias gives) and a uniformly random arborescence rooted at 0."""
+    gen = torch.Generator().manual_seed(seed)
+    chain, rand = [], []
+    for tok, arcs, _ in batches(data, 250, None):
+        B, n, _ = arcs.shape
+        c = torch.diag_embed(torch.ones(n - 1), 1).expand(B, n, n)
+        chain.append((c * arcs).sum((1, 2)) / (n - 1))
+        P = cs.load_polytope("arborescence", n=n, root=0)
+        r = cs.sst(torch.zeros(B, n, n), P, mode="hard", generator=gen)   # Gumbel argmax, θ = 0
+        rand.append((r * arcs).sum((1, 2)) / (n - 1))
+    return {"chain": torch.cat(chain).mean().item(), "random_arborescence": torch.cat(rand).mean().item()}
 
 
 def _run(cfg: Config) -> dict:
@@ -282,9 +298,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=Config.epochs)
     ap.add_argument("--temperature", type=float, default=Config.temperature)
+    ap.add_argument("--mode", default=Config.mode, choices=["relaxed", "straight_through"])
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
-    base = Config(epochs=a.epochs, temperature=a.temperature)
+    base = Config(epochs=a.epochs, temperature=a.temperature, mode=a.mode)
     if a.quick:
         base = replace(base, epochs=1, num_train=300, num_test=100, max_len=16)
         a.seeds = 1
@@ -299,6 +316,18 @@ def main(argv=None) -> dict:
             for k in ("precision", "recall"):
                 row[k] = mean_std([r["test"][k] for r in rs])
         rows.append(row)
+    data = make_dataset(base.num_train + 2 * base.num_test, 1234, base.max_depth, base.max_args, base.max_len)
+    refs = reference_precisions(data[base.num_train + base.num_test:])
+    md = table_markdown(rows, base, refs)
+    print(md)
+    out = {"config": asdict(base), "table": rows, "references": refs, "runs": runs}
+    (a.out / "results.json").write_text(json.dumps(out, indent=1))
+    (a.out / "results.md").write_text(md)
+    plot(runs, a.methods, a.out)
+    return out
+
+
+def table_markdown(rows: list[dict], base: Config, refs: dict) -> str:
     md = [f"Simplified ListOps (MIN, MAX, MED; depth ≤ {base.max_depth}, ≤ {base.max_args} arguments, length ≤ "
           f"{base.max_len}), {base.num_train} training / {base.num_test} test expressions, {base.epochs} epochs, "
           f"t = {base.temperature}; test set, mean ± std over seeds. Arcs of hard samples vs the true parse "
@@ -308,17 +337,19 @@ def main(argv=None) -> dict:
     for r in rows:
         md.append(f"| {r['label']} | {pct(r['accuracy'])} | {pct(r['precision']) if 'precision' in r else '—'} | "
                   f"{pct(r['recall']) if 'recall' in r else '—'} | {r['seeds']} |")
-    md = "\n".join(md) + "\n"
-    print(md)
-    out = {"config": asdict(base), "table": rows, "runs": runs}
-    (a.out / "results.json").write_text(json.dumps(out, indent=1))
-    (a.out / "results.md").write_text(md)
+    md.append(f"| *reference: left-to-right chain i−1 → i* | — | {100 * refs['chain']:.1f} % | {100 * refs['chain']:.1f} % | — |")
+    md.append(f"| *reference: uniformly random arborescence* | — | {100 * refs['random_arborescence']:.1f} % | "
+              f"{100 * refs['random_arborescence']:.1f} % | — |")
+    return "\n".join(md) + "\n"
+
+
+def plot(runs: list[dict], methods, out: Path) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for m in a.methods:
+        for m in methods:
             rs = [r for r in runs if r["config"]["method"] == m]
             ep = [c["epoch"] for c in rs[0]["curve"]]
             for ax, key in zip(axes, ("valid_accuracy", "valid_precision")):
@@ -328,11 +359,10 @@ def main(argv=None) -> dict:
         axes[1].set(xlabel="epoch", ylabel="validation arc precision (hard samples)")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(a.out / "learning_curves.png", dpi=100)
+        fig.savefig(out / "learning_curves.png", dpi=100)
         plt.close(fig)
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'convex_sst[examples]')")
-    return out
 
 
 if __name__ == "__main__":

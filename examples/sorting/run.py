@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="n = 5, 1 seed, 150 steps")
     ap.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 15])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=3e-3)
