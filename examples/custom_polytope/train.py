@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 import convex_sst as cs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))      # examples/_common.py
+from _common import pyplot, savefig  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -84,21 +88,15 @@ def main(argv=None) -> dict:
           f"{100 * t['overlap_with_best']:.0f}% of the best line-up's players picked")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(result, indent=1))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot([c["step"] for c in curve], [c["relaxed_value"] for c in curve])
         ax.axhline(t["best"], ls="--", color="gray", label="best line-up (test)")
         ax.axhline(t["random"], ls=":", color="gray", label="random line-up (test)")
         ax.set(xlabel="step", ylabel="performance of relaxed line-up")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(a.out / "learning_curve.png", dpi=100)
-        plt.close(fig)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'convex_sst[examples]')")
+        savefig(fig, a.out / "learning_curve.png")
     return result
 
 

@@ -17,12 +17,13 @@ import itertools
 import json
 import sys
 from dataclasses import asdict, replace
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))      # examples/_common.py
+from _common import mean_std, parallel_map, pyplot, savefig  # noqa: E402
 from nri import Config, load_data, train  # noqa: E402
 
 SETTINGS = [(m, mode) for mode in ("relaxed", "straight_through") for m in ("independent", "top_k", "spanning_tree")]
@@ -35,17 +36,6 @@ def _run(args: tuple[Config, str]) -> dict:
     return asdict(train(cfg, cache=Path(cache), progress=False))
 
 
-def _map(fn, jobs, workers: int, desc: str):
-    from tqdm import tqdm
-    if workers <= 1:
-        return [fn(j) for j in tqdm(jobs, desc=desc)]
-    with get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))
-
-
-def mean_std(values) -> tuple[float, float]:
-    v = np.asarray(values, float)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
 def label(method: str, mode: str) -> str:
@@ -75,7 +65,7 @@ def main(argv=None) -> dict:
     # 1. search: one seed per (setting, temperature, lr); select by validation ELBO
     grid = [replace(base, method=m, mode=mode, temperature=t, lr=lr, seed=0)
             for (m, mode), t, lr in itertools.product(SETTINGS, a.temperatures, a.lrs)]
-    search = _map(_run, [(c, cache) for c in grid], a.workers, "search")
+    search = parallel_map(_run, [(c, cache) for c in grid], a.workers, "search")
     best = {}
     for r in search:
         key = (r["config"]["method"], r["config"]["mode"])
@@ -83,7 +73,7 @@ def main(argv=None) -> dict:
             best[key] = r
     # 2. fresh seeds for the selected settings
     jobs = [replace(Config(**best[s]["config"]), seed=seed) for s in SETTINGS for seed in range(1, a.seeds + 1)]
-    final = _map(_run, [(c, cache) for c in jobs], a.workers, "seeds")
+    final = parallel_map(_run, [(c, cache) for c in jobs], a.workers, "seeds")
 
     rows = []
     for m, mode in SETTINGS:
@@ -119,12 +109,8 @@ def table_markdown(rows: list[dict], base: Config) -> str:
 
 
 def plot(final: list[dict], out: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install 'convex_sst[examples]')")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for m, mode in SETTINGS:
@@ -139,9 +125,7 @@ def plot(final: list[dict], out: Path) -> None:
     axes[0].set(xlabel="epoch", ylabel="validation edge precision (hard samples)")
     axes[1].set(xlabel="epoch", ylabel="validation ELBO per graph")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=100)
-    plt.close(fig)
+    savefig(fig, out / "learning_curves.png")
 
     # one held-out graph: true tree vs the hard sample of each relaxed method
     relaxed = [m for m, mode in SETTINGS if mode == "relaxed"]
@@ -163,9 +147,7 @@ def plot(final: list[dict], out: Path) -> None:
         ax.set_title(f"{title}\n{int((x & true).sum())}/{int(true.sum())} true edges", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(out / "trees.png", dpi=100)
-    plt.close(fig)
+    savefig(fig, out / "trees.png")
 
 
 if __name__ == "__main__":

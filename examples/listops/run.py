@@ -33,11 +33,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import random
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,9 @@ import torch
 from torch import nn
 
 import convex_sst as cs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))      # examples/_common.py
+from _common import mean_std, parallel_map, pyplot, savefig  # noqa: E402
 
 OPS = ("[MIN", "[MAX", "[MED")
 VOCAB = {t: i for i, t in enumerate(OPS + ("]",) + tuple(str(d) for d in range(10)))}
@@ -273,17 +276,6 @@ def _run(cfg: Config) -> dict:
     return train(cfg)
 
 
-def _map(fn, jobs, workers: int, desc: str):
-    from tqdm import tqdm
-    if workers <= 1:
-        return [fn(j) for j in tqdm(jobs, desc=desc)]
-    with get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))
-
-
-def mean_std(v) -> tuple[float, float]:
-    v = np.asarray(v, float)
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else 0.0)
 
 
 LABELS = {"arborescence": "arborescence SST (exp_family)", "independent": "independent arcs (Gumbel-sigmoid)",
@@ -307,7 +299,7 @@ def main(argv=None) -> dict:
         a.seeds = 1
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = [replace(base, method=m, seed=s) for m, s in itertools.product(a.methods, range(1, a.seeds + 1))]
-    runs = _map(_run, jobs, a.workers, "listops")
+    runs = parallel_map(_run, jobs, a.workers, "listops")
     rows = []
     for m in a.methods:
         rs = [r for r in runs if r["config"]["method"] == m]
@@ -344,10 +336,8 @@ def table_markdown(rows: list[dict], base: Config, refs: dict) -> str:
 
 
 def plot(runs: list[dict], methods, out: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
         for m in methods:
             rs = [r for r in runs if r["config"]["method"] == m]
@@ -358,11 +348,7 @@ def plot(runs: list[dict], methods, out: Path) -> None:
         axes[0].set(xlabel="epoch", ylabel="validation accuracy")
         axes[1].set(xlabel="epoch", ylabel="validation arc precision (hard samples)")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "learning_curves.png", dpi=100)
-        plt.close(fig)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'convex_sst[examples]')")
+        savefig(fig, out / "learning_curves.png")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ import torch
 from torch import nn
 
 import convex_sst as cs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))      # examples/_common.py
+from _common import mean_std, pyplot, savefig  # noqa: E402
 
 
 def make_model(n: int, hidden: int = 64) -> nn.Module:
@@ -84,8 +88,7 @@ def main(argv=None) -> dict:
         rs = [r for r in runs if r["n"] == n]
         row = {"n": n, "seeds": len(rs)}
         for k in ("elements_correct", "sequences_sorted"):
-            v = np.array([r["test"][k] for r in rs])
-            row[k] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+            row[k] = mean_std([r["test"][k] for r in rs])
         rows.append(row)
     md = [f"Sorting n numbers ~ U(0, 1) with Gumbel-Sinkhorn (birkhoff + entropy), t = {a.temperature}, "
           f"{a.steps} steps of batch {a.batch_size}; 1000 test sequences, mean ± std over seeds.", "",
@@ -99,10 +102,8 @@ def main(argv=None) -> dict:
     out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, "table": rows, "runs": runs}
     (a.out / "results.json").write_text(json.dumps(out, indent=1))
     (a.out / "results.md").write_text(md)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         for n in a.sizes:
             rs = [r for r in runs if r["n"] == n]
@@ -111,11 +112,7 @@ def main(argv=None) -> dict:
             ax.plot(steps, v.mean(0), label=f"n = {n}")
         ax.set(xlabel="step", ylabel="elements at the correct position", ylim=(0, 1.02))
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(a.out / "accuracy.png", dpi=100)
-        plt.close(fig)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'convex_sst[examples]')")
+        savefig(fig, a.out / "accuracy.png")
     return out
 
 

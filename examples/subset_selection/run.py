@@ -37,9 +37,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,9 @@ import torch
 from torch import nn
 
 import convex_sst as cs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))      # examples/_common.py
+from _common import mean_std, parallel_map, pyplot, savefig  # noqa: E402
 
 TASKS = {"xor": 2, "orange_skin": 4, "nonlinear_additive": 4, "switch": 5}   # task -> k
 METHODS = ("sst_exp_family", "sst_binary_entropy", "l2x", "score_function")
@@ -182,17 +185,6 @@ def _run(cfg: Config) -> dict:
     return train(cfg)
 
 
-def _map(fn, jobs, workers: int, desc: str):
-    from tqdm import tqdm
-    if workers <= 1:
-        return [fn(j) for j in tqdm(jobs, desc=desc)]
-    with get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))
-
-
-def mean_std(v) -> tuple[float, float]:
-    v = np.asarray(v, float)
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else 0.0)
 
 
 def main(argv=None) -> dict:
@@ -216,7 +208,7 @@ def main(argv=None) -> dict:
     grid = [replace(base, task=task, method=m, temperature=t, seed=0)
             for task, m, t in itertools.product(a.tasks, a.methods, a.temperatures)
             if m != "score_function" or t == a.temperatures[0]]
-    search = _map(_run, grid, a.workers, "search")
+    search = parallel_map(_run, grid, a.workers, "search")
     best = {}
     for r in search:
         key = (r["config"]["task"], r["config"]["method"])
@@ -224,7 +216,7 @@ def main(argv=None) -> dict:
             best[key] = r
     jobs = [replace(Config(**best[(task, m)]["config"]), seed=s)
             for task in a.tasks for m in a.methods for s in range(1, a.seeds + 1)]
-    final = _map(_run, jobs, a.workers, "seeds")
+    final = parallel_map(_run, jobs, a.workers, "seeds")
 
     rows = []
     for task in a.tasks:
@@ -259,12 +251,8 @@ def table_markdown(rows: list[dict], base: Config) -> str:
 
 
 def plot(final: list[dict], tasks, methods, out: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'convex_sst[examples]')")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -277,9 +265,7 @@ def plot(final: list[dict], tasks, methods, out: Path) -> None:
         ax.set(title=task, xlabel="epoch", ylim=(0, 1.02))
     axes[0, 0].set_ylabel("validation: relevant features selected")
     axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=100)
-    plt.close(fig)
+    savefig(fig, out / "learning_curves.png")
 
 
 if __name__ == "__main__":
