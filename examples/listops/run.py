@@ -297,11 +297,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=Config.epochs)
+    ap.add_argument("--num-train", type=int, default=Config.num_train)
     ap.add_argument("--temperature", type=float, default=Config.temperature)
     ap.add_argument("--mode", default=Config.mode, choices=["relaxed", "straight_through"])
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
-    base = Config(epochs=a.epochs, temperature=a.temperature, mode=a.mode)
+    base = Config(epochs=a.epochs, num_train=a.num_train, temperature=a.temperature, mode=a.mode)
     if a.quick:
         base = replace(base, epochs=1, num_train=300, num_test=100, max_len=16)
         a.seeds = 1
