@@ -296,6 +296,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("runs/listops"))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=Config.epochs)
     ap.add_argument("--num-train", type=int, default=Config.num_train)
     ap.add_argument("--temperature", type=float, default=Config.temperature)
@@ -307,7 +308,7 @@ def main(argv=None) -> dict:
         base = replace(base, epochs=1, num_train=300, num_test=100, max_len=16)
         a.seeds = 1
     a.out.mkdir(parents=True, exist_ok=True)
-    jobs = [replace(base, method=m, seed=s) for m, s in itertools.product(a.methods, range(1, a.seeds + 1))]
+    jobs = [replace(base, method=m, seed=s) for m, s in itertools.product(a.methods, range(a.first_seed, a.first_seed + a.seeds))]
     runs = parallel_map(_run, jobs, a.workers, "listops")
     rows = []
     for m in a.methods:
