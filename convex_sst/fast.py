@@ -21,9 +21,11 @@ k_subset            exp_family          marginals of p(x) ∝ exp(θᵀx) on k-s
                                         exact autograd backward
 birkhoff            entropy             log-domain Sinkhorn with a convergence test, implicit
                                         backward (one (n×n) solve per sample)
-spanning_tree       exp_family          matrix-tree theorem: log det of the Laplacian by a
-                                        cancellation-free log-space elimination (GTH), μ = ∇
-                                        log Z by autograd; stable at any temperature
+spanning_tree       exp_family          matrix-tree theorem: μ from one batched inverse of the
+                                        reduced Laplacian, closed-form backward; samples too
+                                        ill-conditioned for it use a cancellation-free
+                                        log-space elimination (GTH), μ = ∇ log Z by autograd;
+                                        exact at any temperature
 arborescence        exp_family          directed matrix-tree theorem (Koo et al. 2007), same
 ==================  ==================  ===================================================
 """
@@ -34,6 +36,7 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import InputError, SolverError, SolverWarning
@@ -497,32 +500,117 @@ def _neg(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 1e4  # "log 0" that keeps sums and gradients finite
 
 
+class _ArcMarginals(torch.autograd.Function):
+    """``μ[h, m] = w[h, m] (K[m, m] − K[m, h])`` with ``K`` the inverse of the reduced in-degree
+    Laplacian (zero row and column at the root), and its closed-form vector-Jacobian product.
+
+    With ``∂L̂/∂w[h, m] = (e_m − e_h) e_mᵀ``, the Jacobian of μ in θ = log w is
+    ``δ μ[h, m] − w[h, m] w[h', m'] (K[m, m'] − K[m, h']) (K[m', m] − K[m', h])``; contracted with
+    ``g`` it is ``g ∘ μ − w ∘ (Y[m', m'] − Y[m', h'])`` with ``Y = K X K`` and
+    ``X = diag(colsum G) − G``, ``G = g ∘ w``: two (n × n) products per sample.
+    """
+
+    @staticmethod
+    def forward(ctx, logw, mask, root, limit):
+        n = logw.shape[-1]
+        # columns shifted to max 0 (exact: every arborescence has one arc into each non-root vertex)
+        w = torch.exp(logw - logw.amax(1, keepdim=True)) * mask
+        keep = torch.tensor([v for v in range(n) if v != root], device=logw.device)
+        Lr = (torch.diag_embed(w.sum(1)) - w)[:, keep][:, :, keep]
+        Kr, info = torch.linalg.inv_ex(Lr)
+        cond = Lr.abs().sum(1).amax(1) * Kr.abs().sum(1).amax(1)
+        bad = (info != 0) | ~torch.isfinite(cond) | (cond > limit)
+        Kr = torch.where(bad[:, None, None], torch.zeros_like(Kr), Kr)
+        K = torch.zeros_like(w)
+        K[:, keep[:, None], keep[None, :]] = Kr
+        mu = w * (torch.diagonal(K, dim1=1, dim2=2)[:, None, :] - K.transpose(1, 2))
+        ctx.save_for_backward(w, K, mu)
+        ctx.mark_non_differentiable(bad)
+        return mu, bad
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _):
+        w, K, mu = ctx.saved_tensors
+        G = g * w
+        X = torch.diag_embed(G.sum(1)) - G
+        Y = K @ X @ K
+        return g * mu - w * (torch.diagonal(Y, dim1=1, dim2=2)[:, None, :] - Y.transpose(1, 2)), None, None, None
+
+
+class _EdgeMarginals(torch.autograd.Function):
+    """Undirected edge marginals ``μ_e = w_e b_eᵀ K b_e`` (``b_e = e_i − e_j``, ``K`` the inverse of
+    the Laplacian without vertex 0) and their closed-form vector-Jacobian product.
+
+    The Jacobian in θ = log w is ``δ_ef μ_e − w_e w_f (b_eᵀ K b_f)²``, so ``gᵀJ`` is
+    ``g ∘ μ − w ∘ (b_fᵀ Y b_f)`` with ``Y = K X K`` and ``X = Σ_e g_e w_e b_e b_eᵀ`` (the Laplacian
+    of the weights ``g ∘ w``). The Laplacian is Jacobi-scaled before the inverse; samples whose
+    scaled 1-norm condition number exceeds ``limit`` are flagged (their μ is zero).
+    """
+
+    @staticmethod
+    def forward(ctx, theta, index, n, limit):
+        lidx, lsrc, lsign, gidx = index
+        B, r = theta.shape[0], n - 1
+        w = torch.exp(theta - theta.amax(1, keepdim=True))
+        Lr = theta.new_zeros(B, r * r).index_add_(1, lidx, w[:, lsrc] * lsign.to(w.dtype)).view(B, r, r)
+        s = torch.rsqrt(torch.diagonal(Lr, dim1=1, dim2=2))
+        ss = s[:, :, None] * s[:, None, :]
+        Ls = Lr * ss
+        Ks, info = torch.linalg.inv_ex(Ls)
+        cond = Ls.abs().sum(1).amax(1) * Ks.abs().sum(1).amax(1)
+        bad = (info != 0) | ~torch.isfinite(cond) | (cond > limit)
+        K = torch.where(bad[:, None, None], 0.0, Ks * ss)
+        q = torch.nn.functional.pad(K, (1, 0, 1, 0)).reshape(B, n * n)[:, gidx].view(B, 3, -1)
+        mu = w * (q[:, 0] + q[:, 1] - 2.0 * q[:, 2])
+        ctx.index, ctx.n = index, n
+        ctx.save_for_backward(w, K, mu)
+        ctx.mark_non_differentiable(bad)
+        return mu, bad
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _):
+        w, K, mu = ctx.saved_tensors
+        lidx, lsrc, lsign, gidx = ctx.index
+        B, n = w.shape[0], ctx.n
+        G = g * w
+        X = G.new_zeros(B, (n - 1) ** 2).index_add_(1, lidx, G[:, lsrc] * lsign.to(G.dtype)).view(B, n - 1, n - 1)
+        Y = K @ X @ K
+        q = torch.nn.functional.pad(Y, (1, 0, 1, 0)).reshape(B, n * n)[:, gidx].view(B, 3, -1)
+        return g * mu - w * (q[:, 0] + q[:, 1] - 2.0 * q[:, 2]), None, None, None
+
+
+def _edge_index(polytope: Polytope, device: torch.device):
+    """Index arrays of :class:`_EdgeMarginals` for the polytope's edge list (cached per device)."""
+    key = ("edge_marginal_index", str(device))
+    if key not in polytope.cache:
+        n = int(polytope.params["n"])
+        r = n - 1
+        lidx, lsrc, lsign = [], [], []
+        for e, (i, j) in enumerate(polytope.data["E"].tolist()):
+            for a, b, sign in ((i, i, 1.0), (j, j, 1.0), (i, j, -1.0), (j, i, -1.0)):
+                if a and b:  # vertex 0 is dropped
+                    lidx.append((a - 1) * r + (b - 1))
+                    lsrc.append(e)
+                    lsign.append(sign)
+        E = polytope.data["E"]
+        gidx = [E[:, 0] * (n + 1), E[:, 1] * (n + 1), E[:, 0] * n + E[:, 1]]
+        polytope.cache[key] = (torch.as_tensor(lidx, device=device), torch.as_tensor(lsrc, device=device),
+                               torch.as_tensor(lsign, device=device), torch.as_tensor(np.concatenate(gidx), device=device))
+    idx = polytope.cache[key]
+    return idx
+
+
 def _inverse_marginals(logw: torch.Tensor, mask: torch.Tensor, root: int, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Arc marginals from the explicit inverse (fast), and which samples are too ill-conditioned.
 
-    Columns are shifted to max 0 first (exact: every arborescence has one arc into each
-    non-root vertex). ``μ[h, m] = w[h, m] (L̂⁻¹[m, m] − L̂⁻¹[m, h])`` (Koo et al. 2007). Samples
-    whose 1-norm condition estimate exceeds ``limit`` (or that are singular in floating point)
-    are flagged; their rows of μ are meaningless and must be replaced.
+    ``μ[h, m] = w[h, m] (L̂⁻¹[m, m] − L̂⁻¹[m, h])`` (Koo et al. 2007), one batched inverse, the
+    backward in closed form (:class:`_ArcMarginals`). Samples whose
+    1-norm condition number exceeds ``limit`` (or that are singular in floating point) are
+    flagged; their rows of μ are zero and must be replaced.
     """
-    n = logw.shape[-1]
-    top = logw.max(1, keepdim=True).values.detach()
-    w = torch.exp(logw - top) * mask
-    L = torch.diag_embed(w.sum(1)) - w
-    keep = torch.tensor([v for v in range(n) if v != root], device=logw.device)
-    Lr = L[:, keep][:, :, keep]
-    with torch.no_grad():
-        Linv0, info = torch.linalg.inv_ex(Lr)
-        cond = Lr.abs().sum(1).max(1).values * Linv0.abs().sum(1).max(1).values
-        bad = (info != 0) | ~torch.isfinite(cond) | (cond > limit)
-    eye = torch.eye(n - 1, dtype=logw.dtype, device=logw.device)
-    Linv = torch.linalg.inv(torch.where(bad[:, None, None], eye, Lr))
-    pos = torch.arange(n, device=logw.device)
-    pos = pos - (pos > root).long()
-    notroot = (torch.arange(n, device=logw.device) != root).to(logw.dtype)
-    full = Linv[:, pos][:, :, pos] * notroot[:, None] * notroot[None, :]
-    diag = torch.diagonal(full, dim1=1, dim2=2)
-    return w * (diag[:, None, :] - full.transpose(1, 2)), bad
+    return _ArcMarginals.apply(logw, mask.to(logw.dtype), root, limit)
 
 
 def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_range: float | None,
@@ -563,19 +651,33 @@ def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: 
                             method: str = "auto") -> torch.Tensor:
     """Edge marginals of ``p(x) ∝ exp(θᵀx)`` over spanning trees (matrix-tree theorem).
 
-    Spanning trees of the graph correspond one-to-one, with equal weight, to arborescences
-    rooted at 0 of its symmetric digraph, so ``μ_e = μ_{i→j} + μ_{j→i}`` of the directed
-    problem. ``method="auto"`` (default) computes it from the explicit inverse of the reduced
-    Laplacian (one batched ``linalg.inv``) where that is well conditioned, and by the
-    cancellation-free log-space elimination :func:`log_partition_arborescences` elsewhere, so
-    it is exact at any temperature (no clipping needed; tested at t = 1e-3 with |u| ~ 1e3);
-    ``"inverse"`` / ``"elimination"`` force one. ``max_range`` optionally clips logits to within
-    that distance of their max, as the paper's code does; default None. Backward by autograd
-    (exact). Cost O(n³) per sample.
+    ``μ_e = w_e b_eᵀ L̂⁻¹ b_e`` with ``L̂`` the Laplacian of ``w = exp θ`` without vertex 0 and
+    ``b_e = e_i − e_j``; ``L̂⁻¹`` by one batched inverse of the Jacobi-scaled Laplacian, the
+    backward in closed form (:class:`_EdgeMarginals`). ``method="auto"``
+    (default) uses that where the scaled Laplacian's condition number is below 1e5 (float64;
+    1e2 in float32) and, for the remaining samples, the cancellation-free log-space elimination
+    :func:`log_partition_arborescences` on the symmetric digraph (spanning trees are the
+    arborescences rooted at 0, ``μ_e = μ_{i→j} + μ_{j→i}``), so it is exact at any temperature
+    (no clipping needed; tested at t = 1e-3 with |u| ~ 1e3); ``"inverse"`` / ``"elimination"``
+    force one. ``max_range`` optionally clips logits to within that distance of their max, as
+    the paper's code does; default None. Cost O(n³) per sample.
     """
     n = int(polytope.params["n"])
+    if method not in ("auto", "inverse", "elimination"):
+        raise InputError(f"method must be 'auto', 'inverse' or 'elimination', got {method!r}")
+    if max_range is not None:
+        theta = theta.clamp_min(theta.amax(1, keepdim=True).detach() - float(max_range))
     E = torch.as_tensor(polytope.data["E"], device=theta.device)
     i, j = E[:, 0], E[:, 1]
+    if method != "elimination":
+        limit = (1e5 if theta.dtype == torch.float64 else 1e2) if method == "auto" else math.inf
+        mu, bad = _EdgeMarginals.apply(theta, _edge_index(polytope, theta.device), n, limit)
+        if not bool(bad.any()):
+            return mu
+        rows = bad.nonzero()[:, 0]
+        return mu.index_put((rows,), spanning_tree_marginals(theta[rows], polytope, method="elimination"))
+    # log-space elimination on the symmetric digraph: spanning trees correspond one-to-one, with
+    # equal weight, to arborescences rooted at 0, so μ_e = μ_{i→j} + μ_{j→i}
     mask = torch.zeros(n, n, dtype=torch.bool, device=theta.device)
     mask[i, j] = True
     mask[j, i] = True
@@ -585,7 +687,7 @@ def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: 
         sym = sym.index_put((torch.arange(t.shape[0], device=t.device)[:, None], i[None, :], j[None, :]), t)
         return sym.index_put((torch.arange(t.shape[0], device=t.device)[:, None], j[None, :], i[None, :]), t)
 
-    mu = _tree_marginals(theta, mask, 0, max_range, pack, method)
+    mu = _tree_marginals(theta, mask, 0, None, pack, "elimination")
     return mu[:, i, j] + mu[:, j, i]
 
 
