@@ -71,6 +71,8 @@ class StandardForm:
     spairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # flat position in (m·m), position in (nb·s·s), coefficient
     domL: np.ndarray       # (n,) bounds that are only the regularizer's open domain (never active)
     domU: np.ndarray
+    structure: str         # 'diagonal', 'star' or 'dense': how the blocks are inverted
+    coef: tuple[np.ndarray, np.ndarray, np.ndarray]  # 'star': leaf rows and coefficients α, β
     cache: dict
 
 
@@ -80,6 +82,47 @@ def _true_x_range(P: Polytope) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = zip(*(P.lp.z_range(j) for j in range(P.size)))
         P.cache[key] = (np.asarray(lo), np.asarray(hi))
     return P.cache[key]
+
+
+def _block_structure(G: np.ndarray, groups: list[list[int]]) -> tuple[str, list[list[int]], list[list[int]]]:
+    """Classify the blocks of ``D + Gᵀ Σ G`` for a closed-form inverse.
+
+    * ``'diagonal'``: no inequality rows;
+    * ``'star'``: in every block, each row has two variables, one of them the block's *hub*
+      (shared by all its rows) and the other a *leaf* in no other row (the capacity rows
+      ``f ≤ y`` of flow formulations); the hub is moved to position 0 of its group;
+    * ``'dense'``: anything else (block Cholesky).
+
+    Returns the structure, the (reordered) groups and, per group, the rows of its leaves in
+    order (``'star'``).
+    """
+    if G.shape[0] == 0:
+        return "diagonal", groups, [[] for _ in groups]
+    nz = [np.flatnonzero(G[r]) for r in range(G.shape[0])]
+    rows_of: dict[int, list[int]] = {}
+    for r, cols in enumerate(nz):
+        for c in cols:
+            rows_of.setdefault(int(c), []).append(r)
+    block_rows = [sorted({r for j in g for r in rows_of.get(j, [])}) for g in groups]
+    star_groups, leaf_rows = [], []
+    for g, rs in zip(groups, block_rows):
+        if not rs:
+            star_groups.append(g)
+            leaf_rows.append([])
+            continue
+        if any(len(nz[r]) != 2 for r in rs):
+            return "dense", groups, block_rows
+        common = set(nz[rs[0]].tolist())
+        for r in rs[1:]:
+            common &= set(nz[r].tolist())
+        hubs = [j for j in common if len(rs) > 1 or j == g[0]] or sorted(common)
+        hub = int(hubs[0])
+        leaves = [int(c) for r in rs for c in nz[r] if c != hub]
+        if len(set(leaves)) != len(leaves) or len(leaves) + 1 != len(g):
+            return "dense", groups, block_rows
+        star_groups.append([hub] + leaves)
+        leaf_rows.append(list(rs))
+    return "star", star_groups, leaf_rows
 
 
 def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
@@ -147,6 +190,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     for j in range(n):
         comps.setdefault(sets.find(j), []).append(j)
     groups = list(comps.values())
+    structure, groups, leaf_rows = _block_structure(G, groups)
     size = max(len(g) for g in groups) if groups else 1
     blocks = np.full((len(groups), size), n, dtype=np.int64)
     where = np.zeros((n, 2), dtype=np.int64)
@@ -175,9 +219,21 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
                 sidx.append((bi * size + i1) * size + i2)
                 scoef.append(v1 * v2)
     spairs = (np.asarray(sflat, dtype=np.int64), np.asarray(sidx, dtype=np.int64), np.asarray(scoef, dtype=float))
+    # per-block coefficients for the closed-form block inverses
+    p_rows = G.shape[0]
+    if structure == "star":  # leaf l of block b sits in row leaf_row[b, l] with the hub (position 0)
+        lrow = np.full((len(groups), size - 1), p_rows, dtype=np.int64)
+        alpha = np.zeros((len(groups), size - 1))
+        beta = np.zeros((len(groups), size - 1))
+        for bi, g in enumerate(groups):
+            for li, (j, r) in enumerate(zip(g[1:], leaf_rows[bi])):
+                lrow[bi, li], alpha[bi, li], beta[bi, li] = r, G[r, j], G[r, g[0]]
+        coef = (lrow, alpha, beta)
+    else:
+        coef = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
     sf = StandardForm(A, b, G, h, L, U, dfree, free, fixed_x, xlo[fixed_x],
                       reg.domain if reg.open_domain else (-math.inf, math.inf), blocks, gpairs, spairs,
-                      domL, domU, {})
+                      domL, domU, structure, coef, {})
     P.cache[key] = sf
     return sf
 
@@ -200,6 +256,10 @@ def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict
             "sflat": torch.as_tensor(sf.spairs[0], device=device),
             "sidx": torch.as_tensor(sf.spairs[1], device=device),
             "scoef": t(sf.spairs[2]),
+            "structure": sf.structure,
+            "crow": torch.as_tensor(sf.coef[0], device=device),
+            "calpha": t(sf.coef[1]),
+            "cbeta": t(sf.coef[2]),
         }
     return sf.cache[key]
 
@@ -241,10 +301,32 @@ class _Newton:
         nb, sz = blocks.shape
         self.T, self.n = T, n
         Dpad = torch.cat([D, torch.ones(B, 1, dtype=D.dtype, device=D.device)], 1)
-        self.diagonal = sz == 1  # no inequality rows: M is diagonal
-        if self.diagonal:
+        self.kind = "diagonal" if sz == 1 else T["structure"]
+        if self.kind == "diagonal":  # no inequality rows: M is diagonal
             self.Dinv = 1.0 / D
             self.Minv = (1.0 / Dpad[:, blocks])[..., None]  # (B, nb, 1, 1)
+            self._schur(T, D, B)
+            return
+        if self.kind == "star":
+            # hub h (position 0), leaves l in rows α l + β h ≤ ·: eliminate the leaves. Every
+            # term is positive (no cancellation) however far the barrier spreads D and Σ. As in
+            # the block Cholesky below, a relative ridge of 1e-15 on the diagonal of M keeps the
+            # steps of nearly tied variables (σ → ∞ at the end) from amplifying rounding errors.
+            zero = torch.zeros(B, 1, dtype=D.dtype, device=D.device)
+            sig = torch.cat([Sig, zero], 1)[:, T["crow"]] if Sig is not None else torch.zeros(B, *T["crow"].shape, dtype=D.dtype, device=D.device)
+            al, be = T["calpha"], T["cbeta"]
+            rr = 1e-15 if D.dtype == torch.float64 else 1e-7
+            sa, sb = sig * al * al, sig * be * be
+            Dh, Dl = Dpad[:, blocks[:, 0]], Dpad[:, blocks[:, 1:]]
+            Dh = Dh + rr * (Dh + sb.sum(-1))
+            Dl = Dl + rr * (Dl + sa)
+            self.q = Dl + sa                                # (B, nb, s-1)
+            self.c = sig * al * be / self.q
+            self.Sh = Dh + (sb * Dl / self.q).sum(-1)       # (B, nb)
+            vec = torch.cat([torch.ones_like(self.Sh)[..., None], -self.c], -1)  # (B, nb, s)
+            Minv = (1.0 / self.Sh)[..., None, None] * vec[..., :, None] * vec[..., None, :]
+            Minv[..., 1:, 1:] += torch.diag_embed(1.0 / self.q)
+            self.Minv = Minv
             self._schur(T, D, B)
             return
         M = torch.diag_embed(Dpad[:, blocks])  # (B, nb, sz, sz)
@@ -281,13 +363,17 @@ class _Newton:
                 self.Lc, _ = torch.linalg.cholesky_ex(S + 1e4 * ridge * eye)
 
     def minv(self, v: torch.Tensor) -> torch.Tensor:
-        """``M⁻¹ v`` by triangular solves with the block factors (accurate, unlike the inverse)."""
-        if self.diagonal:
+        """``M⁻¹ v``: closed form for stars, else triangular solves with the block factors."""
+        if self.kind == "diagonal":
             return v * self.Dinv
         B = v.shape[0]
         blocks = self.T["blocks"]
         vp = torch.cat([v, torch.zeros(B, 1, dtype=v.dtype, device=v.device)], 1)[:, blocks]
-        out = torch.cholesky_solve((vp * self.bsc)[..., None], self.Lb)[..., 0] * self.bsc
+        if self.kind == "star":
+            h = (vp[..., 0] - (self.c * vp[..., 1:]).sum(-1)) / self.Sh
+            out = torch.cat([h[..., None], vp[..., 1:] / self.q - self.c * h[..., None]], -1)
+        else:
+            out = torch.cholesky_solve((vp * self.bsc)[..., None], self.Lb)[..., 0] * self.bsc
         res = torch.zeros(B, self.n + 1, dtype=v.dtype, device=v.device)
         res[:, blocks.reshape(-1)] = out.reshape(B, -1)
         return res[:, : self.n]
@@ -337,12 +423,11 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     active = torch.ones(B, dtype=torch.bool, device=device)
     iters = torch.zeros(B, dtype=torch.long, device=device)
     one = torch.ones((), dtype=dtype, device=device)
-    history: list[torch.Tensor] = []
 
-    def state(z, y, s, lam, zl, zu):
+    def state(th, sc, z, y, s, lam, zl, zu):
         x = z[:, :d]
         g = eps_aux * z
-        g[:, :d] = reg.grad(x) - theta
+        g[:, :d] = reg.grad(x) - th
         hh = torch.full_like(z, eps_aux)
         hh[:, :d] = reg.hess(x)
         rd = g + y @ A - zl + zu + (lam @ G if p else 0.0)
@@ -352,7 +437,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         gu = torch.where(hasU, Ub - z, one)
         mu = ((gl * zl).sum(1) + (gu * zu).sum(1) + (s * lam).sum(1)) / ncomp
         D = hh + torch.where(hasL, zl / gl, torch.zeros_like(z)) + torch.where(hasU, zu / gu, torch.zeros_like(z))
-        r = (rd.abs() / D.clamp_min(1.0)).amax(1) / scale
+        r = (rd.abs() / D.clamp_min(1.0)).amax(1) / sc
         if m:
             r = torch.maximum(r, rp.abs().amax(1))
         if p:
@@ -360,49 +445,65 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         # complementarity 1000x tighter: a weakly active bound's gap shrinks only like sqrt(mu)
         return hh, rd, rp, rs, gl, gu, mu, D, torch.maximum(r, 1e3 * mu)
 
-    best = [z, y, s, lam, zl, zu]
+    best = [v.clone() for v in (z, y, s, lam, zl, zu)]
     best_res = torch.full((B,), math.inf, dtype=dtype, device=device)
+    history = torch.full((max_iter, B), math.inf, dtype=dtype, device=device)
     for it in range(max_iter):
-        hh, rd, rp, rs, gl, gu, mu, D, resid = state(z, y, s, lam, zl, zu)
+        # each iteration works on the rows still running only: the batch's stragglers (a few
+        # degenerate samples) then cost a fraction of a full-batch iteration
+        ix = active.nonzero()[:, 0]
+        if ix.numel() == 0:
+            break
+        th, sc = theta[ix], scale[ix]
+        zz, yy, ss, ll, zlz, zuz = z[ix], y[ix], s[ix], lam[ix], zl[ix], zu[ix]
+        hh, rd, rp, rs, gl, gu, mu, D, resid = state(th, sc, zz, yy, ss, ll, zlz, zuz)
         # keep each row's best iterate: degenerate duals (dependent active constraints) can drift
         # once the primal has converged, and a drifting row is stopped and rolled back
-        better = torch.isfinite(resid) & (resid < best_res)
-        best = [torch.where(better[:, None], v, bv) for v, bv in zip((z, y, s, lam, zl, zu), best)]
-        best_res = torch.where(better, resid, best_res)
+        bres = best_res[ix]
+        better = torch.isfinite(resid) & (resid < bres)
+        for v, bv in zip((zz, yy, ss, ll, zlz, zuz), best):
+            bv[ix] = torch.where(better[:, None], v, bv[ix])
+        bres = torch.where(better, resid, bres)
+        best_res[ix] = bres
+        history[it, ix] = resid
         done = resid <= tol
-        history.append(resid)
-        if len(history) > 8:  # a row that stopped improving near its floating-point floor stops here
-            done = done | ((resid > 0.5 * history[-9]) & (best_res <= accept))
-        done = done | (resid > 100 * best_res)
-        active = active & ~done & torch.isfinite(resid)
-        if not bool(active.any()):
+        if it >= 8:  # a row that stopped improving near its floating-point floor stops here
+            done = done | ((resid > 0.5 * history[it - 8, ix]) & (bres <= accept))
+        done = done | (resid > 100 * bres) | ~torch.isfinite(resid)
+        active[ix] = ~done
+        keep = (~done).nonzero()[:, 0]
+        if keep.numel() == 0:
             break
+        if keep.numel() < ix.numel():
+            ix = ix[keep]
+            th, zz, yy, ss, ll, zlz, zuz = th[keep], zz[keep], yy[keep], ss[keep], ll[keep], zlz[keep], zuz[keep]
+            hh, rd, rp, rs, gl, gu, mu, D = hh[keep], rd[keep], rp[keep], rs[keep], gl[keep], gu[keep], mu[keep], D[keep]
         sigma = torch.where(mu > 1e-2, 0.2, 0.05).to(dtype)
         target = (sigma * mu)[:, None]
-        rcl = torch.where(hasL, gl * zl - target, torch.zeros_like(z))
-        rcu = torch.where(hasU, gu * zu - target, torch.zeros_like(z))
-        rc = s * lam - target
-        Sig = lam / s if p else None
+        rcl = torch.where(hasL, gl * zlz - target, torch.zeros_like(zz))
+        rcu = torch.where(hasU, gu * zuz - target, torch.zeros_like(zz))
+        rc = ss * ll - target
+        Sig = ll / ss if p else None
         rt = rd + rcl / gl - rcu / gu
         if p:
-            rt = rt + ((-rc + lam * rs) / s) @ G
+            rt = rt + ((-rc + ll * rs) / ss) @ G
         newton = _Newton(T, D, Sig)
         dz, dy = newton.solve(-rt, -rp if m else None)
         if p:
             ds = -rs - dz @ G.T
-            dlam = (-rc - lam * ds) / s
-        dzl = torch.where(hasL, (-rcl - zl * dz) / gl, torch.zeros_like(z))
-        dzu = torch.where(hasU, (-rcu + zu * dz) / gu, torch.zeros_like(z))
-        inf = torch.full_like(z, math.inf)
+            dlam = (-rc - ll * ds) / ss
+        dzl = torch.where(hasL, (-rcl - zlz * dz) / gl, torch.zeros_like(zz))
+        dzu = torch.where(hasU, (-rcu + zuz * dz) / gu, torch.zeros_like(zz))
+        inf = torch.full_like(zz, math.inf)
         amax = torch.minimum(torch.where(hasL & (dz < 0), gl / -dz, inf).amin(1),
                              torch.where(hasU & (dz > 0), gu / dz, inf).amin(1))
-        amax = torch.minimum(amax, torch.where(dzl < 0, zl / -dzl, inf).amin(1))
-        amax = torch.minimum(amax, torch.where(dzu < 0, zu / -dzu, inf).amin(1))
+        amax = torch.minimum(amax, torch.where(dzl < 0, zlz / -dzl, inf).amin(1))
+        amax = torch.minimum(amax, torch.where(dzu < 0, zuz / -dzu, inf).amin(1))
         if p:
-            infp = torch.full_like(s, math.inf)
-            amax = torch.minimum(amax, torch.where(ds < 0, s / -ds, infp).amin(1))
-            amax = torch.minimum(amax, torch.where(dlam < 0, lam / -dlam, infp).amin(1))
-        x, dx = z[:, :d], dz[:, :d]
+            infp = torch.full_like(ss, math.inf)
+            amax = torch.minimum(amax, torch.where(ds < 0, ss / -ds, infp).amin(1))
+            amax = torch.minimum(amax, torch.where(dlam < 0, ll / -dlam, infp).amin(1))
+        x, dx = zz[:, :d], dz[:, :d]
         if math.isfinite(dlo):
             amax = torch.minimum(amax, torch.where(dx < 0, (x - dlo) / -dx, inf[:, :d]).amin(1))
         if math.isfinite(dhi):
@@ -413,21 +514,21 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             finite = finite & torch.isfinite(dy).all(1)
         if p:
             finite = finite & torch.isfinite(ds).all(1) & torch.isfinite(dlam).all(1)
-        active = active & finite  # a row whose step broke down stops here (reported as not converged)
-        a = torch.where(active, alpha, torch.zeros_like(alpha))[:, None]
-        z = z + a * torch.nan_to_num(dz)
-        zl = zl + a * torch.nan_to_num(dzl)
-        zu = zu + a * torch.nan_to_num(dzu)
+        active[ix] = finite  # a row whose step broke down stops here (reported as not converged)
+        a = torch.where(finite, alpha, torch.zeros_like(alpha))[:, None]
+        z[ix] = zz + a * torch.nan_to_num(dz)
+        zl[ix] = zlz + a * torch.nan_to_num(dzl)
+        zu[ix] = zuz + a * torch.nan_to_num(dzu)
         if m:
-            y = y + a * torch.nan_to_num(dy)
+            y[ix] = yy + a * torch.nan_to_num(dy)
         if p:
-            s = s + a * torch.nan_to_num(ds)
-            lam = lam + a * torch.nan_to_num(dlam)
-        iters = iters + active.long()
-    hh, rd, rp, rs, gl, gu, mu, D, resid = state(z, y, s, lam, zl, zu)
+            s[ix] = ss + a * torch.nan_to_num(ds)
+            lam[ix] = ll + a * torch.nan_to_num(dlam)
+        iters[ix] += finite.long()
+    hh, rd, rp, rs, gl, gu, mu, D, resid = state(theta, scale, z, y, s, lam, zl, zu)
     better = torch.isfinite(resid) & (resid < best_res)
     z, y, s, lam, zl, zu = [torch.where(better[:, None], v, bv) for v, bv in zip((z, y, s, lam, zl, zu), best)]
-    hh, rd, rp, rs, gl, gu, mu, D, resid = state(z, y, s, lam, zl, zu)
+    hh, rd, rp, rs, gl, gu, mu, D, resid = state(theta, scale, z, y, s, lam, zl, zu)
     # The backward solves the reduced KKT system of the limit problem: constraints whose slack is
     # (numerically) zero are active and enforced by a penalty, the others are dropped. Classifying
     # by the slack is robust to degenerate multipliers (dependent active constraints, as in flow
