@@ -15,10 +15,10 @@ simplex, k_subset   entropy, binary     ``x = clamp(ψ(θ − τ), 0, 1)``, τ b
 hypercube           binary_entropy      sigmoid
 hypercube           quadratic           clamp to [0, 1]
 simplex, hypercube  exp_family          softmax, sigmoid (the mean parameters)
-k_subset            exp_family          marginals of p(x) ∝ exp(θᵀx) on k-subsets: log e_k by a
-                                        polynomial product tree (⌈log₂ n⌉ batched steps; linear
-                                        space, log space where that underflows), μ = ∇ log e_k,
-                                        exact autograd backward
+k_subset            exp_family          marginals of p(x) ∝ exp(θᵀx) on k-subsets: up/down
+                                        passes of a polynomial product tree (⌈log₂ n⌉ batched
+                                        steps, linear space; log space where that underflows),
+                                        backward = forward-mode pass with tangents (Cov·g)
 birkhoff            entropy             log-domain Sinkhorn with a convergence test, implicit
                                         backward (one (n×n) solve per sample)
 spanning_tree       exp_family          matrix-tree theorem: μ from one batched inverse of the
@@ -234,67 +234,156 @@ def _linear_shift(theta: torch.Tensor, k: int) -> torch.Tensor:
     return torch.maximum(top.mean(1, keepdim=True), top[:, :1] - _linear_range(theta.dtype) / k)
 
 
-def elementary_symmetric_linear(theta: torch.Tensor, k: int) -> torch.Tensor:
-    """``log e_k(exp θ)`` by a product tree of polynomials in linear space: ``(B, n) -> (B,)``.
+_SUM_MAPS: dict = {}
 
-    Weights ``exp(θ − s)`` (``s`` from :func:`_linear_shift`) make every coefficient a sum of
-    positive terms (no cancellation) bounded by ``C(n, k)·e^L``. Each tree level is one batched
-    Toeplitz contraction (no exp/log inside), so this is several times faster than the log-space
-    version; the dominant term underflows when the k largest logits spread too far, which the
-    caller detects and hands to :func:`log_elementary_symmetric`.
+
+def _poly_mul(P: torch.Tensor, Q: torch.Tensor, deg: int) -> torch.Tensor:
+    """Product of polynomials (coefficients along the last dim, low to high; leading dims
+    broadcast) truncated to degree ``deg``: shift-and-add over a short factor, otherwise one
+    outer product contracted with a 0/1 anti-diagonal map (a matmul)."""
+    if P.shape[-1] < Q.shape[-1]:
+        P, Q = Q, P
+    a, b = P.shape[-1], Q.shape[-1]
+    d = min(a + b - 2, deg)
+    if b <= 3:
+        out = P.new_zeros(torch.broadcast_shapes(P.shape[:-1], Q.shape[:-1]) + (d + 1,))
+        for j in range(min(b, d + 1)):
+            m = min(a, d + 1 - j)
+            out[..., j : j + m].addcmul_(Q[..., j : j + 1], P[..., :m])
+        return out
+    key = (a, b, d, P.dtype, str(P.device))
+    if key not in _SUM_MAPS:
+        i = torch.arange(a, device=P.device)[:, None] + torch.arange(b, device=P.device)[None, :]
+        _SUM_MAPS[key] = (i.reshape(-1, 1) == torch.arange(d + 1, device=P.device)[None, :]).to(P.dtype)
+    return (P[..., :, None] * Q[..., None, :]).flatten(-2) @ _SUM_MAPS[key]
+
+
+def _pairs(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left and right members of consecutive pairs of ``P: (B, p, a)``; an odd last polynomial is
+    paired with the constant 1."""
+    if P.shape[1] % 2:
+        one = torch.zeros_like(P[:, :1])
+        one[..., 0] = 1.0
+        P = torch.cat([P, one], 1)
+    return P[:, 0::2], P[:, 1::2]
+
+
+def _pad_to(O: torch.Tensor, k: int) -> torch.Tensor:
+    return O if O.shape[-1] >= k else torch.nn.functional.pad(O, (0, k - O.shape[-1]))
+
+
+def _tree_passes(w: torch.Tensor, k: int, wdot: torch.Tensor | None = None, saved=None):
+    """Up and down passes of the product tree of ``Π_i (1 + w_i z)`` over ``w: (B, n)``, k ≥ 1.
+
+    Returns ``(e, c, saved)``: ``e (B, k+1)`` the truncated product (``e[:, j] = e_j(w)``) and
+    ``c (B, n)`` with ``c[:, i] = e_{k−1}(w_{−i})`` (the other items' product, by the down pass
+    of "outside" polynomials; the last level takes only the coefficient it needs). With
+    ``wdot`` (and the primal pass's ``saved``), the same for the tangent ``d/ds`` at
+    ``w + s·wdot``: the forward-mode derivative, by the product rule.
     """
-    B, n = theta.shape
-    shift = _linear_shift(theta, k)
-    w = torch.exp(theta - shift)
-    size = 1 << max(0, (n - 1).bit_length())
-    w = torch.cat([w, torch.zeros(B, size - n, dtype=w.dtype, device=w.device)], 1)
-    polys = torch.stack([torch.ones_like(w), w], -1)  # (B, size, 2): 1 + w_i z
-    while polys.shape[1] > 1:
-        P, Q = polys[:, 0::2], polys[:, 1::2]
-        a = P.shape[-1]
-        deg = min(2 * (a - 1), k)
-        d = torch.arange(deg + 1, device=w.device)[None, :] - torch.arange(a, device=w.device)[:, None]
-        valid = ((d >= 0) & (d < a)).to(w.dtype)
-        T = Q[..., d.clamp(0, a - 1)] * valid  # Toeplitz: T[i, m] = Q[m - i]
-        polys = torch.einsum("bpi,bpim->bpm", P, T)
-    return torch.log(polys[:, 0, k]) + k * shift[:, 0]
+    B, n = w.shape
+    # leaves paired at once: level 1 holds (1 + w_a z)(1 + w_b z) = 1 + (w_a + w_b) z + w_a w_b z²
+    wa, wb = (w[:, 0::2], torch.cat([w[:, 1::2], w.new_zeros(B, n % 2)], 1))
+    if saved is None:
+        ups = [torch.stack([torch.ones_like(wa), wa + wb, wa * wb], -1)[..., : k + 1]]
+        while ups[-1].shape[1] > 1:
+            ups.append(_poly_mul(*_pairs(ups[-1]), k))
+        outs = [w.new_ones(B, 1, 1)]
+        for P in reversed(ups[:-1]):
+            L, R = _pairs(P)
+            O = outs[-1][:, :, None, :]
+            outs.append(_poly_mul(O, torch.stack([R, L], 2), k - 1).flatten(1, 2)[:, : P.shape[1]])
+        O = _pad_to(outs[-1], k)                      # (B, p1, k): outside of each leaf pair
+        hi, lo = O[..., k - 1], (O[..., k - 2] if k >= 2 else torch.zeros_like(O[..., 0]))
+        c = torch.stack([hi + wb * lo, hi + wa * lo], -1).flatten(1)[:, :n]
+        return ups[-1][:, 0], c, (ups, outs)
+    ups, outs = saved
+    da, db = (wdot[:, 0::2], torch.cat([wdot[:, 1::2], w.new_zeros(B, n % 2)], 1))
+    dups = [torch.stack([torch.zeros_like(wa), da + db, da * wb + wa * db], -1)[..., : k + 1]]
+    for lvl in range(1, len(ups)):
+        (L, R), (dL, dR) = _pairs(ups[lvl - 1]), _pairs(dups[lvl - 1])
+        both = _poly_mul(torch.stack([dL, L]), torch.stack([R, dR]), k)
+        dups.append(both[0] + both[1])
+    douts = [w.new_zeros(B, 1, 1)]
+    for lvl in range(len(ups) - 2, -1, -1):
+        O, dO = outs[len(douts) - 1][:, :, None, :], douts[-1][:, :, None, :]
+        (L, R), (dL, dR) = _pairs(ups[lvl]), _pairs(dups[lvl])
+        both = _poly_mul(torch.stack([dO, O]), torch.stack([torch.stack([R, L], 2), torch.stack([dR, dL], 2)]), k - 1)
+        douts.append((both[0] + both[1]).flatten(1, 2)[:, : ups[lvl].shape[1]])
+    O, dO = _pad_to(outs[-1], k), _pad_to(douts[-1], k)
+    zero = torch.zeros_like(O[..., 0])
+    hi, lo = O[..., k - 1], (O[..., k - 2] if k >= 2 else zero)
+    dhi, dlo = dO[..., k - 1], (dO[..., k - 2] if k >= 2 else zero)
+    dc = torch.stack([dhi + db * lo + wb * dlo, dhi + da * lo + wa * dlo], -1).flatten(1)[:, :n]
+    return dups[-1][:, 0], dc, None
+
+
+class _KSubsetMarginals(torch.autograd.Function):
+    """``μ_i = w_i e_{k−1}(w_{−i}) / e_k(w)`` by the up/down product tree in linear space, and
+    its vector-Jacobian product ``Cov·g`` (the Jacobian is the covariance, symmetric) as the
+    forward-mode derivative of μ along g: a second pass over the tree with tangents.
+
+    ``w = exp(θ − s)`` with ``s`` from :func:`_linear_shift`; ``ok`` flags the rows whose
+    dominant term survived (``e_k`` at least half the product of the k largest weights, and
+    above the underflow floor); the others must be recomputed in log space.
+    """
+
+    @staticmethod
+    def forward(ctx, theta, k):
+        shift = _linear_shift(theta, k)
+        w = torch.exp(theta - shift)
+        e, c, saved = _tree_passes(w, k)
+        Z = e[:, k]
+        top = (theta.topk(k, dim=1).values - shift).sum(1)
+        logZ = torch.log(Z)
+        ok = torch.isfinite(logZ) & (logZ > top + math.log(0.5)) & (logZ > -1.5 * _linear_range(theta.dtype))
+        Zs = torch.where(ok, Z, torch.ones_like(Z))
+        mu = torch.where(ok[:, None], w * c / Zs[:, None], torch.zeros_like(w))
+        ctx.k, ctx.saved = k, saved
+        ctx.save_for_backward(w, mu, Zs, ok)
+        ctx.mark_non_differentiable(ok)
+        return mu, ok
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _):
+        w, mu, Z, ok = ctx.saved_tensors
+        k = ctx.k
+        g = torch.where(ok[:, None], g, torch.zeros_like(g))
+        de, dc, _ = _tree_passes(w, k, w * g, ctx.saved)
+        return g * mu + w * dc / Z[:, None] - mu * (de[:, k] / Z)[:, None], None
 
 
 @register_fast_path("k_subset", "exp_family")
 def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) -> torch.Tensor:
-    """Marginals ``μ = ∇_θ log Σ_{|x|=k} exp(θᵀx)``, exact; backward by autograd (double backward).
+    """Marginals ``μ = ∇_θ log Σ_{|x|=k} exp(θᵀx)``: ``μ_i = w_i e_{k−1}(w_{−i}) / e_k(w)``, ``w = e^θ``.
 
-    ``log e_k`` comes from a polynomial product tree (⌈log₂ n⌉ batched steps, O(n k²) work):
-    in linear space (:func:`elementary_symmetric_linear`) where that is representable, in log
-    space (:func:`log_elementary_symmetric`) for the rows where it is not (any range of u/t).
-    Computed in float64 whatever the input dtype; the result has the input's dtype.
+    Up and down passes of a polynomial product tree (⌈log₂ n⌉ batched levels, O(n k²) work) in
+    linear space, and a closed-form backward: the Jacobian is the covariance (symmetric), so
+    the vector-Jacobian product is the forward-mode derivative of μ along the incoming
+    gradient, one more pass over the tree with tangents (:class:`_KSubsetMarginals`). Rows
+    whose k largest logits spread too far for linear space use the log-space tree
+    (:func:`log_elementary_symmetric`, μ by autograd), so any range of u/t works. Computed in
+    float64 whatever the input dtype; the result has the input's dtype.
     """
     _reject_options("k_subset/exp_family", options)
     k = int(polytope.params["k"])
     n = theta.shape[-1]
     if k == n:
         return torch.ones_like(theta)
-    with torch.enable_grad():
-        leaf = theta if theta.requires_grad else theta.detach().requires_grad_(True)
-        # lower precisions run the tree in float64 (range ~e^±700 instead of e^±88: the linear
-        # branch then covers ordinary low-temperature inputs) and are cast back
-        th = leaf if leaf.dtype == torch.float64 else leaf.double()
-        A = elementary_symmetric_linear(th, k)
-        with torch.no_grad():
-            # exactly, e_k >= exp(sum of the k largest θ); below half of that the dominant term
-            # was lost to underflow. The double backward divides by e_k², so the shifted e_k
-            # must also stay above e^{-1.5 L}.
-            top = th.topk(k, dim=1).values.sum(1)
-            floor = k * _linear_shift(th, k)[:, 0] - 1.5 * _linear_range(th.dtype)
-            ok = torch.isfinite(A) & (A > top + math.log(0.5)) & (A > floor)
-        if not bool(ok.all()):
-            # recompute with each branch fed only the rows it is valid for (finite gradients)
-            zero = torch.zeros_like(th)
-            A = torch.where(ok, elementary_symmetric_linear(torch.where(ok[:, None], th, zero), k),
-                            log_elementary_symmetric(torch.where(ok[:, None], zero, th), k))
-        (mu,) = torch.autograd.grad(A.sum(), th, create_graph=theta.requires_grad)
-        mu = mu.to(theta.dtype)
-    return mu if theta.requires_grad else mu.detach()
+    # lower precisions run in float64 (range ~e^±700 instead of e^±88: the linear tree then
+    # covers ordinary low-temperature inputs) and are cast back
+    th = theta if theta.dtype == torch.float64 else theta.double()
+    mu, ok = _KSubsetMarginals.apply(th, k)
+    if not bool(ok.all()):
+        # rows whose k largest logits spread too far for linear space: log-space tree, μ = ∇ log e_k
+        rows = (~ok).nonzero()[:, 0]
+        with torch.enable_grad():
+            sub = th[rows]
+            leaf = sub if sub.requires_grad else sub.detach().requires_grad_(True)
+            (mu_log,) = torch.autograd.grad(log_elementary_symmetric(leaf, k).sum(), leaf, create_graph=sub.requires_grad)
+        mu = mu.index_put((rows,), mu_log if sub.requires_grad else mu_log.detach())
+    return mu.to(theta.dtype)
 
 
 # ------------------------------------------------------------------------------------------
