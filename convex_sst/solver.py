@@ -10,11 +10,13 @@ free auxiliary variables given their implied bounds (LPs, once), and a tiny prox
 the auxiliary variables selects a unique aux among optimal ones in degenerate formulations
 (it moves x by O(ε) = 1e-10).
 
-Each iteration is a damped Newton step on the perturbed KKT conditions. With the diagonal
+Each iteration is a Mehrotra predictor-corrector step on the perturbed KKT conditions (an
+affine-scaling direction sets the centering, a second-order corrected direction is taken, both
+from one factorization), damped to stay interior, on the rows still running only. With the diagonal
 ``D = f'' ⊕ ε + Z_L/(z − L) + Z_U/(U − z)`` and ``Σ = λ/s``, the matrix ``M = D + Gᵀ Σ G`` is
 block diagonal once the variables are grouped by the inequality rows they share (one small
-block per arc in the flow formulations; diagonal when there are none), so it is factored block
-by block; the equality Schur complement ``A M⁻¹ Aᵀ`` is assembled from a sparsity pattern shared
+block per arc in the flow formulations, a *star* (capacity rows f ≤ y sharing y) inverted in
+closed form; diagonal when there are none; otherwise Cholesky per block); the equality Schur complement ``A M⁻¹ Aᵀ`` is assembled from a sparsity pattern shared
 by the whole batch, Cholesky-factored with a relative ridge, and refined against the exact
 operator. A best-iterate safeguard and a stall test end each row.
 
@@ -442,8 +444,9 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             r = torch.maximum(r, rp.abs().amax(1))
         if p:
             r = torch.maximum(r, rs.abs().amax(1))
-        # complementarity 1000x tighter: a weakly active bound's gap shrinks only like sqrt(mu)
-        return hh, rd, rp, rs, gl, gu, mu, D, torch.maximum(r, 1e3 * mu)
+        # complementarity 1000x tighter: a weakly active bound's gap shrinks only like sqrt(mu);
+        # relative to the scale of θ, like the dual residual (the multipliers scale with θ)
+        return hh, rd, rp, rs, gl, gu, mu, D, torch.maximum(r, 1e3 * mu / sc)
 
     best = [v.clone() for v in (z, y, s, lam, zl, zu)]
     best_res = torch.full((B,), math.inf, dtype=dtype, device=device)
@@ -469,7 +472,8 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         done = resid <= tol
         if it >= 8:  # a row that stopped improving near its floating-point floor stops here
             done = done | ((resid > 0.5 * history[it - 8, ix]) & (bres <= accept))
-        done = done | (resid > 100 * bres) | ~torch.isfinite(resid)
+        # a row whose residual grew 100x past its best once close to convergence (dual drift) stops
+        done = done | ((resid > 100 * bres) & (bres <= 1e4 * accept)) | ~torch.isfinite(resid)
         active[ix] = ~done
         keep = (~done).nonzero()[:, 0]
         if keep.numel() == 0:
@@ -478,37 +482,60 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             ix = ix[keep]
             th, zz, yy, ss, ll, zlz, zuz = th[keep], zz[keep], yy[keep], ss[keep], ll[keep], zlz[keep], zuz[keep]
             hh, rd, rp, rs, gl, gu, mu, D = hh[keep], rd[keep], rp[keep], rs[keep], gl[keep], gu[keep], mu[keep], D[keep]
-        sigma = torch.where(mu > 1e-2, 0.2, 0.05).to(dtype)
-        target = (sigma * mu)[:, None]
-        rcl = torch.where(hasL, gl * zlz - target, torch.zeros_like(zz))
-        rcu = torch.where(hasU, gu * zuz - target, torch.zeros_like(zz))
-        rc = ss * ll - target
         Sig = ll / ss if p else None
-        rt = rd + rcl / gl - rcu / gu
-        if p:
-            rt = rt + ((-rc + ll * rs) / ss) @ G
         newton = _Newton(T, D, Sig)
-        dz, dy = newton.solve(-rt, -rp if m else None)
-        if p:
-            ds = -rs - dz @ G.T
-            dlam = (-rc - ll * ds) / ss
-        dzl = torch.where(hasL, (-rcl - zlz * dz) / gl, torch.zeros_like(zz))
-        dzu = torch.where(hasU, (-rcu + zuz * dz) / gu, torch.zeros_like(zz))
+        zero = torch.zeros_like(zz)
         inf = torch.full_like(zz, math.inf)
-        amax = torch.minimum(torch.where(hasL & (dz < 0), gl / -dz, inf).amin(1),
-                             torch.where(hasU & (dz > 0), gu / dz, inf).amin(1))
-        amax = torch.minimum(amax, torch.where(dzl < 0, zlz / -dzl, inf).amin(1))
-        amax = torch.minimum(amax, torch.where(dzu < 0, zuz / -dzu, inf).amin(1))
-        if p:
-            infp = torch.full_like(ss, math.inf)
-            amax = torch.minimum(amax, torch.where(ds < 0, ss / -ds, infp).amin(1))
-            amax = torch.minimum(amax, torch.where(dlam < 0, ll / -dlam, infp).amin(1))
-        x, dx = zz[:, :d], dz[:, :d]
-        if math.isfinite(dlo):
-            amax = torch.minimum(amax, torch.where(dx < 0, (x - dlo) / -dx, inf[:, :d]).amin(1))
-        if math.isfinite(dhi):
-            amax = torch.minimum(amax, torch.where(dx > 0, (dhi - x) / dx, inf[:, :d]).amin(1))
-        alpha = torch.clamp(0.99 * amax, max=1.0)
+
+        def direction(target, ccl, ccu, cc):
+            """Newton direction for complementarity targets ``gl·zl = target − ccl`` etc."""
+            rcl = torch.where(hasL, gl * zlz + ccl - target, zero)
+            rcu = torch.where(hasU, gu * zuz + ccu - target, zero)
+            rc = ss * ll + cc - target if p else None
+            rt = rd + rcl / gl - rcu / gu
+            if p:
+                rt = rt + ((-rc + ll * rs) / ss) @ G
+            dz, dy = newton.solve(-rt, -rp if m else None)
+            ds = dlam = None
+            if p:
+                ds = -rs - dz @ G.T
+                dlam = (-rc - ll * ds) / ss
+            dzl = torch.where(hasL, (-rcl - zlz * dz) / gl, zero)
+            dzu = torch.where(hasU, (-rcu + zuz * dz) / gu, zero)
+            return dz, dy, ds, dlam, dzl, dzu
+
+        def max_step(dz, ds, dlam, dzl, dzu):
+            amax = torch.minimum(torch.where(hasL & (dz < 0), gl / -dz, inf).amin(1),
+                                 torch.where(hasU & (dz > 0), gu / dz, inf).amin(1))
+            amax = torch.minimum(amax, torch.where(dzl < 0, zlz / -dzl, inf).amin(1))
+            amax = torch.minimum(amax, torch.where(dzu < 0, zuz / -dzu, inf).amin(1))
+            if p:
+                infp = torch.full_like(ss, math.inf)
+                amax = torch.minimum(amax, torch.where(ds < 0, ss / -ds, infp).amin(1))
+                amax = torch.minimum(amax, torch.where(dlam < 0, ll / -dlam, infp).amin(1))
+            x, dx = zz[:, :d], dz[:, :d]
+            if math.isfinite(dlo):
+                amax = torch.minimum(amax, torch.where(dx < 0, (x - dlo) / -dx, inf[:, :d]).amin(1))
+            if math.isfinite(dhi):
+                amax = torch.minimum(amax, torch.where(dx > 0, (dhi - x) / dx, inf[:, :d]).amin(1))
+            return amax
+
+        # Mehrotra predictor-corrector: the affine-scaling direction (target 0) measures how much
+        # complementarity one full step would remove; the centering σ = (μ_aff/μ)³ and the
+        # second-order correction of the products reuse the same factorization
+        zt = torch.zeros_like(mu)[:, None]
+        dza, _, dsa, dlama, dzla, dzua = direction(zt, zero, zero, torch.zeros_like(ss) if p else None)
+        aa = torch.clamp(max_step(dza, dsa, dlama, dzla, dzua), max=1.0)[:, None]
+        mua = ((torch.where(hasL, (gl + aa * dza) * (zlz + aa * dzla), zero)).sum(1)
+               + (torch.where(hasU, (gu - aa * dza) * (zuz + aa * dzua), zero)).sum(1)
+               + (((ss + aa * dsa) * (ll + aa * dlama)).sum(1) if p else 0.0)) / ncomp
+        sigma = torch.nan_to_num((mua / mu).clamp(0.0, 1.0) ** 3, nan=0.2).clamp_min(1e-3)
+        dz, dy, ds, dlam, dzl, dzu = direction(
+            (sigma * mu)[:, None],
+            torch.nan_to_num(torch.where(hasL, dza * dzla, zero)),
+            torch.nan_to_num(torch.where(hasU, -dza * dzua, zero)),
+            torch.nan_to_num(dsa * dlama) if p else None)
+        alpha = torch.clamp(0.99 * max_step(dz, ds, dlam, dzl, dzu), max=1.0)
         finite = torch.isfinite(dz).all(1) & torch.isfinite(dzl).all(1) & torch.isfinite(dzu).all(1) & torch.isfinite(alpha)
         if m:
             finite = finite & torch.isfinite(dy).all(1)
