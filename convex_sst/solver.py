@@ -390,8 +390,7 @@ class _Newton:
             return torch.cholesky_solve((r * self.scale)[..., None], self.Lc)[..., 0] * self.scale
 
         dy = s_solve(rhs)
-        for _ in range(3):  # refine against the exact Schur operator A M⁻¹ Aᵀ
-            dy = dy + s_solve(rhs - self.minv(dy @ A) @ A.T)
+        dy = dy + s_solve(rhs - self.minv(dy @ A) @ A.T)  # one refinement against the exact A M⁻¹ Aᵀ
         return self.minv(r1 - dy @ A), dy
 
 
