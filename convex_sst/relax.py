@@ -9,8 +9,8 @@ Backends:
 * ``"generic"``: the cvxpylayers program of :mod:`convex_sst.generic` (any pair with a cvxpy
   regularizer; the reference implementation);
 * ``"auto"``: ``"fast"`` where registered, else ``"torch"`` where the regularizer allows it and
-  the polytope is given by at most ``TORCH_AUTO_MAX_ROWS`` equalities and bounds (no
-  multi-variable inequalities), else ``"generic"``.
+  the polytope has at most ``TORCH_AUTO_MAX_ROWS`` equality rows (the solver factors a dense
+  Schur complement of that size per sample), else ``"generic"``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .regularizers import Regularizer
 FastPath = Callable[..., torch.Tensor]
 _FAST: dict[tuple[str, str], FastPath] = {}
 BACKENDS = ("auto", "fast", "torch", "generic")
-TORCH_AUTO_MAX_ROWS = 50
+TORCH_AUTO_MAX_ROWS = 150
 
 
 def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], FastPath]:
@@ -140,11 +140,10 @@ def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[...,
             f"cvxpy form for the generic path; {reg.name!r} has fast paths for: {', '.join(have) or '(none)'}. "
             "For small instances, convex_sst.testing.brute_force_marginals computes it by enumeration."
         )
-    # the torch solver factors a dense normal matrix (one row per equality/inequality): it beats
-    # cvxpylayers by 10-100x on small constraint systems but not on large extended formulations
-    # auto uses the torch solver only where it converges reliably: polytopes without
-    # multi-variable inequalities (on flow formulations it stalls near 1e-7 on some samples)
-    small = P.form.num_ub == 0 and P.form.num_eq <= TORCH_AUTO_MAX_ROWS
+    # the torch solver factors a dense Schur complement (one row per equality) per sample and
+    # the inequality rows block by block: it beats cvxpylayers in speed and accuracy on the
+    # built-in formulations (benchmarks/torch_solver.py) while the equality system stays small
+    small = P.form.num_eq <= TORCH_AUTO_MAX_ROWS
     if backend == "torch" or (backend == "auto" and fast is None and reg.separable and small):
         from .solver import relax_torch
 

@@ -100,14 +100,19 @@ def test_degenerate_polytope_with_redundant_rows_and_free_aux(tmp_path, gen):
     assert cs.relax(u, P, "entropy", 0.5).shape == (5, 4)  # auto picks the torch solver here
 
 
-def test_auto_picks_torch_only_for_equality_and_bound_polytopes():
-    from convex_sst.relax import select_backend
+def test_auto_picks_torch_for_small_equality_systems():
+    from convex_sst.relax import TORCH_AUTO_MAX_ROWS, select_backend
     from convex_sst.solver import relax_torch
 
     reg = get_regularizer("quadratic")
     assert select_backend(cs.load_polytope("birkhoff", n=4), reg, "auto") is relax_torch
-    assert select_backend(cs.load_polytope("matching", n=2, m=3), reg, "auto") is not relax_torch
-    assert select_backend(cs.load_polytope("spanning_tree", n=6), reg, "auto") is not relax_torch
+    assert select_backend(cs.load_polytope("matching", n=2, m=3), reg, "auto") is relax_torch
+    assert select_backend(cs.load_polytope("spanning_tree", n=8), reg, "auto") is relax_torch
+    big = cs.load_polytope("spanning_tree", n=13)
+    assert big.form.num_eq > TORCH_AUTO_MAX_ROWS
+    assert select_backend(big, reg, "auto") is not relax_torch
+    # a fast path always wins; a regularizer without elementwise derivatives goes to cvxpylayers
+    assert select_backend(cs.load_polytope("birkhoff", n=4), get_regularizer("entropy"), "auto") is not relax_torch
 
 
 @pytest.mark.parametrize("name,reg", [("spanning_tree", "quadratic"), ("spanning_tree", "entropy"),
