@@ -188,7 +188,7 @@ for _reg in ("entropy", "binary_entropy", "quadratic"):
 
 
 # ------------------------------------------------------------------------------------------
-# k-subset exponential family: log e_k(exp θ) by a log-space polynomial product tree
+# k-subset exponential family: polynomial product trees (linear space; log space as fallback)
 # ------------------------------------------------------------------------------------------
 
 _NEG = -1e30  # "log 0" that keeps gradients finite (exp underflows to exactly 0)
