@@ -589,6 +589,22 @@ def _neg(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 1e4  # "log 0" that keeps sums and gradients finite
 
 
+def _checked_inverse(L: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L⁻¹, bad)`` for ``L: (B, r, r)``; ``bad`` flags samples that are singular or whose
+    1-norm condition number exceeds ``limit``; their inverse is set to zero."""
+    K, info = torch.linalg.inv_ex(L)
+    cond = L.abs().sum(1).amax(1) * K.abs().sum(1).amax(1)
+    bad = (info != 0) | ~torch.isfinite(cond) | (cond > limit)
+    return torch.where(bad[:, None, None], torch.zeros_like(K), K), bad
+
+
+def _laplacian_vjp(g, w, K, mu, laplacian, pairs) -> torch.Tensor:
+    """``gᵀ ∂μ/∂θ`` for matrix-tree marginals ``μ = w ∘ pairs(K)``, ``K = L(w)⁻¹``:
+    ``g ∘ μ − w ∘ pairs(K L(g ∘ w) K)`` (the Laplacian is linear in the weights)."""
+    Y = K @ laplacian(g * w) @ K
+    return g * mu - w * pairs(Y)
+
+
 class _ArcMarginals(torch.autograd.Function):
     """``μ[h, m] = w[h, m] (K[m, m] − K[m, h])`` with ``K`` the inverse of the reduced in-degree
     Laplacian (zero row and column at the root), and its closed-form vector-Jacobian product.
@@ -606,25 +622,24 @@ class _ArcMarginals(torch.autograd.Function):
         w = torch.exp(logw - logw.amax(1, keepdim=True)) * mask
         keep = torch.tensor([v for v in range(n) if v != root], device=logw.device)
         Lr = (torch.diag_embed(w.sum(1)) - w)[:, keep][:, :, keep]
-        Kr, info = torch.linalg.inv_ex(Lr)
-        cond = Lr.abs().sum(1).amax(1) * Kr.abs().sum(1).amax(1)
-        bad = (info != 0) | ~torch.isfinite(cond) | (cond > limit)
-        Kr = torch.where(bad[:, None, None], torch.zeros_like(Kr), Kr)
+        Kr, bad = _checked_inverse(Lr, limit)
         K = torch.zeros_like(w)
         K[:, keep[:, None], keep[None, :]] = Kr
-        mu = w * (torch.diagonal(K, dim1=1, dim2=2)[:, None, :] - K.transpose(1, 2))
+        mu = w * _ArcMarginals.pairs(K)
         ctx.save_for_backward(w, K, mu)
         ctx.mark_non_differentiable(bad)
         return mu, bad
 
     @staticmethod
+    def pairs(Y: torch.Tensor) -> torch.Tensor:
+        """``Y[m, m] − Y[m, h]`` at ``[h, m]``."""
+        return torch.diagonal(Y, dim1=1, dim2=2)[:, None, :] - Y.transpose(1, 2)
+
+    @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, _):
         w, K, mu = ctx.saved_tensors
-        G = g * w
-        X = torch.diag_embed(G.sum(1)) - G
-        Y = K @ X @ K
-        return g * mu - w * (torch.diagonal(Y, dim1=1, dim2=2)[:, None, :] - Y.transpose(1, 2)), None, None, None
+        return _laplacian_vjp(g, w, K, mu, lambda G: torch.diag_embed(G.sum(1)) - G, _ArcMarginals.pairs), None, None, None
 
 
 class _EdgeMarginals(torch.autograd.Function):
@@ -639,35 +654,39 @@ class _EdgeMarginals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta, index, n, limit):
-        lidx, lsrc, lsign, gidx = index
-        B, r = theta.shape[0], n - 1
+        gidx = index[3]
         w = torch.exp(theta - theta.amax(1, keepdim=True))
-        Lr = theta.new_zeros(B, r * r).index_add_(1, lidx, w[:, lsrc] * lsign.to(w.dtype)).view(B, r, r)
+        Lr = _EdgeMarginals.laplacian(w, index, n)
         s = torch.rsqrt(torch.diagonal(Lr, dim1=1, dim2=2))
         ss = s[:, :, None] * s[:, None, :]
         Ls = Lr * ss
-        Ks, info = torch.linalg.inv_ex(Ls)
-        cond = Ls.abs().sum(1).amax(1) * Ks.abs().sum(1).amax(1)
-        bad = (info != 0) | ~torch.isfinite(cond) | (cond > limit)
-        K = torch.where(bad[:, None, None], 0.0, Ks * ss)
-        q = torch.nn.functional.pad(K, (1, 0, 1, 0)).reshape(B, n * n)[:, gidx].view(B, 3, -1)
-        mu = w * (q[:, 0] + q[:, 1] - 2.0 * q[:, 2])
+        Ks, bad = _checked_inverse(Ls, limit)
+        K = torch.where(bad[:, None, None], 0.0, Ks * ss)  # ss is infinite at an isolated vertex
+        mu = w * _EdgeMarginals.pairs(K, gidx, n)
         ctx.index, ctx.n = index, n
         ctx.save_for_backward(w, K, mu)
         ctx.mark_non_differentiable(bad)
         return mu, bad
 
     @staticmethod
+    def laplacian(G: torch.Tensor, index, n: int) -> torch.Tensor:
+        """The Laplacian of edge weights ``G: (B, m)`` without vertex 0: ``(B, n−1, n−1)``."""
+        lidx, lsrc, lsign, _ = index
+        return G.new_zeros(G.shape[0], (n - 1) ** 2).index_add_(1, lidx, G[:, lsrc] * lsign.to(G.dtype)).view(-1, n - 1, n - 1)
+
+    @staticmethod
+    def pairs(Y: torch.Tensor, gidx: torch.Tensor, n: int) -> torch.Tensor:
+        """``b_eᵀ Y b_e = Y[i, i] + Y[j, j] − 2 Y[i, j]`` per edge (row and column 0 of the padded Y are 0)."""
+        q = torch.nn.functional.pad(Y, (1, 0, 1, 0)).reshape(Y.shape[0], n * n)[:, gidx].view(Y.shape[0], 3, -1)
+        return q[:, 0] + q[:, 1] - 2.0 * q[:, 2]
+
+    @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, _):
         w, K, mu = ctx.saved_tensors
-        lidx, lsrc, lsign, gidx = ctx.index
-        B, n = w.shape[0], ctx.n
-        G = g * w
-        X = G.new_zeros(B, (n - 1) ** 2).index_add_(1, lidx, G[:, lsrc] * lsign.to(G.dtype)).view(B, n - 1, n - 1)
-        Y = K @ X @ K
-        q = torch.nn.functional.pad(Y, (1, 0, 1, 0)).reshape(B, n * n)[:, gidx].view(B, 3, -1)
-        return g * mu - w * (q[:, 0] + q[:, 1] - 2.0 * q[:, 2]), None, None, None
+        idx, n = ctx.index, ctx.n
+        return (_laplacian_vjp(g, w, K, mu, lambda G: _EdgeMarginals.laplacian(G, idx, n),
+                               lambda Y: _EdgeMarginals.pairs(Y, idx[3], n)), None, None, None)
 
 
 def _edge_index(polytope: Polytope, device: torch.device):
