@@ -172,7 +172,7 @@ def _capped_path(reg: str):
     def fn(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 100,
            on_failure: str = "warn") -> torch.Tensor:
         k = int(polytope.params.get("k", 1))
-        flat = theta.reshape(theta.shape[0], -1)
+        flat = theta.flatten(1)
         return _CappedSimplex.apply(flat, k, reg, tol, max_iter, on_failure).reshape(theta.shape)
 
     fn.__name__ = f"capped_simplex_{reg}"
@@ -677,7 +677,7 @@ class _EdgeMarginals(torch.autograd.Function):
     @staticmethod
     def pairs(Y: torch.Tensor, gidx: torch.Tensor, n: int) -> torch.Tensor:
         """``b_eᵀ Y b_e = Y[i, i] + Y[j, j] − 2 Y[i, j]`` per edge (row and column 0 of the padded Y are 0)."""
-        q = torch.nn.functional.pad(Y, (1, 0, 1, 0)).reshape(Y.shape[0], n * n)[:, gidx].view(Y.shape[0], 3, -1)
+        q = torch.nn.functional.pad(Y, (1, 0, 1, 0)).reshape(Y.shape[0], n * n)[:, gidx].view(Y.shape[0], 3, gidx.numel() // 3)
         return q[:, 0] + q[:, 1] - 2.0 * q[:, 2]
 
     @staticmethod
@@ -733,7 +733,7 @@ def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_rang
         raise InputError(f"method must be 'auto', 'inverse' or 'elimination', got {method!r}")
     t = theta
     if max_range is not None:
-        flat = t.reshape(t.shape[0], -1)
+        flat = t.flatten(1)
         t = t.clamp_min((flat.max(1).values.detach() - float(max_range)).reshape((-1,) + (1,) * (t.dim() - 1)))
     logw = pack(t).masked_fill(~mask, _neg(theta.dtype))
     B = theta.shape[0]

@@ -230,3 +230,13 @@ def test_tree_closed_form_backward_matches_autograd_through_elimination(name, pa
     (gb,) = torch.autograd.grad((fn(u, P, method="elimination") * w).sum(), u)
     assert (fn(u, P, method="inverse") - fn(u, P, method="elimination")).abs().max() < 1e-12
     assert (ga - gb).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("name, reg", sorted(FAST))
+def test_fast_paths_accept_an_empty_batch(name, reg):
+    P = cs.load_polytope(name)
+    u = torch.zeros((0,) + P.shape, dtype=torch.float64, requires_grad=True)
+    x = cs.relax(u, P, reg, 1.0, backend="fast")
+    assert x.shape == (0,) + P.shape
+    x.sum().backward()
+    assert u.grad.shape == u.shape
