@@ -226,12 +226,12 @@ def _linear_range(dtype: torch.dtype) -> float:
     return 200.0 if dtype == torch.float64 else 20.0
 
 
-def _linear_shift(theta: torch.Tensor, k: int) -> torch.Tensor:
-    """``s = max(mean of the k largest θ, max θ − L/k)``: the dominant term of ``e_k(exp(θ − s))``
-    (the product of the k largest weights) is 1 when the k largest logits are close, and no
-    partial product exceeds ``e^L`` when they are not."""
-    top = theta.detach().topk(k, dim=1).values
-    return torch.maximum(top.mean(1, keepdim=True), top[:, :1] - _linear_range(theta.dtype) / k)
+def _linear_shift(top: torch.Tensor) -> torch.Tensor:
+    """``s = max(mean of the k largest θ, max θ − L/k)`` from ``top``, the k largest θ per row in
+    decreasing order: the dominant term of ``e_k(exp(θ − s))`` (the product of the k largest
+    weights) is 1 when the k largest logits are close, and no partial product exceeds ``e^L``
+    when they are not."""
+    return torch.maximum(top.mean(1, keepdim=True), top[:, :1] - _linear_range(top.dtype) / top.shape[1])
 
 
 _SUM_MAPS: dict = {}
@@ -330,11 +330,12 @@ class _KSubsetMarginals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta, k):
-        shift = _linear_shift(theta, k)
+        top = theta.topk(k, dim=1).values
+        shift = _linear_shift(top)
         w = torch.exp(theta - shift)
         e, c, saved = _tree_passes(w, k)
         Z = e[:, k]
-        top = (theta.topk(k, dim=1).values - shift).sum(1)
+        top = (top - shift).sum(1)
         logZ = torch.log(Z)
         ok = torch.isfinite(logZ) & (logZ > top + math.log(0.5)) & (logZ > -1.5 * _linear_range(theta.dtype))
         Zs = torch.where(ok, Z, torch.ones_like(Z))
@@ -706,8 +707,7 @@ def _edge_index(polytope: Polytope, device: torch.device):
         gidx = [E[:, 0] * (n + 1), E[:, 1] * (n + 1), E[:, 0] * n + E[:, 1]]
         polytope.cache[key] = (torch.as_tensor(lidx, device=device), torch.as_tensor(lsrc, device=device),
                                torch.as_tensor(lsign, device=device), torch.as_tensor(np.concatenate(gidx), device=device))
-    idx = polytope.cache[key]
-    return idx
+    return polytope.cache[key]
 
 
 def _inverse_marginals(logw: torch.Tensor, mask: torch.Tensor, root: int, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -721,6 +721,14 @@ def _inverse_marginals(logw: torch.Tensor, mask: torch.Tensor, root: int, limit:
     return _ArcMarginals.apply(logw, mask.to(logw.dtype), root, limit)
 
 
+def _clip_range(theta: torch.Tensor, max_range: float | None) -> torch.Tensor:
+    """Logits of each sample clipped from below at ``max θ − max_range`` (none when None)."""
+    if max_range is None:
+        return theta
+    top = theta.flatten(1).amax(1).detach()
+    return theta.clamp_min((top - float(max_range)).reshape((-1,) + (1,) * (theta.dim() - 1)))
+
+
 def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_range: float | None,
                     pack, method: str) -> torch.Tensor:
     """Arc marginals ``μ = ∇_θ log Z(θ)`` (exact autograd; double backward when θ requires grad).
@@ -731,10 +739,7 @@ def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_rang
     """
     if method not in ("auto", "inverse", "elimination"):
         raise InputError(f"method must be 'auto', 'inverse' or 'elimination', got {method!r}")
-    t = theta
-    if max_range is not None:
-        flat = t.flatten(1)
-        t = t.clamp_min((flat.max(1).values.detach() - float(max_range)).reshape((-1,) + (1,) * (t.dim() - 1)))
+    t = _clip_range(theta, max_range)
     logw = pack(t).masked_fill(~mask, _neg(theta.dtype))
     B = theta.shape[0]
     bad = torch.ones(B, dtype=torch.bool, device=theta.device)
@@ -773,8 +778,7 @@ def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: 
     n = int(polytope.params["n"])
     if method not in ("auto", "inverse", "elimination"):
         raise InputError(f"method must be 'auto', 'inverse' or 'elimination', got {method!r}")
-    if max_range is not None:
-        theta = theta.clamp_min(theta.amax(1, keepdim=True).detach() - float(max_range))
+    theta = _clip_range(theta, max_range)
     E = torch.as_tensor(polytope.data["E"], device=theta.device)
     i, j = E[:, 0], E[:, 1]
     if method != "elimination":

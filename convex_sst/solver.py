@@ -114,11 +114,10 @@ def _block_structure(G: np.ndarray, groups: list[list[int]]) -> tuple[str, list[
             continue
         if any(len(nz[r]) != 2 for r in rs):
             return "dense", groups, block_rows
-        common = set(nz[rs[0]].tolist())
-        for r in rs[1:]:
-            common &= set(nz[r].tolist())
-        hubs = [j for j in common if len(rs) > 1 or j == g[0]] or sorted(common)
-        hub = int(hubs[0])
+        common = set.intersection(*(set(nz[r].tolist()) for r in rs))
+        if not common:  # rows in a chain, say: no variable shared by all of them
+            return "dense", groups, block_rows
+        hub = g[0] if g[0] in common else min(common)
         leaves = [int(c) for r in rs for c in nz[r] if c != hub]
         if len(set(leaves)) != len(leaves) or len(leaves) + 1 != len(g):
             return "dense", groups, block_rows

@@ -166,3 +166,15 @@ def test_star_blocks_invert_exactly(name, params, gen):
     assert ((got - ref).abs().amax(1) / ref.abs().amax(1)).max() < 1e-9
     # the structure test rejects blocks that are not stars (matching: 4 variables per row)
     assert standard_form(cs.load_polytope("matching", n=4, m=6), get_regularizer("entropy")).structure == "dense"
+
+
+def test_block_structure_falls_back_to_cholesky_without_a_shared_hub():
+    # inequality rows in a chain (x0 - x1, x1 - x2, x2 - x3 <= .) share no variable: not a star
+    import numpy as np
+
+    from convex_sst.solver import _block_structure
+
+    G = np.array([[1.0, -1.0, 0, 0], [0, 1.0, -1.0, 0], [0, 0, 1.0, -1.0]])
+    assert _block_structure(G, [[0, 1, 2, 3]])[0] == "dense"
+    star, groups, rows = _block_structure(G[:2], [[0, 1, 2]])
+    assert star == "star" and groups == [[1, 0, 2]] and rows == [[0, 1]]
