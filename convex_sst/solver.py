@@ -239,12 +239,57 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     return sf
 
 
+def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int],
+         dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A torch CSR matrix from COO triplets (duplicates summed)."""
+    M = sp.coo_matrix((vals, (rows, cols)), shape=shape).tocsr()
+    M.sum_duplicates()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(torch.as_tensor(M.indptr, dtype=torch.int64, device=device),
+                                       torch.as_tensor(M.indices, dtype=torch.int64, device=device),
+                                       torch.as_tensor(M.data, dtype=dtype, device=device), shape)
+
+
+class _LinOp:
+    """A constant constraint matrix ``K`` (rows × cols) applied to a batch: ``fwd(v) = v Kᵀ``
+    (``(B, cols) → (B, rows)``) and ``adj(w) = w K`` (``(B, rows) → (B, cols)``).
+
+    Sparse K (the flow and incidence rows of most formulations) is stored as CSR matrices for K
+    and Kᵀ, dense K as contiguous copies of both: a product with the strided view ``K.T`` can be
+    20× slower than with a contiguous copy on CPU.
+    """
+
+    def __init__(self, K: np.ndarray, dtype: torch.dtype, device: torch.device):
+        self.shape = K.shape
+        self.dense = torch.as_tensor(K, dtype=dtype, device=device)
+        sparse = K.size > 0 and np.count_nonzero(K) <= 0.1 * K.size
+        if sparse:
+            r, c = np.nonzero(K)
+            self.K = _csr(r, c, K[r, c], K.shape, dtype, device)
+            self.KT = _csr(c, r, K[r, c], K.shape[::-1], dtype, device)
+        else:
+            self.K, self.KT = self.dense, self.dense.T.contiguous()
+        self.sparse = sparse
+
+    def fwd(self, v: torch.Tensor) -> torch.Tensor:
+        if self.sparse:
+            return (self.K @ v.T).T
+        return v @ self.KT
+
+    def adj(self, w: torch.Tensor) -> torch.Tensor:
+        if self.sparse:
+            return (self.KT @ w.T).T
+        return w @ self.K
+
+
 def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict:
     key = (dtype, str(device))
     if key not in sf.cache:
         t = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
         sf.cache[key] = {
             "A": t(sf.A), "b": t(sf.b), "G": t(sf.G), "h": t(sf.h),
+            "Aop": _LinOp(sf.A, dtype, device), "Gop": _LinOp(sf.G, dtype, device),
             "L": t(np.where(np.isfinite(sf.L), sf.L, 0.0)), "U": t(np.where(np.isfinite(sf.U), sf.U, 0.0)),
             "hasL": torch.as_tensor(np.isfinite(sf.L), device=device),
             "hasU": torch.as_tensor(np.isfinite(sf.U), device=device),
@@ -254,9 +299,9 @@ def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict
             "gflat": torch.as_tensor(sf.gpairs[0], device=device),
             "grow": torch.as_tensor(sf.gpairs[1], device=device),
             "gval": t(sf.gpairs[2]),
-            "sflat": torch.as_tensor(sf.spairs[0], device=device),
-            "sidx": torch.as_tensor(sf.spairs[1], device=device),
-            "scoef": t(sf.spairs[2]),
+            # S (flattened, m·m) = Sasm · M⁻¹ (flattened blocks, nb·s·s): one sparse product
+            "Sasm": _csr(sf.spairs[0], sf.spairs[1], sf.spairs[2], (sf.A.shape[0] ** 2, sf.blocks.size * sf.blocks.shape[1]),
+                         dtype, device),
             "structure": sf.structure,
             "crow": torch.as_tensor(sf.coef[0], device=device),
             "calpha": t(sf.coef[1]),
@@ -325,8 +370,8 @@ class _Newton:
             self.c = sig * al * be / self.q
             self.Sh = Dh + (sb * Dl / self.q).sum(-1)       # (B, nb)
             vec = torch.cat([torch.ones_like(self.Sh)[..., None], -self.c], -1)  # (B, nb, s)
-            Minv = (1.0 / self.Sh)[..., None, None] * vec[..., :, None] * vec[..., None, :]
-            Minv[..., 1:, 1:] += torch.diag_embed(1.0 / self.q)
+            Minv = (vec / self.Sh[..., None])[..., :, None] * vec[..., None, :]
+            Minv.diagonal(dim1=-2, dim2=-1)[..., 1:].add_(1.0 / self.q)
             self.Minv = Minv
             self._schur(T, D, B)
             return
@@ -351,17 +396,16 @@ class _Newton:
         A = T["A"]
         self.m = A.shape[0]
         if self.m:
-            S = torch.zeros(B, self.m * self.m, dtype=D.dtype, device=D.device)
-            S.index_add_(1, T["sflat"], self.Minv.reshape(B, -1)[:, T["sidx"]] * T["scoef"])
-            S = S.reshape(B, self.m, self.m)
+            S = (T["Sasm"] @ self.Minv.reshape(B, -1).T).T.reshape(B, self.m, self.m)
             dg = torch.diagonal(S, dim1=1, dim2=2)
             self.scale = 1.0 / torch.sqrt(dg.clamp_min(torch.finfo(D.dtype).tiny))
-            S = S * self.scale[:, :, None] * self.scale[:, None, :]
-            eye = torch.eye(self.m, dtype=D.dtype, device=D.device)
+            S = S * (self.scale[:, :, None] * self.scale[:, None, :])
             ridge = 1e-14 if D.dtype == torch.float64 else 1e-7
-            self.Lc, info = torch.linalg.cholesky_ex(S + ridge * eye)
+            S.diagonal(dim1=1, dim2=2).add_(ridge)
+            self.Lc, info = torch.linalg.cholesky_ex(S)
             if bool((info != 0).any()):
-                self.Lc, _ = torch.linalg.cholesky_ex(S + 1e4 * ridge * eye)
+                S.diagonal(dim1=1, dim2=2).add_(1e4 * ridge)
+                self.Lc, _ = torch.linalg.cholesky_ex(S)
 
     def minv(self, v: torch.Tensor) -> torch.Tensor:
         """``M⁻¹ v``: closed form for stars, else triangular solves with the block factors."""
@@ -379,18 +423,23 @@ class _Newton:
         res[:, blocks.reshape(-1)] = out.reshape(B, -1)
         return res[:, : self.n]
 
-    def solve(self, r1: torch.Tensor, r2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def solve(self, r1: torch.Tensor, r2: torch.Tensor | None, refine: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.m:
             return self.minv(r1), None
-        A = self.T["A"]
-        rhs = self.minv(r1) @ A.T - r2
+        A = self.T["Aop"]
+        rhs = A.fwd(self.minv(r1)) - r2
 
-        def s_solve(r):
-            return torch.cholesky_solve((r * self.scale)[..., None], self.Lc)[..., 0] * self.scale
+        def s_solve(r):  # two triangular solves (on CPU about 2x faster than cholesky_solve here)
+            w = torch.linalg.solve_triangular(self.Lc, (r * self.scale)[..., None], upper=False)
+            return torch.linalg.solve_triangular(self.Lc.mT, w, upper=True)[..., 0] * self.scale
 
         dy = s_solve(rhs)
-        dy = dy + s_solve(rhs - self.minv(dy @ A) @ A.T)  # one refinement against the exact A M⁻¹ Aᵀ
-        return self.minv(r1 - dy @ A), dy
+        if refine:  # one refinement step against the exact A M⁻¹ Aᵀ
+            dy = dy + s_solve(rhs - A.fwd(self.minv(A.adj(dy))))
+        return self.minv(r1 - A.adj(dy)), dy
+
+
+REFINE = False
 
 
 def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | None, max_iter: int):
@@ -415,7 +464,8 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     z0 = torch.where(fl & fh, 0.5 * (lo + hi), torch.where(fl, lo + 1.0, torch.where(fh, hi - 1.0, torch.zeros_like(lo))))
     z = z0.expand(B, n).clone()
     y = torch.zeros(B, m, dtype=dtype, device=device)
-    s = (hv - z @ G.T).clamp_min(1.0) if p else torch.zeros(B, 0, dtype=dtype, device=device)
+    Aop, Gop = T["Aop"], T["Gop"]
+    s = (hv - Gop.fwd(z)).clamp_min(1.0) if p else torch.zeros(B, 0, dtype=dtype, device=device)
     lam = torch.ones(B, p, dtype=dtype, device=device)
     zl = hasL.to(dtype).expand(B, n).clone()
     zu = hasU.to(dtype).expand(B, n).clone()
@@ -430,9 +480,13 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         g[:, :d] = reg.grad(x) - th
         hh = torch.full_like(z, eps_aux)
         hh[:, :d] = reg.hess(x)
-        rd = g + y @ A - zl + zu + (lam @ G if p else 0.0)
-        rp = z @ A.T - b
-        rs = z @ G.T + s - hv
+        rd = g - zl + zu
+        if m:
+            rd = rd + Aop.adj(y)
+        if p:
+            rd = rd + Gop.adj(lam)
+        rp = Aop.fwd(z) - b
+        rs = Gop.fwd(z) + s - hv
         gl = torch.where(hasL, z - Lb, one)
         gu = torch.where(hasU, Ub - z, one)
         mu = ((gl * zl).sum(1) + (gu * zu).sum(1) + (s * lam).sum(1)) / ncomp
@@ -492,11 +546,11 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             rc = ss * ll + cc - target if p else None
             rt = rd + rcl / gl - rcu / gu
             if p:
-                rt = rt + ((-rc + ll * rs) / ss) @ G
-            dz, dy = newton.solve(-rt, -rp if m else None)
+                rt = rt + Gop.adj((-rc + ll * rs) / ss)
+            dz, dy = newton.solve(-rt, -rp if m else None, refine=REFINE)
             ds = dlam = None
             if p:
-                ds = -rs - dz @ G.T
+                ds = -rs - Gop.fwd(dz)
                 dlam = (-rc - ll * ds) / ss
             dzl = torch.where(hasL, (-rcl - zlz * dz) / gl, zero)
             dzu = torch.where(hasU, (-rcu + zuz * dz) / gu, zero)

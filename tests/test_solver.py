@@ -178,3 +178,21 @@ def test_block_structure_falls_back_to_cholesky_without_a_shared_hub():
     assert _block_structure(G, [[0, 1, 2, 3]])[0] == "dense"
     star, groups, rows = _block_structure(G[:2], [[0, 1, 2]])
     assert star == "star" and groups == [[1, 0, 2]] and rows == [[0, 1]]
+
+
+@pytest.mark.parametrize("shape,density", [((40, 60), 0.03), ((7, 9), 0.8), ((0, 5), 0.0)])
+def test_constraint_products_sparse_and_dense(shape, density, gen):
+    """The solver's ``v Kᵀ`` and ``w K`` equal the dense products whichever storage K gets."""
+    import numpy as np
+
+    from convex_sst.solver import _LinOp
+
+    rng = np.random.default_rng(0)
+    K = rng.standard_normal(shape) * (rng.random(shape) < density)
+    op = _LinOp(K, torch.float64, torch.device("cpu"))
+    assert op.sparse == (0 < K.size and density < 0.1)
+    v = torch.randn(5, shape[1], dtype=torch.float64, generator=gen)
+    w = torch.randn(5, shape[0], dtype=torch.float64, generator=gen)
+    Kt = torch.as_tensor(K)
+    torch.testing.assert_close(op.fwd(v), v @ Kt.T, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(op.adj(w), w @ Kt, rtol=1e-13, atol=1e-13)
