@@ -133,7 +133,6 @@ class Config:
     batch_size: int = 64
     hidden: int = 64
     rounds: int = 4                 # message-passing rounds (≥ depth)
-    logit_bound: float = 0.0        # > 0: arc logits squashed to (−bound, bound) by bound·tanh(θ/bound)
     num_train: int = 20000
     num_test: int = 1000
     max_depth: int = 3
@@ -169,9 +168,7 @@ class ListOpsModel(nn.Module):
 
     def arc_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Biaffine scores ``θ[b, h, m]`` for arc h → m."""
-        theta = torch.einsum("bhd,bmd->bhm", self.head(states), self.mod(states)) / self.cfg.hidden ** 0.5
-        c = self.cfg.logit_bound
-        return c * torch.tanh(theta / c) if c > 0 else theta
+        return torch.einsum("bhd,bmd->bhm", self.head(states), self.mod(states)) / self.cfg.hidden ** 0.5
 
     def structure(self, theta: torch.Tensor, mode: str, gen: torch.Generator | None) -> torch.Tensor:
         """A (relaxed / hard) adjacency ``(B, n, n)``: ``A[h, m]`` = weight of arc h → m."""
@@ -304,13 +301,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-train", type=int, default=Config.num_train)
     ap.add_argument("--temperature", type=float, default=Config.temperature)
     ap.add_argument("--lr", type=float, default=Config.lr, help="Adam learning rate")
-    ap.add_argument("--logit-bound", type=float, default=Config.logit_bound,
-                    help="squash arc logits to (-b, b); 0 = off")
     ap.add_argument("--mode", default=Config.mode, choices=["relaxed", "straight_through"])
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
     base = Config(epochs=a.epochs, num_train=a.num_train, temperature=a.temperature, mode=a.mode,
-                  logit_bound=a.logit_bound, lr=a.lr)
+                  lr=a.lr)
     if a.quick:
         base = replace(base, epochs=1, num_train=300, num_test=100, max_len=16)
         a.seeds = 1
