@@ -341,8 +341,9 @@ class _Newton:
     ``solve(r1, r2)`` returns Δz, Δy of ``[[M, Aᵀ], [A, 0]] [Δz; Δy] = [r1; r2]``.
     """
 
-    def __init__(self, T: dict, D: torch.Tensor, Sig: torch.Tensor | None):
+    def __init__(self, T: dict, D: torch.Tensor, Sig: torch.Tensor | None, work: dict | None = None):
         B, n = D.shape
+        self.work = work
         blocks = T["blocks"]
         nb, sz = blocks.shape
         self.T, self.n = T, n
@@ -350,7 +351,7 @@ class _Newton:
         self.kind = "diagonal" if sz == 1 else T["structure"]
         if self.kind == "diagonal":  # no inequality rows: M is diagonal
             self.Dinv = 1.0 / D
-            self.Minv = (1.0 / Dpad[:, blocks])[..., None]  # (B, nb, 1, 1)
+            self.MinvT = (1.0 / Dpad[:, blocks]).reshape(B, nb).T  # (nb, B): M⁻¹, batch last (for S)
             self._schur(T, D, B)
             return
         if self.kind == "star":
@@ -369,15 +370,16 @@ class _Newton:
             self.q = Dl + sa                                # (B, nb, s-1)
             self.c = sig * al * be / self.q
             self.Sh = Dh + (sb * Dl / self.q).sum(-1)       # (B, nb)
-            vec = torch.cat([torch.ones_like(self.Sh)[..., None], -self.c], -1)  # (B, nb, s)
-            Minv = (vec / self.Sh[..., None])[..., :, None] * vec[..., None, :]
-            Minv.diagonal(dim1=-2, dim2=-1)[..., 1:].add_(1.0 / self.q)
-            self.Minv = Minv
+            # M⁻¹ block = vvᵀ/Sh + diag(0, 1/q) with v = (1, −c), built batch-last: (nb, s, s, B)
+            vec = torch.cat([torch.ones_like(self.Sh)[..., None], -self.c], -1).permute(1, 2, 0).contiguous()
+            MinvT = (vec / self.Sh.T[:, None, :])[:, :, None, :] * vec[:, None, :, :]
+            MinvT.diagonal(dim1=1, dim2=2)[..., 1:].add_((1.0 / self.q).permute(1, 0, 2))
+            self.MinvT = MinvT.reshape(blocks.numel() * blocks.shape[1], B)
             self._schur(T, D, B)
             return
         M = torch.diag_embed(Dpad[:, blocks])  # (B, nb, sz, sz)
         if Sig is not None and T["grow"].numel():
-            M = M.reshape(B, -1).index_add(1, T["gflat"], T["gval"] * Sig[:, T["grow"]]).reshape(B, nb, sz, sz)
+            M = M.reshape(B, nb * sz * sz).index_add(1, T["gflat"], T["gval"] * Sig[:, T["grow"]]).reshape(B, nb, sz, sz)
         # Jacobi-scaled Cholesky per block, then the explicit (small) block inverses: the barrier
         # makes the entries span many orders of magnitude (an active inequality's Σ ~ 1/μ next to
         # a nearly free variable's ε)
@@ -389,23 +391,40 @@ class _Newton:
         if bool((info != 0).any()):
             Lb, _ = torch.linalg.cholesky_ex(Mt + 1e-10 * eyeb)
         self.Lb, self.bsc = Lb, bsc
-        self.Minv = torch.cholesky_inverse(Lb) * bsc[..., :, None] * bsc[..., None, :]  # for S only
+        Minv = torch.cholesky_inverse(Lb) * bsc[..., :, None] * bsc[..., None, :]  # for S only
+        self.MinvT = Minv.reshape(B, nb * sz * sz).T
         self._schur(T, D, B)
 
     def _schur(self, T: dict, D: torch.Tensor, B: int) -> None:
         A = T["A"]
         self.m = A.shape[0]
         if self.m:
-            S = (T["Sasm"] @ self.Minv.reshape(B, -1).T).T.reshape(B, self.m, self.m)
+            # The (B, m, m) arrays live in buffers reused across iterations of one solve (per
+            # batch size): a fresh multi-megabyte array per step costs more in page faults on CPU
+            # than the arithmetic done in it. S is symmetric, so its row-major buffer read as
+            # column-major (S.mT) is S, and LAPACK gets it without a strided copy.
+            m = self.m
+            bufs = self.work.get(B) if self.work is not None else None
+            if bufs is None:
+                kw = {"dtype": D.dtype, "device": D.device}
+                bufs = (torch.empty(m * m, B, **kw), torch.empty(B, m * m, **kw),
+                        torch.empty(B, m, m, **kw).mT, torch.empty(B, dtype=torch.int32, device=D.device))
+                if self.work is not None:
+                    self.work[B] = bufs
+            Sflat_t, Sflat, Lc, info = bufs
+            torch.mm(T["Sasm"], self.MinvT, out=Sflat_t)   # S = A M⁻¹ Aᵀ, (m·m, B)
+            Sflat.copy_(Sflat_t.T)
+            S = Sflat.view(B, m, m)
             dg = torch.diagonal(S, dim1=1, dim2=2)
             self.scale = 1.0 / torch.sqrt(dg.clamp_min(torch.finfo(D.dtype).tiny))
-            S = S * (self.scale[:, :, None] * self.scale[:, None, :])
+            S.mul_(self.scale[:, :, None]).mul_(self.scale[:, None, :])
             ridge = 1e-14 if D.dtype == torch.float64 else 1e-7
             S.diagonal(dim1=1, dim2=2).add_(ridge)
-            self.Lc, info = torch.linalg.cholesky_ex(S)
+            torch.linalg.cholesky_ex(S.mT, out=(Lc, info))
             if bool((info != 0).any()):
                 S.diagonal(dim1=1, dim2=2).add_(1e4 * ridge)
-                self.Lc, _ = torch.linalg.cholesky_ex(S)
+                torch.linalg.cholesky_ex(S.mT, out=(Lc, info))
+            self.Lc = Lc
 
     def minv(self, v: torch.Tensor) -> torch.Tensor:
         """``M⁻¹ v``: closed form for stars, else triangular solves with the block factors."""
@@ -420,7 +439,7 @@ class _Newton:
         else:
             out = torch.cholesky_solve((vp * self.bsc)[..., None], self.Lb)[..., 0] * self.bsc
         res = torch.zeros(B, self.n + 1, dtype=v.dtype, device=v.device)
-        res[:, blocks.reshape(-1)] = out.reshape(B, -1)
+        res[:, blocks.reshape(-1)] = out.reshape(B, blocks.numel())
         return res[:, : self.n]
 
     def solve(self, r1: torch.Tensor, r2: torch.Tensor | None, refine: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -503,6 +522,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     best = [v.clone() for v in (z, y, s, lam, zl, zu)]
     best_res = torch.full((B,), math.inf, dtype=dtype, device=device)
     history = torch.full((max_iter, B), math.inf, dtype=dtype, device=device)
+    work: dict = {}  # Schur buffers per batch size, reused across iterations
     for it in range(max_iter):
         # each iteration works on the rows still running only: the batch's stragglers (a few
         # degenerate samples) then cost a fraction of a full-batch iteration
@@ -535,7 +555,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             th, zz, yy, ss, ll, zlz, zuz = th[keep], zz[keep], yy[keep], ss[keep], ll[keep], zlz[keep], zuz[keep]
             hh, rd, rp, rs, gl, gu, mu, D = hh[keep], rd[keep], rp[keep], rs[keep], gl[keep], gu[keep], mu[keep], D[keep]
         Sig = ll / ss if p else None
-        newton = _Newton(T, D, Sig)
+        newton = _Newton(T, D, Sig, work)
         zero = torch.zeros_like(zz)
         inf = torch.full_like(zz, math.inf)
 

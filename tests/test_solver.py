@@ -196,3 +196,12 @@ def test_constraint_products_sparse_and_dense(shape, density, gen):
     Kt = torch.as_tensor(K)
     torch.testing.assert_close(op.fwd(v), v @ Kt.T, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(op.adj(w), w @ Kt, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name,reg", SEPARABLE)
+def test_torch_solver_accepts_an_empty_batch(name, reg):
+    P = cs.load_polytope(name, **RELAX_CASES[name])
+    u = torch.zeros((0,) + P.shape, dtype=torch.float64, requires_grad=True)
+    x = cs.relax(u, P, reg, 1.0, backend="torch")
+    x.sum().backward()
+    assert x.shape == u.shape and u.grad.shape == u.shape
