@@ -256,8 +256,8 @@ class _LinOp:
     (``(B, cols) → (B, rows)``) and ``adj(w) = w K`` (``(B, rows) → (B, cols)``).
 
     Sparse K (the flow and incidence rows of most formulations) is stored as CSR matrices for K
-    and Kᵀ, dense K as contiguous copies of both: a product with the strided view ``K.T`` can be
-    20× slower than with a contiguous copy on CPU.
+    and Kᵀ (for the 392 × 476 capacity rows of spanning trees on 8 vertices, 2 nonzeros per row,
+    3.5× faster than the dense product at batch 128 on CPU), dense K as K and a contiguous Kᵀ.
     """
 
     def __init__(self, K: np.ndarray, dtype: torch.dtype, device: torch.device):
