@@ -113,12 +113,18 @@ def test_listops_quick_and_parses(tmp_path):
         kids = [m for m in range(len(tokens)) if parents[m] == i and tokens[m] != "]"]
         return int(tokens[i]) if not kids and tokens[i].isdigit() else run._apply(tokens[i], [ev(m) for m in kids])
     assert ev(0) == value
+    # head accuracy: 1 for scores peaked on the parse, the chain's precision for chain scores
+    n = len(tokens)
+    assert run.head_accuracy(5.0 * arcs[None], arcs[None]).item() == 1.0
+    chain = torch.diag_embed(torch.ones(n - 1), 1)[None]
+    assert run.head_accuracy(chain, arcs[None]).item() == pytest.approx((chain * arcs).sum().item() / (n - 1))
     out = run.main(["--quick", "--out", str(tmp_path), "--workers", "1"])
     assert [r["method"] for r in out["table"]] == list(run.METHODS)
     for r in out["table"]:
         assert _in_unit_interval(r["accuracy"][0])
         if r["method"] in ("arborescence", "independent_parents"):
             assert r["precision"][0] == pytest.approx(r["recall"][0])
+        assert ("head_accuracy" in r) == (r["method"] in ("arborescence", "independent", "independent_parents"))
 
 
 def test_sorting_quick_learns_to_sort_five_numbers(tmp_path):
