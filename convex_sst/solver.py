@@ -243,7 +243,6 @@ def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int,
          dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A torch CSR matrix from COO triplets (duplicates summed)."""
     M = sp.coo_matrix((vals, (rows, cols)), shape=shape).tocsr()
-    M.sum_duplicates()
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(torch.as_tensor(M.indptr, dtype=torch.int64, device=device),
@@ -261,6 +260,7 @@ class _LinOp:
     """
 
     def __init__(self, K: np.ndarray, dtype: torch.dtype, device: torch.device):
+        self.shape = K.shape
         self.sparse = K.size > 0 and np.count_nonzero(K) <= 0.1 * K.size
         if self.sparse:
             r, c = np.nonzero(K)
@@ -286,7 +286,7 @@ def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict
     if key not in sf.cache:
         t = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
         sf.cache[key] = {
-            "A": t(sf.A), "b": t(sf.b), "G": t(sf.G), "h": t(sf.h),
+            "b": t(sf.b), "h": t(sf.h),
             "Aop": _LinOp(sf.A, dtype, device), "Gop": _LinOp(sf.G, dtype, device),
             "L": t(np.where(np.isfinite(sf.L), sf.L, 0.0)), "U": t(np.where(np.isfinite(sf.U), sf.U, 0.0)),
             "hasL": torch.as_tensor(np.isfinite(sf.L), device=device),
@@ -372,7 +372,7 @@ class _Newton:
             vec = torch.cat([torch.ones_like(self.Sh)[..., None], -self.c], -1).permute(1, 2, 0).contiguous()
             MinvT = (vec / self.Sh.T[:, None, :])[:, :, None, :] * vec[:, None, :, :]
             MinvT.diagonal(dim1=1, dim2=2)[..., 1:].add_((1.0 / self.q).permute(1, 0, 2))
-            self.MinvT = MinvT.reshape(blocks.numel() * blocks.shape[1], B)
+            self.MinvT = MinvT.reshape(nb * sz * sz, B)
             self._schur(T, D, B)
             return
         M = torch.diag_embed(Dpad[:, blocks])  # (B, nb, sz, sz)
@@ -394,8 +394,7 @@ class _Newton:
         self._schur(T, D, B)
 
     def _schur(self, T: dict, D: torch.Tensor, B: int) -> None:
-        A = T["A"]
-        self.m = A.shape[0]
+        self.m = T["Aop"].shape[0]
         if self.m:
             # The (B, m, m) arrays live in buffers reused across the iterations of one solve (per
             # batch size) instead of a fresh multi-megabyte array per step and operation. S is
@@ -461,9 +460,9 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     B, d = theta.shape
     dtype, device = theta.dtype, theta.device
     T = _tensors(sf, dtype, device)
-    A, b, G, hv, Lb, Ub, hasL, hasU = T["A"], T["b"], T["G"], T["h"], T["L"], T["U"], T["hasL"], T["hasU"]
-    m, n = A.shape
-    p = G.shape[0]
+    b, hv, Lb, Ub, hasL, hasU = T["b"], T["h"], T["L"], T["U"], T["hasL"], T["hasU"]
+    m, n = T["Aop"].shape
+    p = T["Gop"].shape[0]
     f64 = dtype == torch.float64
     tol = (1e-10 if f64 else 1e-5) if tol is None else tol
     accept = max(tol, 1e-8 if f64 else 1e-4)  # stalled rows below this count as converged (inaccurate)
@@ -664,7 +663,8 @@ class _TorchSST(torch.autograd.Function):
         rhs = torch.zeros_like(Dback)
         rhs[:, : sf.d] = g[:, free]
         newton = _Newton(T, Dback, Sback if Sback.numel() else None)
-        dz, _ = newton.solve(rhs, torch.zeros(g.shape[0], T["A"].shape[0], dtype=g.dtype, device=g.device) if T["A"].shape[0] else None)
+        m = T["Aop"].shape[0]
+        dz, _ = newton.solve(rhs, torch.zeros(g.shape[0], m, dtype=g.dtype, device=g.device) if m else None)
         out = torch.zeros_like(g)
         out[:, free] = dz[:, : sf.d]
         return out, None, None, None, None, None

@@ -242,12 +242,13 @@ def evaluate(model: ListOpsModel, data: list[tuple], seed: int) -> dict:
             p, r = arc_scores(model, theta, arcs, gen)
             prec.append(p)
             rec.append(r)
-            heads.append(head_accuracy(theta, arcs))
+            if model.cfg.method != "spanning_tree":   # directed heads only
+                heads.append(head_accuracy(theta, arcs))
     model.train()
     res = {"accuracy": torch.cat(correct).mean().item()}
     if prec:
         res.update(precision=torch.cat(prec).mean().item(), recall=torch.cat(rec).mean().item())
-        if model.cfg.method != "spanning_tree":   # directed heads only
+        if heads:
             res["head_accuracy"] = torch.cat(heads).mean().item()
     return res
 
