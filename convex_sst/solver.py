@@ -16,9 +16,12 @@ from one factorization), damped to stay interior, on the rows still running only
 ``D = f'' ⊕ ε + Z_L/(z − L) + Z_U/(U − z)`` and ``Σ = λ/s``, the matrix ``M = D + Gᵀ Σ G`` is
 block diagonal once the variables are grouped by the inequality rows they share (one small
 block per arc in the flow formulations, a *star* (capacity rows f ≤ y sharing y) inverted in
-closed form; diagonal when there are none; otherwise Cholesky per block); the equality Schur complement ``A M⁻¹ Aᵀ`` is assembled from a sparsity pattern shared
-by the whole batch, Cholesky-factored with a relative ridge, and refined against the exact
-operator. A best-iterate safeguard and a stall test end each row.
+closed form; diagonal when there are none; otherwise Cholesky per block); the equality Schur
+complement ``S = A M⁻¹ Aᵀ`` is assembled from a sparsity pattern shared by the whole batch.
+Equality rows whose variables lie in disjoint blocks (``x = C y`` in flow formulations, the row
+sums of a Birkhoff polytope) give a diagonal block of S and are eliminated in closed form; the
+rest is Cholesky-factored with a relative ridge (and refined against the exact operator in the
+backward pass). A best-iterate safeguard and a stall test end each row.
 
 The backward pass is implicit differentiation of the active-set reduced KKT system at the
 solution (constraints classified by their slack, enforced by a penalty): one more block solve,
@@ -70,11 +73,12 @@ class StandardForm:
     domain: tuple[float, float]
     blocks: np.ndarray     # (nb, s) variable indices, padded with n
     gpairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # flat position in (nb·s·s), row of G, value product
-    spairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # flat position in (m·m), position in (nb·s·s), coefficient
+    spairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # position in [S22, S21, diag S11], in (nb·s·s), coefficient
     domL: np.ndarray       # (n,) bounds that are only the regularizer's open domain (never active)
     domU: np.ndarray
     structure: str         # 'diagonal', 'star' or 'dense': how the blocks are inverted
     coef: tuple[np.ndarray, np.ndarray, np.ndarray]  # 'star': leaf rows and coefficients α, β
+    m1: int                # the first m1 rows of A have a diagonal block in A M⁻¹ Aᵀ
     cache: dict
 
 
@@ -199,6 +203,28 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         blocks[bi, : len(g)] = g
         where[g, 0] = bi
         where[g, 1] = np.arange(len(g))
+    # Equality rows whose variables lie in pairwise disjoint blocks (x = C y of a flow formulation,
+    # the row sums of a Birkhoff polytope) have a diagonal block in S = A M⁻¹ Aᵀ: they come first
+    # (m1 of them) and are eliminated in closed form, so only the Schur complement of the other
+    # m2 rows is factored. Greedy, rows touching the fewest other rows first.
+    m = A.shape[0]
+    row_blocks = [set(where[np.flatnonzero(A[r]), 0].tolist()) for r in range(m)]
+    rows_at: dict[int, set[int]] = {}
+    for r, bs in enumerate(row_blocks):
+        for bi in bs:
+            rows_at.setdefault(bi, set()).add(r)
+    degree = [len(set().union(*(rows_at[bi] for bi in bs))) if bs else 0 for bs in row_blocks]
+    claimed: set[int] = set()
+    diag_rows = []
+    for r in sorted(range(m), key=lambda r: (degree[r], r)):
+        if not (row_blocks[r] & claimed):
+            diag_rows.append(r)
+            claimed |= row_blocks[r]
+    diag_rows = sorted(diag_rows)
+    order = diag_rows + [r for r in range(m) if r not in set(diag_rows)]
+    A, b = A[order], b[order]
+    m1 = len(diag_rows)
+    m2 = m - m1
     flat, rows, prod = [], [], []
     for r in range(G.shape[0]):
         cols = np.flatnonzero(G[r])
@@ -210,13 +236,24 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
                 prod.append(G[r, c1] * G[r, c2])
     gpairs = (np.asarray(flat, dtype=np.int64), np.asarray(rows, dtype=np.int64), np.asarray(prod, dtype=float))
     # S = A M⁻¹ Aᵀ = Σ_blocks A[:, block] M_b⁻¹ A[:, block]ᵀ, assembled from the nonzeros of A
-    m = A.shape[0]
+    # into [S22 (m2·m2), S21 (m2·m1), diagonal of S11 (m1)] (S12 = S21ᵀ and the zero
+    # off-diagonal of S11 are not stored)
     sflat, sidx, scoef = [], [], []
     for bi, g in enumerate(groups):
         ent = [(r, li, A[r, j]) for li, j in enumerate(g) for r in np.flatnonzero(A[:, j])]
         for r1, i1, v1 in ent:
             for r2, i2, v2 in ent:
-                sflat.append(r1 * m + r2)
+                if r1 >= m1 and r2 >= m1:
+                    pos = (r1 - m1) * m2 + (r2 - m1)
+                elif r1 >= m1:
+                    pos = m2 * m2 + (r1 - m1) * m1 + r2
+                elif r2 >= m1:
+                    continue
+                elif r1 == r2:
+                    pos = m2 * m2 + m2 * m1 + r1
+                else:  # pragma: no cover - the rows were chosen in disjoint blocks
+                    raise PolytopeError("internal error: rows of the diagonal block share a block")
+                sflat.append(pos)
                 sidx.append((bi * size + i1) * size + i2)
                 scoef.append(v1 * v2)
     spairs = (np.asarray(sflat, dtype=np.int64), np.asarray(sidx, dtype=np.int64), np.asarray(scoef, dtype=float))
@@ -234,7 +271,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         coef = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
     sf = StandardForm(A, b, G, h, L, U, dfree, free, fixed_x, xlo[fixed_x],
                       reg.domain if reg.open_domain else (-math.inf, math.inf), blocks, gpairs, spairs,
-                      domL, domU, structure, coef, {})
+                      domL, domU, structure, coef, m1, {})
     P.cache[key] = sf
     return sf
 
@@ -281,6 +318,11 @@ class _LinOp:
         return w @ self.K
 
 
+def _schur_size(m: int, m1: int) -> int:
+    m2 = m - m1
+    return m2 * m2 + m2 * m1 + m1
+
+
 def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict:
     key = (dtype, str(device))
     if key not in sf.cache:
@@ -297,9 +339,10 @@ def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict
             "gflat": torch.as_tensor(sf.gpairs[0], device=device),
             "grow": torch.as_tensor(sf.gpairs[1], device=device),
             "gval": t(sf.gpairs[2]),
-            # S (flattened, m·m) = Sasm · M⁻¹ (flattened blocks, nb·s·s): one sparse product
-            "Sasm": _csr(sf.spairs[0], sf.spairs[1], sf.spairs[2], (sf.A.shape[0] ** 2, sf.blocks.size * sf.blocks.shape[1]),
-                         dtype, device),
+            # [S22, S21, diag S11] (flattened) = Sasm · M⁻¹ (flattened blocks, nb·s·s): one sparse product
+            "Sasm": _csr(sf.spairs[0], sf.spairs[1], sf.spairs[2],
+                         (_schur_size(sf.A.shape[0], sf.m1), sf.blocks.size * sf.blocks.shape[1]), dtype, device),
+            "m1": sf.m1,
             "structure": sf.structure,
             "crow": torch.as_tensor(sf.coef[0], device=device),
             "calpha": t(sf.coef[1]),
@@ -335,7 +378,8 @@ class SolveReport:
 class _Newton:
     """Factorization of the reduced KKT system for one batch of iterates.
 
-    ``M = D + Gᵀ Σ G`` (block diagonal), ``S = A M⁻¹ Aᵀ`` (dense, Cholesky with a relative ridge);
+    ``M = D + Gᵀ Σ G`` (block diagonal), ``S = A M⁻¹ Aᵀ`` (its diagonal rows eliminated, the
+    rest dense, Cholesky with a relative ridge);
     ``solve(r1, r2)`` returns Δz, Δy of ``[[M, Aᵀ], [A, 0]] [Δz; Δy] = [r1; r2]``.
     """
 
@@ -395,33 +439,65 @@ class _Newton:
 
     def _schur(self, T: dict, D: torch.Tensor, B: int) -> None:
         self.m = T["Aop"].shape[0]
-        if self.m:
-            # The (B, m, m) arrays live in buffers reused across the iterations of one solve (per
-            # batch size) instead of a fresh multi-megabyte array per step and operation. S is
-            # symmetric, so its row-major buffer read as column-major (S.mT) is S: LAPACK gets it
-            # without a strided copy.
-            m = self.m
-            bufs = self.work.get(B) if self.work is not None else None
-            if bufs is None:
-                kw = {"dtype": D.dtype, "device": D.device}
-                bufs = (torch.empty(m * m, B, **kw), torch.empty(B, m * m, **kw),
-                        torch.empty(B, m, m, **kw).mT, torch.empty(B, dtype=torch.int32, device=D.device))
-                if self.work is not None:
-                    self.work[B] = bufs
-            Sflat_t, Sflat, Lc, info = bufs
-            torch.mm(T["Sasm"], self.MinvT, out=Sflat_t)   # S = A M⁻¹ Aᵀ, (m·m, B)
-            Sflat.copy_(Sflat_t.T)
-            S = Sflat.view(B, m, m)
-            dg = torch.diagonal(S, dim1=1, dim2=2)
-            self.scale = 1.0 / torch.sqrt(dg.clamp_min(torch.finfo(D.dtype).tiny))
-            S.mul_(self.scale[:, :, None]).mul_(self.scale[:, None, :])
-            ridge = 1e-14 if D.dtype == torch.float64 else 1e-7
-            S.diagonal(dim1=1, dim2=2).add_(ridge)
+        if not self.m:
+            return
+        # S = A M⁻¹ Aᵀ = [[S11, S21ᵀ], [S21, S22]] with S11 diagonal (the first m1 rows): only the
+        # Schur complement S22 − S21 S11⁻¹ S21ᵀ (m2 × m2) is Cholesky-factored. The arrays live in
+        # buffers reused across the iterations of one solve (per batch size) instead of a fresh
+        # multi-megabyte array per step and operation. The reduced matrix is symmetric, so its
+        # row-major buffer read as column-major (.mT) is itself: LAPACK gets it without a copy.
+        m, m1 = self.m, T["m1"]
+        m2 = m - m1
+        K = _schur_size(m, m1)
+        bufs = self.work.get(B) if self.work is not None else None
+        if bufs is None:
+            kw = {"dtype": D.dtype, "device": D.device}
+            bufs = (torch.empty(K, B, **kw), torch.empty(B, K, **kw), torch.empty(B, m2, m2, **kw),
+                    torch.empty(B, m2, m2, **kw).mT, torch.empty(B, dtype=torch.int32, device=D.device))
+            if self.work is not None:
+                self.work[B] = bufs
+        Sflat_t, Sflat, Sred, Lc, info = bufs
+        torch.mm(T["Sasm"], self.MinvT, out=Sflat_t)   # (K, B)
+        Sflat.copy_(Sflat_t.T)
+        ridge = 1e-14 if D.dtype == torch.float64 else 1e-7
+        tiny = torch.finfo(D.dtype).tiny
+        self.m1, self.m2 = m1, m2
+        S22 = Sflat[:, : m2 * m2].view(B, m2, m2)
+        if m1:
+            self.d1 = Sflat[:, K - m1:].clamp_min(tiny) * (1.0 + ridge)
+            if m2:
+                self.S21 = Sflat[:, m2 * m2: m2 * m2 + m2 * m1].view(B, m2, m1)
+                W = self.S21 * torch.rsqrt(self.d1)[:, None, :]
+                S = torch.baddbmm(S22, W, W.mT, alpha=-1.0, out=Sred)
+        else:
+            S = S22
+        if not m2:
+            return
+        dg = torch.diagonal(S, dim1=1, dim2=2)
+        self.scale = 1.0 / torch.sqrt(dg.clamp_min(tiny))
+        S.mul_(self.scale[:, :, None]).mul_(self.scale[:, None, :])
+        S.diagonal(dim1=1, dim2=2).add_(ridge)
+        torch.linalg.cholesky_ex(S.mT, out=(Lc, info))
+        if bool((info != 0).any()):
+            S.diagonal(dim1=1, dim2=2).add_(1e4 * ridge)
             torch.linalg.cholesky_ex(S.mT, out=(Lc, info))
-            if bool((info != 0).any()):
-                S.diagonal(dim1=1, dim2=2).add_(1e4 * ridge)
-                torch.linalg.cholesky_ex(S.mT, out=(Lc, info))
-            self.Lc = Lc
+        self.Lc = Lc
+
+    def s_solve(self, r: torch.Tensor) -> torch.Tensor:
+        """``S⁻¹ r`` by block elimination of the diagonal rows and two triangular solves (on CPU
+        about 2x faster than cholesky_solve here)."""
+        m1, m2 = self.m1, self.m2
+        r1, r2 = r[:, :m1], r[:, m1:]
+        if m1 and m2:
+            r2 = r2 - torch.bmm(self.S21, (r1 / self.d1)[..., None])[..., 0]
+        if m2:
+            w = torch.linalg.solve_triangular(self.Lc, (r2 * self.scale)[..., None], upper=False)
+            y2 = torch.linalg.solve_triangular(self.Lc.mT, w, upper=True)[..., 0] * self.scale
+            if not m1:
+                return y2
+            y1 = (r1 - torch.bmm(self.S21.mT, y2[..., None])[..., 0]) / self.d1
+            return torch.cat([y1, y2], 1)
+        return r1 / self.d1
 
     def minv(self, v: torch.Tensor) -> torch.Tensor:
         """``M⁻¹ v``: closed form for stars, else triangular solves with the block factors."""
@@ -444,14 +520,9 @@ class _Newton:
             return self.minv(r1), None
         A = self.T["Aop"]
         rhs = A.fwd(self.minv(r1)) - r2
-
-        def s_solve(r):  # two triangular solves (on CPU about 2x faster than cholesky_solve here)
-            w = torch.linalg.solve_triangular(self.Lc, (r * self.scale)[..., None], upper=False)
-            return torch.linalg.solve_triangular(self.Lc.mT, w, upper=True)[..., 0] * self.scale
-
-        dy = s_solve(rhs)
+        dy = self.s_solve(rhs)
         if refine:  # one refinement step against the exact A M⁻¹ Aᵀ
-            dy = dy + s_solve(rhs - A.fwd(self.minv(A.adj(dy))))
+            dy = dy + self.s_solve(rhs - A.fwd(self.minv(A.adj(dy))))
         return self.minv(r1 - A.adj(dy)), dy
 
 
@@ -536,8 +607,8 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         best_res[ix] = bres
         history[it, ix] = resid
         done = resid <= tol
-        if it >= 8:  # a row that stopped improving near its floating-point floor stops here
-            done = done | ((resid > 0.5 * history[it - 8, ix]) & (bres <= accept))
+        if it >= 3:  # a row that stopped improving (less than 2x in 3 steps) near its floating-point floor stops here
+            done = done | ((resid > 0.5 * history[it - 3, ix]) & (bres <= accept))
         # a row whose residual grew 100x past its best once close to convergence (dual drift) stops
         done = done | ((resid > 100 * bres) & (bres <= 1e4 * accept)) | ~torch.isfinite(resid)
         active[ix] = ~done

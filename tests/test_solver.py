@@ -205,3 +205,33 @@ def test_torch_solver_accepts_an_empty_batch(name, reg):
     x = cs.relax(u, P, reg, 1.0, backend="torch")
     x.sum().backward()
     assert x.shape == u.shape and u.grad.shape == u.shape
+
+
+@pytest.mark.parametrize("name, params, reg, m1", [
+    ("spanning_tree", {"n": 5}, "binary_entropy", 10),  # the rows x = C y: one per edge
+    ("birkhoff", {"n": 4}, "entropy", 4),               # the row sums (disjoint variables)
+    ("k_subset", {"n": 6, "k": 2}, "quadratic", 1),      # one row: S is 1 x 1, no Cholesky
+    ("matching", {"n": 4, "m": 6}, "entropy", 1),        # dense blocks
+])
+def test_newton_solve_with_eliminated_diagonal_rows(name, params, reg, m1, gen):
+    """Equality rows in disjoint blocks are eliminated from S = A M⁻¹ Aᵀ in closed form; the
+    Newton solve must still equal a dense solve of [[M, Aᵀ], [A, 0]]."""
+    from convex_sst.solver import _Newton, _tensors, standard_form
+
+    P = cs.load_polytope(name, **params)
+    sf = standard_form(P, get_regularizer(reg))
+    assert sf.m1 == m1
+    T = _tensors(sf, torch.float64, torch.device("cpu"))
+    (m, n), p = sf.A.shape, sf.G.shape[0]
+    D = torch.rand(3, n, generator=gen, dtype=torch.float64) * 10 ** (6 * torch.rand(3, n, generator=gen, dtype=torch.float64) - 3)
+    Sig = torch.rand(3, p, generator=gen, dtype=torch.float64) * 10 ** (6 * torch.rand(3, p, generator=gen, dtype=torch.float64) - 3)
+    A, G = torch.as_tensor(sf.A), torch.as_tensor(sf.G)
+    M = torch.diag_embed(D) + G.T @ torch.diag_embed(Sig) @ G
+    K = torch.cat([torch.cat([M, A.expand(3, m, n).mT], 2), torch.cat([A.expand(3, m, n), torch.zeros(3, m, m, dtype=torch.float64)], 2)], 1)
+    r1 = torch.randn(3, n, generator=gen, dtype=torch.float64)
+    r2 = torch.randn(3, m, generator=gen, dtype=torch.float64)
+    ref = torch.linalg.solve(K, torch.cat([r1, r2], 1)[..., None])[..., 0]
+    newton = _Newton(T, D, Sig if p else None)
+    for refine in (False, True):  # without refinement: the elimination alone must be exact
+        got = torch.cat(newton.solve(r1, r2, refine=refine), 1)
+        assert ((got - ref).abs().amax(1) / ref.abs().amax(1)).max() < 1e-8
