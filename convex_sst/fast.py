@@ -15,10 +15,13 @@ simplex, k_subset   entropy, binary     ``x = clamp(ψ(θ − τ), 0, 1)``, τ b
 hypercube           binary_entropy      sigmoid
 hypercube           quadratic           clamp to [0, 1]
 simplex, hypercube  exp_family          softmax, sigmoid (the mean parameters)
-k_subset            exp_family          marginals of p(x) ∝ exp(θᵀx) on k-subsets: up/down
-                                        passes of a polynomial product tree (⌈log₂ n⌉ batched
-                                        steps, linear space; log space where that underflows),
-                                        backward = forward-mode pass with tangents (Cov·g)
+k_subset            exp_family          marginals of p(x) ∝ exp(θᵀx) on k-subsets: a DFT of
+                                        the size's characteristic function (n ≲ 128),
+                                        closed-form backward; else (and for rows it cannot
+                                        resolve) up/down passes of a polynomial product tree
+                                        (⌈log₂ n⌉ batched steps, linear space; log space where
+                                        that underflows), backward = forward-mode pass with
+                                        tangents (Cov·g)
 birkhoff            entropy             log-domain Sinkhorn with a convergence test, implicit
                                         backward (one (n×n) solve per sample)
 spanning_tree       exp_family          matrix-tree theorem: μ from one batched inverse of the
@@ -188,7 +191,7 @@ for _reg in ("entropy", "binary_entropy", "quadratic"):
 
 
 # ------------------------------------------------------------------------------------------
-# k-subset exponential family: polynomial product trees (linear space; log space as fallback)
+# k-subset exponential family: a DFT; polynomial product trees (linear space; log space as fallback)
 # ------------------------------------------------------------------------------------------
 
 _NEG = -1e30  # "log 0" that keeps gradients finite (exp underflows to exactly 0)
@@ -355,12 +358,121 @@ class _KSubsetMarginals(torch.autograd.Function):
         return g * mu + w * dc / Z[:, None] - mu * (de[:, k] / Z)[:, None], None
 
 
+_DFT_CONSTS: dict = {}
+_DFT_MIN_PK = 1e-3      # rows with P(S = k) below this go to the product tree (error ~ 2e-16 / P(S = k))
+_DFT_MAX_SIZE = 8192    # n · (number of frequencies) above which the product tree is cheaper
+
+
+def _dft_frequencies(n: int, k: int) -> int:
+    """Odd number N of DFT points: S = Σx ∈ [0, n] has no alias of k (nor S₋ᵢ of k − 1) when
+    N > max(k, n − k); odd, so no frequency sits at ω = −1 (where 1 + p(ω − 1) vanishes)."""
+    N = max(k, n - k) + 1
+    return N + 1 - N % 2
+
+
+def _dft_consts(n: int, k: int, dtype: torch.dtype, device: torch.device):
+    key = (n, k, dtype, str(device))
+    if key not in _DFT_CONSTS:
+        N = _dft_frequencies(n, k)
+        m = torch.arange((N + 1) // 2, dtype=dtype, device=device)  # conjugate half of the spectrum
+        ang = 2 * math.pi * m / N
+        weight = torch.where(m == 0, 1.0, 2.0).to(dtype) / N            # Re Σ over all N points
+        one = torch.ones_like(ang)
+        om = torch.polar(one, ang)
+        omk = torch.polar(one, -ang * k) * weight
+        # 2(1 − cos), ω − 1, ω̄, ω^{−k} w, ω^{1−k} w, ω^{−k} (ω − 1) w, ω^{1−k} (ω − 1) w
+        _DFT_CONSTS[key] = (2.0 - 2.0 * torch.cos(ang), om - 1.0, om.conj(), omk, omk * om, omk * (om - 1.0), omk * om * (om - 1.0))
+    return _DFT_CONSTS[key]
+
+
+class _KSubsetDFT(torch.autograd.Function):
+    """k-subset marginals through the characteristic function of S = Σx (a DFT).
+
+    With ``p = σ(θ − τ)`` for any τ, ``μ_i = p_i P(S₋ᵢ = k − 1) / P(S = k)`` where S (S₋ᵢ) sums
+    independent Bernoulli(p) (without item i): the ratio does not depend on τ, which is only
+    chosen (top-k midpoint, one Newton step towards Σp = k) to make P(S = k) large, so that
+    the DFT's rounding error (about 2e-16 / P(S = k)) stays small. With
+    ``f_i(ω) = 1 + p_i(ω − 1)``, ``φ = Π_i f_i`` and ``K_i = |f_i|⁻² = 1 / (1 − 2p_i(1 − p_i)(1 − cos))``:
+
+        P(S = k) = (1/N) Σ_ω φ(ω) ω^{−k},   P(S₋ᵢ = k − 1) = (1/N) Re Σ_ω φ(ω) ω^{1−k} conj(f_i(ω)) K_i(ω)
+
+    over N points (half of them by conjugate symmetry): one batched product and one batched
+    matrix product with the real kernel K. The backward is the covariance (symmetric) applied
+    to g, i.e. the derivative of μ along ``θ + s g`` at fixed τ, in closed form (the same
+    kernel and its square). ``ok`` flags the rows where P(S = k) ≥ 1e-3; the caller must
+    replace the others (their μ is not meaningful).
+    """
+
+    @staticmethod
+    def forward(ctx, theta, k):
+        B, n = theta.shape
+        D2, om1, omc, c0, c1, h0, h1 = _dft_consts(n, k, theta.dtype, theta.device)
+        tau = theta.topk(k + 1, dim=1).values[:, k - 1:].mean(1, keepdim=True)
+        p = torch.sigmoid(theta - tau)
+        tau = tau + ((p.sum(1, keepdim=True) - k) / (p * (1.0 - p)).sum(1, keepdim=True)).nan_to_num(0.0).clamp(-2.0, 2.0)
+        p = torch.sigmoid(theta - tau)
+        pq = p * (1.0 - p)
+        phi = (1.0 + p[..., None] * om1).prod(1)                     # (B, M)
+        K = (1.0 - pq[..., None] * D2).reciprocal_()                 # (B, n, M) = |f|⁻²
+        Pk = (phi * c0).real.sum(1)
+        y = phi * c1                                                 # conj(f_i) = 1 − p_i + p_i ω̄
+        S = torch.bmm(K, torch.stack([y.real, (y * omc).real], -1))
+        t = torch.lerp(S[..., 0], S[..., 1], p)                      # P(S₋ᵢ = k − 1)
+        ok = Pk >= _DFT_MIN_PK                                       # (NaN compares False)
+        Pk = torch.where(ok, Pk, 1.0)
+        mu = p * t / Pk[:, None]
+        ctx.k = k
+        ctx.save_for_backward(p, pq, K, phi, t, Pk, mu, ok)
+        ctx.mark_non_differentiable(ok)
+        return mu, ok
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _):
+        p, pq, K, phi, t, Pk, mu, ok = ctx.saved_tensors
+        D2, om1, omc, c0, c1, h0, h1 = _dft_consts(p.shape[1], ctx.k, p.dtype, p.device)
+        v = pq * g                                                   # ṗ along g
+        # R(ω) = Σ_j ṗ_j / f_j(ω);  φ̇ = φ (ω − 1) R;  Ṗ(S = k) = Re Σ φ ω^{−k} (ω − 1) R
+        RR = torch.bmm(torch.stack([v - v * p, v * p], 1), K)
+        R = RR[:, 0] + omc * RR[:, 1]
+        Pdot = (phi * h0 * R).real.sum(1, keepdim=True)
+        # p_i Ṗ(S₋ᵢ = k − 1) = p_i Re Σ e (R / f_i − ṗ_i / f_i²),  e = φ ω^{1−k} (ω − 1)
+        e = phi * h1
+        eR = e * R
+        e1 = e * omc
+        S1 = torch.bmm(K, torch.stack([eR.real, (eR * omc).real], -1))
+        S2 = torch.bmm(K * K, torch.stack([e.real, e1.real, (e1 * omc).real], -1))
+        q = 1.0 - p
+        T1 = torch.lerp(S1[..., 0], S1[..., 1], p)
+        T2 = q * q * S2[..., 0] + 2.0 * pq * S2[..., 1] + p * p * S2[..., 2]
+        out = (v * t + p * (T1 - v * T2) - mu * Pdot) / Pk[:, None]
+        return torch.where(ok[:, None], out, 0.0), None
+
+
+def _k_subset_tree(th: torch.Tensor, k: int) -> torch.Tensor:
+    """Marginals by the linear-space product tree; rows it cannot represent in log space."""
+    mu, ok = _KSubsetMarginals.apply(th, k)
+    if not bool(ok.all()):
+        # rows whose k largest logits spread too far for linear space: log-space tree, μ = ∇ log e_k
+        rows = (~ok).nonzero()[:, 0]
+        with torch.enable_grad():
+            sub = th[rows]
+            leaf = sub if sub.requires_grad else sub.detach().requires_grad_(True)
+            (mu_log,) = torch.autograd.grad(log_elementary_symmetric(leaf, k).sum(), leaf, create_graph=sub.requires_grad)
+        mu = mu.index_put((rows,), mu_log if sub.requires_grad else mu_log.detach())
+    return mu
+
+
 @register_fast_path("k_subset", "exp_family")
 def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) -> torch.Tensor:
     """Marginals ``μ = ∇_θ log Σ_{|x|=k} exp(θᵀx)``: ``μ_i = w_i e_{k−1}(w_{−i}) / e_k(w)``, ``w = e^θ``.
 
-    Up and down passes of a polynomial product tree (⌈log₂ n⌉ batched levels, O(n k²) work) in
-    linear space, and a closed-form backward: the Jacobian is the covariance (symmetric), so
+    For ``n · N/2 ≤ 8192`` (N ≈ max(k, n − k) DFT points; n up to about 128), through the
+    characteristic function of the size of a tilted Bernoulli vector (:class:`_KSubsetDFT`):
+    a handful of batched ops of size (B, n, N/2), closed-form backward. Rows where that is not
+    accurate to ~1e-13 (P(S = k) < 1e-3; rare after the Newton step on τ), and larger n, use
+    up and down passes of a polynomial product tree (⌈log₂ n⌉ batched levels, O(n k²) work) in
+    linear space, with a closed-form backward: the Jacobian is the covariance (symmetric), so
     the vector-Jacobian product is the forward-mode derivative of μ along the incoming
     gradient, one more pass over the tree with tangents (:class:`_KSubsetMarginals`). Rows
     whose k largest logits spread too far for linear space use the log-space tree
@@ -375,15 +487,12 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) 
     # lower precisions run in float64 (range ~e^±700 instead of e^±88: the linear tree then
     # covers ordinary low-temperature inputs) and are cast back
     th = theta if theta.dtype == torch.float64 else theta.double()
-    mu, ok = _KSubsetMarginals.apply(th, k)
-    if not bool(ok.all()):
-        # rows whose k largest logits spread too far for linear space: log-space tree, μ = ∇ log e_k
+    if n * (_dft_frequencies(n, k) + 1) // 2 > _DFT_MAX_SIZE or th.shape[0] == 0:
+        return _k_subset_tree(th, k).to(theta.dtype)
+    mu, ok = _KSubsetDFT.apply(th, k)
+    if not bool(ok.all()):  # P(S = k) too small for the DFT's accuracy: the product tree
         rows = (~ok).nonzero()[:, 0]
-        with torch.enable_grad():
-            sub = th[rows]
-            leaf = sub if sub.requires_grad else sub.detach().requires_grad_(True)
-            (mu_log,) = torch.autograd.grad(log_elementary_symmetric(leaf, k).sum(), leaf, create_graph=sub.requires_grad)
-        mu = mu.index_put((rows,), mu_log if sub.requires_grad else mu_log.detach())
+        mu = mu.index_put((rows,), _k_subset_tree(th[rows], k))
     return mu.to(theta.dtype)
 
 

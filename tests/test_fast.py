@@ -105,8 +105,8 @@ def test_huge_range_tiny_temperature_is_finite(name, reg, dtype, gen):
 
 @pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
 def test_k_subset_exp_family_float32_matches_float64(gen, scale):
-    # float32 stays on the linear-space product tree where it can, and must never overflow in
-    # the backward: the last row (a regression) has two logits ~50 apart above the rest
+    # float32 (computed in float64) must never overflow in the backward: the last row (a
+    # regression of the product tree) has two logits ~50 apart above the rest
     P = cs.load_polytope("k_subset", n=10, k=4)
     u = scale * torch.randn(64, 10, generator=gen, dtype=torch.float64)
     u = torch.cat([u, torch.tensor([[117.9, -6.4, -33.7, -23.4, -20.0, -7.4, -12.1, -9.6, 64.1, -8.5]],
@@ -121,6 +121,61 @@ def test_k_subset_exp_family_float32_matches_float64(gen, scale):
         grads.append((x.double(), g.double()))
     assert (grads[0][0] - grads[1][0]).abs().max() < 2e-4
     assert (grads[0][1] - grads[1][1]).abs().max() < 1e-3
+
+
+def _dft_pk(u: torch.Tensor, k: int) -> torch.Tensor:
+    """P(S = k) at the DFT path's τ, by brute force over the sizes (a Poisson-binomial law)."""
+    top = u.topk(k + 1, dim=1).values
+    tau = 0.5 * (top[:, k - 1] + top[:, k])
+    p = torch.sigmoid(u - tau[:, None])
+    tau = tau + ((p.sum(1) - k) / (p * (1 - p)).sum(1)).clamp(-2.0, 2.0)
+    p = torch.sigmoid(u - tau[:, None])
+    law = torch.zeros(u.shape[0], u.shape[1] + 1, dtype=u.dtype)
+    law[:, 0] = 1.0
+    for j in range(u.shape[1]):
+        law = torch.cat([law[:, :1] * (1 - p[:, j:j + 1]), law[:, 1:] * (1 - p[:, j:j + 1]) + law[:, :-1] * p[:, j:j + 1]], 1)
+    return law[:, k]
+
+
+@pytest.mark.parametrize("min_pk", [None, "median", 2.0])
+def test_k_subset_dft_rows_and_tree_rows_agree(min_pk, gen, monkeypatch):
+    """The DFT path hands rows with a small P(S = k) to the product tree: with the threshold
+    raised (to the median P(S = k): half the rows; 2: every row) the marginals and gradients
+    must not change."""
+    import convex_sst.fast as fast
+
+    P = cs.load_polytope("k_subset", n=9, k=3)
+    u = 3 * torch.randn(16, 9, generator=gen, dtype=torch.float64)
+    w = torch.randn(16, 9, generator=gen, dtype=torch.float64)
+    ref = brute_force_marginals(u.requires_grad_(), P, 1.0)
+    (gref,) = torch.autograd.grad((ref * w).sum(), u)
+    if min_pk == "median":
+        monkeypatch.setattr(fast, "_DFT_MIN_PK", float(_dft_pk(u.detach(), 3).median()))
+    elif min_pk is not None:
+        monkeypatch.setattr(fast, "_DFT_MIN_PK", min_pk)
+    _, ok = fast._KSubsetDFT.apply(u.detach(), 3)
+    assert bool(ok.all()) if min_pk is None else (not bool(ok.all()) and (min_pk == 2.0 or bool(ok.any())))
+    x = cs.relax(u, P, "exp_family", 1.0)
+    (g,) = torch.autograd.grad((x * w).sum(), u)
+    assert (x - ref).abs().max() < 1e-12 and (g - gref).abs().max() < 1e-11
+
+
+@pytest.mark.parametrize("n, k", [(100, 10), (60, 45), (200, 20)])
+def test_k_subset_dft_equals_product_tree_at_larger_sizes(n, k, gen):
+    """Sizes beyond brute force: the DFT (n·N/2 ≤ 8192) against the product tree, values and
+    vector-Jacobian products; n = 200 is past the DFT's size limit (the tree itself)."""
+    import convex_sst.fast as fast
+
+    u = 2 * torch.randn(32, n, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(32, n, generator=gen, dtype=torch.float64)
+    P = cs.load_polytope("k_subset", n=n, k=k)
+    x = cs.relax(u, P, "exp_family", 1.0)
+    ref = fast._k_subset_tree(u, k)
+    assert (x - ref).abs().max() < 1e-12
+    assert (x.sum(1) - k).abs().max() < 1e-10
+    (g,) = torch.autograd.grad((x * w).sum(), u)
+    (gr,) = torch.autograd.grad((ref * w).sum(), u)
+    assert (g - gr).abs().max() < 1e-11
 
 
 def test_sinkhorn_reports_non_convergence(gen):
