@@ -452,25 +452,25 @@ class _Newton:
         bufs = self.work.get(B) if self.work is not None else None
         if bufs is None:
             kw = {"dtype": D.dtype, "device": D.device}
-            bufs = (torch.empty(K, B, **kw), torch.empty(B, K, **kw), torch.empty(B, m2, m2, **kw),
-                    torch.empty(B, m2, m2, **kw).mT, torch.empty(B, dtype=torch.int32, device=D.device))
+            bufs = (torch.empty(B, m2, m2, **kw), torch.empty(B, m2, m2, **kw).mT,
+                    torch.empty(B, dtype=torch.int32, device=D.device))
             if self.work is not None:
                 self.work[B] = bufs
-        Sflat_t, Sflat, Sred, Lc, info = bufs
-        torch.mm(T["Sasm"], self.MinvT, out=Sflat_t)   # (K, B)
-        Sflat.copy_(Sflat_t.T)
+        Sred, Lc, info = bufs
+        Sall = torch.mm(T["Sasm"], self.MinvT)   # (K, B), batch last: read through permuted views
         ridge = 1e-14 if D.dtype == torch.float64 else 1e-7
         tiny = torch.finfo(D.dtype).tiny
         self.m1, self.m2 = m1, m2
-        S22 = Sflat[:, : m2 * m2].view(B, m2, m2)
+        S22 = Sall[: m2 * m2].view(m2, m2, B).permute(2, 0, 1)
         if m1:
-            self.d1 = Sflat[:, K - m1:].clamp_min(tiny) * (1.0 + ridge)
+            # S21 S11⁻¹ S12 = W Wᵀ with W = S21 S11^{-1/2}
+            self.sd1 = Sall[K - m1:].T.clamp_min(tiny).mul(1.0 + ridge).sqrt().contiguous()
             if m2:
-                self.S21 = Sflat[:, m2 * m2: m2 * m2 + m2 * m1].view(B, m2, m1)
-                W = self.S21 * torch.rsqrt(self.d1)[:, None, :]
-                S = torch.baddbmm(S22, W, W.mT, alpha=-1.0, out=Sred)
+                S21 = Sall[m2 * m2: m2 * m2 + m2 * m1].view(m2, m1, B).permute(2, 0, 1)
+                self.W = (S21 / self.sd1[:, None, :]).contiguous()
+                S = torch.baddbmm(S22, self.W, self.W.mT, alpha=-1.0, out=Sred)
         else:
-            S = S22
+            S = Sred.copy_(S22)
         if not m2:
             return
         dg = torch.diagonal(S, dim1=1, dim2=2)
@@ -487,17 +487,18 @@ class _Newton:
         """``S⁻¹ r`` by block elimination of the diagonal rows and two triangular solves (on CPU
         about 2x faster than cholesky_solve here)."""
         m1, m2 = self.m1, self.m2
-        r1, r2 = r[:, :m1], r[:, m1:]
+        r1 = r[:, :m1] / self.sd1 if m1 else None
+        r2 = r[:, m1:]
         if m1 and m2:
-            r2 = r2 - torch.bmm(self.S21, (r1 / self.d1)[..., None])[..., 0]
+            r2 = r2 - torch.bmm(self.W, r1[..., None])[..., 0]
         if m2:
             w = torch.linalg.solve_triangular(self.Lc, (r2 * self.scale)[..., None], upper=False)
             y2 = torch.linalg.solve_triangular(self.Lc.mT, w, upper=True)[..., 0] * self.scale
             if not m1:
                 return y2
-            y1 = (r1 - torch.bmm(self.S21.mT, y2[..., None])[..., 0]) / self.d1
+            y1 = (r1 - torch.bmm(self.W.mT, y2[..., None])[..., 0]) / self.sd1
             return torch.cat([y1, y2], 1)
-        return r1 / self.d1
+        return r1 / self.sd1
 
     def minv(self, v: torch.Tensor) -> torch.Tensor:
         """``M⁻¹ v``: closed form for stars, else triangular solves with the block factors."""
@@ -594,29 +595,37 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         ix = active.nonzero()[:, 0]
         if ix.numel() == 0:
             break
+        if ix.numel() == B:  # every row running: views instead of gathered copies
+            ix = slice(None)
         th, sc = theta[ix], scale[ix]
         zz, yy, ss, ll, zlz, zuz = z[ix], y[ix], s[ix], lam[ix], zl[ix], zu[ix]
         hh, rd, rp, rs, gl, gu, mu, D, resid = state(th, sc, zz, yy, ss, ll, zlz, zuz)
         # keep each row's best iterate: degenerate duals (dependent active constraints) can drift
-        # once the primal has converged, and a drifting row is stopped and rolled back
+        # once the primal has converged, and a drifting row is stopped and rolled back (the
+        # tests below only look at iterates within 1e4·accept, so only those are kept)
         bres = best_res[ix]
-        better = torch.isfinite(resid) & (resid < bres)
-        for v, bv in zip((zz, yy, ss, ll, zlz, zuz), best):
-            bv[ix] = torch.where(better[:, None], v, bv[ix])
+        better = torch.isfinite(resid) & (resid < bres) & (resid <= 1e4 * accept)
+        if bool(better.any()):
+            for v, bv in zip((zz, yy, ss, ll, zlz, zuz), best):
+                bv[ix] = torch.where(better[:, None], v, bv[ix])
         bres = torch.where(better, resid, bres)
         best_res[ix] = bres
         history[it, ix] = resid
         done = resid <= tol
-        if it >= 3:  # a row that stopped improving (less than 2x in 3 steps) near its floating-point floor stops here
-            done = done | ((resid > 0.5 * history[it - 3, ix]) & (bres <= accept))
+        # a row that stopped improving near its floating-point floor stops here: less than 2x in 3
+        # steps once within 10·tol (counted as converged), in 8 steps once within `accept`
+        if it >= 3:
+            done = done | ((resid > 0.5 * history[it - 3, ix]) & (bres <= 10 * tol))
+        if it >= 8:
+            done = done | ((resid > 0.5 * history[it - 8, ix]) & (bres <= accept))
         # a row whose residual grew 100x past its best once close to convergence (dual drift) stops
         done = done | ((resid > 100 * bres) & (bres <= 1e4 * accept)) | ~torch.isfinite(resid)
         active[ix] = ~done
         keep = (~done).nonzero()[:, 0]
         if keep.numel() == 0:
             break
-        if keep.numel() < ix.numel():
-            ix = ix[keep]
+        if keep.numel() < resid.numel():
+            ix = keep if isinstance(ix, slice) else ix[keep]
             th, zz, yy, ss, ll, zlz, zuz = th[keep], zz[keep], yy[keep], ss[keep], ll[keep], zlz[keep], zuz[keep]
             hh, rd, rp, rs, gl, gu, mu, D = hh[keep], rd[keep], rp[keep], rs[keep], gl[keep], gu[keep], mu[keep], D[keep]
         Sig = ll / ss if p else None
