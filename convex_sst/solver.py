@@ -79,6 +79,7 @@ class StandardForm:
     structure: str         # 'diagonal', 'star' or 'dense': how the blocks are inverted
     coef: tuple[np.ndarray, np.ndarray, np.ndarray]  # 'star': leaf rows and coefficients α, β
     m1: int                # the first m1 rows of A have a diagonal block in A M⁻¹ Aᵀ
+    layout: tuple[int, int, int] | None  # (n0, nb, s): n0 singletons, then nb stars of s variables, contiguous
     cache: dict
 
 
@@ -196,6 +197,20 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         comps.setdefault(sets.find(j), []).append(j)
     groups = list(comps.values())
     structure, groups, leaf_rows = _block_structure(G, groups)
+    # Contiguous layout for stars of one size whose outputs are all singletons (the flow
+    # formulations): variables reordered as [singletons (x first), star 1 (hub, leaves), star 2,
+    # ...], so that M⁻¹ v works on a (B, stars, s) view instead of gathering and scattering
+    layout = None
+    if structure == "star":
+        singles = sorted(g[0] for g in groups if len(g) == 1)
+        stars = [(g, r) for g, r in zip(groups, leaf_rows) if len(g) > 1]
+        if stars and len({len(g) for g, _ in stars}) == 1 and singles[:dfree] == list(range(dfree)):
+            perm = np.asarray(singles + [j for g, _ in stars for j in g], dtype=np.int64)
+            A, G, L, U, domL, domU = A[:, perm], G[:, perm], L[perm], U[perm], domL[perm], domU[perm]
+            n0, s_star = len(singles), len(stars[0][0])
+            groups = [[i] for i in range(n0)] + [list(range(n0 + b * s_star, n0 + (b + 1) * s_star)) for b in range(len(stars))]
+            leaf_rows = [[] for _ in range(n0)] + [r for _, r in stars]
+            layout = (n0, len(stars), s_star)
     size = max(len(g) for g in groups) if groups else 1
     blocks = np.full((len(groups), size), n, dtype=np.int64)
     where = np.zeros((n, 2), dtype=np.int64)
@@ -271,7 +286,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         coef = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
     sf = StandardForm(A, b, G, h, L, U, dfree, free, fixed_x, xlo[fixed_x],
                       reg.domain if reg.open_domain else (-math.inf, math.inf), blocks, gpairs, spairs,
-                      domL, domU, structure, coef, m1, {})
+                      domL, domU, structure, coef, m1, layout, {})
     P.cache[key] = sf
     return sf
 
@@ -343,6 +358,7 @@ def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict
             "Sasm": _csr(sf.spairs[0], sf.spairs[1], sf.spairs[2],
                          (_schur_size(sf.A.shape[0], sf.m1), sf.blocks.size * sf.blocks.shape[1]), dtype, device),
             "m1": sf.m1,
+            "layout": sf.layout,
             "structure": sf.structure,
             "crow": torch.as_tensor(sf.coef[0], device=device),
             "calpha": t(sf.coef[1]),
@@ -505,6 +521,13 @@ class _Newton:
         if self.kind == "diagonal":
             return v * self.Dinv
         B = v.shape[0]
+        if self.kind == "star" and self.T["layout"] is not None:  # contiguous: singletons, then stars
+            n0, nb, s = self.T["layout"]
+            vs = v[:, n0:].view(B, nb, s)
+            c, q = self.c[:, n0:], self.q[:, n0:]
+            h = (vs[..., 0] - (c * vs[..., 1:]).sum(-1)) / self.Sh[:, n0:]
+            star = torch.cat([h[..., None], vs[..., 1:] / q - c * h[..., None]], -1)
+            return torch.cat([v[:, :n0] / self.Sh[:, :n0], star.reshape(B, nb * s)], 1)
         blocks = self.T["blocks"]
         vp = torch.cat([v, torch.zeros(B, 1, dtype=v.dtype, device=v.device)], 1)[:, blocks]
         if self.kind == "star":
