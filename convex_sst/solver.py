@@ -478,6 +478,11 @@ class _Newton:
         tiny = torch.finfo(D.dtype).tiny
         self.m1, self.m2 = m1, m2
         S22 = Sall[: m2 * m2].view(m2, m2, B).permute(2, 0, 1)
+        # Jacobi scaling (and so the relative ridge) from the diagonal of S22, not of the reduced
+        # matrix: as in a Cholesky factorization of all of S, whose first m1 pivots are these
+        # rows. (Scaled by its own, possibly cancelled, diagonal the ridge was too small, and
+        # degenerate flow problems lost rows to bad directions.)
+        self.scale = 1.0 / torch.sqrt(torch.diagonal(S22, dim1=1, dim2=2).clamp_min(tiny))
         if m1:
             # S21 S11⁻¹ S12 = W Wᵀ with W = S21 S11^{-1/2}
             self.sd1 = Sall[K - m1:].T.clamp_min(tiny).mul(1.0 + ridge).sqrt().contiguous()
@@ -489,8 +494,6 @@ class _Newton:
             S = Sred.copy_(S22)
         if not m2:
             return
-        dg = torch.diagonal(S, dim1=1, dim2=2)
-        self.scale = 1.0 / torch.sqrt(dg.clamp_min(tiny))
         S.mul_(self.scale[:, :, None]).mul_(self.scale[:, None, :])
         S.diagonal(dim1=1, dim2=2).add_(ridge)
         torch.linalg.cholesky_ex(S.mT, out=(Lc, info))
