@@ -59,6 +59,8 @@ def interleaved(fns: dict, repeats: int) -> dict:
 
 
 def fwd_and_both_fns(relax_fn, u: torch.Tensor):
+    """A forward (no grad) and a forward+backward call of ``relax_fn`` on ``u``."""
+
     def fwd():
         with torch.no_grad():
             relax_fn(u)
@@ -73,16 +75,7 @@ def fwd_and_both_fns(relax_fn, u: torch.Tensor):
 
 
 def fwd_and_both(relax_fn, u: torch.Tensor, repeats: int) -> tuple[float, float]:
-    def fwd():
-        with torch.no_grad():
-            relax_fn(u)
-
-    uu = u.clone().requires_grad_()
-    w = torch.randn_like(u)
-
-    def both():
-        (relax_fn(uu) * w).sum().backward()
-
+    fwd, both = fwd_and_both_fns(relax_fn, u)
     return median_ms(fwd, repeats), median_ms(both, repeats)
 
 
