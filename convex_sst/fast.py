@@ -450,11 +450,11 @@ class _KSubsetDFT(torch.autograd.Function):
 
 
 def _k_subset_tree(th: torch.Tensor, k: int) -> torch.Tensor:
-    """Marginals by the linear-space product tree; rows it cannot represent in log space."""
+    """Marginals by the linear-space product tree; the rows it cannot represent, by the
+    log-space tree (μ = ∇ log e_k by autograd)."""
     mu, ok = _KSubsetMarginals.apply(th, k)
     if not bool(ok.all()):
-        # rows whose k largest logits spread too far for linear space: log-space tree, μ = ∇ log e_k
-        rows = (~ok).nonzero()[:, 0]
+        rows = (~ok).nonzero()[:, 0]  # their k largest logits spread too far for linear space
         with torch.enable_grad():
             sub = th[rows]
             leaf = sub if sub.requires_grad else sub.detach().requires_grad_(True)

@@ -235,8 +235,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         if not (row_blocks[r] & claimed):
             diag_rows.append(r)
             claimed |= row_blocks[r]
-    diag_rows = sorted(diag_rows)
-    order = diag_rows + [r for r in range(m) if r not in set(diag_rows)]
+    order = sorted(diag_rows) + sorted(set(range(m)) - set(diag_rows))
     A, b = A[order], b[order]
     m1 = len(diag_rows)
     m2 = m - m1
