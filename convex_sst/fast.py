@@ -753,26 +753,36 @@ class _ArcMarginals(torch.autograd.Function):
 
 
 class _EdgeMarginals(torch.autograd.Function):
-    """Undirected edge marginals ``μ_e = w_e b_eᵀ K b_e`` (``b_e = e_i − e_j``, ``K`` the inverse of
-    the Laplacian without vertex 0) and their closed-form vector-Jacobian product.
+    """Undirected edge marginals ``μ_e = w_e b_eᵀ K b_e`` (``b_e = e_i − e_j``) and their
+    closed-form vector-Jacobian product, with ``K = (L + e₀e₀ᵀ)⁻¹`` for the Laplacian ``L`` of
+    ``w = exp θ`` (vertex 0 grounded): ``K b = L⁺ b + α 1`` for ``b ⊥ 1``, so
+    ``b_eᵀ K b_e = b_eᵀ L⁺ b_e``, and ``K`` comes from one batched Cholesky factorization of an
+    SPD matrix (connected graphs) in the full ``n × n`` layout. (Grounding changes one diagonal
+    entry; the tempting ``L + 11ᵀ/n`` would swamp the small weights of peaked samples.)
 
     The Jacobian in θ = log w is ``δ_ef μ_e − w_e w_f (b_eᵀ K b_f)²``, so ``gᵀJ`` is
-    ``g ∘ μ − w ∘ (b_fᵀ Y b_f)`` with ``Y = K X K`` and ``X = Σ_e g_e w_e b_e b_eᵀ`` (the Laplacian
-    of the weights ``g ∘ w``). The Laplacian is Jacobi-scaled before the inverse; samples whose
-    scaled 1-norm condition number exceeds ``limit`` are flagged (their μ is zero).
+    ``g ∘ μ − w ∘ (b_fᵀ Y b_f)`` with ``Y = K X K`` and ``X`` the Laplacian of the weights
+    ``g ∘ w`` (``X 1 = 0``, so the ``α 1`` terms drop out). Samples whose Jacobi-scaled 1-norm
+    condition number exceeds ``limit`` (or whose factorization fails) are flagged; their μ is zero.
     """
 
     @staticmethod
     def forward(ctx, theta, index, n, limit):
-        gidx = index[3]
         w = torch.exp(theta - theta.amax(1, keepdim=True))
-        Lr = _EdgeMarginals.laplacian(w, index, n)
-        s = torch.rsqrt(torch.diagonal(Lr, dim1=1, dim2=2))
-        ss = s[:, :, None] * s[:, None, :]
-        Ls = Lr * ss
-        Ks, bad = _checked_inverse(Ls, limit)
-        K = torch.where(bad[:, None, None], 0.0, Ks * ss)  # ss is infinite at an isolated vertex
-        mu = w * _EdgeMarginals.pairs(K, gidx, n)
+        L = _EdgeMarginals.laplacian(w, index, n)
+        L[:, 0, 0] += 1.0  # vertex 0 grounded (weights are at most 1)
+        C, info = torch.linalg.cholesky_ex(L)
+        eye = torch.eye(n, dtype=theta.dtype, device=theta.device)
+        Z = torch.linalg.solve_triangular(C, eye.expand_as(L), upper=False)  # C⁻¹
+        K = Z.mT @ Z
+        # 1-norm condition number of the Jacobi-scaled matrix (Cholesky's accuracy is scaling
+        # invariant): ‖S L S‖₁ ‖S⁻¹ K S⁻¹‖₁ with S = diag(L)^(-1/2)
+        s = torch.diagonal(L, dim1=1, dim2=2).sqrt()[:, :, None]
+        cond = ((L.abs() @ (1.0 / s)) / s).amax((1, 2)) * ((K.abs() @ s) * s).amax((1, 2))
+        bad = (info != 0) | ~(cond <= limit)  # NaN counts as bad
+        if bool(bad.any()):
+            K = torch.where(bad[:, None, None], 0.0, K)
+        mu = w * _EdgeMarginals.pairs(K, index)
         ctx.index, ctx.n = index, n
         ctx.save_for_backward(w, K, mu)
         ctx.mark_non_differentiable(bad)
@@ -780,14 +790,14 @@ class _EdgeMarginals(torch.autograd.Function):
 
     @staticmethod
     def laplacian(G: torch.Tensor, index, n: int) -> torch.Tensor:
-        """The Laplacian of edge weights ``G: (B, m)`` without vertex 0: ``(B, n−1, n−1)``."""
-        lidx, lsrc, lsign, _ = index
-        return G.new_zeros(G.shape[0], (n - 1) ** 2).index_add_(1, lidx, G[:, lsrc] * lsign.to(G.dtype)).view(-1, n - 1, n - 1)
+        """The Laplacian of edge weights ``G: (B, m)``: ``(B, n, n)``."""
+        return G.new_zeros(G.shape[0], n * n).index_add_(1, index[0], torch.cat([G, G, -G, -G], 1)).view(-1, n, n)
 
     @staticmethod
-    def pairs(Y: torch.Tensor, gidx: torch.Tensor, n: int) -> torch.Tensor:
-        """``b_eᵀ Y b_e = Y[i, i] + Y[j, j] − 2 Y[i, j]`` per edge (row and column 0 of the padded Y are 0)."""
-        q = torch.nn.functional.pad(Y, (1, 0, 1, 0)).reshape(Y.shape[0], n * n)[:, gidx].view(Y.shape[0], 3, gidx.numel() // 3)
+    def pairs(Y: torch.Tensor, index) -> torch.Tensor:
+        """``b_eᵀ Y b_e = Y[i, i] + Y[j, j] − 2 Y[i, j]`` per edge: ``(B, n, n) -> (B, m)``."""
+        B, n, _ = Y.shape
+        q = Y.reshape(B, n * n)[:, index[1]].view(B, 3, index[1].numel() // 3)
         return q[:, 0] + q[:, 1] - 2.0 * q[:, 2]
 
     @staticmethod
@@ -796,26 +806,18 @@ class _EdgeMarginals(torch.autograd.Function):
         w, K, mu = ctx.saved_tensors
         idx, n = ctx.index, ctx.n
         return (_laplacian_vjp(g, w, K, mu, lambda G: _EdgeMarginals.laplacian(G, idx, n),
-                               lambda Y: _EdgeMarginals.pairs(Y, idx[3], n)), None, None, None)
+                               lambda Y: _EdgeMarginals.pairs(Y, idx)), None, None, None)
 
 
-def _edge_index(polytope: Polytope, device: torch.device):
-    """Index arrays of :class:`_EdgeMarginals` for the polytope's edge list (cached per device)."""
+def _edge_index(polytope: Polytope, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions in ``(n, n)`` for :class:`_EdgeMarginals` (cached per device): the
+    Laplacian's ``[ii, jj, ij, ji]`` and the pairs' ``[ii, jj, ij]`` over the edge list."""
     key = ("edge_marginal_index", str(device))
     if key not in polytope.cache:
         n = int(polytope.params["n"])
-        r = n - 1
-        lidx, lsrc, lsign = [], [], []
-        for e, (i, j) in enumerate(polytope.data["E"].tolist()):
-            for a, b, sign in ((i, i, 1.0), (j, j, 1.0), (i, j, -1.0), (j, i, -1.0)):
-                if a and b:  # vertex 0 is dropped
-                    lidx.append((a - 1) * r + (b - 1))
-                    lsrc.append(e)
-                    lsign.append(sign)
-        E = polytope.data["E"]
-        gidx = [E[:, 0] * (n + 1), E[:, 1] * (n + 1), E[:, 0] * n + E[:, 1]]
-        polytope.cache[key] = (torch.as_tensor(lidx, device=device), torch.as_tensor(lsrc, device=device),
-                               torch.as_tensor(lsign, device=device), torch.as_tensor(np.concatenate(gidx), device=device))
+        E = torch.as_tensor(polytope.data["E"], device=device)
+        ii, jj, ij, ji = E[:, 0] * (n + 1), E[:, 1] * (n + 1), E[:, 0] * n + E[:, 1], E[:, 1] * n + E[:, 0]
+        polytope.cache[key] = (torch.cat([ii, jj, ij, ji]), torch.cat([ii, jj, ij]))
     return polytope.cache[key]
 
 
@@ -873,10 +875,10 @@ def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: 
                             method: str = "auto") -> torch.Tensor:
     """Edge marginals of ``p(x) ∝ exp(θᵀx)`` over spanning trees (matrix-tree theorem).
 
-    ``μ_e = w_e b_eᵀ L̂⁻¹ b_e`` with ``L̂`` the Laplacian of ``w = exp θ`` without vertex 0 and
-    ``b_e = e_i − e_j``; ``L̂⁻¹`` by one batched inverse of the Jacobi-scaled Laplacian, the
-    backward in closed form (:class:`_EdgeMarginals`). ``method="auto"``
-    (default) uses that where the scaled Laplacian's condition number is below 1e5 (float64;
+    ``μ_e = w_e b_eᵀ L⁺ b_e`` with ``L`` the Laplacian of ``w = exp θ`` and ``b_e = e_i − e_j``;
+    ``L⁺`` through one batched Cholesky factorization of ``L + 11ᵀ/n``, the backward in closed
+    form (:class:`_EdgeMarginals`). ``method="auto"``
+    (default) uses that where the scaled matrix's condition number is below 1e5 (float64;
     1e2 in float32) and, for the remaining samples, the cancellation-free log-space elimination
     :func:`log_partition_arborescences` on the symmetric digraph (spanning trees are the
     arborescences rooted at 0, ``μ_e = μ_{i→j} + μ_{j→i}``), so it is exact at any temperature
@@ -888,8 +890,6 @@ def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: 
     if method not in ("auto", "inverse", "elimination"):
         raise InputError(f"method must be 'auto', 'inverse' or 'elimination', got {method!r}")
     theta = _clip_range(theta, max_range)
-    E = torch.as_tensor(polytope.data["E"], device=theta.device)
-    i, j = E[:, 0], E[:, 1]
     if method != "elimination":
         limit = (1e5 if theta.dtype == torch.float64 else 1e2) if method == "auto" else math.inf
         mu, bad = _EdgeMarginals.apply(theta, _edge_index(polytope, theta.device), n, limit)
@@ -897,6 +897,8 @@ def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: 
             return mu
         rows = bad.nonzero()[:, 0]
         return mu.index_put((rows,), spanning_tree_marginals(theta[rows], polytope, method="elimination"))
+    E = torch.as_tensor(polytope.data["E"], device=theta.device)
+    i, j = E[:, 0], E[:, 1]
     # log-space elimination on the symmetric digraph: spanning trees correspond one-to-one, with
     # equal weight, to arborescences rooted at 0, so μ_e = μ_{i→j} + μ_{j→i}
     mask = torch.zeros(n, n, dtype=torch.bool, device=theta.device)

@@ -9,6 +9,7 @@ it are reused by later calls with the same parameters.
 from __future__ import annotations
 
 import importlib.resources
+import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -263,7 +264,9 @@ class Polytope:
                 f"{argname} has shape {tuple(u.shape)}, expected (*batch, {', '.join(map(str, self.shape))}) "
                 f"for {self!r}"
             )
-        finite = torch.isfinite(u.detach())
+        if math.isfinite(float(u.detach().sum())):  # one reduction in the common case
+            return tuple(u.shape[: u.dim() - k])
+        finite = torch.isfinite(u.detach())  # a NaN or inf, or a sum that overflowed
         if not bool(finite.all()):
             batch = tuple(u.shape[: u.dim() - k])
             flat = (~finite).reshape(-1, self.size).any(1).nonzero().reshape(-1)

@@ -15,6 +15,7 @@ Backends:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -65,9 +66,22 @@ def as_polytope(polytope: Polytope | str) -> Polytope:
                      "hint: convex_sst.load_polytope('k_subset', n=5, k=2)")
 
 
+def _positive_number(temperature: int | float) -> float:
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise InputError(f"temperature must be finite and > 0, got {t}; the hard limit t -> 0 is polytope.argmax(u)")
+    return t
+
+
+def _is_number(temperature: Any) -> bool:
+    return isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+
+
 def check_temperature(temperature: Any, batch: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """Validate t > 0, finite, broadcastable to the batch shape; return it as a tensor."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+    if _is_number(temperature):
+        return torch.as_tensor(_positive_number(temperature), dtype=like.dtype, device=like.device)
+    if not isinstance(temperature, torch.Tensor):
         raise InputError(f"temperature must be a positive float or tensor, got {type(temperature).__name__}")
     t = torch.as_tensor(temperature, dtype=like.dtype, device=like.device)
     if t.dim() > len(batch):
@@ -121,8 +135,11 @@ def relax(
     P = as_polytope(polytope)
     batch = P.check_input(u)
     reg = P.check_regularizer(regularizer)
-    t = check_temperature(temperature, batch, u)
-    theta = u / t.reshape(tuple(t.shape) + (1,) * len(P.shape))
+    if _is_number(temperature):  # the common case, without a tensor round trip
+        theta = u / _positive_number(temperature)
+    else:
+        t = check_temperature(temperature, batch, u)
+        theta = u / t.reshape(tuple(t.shape) + (1,) * len(P.shape))
     theta = theta.reshape((-1,) + P.shape)
     fn = select_backend(P, reg, backend)
     x = fn(theta, P, reg, **options)
