@@ -298,15 +298,24 @@ def test_fast_paths_accept_an_empty_batch(name, reg):
 
 
 def test_spanning_tree_marginals_route_ill_conditioned_rows_to_elimination():
-    # at t = 0.1 with unit logits about half the rows of K_8 are too ill-conditioned for the
-    # Cholesky route (its error reaches 1e-3 there); "auto" must send exactly those rows to the
-    # log-space elimination and keep the others
+    # at t = 0.1 with unit logits some rows of K_8 are too ill-conditioned for the Cholesky route
+    # (its error reaches 1e-3 there): "auto" must send exactly those rows to the log-space
+    # elimination, and the rows it keeps must be exact, values and vector-Jacobian products
+    # (the textbook K_ii + K_jj - 2 K_ij forms lose 1e-8 on them)
     from convex_sst import fast
 
     P = cs.load_polytope("spanning_tree", n=8)
-    u = 10.0 * torch.randn(64, 28, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    u = (10.0 * torch.randn(128, 28, generator=g, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(128, 28, generator=g, dtype=torch.float64)
     _, bad = fast._EdgeMarginals.apply(u, fast._edge_index(P, u.device), 8, 1e5)
     assert 0 < int(bad.sum()) < 64
     ref = fast.spanning_tree_marginals(u, P, method="elimination")
-    assert (fast.spanning_tree_marginals(u, P) - ref).abs().max() < 1e-10
-    assert (fast.spanning_tree_marginals(u[~bad], P, method="inverse") - ref[~bad]).abs().max() < 1e-10
+    (gref,) = torch.autograd.grad((ref * w).sum(), u)
+    auto = fast.spanning_tree_marginals(u, P)
+    (gauto,) = torch.autograd.grad((auto * w).sum(), u)
+    assert (auto - ref).abs().max() < 1e-10 and (gauto - gref).abs().max() < 1e-9
+    kept = fast.spanning_tree_marginals(u[~bad], P, method="inverse")
+    (gkept,) = torch.autograd.grad((kept * w[~bad]).sum(), u)
+    assert (kept - ref[~bad]).abs().max() < 1e-10
+    assert (gkept[~bad] - gref[~bad]).abs().max() < 1e-9
