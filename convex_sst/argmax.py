@@ -76,7 +76,6 @@ def chu_liu_edmonds_tree(W: np.ndarray, root: int) -> np.ndarray:
 
     Returns ``parent`` (``parent[root] = -1``). Chu–Liu/Edmonds with cycle contraction, O(n³).
     """
-    n = W.shape[0]
     W = W.astype(float).copy()
     np.fill_diagonal(W, -np.inf)
     W[:, root] = -np.inf

@@ -39,7 +39,6 @@ import math
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import InputError, SolverError, SolverWarning

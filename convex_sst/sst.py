@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, unknown_name
+from .errors import unknown_name
 from .noise import Noise, get_noise
 from .polytope import Polytope
 from .regularizers import Regularizer

@@ -299,9 +299,9 @@ def test_fast_paths_accept_an_empty_batch(name, reg):
 
 def test_spanning_tree_marginals_route_ill_conditioned_rows_to_elimination():
     # at t = 0.1 with unit logits some rows of K_8 are too ill-conditioned for the Cholesky route
-    # (its error reaches 1e-3 there): "auto" must send exactly those rows to the log-space
-    # elimination, and the rows it keeps must be exact, values and vector-Jacobian products
-    # (the textbook K_ii + K_jj - 2 K_ij forms lose 1e-8 on them)
+    # (without the condition test, no row is flagged and this test fails): "auto" must send
+    # those rows to the log-space elimination, and the rows it keeps must be exact, values and
+    # vector-Jacobian products (the textbook K_ii + K_jj - 2 K_ij forms lose 1e-8 in the latter)
     from convex_sst import fast
 
     P = cs.load_polytope("spanning_tree", n=8)
