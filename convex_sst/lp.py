@@ -121,6 +121,31 @@ class LinearProgram:
         self._h.changeColsCost(len(idx), idx, np.zeros(self.form.num_z))
         return out[0], out[1]
 
+    def constant_variables(self, samples: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Which stacked variables ``z[j]`` are constant over Q, and their values: ``(mask, values)``.
+
+        Vertices maximizing a few random costs rule out most variables (any two that differ in
+        ``z[j]``); only the rest are bounded with two LPs each (``z_range``).
+        """
+        nz = self.form.num_z
+        idx = np.arange(nz, dtype=np.int32)
+        rng = np.random.default_rng(seed)
+        points = []
+        for _ in range(samples):
+            self._h.changeColsCost(nz, idx, rng.standard_normal(nz))
+            if self._run() == "optimal":
+                points.append(self.solution())
+        self._h.changeColsCost(nz, idx, np.zeros(nz))
+        P = np.asarray(points) if points else np.zeros((0, nz))
+        cand = np.ones(nz, dtype=bool) if len(points) < 2 else (P.max(0) - P.min(0)) <= 1e-9
+        mask = np.zeros(nz, dtype=bool)
+        values = np.zeros(nz)
+        for j in np.flatnonzero(cand):
+            lo, hi = self.z_range(int(j))
+            if hi - lo <= 1e-9:
+                mask[j], values[j] = True, lo
+        return mask, values
+
     def is_feasible(self, lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> bool:
         """Whether some z in Q has ``lower <= x <= upper`` (defaults: the form's own bounds)."""
         self._set_cost(np.zeros(self.form.out_size))

@@ -4,8 +4,10 @@ Solves, for every row of ``θ = u / t``,
 
     min_z  −θᵀx + Σ_i f(x_i) + ε/2‖aux‖²   s.t.  A z = b,  G z ≤ h,  L ≤ z ≤ U,   z = (x, aux)
 
-from the polytope's canonical form: output coordinates that are constant on P are eliminated,
-dependent equalities removed, the finite ends of an entropy's domain kept as barrier bounds,
+from the polytope's canonical form: variables that are constant on P are eliminated (outputs such
+as an arborescence's diagonal, auxiliary flows on arcs into a flow formulation's root: kept, they
+would be degenerate complementarity pairs, the worst-conditioned part of the Newton system),
+inequality rows left with one variable become bounds, dependent equalities removed, the finite ends of an entropy's domain kept as barrier bounds,
 free auxiliary variables given their implied bounds (LPs, once), and a tiny proximal term ε on
 the auxiliary variables selects a unique aux among optimal ones in degenerate formulations
 (it moves x by O(ε) = 1e-10).
@@ -53,8 +55,9 @@ class StandardForm:
     """``A z = b, G z ≤ h, L ≤ z ≤ U`` in numpy, with the block structure of ``Gᵀ Σ G``.
 
     ``z`` holds the free output coordinates first (``x[free] = z[:, :d]``), then auxiliary
-    variables; output coordinates that are constant on P (``x_j`` = 0 on the diagonal of an
-    arborescence, say) are eliminated and restored from ``fixed_values``. Variables that share an
+    variables; variables that are constant on P (``x_j`` = 0 on the diagonal of an
+    arborescence, say, or a flow on an arc into the root) are eliminated, the outputs among them
+    restored from ``fixed_values``. Variables that share an
     inequality row are grouped into ``blocks`` (connected components): the Newton matrix
     ``D + Gᵀ Σ G`` is block diagonal in that grouping (for the flow formulations: one small block
     per arc), so it is inverted block by block.
@@ -79,15 +82,16 @@ class StandardForm:
     structure: str         # 'diagonal', 'star' or 'dense': how the blocks are inverted
     coef: tuple[np.ndarray, np.ndarray, np.ndarray]  # 'star': leaf rows and coefficients α, β
     m1: int                # the first m1 rows of A have a diagonal block in A M⁻¹ Aᵀ
-    layout: tuple[int, int, int] | None  # (n0, nb, s): n0 singletons, then nb stars of s variables, contiguous
+    layout: tuple[int, tuple[tuple[int, int], ...]] | None  # (n0, ((stars, size), ...)): n0 singletons, then stars, contiguous
     cache: dict
 
 
-def _true_x_range(P: Polytope) -> tuple[np.ndarray, np.ndarray]:
-    key = ("true_x_range",)
+def _constant_variables(P: Polytope) -> tuple[np.ndarray, np.ndarray]:
+    """Which variables of the canonical form are constant on P, and their values (LPs, once per
+    polytope)."""
+    key = ("constant_variables",)
     if key not in P.cache:
-        lo, hi = zip(*(P.lp.z_range(j) for j in range(P.size)))
-        P.cache[key] = (np.asarray(lo), np.asarray(hi))
+        P.cache[key] = P.lp.constant_variables()
     return P.cache[key]
 
 
@@ -153,11 +157,18 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     if reg.open_domain and math.isfinite(reg.domain[1]):
         domU[:d] = U[:d] >= reg.domain[1]
         U[:d] = np.minimum(U[:d], reg.domain[1])
-    # eliminate output coordinates constant on P, and variables with equal bounds
-    xlo, xhi = _true_x_range(P)
-    fixed_x = np.flatnonzero(np.abs(xhi - xlo) <= 1e-9)
-    fixed = np.union1d(fixed_x, np.flatnonzero(np.abs(U - L) <= 1e-12))
-    vals = np.where(np.isin(np.arange(N), fixed_x), np.concatenate([xlo, np.zeros(N - d)]), L)[fixed]
+    # eliminate variables constant on P (output coordinates such as the diagonal of an
+    # arborescence; auxiliary ones such as the flows on arcs into a flow formulation's root, 98
+    # of 476 variables for spanning trees on 8 vertices), and variables with equal bounds. Left in,
+    # a constant variable at a bound is a degenerate complementarity pair (slack and multiplier
+    # both tending to 0), the worst-conditioned part of the Newton system
+    cmask, cval = _constant_variables(P)
+    const = np.flatnonzero(cmask)
+    fixed_x = const[const < d]
+    fixed = np.union1d(const, np.flatnonzero(np.abs(U - L) <= 1e-12))
+    vals = L.copy()
+    vals[const] = cval[const]
+    vals = vals[fixed]
     b = b - A[:, fixed] @ vals
     h = h - G[:, fixed] @ vals
     keep = np.setdiff1d(np.arange(N), fixed)
@@ -176,6 +187,16 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         A, b = A[sel], b[sel]
     nz_g = np.abs(G).sum(1) > 0
     G, h = G[nz_g], h[nz_g]
+    # rows left with one variable (a capacity f ≤ y whose flow is constant) are bounds
+    single = np.count_nonzero(G, axis=1) == 1
+    for r in np.flatnonzero(single):
+        j = int(np.flatnonzero(G[r])[0])
+        bound = h[r] / G[r, j]
+        if G[r, j] > 0 and bound < U[j]:
+            U[j], domU[j] = bound, False
+        elif G[r, j] < 0 and bound > L[j]:
+            L[j], domL[j] = bound, False
+    G, h = G[~single], h[~single]
     # every variable needs curvature or a bound: give free auxiliary variables their implied bounds
     for jj in range(dfree, n):
         if not (np.isfinite(L[jj]) or np.isfinite(U[jj])):
@@ -197,20 +218,29 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         comps.setdefault(sets.find(j), []).append(j)
     groups = list(comps.values())
     structure, groups, leaf_rows = _block_structure(G, groups)
-    # Contiguous layout for stars of one size whose outputs are all singletons (the flow
-    # formulations): variables reordered as [singletons (x first), star 1 (hub, leaves), star 2,
-    # ...], so that M⁻¹ v works on a (B, stars, s) view instead of gathering and scattering
+    # Contiguous layout for stars whose outputs are all singletons (the flow formulations):
+    # variables reordered as [singletons (x first), stars of the smallest size (hub, leaves), ...,
+    # stars of the largest size], so that M⁻¹ v works on one (B, stars, s) view per star size
+    # instead of gathering and scattering
     layout = None
     if structure == "star":
         singles = sorted(g[0] for g in groups if len(g) == 1)
-        stars = [(g, r) for g, r in zip(groups, leaf_rows) if len(g) > 1]
-        if stars and len({len(g) for g, _ in stars}) == 1 and singles[:dfree] == list(range(dfree)):
+        stars = sorted(((g, r) for g, r in zip(groups, leaf_rows) if len(g) > 1), key=lambda gr: len(gr[0]))
+        if stars and singles[:dfree] == list(range(dfree)):
             perm = np.asarray(singles + [j for g, _ in stars for j in g], dtype=np.int64)
             A, G, L, U, domL, domU = A[:, perm], G[:, perm], L[perm], U[perm], domL[perm], domU[perm]
-            n0, s_star = len(singles), len(stars[0][0])
-            groups = [[i] for i in range(n0)] + [list(range(n0 + b * s_star, n0 + (b + 1) * s_star)) for b in range(len(stars))]
-            leaf_rows = [[] for _ in range(n0)] + [r for _, r in stars]
-            layout = (n0, len(stars), s_star)
+            n0 = len(singles)
+            groups, leaf_rows = [[i] for i in range(n0)], [[] for _ in range(n0)]
+            segments: list[tuple[int, int]] = []  # (number of stars, star size), in order
+            for g, r in stars:
+                if segments and segments[-1][1] == len(g):
+                    segments[-1] = (segments[-1][0] + 1, len(g))
+                else:
+                    segments.append((1, len(g)))
+                start = n0 + sum(k * sz for k, sz in segments) - len(g)
+                groups.append(list(range(start, start + len(g))))
+                leaf_rows.append(r)
+            layout = (n0, tuple(segments))
     size = max(len(g) for g in groups) if groups else 1
     blocks = np.full((len(groups), size), n, dtype=np.int64)
     where = np.zeros((n, 2), dtype=np.int64)
@@ -283,7 +313,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         coef = (lrow, alpha, beta)
     else:
         coef = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
-    sf = StandardForm(A, b, G, h, L, U, dfree, free, fixed_x, xlo[fixed_x],
+    sf = StandardForm(A, b, G, h, L, U, dfree, free, fixed_x, cval[fixed_x],
                       reg.domain if reg.open_domain else (-math.inf, math.inf), blocks, gpairs, spairs,
                       domL, domU, structure, coef, m1, layout, {})
     P.cache[key] = sf
@@ -524,12 +554,15 @@ class _Newton:
             return v * self.Dinv
         B = v.shape[0]
         if self.kind == "star" and self.T["layout"] is not None:  # contiguous: singletons, then stars
-            n0, nb, s = self.T["layout"]
-            vs = v[:, n0:].view(B, nb, s)
-            c, q = self.c[:, n0:], self.q[:, n0:]
-            h = (vs[..., 0] - (c * vs[..., 1:]).sum(-1)) / self.Sh[:, n0:]
-            star = torch.cat([h[..., None], vs[..., 1:] / q - c * h[..., None]], -1)
-            return torch.cat([v[:, :n0] / self.Sh[:, :n0], star.reshape(B, nb * s)], 1)
+            n0, segments = self.T["layout"]
+            out, off, b0 = [v[:, :n0] / self.Sh[:, :n0]], n0, n0
+            for nb, s in segments:  # nb stars of s variables: (B, nb, s) views
+                vs = v[:, off: off + nb * s].view(B, nb, s)
+                c, q = self.c[:, b0: b0 + nb, : s - 1], self.q[:, b0: b0 + nb, : s - 1]
+                h = (vs[..., 0] - (c * vs[..., 1:]).sum(-1)) / self.Sh[:, b0: b0 + nb]
+                out.append(torch.cat([h[..., None], vs[..., 1:] / q - c * h[..., None]], -1).reshape(B, nb * s))
+                off, b0 = off + nb * s, b0 + nb
+            return torch.cat(out, 1)
         blocks = self.T["blocks"]
         vp = torch.cat([v, torch.zeros(B, 1, dtype=v.dtype, device=v.device)], 1)[:, blocks]
         if self.kind == "star":
