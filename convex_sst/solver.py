@@ -7,8 +7,9 @@ Solves, for every row of ``θ = u / t``,
 from the polytope's canonical form: variables that are constant on P are eliminated (outputs such
 as an arborescence's diagonal, auxiliary flows on arcs into a flow formulation's root: kept, they
 would be degenerate complementarity pairs, the worst-conditioned part of the Newton system),
-inequality rows left with one variable become bounds, dependent equalities removed, the finite ends of an entropy's domain kept as barrier bounds,
-free auxiliary variables given their implied bounds (LPs, once), and a tiny proximal term ε on
+inequality rows left with one variable become bounds, dependent equalities are removed, the
+finite ends of an entropy's domain kept as barrier bounds, free auxiliary variables given their
+implied bounds (LPs, once), and a tiny proximal term ε on
 the auxiliary variables selects a unique aux among optimal ones in degenerate formulations
 (it moves x by O(ε) = 1e-10).
 
