@@ -121,11 +121,12 @@ class LinearProgram:
         self._h.changeColsCost(len(idx), idx, np.zeros(self.form.num_z))
         return out[0], out[1]
 
-    def constant_variables(self, samples: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def constant_variables(self, samples: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Which stacked variables ``z[j]`` are constant over Q, and their values: ``(mask, values)``.
 
         Vertices maximizing a few random costs rule out most variables (any two that differ in
-        ``z[j]``); only the rest are bounded with two LPs each (``z_range``).
+        ``z[j]``); of the rest, those at a bound are tested together (a few LPs), any others with
+        two LPs each (``z_range``).
         """
         nz = self.form.num_z
         idx = np.arange(nz, dtype=np.int32)
@@ -140,7 +141,24 @@ class LinearProgram:
         cand = np.ones(nz, dtype=bool) if len(points) < 2 else (P.max(0) - P.min(0)) <= 1e-9
         mask = np.zeros(nz, dtype=bool)
         values = np.zeros(nz)
-        for j in np.flatnonzero(cand):
+        if len(points) >= 2:
+            # candidates sitting at a bound: one LP moves all of them away from it at once
+            # (max Σ ±z_j); those it cannot move are constant, the others are dropped; repeat
+            lb, ub = self.form.lb, self.form.ub
+            for bound, sign in ((lb, 1.0), (ub, -1.0)):
+                group = cand & np.isfinite(bound) & (np.abs(P[0] - bound) <= 1e-9) & ~mask
+                while group.any():
+                    self._h.changeColsCost(nz, idx, np.where(group, sign, 0.0))
+                    if self._run() != "optimal":
+                        break  # left to the range LPs below
+                    moved = group & (np.abs(self.solution() - bound) > 1e-9)
+                    if not moved.any():
+                        mask[group], values[group] = True, bound[group]
+                        break
+                    group &= ~moved
+                    cand &= ~moved
+            self._h.changeColsCost(nz, idx, np.zeros(nz))
+        for j in np.flatnonzero(cand & ~mask):
             lo, hi = self.z_range(int(j))
             if hi - lo <= 1e-9:
                 mask[j], values[j] = True, lo

@@ -270,3 +270,17 @@ def test_flow_formulation_without_constant_variables_converges_at_n8(reg, temper
     u = torch.randn((128,) + P.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / temperature
     _, report = solve_torch(u, P, get_regularizer(reg))
     assert bool(report.converged.all()), (~report.converged).nonzero().reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("name, params", [("spanning_tree", {"n": 5}), ("arborescence", {"n": 4}), ("birkhoff", {"n": 3})])
+def test_constant_variables_match_range_lps(name, params):
+    """The shortcut (random vertices, then one LP per group at a bound) finds exactly the
+    variables whose range over P is a point, with their values."""
+    import numpy as np
+
+    P = cs.load_polytope(name, **params)
+    mask, values = P.lp.constant_variables()
+    ranges = np.array([P.lp.z_range(j) for j in range(P.form.num_z)])
+    expect = np.abs(ranges[:, 1] - ranges[:, 0]) <= 1e-9
+    assert (mask == expect).all() and np.allclose(values[mask], ranges[mask, 0])
+    assert mask.any() == (name != "birkhoff")
