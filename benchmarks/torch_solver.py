@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 
@@ -66,6 +65,9 @@ def main() -> None:
     ap.add_argument("--convergence", action="store_true", help="only the per-row convergence table")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.convergence:
+        convergence_table()
+        return
     torch.manual_seed(0)
     cases = list(TARGETS) if args.targets else [
         (n, p, r) for n, p in SMALL.items() for r in cs.load_polytope(n, **p).regularizers if get_regularizer(r).separable
@@ -100,6 +102,8 @@ def main() -> None:
             gerr = f"{float((gt - gg).abs().max()):.0e} (between them)"
         ps = ", ".join(f"{k}={v}" for k, v in P.params.items() if v is not None and not hasattr(v, "shape"))
         print(f"| {name} | {ps} | {reg} | {rows} | " + " | ".join(cells) + f" | {tg / tt:.1f}× | {err} | {gerr} |", flush=True)
+    if not args.targets:
+        convergence_table()
 
 
 CONVERGENCE = [("spanning_tree", {"n": 8}, r) for r in ("entropy", "binary_entropy", "quadratic")] + [
@@ -134,8 +138,4 @@ def convergence_table(seeds: int = 3, batch: int = 128) -> None:
 
 
 if __name__ == "__main__":
-    if "--convergence" in sys.argv:
-        convergence_table()
-    else:
-        main()
-        convergence_table()
+    main()

@@ -24,8 +24,9 @@ k_subset            exp_family          marginals of p(x) ∝ exp(θᵀx) on k-s
                                         tangents (Cov·g)
 birkhoff            entropy             log-domain Sinkhorn with a convergence test, implicit
                                         backward (one (n×n) solve per sample)
-spanning_tree       exp_family          matrix-tree theorem: μ from one batched inverse of the
-                                        reduced Laplacian, closed-form backward; samples too
+spanning_tree       exp_family          matrix-tree theorem: μ from one batched Cholesky
+                                        factorization of the Laplacian with its heaviest vertex
+                                        grounded, closed-form backward; samples too
                                         ill-conditioned for it use a cancellation-free
                                         log-space elimination (GTH), μ = ∇ log Z by autograd;
                                         exact at any temperature

@@ -233,14 +233,15 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
             n0 = len(singles)
             groups, leaf_rows = [[i] for i in range(n0)], [[] for _ in range(n0)]
             segments: list[tuple[int, int]] = []  # (number of stars, star size), in order
+            start = n0
             for g, r in stars:
                 if segments and segments[-1][1] == len(g):
                     segments[-1] = (segments[-1][0] + 1, len(g))
                 else:
                     segments.append((1, len(g)))
-                start = n0 + sum(k * sz for k, sz in segments) - len(g)
                 groups.append(list(range(start, start + len(g))))
                 leaf_rows.append(r)
+                start += len(g)
             layout = (n0, tuple(segments))
     size = max(len(g) for g in groups) if groups else 1
     blocks = np.full((len(groups), size), n, dtype=np.int64)
