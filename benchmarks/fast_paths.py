@@ -82,28 +82,38 @@ def fwd_and_both(relax_fn, u: torch.Tensor, repeats: int) -> tuple[float, float]
 # ---------------------------------------------------------------- official strategies (re-implemented)
 
 
+def _np_logsumexp(a: np.ndarray) -> np.ndarray:
+    m = a.max(axis=-1, keepdims=True)
+    return m[..., 0] + np.log(np.exp(a - m).sum(axis=-1))
+
+
 def _np_topk_marginals(logits: np.ndarray, k: int) -> np.ndarray:
-    """Forward-backward log-space DP over items and subset sizes, one NumPy op per (i, j)."""
+    """The official code's steps: log-space forward and backward messages over (item, subset
+    size), one NumPy op per (i, j), "log 0" = −(float32 max); then, per item, the log-sum-exp
+    of the paths that skip it and of those that take it, normalized by their sum. (The official
+    code takes SciPy's ``logsumexp`` there; current SciPy's costs ~3.6 ms per call on these
+    arrays, which would double the baseline, so a plain NumPy one stands in for it.)"""
     B, n = logits.shape
-    neg = -np.inf
-    fwd = np.full((B, n + 1, k + 1), neg)
+    neg = -float(np.finfo(np.float32).max)
+    fwd = np.full((B, n, k + 1), neg)
     fwd[:, 0, 0] = 0.0
-    for i in range(n):
+    fwd[:, 0, 1] = logits[:, 0]
+    for i in range(1, n):
         for j in range(k + 1):
-            take = fwd[:, i, j - 1] + logits[:, i] if j > 0 else np.full(B, neg)
-            fwd[:, i + 1, j] = np.logaddexp(fwd[:, i, j], take)
-    bwd = np.full((B, n + 1, k + 1), neg)
-    bwd[:, n, k] = 0.0
-    for i in range(n - 1, -1, -1):
+            take = fwd[:, i - 1, j - 1] + logits[:, i] if j > 0 else neg
+            fwd[:, i, j] = np.logaddexp(fwd[:, i - 1, j], take)
+    bwd = np.full((B, n, k + 1), neg)
+    bwd[:, n - 1, k] = 0.0
+    for i in range(n - 2, -1, -1):
         for j in range(k + 1):
-            take = bwd[:, i + 1, j + 1] + logits[:, i] if j < k else np.full(B, neg)
+            take = bwd[:, i + 1, j + 1] + logits[:, i + 1] if j < k else neg
             bwd[:, i, j] = np.logaddexp(bwd[:, i + 1, j], take)
-    logz = fwd[:, n, k]
-    with np.errstate(invalid="ignore"):
-        terms = fwd[:, :-1, :-1] + logits[:, :, None] + bwd[:, 1:, 1:]
-        m = np.max(terms, axis=2, keepdims=True)
-        lse = m[..., 0] + np.log(np.sum(np.exp(terms - m), axis=2))
-    return np.exp(lse - logz[:, None])
+    start = np.full((B, 1, k + 1), neg)
+    start[:, :, 0] = 0.0
+    before = np.concatenate([start, fwd[:, :-1]], axis=1)    # messages up to item i − 1
+    skip = _np_logsumexp(before + bwd)
+    take = _np_logsumexp(before[:, :, :-1] + bwd[:, :, 1:]) + logits
+    return np.exp(take - np.logaddexp(skip, take))
 
 
 class _OfficialTopK(torch.autograd.Function):

@@ -412,12 +412,15 @@ class _KSubsetDFT(torch.autograd.Function):
         tau = tau + ((p.sum(1, keepdim=True) - k) / (p * (1.0 - p)).sum(1, keepdim=True)).nan_to_num(0.0).clamp(-2.0, 2.0)
         p = torch.sigmoid(theta - tau)
         pq = p * (1.0 - p)
-        phi = (1.0 + p[..., None] * om1).prod(1)                     # (B, M)
-        K = (1.0 - pq[..., None] * D2).reciprocal_()                 # (B, n, M) = |f|⁻²
+        # (B, M, n) layout, frequencies before items: the products below take the form
+        # (B, c, M) @ (B, M, n), which batched matmul runs ~2× faster than (B, n, M) @ (B, M, c)
+        pc = p.to(om1.dtype)[:, None, :]
+        phi = torch.addcmul(torch.ones((), dtype=om1.dtype), pc, om1[:, None]).prod(2)  # (B, M)
+        K = torch.addcmul(torch.ones((), dtype=p.dtype), pq[:, None, :], D2[:, None], value=-1.0).reciprocal_()  # (B, M, n) = |f|⁻²
         Pk = (phi * c0).real.sum(1)
         y = phi * c1                                                 # conj(f_i) = 1 − p_i + p_i ω̄
-        S = torch.bmm(K, torch.stack([y.real, (y * omc).real], -1))
-        t = torch.lerp(S[..., 0], S[..., 1], p)                      # P(S₋ᵢ = k − 1)
+        S = torch.bmm(torch.stack([y.real, (y * omc).real], 1), K)   # (B, 2, n)
+        t = torch.lerp(S[:, 0], S[:, 1], p)                          # P(S₋ᵢ = k − 1)
         ok = Pk >= _DFT_MIN_PK                                       # (NaN compares False)
         Pk = torch.where(ok, Pk, 1.0)
         mu = p * t / Pk[:, None]
@@ -433,18 +436,18 @@ class _KSubsetDFT(torch.autograd.Function):
         D2, om1, omc, c0, c1, h0, h1 = _dft_consts(p.shape[1], ctx.k, p.dtype, p.device)
         v = pq * g                                                   # ṗ along g
         # R(ω) = Σ_j ṗ_j / f_j(ω);  φ̇ = φ (ω − 1) R;  Ṗ(S = k) = Re Σ φ ω^{−k} (ω − 1) R
-        RR = torch.bmm(torch.stack([v - v * p, v * p], 1), K)
+        RR = torch.bmm(torch.stack([v - v * p, v * p], 1), K.transpose(1, 2))
         R = RR[:, 0] + omc * RR[:, 1]
         Pdot = (phi * h0 * R).real.sum(1, keepdim=True)
         # p_i Ṗ(S₋ᵢ = k − 1) = p_i Re Σ e (R / f_i − ṗ_i / f_i²),  e = φ ω^{1−k} (ω − 1)
         e = phi * h1
         eR = e * R
         e1 = e * omc
-        S1 = torch.bmm(K, torch.stack([eR.real, (eR * omc).real], -1))
-        S2 = torch.bmm(K * K, torch.stack([e.real, e1.real, (e1 * omc).real], -1))
+        S1 = torch.bmm(torch.stack([eR.real, (eR * omc).real], 1), K)
+        S2 = torch.bmm(torch.stack([e.real, e1.real, (e1 * omc).real], 1), K * K)
         q = 1.0 - p
-        T1 = torch.lerp(S1[..., 0], S1[..., 1], p)
-        T2 = q * q * S2[..., 0] + 2.0 * pq * S2[..., 1] + p * p * S2[..., 2]
+        T1 = torch.lerp(S1[:, 0], S1[:, 1], p)
+        T2 = q * q * S2[:, 0] + 2.0 * pq * S2[:, 1] + p * p * S2[:, 2]
         out = (v * t + p * (T1 - v * T2) - mu * Pdot) / Pk[:, None]
         return torch.where(ok[:, None], out, 0.0), None
 

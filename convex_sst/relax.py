@@ -136,7 +136,8 @@ def relax(
     batch = P.check_input(u)
     reg = P.check_regularizer(regularizer)
     if _is_number(temperature):  # the common case, without a tensor round trip
-        theta = u / _positive_number(temperature)
+        t = _positive_number(temperature)
+        theta = u if t == 1.0 else u / t  # u / 1 == u exactly: no op, no backward node
     else:
         t = check_temperature(temperature, batch, u)
         theta = u / t.reshape(tuple(t.shape) + (1,) * len(P.shape))

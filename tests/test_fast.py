@@ -288,6 +288,21 @@ def test_tree_closed_form_backward_matches_autograd_through_elimination(name, pa
 
 
 @pytest.mark.parametrize("name, reg", sorted(FAST))
+@pytest.mark.parametrize("backend", ["fast", "torch"])
+def test_relax_at_unit_temperature_leaves_u_untouched(name, reg, backend, gen):
+    # at t = 1, relax hands u itself (no division) to the backend
+    P = small(name)
+    if backend == "torch" and not get_regularizer(reg).separable:
+        pytest.skip("the torch solver takes separable regularizers")
+    u = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    before = u.detach().clone()
+    x = cs.relax(u, P, reg, 1.0, backend=backend)
+    (x * torch.randn_like(x)).sum().backward()
+    assert torch.equal(u.detach(), before) and x.data_ptr() != u.data_ptr()
+    assert torch.allclose(x, cs.relax(u, P, reg, torch.tensor(1.0, dtype=torch.float64), backend=backend), atol=1e-12)
+
+
+@pytest.mark.parametrize("name, reg", sorted(FAST))
 def test_fast_paths_accept_an_empty_batch(name, reg):
     P = cs.load_polytope(name)
     u = torch.zeros((0,) + P.shape, dtype=torch.float64, requires_grad=True)
