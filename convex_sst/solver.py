@@ -767,9 +767,9 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         dza, _, dsa, dlama, dzla, dzua = direction(zt, zero1, zero1, zero1 if p else None)
         aa = torch.clamp(max_step(dza, dsa, dlama, dzla, dzua), max=1.0)[:, None]
         # (no bound: zl = Δzl = 0, so those products vanish)
-        mua = (((gl + aa * dza) * (zlz + aa * dzla)).sum(1)
-               + ((gu - aa * dza) * (zuz + aa * dzua)).sum(1)
-               + (((ss + aa * dsa) * (ll + aa * dlama)).sum(1) if p else 0.0)) / ncomp
+        mua = ((torch.addcmul(gl, aa, dza) * torch.addcmul(zlz, aa, dzla)).sum(1)
+               + (torch.addcmul(gu, aa, dza, value=-1.0) * torch.addcmul(zuz, aa, dzua)).sum(1)
+               + ((torch.addcmul(ss, aa, dsa) * torch.addcmul(ll, aa, dlama)).sum(1) if p else 0.0)) / ncomp
         sigma = torch.nan_to_num((mua / mu).clamp(0.0, 1.0) ** 3, nan=0.2).clamp_min(1e-3)
         dz, dy, ds, dlam, dzl, dzu = direction(
             (sigma * mu)[:, None],
@@ -777,21 +777,24 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             torch.nan_to_num(-dza * dzua),
             torch.nan_to_num(dsa * dlama) if p else None)
         alpha = torch.clamp(0.99 * max_step(dz, ds, dlam, dzl, dzu), max=1.0)
-        finite = torch.isfinite(dz).all(1) & torch.isfinite(dzl).all(1) & torch.isfinite(dzu).all(1) & torch.isfinite(alpha)
+        # one reduction per array: a row sum is finite iff every entry is (barring overflow of
+        # the sum, which would be a broken step anyway)
+        sums = dz.sum(1) + dzl.sum(1) + dzu.sum(1)
         if m:
-            finite = finite & torch.isfinite(dy).all(1)
+            sums = sums + dy.sum(1)
         if p:
-            finite = finite & torch.isfinite(ds).all(1) & torch.isfinite(dlam).all(1)
+            sums = sums + ds.sum(1) + dlam.sum(1)
+        finite = torch.isfinite(sums) & torch.isfinite(alpha)
         active[ix] = finite  # a row whose step broke down stops here (reported as not converged)
-        a = torch.where(finite, alpha, torch.zeros_like(alpha))[:, None]
-        z[ix] = zz + a * torch.nan_to_num(dz)
-        zl[ix] = zlz + a * torch.nan_to_num(dzl)
-        zu[ix] = zuz + a * torch.nan_to_num(dzu)
-        if m:
-            y[ix] = yy + a * torch.nan_to_num(dy)
-        if p:
-            s[ix] = ss + a * torch.nan_to_num(ds)
-            lam[ix] = ll + a * torch.nan_to_num(dlam)
+        clean = bool(finite.all())
+        a = (alpha if clean else torch.where(finite, alpha, 0.0))[:, None]
+        for full, part, step in ((z, zz, dz), (zl, zlz, dzl), (zu, zuz, dzu)) + (((y, yy, dy),) if m else ()) + (
+                ((s, ss, ds), (lam, ll, dlam)) if p else ()):
+            step = step if clean else torch.nan_to_num(step)
+            if isinstance(ix, slice):  # every row running: `part` is a view of `full`
+                full.addcmul_(a, step)
+            else:
+                full[ix] = torch.addcmul(part, a, step)
         iters[ix] += finite.long()
     hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scale, z, y, s, lam, zl, zu)
     better = torch.isfinite(resid) & (resid < best_res)
