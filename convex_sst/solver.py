@@ -737,25 +737,31 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         rxl = (x - dlo).clamp_min(tiny).reciprocal() if math.isfinite(dlo) else None
         rxh = (dhi - x).clamp_min(tiny).reciprocal() if math.isfinite(dhi) else None
 
+        # products shared by the two directions of this iteration
+        glzl, guzu = gl * zlz, gu * zuz
+        nrgl, nrgu = rgl.neg(), rgu.neg()
+        if p:
+            sl, lrs, nrss = ss * ll, ll * rs, rss.neg()
+
         def direction(target, ccl, ccu, cc):
             """Newton direction for complementarity targets ``gl·zl = target − ccl`` etc.
             (``rgl``, ``rgu`` are 0 where there is no bound: those entries of ``rcl``, ``rcu``
             never reach the results.)"""
-            rcl = gl * zlz + ccl - target
-            rcu = gu * zuz + ccu - target
-            rc = ss * ll + cc - target if p else None
-            rt = rd + rcl * rgl - rcu * rgu
+            rcl = glzl + (ccl - target)
+            rcu = guzu + (ccu - target)
+            rc = sl + (cc - target) if p else None
+            rt = torch.addcmul(torch.addcmul(rd, rcl, rgl), rcu, rgu, value=-1.0)  # rd + rcl/gl − rcu/gu
             if p:
-                rt = rt + Gop.adj((ll * rs - rc) * rss)
+                rt = rt + Gop.adj((lrs - rc) * rss)
             # no refinement here: the next iteration recomputes the residuals exactly, so a
             # slightly inexact direction costs nothing measurable (same iteration counts)
-            dz, dy = newton.solve(-rt, -rp if m else None, refine=False)
+            dz, dy = newton.solve(rt.neg_(), -rp if m else None, refine=False)
             ds = dlam = None
             if p:
-                ds = -rs - Gop.fwd(dz)
-                dlam = -(rc + ll * ds) * rss
-            dzl = -(rcl + zlz * dz) * rgl
-            dzu = (zuz * dz - rcu) * rgu
+                ds = Gop.fwd(dz).add_(rs).neg_()                   # −rs − G Δz
+                dlam = torch.addcmul(rc, ll, ds).mul_(nrss)        # −(rc + λ Δs) / s
+            dzl = torch.addcmul(rcl, zlz, dz).mul_(nrgl)           # −(rcl + zl Δz) / gl
+            dzu = torch.addcmul(rcu, zuz, dz, value=-1.0).mul_(nrgu)  # (zu Δz − rcu) / gu
             return dz, dy, ds, dlam, dzl, dzu
 
         def max_step(dz, ds, dlam, dzl, dzu):
