@@ -354,14 +354,11 @@ class _LinOp:
             self.KT = self.K.T.contiguous()
 
     def fwd(self, v: torch.Tensor) -> torch.Tensor:
-        if self.sparse:
-            return (self.K @ v.T).T
-        return v @ self.KT
+        # as (K vᵀ)ᵀ: a batch-last v (the solver's layout) gives a batch-last result
+        return (self.K @ v.T).T
 
     def adj(self, w: torch.Tensor) -> torch.Tensor:
-        if self.sparse:
-            return (self.KT @ w.T).T
-        return w @ self.K
+        return (self.KT @ w.T).T
 
 
 def _schur_size(m: int, m1: int) -> int:
@@ -463,18 +460,19 @@ class _Newton:
             self.rSh = 1.0 / self.Sh
             # M⁻¹ block = vvᵀ/Sh + diag(0, 1/q) with v = (1, −c), built batch-last: (nb, s, s, B)
             vecB = torch.cat([torch.ones_like(self.Sh)[..., None], -self.c], -1)     # (B, nb, s)
+            vec = vecB.permute(1, 2, 0).contiguous()                               # (nb, s, B)
             if T["layout"] is not None:
-                # per segment of equal stars, contiguous (B, stars, size) arrays for minv:
-                # M⁻¹v = v ∘ (0, 1/q) + v_block (vᵀ v_block / Sh)
-                rqpad = torch.cat([torch.zeros_like(self.Sh)[..., None], self.rq], -1)
+                # per segment of equal stars, contiguous batch-last (stars, size, B) arrays for
+                # minv: M⁻¹v = v ∘ (0, 1/q) + v_block (vᵀ v_block / Sh)
+                rqpad = torch.cat([torch.zeros_like(self.Sh)[..., None], self.rq], -1).permute(1, 2, 0)
+                rShT = self.rSh.T
                 n0, segments = T["layout"]
                 self.segs, off, b0 = [], n0, n0
                 for snb, ss in segments:
-                    self.segs.append((off, snb, ss, vecB[:, b0: b0 + snb, :ss].contiguous(),
-                                      rqpad[:, b0: b0 + snb, :ss].contiguous(), self.rSh[:, b0: b0 + snb, None].contiguous()))
+                    self.segs.append((off, snb, ss, vec[b0: b0 + snb, :ss].contiguous(),
+                                      rqpad[b0: b0 + snb, :ss].contiguous(), rShT[b0: b0 + snb, None].contiguous()))
                     off, b0 = off + snb * ss, b0 + snb
-                self.rSh0 = self.rSh[:, :n0].contiguous()
-            vec = vecB.permute(1, 2, 0).contiguous()
+                self.rSh0 = rShT[:n0].contiguous()
             MinvT = torch.mul((vec * self.rSh.T[:, None, :])[:, :, None, :], vec[:, None, :, :],
                               out=self._buffer("MinvT", (nb, sz, sz, B), D))
             MinvT.diagonal(dim1=1, dim2=2)[..., 1:].add_(self.rq.permute(1, 0, 2))
@@ -543,7 +541,7 @@ class _Newton:
         self.scale = 1.0 / torch.sqrt(torch.diagonal(S22, dim1=1, dim2=2).clamp_min(tiny))
         if m1:
             # S21 S11⁻¹ S12 = W Wᵀ with W = S21 S11^{-1/2}
-            self.sd1 = Sall[K - m1:].T.clamp_min(tiny).mul(1.0 + ridge).sqrt().contiguous()
+            self.sd1 = Sall[K - m1:].clamp_min(tiny).mul(1.0 + ridge).sqrt().T  # (B, m1), batch-last
             if m2:
                 S21 = Sall[m2 * m2: m2 * m2 + m2 * m1].view(m2, m1, B).permute(2, 0, 1)
                 self.W = torch.div(S21, self.sd1[:, None, :], out=self._buffer("W", (B, m2, m1), D))
@@ -577,7 +575,7 @@ class _Newton:
             if not m1:
                 return y2
             y1 = (r1 - (torch.bmm(y2[:, None, :], self.W)[:, 0] if left else torch.bmm(self.W.mT, y2[..., None])[..., 0])) / self.sd1
-            return torch.cat([y1, y2], 1)
+            return torch.cat([y1.T, y2.T], 0).T  # batch-last, like the iterates
         return r1 / self.sd1
 
     def minv(self, v: torch.Tensor) -> torch.Tensor:
@@ -587,12 +585,13 @@ class _Newton:
         B = v.shape[0]
         if self.kind == "star" and self.T["layout"] is not None:  # contiguous: singletons, then stars
             n0 = self.T["layout"][0]
-            out = [v[:, :n0] * self.rSh0]
-            for off, nb, s, vec, rqpad, rSh in self.segs:  # nb stars of s variables: (B, nb, s)
-                vs = v[:, off: off + nb * s].view(B, nb, s)
-                h = (vs * vec).sum(-1, keepdim=True) * rSh
-                out.append(torch.addcmul(vs * rqpad, vec, h).view(B, nb * s))
-            return torch.cat(out, 1)
+            vt = v.T  # (n, B): contiguous for the solver's batch-last iterates
+            out = [vt[:n0] * self.rSh0]
+            for off, nb, s, vec, rqpad, rSh in self.segs:  # nb stars of s variables: (nb, s, B)
+                vs = vt[off: off + nb * s].reshape(nb, s, B)
+                h = (vs * vec).sum(1, keepdim=True) * rSh
+                out.append(torch.addcmul(vs * rqpad, vec, h).view(nb * s, B))
+            return torch.cat(out, 0).T
         blocks = self.T["blocks"]
         vp = torch.cat([v, torch.zeros(B, 1, dtype=v.dtype, device=v.device)], 1)[:, blocks]
         if self.kind == "star":
@@ -615,6 +614,16 @@ class _Newton:
         return self.minv(r1 - A.adj(dy)), dy
 
 
+def _batch_last(v: torch.Tensor) -> torch.Tensor:
+    """``v: (B, k)`` as a view of a contiguous ``(k, B)`` array (same values)."""
+    return v.T.contiguous().T
+
+
+def _rows(v: torch.Tensor, ix: torch.Tensor | slice) -> torch.Tensor:
+    """Rows ``ix`` of ``v: (B, k)``, batch-last like ``v`` (a view for a slice)."""
+    return v[ix] if isinstance(ix, slice) else v.T.index_select(1, ix).T
+
+
 def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | None, max_iter: int):
     """Primal-dual interior-point iterations; returns (z, backward Newton state, report)."""
     B, d = theta.shape
@@ -635,13 +644,18 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     hi = torch.where(hasU, Ub, torch.full_like(Ub, math.inf))
     fl, fh = torch.isfinite(lo), torch.isfinite(hi)
     z0 = torch.where(fl & fh, 0.5 * (lo + hi), torch.where(fl, lo + 1.0, torch.where(fh, hi - 1.0, torch.zeros_like(lo))))
-    z = z0.expand(B, n).clone()
-    y = torch.zeros(B, m, dtype=dtype, device=device)
+    # The iterates are (B, ·) views of batch-last (·, B) arrays: the sparse constraint products
+    # K @ vᵀ then read and write contiguous arrays (2.5-4.7x faster than with row-major v for
+    # spanning trees n = 8 at B = 128), and elementwise operations derived from them keep the
+    # layout (mixing the two layouts makes them ~4x slower).
+    theta = _batch_last(theta)
+    z = _batch_last(z0.expand(B, n))
+    y = _batch_last(torch.zeros(B, m, dtype=dtype, device=device))
     Aop, Gop = T["Aop"], T["Gop"]
-    s = (hv - Gop.fwd(z)).clamp_min(1.0) if p else torch.zeros(B, 0, dtype=dtype, device=device)
-    lam = torch.ones(B, p, dtype=dtype, device=device)
-    zl = hasL.to(dtype).expand(B, n).clone()
-    zu = hasU.to(dtype).expand(B, n).clone()
+    s = _batch_last((hv - Gop.fwd(z)).clamp_min(1.0) if p else torch.zeros(B, 0, dtype=dtype, device=device))
+    lam = _batch_last(torch.ones(B, p, dtype=dtype, device=device))
+    zl = _batch_last(hasL.to(dtype).expand(B, n))
+    zu = _batch_last(hasU.to(dtype).expand(B, n))
     ncomp = max(1, int(hasL.sum() + hasU.sum()) + p)
     active = torch.ones(B, dtype=torch.bool, device=device)
     iters = torch.zeros(B, dtype=torch.long, device=device)
@@ -691,8 +705,8 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             break
         if ix.numel() == B:  # every row running: views instead of gathered copies
             ix = slice(None)
-        th, sc = theta[ix], scale[ix]
-        zz, yy, ss, ll, zlz, zuz = z[ix], y[ix], s[ix], lam[ix], zl[ix], zu[ix]
+        th, sc = _rows(theta, ix), scale[ix]
+        zz, yy, ss, ll, zlz, zuz = (_rows(v, ix) for v in (z, y, s, lam, zl, zu))
         hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(th, sc, zz, yy, ss, ll, zlz, zuz)
         # keep each row's best iterate: degenerate duals (dependent active constraints) can drift
         # once the primal has converged, and a drifting row is stopped and rolled back (the
@@ -722,9 +736,9 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             break
         if keep.numel() < resid.numel():
             ix = keep if isinstance(ix, slice) else ix[keep]
-            th, zz, yy, ss, ll, zlz, zuz = th[keep], zz[keep], yy[keep], ss[keep], ll[keep], zlz[keep], zuz[keep]
-            hh, rd, rp, rs, gl, gu, mu, D = hh[keep], rd[keep], rp[keep], rs[keep], gl[keep], gu[keep], mu[keep], D[keep]
-            rgl, rgu = rgl[keep], rgu[keep]
+            th, zz, yy, ss, ll, zlz, zuz = (_rows(v, keep) for v in (th, zz, yy, ss, ll, zlz, zuz))
+            hh, rd, rp, rs, gl, gu, D, rgl, rgu = (_rows(v, keep) for v in (hh, rd, rp, rs, gl, gu, D, rgl, rgu))
+            mu = mu[keep]
         rss = ss.clamp_min(tiny).reciprocal() if p else None
         Sig = ll * rss if p else None
         newton = _Newton(T, D, Sig, work)
