@@ -568,13 +568,16 @@ class _Newton:
             # (B, 1, m1) @ (B, m1, m2) runs ~4x faster than (B, m2, m1) @ (B, m1, 1) on this CPU once
             # W has a few hundred entries (spanning trees n = 8: 56 × 28), slower below
             left = m1 * m2 > 400
-            r2 = r2 - (torch.bmm(r1[:, None, :], self.W.mT)[:, 0] if left else torch.bmm(self.W, r1[..., None])[..., 0])
+            # (bmm wants row-major vectors: a batch-last one makes it ~10x slower)
+            r1c = r1.contiguous()
+            r2 = r2 - (torch.bmm(r1c[:, None, :], self.W.mT)[:, 0] if left else torch.bmm(self.W, r1c[..., None])[..., 0])
         if m2:
             w = torch.linalg.solve_triangular(self.Lc, (r2 * self.scale)[..., None], upper=False)
             y2 = torch.linalg.solve_triangular(self.Lc.mT, w, upper=True)[..., 0] * self.scale
             if not m1:
                 return y2
-            y1 = (r1 - (torch.bmm(y2[:, None, :], self.W)[:, 0] if left else torch.bmm(self.W.mT, y2[..., None])[..., 0])) / self.sd1
+            y2c = y2.contiguous()
+            y1 = (r1 - (torch.bmm(y2c[:, None, :], self.W)[:, 0] if left else torch.bmm(self.W.mT, y2c[..., None])[..., 0])) / self.sd1
             return torch.cat([y1.T, y2.T], 0).T  # batch-last, like the iterates
         return r1 / self.sd1
 
