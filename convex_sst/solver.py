@@ -497,17 +497,18 @@ class _Newton:
         self.MinvT = Minv.reshape(B, nb * sz * sz).T
         self._schur(T, D, B)
 
-    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """An uninitialized array reused across the iterations of one solve (per name and shape):
-        a fresh multi-megabyte array per step costs more than the arithmetic (each comes from
-        the system allocator, page faults and zeroing included: up to 4 ms instead of 0.4 for the
-        Schur product of spanning trees n = 8 at B = 128)."""
-        if self.work is None:
-            return torch.empty(shape, dtype=like.dtype, device=like.device)
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An uninitialized array reused across the iterations of one solve (per name and shape;
+        ``like``'s dtype unless given): a fresh multi-megabyte array per step costs more than the
+        arithmetic (each comes from the system allocator, page faults and zeroing included: up to
+        4 ms instead of 0.4 for the Schur product of spanning trees n = 8 at B = 128)."""
         key = (name, shape)
-        if key not in self.work:
-            self.work[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return self.work[key]
+        if self.work is not None and key in self.work:
+            return self.work[key]
+        buf = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+        if self.work is not None:
+            self.work[key] = buf
+        return buf
 
     def _schur(self, T: dict, D: torch.Tensor, B: int) -> None:
         self.m = T["Aop"].shape[0]
@@ -515,20 +516,15 @@ class _Newton:
             return
         # S = A M⁻¹ Aᵀ = [[S11, S21ᵀ], [S21, S22]] with S11 diagonal (the first m1 rows): only the
         # Schur complement S22 − S21 S11⁻¹ S21ᵀ (m2 × m2) is Cholesky-factored. The arrays live in
-        # buffers reused across the iterations of one solve (per batch size) instead of a fresh
-        # multi-megabyte array per step and operation. The reduced matrix is symmetric, so its
-        # row-major buffer read as column-major (.mT) is itself: LAPACK gets it without a copy.
+        # buffers reused across the iterations of one solve (:meth:`_buffer`). The reduced matrix
+        # is symmetric, so its row-major buffer read as column-major (.mT) is itself: LAPACK gets
+        # it without a copy.
         m, m1 = self.m, T["m1"]
         m2 = m - m1
         K = _schur_size(m, m1)
-        bufs = self.work.get(B) if self.work is not None else None
-        if bufs is None:
-            kw = {"dtype": D.dtype, "device": D.device}
-            bufs = (torch.empty(B, m2, m2, **kw), torch.empty(B, m2, m2, **kw).mT,
-                    torch.empty(B, dtype=torch.int32, device=D.device))
-            if self.work is not None:
-                self.work[B] = bufs
-        Sred, Lc, info = bufs
+        Sred = self._buffer("Sred", (B, m2, m2), D)
+        Lc = self._buffer("Lc", (B, m2, m2), D).mT
+        info = self._buffer("info", (B,), D, torch.int32)
         Sall = torch.mm(T["Sasm"], self.MinvT, out=self._buffer("Sall", (K, B), D))  # (K, B), batch last: read through permuted views
         ridge = 1e-14 if D.dtype == torch.float64 else 1e-7
         tiny = torch.finfo(D.dtype).tiny
