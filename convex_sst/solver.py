@@ -721,8 +721,9 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         done = resid <= tol
         # a row that stopped improving near its floating-point floor stops here: less than 2x in 3
         # steps once within 10·tol (counted as converged), in 8 steps once within 1e4·accept
-        # (counted as converged within `accept`, else reported as not converged: such rows used to
-        # sit at 2e-8 until the iteration cap, degenerate flow problems with the quadratic)
+        # (counted as converged within `accept`, else reported as not converged; without this,
+        # such rows can sit at 2e-8 until the iteration cap: degenerate flow problems with the
+        # quadratic)
         if it >= 3:
             done = done | ((resid > 0.5 * history[it - 3, ix]) & (bres <= 10 * tol))
         if it >= 8:
