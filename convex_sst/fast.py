@@ -705,6 +705,15 @@ def _log_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return m + torch.log(torch.exp(a - m) + torch.exp(b - m))
 
 
+# Samples whose reduced Laplacian has a condition estimate above this go to the log-space
+# elimination: the explicit-inverse / Cholesky routes lose about cond · 1e-16 (measured on K₁₀,
+# 1e-11 at the limit). The matrix-tree paths run in float64 whatever the input dtype: with
+# float32's 1e-7 the same error bound would need a limit near 1e2, which even near-uniform
+# logits exceed (n = 20, θ ~ N(0, 1): 1011 of 1024 samples), and every batch with one such
+# sample pays the elimination's fixed cost.
+_COND_LIMIT = 1e5
+
+
 def _neg(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 1e4  # "log 0" that keeps sums and gradients finite
 
@@ -862,8 +871,8 @@ def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_rang
     """Arc marginals ``μ = ∇_θ log Z(θ)`` (exact autograd; double backward when θ requires grad).
 
     ``method="auto"`` uses the explicit inverse where the reduced Laplacian is well conditioned
-    (condition estimate below 1e5 in float64, 1e2 in float32, so the error stays near 1e-11 /
-    1e-5) and the log-space elimination for the remaining samples.
+    (condition estimate below :data:`_COND_LIMIT`, so the error stays near 1e-11; callers pass
+    float64) and the log-space elimination for the remaining samples.
     """
     if method not in ("auto", "inverse", "elimination"):
         raise InputError(f"method must be 'auto', 'inverse' or 'elimination', got {method!r}")
@@ -873,8 +882,7 @@ def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_rang
     bad = torch.ones(B, dtype=torch.bool, device=theta.device)
     mu = None
     if method in ("auto", "inverse"):
-        limit = (1e5 if theta.dtype == torch.float64 else 1e2) if method == "auto" else math.inf
-        mu, bad = _inverse_marginals(logw, mask, root, limit)
+        mu, bad = _inverse_marginals(logw, mask, root, _COND_LIMIT if method == "auto" else math.inf)
     if bool(bad.any()):
         with torch.enable_grad():
             sub = logw[bad]
@@ -895,20 +903,23 @@ def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: 
     ``μ_e = w_e b_eᵀ L⁺ b_e`` with ``L`` the Laplacian of ``w = exp θ`` and ``b_e = e_i − e_j``,
     through one batched Cholesky factorization of the Laplacian with its heaviest vertex
     grounded, the backward in closed form (:class:`_EdgeMarginals`). ``method="auto"``
-    (default) uses that where the scaled matrix's condition number is below 1e5 (float64;
-    1e2 in float32) and, for the remaining samples, the cancellation-free log-space elimination
+    (default) uses that where the scaled matrix's condition number is below 1e5 and, for the
+    remaining samples, the cancellation-free log-space elimination
     :func:`log_partition_arborescences` on the symmetric digraph (spanning trees are the
     arborescences rooted at 0, ``μ_e = μ_{i→j} + μ_{j→i}``), so it is exact at any temperature
     (no clipping needed; tested at t = 1e-3 with |u| ~ 1e3); ``"inverse"`` / ``"elimination"``
     force one. ``max_range`` optionally clips logits to within that distance of their max, as
-    the paper's code does; default None. Cost O(n³) per sample.
+    the paper's code does; default None. Cost O(n³) per sample. Computed in float64 whatever
+    the input dtype (see :data:`_COND_LIMIT`); the result has the input's dtype.
     """
     n = int(polytope.params["n"])
     if method not in ("auto", "inverse", "elimination"):
         raise InputError(f"method must be 'auto', 'inverse' or 'elimination', got {method!r}")
+    if theta.dtype != torch.float64:
+        return spanning_tree_marginals(theta.double(), polytope, max_range, method).to(theta.dtype)
     theta = _clip_range(theta, max_range)
     if method != "elimination":
-        limit = (1e5 if theta.dtype == torch.float64 else 1e2) if method == "auto" else math.inf
+        limit = _COND_LIMIT if method == "auto" else math.inf
         mu, bad = _EdgeMarginals.apply(theta, _edge_index(polytope, theta.device), n, limit)
         if not bool(bad.any()):
             return mu
@@ -936,9 +947,14 @@ def arborescence_marginals(theta: torch.Tensor, polytope: Polytope, max_range: f
                            method: str = "auto") -> torch.Tensor:
     """Arc marginals of ``p(x) ∝ exp(θᵀx)`` over arborescences of the complete digraph rooted at
     ``root`` (directed matrix-tree theorem, Tutte; Koo et al. 2007), ``μ = ∇ log Z`` with ``log Z``
-    from :func:`log_partition_arborescences` (stable at any temperature). ``max_range`` as in
-    :func:`spanning_tree_marginals`. Cost O(n³) per sample.
+    from :func:`log_partition_arborescences` (stable at any temperature). ``method="auto"``
+    (default) takes the explicit inverse of the reduced Laplacian (:class:`_ArcMarginals`, closed-
+    form backward) where it is well conditioned and the elimination elsewhere, as in
+    :func:`spanning_tree_marginals`; ``max_range`` likewise. Cost O(n³) per sample. Computed in
+    float64 whatever the input dtype; the result has the input's dtype.
     """
+    if theta.dtype != torch.float64:
+        return arborescence_marginals(theta.double(), polytope, max_range, method).to(theta.dtype)
     n = int(polytope.params["n"])
     r = int(polytope.params["root"])
     mask = torch.ones(n, n, dtype=torch.bool, device=theta.device)
