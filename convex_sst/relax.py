@@ -116,7 +116,8 @@ def relax(
     Equivalently ``argmax (u/t)ᵀx − f(x)``; the map is differentiable in ``u`` and ``t``.
 
     Args:
-        u: utilities ``(*batch, *polytope.shape)``, float32 or float64, any device.
+        u: utilities ``(*batch, *polytope.shape)``, float32 or float64, any device (float16 and
+            bfloat16 are computed in float32 and the result rounded back).
         polytope: a :class:`Polytope` (``load_polytope(...)``) or a built-in name (defaults).
         regularizer: name of a registered regularizer (``entropy``, ``binary_entropy``,
             ``quadratic``, ...) or a :class:`Regularizer`.
@@ -135,6 +136,10 @@ def relax(
     P = as_polytope(polytope)
     batch = P.check_input(u)
     reg = P.check_regularizer(regularizer)
+    if u.dtype not in (torch.float32, torch.float64):
+        # half precisions (autocast activations): too coarse for iterative solvers and matrix
+        # factorizations (and some have no half kernels): computed in float32, rounded back
+        return relax(u.float(), P, reg, temperature, backend, **options).to(u.dtype)
     if _is_number(temperature):  # the common case, without a tensor round trip
         t = _positive_number(temperature)
         theta = u if t == 1.0 else u / t  # u / 1 == u exactly: no op, no backward node

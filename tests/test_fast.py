@@ -123,6 +123,20 @@ def test_k_subset_exp_family_float32_matches_float64(gen, scale):
     assert (grads[0][1] - grads[1][1]).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("name, reg", FAST)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(name, reg, dtype, gen):
+    # autocast activations: every path (Sinkhorn's linear solves have no half kernels) computes
+    # in float32 and rounds back; the gradient reaches the half-precision input
+    P = small(name)
+    u = torch.randn((3,) + P.shape, generator=gen).to(dtype).requires_grad_()
+    x = cs.relax(u, P, reg, 0.5)
+    assert x.dtype == dtype
+    assert torch.equal(x, cs.relax(u.detach().float(), P, reg, 0.5).to(dtype))
+    (g,) = torch.autograd.grad(x.float().square().sum(), u)
+    assert g.dtype == dtype and torch.isfinite(g).all()
+
+
 @pytest.mark.parametrize("name, params, scale", [("spanning_tree", {"n": 20}, 1.0), ("arborescence", {"n": 10}, 3.0)])
 def test_matrix_tree_float32_runs_in_float64_without_the_elimination(name, params, scale, gen, monkeypatch):
     # float32 inputs are computed in float64: with float32's own precision the condition test
