@@ -44,7 +44,7 @@ import torch
 
 from .errors import InputError, SolverError, SolverWarning
 from .polytope import Polytope
-from .relax import register_fast_path
+from .relax import autocast_off, register_fast_path
 
 
 def _reject_options(name: str, options: dict, allowed: tuple[str, ...] = ()) -> None:
@@ -627,6 +627,11 @@ class _Sinkhorn(torch.autograd.Function):
         # dX = X ⊙ (dθ − dα 1ᵀ − 1 dβᵀ) with the marginal constraints; J is symmetric, so
         # the VJP is X ⊙ (G − u 1ᵀ − 1 vᵀ) with (I − XᵀX + 11ᵀ/n) v = c − Xᵀ r, u = r − X v.
         (X,) = ctx.saved_tensors
+        with autocast_off(X.device):  # backward runs under the caller's autocast state
+            return _Sinkhorn._vjp(X, G), None, None, None, None
+
+    @staticmethod
+    def _vjp(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         n = X.shape[-1]
         XG = X * G
         r = XG.sum(2)
@@ -639,7 +644,7 @@ class _Sinkhorn(torch.autograd.Function):
         rhs = c - (X.transpose(1, 2) @ r[..., None])[..., 0]
         v = torch.linalg.solve(M, rhs[..., None])[..., 0]
         u = r - (X @ v[..., None])[..., 0]
-        return X * (G - u[:, :, None] - v[:, None, :]), None, None, None, None
+        return X * (G - u[:, :, None] - v[:, None, :])
 
 
 @register_fast_path("birkhoff", "entropy")

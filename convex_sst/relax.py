@@ -15,6 +15,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,17 @@ def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], 
         return fn
 
     return deco
+
+
+def autocast_off(device: torch.device):
+    """A context in which autocast is off for ``device``'s type (a null context where it is off
+    already): the solvers and their backward passes need the precision they were given, and
+    autocast would run their matrix products in float16 / bfloat16."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        on = False
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 def available_fast_paths() -> list[tuple[str, str]]:
@@ -148,7 +160,8 @@ def relax(
         theta = u / t.reshape(tuple(t.shape) + (1,) * len(P.shape))
     theta = theta.reshape((-1,) + P.shape)
     fn = select_backend(P, reg, backend)
-    x = fn(theta, P, reg, **options)
+    with autocast_off(theta.device):
+        x = fn(theta, P, reg, **options)
     return x.reshape(batch + P.shape)
 
 

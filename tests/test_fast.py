@@ -124,6 +124,22 @@ def test_k_subset_exp_family_float32_matches_float64(gen, scale):
 
 
 @pytest.mark.parametrize("name, reg", FAST)
+def test_autocast_does_not_reach_the_solvers(name, reg, gen):
+    # under autocast, matrix products of float32 tensors would run in bfloat16 (Sinkhorn's
+    # backward lost 2e-3): relax turns it off around the solve, and backward passes that use
+    # products turn it off themselves (autograd runs them under the caller's autocast state)
+    P = small(name)
+    u = torch.randn((4,) + P.shape, generator=gen, requires_grad=True)
+    w = torch.randn(u.shape, generator=gen)
+    x0 = cs.relax(u, P, reg, 0.5)
+    (g0,) = torch.autograd.grad((x0 * w).sum(), u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x1 = cs.relax(u, P, reg, 0.5)
+        (g1,) = torch.autograd.grad((x1 * w).sum(), u)
+    assert x1.dtype == torch.float32 and torch.equal(x0, x1) and torch.equal(g0, g1)
+
+
+@pytest.mark.parametrize("name, reg", FAST)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_are_computed_in_float32(name, reg, dtype, gen):
     # autocast activations: every path (Sinkhorn's linear solves have no half kernels) computes
