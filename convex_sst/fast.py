@@ -458,12 +458,22 @@ def _k_subset_tree(th: torch.Tensor, k: int) -> torch.Tensor:
     mu, ok = _KSubsetMarginals.apply(th, k)
     if not bool(ok.all()):
         rows = (~ok).nonzero()[:, 0]  # their k largest logits spread too far for linear space
-        with torch.enable_grad():
-            sub = th[rows]
-            leaf = sub if sub.requires_grad else sub.detach().requires_grad_(True)
-            (mu_log,) = torch.autograd.grad(log_elementary_symmetric(leaf, k).sum(), leaf, create_graph=sub.requires_grad)
-        mu = mu.index_put((rows,), mu_log if sub.requires_grad else mu_log.detach())
+        mu = mu.index_put((rows,), _autograd_gradient(lambda x: log_elementary_symmetric(x, k), th[rows]))
     return mu
+
+
+def _autograd_gradient(fn, x: torch.Tensor) -> torch.Tensor:
+    """``∇ₓ Σ fn(x)`` by autograd; differentiable (``create_graph``) when ``x`` requires grad,
+    otherwise a plain tensor, also under ``no_grad`` and ``inference_mode`` (whose inference
+    tensors autograd cannot record: it works on a copy, outside inference mode)."""
+    if x.requires_grad:
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+        return g
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = (x.clone() if x.is_inference() else x).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(leaf).sum(), leaf)
+    return g
 
 
 @register_fast_path("k_subset", "exp_family")
@@ -889,13 +899,7 @@ def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_rang
     if method in ("auto", "inverse"):
         mu, bad = _inverse_marginals(logw, mask, root, _COND_LIMIT if method == "auto" else math.inf)
     if bool(bad.any()):
-        with torch.enable_grad():
-            sub = logw[bad]
-            leaf = sub if sub.requires_grad else sub.detach().requires_grad_(True)
-            logZ = log_partition_arborescences(leaf, root)
-            (mu_e,) = torch.autograd.grad(logZ.sum(), leaf, create_graph=sub.requires_grad)
-        mu_e = mu_e if sub.requires_grad else mu_e.detach()
-        mu_e = mu_e * mask
+        mu_e = _autograd_gradient(lambda x: log_partition_arborescences(x, root), logw[bad]) * mask
         mu = mu_e if mu is None or bool(bad.all()) else mu.index_put((bad.nonzero()[:, 0],), mu_e)
     return mu
 

@@ -123,6 +123,34 @@ def test_k_subset_exp_family_float32_matches_float64(gen, scale):
     assert (grads[0][1] - grads[1][1]).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_autograd_fallbacks_work_without_grad_mode(mode, gen, monkeypatch):
+    # the exact fallbacks take μ = ∇ log Z by autograd; under inference_mode (evaluation loops)
+    # autograd cannot record inference tensors, and these paths raised "element 0 of tensors
+    # does not require grad"
+    from convex_sst import fast
+
+    calls = []
+    for fn in ("log_partition_arborescences", "log_elementary_symmetric"):
+        real = getattr(fast, fn)
+        monkeypatch.setattr(fast, fn, lambda *a, real=real: calls.append(1) or real(*a))
+    for name in ("spanning_tree", "arborescence"):
+        P = cs.load_polytope(name, n=5)
+        u = 30.0 * torch.randn((8,) + P.shape, generator=gen, dtype=torch.float64)
+        ref = cs.relax(u, P, "exp_family")
+        before = len(calls)
+        with mode():
+            x = cs.relax(u, P, "exp_family")
+        assert len(calls) > before  # the fallback ran
+        assert torch.equal(x, ref) and not x.requires_grad
+    u = 3000.0 * torch.arange(6, dtype=torch.float64).repeat(2, 1)  # k largest spread past linear range
+    before = len(calls)
+    with mode():
+        x = fast._k_subset_tree(u, 3)
+    assert len(calls) > before
+    assert torch.equal(x, torch.tensor([[0.0, 0, 0, 1, 1, 1]] * 2, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name, reg", FAST)
 def test_autocast_does_not_reach_the_solvers(name, reg, gen):
     # under autocast, matrix products of float32 tensors would run in bfloat16 (Sinkhorn's
