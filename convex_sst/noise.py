@@ -14,6 +14,13 @@ import torch
 from .errors import InputError, unknown_name
 
 
+def _draw(sampler, shape, generator, dtype, device) -> torch.Tensor:
+    """``sampler(shape, ...)`` (``torch.rand`` / ``torch.randn``), passing ``generator`` only when
+    there is one: torch.compile cannot trace an explicit ``generator=None`` with dynamic shapes."""
+    extra = {} if generator is None else {"generator": generator}
+    return sampler(tuple(shape), dtype=dtype, device=device, **extra)
+
+
 class Noise:
     """Base class: i.i.d. noise added to every utility."""
 
@@ -45,7 +52,7 @@ class Gumbel(Noise):
         self.scale = float(scale)
 
     def sample(self, shape, generator=None, dtype=torch.float32, device=None):
-        v = torch.rand(tuple(shape), generator=generator, dtype=dtype, device=device)
+        v = _draw(torch.rand, shape, generator, dtype, device)
         tiny = torch.finfo(dtype).tiny
         eps = torch.finfo(dtype).eps
         v = v.clamp(min=tiny, max=1.0 - eps)
@@ -70,7 +77,7 @@ class Gaussian(Noise):
         self.scale = float(scale)
 
     def sample(self, shape, generator=None, dtype=torch.float32, device=None):
-        return self.scale * torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+        return self.scale * _draw(torch.randn, shape, generator, dtype, device)
 
     def log_prob(self, g):
         z = g / self.scale

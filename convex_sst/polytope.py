@@ -282,6 +282,7 @@ class Polytope:
 
     # ------------------------------------------------------------------ SMT
 
+    @torch.compiler.disable  # a graph break under torch.compile (SciPy, LP solvers, union-find)
     def argmax(self, u: torch.Tensor) -> torch.Tensor:
         """Hard structure ``X = argmax_{x in 𝒳} uᵀx`` (the stochastic argmax trick).
 

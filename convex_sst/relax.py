@@ -115,6 +115,7 @@ def check_temperature(temperature: Any, batch: tuple[int, ...], like: torch.Tens
     return t
 
 
+@torch.compiler.disable  # a graph break under torch.compile: the solvers branch on values
 def relax(
     u: torch.Tensor,
     polytope: Polytope | str,

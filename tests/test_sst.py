@@ -87,3 +87,30 @@ def test_string_polytope_and_repr():
     assert "simplex" in repr(layer) and layer.polytope.shape == (5,)
     with pytest.raises(cs.InputError, match="polytope must be a Polytope or a name"):
         cs.relax(torch.zeros(3), 3)
+
+
+@pytest.mark.parametrize("name, reg", [("k_subset", "exp_family"), ("birkhoff", "entropy")])
+def test_sst_layer_under_torch_compile(name, reg):
+    # relax and argmax are graph breaks (their solvers branch on values; dynamo tracing into the
+    # k-subset path's autograd.Function failed), and the noise is drawn without an explicit
+    # generator=None, which dynamo cannot trace with dynamic shapes. Straight-through mode runs
+    # both the relaxation and the hard argmax.
+    torch._dynamo.reset()
+    P = cs.load_polytope(name, **({"n": 6} if name != "k_subset" else {"n": 6, "k": 2}))
+    lin = torch.nn.Linear(P.size, P.size).double()
+    weights = torch.arange(P.size, dtype=torch.float64).reshape(P.shape)
+
+    def model(x, noise):
+        layer = cs.SST(P, reg, 0.5, mode="straight_through", noise=noise)
+        return (layer(lin(x).reshape((-1,) + P.shape)) * weights).sum()
+
+    noisy = torch.compile(lambda x: model(x, "gumbel"), backend="aot_eager", dynamic=True)
+    exact = torch.compile(lambda x: model(x, None), backend="aot_eager", dynamic=True)
+    for batch in (3, 4):
+        x = torch.randn(batch, P.size, dtype=torch.float64)
+        loss = noisy(x)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in lin.parameters())
+        got = torch.autograd.grad(exact(x), list(lin.parameters()))
+        want = torch.autograd.grad(model(x, None), list(lin.parameters()))
+        assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, want))
