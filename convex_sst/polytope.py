@@ -195,6 +195,15 @@ class Polytope:
         self.cache: dict[Any, Any] = {}  # compiled layers and fast-path state, keyed by their owners
         self._check_nonempty_bounded()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles (copy.deepcopy(model), torch.save(model), worker processes) leave
+        # out what is rebuilt on demand: the LP solver (a HiGHS handle cannot be pickled) and
+        # the cache of compiled layers and device tensors
+        state = dict(self.__dict__)
+        state["_lp"] = None
+        state["cache"] = {}
+        return state
+
     def __repr__(self) -> str:
         ps = ", ".join(f"{k}={v.tolist() if isinstance(v, np.ndarray) else v}" for k, v in self.params.items())
         return f"Polytope({self.name!r}{', ' + ps if ps else ''}, shape={self.shape})"

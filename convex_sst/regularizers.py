@@ -60,6 +60,13 @@ class Regularizer:
     hess: Callable[[torch.Tensor], torch.Tensor] | None = None
     open_domain: bool = False
 
+    def __reduce_ex__(self, protocol):
+        # a registered regularizer pickles (and copies) as its name: its functions are lambdas,
+        # which pickle cannot store, and the registry holds the one instance
+        if _REGISTRY.get(self.name) is self:
+            return (get_regularizer, (self.name,))
+        return super().__reduce_ex__(protocol)
+
     @property
     def separable(self) -> bool:
         """Whether the batched torch solver can use it (elementwise f', f'' given)."""

@@ -114,3 +114,30 @@ def test_sst_layer_under_torch_compile(name, reg):
         got = torch.autograd.grad(exact(x), list(lin.parameters()))
         want = torch.autograd.grad(model(x, None), list(lin.parameters()))
         assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("name, reg", [("k_subset", "exp_family"), ("birkhoff", "entropy"),
+                                       ("spanning_tree", "binary_entropy")])
+def test_models_with_sst_layers_copy_and_pickle(name, reg):
+    # copy.deepcopy (EMA and target networks), torch.save(model) and worker processes pickle
+    # the layer; its polytope holds a HiGHS handle and caches, its regularizer lambdas
+    import copy
+    import io
+    import pickle
+
+    P = cs.load_polytope(name, **({"n": 5} if name != "k_subset" else {"n": 5, "k": 2}))
+    layer = cs.SST(P, reg, torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64)), mode="straight_through")
+    x = torch.randn((3,) + P.shape, dtype=torch.float64)
+    layer(x)  # fills the caches (compiled solver state, device tensors)
+
+    def saved(m):
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), saved(layer)):
+        assert clone.regularizer is layer.regularizer  # registered regularizers travel by name
+        assert clone.polytope is not layer.polytope and clone.polytope.shape == P.shape
+        got = clone(x, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(got, layer(x, generator=torch.Generator().manual_seed(1)))
