@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .estimators import LossFn, _call_loss, _check_theta, exact_gradient, sst_gradient
+from .estimators import LossFn, _call_loss, _check_theta, _differentiates, exact_gradient, sst_gradient
 from .noise import get_noise
 from .polytope import Polytope
 from .relax import as_polytope
@@ -53,6 +53,7 @@ def _score_estimates(loss_fn, theta, P, R, K, loo, generator, noise):
     return score.reshape((R, K, -1)).mean(1)
 
 
+@_differentiates
 def diagnose(polytope: Polytope | str, regularizer: str = "entropy", loss_fn: LossFn | None = None,
              temperatures: Sequence[float] = (0.1, 0.3, 1.0, 3.0), theta: torch.Tensor | None = None,
              num_estimates: int = 400, num_samples: int = 4, estimators: Sequence[str] = ESTIMATORS,

@@ -25,6 +25,7 @@ The paper's VAEs regularize the utilities with :func:`gumbel_kl`.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -41,6 +42,22 @@ from .relax import as_polytope, relax
 from .sst import perturb
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _differentiates(fn):
+    """Decorator for functions that run autograd inside (gradient estimators, diagnostics): they
+    run with inference mode off, since autograd cannot record inference tensors, and tensor
+    arguments made under inference mode are copied first; also fine under ``no_grad``."""
+
+    def plain(v):
+        return v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*map(plain, args), **{k: plain(v) for k, v in kwargs.items()})
+
+    return wrapper
 
 
 def gumbel_kl(theta: torch.Tensor) -> torch.Tensor:
@@ -194,6 +211,7 @@ def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str |
     return out + (torch.zeros_like(probs),) if return_stderr else out
 
 
+@_differentiates
 def exact_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str,
                    noise: str | Noise = "gumbel") -> torch.Tensor:
     """``d/dθ E[L(X)] = d/dθ Σ_x p_θ(x) L(x)`` by autograd through :func:`smt_distribution`."""
@@ -248,6 +266,7 @@ class EstimateInfo:
     structures: torch.Tensor  # (K, *shape) the hard samples X_k
 
 
+@_differentiates
 def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str, num_samples: int = 1,
                    baseline: str | EMABaseline | Callable | None = "loo", generator: torch.Generator | None = None,
                    noise: str | Noise = "gumbel", return_info: bool = False):
@@ -298,6 +317,7 @@ def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
     return (g, EstimateInfo(losses, b, X)) if return_info else g
 
 
+@_differentiates
 def sst_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str, regularizer: str = "entropy",
                  temperature: float = 1.0, num_samples: int = 1, straight_through: bool = False,
                  generator: torch.Generator | None = None, noise: str | Noise = "gumbel",
