@@ -495,8 +495,8 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) 
     _reject_options("k_subset/exp_family", options)
     k = int(polytope.params["k"])
     n = theta.shape[-1]
-    if k == n:
-        return torch.ones_like(theta)
+    if k == n:  # one point: ∂x/∂θ = 0, but x stays in the graph like any relaxation's
+        return 0.0 * theta + 1.0
     # lower precisions run in float64 (range ~e^±700 instead of e^±88: the linear tree then
     # covers ordinary low-temperature inputs) and are cast back
     th = theta if theta.dtype == torch.float64 else theta.double()

@@ -891,6 +891,15 @@ def solve_torch(theta: torch.Tensor, polytope: Polytope, regularizer: Regularize
         )
     sf = standard_form(polytope, regularizer)
     B = theta.shape[0]
+    if sf.d == 0:  # P is one point (k = n, a tree on two vertices): x is fixed and ∂x/∂θ = 0
+        x = torch.zeros(polytope.size, dtype=theta.dtype, device=theta.device)
+        x[torch.as_tensor(sf.fixed, device=theta.device)] = torch.as_tensor(sf.fixed_values, dtype=theta.dtype,
+                                                                           device=theta.device)
+        zero = torch.zeros(B, dtype=torch.float64, device=theta.device)
+        report = SolveReport(converged=torch.ones(B, dtype=torch.bool, device=theta.device),
+                             iterations=torch.zeros(B, dtype=torch.long, device=theta.device), kkt_residual=zero,
+                             tol=0.0 if tol is None else tol)
+        return (0.0 * theta + x.reshape(theta.shape[1:])), report
     # the normal equations of an interior-point method are too ill-conditioned for float32:
     # float32 inputs are solved in float64 and the result cast back
     flat = theta.reshape(B, polytope.size).to(torch.float64)
