@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .estimators import LossFn, _call_loss, _check_theta, _differentiates, exact_gradient, sst_gradient
+from .estimators import LossFn, _call_loss, _check_theta, exact_gradient, sst_gradient
 from .noise import get_noise
 from .polytope import Polytope
-from .relax import as_polytope
+from .relax import _differentiates, as_polytope
 from .sst import perturb
 
 ESTIMATORS = ("sst", "straight_through", "score_function", "score_function_loo")

@@ -25,7 +25,6 @@ The paper's VAEs regularize the utilities with :func:`gumbel_kl`.
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -38,26 +37,10 @@ from ._unionfind import UnionFind
 from .errors import InputError, PolytopeError
 from .noise import Gumbel, Noise, get_noise
 from .polytope import Polytope
-from .relax import as_polytope, relax
+from .relax import _differentiates, as_polytope, relax
 from .sst import perturb
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _differentiates(fn):
-    """Decorator for functions that run autograd inside (gradient estimators, diagnostics): they
-    run with inference mode off, since autograd cannot record inference tensors, and tensor
-    arguments made under inference mode are copied first; also fine under ``no_grad``."""
-
-    def plain(v):
-        return v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.inference_mode(False):
-            return fn(*map(plain, args), **{k: plain(v) for k, v in kwargs.items()})
-
-    return wrapper
 
 
 def gumbel_kl(theta: torch.Tensor) -> torch.Tensor:

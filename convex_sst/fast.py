@@ -44,7 +44,7 @@ import torch
 
 from .errors import InputError, SolverError, SolverWarning
 from .polytope import Polytope
-from .relax import autocast_off, register_fast_path
+from .relax import _differentiates, autocast_off, register_fast_path
 
 
 def _reject_options(name: str, options: dict, allowed: tuple[str, ...] = ()) -> None:
@@ -462,17 +462,13 @@ def _k_subset_tree(th: torch.Tensor, k: int) -> torch.Tensor:
     return mu
 
 
+@_differentiates
 def _autograd_gradient(fn, x: torch.Tensor) -> torch.Tensor:
     """``∇ₓ Σ fn(x)`` by autograd; differentiable (``create_graph``) when ``x`` requires grad,
-    otherwise a plain tensor, also under ``no_grad`` and ``inference_mode`` (whose inference
-    tensors autograd cannot record: it works on a copy, outside inference mode)."""
-    if x.requires_grad:
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
-        return g
-    with torch.inference_mode(False), torch.enable_grad():
-        leaf = (x.clone() if x.is_inference() else x).detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(fn(leaf).sum(), leaf)
+    otherwise a plain tensor, also under ``no_grad`` and ``inference_mode``."""
+    leaf = x if x.requires_grad else x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(fn(leaf).sum(), leaf, create_graph=x.requires_grad)
     return g
 
 

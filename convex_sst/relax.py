@@ -16,6 +16,7 @@ Backends:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,22 @@ def autocast_off(device: torch.device):
     except (RuntimeError, ValueError):  # a device type autocast does not know
         on = False
     return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
+
+
+def _differentiates(fn):
+    """Decorator for functions that run autograd inside (estimators, diagnostics, exact fallbacks): they
+    run with inference mode off, since autograd cannot record inference tensors, and tensor
+    arguments made under inference mode are copied first; also fine under ``no_grad``."""
+
+    def plain(v):
+        return v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*map(plain, args), **{k: plain(v) for k, v in kwargs.items()})
+
+    return wrapper
 
 
 def available_fast_paths() -> list[tuple[str, str]]:
