@@ -11,6 +11,7 @@ from .errors import (
     ConfigError,
     ConvexSSTError,
     InputError,
+    NotSupportedError,
     PolytopeError,
     RegistrationError,
     SolverError,
@@ -45,7 +46,7 @@ from . import testing  # noqa: E402
 
 __all__ = [
     "__version__",
-    "ConfigError", "ConvexSSTError", "InputError", "PolytopeError", "RegistrationError",
+    "ConfigError", "ConvexSSTError", "InputError", "NotSupportedError", "PolytopeError", "RegistrationError",
     "SolverError", "SolverWarning", "UnknownNameError",
     "Gaussian", "Gumbel", "Noise",
     "Polytope", "available_argmax", "available_polytopes", "load_polytope", "register_argmax",

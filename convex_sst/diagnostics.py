@@ -23,7 +23,8 @@ from .errors import InputError
 from .estimators import LossFn, _call_loss, _check_theta, exact_gradient, sst_gradient
 from .noise import get_noise
 from .polytope import Polytope
-from .relax import _differentiates, as_polytope
+from ._autograd import _differentiates
+from .relax import as_polytope
 from .sst import perturb
 
 ESTIMATORS = ("sst", "straight_through", "score_function", "score_function_loo")

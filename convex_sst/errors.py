@@ -40,6 +40,11 @@ class SolverError(ConvexSSTError, RuntimeError):
     """A numerical solver failed or returned a solution that does not pass verification."""
 
 
+class NotSupportedError(ConvexSSTError, NotImplementedError):
+    """An operation the library does not support, e.g. second derivatives through a solver
+    whose backward pass is first-order only."""
+
+
 class SolverWarning(UserWarning):
     """A solver returned a usable but possibly inaccurate result."""
 

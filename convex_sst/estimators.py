@@ -37,7 +37,8 @@ from ._unionfind import UnionFind
 from .errors import InputError, PolytopeError
 from .noise import Gumbel, Noise, get_noise
 from .polytope import Polytope
-from .relax import _differentiates, as_polytope, relax
+from ._autograd import _differentiates
+from .relax import as_polytope, relax
 from .sst import perturb
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]

@@ -3,7 +3,10 @@
 Every function here maps ``theta = u / t`` of shape ``(B, *polytope.shape)`` to the relaxed
 sample, batched, on any device, in float32 or float64, with an exact backward pass (closed form,
 implicit differentiation, or autograd through a fixed number of vectorized steps; never
-finite differences, never autograd through solver iterations).
+finite differences, never autograd through solver iterations). The backward passes are
+themselves differentiable (second derivatives under ``create_graph=True``): functions of the
+output (capped simplex, Sinkhorn), recomputed differentiably (matrix-tree), or, for the k-subset
+exp family, autograd through the log-space product tree (slower; only when asked for).
 
 ==================  ==================  ===================================================
 polytope            regularizer         algorithm
@@ -44,7 +47,8 @@ import torch
 
 from .errors import InputError, SolverError, SolverWarning
 from .polytope import Polytope
-from .relax import _differentiates, autocast_off, register_fast_path
+from ._autograd import _differentiates, autocast_off
+from .relax import register_fast_path
 
 
 def _reject_options(name: str, options: dict, allowed: tuple[str, ...] = ()) -> None:
@@ -155,17 +159,30 @@ def capped_simplex(theta: torch.Tensor, k: int, reg: str, tol: float | None = No
     return x, d
 
 
+def _capped_slope(x: torch.Tensor, reg: str) -> torch.Tensor:
+    """``d = ∂x_i/∂θ_i`` at fixed τ from x itself (as :func:`_capped_eval` gives it), so that
+    the backward is a differentiable function of the output: second derivatives by autograd."""
+    if reg == "entropy":                                 # ψ' = ψ; free where ψ < 1
+        return torch.where(x < 1, x, torch.zeros_like(x))
+    if reg == "binary_entropy":                          # ψ' = ψ (1 − ψ)
+        return x * (1.0 - x)
+    return ((x > 0) & (x < 1)).to(x.dtype)               # quadratic: ψ' = 1 where 0 < ψ < 1
+
+
 class _CappedSimplex(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, k, reg, tol, max_iter, on_failure):
-        x, d = capped_simplex(theta.detach(), k, reg, tol, max_iter, on_failure)
-        ctx.save_for_backward(d)
+        x, _ = capped_simplex(theta.detach(), k, reg, tol, max_iter, on_failure)
+        ctx.reg = reg
+        ctx.save_for_backward(x)
         return x
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        (d,) = ctx.saved_tensors
+        # J = diag(d) − d dᵀ/Σd in terms of the output x: under create_graph=True autograd
+        # differentiates it through x, whose own backward is this one (exact second derivatives)
+        (x,) = ctx.saved_tensors
+        d = _capped_slope(x, ctx.reg)
         s = d.sum(1, keepdim=True)
         coef = torch.where(s > 0, (d * g).sum(1, keepdim=True) / s.clamp_min(torch.finfo(d.dtype).tiny), torch.zeros_like(s))
         return d * (g - coef), None, None, None, None, None
@@ -321,6 +338,17 @@ def _tree_passes(w: torch.Tensor, k: int, wdot: torch.Tensor | None = None, save
     return dups[-1][:, 0], dc, None
 
 
+def _hessian_vjp(log_partition, theta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``gᵀ ∇²A(θ)`` (the VJP of exp-family marginals ``μ = ∇A``) by autograd through a
+    twice-differentiable log-partition ``A``, itself differentiable in θ and g: the backward of
+    the closed-form k-subset paths under ``create_graph=True`` (second derivatives), slower."""
+    with torch.enable_grad():
+        x = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+        (mu,) = torch.autograd.grad(log_partition(x).sum(), x, create_graph=True)
+        (out,) = torch.autograd.grad(mu, x, g, create_graph=True)
+    return out
+
+
 class _KSubsetMarginals(torch.autograd.Function):
     """``μ_i = w_i e_{k−1}(w_{−i}) / e_k(w)`` by the up/down product tree in linear space, and
     its vector-Jacobian product ``Cov·g`` (the Jacobian is the covariance, symmetric) as the
@@ -344,15 +372,16 @@ class _KSubsetMarginals(torch.autograd.Function):
         Zs = torch.where(ok, Z, torch.ones_like(Z))
         mu = torch.where(ok[:, None], w * c / Zs[:, None], torch.zeros_like(w))
         ctx.k, ctx.saved = k, saved
-        ctx.save_for_backward(w, mu, Zs, ok)
+        ctx.save_for_backward(w, mu, Zs, ok, theta)
         ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g, _):
-        w, mu, Z, ok = ctx.saved_tensors
+        w, mu, Z, ok, theta = ctx.saved_tensors
         k = ctx.k
+        if torch.is_grad_enabled():  # create_graph=True
+            return _hessian_vjp(lambda x: log_elementary_symmetric(x, k), theta, g), None
         g = torch.where(ok[:, None], g, torch.zeros_like(g))
         de, dc, _ = _tree_passes(w, k, w * g, ctx.saved)
         return g * mu + w * dc / Z[:, None] - mu * (de[:, k] / Z)[:, None], None
@@ -425,14 +454,15 @@ class _KSubsetDFT(torch.autograd.Function):
         Pk = torch.where(ok, Pk, 1.0)
         mu = p * t / Pk[:, None]
         ctx.k = k
-        ctx.save_for_backward(p, pq, K, phi, t, Pk, mu, ok)
+        ctx.save_for_backward(p, pq, K, phi, t, Pk, mu, ok, theta)
         ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g, _):
-        p, pq, K, phi, t, Pk, mu, ok = ctx.saved_tensors
+        p, pq, K, phi, t, Pk, mu, ok, theta = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _hessian_vjp(lambda x: log_elementary_symmetric(x, ctx.k), theta, g), None
         D2, om1, omc, c0, c1, h0, h1 = _dft_consts(p.shape[1], ctx.k, p.dtype, p.device)
         v = pq * g                                                   # ṗ along g
         # R(ω) = Σ_j ṗ_j / f_j(ω);  φ̇ = φ (ω − 1) R;  Ṗ(S = k) = Re Σ φ ω^{−k} (ω − 1) R
@@ -628,8 +658,8 @@ class _Sinkhorn(torch.autograd.Function):
         return X
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, G):
+        # a differentiable function of the output X: second derivatives by autograd through X
         # dX = X ⊙ (dθ − dα 1ᵀ − 1 dβᵀ) with the marginal constraints; J is symmetric, so
         # the VJP is X ⊙ (G − u 1ᵀ − 1 vᵀ) with (I − XᵀX + 11ᵀ/n) v = c − Xᵀ r, u = r − X v.
         (X,) = ctx.saved_tensors
@@ -757,18 +787,24 @@ class _ArcMarginals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logw, mask, root, limit):
+        w, K, mu, bad = _ArcMarginals.marginals(logw.detach(), mask, root, limit)
+        ctx.root, ctx.limit = root, limit
+        ctx.save_for_backward(w, K, mu, logw, mask)
+        ctx.mark_non_differentiable(bad)
+        return mu, bad
+
+    @staticmethod
+    def marginals(logw: torch.Tensor, mask: torch.Tensor, root: int, limit: float):
+        """``(w, K, μ, bad)``; differentiable by autograd in ``logw`` (used for second derivatives)."""
         n = logw.shape[-1]
         # columns shifted to max 0 (exact: every arborescence has one arc into each non-root vertex)
-        w = torch.exp(logw - logw.amax(1, keepdim=True)) * mask
+        w = torch.exp(logw - logw.amax(1, keepdim=True).detach()) * mask
         keep = torch.tensor([v for v in range(n) if v != root], device=logw.device)
         Lr = (torch.diag_embed(w.sum(1)) - w)[:, keep][:, :, keep]
         Kr, bad = _checked_inverse(Lr, limit)
-        K = torch.zeros_like(w)
+        K = Kr.new_zeros(w.shape)
         K[:, keep[:, None], keep[None, :]] = Kr
-        mu = w * _ArcMarginals.pairs(K)
-        ctx.save_for_backward(w, K, mu)
-        ctx.mark_non_differentiable(bad)
-        return mu, bad
+        return w, K, w * _ArcMarginals.pairs(K), bad
 
     @staticmethod
     def pairs(Y: torch.Tensor) -> torch.Tensor:
@@ -776,9 +812,10 @@ class _ArcMarginals(torch.autograd.Function):
         return torch.diagonal(Y, dim1=1, dim2=2)[:, None, :] - Y.transpose(1, 2)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g, _):
-        w, K, mu = ctx.saved_tensors
+        w, K, mu, logw, mask = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the same formula, recomputed differentiably from logw
+            w, K, mu, _ = _ArcMarginals.marginals(logw, mask, ctx.root, ctx.limit)
         return _laplacian_vjp(g, w, K, mu, lambda G: torch.diag_embed(G.sum(1)) - G, _ArcMarginals.pairs), None, None, None
 
 
@@ -802,8 +839,17 @@ class _EdgeMarginals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta, index, n, limit):
+        Dh, mu, bad = _EdgeMarginals.factor(theta.detach(), index, n, limit)
+        ctx.index, ctx.n, ctx.limit = index, n, limit
+        ctx.save_for_backward(Dh, mu, theta)
+        ctx.mark_non_differentiable(bad)
+        return mu, bad
+
+    @staticmethod
+    def factor(theta: torch.Tensor, index, n: int, limit: float):
+        """``(D̂, μ, bad)``; differentiable by autograd in ``theta`` (used for second derivatives)."""
         B = theta.shape[0]
-        d = theta - theta.amax(1, keepdim=True)
+        d = theta - theta.amax(1, keepdim=True).detach()
         # √w (D_e √w_e stays O(1)); weights that would be subnormal are 0: μ_e = (√w_e)² R_e must
         # see the same w_e as the Laplacian, and a subnormal keeps too few bits for that
         sw = torch.where(d > math.log(torch.finfo(theta.dtype).tiny), torch.exp(0.5 * d), 0.0)
@@ -822,10 +868,7 @@ class _EdgeMarginals(torch.autograd.Function):
         if bool(bad.any()):
             Y = torch.where(bad[:, None, None], 0.0, Y)
         Dh = _EdgeMarginals.rows(Y, index) * sw[:, :, None]  # rows √w_e D_eᵀ: (B, m, n)
-        mu = Dh.square().sum(2)
-        ctx.save_for_backward(Dh, mu)
-        ctx.mark_non_differentiable(bad)
-        return mu, bad
+        return Dh, Dh.square().sum(2), bad
 
     @staticmethod
     def laplacian(G: torch.Tensor, index, n: int) -> torch.Tensor:
@@ -838,9 +881,10 @@ class _EdgeMarginals(torch.autograd.Function):
         return Y.index_select(1, index[1]) - Y.index_select(1, index[2])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g, _):
-        Dh, mu = ctx.saved_tensors
+        Dh, mu, theta = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the same formula, recomputed differentiably from θ
+            Dh, mu, _ = _EdgeMarginals.factor(theta, ctx.index, ctx.n, ctx.limit)
         # Σ_e g_e (D̂_eᵀ D̂_f)² = D̂_fᵀ H D̂_f with H = Σ_e g_e D̂_e D̂_eᵀ (n × n); O(n² m)
         H = (Dh * g[:, :, None]).mT @ Dh
         return g * mu - ((Dh @ H) * Dh).sum(2), None, None, None

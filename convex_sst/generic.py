@@ -25,6 +25,7 @@ import cvxpy as cp
 import numpy as np
 import torch
 
+from ._autograd import first_order_guard
 from .errors import InputError, SolverError, SolverWarning, unknown_name
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -185,5 +186,5 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, **o
     layer = generic_layer(polytope, reg)
     B = theta.shape[0]
     flat = theta.reshape(B, polytope.size).to(device="cpu", dtype=torch.float64)
-    x = layer(flat, **options)
+    x = layer(first_order_guard(flat, "the generic backend (cvxpylayers)"), **options)
     return x.to(device=theta.device, dtype=theta.dtype).reshape(theta.shape)

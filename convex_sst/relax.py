@@ -15,14 +15,13 @@ Backends:
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ._autograd import autocast_off
 from .errors import InputError, UnknownNameError, unknown_name
 from .generic import relax_generic
 from .polytope import Polytope, load_polytope
@@ -52,33 +51,6 @@ def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], 
         return fn
 
     return deco
-
-
-def autocast_off(device: torch.device):
-    """A context in which autocast is off for ``device``'s type (a null context where it is off
-    already): the solvers and their backward passes need the precision they were given, and
-    autocast would run their matrix products in float16 / bfloat16."""
-    try:
-        on = torch.is_autocast_enabled(device.type)
-    except (RuntimeError, ValueError):  # a device type autocast does not know
-        on = False
-    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
-
-
-def _differentiates(fn):
-    """Decorator for functions that run autograd inside (estimators, diagnostics, exact fallbacks): they
-    run with inference mode off, since autograd cannot record inference tensors, and tensor
-    arguments made under inference mode are copied first; also fine under ``no_grad``."""
-
-    def plain(v):
-        return v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.inference_mode(False):
-            return fn(*map(plain, args), **{k: plain(v) for k, v in kwargs.items()})
-
-    return wrapper
 
 
 def available_fast_paths() -> list[tuple[str, str]]:

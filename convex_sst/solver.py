@@ -45,6 +45,7 @@ import scipy.linalg
 import scipy.sparse as sp
 import torch
 
+from ._autograd import first_derivatives_only
 from ._unionfind import UnionFind
 from .errors import InputError, PolytopeError, SolverError, SolverWarning
 from .polytope import Polytope
@@ -861,7 +862,7 @@ class _TorchSST(torch.autograd.Function):
         return x
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_derivatives_only("the torch interior-point solver (backend='torch')")
     def backward(ctx, g):
         Dback, Sback = ctx.saved_tensors
         sf = ctx.sf

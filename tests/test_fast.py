@@ -68,6 +68,62 @@ def test_gradcheck(name, reg, gen):
 
 
 @pytest.mark.parametrize("name,reg", FAST)
+def test_gradgradcheck(name, reg, gen):
+    # second derivatives (double backward, Hessian-vector products, gradient penalties): the
+    # closed-form backward passes are differentiable functions of the output or recomputed
+    # differentiably under create_graph=True; before, they were once_differentiable and a
+    # gradient penalty silently missed every term through the solver
+    P = small(name)
+    u = torch.randn((2,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda u, t: cs.relax(u, P, reg, t, backend="fast"), (u, t))
+
+
+@pytest.mark.parametrize("name, params, method", [
+    ("k_subset", {"n": 7, "k": 3}, "tree"),                # the product tree (rows the DFT hands over)
+    ("spanning_tree", {"n": 4}, "inverse"), ("spanning_tree", {"n": 4}, "elimination"),
+    ("arborescence", {"n": 4}, "inverse"), ("arborescence", {"n": 4}, "elimination")])
+def test_gradgradcheck_of_every_exp_family_route(name, params, method, gen, monkeypatch):
+    if method == "tree":
+        import convex_sst.fast as fast
+
+        monkeypatch.setattr(fast, "_DFT_MIN_PK", 2.0)   # P(S = k) ≤ 1: every row to the tree
+        method = None
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((2,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    opts = {} if method is None else {"method": method}
+    assert torch.autograd.gradgradcheck(lambda u: cs.relax(u, P, "exp_family", 0.8, **opts), (u,))
+
+
+def test_gradient_penalty_matches_brute_force(gen):
+    # ‖∇_u (wᵀx)‖² with x linear in the loss: the incoming gradient w is a constant, the case
+    # where once_differentiable returned a constant gradient and the penalty's gradient was 0
+    P = cs.load_polytope("spanning_tree", n=4)
+    u = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64)
+    grads = []
+    for f in (lambda v: cs.relax(v, P, "exp_family", 0.7), lambda v: brute_force_marginals(v, P, 0.7)):
+        (g,) = torch.autograd.grad((f(u) * w).sum(), u, create_graph=True)
+        grads.append(torch.autograd.grad(g.square().sum(), u)[0])
+    assert grads[1].abs().max() > 1e-3
+    assert (grads[0] - grads[1]).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["torch", "generic"])
+def test_second_derivatives_through_solvers_raise(backend, gen):
+    P = cs.load_polytope("k_subset", n=5, k=2)
+    u = torch.randn(2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = cs.relax(u, P, "binary_entropy", 0.7, backend=backend)
+    (g,) = torch.autograd.grad((x * torch.randn(2, 5, generator=gen, dtype=torch.float64)).sum(), u, create_graph=True)
+    with pytest.raises(cs.NotSupportedError, match=rf"second derivatives through the .*{backend}.* are not supported"):
+        (g.square().sum() + u.square().sum()).backward()   # not silently the second term only
+    x = cs.relax(u, P, "binary_entropy", 0.7, backend=backend)   # first derivatives are unaffected
+    (g1,) = torch.autograd.grad(x[:, 0].sum(), u)
+    (g2,) = torch.autograd.grad(cs.relax(u, P, "binary_entropy", 0.7, backend="fast")[:, 0].sum(), u)
+    assert (g1 - g2).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name,reg", FAST)
 def test_jacobian_symmetric_psd(name, reg, gen):
     P = small(name)
     u = torch.randn(P.shape, generator=gen, dtype=torch.float64)

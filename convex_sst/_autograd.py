@@ -1,0 +1,105 @@
+"""Autograd helpers shared by the solvers: autocast, inference mode, and first-order backward passes."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from .errors import NotSupportedError
+
+
+def autocast_off(device: torch.device):
+    """A context in which autocast is off for ``device``'s type (a null context where it is off
+    already): the solvers and their backward passes need the precision they were given, and
+    autocast would run their matrix products in float16 / bfloat16."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        on = False
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
+
+
+def _differentiates(fn):
+    """Decorator for functions that run autograd inside (estimators, diagnostics, exact fallbacks): they
+    run with inference mode off, since autograd cannot record inference tensors, and tensor
+    arguments made under inference mode are copied first; also fine under ``no_grad``."""
+
+    def plain(v):
+        return v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*map(plain, args), **{k: plain(v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity on a gradient that a first-order backward computed under ``create_graph=True``;
+    differentiating it raises :class:`NotSupportedError`. Without it the gradient would be a
+    constant to autograd, and a second derivative through it (a gradient penalty, a
+    Hessian-vector product) would silently miss every term that goes through the solver."""
+
+    @staticmethod
+    def forward(ctx, g, what):
+        ctx.what = what
+        return g.clone()
+
+    @staticmethod
+    def backward(ctx, _):
+        raise NotSupportedError(
+            f"second derivatives through {ctx.what} are not supported: its backward pass gives exact first "
+            "derivatives only, and a gradient computed from it with create_graph=True is being differentiated "
+            "(double backward, a Hessian-vector product or a gradient penalty). Hint: the fast paths "
+            "(backend='fast', the default where one is registered: convex_sst.available_fast_paths()) are twice "
+            "differentiable; otherwise detach that gradient where its own derivative is not needed."
+        )
+
+
+def no_second_derivative(grads, what: str):
+    """``grads`` (a tensor or a tuple with Nones) as they are, or, when the backward runs under
+    ``create_graph=True``, routed through :class:`_NoSecondDerivative`."""
+    if not torch.is_grad_enabled():
+        return grads
+    mark = lambda g: _NoSecondDerivative.apply(g.detach().requires_grad_(), what) if isinstance(g, torch.Tensor) else g  # noqa: E731
+    return tuple(map(mark, grads)) if isinstance(grads, tuple) else mark(grads)
+
+
+def first_derivatives_only(what: str):
+    """Decorator for the ``backward`` of an ``autograd.Function`` whose backward is not itself
+    differentiable (like ``once_differentiable``): it runs under ``no_grad``, and under
+    ``create_graph=True`` its gradients raise a clear error when differentiated, whether or not
+    the incoming gradient required grad (``once_differentiable`` then returns a constant)."""
+
+    def deco(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            return no_second_derivative(out, what)
+
+        return wrapper
+
+    return deco
+
+
+class _FirstOrderGuard(torch.autograd.Function):
+    """Identity whose backward passes the gradient through :func:`no_second_derivative`: placed
+    on the input of a layer whose backward we do not own (cvxpylayers)."""
+
+    @staticmethod
+    def forward(ctx, x, what):
+        ctx.what = what
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return no_second_derivative(g, ctx.what), None
+
+
+def first_order_guard(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x``, with second derivatives through what follows it reported as unsupported."""
+    return _FirstOrderGuard.apply(x, what) if x.requires_grad else x
