@@ -267,6 +267,8 @@ class Polytope:
                 f"{argname} must be a floating-point tensor (float32 or float64), got {u.dtype}; "
                 f"hint: {argname}.double()"
             )
+        if u.layout != torch.strided:
+            raise InputError(f"{argname} must be a dense tensor, got layout {u.layout}; hint: {argname}.to_dense()")
         k = len(self.shape)
         if u.dim() < k or tuple(u.shape[u.dim() - k:]) != self.shape:
             raise InputError(

@@ -39,6 +39,8 @@ def test_non_tensor_and_integer_inputs(P):
         cs.relax([0.0, 1.0, 2.0, 3.0], P)
     with pytest.raises(cs.InputError, match=r"floating-point.*hint: u.double\(\)"):
         cs.relax(torch.zeros(4, dtype=torch.long), P)
+    with pytest.raises(cs.InputError, match=r"must be a dense tensor, got layout torch.sparse_coo; hint: theta.to_dense\(\)"):
+        cs.sst(torch.ones(2, 4).to_sparse(), P)
 
 
 @pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf")])
