@@ -37,7 +37,8 @@ def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], 
     """Register ``fn(theta, polytope, **options) -> x`` for a (polytope, regularizer) pair.
 
     ``theta = u / t`` has shape ``(B, *polytope.shape)``; ``fn`` returns the relaxed sample of
-    the same shape, dtype and device, differentiable w.r.t. ``theta``.
+    the same shape, dtype and device, differentiable w.r.t. ``theta`` (twice, ideally: the
+    built-in paths are, so second derivatives work through them; see :mod:`convex_sst.fast`).
     """
     from .errors import RegistrationError
 
