@@ -116,7 +116,8 @@ def relax(
 ) -> torch.Tensor:
     """Relaxed structure ``X_t = argmax_{x in P} uᵀx − t·f(x)`` (the stochastic softmax trick).
 
-    Equivalently ``argmax (u/t)ᵀx − f(x)``; the map is differentiable in ``u`` and ``t``.
+    Equivalently ``argmax (u/t)ᵀx − f(x)``; the map is differentiable in ``u`` and ``t`` (twice
+    through the fast paths; the torch and generic backends give first derivatives).
 
     Args:
         u: utilities ``(*batch, *polytope.shape)``, float32 or float64, any device (float16 and
