@@ -1,4 +1,4 @@
-"""Autograd helpers shared by the solvers: autocast, inference mode, and first-order backward passes."""
+"""Autograd helpers shared by the solvers: autocast, inference mode, and first-order-only layers."""
 
 from __future__ import annotations
 
@@ -68,27 +68,11 @@ def no_second_derivative(grads, what: str):
     return tuple(map(mark, grads)) if isinstance(grads, tuple) else mark(grads)
 
 
-def first_derivatives_only(what: str):
-    """Decorator for the ``backward`` of an ``autograd.Function`` whose backward is not itself
-    differentiable (like ``once_differentiable``): it runs under ``no_grad``, and under
-    ``create_graph=True`` its gradients raise a clear error when differentiated, whether or not
-    the incoming gradient required grad (``once_differentiable`` then returns a constant)."""
-
-    def deco(backward):
-        @functools.wraps(backward)
-        def wrapper(ctx, *grads):
-            with torch.no_grad():
-                out = backward(ctx, *grads)
-            return no_second_derivative(out, what)
-
-        return wrapper
-
-    return deco
-
-
 class _FirstOrderGuard(torch.autograd.Function):
     """Identity whose backward passes the gradient through :func:`no_second_derivative`: placed
-    on the input of a layer whose backward we do not own (cvxpylayers)."""
+    on the input of a layer whose backward is first-order only (the torch solver, cvxpylayers),
+    it catches both what ``once_differentiable`` reports and the constant gradient it returns
+    when the incoming gradient does not require grad."""
 
     @staticmethod
     def forward(ctx, x, what):

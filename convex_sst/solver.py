@@ -45,7 +45,7 @@ import scipy.linalg
 import scipy.sparse as sp
 import torch
 
-from ._autograd import first_derivatives_only
+from ._autograd import first_order_guard
 from ._unionfind import UnionFind
 from .errors import InputError, PolytopeError, SolverError, SolverWarning
 from .polytope import Polytope
@@ -862,7 +862,7 @@ class _TorchSST(torch.autograd.Function):
         return x
 
     @staticmethod
-    @first_derivatives_only("the torch interior-point solver (backend='torch')")
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         Dback, Sback = ctx.saved_tensors
         sf = ctx.sf
@@ -905,7 +905,7 @@ def solve_torch(theta: torch.Tensor, polytope: Polytope, regularizer: Regularize
     # float32 inputs are solved in float64 and the result cast back
     flat = theta.reshape(B, polytope.size).to(torch.float64)
     holder: list[SolveReport] = []
-    x = _TorchSST.apply(flat, sf, regularizer, tol, max_iter, holder)
+    x = _TorchSST.apply(first_order_guard(flat, "the torch interior-point solver (backend='torch')"), sf, regularizer, tol, max_iter, holder)
     return x.to(theta.dtype).reshape(theta.shape), holder[0]
 
 
