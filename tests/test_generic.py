@@ -57,9 +57,20 @@ def test_spanning_tree_matches_subtour_formulation(n, reg, gen):
 
 
 def _hull_solve(V: np.ndarray, theta: np.ndarray, reg: str) -> np.ndarray:
-    """The SST over conv(V) in V-representation with plain cvxpy: independent of our constraints."""
+    """The SST over conv(V) in V-representation with plain cvxpy: independent of our constraints.
+
+    Coordinates that are equal on every vertex (an arborescence's arcs into the root) are fixed at
+    that value and left out of the program: they add a constant to the objective, and at 0 they
+    would put the optimum on the boundary of the entropy's domain, where the interior-point solver
+    only reports an inaccurate solution.
+    """
+    free = V.min(0) != V.max(0)
+    x_full = V[0].astype(float).copy()
+    if not free.any():
+        return x_full
     lam = cp.Variable(len(V), nonneg=True)
-    x = V.T @ lam
+    x = V[:, free].T @ lam
+    theta = theta[free]
     f = {
         "entropy": -cp.sum(cp.entr(x)),
         "binary_entropy": -cp.sum(cp.entr(x)) - cp.sum(cp.entr(1 - x)),
@@ -67,7 +78,8 @@ def _hull_solve(V: np.ndarray, theta: np.ndarray, reg: str) -> np.ndarray:
     }[reg]
     cp.Problem(cp.Maximize(theta @ x - f), [cp.sum(lam) == 1]).solve(
         solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
-    return V.T @ lam.value
+    x_full[free] = V[:, free].T @ lam.value
+    return x_full
 
 
 @pytest.mark.parametrize("name,reg", relax_pairs())
