@@ -9,6 +9,9 @@ was expected, and give a hint.
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import warnings
 from collections.abc import Iterable
 
 
@@ -59,3 +62,25 @@ def unknown_name(kind: str, name: object, available: Iterable[str], hint: str = 
     if hint:
         msg += f" {hint}"
     return UnknownNameError(msg)
+
+
+def _internal_dirs() -> tuple[str, ...]:
+    dirs = [os.path.dirname(os.path.abspath(__file__))]
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "__file__", None):
+        dirs.append(os.path.dirname(os.path.abspath(torch.__file__)))
+    return tuple(d + os.sep for d in dirs)
+
+
+def warn_user(message: str, category: type[Warning] = SolverWarning) -> None:
+    """``warnings.warn`` attributed to the caller's line, not to convex_sst or torch internals.
+
+    The library's warnings are raised from solvers several calls (and torch wrappers such as
+    ``torch.compiler.disable``) below the user's ``relax``/``SST`` call; a fixed ``stacklevel``
+    would point into those frames, so the first frame outside both packages is found instead.
+    """
+    internal = _internal_dirs()
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1 if frame is not None else 1)

@@ -40,12 +40,11 @@ arborescence        exp_family          directed matrix-tree theorem (Koo et al.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 
-from .errors import InputError, SolverError, SolverWarning
+from .errors import InputError, SolverError, warn_user
 from .polytope import Polytope
 from ._autograd import _differentiates, autocast_off
 from .relax import register_fast_path
@@ -68,7 +67,7 @@ def _report(kind: str, bad: torch.Tensor, total: int, detail: str, on_failure: s
     msg = f"{kind} did not converge for batch element(s) {idx} of {total}: {detail}"
     if on_failure == "raise":
         raise SolverError(msg)
-    warnings.warn(msg + " (results for these elements are approximate)", SolverWarning, stacklevel=5)
+    warn_user(msg + " (results for these elements are approximate)")
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ cost. Clarabel is the default; ``solver="scs"`` and ``solver_args`` are exposed.
 diffcp does not report Clarabel's status ("AlmostSolved" is passed on silently), so every
 returned sample is verified against the canonical constraints: a violation above ``1e-4``
 raises :class:`SolverError` naming the batch elements; one above ``1e-6`` warns
-(:class:`SolverWarning`).
+(:class:`SolverWarning`). SCS's "Solved/Inaccurate", which diffcp reports as a plain
+``UserWarning``, is re-issued as a :class:`SolverWarning` too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from ._autograd import first_order_guard
-from .errors import InputError, SolverError, SolverWarning, unknown_name
+from .errors import InputError, SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
 
@@ -114,9 +115,26 @@ class GenericLayer:
         if B == 0:
             return theta * 0.0
         try:
-            sol = self.layer(theta, solver_args=args)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sol = self.layer(theta, solver_args=args)
         except Exception as exc:  # diffcp/cvxpy raise plain exceptions; name the sample
             raise self._diagnose(theta, args, exc) from exc
+        # diffcp reports SCS's inaccurate solves as a bare UserWarning("Solved/Inaccurate."): pass
+        # them on as one SolverWarning (filterable with the library's other accuracy warnings)
+        # and every other warning unchanged.
+        n_inaccurate = 0
+        for w in caught:
+            if "inaccurate" in str(w.message).lower():
+                n_inaccurate += 1
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        if n_inaccurate:
+            warn_user(
+                f"generic solver ({solver}) reported {n_inaccurate} inaccurate solve(s) in a batch of {B} "
+                f"({self.polytope!r}, {self.reg.name!r}); loosen the tolerances in solver_args, raise "
+                "the iteration limit, or use the default solver='clarabel'",
+            )
         x = sol[0]
         z = torch.cat([s.detach() for s in sol], dim=1).numpy()
         bad_nan = np.flatnonzero(~np.isfinite(z).all(1))
@@ -137,11 +155,9 @@ class GenericLayer:
             )
         inacc = np.flatnonzero(res > WARN_RESIDUAL)
         if inacc.size:
-            warnings.warn(
+            warn_user(
                 f"generic solver ({solver}) is inaccurate for batch element(s) {inacc[:10].tolist()} of {B}: "
                 f"constraint violation up to {res.max():.2e} ({self.polytope!r}, {self.reg.name!r})",
-                SolverWarning,
-                stacklevel=4,
             )
         return x
 

@@ -47,7 +47,7 @@ import torch
 
 from ._autograd import first_order_guard
 from ._unionfind import UnionFind
-from .errors import InputError, PolytopeError, SolverError, SolverWarning
+from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
 
@@ -926,5 +926,5 @@ def relax_torch(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, tol: 
                f"after {int(report.iterations.max())} iterations; the other elements are unaffected")
         if on_failure == "raise":
             raise SolverError(msg)
-        warnings.warn(msg, SolverWarning, stacklevel=4)
+        warn_user(msg)
     return x

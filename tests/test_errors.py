@@ -124,6 +124,40 @@ def test_inaccurate_solutions_warn(P, monkeypatch):
     assert ERROR_RESIDUAL > 0
 
 
+def test_scs_inaccurate_status_is_a_solver_warning(P, monkeypatch):
+    # diffcp reports SCS's "Solved/Inaccurate" as a bare UserWarning; the layer re-issues it as a
+    # SolverWarning at the caller's line and passes other warnings on unchanged.
+    from convex_sst.generic import generic_layer
+    from convex_sst.regularizers import get_regularizer
+
+    layer = generic_layer(P, get_regularizer("entropy"))
+    real = layer.layer
+
+    def like_diffcp(theta, solver_args=None):
+        warnings.warn("Solved/Inaccurate.")
+        warnings.warn("unrelated", RuntimeWarning)
+        return real(theta, solver_args=solver_args)
+
+    monkeypatch.setattr(layer, "layer", like_diffcp)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cs.relax(torch.zeros(2, 4, dtype=torch.float64), P, "entropy", backend="generic")
+    got = [(w.category, str(w.message), w.filename) for w in caught]
+    assert (cs.SolverWarning, __file__) in [(c, f) for c, m, f in got if "1 inaccurate solve(s) in a batch of 2" in m], got
+    assert (RuntimeWarning, "unrelated") in [(c, m) for c, m, _ in got], got
+    assert not any("Solved/Inaccurate" in m for _, m, _ in got), got
+
+
+def test_scs_inaccurate_status_reaches_the_user():
+    # the real thing: SCS stopped early reports an inaccurate solve (no monkeypatching)
+    P = cs.load_polytope("simplex", n=4)
+    u = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(cs.SolverWarning) as record:
+        cs.relax(u, P, "entropy", backend="generic", solver="scs",
+                 solver_args={"eps_abs": 1e-12, "eps_rel": 1e-12, "max_iters": 100})
+    assert any("inaccurate solve(s) in a batch of 2" in str(w.message) for w in record), [str(w.message) for w in record]
+
+
 def test_errors_form_a_hierarchy():
     for exc in (cs.ConfigError, cs.PolytopeError, cs.InputError, cs.SolverError, cs.UnknownNameError):
         assert issubclass(exc, cs.ConvexSSTError)

@@ -316,8 +316,9 @@ def test_k_subset_dft_equals_product_tree_at_larger_sizes(n, k, gen):
 def test_sinkhorn_reports_non_convergence(gen):
     P = cs.load_polytope("birkhoff", n=5)
     u = 5 * torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
-    with pytest.warns(cs.SolverWarning, match=r"Sinkhorn did not converge for batch element\(s\) \[0, 1\] of 2"):
+    with pytest.warns(cs.SolverWarning, match=r"Sinkhorn did not converge for batch element\(s\) \[0, 1\] of 2") as rec:
         cs.relax(u, P, "entropy", 0.1, backend="fast", max_iter=3, on_failure="warn")
+    assert rec[0].filename == __file__  # attributed to the caller's line, not the library's
     with pytest.raises(cs.SolverError, match="Sinkhorn did not converge"):
         cs.relax(u, P, "entropy", 0.1, backend="fast", max_iter=3, on_failure="raise")
 

@@ -74,8 +74,9 @@ def test_report_and_failures_name_the_batch_indices(gen):
     xs, rep = solve_torch(hard, P, reg, max_iter=cap)
     assert rep.converged.tolist() == [True, True, False, True]
     assert (xs[[0, 1, 3]] - x[[0, 1, 3]]).abs().max() < 1e-8  # the others are unaffected
-    with pytest.warns(cs.SolverWarning, match=r"torch solver did not converge for batch element\(s\) \[2\] of 4"):
+    with pytest.warns(cs.SolverWarning, match=r"torch solver did not converge for batch element\(s\) \[2\] of 4") as rec:
         cs.relax(hard, P, reg, 1.0, backend="torch", max_iter=cap)
+    assert rec[0].filename == __file__  # attributed to the caller's line, not the library's
     with pytest.raises(cs.SolverError, match=r"batch element\(s\) \[2\]"):
         cs.relax(hard, P, reg, 1.0, backend="torch", max_iter=cap, on_failure="raise")
     bad = u.clone()
