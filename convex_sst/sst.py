@@ -71,10 +71,13 @@ def sst(
 
 
 class SST(nn.Module):
-    """A stochastic softmax trick layer: ``forward(theta, generator=None)`` returns a sample.
+    """A stochastic softmax trick layer: ``X_t = argmax_{x in P} (θ + G)ᵀx − t·f(x)``, G ~ noise.
 
-    Same keywords as :func:`sst`. The temperature may be a float or a tensor (register it as a
-    parameter of your model to learn it).
+    ``forward(theta, generator=None)`` maps ``theta: (*batch, *polytope.shape)`` to a sample of
+    the same shape (relaxed, hard or straight-through, by ``mode``). Same keywords as
+    :func:`sst`. The temperature may be a float or a tensor (pass an ``nn.Parameter`` to learn
+    it); it can be reassigned between steps to anneal it (``layer.temperature = 0.5``). The layer
+    samples in ``eval()`` mode too; the noiseless ``argmax θᵀx`` is ``polytope.argmax(theta)``.
 
     Example:
         >>> layer = SST(load_polytope("k_subset", n=10, k=3), "binary_entropy", temperature=0.5)
@@ -107,6 +110,7 @@ class SST(nn.Module):
         self.options = options
 
     def forward(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample: ``theta: (*batch, *polytope.shape)`` → ``(*batch, *polytope.shape)``, theta's dtype and device."""
         return sst(theta, self.polytope, self.regularizer, self.temperature, self.noise, self.mode,
                    self.backend, generator, **self.options)
 
