@@ -380,7 +380,7 @@ class _KSubsetMarginals(torch.autograd.Function):
         w, mu, Z, ok, theta = ctx.saved_tensors
         k = ctx.k
         if torch.is_grad_enabled():  # create_graph=True
-            return _hessian_vjp(lambda x: log_elementary_symmetric(x, k), theta, g), None
+            return _hessian_vjp(lambda x: _log_e_k_banded(x, k), theta, g), None
         g = torch.where(ok[:, None], g, torch.zeros_like(g))
         de, dc, _ = _tree_passes(w, k, w * g, ctx.saved)
         return g * mu + w * dc / Z[:, None] - mu * (de[:, k] / Z)[:, None], None
@@ -461,7 +461,7 @@ class _KSubsetDFT(torch.autograd.Function):
     def backward(ctx, g, _):
         p, pq, K, phi, t, Pk, mu, ok, theta = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
-            return _hessian_vjp(lambda x: log_elementary_symmetric(x, ctx.k), theta, g), None
+            return _hessian_vjp(lambda x: _log_e_k_banded(x, ctx.k), theta, g), None
         D2, om1, omc, c0, c1, h0, h1 = _dft_consts(p.shape[1], ctx.k, p.dtype, p.device)
         v = pq * g                                                   # ṗ along g
         # R(ω) = Σ_j ṗ_j / f_j(ω);  φ̇ = φ (ω − 1) R;  Ṗ(S = k) = Re Σ φ ω^{−k} (ω − 1) R
@@ -481,13 +481,42 @@ class _KSubsetDFT(torch.autograd.Function):
         return torch.where(ok[:, None], out, 0.0), None
 
 
+_BAND = 800.0  # e^-800 underflows float64 (the k-subset exp family always runs in float64)
+
+
+def _log_e_k_banded(theta: torch.Tensor, k: int) -> torch.Tensor:
+    """``log e_k(exp θ̃)`` with ``θ̃ = clamp(θ − m, −C, C)``, ``m`` midway between the k-th and
+    (k+1)-th largest θ per row, ``C = 800``, differentiated as if ``θ̃ = θ``: its gradient (the
+    marginals) and Hessian equal those of ``log e_k(exp θ)`` to within ``2n·e^{−C}`` (0 in
+    float64), for any range of θ. Its value is not ``log e_k(exp θ)``.
+
+    An item above ``m + C`` lies ``C`` above the (k+1)-th largest, so swapping it into a subset
+    that lacks it (for one of the at least one items there at or below the (k+1)-th largest)
+    multiplies the weight by ``e^C``: it is in the subset with probability ``1 − n·e^{−C}``
+    before and after clamping; symmetrically below ``m − C``. Without the clamp, logits spread
+    wider than the log-space tree's "log 0" (``−1e30``) would give wrong marginals.
+    """
+    n = theta.shape[-1]
+    if k >= n:
+        return log_elementary_symmetric(theta, k)
+    th = theta.detach()
+    top = torch.topk(th, k + 1, dim=-1).values
+    m = 0.5 * top[:, k - 1 : k] + 0.5 * top[:, k : k + 1]  # halves first: no overflow near the range
+    # the clamped value with the identity's derivatives: μ and the Hessian are evaluated at θ̃
+    # (differentiating through the clamp would zero the marginals of clamped items, which are ~1
+    # above the band); θ − θ.detach() is exactly 0 for finite θ, so θ̃'s value is exact
+    # (θ − m first: near 1e20, m ± 800 would round to m itself)
+    banded = torch.clamp(th - m, -_BAND, _BAND) + (theta - th)
+    return log_elementary_symmetric(banded, k)
+
+
 def _k_subset_tree(th: torch.Tensor, k: int) -> torch.Tensor:
     """Marginals by the linear-space product tree; the rows it cannot represent, by the
     log-space tree (μ = ∇ log e_k by autograd)."""
     mu, ok = _KSubsetMarginals.apply(th, k)
     if not bool(ok.all()):
         rows = (~ok).nonzero()[:, 0]  # their k largest logits spread too far for linear space
-        mu = mu.index_put((rows,), _autograd_gradient(lambda x: log_elementary_symmetric(x, k), th[rows]))
+        mu = mu.index_put((rows,), _autograd_gradient(lambda x: _log_e_k_banded(x, k), th[rows]))
     return mu
 
 
@@ -604,7 +633,8 @@ def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000
     tol = (1e-12 if theta.dtype == torch.float64 else 1e-6) if tol is None else tol
     scale = float(theta.detach().abs().max()) if theta.numel() else 0.0
     tol = max(tol, 100 * eps * scale)
-    spread = float((theta.amax((1, 2)) - theta.amin((1, 2))).max()) if theta.numel() else 0.0
+    # the spread in float64: in float32 the difference of logits near the dtype's range overflows
+    spread = float((theta.amax((1, 2)).double() - theta.amin((1, 2)).double()).max()) if theta.numel() else 0.0
     lam = 1.0 if spread <= 50 else 50.0 / spread
     log_a = torch.zeros(B, n, dtype=theta.dtype, device=theta.device)
     log_b = torch.zeros_like(log_a)

@@ -105,6 +105,22 @@ def check_temperature(temperature: Any, batch: tuple[int, ...], like: torch.Tens
     return t
 
 
+def _check_scaled(theta: torch.Tensor, u: torch.Tensor, t: float | torch.Tensor) -> None:
+    """``u / t`` must be finite: a temperature that small in ``u``'s dtype is the hard limit."""
+    if math.isfinite(float(theta.detach().sum())):  # one reduction in the common case
+        return
+    if bool(torch.isfinite(theta.detach()).all()):  # only the sum overflowed
+        return
+    tmin = float(t) if isinstance(t, float) else float(t.detach().min())
+    umax = float(u.detach().abs().amax())
+    need = umax / torch.finfo(u.dtype).max
+    raise InputError(
+        f"u / temperature overflows {u.dtype} (temperature {tmin:.3g}, max |u| = {umax:.3g}): at this "
+        f"temperature the relaxation equals the hard sample to the dtype's precision. Use "
+        f"polytope.argmax(u) (the t → 0 limit), a temperature above {need:.1g}, or float64 inputs"
+    )
+
+
 @torch.compiler.disable  # a graph break under torch.compile: the solvers branch on values
 def relax(
     u: torch.Tensor,
@@ -147,9 +163,12 @@ def relax(
     if _is_number(temperature):  # the common case, without a tensor round trip
         t = _positive_number(temperature)
         theta = u if t == 1.0 else u / t  # u / 1 == u exactly: no op, no backward node
+        if t < 1.0:
+            _check_scaled(theta, u, t)
     else:
         t = check_temperature(temperature, batch, u)
         theta = u / t.reshape(tuple(t.shape) + (1,) * len(P.shape))
+        _check_scaled(theta, u, t)
     theta = theta.reshape((-1,) + P.shape)
     fn = select_backend(P, reg, backend)
     with autocast_off(theta.device):

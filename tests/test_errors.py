@@ -58,6 +58,16 @@ def test_bad_temperature_shape_and_type(P):
         cs.SST(P, temperature=0.0)
 
 
+def test_temperature_too_small_for_the_dtype(P):
+    # u / t overflowing to inf gave NaN samples (softmax of inf) without an error
+    u = torch.tensor([0.5, -1.0, 2.0, 0.1])
+    for t in (1e-45, torch.tensor([1e-45])):
+        with pytest.raises(cs.InputError, match=r"u / temperature overflows torch.float32.*polytope.argmax\(u\)"):
+            cs.relax(u if isinstance(t, float) else u[None], P, "entropy", t)
+    x = cs.relax(u.double(), P, "entropy", 1e-45)  # representable in float64: the hard limit
+    assert torch.equal(x, P.argmax(u.double()))
+
+
 def test_unknown_names_list_available_and_suggest(P):
     with pytest.raises(cs.UnknownNameError, match=r"unknown regularizer 'entropyy'; available: .*Did you mean 'entropy'"):
         cs.relax(torch.zeros(4), P, "entropyy")

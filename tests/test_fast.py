@@ -152,6 +152,48 @@ def test_huge_range_tiny_temperature_is_finite(name, reg, dtype, gen):
         assert (x.double() - P.argmax(u.detach()).double()).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("name,reg", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_near_the_dtype_range_give_the_hard_limit(name, reg, dtype, gen):
+    # regressions: Sinkhorn divided by zero (its logit spread overflowed float32), and the
+    # k-subset log-space tree returned subsets of the wrong size once logits spread past its
+    # "log 0" (1e30); now every fast path reaches the hard limit up to the dtype's range
+    P = small(name)
+    fmax = torch.finfo(dtype).max
+    for scale in (1e10, 1e25, fmax / 2**60, fmax / 16, fmax / 1.5):
+        u = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64)
+        u = (u / u.abs().max()).to(dtype).requires_grad_()
+        x = cs.relax(u, P, reg, 1.0 / scale, backend="fast")
+        (g,) = torch.autograd.grad((x * torch.randn(x.shape, generator=gen, dtype=dtype)).sum(), u)
+        assert torch.isfinite(g).all(), (name, reg, scale)
+        assert (x.double() - P.argmax(u.detach()).double()).abs().max() < 1e-6, (name, reg, scale)
+
+
+@pytest.mark.parametrize("n,k", [(12, 4), (200, 20)])
+def test_k_subset_exp_family_any_logit_spread(n, k, gen):
+    # the DFT (n = 12) and product-tree (n = 200) routes with logits spread far beyond the linear
+    # tree's range: the log-space tree, banded around the k-th largest logit, against brute force
+    # (n = 12) and against the hard top-k once the spread dwarfs every gap
+    P = cs.load_polytope("k_subset", n=n, k=k)
+    for scale in (3e2, 3e3, 1e30, 1e300):
+        u = scale * torch.linspace(-1, 1, n, dtype=torch.float64)[torch.randperm(n, generator=gen)].repeat(2, 1)
+        u[1] += torch.randn(n, generator=gen, dtype=torch.float64)  # ties broken by O(1) noise
+        x = cs.relax(u, P, "exp_family")
+        assert (x.sum(-1) - k).abs().max() < 1e-9
+        if n <= 12:
+            ref = cs.testing.brute_force_marginals(u, P)
+            assert (x - ref).abs().max() < 1e-12, scale
+        if scale >= 1e30:
+            assert (x - P.argmax(u)).abs().max() < 1e-12, scale
+    # where the band is active but the gaps are O(1): k-th and (k+1)-th close, the rest far away
+    u = torch.cat([torch.full((k - 2,), 5e3), torch.tensor([0.3, 0.0, -0.2]), torch.full((n - k - 1,), -5e3)])
+    u = (u + torch.linspace(0, 1, n)).double()[None]
+    ref = torch.softmax(torch.stack([u[0, k - 2 : k + 1].sum() - u[0, j] for j in range(k - 2, k + 1)]), 0)
+    x = cs.relax(u, P, "exp_family")[0]
+    assert (x[: k - 2] - 1).abs().max() < 1e-12 and x[k + 1 :].abs().max() < 1e-12
+    assert (x[k - 2 : k + 1] - (1 - ref)).abs().max() < 1e-12  # 2 of the 3 middle items, by their weights
+
+
 @pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
 def test_k_subset_exp_family_float32_matches_float64(gen, scale):
     # float32 (computed in float64) must never overflow in the backward: the last row (a
