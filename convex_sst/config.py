@@ -29,6 +29,10 @@ PARAM_TYPES = ("int", "float", "bool", "int_list", "edge_list")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
 _REQUIRED = object()
 
+#: Largest stacked variable (output + auxiliary) a config may declare: beyond it the constraint
+#: matrices alone take gigabytes, and a typo such as ``shape: [n, n, n]`` should fail fast.
+MAX_VARIABLES = 10_000_000
+
 
 # --------------------------------------------------------------------------------------------
 # YAML with line numbers
@@ -236,6 +240,8 @@ class PolytopeConfig:
                 value = const_eval.evaluate(node)
             except ExprError as exc:
                 raise self.error(("data", key), str(exc)) from None
+            except MemoryError:
+                raise self.error(("data", key), f"out of memory evaluating it with parameters {params}") from None
             if isinstance(value, (Affine, list)):
                 raise self.error(("data", key), "data entries must be constants")
             const_eval.names[key] = value
@@ -263,6 +269,13 @@ class PolytopeConfig:
             offset += int(np.prod(shp, dtype=np.int64))
         num_z = offset
         out_size = int(np.prod(out_shape, dtype=np.int64))
+        if num_z > MAX_VARIABLES:
+            sizes = ", ".join(f"{v} {shp}" for v, (_, shp) in layout.items())
+            raise self.error(
+                ("output", "shape") if out_size > MAX_VARIABLES else ("variables",),
+                f"{num_z:,} variables ({sizes}) with parameters {params}; at most {MAX_VARIABLES:,} are "
+                "supported (the constraint matrices and every solver scale with this)",
+            )
 
         aff_names = dict(const_eval.names)
         for name, (off, shp) in layout.items():
@@ -274,6 +287,8 @@ class PolytopeConfig:
                 res = aff_eval.evaluate(node)
             except ExprError as exc:
                 raise self.error(("constraints", i), str(exc)) from None
+            except MemoryError:
+                raise self.error(("constraints", i), f"out of memory evaluating it with parameters {params}") from None
             if not isinstance(res, list):
                 raise self.error(
                     ("constraints", i),

@@ -388,7 +388,13 @@ def parse(text: str) -> tuple:
     """Parse an expression into an AST of nested tuples (raises :class:`ExprError`)."""
     if not isinstance(text, str):
         raise ExprError(f"expected an expression string, got {type(text).__name__} {text!r}")
-    return _Parser(text).parse()
+    try:
+        return _Parser(text).parse()
+    except RecursionError:  # recursive descent: about 150 levels of parentheses or unary signs
+        raise ExprError(
+            f"expression nested too deeply to parse ({len(text)} characters); split it into "
+            "named 'data' entries"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -133,9 +133,30 @@ def test_canonical_form_moves_single_variable_rows_to_bounds(tmp_path):
     (GOOD + "regularizers: [entropi]\n", r"regularizers\[0\]: unknown regularizer 'entropi'.*Did you mean 'entropy'"),
     (GOOD + "argmax: kruskall_typo\n", r"argmax: unknown argmax algorithm"),
     (GOOD + "data:\n  sum: ones(2)\n", r"data\.sum: 'sum' is the name of a built-in function"),
+    # resource limits: a clear ConfigError, not numpy's MemoryError or Python's RecursionError
+    (GOOD.replace("default: 3", "default: 100000").replace("shape: [n]", "shape: [n, n]"),
+     r"p\.yaml:4: output\.shape: 10,000,000,000 variables \(x \(100000, 100000\)\).*at most 10,000,000"),
+    (GOOD.replace("0 <= x <= 1", "0 <= x <= " + "(" * 400 + "1" + ")" * 400),
+     r"p\.yaml:7: constraints\[1\]: expression nested too deeply to parse"),
 ])
 def test_malformed_configs_name_file_key_and_line(tmp_path, text, pattern):
     with pytest.raises(cs.ConfigError, match=pattern):
+        cs.load_polytope(write(tmp_path, text))
+
+
+def test_out_of_memory_names_the_key(tmp_path, monkeypatch):
+    # numpy's MemoryError (e.g. outer(ones(m), ones(m)) for a large m) becomes a ConfigError;
+    # simulated, so that no test ever asks the machine for that memory
+    from convex_sst import config
+
+    def outer(a, b):
+        raise MemoryError
+
+    monkeypatch.setitem(config.CONFIG_FUNCTIONS, "outer", outer)
+    with pytest.raises(cs.ConfigError, match=r"p\.yaml:\d+: data\.Big: out of memory evaluating it with parameters \{'n': 3\}"):
+        cs.load_polytope(write(tmp_path, GOOD + "data:\n  Big: outer(ones(9), ones(9))\n"))
+    text = GOOD + "  - sum(outer(ones(2), ones(2))) * x[0] >= 0\n"
+    with pytest.raises(cs.ConfigError, match=r"p\.yaml:\d+: constraints\[2\]: out of memory"):
         cs.load_polytope(write(tmp_path, text))
 
 
