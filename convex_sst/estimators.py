@@ -195,6 +195,21 @@ def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str |
     return out + (torch.zeros_like(probs),) if return_stderr else out
 
 
+def _exact_distribution(P: Polytope, theta: torch.Tensor, noise: str | Noise, caller: str):
+    """``smt_distribution(method="exact")`` for ``caller``, whose errors must not suggest a
+    ``method`` argument that the caller does not have."""
+    try:
+        return smt_distribution(P, theta, noise, method="exact")
+    except (PolytopeError, InputError) as exc:
+        if "; use method='monte_carlo'" not in str(exc):
+            raise
+        what = str(exc).split("; use method=")[0]
+        raise type(exc)(
+            f"{caller} is exact: {what}; for an estimate, average score_function or sst_gradient "
+            "over many samples"
+        ) from None
+
+
 @_differentiates
 def exact_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str,
                    noise: str | Noise = "gumbel") -> torch.Tensor:
@@ -202,7 +217,7 @@ def exact_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
     P = as_polytope(polytope)
     th = theta.detach().requires_grad_(True)
     with torch.enable_grad():
-        V, probs = smt_distribution(P, th, noise, method="exact")
+        V, probs = _exact_distribution(P, th, noise, "exact_gradient")
         losses = _call_loss(loss_fn, V, P).to(probs.dtype)
         (g,) = torch.autograd.grad((probs * losses).sum(), th)
     return g
@@ -211,7 +226,7 @@ def exact_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
 def expected_loss(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str, noise: str | Noise = "gumbel") -> torch.Tensor:
     """``E[L(X)]`` exactly (small structures), differentiable in θ."""
     P = as_polytope(polytope)
-    V, probs = smt_distribution(P, theta, noise, method="exact")
+    V, probs = _exact_distribution(P, theta, noise, "expected_loss")
     return (probs * _call_loss(loss_fn, V, P).to(probs.dtype)).sum()
 
 

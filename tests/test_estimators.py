@@ -131,6 +131,14 @@ def test_estimator_input_errors():
         cs.smt_distribution(cs.load_polytope("birkhoff", n=3), torch.zeros(3, 3))
     with pytest.raises(cs.InputError, match="standard Gumbel noise only"):
         cs.smt_distribution(P, theta, noise="gaussian")
+    # exact_gradient / expected_loss have no `method`: their errors point to the estimators instead
+    loss = lambda x: x.sum(-1)  # noqa: E731
+    for fn, args in [(cs.exact_gradient, (loss, torch.zeros(40), cs.load_polytope("k_subset", n=40, k=20))),
+                     (cs.expected_loss, (loss, torch.zeros(3, 3), cs.load_polytope("birkhoff", n=3))),
+                     (cs.exact_gradient, (loss, theta, P, "gaussian"))]:
+        with pytest.raises(cs.ConvexSSTError, match=rf"{fn.__name__} is exact: .*average score_function or sst_gradient") as info:
+            fn(*args)
+        assert "method=" not in str(info.value)
     V, p = cs.smt_distribution(P, theta, noise="gaussian", method="monte_carlo", num_samples=500)
     assert abs(p.sum().item() - 1) < 1e-12
 
