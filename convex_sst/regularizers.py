@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-import cvxpy as cp
 import torch
 
 from .errors import RegistrationError, unknown_name
@@ -53,7 +53,7 @@ class Regularizer:
 
     name: str
     description: str
-    cvxpy: Callable[[cp.Expression], cp.Expression] | None
+    cvxpy: Callable[[Any], Any] | None  # cvxpy.Expression -> cvxpy.Expression
     value: Callable[[torch.Tensor], torch.Tensor] | None
     domain: tuple[float, float] = (-math.inf, math.inf)
     grad: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -97,6 +97,28 @@ def get_regularizer(name: str | Regularizer) -> Regularizer:
     return _REGISTRY[name]
 
 
+# cvxpy forms of the built-in regularizers; cvxpy is imported on first use (only the generic
+# backend needs it), which keeps it out of ``import convex_sst``
+
+
+def _entropy_cvxpy(x):
+    import cvxpy as cp
+
+    return -cp.sum(cp.entr(x))
+
+
+def _binary_entropy_cvxpy(x):
+    import cvxpy as cp
+
+    return -cp.sum(cp.entr(x)) - cp.sum(cp.entr(1 - x))
+
+
+def _quadratic_cvxpy(x):
+    import cvxpy as cp
+
+    return 0.5 * cp.sum_squares(x)
+
+
 def available_regularizers() -> list[str]:
     """Names of the registered regularizers, sorted."""
     return sorted(_REGISTRY)
@@ -109,7 +131,7 @@ def regularizer_names() -> set[str]:
 register_regularizer(Regularizer(
     name="entropy",
     description="negative Shannon entropy Σ x log x (softmax on the simplex, Sinkhorn on Birkhoff)",
-    cvxpy=lambda x: -cp.sum(cp.entr(x)),
+    cvxpy=_entropy_cvxpy,
     value=lambda x: torch.special.xlogy(x, x).sum(-1),
     domain=(0.0, math.inf),
     grad=lambda x: torch.log(x) + 1.0,
@@ -119,7 +141,7 @@ register_regularizer(Regularizer(
 register_regularizer(Regularizer(
     name="binary_entropy",
     description="Σ x log x + (1-x) log(1-x) (sigmoid on the cube, LML layer on k-subsets)",
-    cvxpy=lambda x: -cp.sum(cp.entr(x)) - cp.sum(cp.entr(1 - x)),
+    cvxpy=_binary_entropy_cvxpy,
     value=lambda x: (torch.special.xlogy(x, x) + torch.special.xlogy(1 - x, 1 - x)).sum(-1),
     domain=(0.0, 1.0),
     grad=lambda x: torch.log(x) - torch.log1p(-x),
@@ -129,7 +151,7 @@ register_regularizer(Regularizer(
 register_regularizer(Regularizer(
     name="quadratic",
     description="½‖x‖² (Euclidean projection: sparsemax on the simplex)",
-    cvxpy=lambda x: 0.5 * cp.sum_squares(x),
+    cvxpy=_quadratic_cvxpy,
     value=lambda x: 0.5 * (x * x).sum(-1),
     grad=lambda x: x,
     hess=lambda x: torch.ones_like(x),

@@ -23,7 +23,6 @@ import torch
 
 from ._autograd import autocast_off
 from .errors import InputError, UnknownNameError, unknown_name
-from .generic import relax_generic
 from .polytope import Polytope, load_polytope
 from .regularizers import Regularizer
 
@@ -204,4 +203,6 @@ def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[...,
                 "use backend='generic' or 'auto'"
             )
         return lambda theta, P, reg, **opt: fast(theta, P, **opt)
+    from .generic import relax_generic  # imports cvxpy and cvxpylayers: only when used
+
     return relax_generic
