@@ -13,6 +13,19 @@ import yaml
 from .errors import ConvexSSTError
 
 
+def _at_least(lo: int):
+    """An argparse type: an integer >= ``lo`` (argparse reports anything else as a usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
+        return value
+    return parse
+
+
 def _parse_params(items: Sequence[str]) -> dict:
     params = {}
     for item in items or []:
@@ -120,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a polytope config and report its size")
     p.add_argument("file", help="config file path, or the name of a built-in polytope")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a parameter (repeatable)")
-    p.add_argument("--directions", type=int, default=20, help="random LP directions for the integrality check")
-    p.add_argument("--max-vertices", type=int, default=2000, help="enumerate vertices up to this count")
+    p.add_argument("--directions", type=_at_least(0), default=20, help="random LP directions for the integrality check")
+    p.add_argument("--max-vertices", type=_at_least(0), default=2000, help="enumerate vertices up to this count")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("diagnose", help="bias/variance/MSE of gradient estimators vs the exact gradient")
@@ -129,15 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a polytope parameter (repeatable)")
     p.add_argument("--regularizer", default="exp_family")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.2, 0.5, 1.0, 2.0])
-    p.add_argument("--num-estimates", type=int, default=400)
-    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--num-estimates", type=_at_least(2), default=400)
+    p.add_argument("--num-samples", type=_at_least(1), default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="diagnostics")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(fn=cmd_diagnose)
     p = sub.add_parser("demo", help="learn a distribution over spanning trees through an SST layer")
-    p.add_argument("--n", type=int, default=8, help="number of vertices")
-    p.add_argument("--steps", type=int, default=150, help="training steps")
+    p.add_argument("--n", type=_at_least(3), default=8, help="number of vertices")
+    p.add_argument("--steps", type=_at_least(1), default=150, help="training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_demo)

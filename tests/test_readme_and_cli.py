@@ -61,6 +61,8 @@ def test_cli_list(capsys):
 
 def test_cli_check_builtin(capsys):
     assert main(["check", "spanning_tree", "--param", "n=4"]) == 0
+    from convex_sst.polytope import builtin_config_paths  # a built-in's own file, by path, is
+    assert main(["check", str(builtin_config_paths()["k_subset"]), "--param", "n=4"]) == 0  # that built-in
     out = capsys.readouterr().out
     assert "vertices     16" in out and "integral     yes" in out and out.strip().endswith("OK")
 
@@ -83,6 +85,18 @@ def test_cli_demo_small(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("argv,msg", [
+    (["demo", "--steps", "-1"], "argument --steps: expected an integer >= 1, got -1"),
+    (["demo", "--n", "two"], "argument --n: expected an integer, got 'two'"),
+    (["diagnose", "--num-estimates", "1"], "argument --num-estimates: expected an integer >= 2, got 1"),
+])
+def test_cli_rejects_bad_counts_as_usage_errors(argv, msg, capsys):
+    # --steps -1 used to reach the demo and end in an IndexError traceback
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and msg in capsys.readouterr().err
+
+
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "convex_sst.cli", "list"], capture_output=True, text=True)
     assert out.returncode == 0 and "k_subset" in out.stdout
