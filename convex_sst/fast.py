@@ -712,6 +712,10 @@ class _Sinkhorn(torch.autograd.Function):
         return X * (G - u[:, :, None] - v[:, None, :])
 
 
+_SINKHORN_FLOAT32_FLOOR = 1e-4  # coarsest row/column-sum accuracy accepted in float32
+_SINKHORN_FLOAT32_TOL = 1e-7    # default tolerance of float32 inputs computed in float64
+
+
 @register_fast_path("birkhoff", "entropy")
 def birkhoff_sinkhorn(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 2000,
                       on_failure: str = "fallback") -> torch.Tensor:
@@ -719,10 +723,19 @@ def birkhoff_sinkhorn(theta: torch.Tensor, polytope: Polytope, tol: float | None
     (n × n) linear solve per sample). Sinkhorn slows down sharply at low temperature; rows that
     have not converged after ``max_iter`` sweeps are, by default (``on_failure="fallback"``),
     re-solved by the batched interior-point solver (``backend="torch"``, exact to ~1e-10);
-    ``"warn"`` keeps the approximate rows with a warning, ``"raise"`` raises.
-    Options: tol, max_iter, on_failure."""
+    ``"warn"`` keeps the approximate rows with a warning, ``"raise"`` raises. float32 inputs
+    run in float32 while its resolution allows row/column sums within 1e-4 (``max|θ| ≲ 8``),
+    otherwise in float64. Options: tol, max_iter, on_failure."""
     if on_failure not in ("fallback", "warn", "raise"):
         raise InputError(f"on_failure must be 'fallback', 'warn' or 'raise', got {on_failure!r}")
+    if theta.dtype != torch.float64 and theta.numel():
+        # the log-domain arithmetic resolves row/column sums to ~100·eps·max|θ| (the tolerance
+        # floor in `sinkhorn`): in float32 that passes 1e-4 once max|θ| > 8 (t ≲ 0.3 at unit
+        # logits) and reached 5e-2 at t = 1e-3 for n = 50; such inputs are computed in float64
+        floor = 100 * torch.finfo(theta.dtype).eps * float(theta.detach().abs().max())
+        if floor > _SINKHORN_FLOAT32_FLOOR:
+            tol = _SINKHORN_FLOAT32_TOL if tol is None else tol  # the result is rounded to float32
+            return birkhoff_sinkhorn(theta.double(), polytope, tol, max_iter, on_failure).to(theta.dtype)
     holder: list[torch.Tensor] = []
     X = _Sinkhorn.apply(theta, tol, max_iter, "silent" if on_failure == "fallback" else on_failure, holder)
     bad = holder[0]
