@@ -169,10 +169,11 @@ def test_logits_near_the_dtype_range_give_the_hard_limit(name, reg, dtype, gen):
         assert (x.double() - P.argmax(u.detach()).double()).abs().max() < 1e-6, (name, reg, scale)
 
 
-@pytest.mark.parametrize("t", [0.1, 1e-3])
-def test_sinkhorn_float32_low_temperature_is_accurate(t, gen):
+@pytest.mark.parametrize("t", [1.0, 0.1, 1e-3])
+def test_sinkhorn_float32_is_accurate(t, gen):
     # float32's log-domain resolution floored Sinkhorn's tolerance at 100·eps·max|θ|: at t = 1e-3
-    # (n = 50) rows and columns summed to 1 ± 5e-2 with no warning; such inputs now run in float64
+    # (n = 50) rows and columns summed to 1 ± 5e-2 with no warning; such inputs now run in float64.
+    # At t = 1 (float32 throughout) the backward's ridge cost 2e-3 relative error in the gradient.
     P = cs.load_polytope("birkhoff", n=50)
     u = torch.randn(4, 50, 50, generator=gen, dtype=torch.float64)
     w = torch.randn(4, 50, 50, generator=gen, dtype=torch.float64)
@@ -185,7 +186,8 @@ def test_sinkhorn_float32_low_temperature_is_accurate(t, gen):
     assert x32.dtype == g32.dtype == torch.float32
     assert (x32.sum(-1) - 1).abs().max() < 1e-5 and (x32.sum(-2) - 1).abs().max() < 1e-5
     assert (x32.double() - x64).abs().max() < 1e-5
-    assert (g32.double() - g64).abs().max() < 1e-4 * (1 + g64.abs().max())
+    # near a permutation (t = 1e-3) the Jacobian is ill-conditioned: float32's tolerance shows
+    assert (g32.double() - g64).abs().max() < (1e-5 if t >= 0.1 else 1e-4) * g64.abs().max()
 
 
 @pytest.mark.parametrize("n,k", [(12, 4), (200, 20)])
