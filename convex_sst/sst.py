@@ -77,7 +77,7 @@ class SST(nn.Module):
     the same shape (relaxed, hard or straight-through, by ``mode``). Same keywords as
     :func:`sst`. The temperature may be a float or a tensor (pass an ``nn.Parameter`` to learn
     it); it can be reassigned between steps to anneal it (``layer.temperature = 0.5``). The layer
-    samples in ``eval()`` mode too; the noiseless ``argmax θᵀx`` is ``polytope.argmax(theta)``.
+    samples after ``model.eval()`` too; the noiseless ``argmax θᵀx`` is ``polytope.argmax(theta)``.
 
     Example:
         >>> layer = SST(load_polytope("k_subset", n=10, k=3), "binary_entropy", temperature=0.5)
