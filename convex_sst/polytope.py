@@ -106,8 +106,9 @@ def _resolve(name_or_path: str | Path) -> tuple[Path, bool]:
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
             raise ConfigError(f"polytope config file {s!r} does not exist")
+        real = p.resolve()
         for q in builtins.values():  # a built-in's own file, given by path, is that built-in
-            if p.resolve() == q.resolve():
+            if real == q.resolve():
                 return q, True
         return p, False
     raise unknown_name("polytope", s, available_polytopes(),
