@@ -127,6 +127,27 @@ def test_listops_quick_and_parses(tmp_path):
         assert ("head_accuracy" in r) == (r["method"] in ("arborescence", "independent", "independent_parents"))
 
 
+def test_listops_temperature_schedule_runs_from_first_to_final(monkeypatch):
+    run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
+    seen = []
+    structure = run.ListOpsModel.structure
+
+    def spy(self, theta, mode, gen):
+        if mode != "hard":                       # training updates, not evaluation samples
+            seen.append(self.temperature)
+        return structure(self, theta, mode, gen)
+
+    monkeypatch.setattr(run.ListOpsModel, "structure", spy)
+    cfg = run.Config(epochs=2, num_train=120, num_test=20, max_len=12, seed=1)
+    run.train(cfg)
+    assert seen and set(seen) == {1.0}                                   # no schedule: constant
+    seen.clear()
+    run.train(run.replace(cfg, temperature=2.0, final_temperature=0.5))
+    assert seen[0] == 2.0 and seen[-1] == pytest.approx(0.5)            # every update, first to last
+    assert all(a > b for a, b in zip(seen, seen[1:]))
+    ratios = [b / a for a, b in zip(seen, seen[1:])]
+    assert max(ratios) == pytest.approx(min(ratios))                    # geometric
+
 def test_sorting_quick_learns_to_sort_five_numbers(tmp_path):
     run = _load(EXAMPLES / "sorting" / "run.py", "sorting_run")
     out = run.main(["--quick", "--out", str(tmp_path)])

@@ -40,7 +40,7 @@ import json
 import sys
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -130,6 +130,7 @@ class Config:
     method: str = "arborescence"
     mode: str = "relaxed"           # or "straight_through": hard structure forward, relaxed backward
     temperature: float = 1.0
+    final_temperature: float | None = None   # anneal geometrically per update to this (None: constant t)
     lr: float = 5e-4                # 2e-3 left two of six arborescence seeds at their first-epoch structure
     epochs: int = 10
     batch_size: int = 64
@@ -158,6 +159,7 @@ class ListOpsModel(nn.Module):
         self.gru = nn.GRUCell(H, H)
         self.classify = nn.Sequential(nn.Linear(H if cfg.method != "lstm" else 2 * H, H), nn.ReLU(), nn.Linear(H, 10))
         self._polytopes: dict[int, cs.Polytope] = {}
+        self.temperature = cfg.temperature   # the SST temperature now (train() anneals it)
 
     def polytope(self, n: int) -> cs.Polytope:
         if n not in self._polytopes:
@@ -175,7 +177,7 @@ class ListOpsModel(nn.Module):
     def structure(self, theta: torch.Tensor, mode: str, gen: torch.Generator | None) -> torch.Tensor:
         """A (relaxed / hard) adjacency ``(B, n, n)``: ``A[h, m]`` = weight of arc h → m."""
         B, n, _ = theta.shape
-        P, t, m = self.polytope(n), self.cfg.temperature, self.cfg.method
+        P, t, m = self.polytope(n), self.temperature, self.cfg.method
         if m == "arborescence":
             return cs.sst(theta, P, "exp_family", t, mode=mode, generator=gen)
         if m == "spanning_tree":
@@ -262,9 +264,15 @@ def train(cfg: Config) -> dict:
     model = ListOpsModel(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     curve, start = [], time.perf_counter()
+    t0, t1 = cfg.temperature, cfg.final_temperature
+    per_epoch = sum(-(-c // cfg.batch_size) for c in Counter(len(ex[0]) for ex in tr).values())   # as batches()
+    updates, step = cfg.epochs * per_epoch, 0
     for epoch in range(cfg.epochs):
         losses = []
         for tok, _, val in batches(tr, cfg.batch_size, rng):
+            if t1 is not None:                       # geometric: t0 at the first update, t1 at the last
+                model.temperature = t0 * (t1 / t0) ** (step / max(1, updates - 1))
+                step += 1
             logits, _, _ = model(tok, cfg.mode, gen)
             loss = nn.functional.cross_entropy(logits, val)
             opt.zero_grad()
@@ -315,12 +323,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=Config.epochs)
     ap.add_argument("--num-train", type=int, default=Config.num_train)
     ap.add_argument("--temperature", type=float, default=Config.temperature)
+    ap.add_argument("--final-temperature", type=float, default=None,
+                    help="anneal the temperature geometrically, per update, from --temperature to this")
     ap.add_argument("--lr", type=float, default=Config.lr, help="Adam learning rate")
     ap.add_argument("--mode", default=Config.mode, choices=["relaxed", "straight_through"])
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
     base = Config(epochs=a.epochs, num_train=a.num_train, temperature=a.temperature, mode=a.mode,
-                  lr=a.lr)
+                  lr=a.lr, final_temperature=a.final_temperature)
     if a.quick:
         base = replace(base, epochs=1, num_train=300, num_test=100, max_len=16)
         a.seeds = 1
@@ -350,7 +360,8 @@ def main(argv=None) -> dict:
 def table_markdown(rows: list[dict], base: Config, refs: dict) -> str:
     md = [f"Simplified ListOps (MIN, MAX, MED; depth ≤ {base.max_depth}, ≤ {base.max_args} arguments, length ≤ "
           f"{base.max_len}), {base.num_train} training / {base.num_test} test expressions, {base.epochs} epochs, "
-          f"t = {base.temperature}; test set, mean ± std over seeds. Arcs of hard samples vs the true parse "
+          f"t = {base.temperature}"
+          f"{'' if base.final_temperature is None else f' → {base.final_temperature} (geometric, per update)'}; test set, mean ± std over seeds. Arcs of hard samples vs the true parse "
           "(undirected edges for the spanning tree); head accuracy: each token's best-scoring head argmax_h θ[h, m] "
           "vs its true parent.", "",
           "| model | accuracy | arc precision | arc recall | head accuracy | seeds |", "|---|---|---|---|---|---|"]
