@@ -310,6 +310,8 @@ class Polytope:
         """
         batch = self.check_input(u)
         flat = u.detach().reshape((-1,) + self.shape)
+        if flat.shape[0] == 0:                       # an empty batch: nothing to solve
+            return torch.zeros_like(u.detach())
         if self.argmax_name is not None:
             out = _ARGMAX[self.argmax_name](flat, self)
         else:
@@ -366,7 +368,7 @@ class Polytope:
 
 @register_argmax("one_hot")
 def _one_hot_argmax(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
-    flat = u.reshape(u.shape[0], -1)
+    flat = u.flatten(1)
     return torch.zeros_like(flat).scatter_(1, flat.argmax(1, keepdim=True), 1.0).reshape(u.shape)
 
 
@@ -378,7 +380,7 @@ def _threshold_argmax(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
 @register_argmax("top_k")
 def _top_k_argmax(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     k = int(polytope.params["k"])
-    flat = u.reshape(u.shape[0], -1)
+    flat = u.flatten(1)
     idx = flat.topk(k, dim=1).indices
     return torch.zeros_like(flat).scatter_(1, idx, 1.0).reshape(u.shape)
 

@@ -93,6 +93,10 @@ def test_argmax_equals_brute_force(name, params, count, gen):
     x32 = P.argmax(u[0].float())
     assert x32.dtype == torch.float32 and x32.shape == P.shape
     assert torch.equal(x32.double(), brute[0])
+    # empty batches (e.g. the last, empty chunk of a dataset) give empty results
+    for batch in [(0,), (2, 0)]:
+        empty = torch.zeros(batch + P.shape, dtype=torch.float64)
+        assert P.argmax(empty).shape == P.lp_argmax(empty).shape == batch + P.shape
 
 
 def test_spanning_tree_edge_order_matches_triu_indices():
