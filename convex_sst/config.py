@@ -164,6 +164,8 @@ class PolytopeConfig:
 
     def _check_param(self, spec: ParamSpec, raw: Any, known: dict, origin: str) -> Any:
         where = f"polytope {self.name!r}: parameter {spec.name}={raw!r} ({origin})"
+        if spec.type in ("int", "float", "bool") and getattr(raw, "ndim", None) == 0 and hasattr(raw, "item"):
+            raw = raw.item()                         # a 0-d torch tensor or numpy array: its scalar
         if spec.type == "int":
             if isinstance(raw, bool) or not isinstance(raw, (int, np.integer)):
                 if isinstance(raw, (float, np.floating)) and float(raw).is_integer():

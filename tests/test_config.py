@@ -195,6 +195,19 @@ def test_parameter_errors():
         cs.load_polytope("dag_path", n=3, edges=[[0, 1], [1, 2], [2, 0]], target=2)
 
 
+def test_parameters_accept_numpy_and_0d_tensor_scalars():
+    # sizes often come out of torch/numpy code (x.shape[-1], tensor.sum()): the same polytope
+    ref = cs.load_polytope("k_subset", n=5, k=2)
+    for n, k in [(np.int64(5), np.int32(2)), (torch.tensor(5), torch.tensor(2)), (np.array(5), 2.0)]:
+        assert cs.load_polytope("k_subset", n=n, k=k) is ref
+    with pytest.raises(cs.ConfigError, match=r"expected an integer, got float"):
+        cs.load_polytope("k_subset", n=5, k=torch.tensor(2.5))
+    with pytest.raises(cs.ConfigError, match="expected an integer, got bool"):
+        cs.load_polytope("k_subset", n=5, k=torch.tensor(True))
+    with pytest.raises(cs.ConfigError, match="expected an integer, got Tensor"):
+        cs.load_polytope("k_subset", n=5, k=torch.tensor([2]))
+
+
 def test_unknown_polytope_name_suggests_closest():
     with pytest.raises(cs.UnknownNameError, match=r"unknown polytope 'spaning_tree'.*Did you mean 'spanning_tree'"):
         cs.load_polytope("spaning_tree")
