@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import unknown_name
+from .errors import InputError, unknown_name
 from .noise import Noise, get_noise
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -28,6 +28,13 @@ def perturb(theta: torch.Tensor, noise: Noise | None, generator: torch.Generator
     """``U = θ + G`` with G i.i.d. from ``noise`` (``θ`` itself when noise is None)."""
     if noise is None:
         return theta
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise InputError(f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+                             "hint: torch.Generator().manual_seed(seed)")
+        if generator.device.type != theta.device.type:
+            raise InputError(f"generator is on {generator.device.type} but theta is on {theta.device}; the noise "
+                             f"is drawn on theta's device. Hint: torch.Generator(device={str(theta.device)!r})")
     g = noise.sample(theta.shape, generator=generator, dtype=theta.dtype, device=theta.device)
     return theta + g
 

@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,19 @@ def test_non_tensor_and_integer_inputs(P):
         cs.relax(torch.zeros(4, dtype=torch.long), P)
     with pytest.raises(cs.InputError, match=r"must be a dense tensor, got layout torch.sparse_coo; hint: theta.to_dense\(\)"):
         cs.sst(torch.ones(2, 4).to_sparse(), P)
+
+
+def test_bad_generator(P):
+    with pytest.raises(cs.InputError, match=r"generator must be a torch.Generator or None, got int.*manual_seed"):
+        cs.sst(torch.zeros(4), P, generator=3)
+    with pytest.raises(cs.InputError, match="generator must be a torch.Generator"):
+        cs.score_function(lambda x: x.sum(-1), torch.zeros(4), P, num_samples=2, generator=np.random.default_rng())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_generator_on_another_device(P):
+    with pytest.raises(cs.InputError, match=r"generator is on cpu but theta is on cuda.*device='cuda:0'"):
+        cs.sst(torch.zeros(4, device="cuda"), P, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf")])
