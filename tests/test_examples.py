@@ -147,6 +147,8 @@ def test_listops_temperature_schedule_runs_from_first_to_final(monkeypatch):
     assert all(a > b for a, b in zip(seen, seen[1:]))
     ratios = [b / a for a, b in zip(seen, seen[1:])]
     assert max(ratios) == pytest.approx(min(ratios))                    # geometric
+    with pytest.raises(SystemExit):                                     # argparse rejects t <= 0
+        run.main(["--quick", "--final-temperature", "-1"])
 
 def test_sorting_quick_learns_to_sort_five_numbers(tmp_path):
     run = _load(EXAMPLES / "sorting" / "run.py", "sorting_run")

@@ -313,6 +313,13 @@ LABELS = {"arborescence": "arborescence SST (exp_family)", "independent": "indep
           "spanning_tree": "undirected spanning-tree SST (exp_family)", "lstm": "bi-LSTM, no latent structure"}
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small data, 1 epoch, 1 seed")
@@ -322,8 +329,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=Config.epochs)
     ap.add_argument("--num-train", type=int, default=Config.num_train)
-    ap.add_argument("--temperature", type=float, default=Config.temperature)
-    ap.add_argument("--final-temperature", type=float, default=None,
+    ap.add_argument("--temperature", type=_positive, default=Config.temperature)
+    ap.add_argument("--final-temperature", type=_positive, default=None,
                     help="anneal the temperature geometrically, per update, from --temperature to this")
     ap.add_argument("--lr", type=float, default=Config.lr, help="Adam learning rate")
     ap.add_argument("--mode", default=Config.mode, choices=["relaxed", "straight_through"])
