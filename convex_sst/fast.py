@@ -40,7 +40,6 @@ arborescence        exp_family          directed matrix-tree theorem (Koo et al.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -48,14 +47,6 @@ from .errors import InputError, SolverError, warn_user
 from .polytope import Polytope
 from ._autograd import _differentiates, autocast_off
 from .relax import register_fast_path
-
-
-def _reject_options(name: str, options: dict, allowed: tuple[str, ...] = ()) -> None:
-    unknown = set(options) - set(allowed)
-    if unknown:
-        raise InputError(
-            f"unknown option(s) {sorted(unknown)} for the fast path {name}; it accepts {list(allowed) or 'none'}"
-        )
 
 
 def _default_tol(dtype: torch.dtype) -> float:
@@ -77,24 +68,21 @@ def _report(kind: str, bad: torch.Tensor, total: int, detail: str, on_failure: s
 
 @register_fast_path("simplex", "entropy")
 @register_fast_path("simplex", "exp_family")
-def simplex_softmax(theta: torch.Tensor, polytope: Polytope, **options: Any) -> torch.Tensor:
+def simplex_softmax(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     """``softmax(θ)``: the entropic SST of the simplex (Gumbel-softmax). O(n)."""
-    _reject_options("simplex/entropy", options)
     return torch.softmax(theta, dim=-1)
 
 
 @register_fast_path("hypercube", "binary_entropy")
 @register_fast_path("hypercube", "exp_family")
-def hypercube_sigmoid(theta: torch.Tensor, polytope: Polytope, **options: Any) -> torch.Tensor:
+def hypercube_sigmoid(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     """``sigmoid(θ)``: independent bits with binary entropy. O(n)."""
-    _reject_options("hypercube/binary_entropy", options)
     return torch.sigmoid(theta)
 
 
 @register_fast_path("hypercube", "quadratic")
-def hypercube_clamp(theta: torch.Tensor, polytope: Polytope, **options: Any) -> torch.Tensor:
+def hypercube_clamp(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     """``clamp(θ, 0, 1)``: Euclidean projection on the cube. O(n)."""
-    _reject_options("hypercube/quadratic", options)
     return theta.clamp(0.0, 1.0)
 
 
@@ -536,7 +524,7 @@ def _autograd_gradient(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 @register_fast_path("k_subset", "exp_family")
-def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) -> torch.Tensor:
+def k_subset_marginals(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     """Marginals ``μ = ∇_θ log Σ_{|x|=k} exp(θᵀx)``: ``μ_i = w_i e_{k−1}(w_{−i}) / e_k(w)``, ``w = e^θ``.
 
     For ``n · N/2 ≤ 8192`` (N ≈ max(k, n − k) DFT points; n up to about 128), through the
@@ -551,7 +539,6 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope, **options: Any) 
     (:func:`log_elementary_symmetric`, μ by autograd), so any range of u/t works. Computed in
     float64 whatever the input dtype; the result has the input's dtype.
     """
-    _reject_options("k_subset/exp_family", options)
     k = int(polytope.params["k"])
     n = theta.shape[-1]
     if k == n:  # one point: ∂x/∂θ = 0, but x stays in the graph like any relaxation's

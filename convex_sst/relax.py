@@ -15,6 +15,8 @@ Backends:
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,11 +35,13 @@ TORCH_AUTO_MAX_ROWS = 150
 
 
 def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], FastPath]:
-    """Register ``fn(theta, polytope, **options) -> x`` for a (polytope, regularizer) pair.
+    """Register ``fn(theta, polytope, *, option=default, ...) -> x`` for a (polytope, regularizer) pair.
 
     ``theta = u / t`` has shape ``(B, *polytope.shape)``; ``fn`` returns the relaxed sample of
     the same shape, dtype and device, differentiable w.r.t. ``theta`` (twice, ideally: the
     built-in paths are, so second derivatives work through them; see :mod:`convex_sst.fast`).
+    Options passed to :func:`relax` are checked against ``fn``'s keyword parameters (an
+    unknown one is an :class:`InputError`); an ``fn`` taking ``**options`` checks them itself.
     """
     from .errors import RegistrationError
 
@@ -175,6 +179,23 @@ def relax(
     return x.reshape(batch + P.shape)
 
 
+def _check_fast_options(fn: FastPath, name: str, options: dict) -> None:
+    """A misspelt or foreign option is an :class:`InputError` naming what ``fn`` accepts, not a
+    bare ``TypeError`` (paths that take ``**options`` check them themselves)."""
+    if not options:
+        return
+    params = list(inspect.signature(fn).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        raise InputError(f"unknown option(s) {unknown} for the fast path {name} ({fn.__name__}); it accepts "
+                         f"{accepted or 'none'}{f'. Did you mean {close[0]!r}?' if close else '.'} Hint: "
+                         "backend='generic' takes solver and solver_args, backend='torch' tol, max_iter and on_failure")
+
+
 def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[..., torch.Tensor]:
     if backend not in BACKENDS:
         raise unknown_name("backend", backend, BACKENDS)
@@ -202,7 +223,12 @@ def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[...,
                 f"fast paths for {P.name!r}: {', '.join(sorted(have)) or '(none)'}; "
                 "use backend='generic' or 'auto'"
             )
-        return lambda theta, P, reg, **opt: fast(theta, P, **opt)
+
+        def run_fast(theta: torch.Tensor, P: Polytope, reg: Regularizer, **opt: Any) -> torch.Tensor:
+            _check_fast_options(fast, f"{P.name}/{reg.name}", opt)
+            return fast(theta, P, **opt)
+
+        return run_fast
     from .generic import relax_generic  # imports cvxpy and cvxpylayers: only when used
 
     return relax_generic

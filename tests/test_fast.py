@@ -426,8 +426,16 @@ def test_sinkhorn_falls_back_to_the_interior_point_solver(gen):
 
 def test_fast_path_options_are_validated():
     P = cs.load_polytope("simplex", n=3)
-    with pytest.raises(cs.InputError, match=r"unknown option\(s\) \['tol'\] for the fast path simplex/entropy"):
+    with pytest.raises(cs.InputError, match=r"unknown option\(s\) \['tol'\] for the fast path simplex/entropy \(simplex_softmax\); it accepts none"):
         cs.relax(torch.zeros(3), P, "entropy", backend="fast", tol=1e-3)
+    # every fast path: a misspelt option is an InputError naming the accepted ones, never a TypeError
+    for name, reg in FAST:
+        Q = small(name)
+        with pytest.raises(cs.InputError, match=rf"unknown option\(s\) \['tool'\] for the fast path {name}/{reg}"):
+            cs.relax(torch.zeros(Q.shape), Q, reg, backend="fast", tool=1e-3)
+    T = small("spanning_tree")
+    with pytest.raises(cs.InputError, match=r"accepts \['max_range', 'method'\]. Did you mean 'max_range'\?"):
+        cs.relax(torch.zeros(T.shape), T, "exp_family", max_rang=30.0)
 
 
 def test_exp_family_has_no_generic_path():
