@@ -290,8 +290,7 @@ class Polytope:
             nbad = int(flat.numel())
             raise InputError(
                 f"{argname} contains NaN or inf at batch index {tuple(int(i) for i in idx)} "
-                f"({nbad} of {max(1, int(np.prod(batch)))} structures affected); "
-                "utilities must be finite"
+                f"({nbad} of {max(1, int(np.prod(batch)))} structures affected); {argname} must be finite"
             )
         return tuple(u.shape[: u.dim() - k])
 

@@ -23,8 +23,10 @@ def test_nan_and_inf_in_u_name_the_batch_index(P):
     u[1, 2] = float("inf")
     with pytest.raises(cs.InputError, match=r"batch index \(1,\)"):
         P.argmax(u)
-    with pytest.raises(cs.InputError, match="theta contains NaN"):
+    with pytest.raises(cs.InputError, match="theta contains NaN.*theta must be finite"):
         cs.SST(P)(torch.full((4,), float("nan")))
+    with pytest.raises(cs.InputError, match=r"x contains NaN or inf at batch index \(\).*x must be finite"):
+        P.contains(torch.full((4,), float("nan")))
 
 
 def test_wrong_trailing_shape_says_expected_and_got(P):
