@@ -122,6 +122,10 @@ class SST(nn.Module):
                    self.backend, generator, **self.options)
 
     def extra_repr(self) -> str:
+        t = self.temperature
+        if isinstance(t, torch.Tensor):              # one line, not "Parameter containing:\n tensor(...)"
+            value = f"{t.item():g}" if t.numel() == 1 else f"tensor of shape {tuple(t.shape)}"
+            t = value + (" (learnable)" if t.requires_grad else "")
         return (f"polytope={self.polytope!r}, regularizer={self.regularizer.name!r}, "
-                f"temperature={self.temperature}, noise={self.noise!r}, mode={self.mode!r}, "
+                f"temperature={t}, noise={self.noise!r}, mode={self.mode!r}, "
                 f"backend={self.backend!r}")

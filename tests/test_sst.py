@@ -85,6 +85,11 @@ def test_learnable_temperature_inside_a_model():
 def test_string_polytope_and_repr():
     layer = cs.SST("simplex", "entropy", 0.3)
     assert "simplex" in repr(layer) and layer.polytope.shape == (5,)
+    assert "temperature=0.3," in repr(layer)
+    learnable = cs.SST("simplex", "entropy", torch.nn.Parameter(torch.tensor(0.5)))
+    assert "temperature=0.5 (learnable)," in repr(learnable) and "Parameter containing" not in repr(learnable)
+    per_sample = cs.SST("simplex", "entropy", torch.full((8,), 2.0))
+    assert "temperature=tensor of shape (8,)," in repr(per_sample)
     with pytest.raises(cs.InputError, match="polytope must be a Polytope or a name"):
         cs.relax(torch.zeros(3), 3)
 
