@@ -81,6 +81,10 @@ def _call_loss(loss_fn: LossFn, x: torch.Tensor, P: Polytope) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 
 
+class _TooManyOrderings(Exception):
+    """Raised by :func:`_greedy_sequences` past ``limit``; the caller words the error."""
+
+
 def _greedy_sequences(P: Polytope, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Orderings that decide the argmax, for structures chosen greedily from sorted utilities.
 
@@ -111,10 +115,7 @@ def _greedy_sequences(P: Polytope, limit: int) -> tuple[np.ndarray, np.ndarray, 
             picks.append(list(chosen))
             relevant.append(np.stack(masks))
             if len(picks) > limit:
-                raise PolytopeError(
-                    f"{P!r} needs more than {limit} utility orderings for exact enumeration; "
-                    "use method='monte_carlo' (with num_samples) or a smaller instance"
-                )
+                raise _TooManyOrderings
             return
         mask = np.array([e not in chosen and can_add(chosen, e) for e in range(d)])
         for e in np.flatnonzero(mask):
@@ -162,23 +163,38 @@ def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str |
         probs = counts.to(theta.dtype) / num_samples
         out = (verts.reshape((-1,) + P.shape), probs)
         return out + ((probs * (1 - probs) / num_samples).sqrt(),) if return_stderr else out
+    out = _exact_smt(P, theta, nz, limit)
+    return out + (torch.zeros_like(out[1]),) if return_stderr else out
+
+
+def _exact_smt(P: Polytope, theta: torch.Tensor, nz: Noise, limit: int = 200_000, caller: str | None = None):
+    """``(vertices, probs)`` of :func:`smt_distribution` with ``method="exact"``. Errors advise
+    ``method='monte_carlo'``, or, for a ``caller`` without a ``method`` argument
+    (``exact_gradient``, ``expected_loss``), the estimators."""
+
+    def unavailable(cls: type[Exception], what: str, hint: str) -> Exception:
+        if caller is None:
+            return cls(f"{what}; {hint}")
+        return cls(f"{caller} is exact: {what}; for an estimate, average score_function or sst_gradient "
+                   "over many samples")
+
     if not isinstance(nz, Gumbel) or nz.scale != 1.0:
-        raise InputError(
-            f"exact SMT probabilities are implemented for standard Gumbel noise only, got {nz!r}; "
-            "use method='monte_carlo'"
-        )
+        raise unavailable(InputError, f"exact SMT probabilities are implemented for standard Gumbel noise only, "
+                          f"got {nz!r}", "use method='monte_carlo'")
     flat = theta.reshape(-1)
     if P.name == "hypercube":
         p1 = 1.0 - torch.exp(-torch.exp(flat))  # P(θ_i + G_i > 0)
         V = P.vertices(dtype=theta.dtype).to(theta.device).reshape(-1, P.size)
         probs = torch.where(V > 0.5, p1, 1 - p1).prod(1)
     else:
-        seqs = _greedy_sequences(P, limit)
+        try:
+            seqs = _greedy_sequences(P, limit)
+        except _TooManyOrderings:
+            raise unavailable(PolytopeError, f"{P!r} needs more than {limit} utility orderings for exact "
+                              "enumeration", "use method='monte_carlo' (with num_samples) or a smaller instance") from None
         if seqs is None:
-            raise PolytopeError(
-                f"no exact SMT distribution for {P!r}: its argmax is not a greedy rule over the "
-                "order of the utilities; use method='monte_carlo' with num_samples"
-            )
+            raise unavailable(PolytopeError, f"no exact SMT distribution for {P!r}: its argmax is not a greedy "
+                              "rule over the order of the utilities", "use method='monte_carlo' with num_samples")
         picks, relevant, ids = seqs
         pk = torch.as_tensor(picks, device=theta.device)
         rel = torch.as_tensor(relevant, device=theta.device)
@@ -191,23 +207,13 @@ def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str |
         V = torch.zeros(nstruct, P.size, dtype=theta.dtype, device=theta.device)
         first = np.unique(ids, return_index=True)[1]
         V[torch.as_tensor(ids[first]).unsqueeze(1), pk[first]] = 1.0
-    out = (V.reshape((-1,) + P.shape), probs)
-    return out + (torch.zeros_like(probs),) if return_stderr else out
+    return V.reshape((-1,) + P.shape), probs
 
 
 def _exact_distribution(P: Polytope, theta: torch.Tensor, noise: str | Noise, caller: str):
-    """``smt_distribution(method="exact")`` for ``caller``, whose errors must not suggest a
-    ``method`` argument that the caller does not have."""
-    try:
-        return smt_distribution(P, theta, noise, method="exact")
-    except (PolytopeError, InputError) as exc:
-        if "; use method='monte_carlo'" not in str(exc):
-            raise
-        what = str(exc).split("; use method=")[0]
-        raise type(exc)(
-            f"{caller} is exact: {what}; for an estimate, average score_function or sst_gradient "
-            "over many samples"
-        ) from None
+    """:func:`smt_distribution`'s exact ``(vertices, probs)`` for ``exact_gradient`` and ``expected_loss``."""
+    _check_theta(theta, P)
+    return _exact_smt(P, theta, get_noise(noise), caller=caller)
 
 
 @_differentiates
