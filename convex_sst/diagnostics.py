@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ._scalars import as_int, positive_int, positive_real
 from .errors import InputError
 from .estimators import LossFn, _call_loss, _check_theta, exact_gradient, sst_gradient
 from .noise import get_noise
@@ -78,13 +79,16 @@ def diagnose(polytope: Polytope | str, regularizer: str = "entropy", loss_fn: Lo
     unknown = set(estimators) - set(ESTIMATORS)
     if unknown:
         raise InputError(f"unknown estimator(s) {sorted(unknown)}; available: {', '.join(ESTIMATORS)}")
-    if num_estimates < 2 or num_samples < 1:
-        raise InputError("num_estimates must be >= 2 and num_samples >= 1")
+    num_estimates = positive_int(num_estimates, "num_estimates", minimum=2)
+    num_samples = positive_int(num_samples, "num_samples")
     if "score_function_loo" in estimators and num_samples < 2:
         raise InputError("score_function_loo needs num_samples >= 2 (leave-one-out baseline)")
-    for t in temperatures:
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-            raise InputError(f"temperatures must be finite and > 0, got {t!r}")
+    if isinstance(temperatures, (str, bytes)) or not hasattr(temperatures, "__iter__"):
+        temperatures = [temperatures]                # one temperature
+    temperatures = [positive_real(t, "each temperature") for t in temperatures]
+    if as_int(seed) is None:
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    seed = as_int(seed)
     gen = torch.Generator().manual_seed(seed)
     if theta is None:
         theta = torch.randn(P.shape, generator=gen, dtype=torch.float64)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._scalars import as_int, as_real, positive_int
 from ._unionfind import UnionFind
 from .errors import InputError, PolytopeError
 from .noise import Gumbel, Noise, get_noise
@@ -153,9 +154,11 @@ def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str |
     nz = get_noise(noise)
     if method not in ("exact", "monte_carlo"):
         raise InputError(f"method must be 'exact' or 'monte_carlo', got {method!r}")
+    limit = positive_int(limit, "limit")
     if method == "monte_carlo":
-        if not isinstance(num_samples, int) or num_samples < 1:
+        if as_int(num_samples) is None or as_int(num_samples) < 1:
             raise InputError(f"method='monte_carlo' needs num_samples >= 1, got {num_samples!r}")
+        num_samples = as_int(num_samples)
         with torch.no_grad():
             u = perturb(theta.detach().expand((num_samples,) + P.shape), nz, generator)
             X = P.argmax(u).reshape(num_samples, -1)
@@ -249,9 +252,11 @@ class EMABaseline:
     """
 
     def __init__(self, decay: float = 0.9, initial: float = 0.0):
-        if not 0.0 <= decay < 1.0:
-            raise InputError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay, self.value = float(decay), float(initial)
+        if as_real(decay) is None or not 0.0 <= as_real(decay) < 1.0:
+            raise InputError(f"EMA decay must be a number in [0, 1), got {decay!r}")
+        if as_real(initial) is None or not math.isfinite(as_real(initial)):
+            raise InputError(f"EMA initial value must be a finite number, got {initial!r}")
+        self.decay, self.value = as_real(decay), as_real(initial)
 
     def update(self, losses: torch.Tensor) -> float:
         used = self.value
@@ -291,8 +296,7 @@ def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
     """
     P = as_polytope(polytope)
     _check_theta(theta, P)
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = positive_int(num_samples, "num_samples")
     nz = get_noise(noise)
     if nz is None:
         raise InputError("the score-function estimator needs a noise distribution (got noise=None)")
@@ -332,6 +336,7 @@ def sst_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str,
     ``per_sample=True`` returns the K single-sample estimates ``(K, *shape)`` instead."""
     P = as_polytope(polytope)
     _check_theta(theta, P)
+    num_samples = positive_int(num_samples, "num_samples")
     th = theta.detach().expand((num_samples,) + P.shape).clone().requires_grad_(True)
     with torch.enable_grad():
         u = perturb(th, get_noise(noise), generator)

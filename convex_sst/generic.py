@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ._autograd import first_order_guard
+from ._scalars import check_backend_options
 from .errors import InputError, SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -199,6 +200,7 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, **o
         raise InputError(
             f"unknown option(s) {sorted(unknown)} for the generic backend; it accepts {sorted(allowed)}"
         )
+    options = check_backend_options(options, "the generic backend")
     layer = generic_layer(polytope, reg)
     B = theta.shape[0]
     flat = theta.reshape(B, polytope.size).to(device="cpu", dtype=torch.float64)

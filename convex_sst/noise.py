@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from .errors import InputError, unknown_name
+from ._scalars import positive_real
+from .errors import unknown_name
 
 
 def _draw(sampler, shape, generator, dtype, device) -> torch.Tensor:
@@ -47,9 +48,7 @@ class Gumbel(Noise):
     name = "gumbel"
 
     def __init__(self, scale: float = 1.0):
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise InputError(f"Gumbel scale must be a finite number > 0, got {scale!r}")
-        self.scale = float(scale)
+        self.scale = positive_real(scale, "Gumbel scale")
 
     def sample(self, shape, generator=None, dtype=torch.float32, device=None):
         v = _draw(torch.rand, shape, generator, dtype, device)
@@ -72,9 +71,7 @@ class Gaussian(Noise):
     name = "gaussian"
 
     def __init__(self, scale: float = 1.0):
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise InputError(f"Gaussian scale must be a finite number > 0, got {scale!r}")
-        self.scale = float(scale)
+        self.scale = positive_real(scale, "Gaussian scale")
 
     def sample(self, shape, generator=None, dtype=torch.float32, device=None):
         return self.scale * _draw(torch.randn, shape, generator, dtype, device)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ._autograd import autocast_off
+from ._scalars import as_real, check_backend_options
 from .errors import InputError, UnknownNameError, unknown_name
 from .polytope import Polytope, load_polytope
 from .regularizers import Regularizer
@@ -79,7 +80,8 @@ def _positive_number(temperature: int | float) -> float:
 
 
 def _is_number(temperature: Any) -> bool:
-    return isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    """A Python or NumPy real scalar (not a tensor, which may carry a gradient; not a bool)."""
+    return not isinstance(temperature, torch.Tensor) and as_real(temperature) is not None
 
 
 def check_temperature(temperature: Any, batch: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -146,8 +148,11 @@ def relax(
             ``quadratic``, ...) or a :class:`Regularizer`.
         temperature: ``t > 0``; a float or a tensor broadcastable to ``batch`` (per sample).
         backend: ``"auto"`` | ``"fast"`` | ``"torch"`` | ``"generic"``.
-        **options: backend options, e.g. ``solver="scs"``, ``solver_args={...}`` (generic);
-            ``tol``, ``max_iter``, ``on_failure`` (torch).
+        **options: backend options: ``solver="scs"``, ``solver_args={...}`` (generic);
+            ``tol``, ``max_iter``, ``on_failure`` (torch, and the iterative fast paths such as
+            Sinkhorn); ``max_range``, ``method`` (tree fast paths). ``tol`` and ``max_range``
+            must be finite and > 0, ``max_iter`` an integer >= 1; an unknown name is an
+            :class:`InputError` listing the accepted ones.
 
     Returns:
         ``(*batch, *polytope.shape)`` tensor in P, same dtype and device as ``u``.
@@ -226,6 +231,8 @@ def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[...,
 
         def run_fast(theta: torch.Tensor, P: Polytope, reg: Regularizer, **opt: Any) -> torch.Tensor:
             _check_fast_options(fast, f"{P.name}/{reg.name}", opt)
+            if fast.__module__.startswith("convex_sst."):  # a user's fast path owns its options' meaning
+                opt = check_backend_options(opt, f"the fast path {P.name}/{reg.name}")
             return fast(theta, P, **opt)
 
         return run_fast

@@ -46,6 +46,7 @@ import scipy.sparse as sp
 import torch
 
 from ._autograd import first_order_guard
+from ._scalars import check_backend_options
 from ._unionfind import UnionFind
 from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
@@ -917,7 +918,8 @@ def relax_torch(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, tol: 
                          "['max_iter', 'on_failure', 'tol']")
     if on_failure not in ("warn", "raise"):
         raise InputError(f"on_failure must be 'warn' or 'raise', got {on_failure!r}")
-    x, report = solve_torch(theta, polytope, reg, tol, max_iter)
+    checked = check_backend_options({"tol": tol, "max_iter": max_iter}, "the torch backend")
+    x, report = solve_torch(theta, polytope, reg, checked["tol"], checked["max_iter"])
     bad = ~report.converged
     if bool(bad.any()):
         idx = bad.nonzero().reshape(-1)[:10].tolist()

@@ -1,6 +1,8 @@
 """Bad input gets a clear error (what, where, expected, hint), never a silent NaN."""
 
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +37,15 @@ def test_wrong_trailing_shape_says_expected_and_got(P):
     B = cs.load_polytope("birkhoff", n=3)
     with pytest.raises(cs.InputError, match=r"expected \(\*batch, 3, 3\)"):
         cs.relax(torch.zeros(9), B)
+
+
+def test_wrong_shape_hints_at_loading_the_polytope_for_that_size(P):
+    # a polytope given by name takes its default size: the error says how to load another
+    with pytest.raises(cs.InputError, match=r"expected \(\*batch, 5\).*hint: .*load_polytope\('k_subset', n=\.\.\., k=\.\.\.\)"):
+        cs.sst(torch.zeros(3, 7), "k_subset")
+    user = cs.load_polytope(Path(__file__).parents[1] / "examples" / "custom_polytope" / "lineup.yaml")
+    with pytest.raises(cs.InputError, match=r"load_polytope\('.*lineup.yaml', groups=\.\.\., quota=\.\.\.\)"):
+        cs.sst(torch.zeros(3, 7), user)
 
 
 def test_non_tensor_and_integer_inputs(P):
@@ -72,6 +83,48 @@ def test_bad_temperature_shape_and_type(P):
         cs.relax(torch.zeros(4), P, "entropy", "hot")
     with pytest.raises(cs.InputError, match="temperature must be finite and > 0"):
         cs.SST(P, temperature=0.0)
+
+
+def test_numpy_scalar_temperatures_are_numbers(P):
+    # np.float32(0.5), np.array(0.5) and np.int64(2) were "not a positive float or tensor"
+    u = torch.tensor([0.5, -1.0, 2.0, 0.1], dtype=torch.float64)
+    for t, want in ((np.float32(0.5), 0.5), (np.array(0.5), 0.5), (np.int64(2), 2.0)):
+        assert torch.equal(cs.relax(u, P, "entropy", t), cs.relax(u, P, "entropy", want))
+        assert torch.equal(cs.SST(P, temperature=t, noise=None)(u), cs.relax(u, P, "entropy", want))
+    with pytest.raises(cs.InputError, match="temperature must be a positive float or tensor, got bool"):
+        cs.relax(u, P, "entropy", True)
+
+
+@pytest.mark.parametrize("backend, reg, option, value, expected", [
+    ("fast", "entropy", "tol", -1.0, "a finite number > 0"),
+    ("fast", "entropy", "tol", float("nan"), "a finite number > 0"),
+    ("fast", "entropy", "tol", "1e-6", "a finite number > 0"),
+    ("fast", "entropy", "max_iter", 0, "an integer >= 1"),
+    ("fast", "entropy", "max_iter", 2.5, "an integer >= 1"),
+    ("fast", "exp_family", "max_range", float("nan"), "a finite number > 0"),
+    ("fast", "exp_family", "max_range", -1.0, "a finite number > 0"),
+    ("torch", "entropy", "tol", 0.0, "a finite number > 0"),
+    ("torch", "entropy", "max_iter", "x", "an integer >= 1"),
+    ("generic", "entropy", "solver_args", [("max_iter", 10)], "a dict of solver settings"),
+    ("generic", "entropy", "solver", ["scs"], "a solver name"),
+])
+def test_option_values_are_checked(backend, reg, option, value, expected):
+    # these ran silently (tol=-1 and max_range=nan on trees gave NaN or uniform samples) or
+    # raised a bare TypeError from deep inside a solver
+    name = {"fast": "birkhoff", "torch": "k_subset", "generic": "k_subset"}[backend]
+    if option == "max_range":
+        name = "spanning_tree"
+    Q = cs.load_polytope(name, n=4) if name != "k_subset" else cs.load_polytope(name, n=4, k=2)
+    where = {"fast": f"the fast path {name}/{reg}", "torch": "the torch backend", "generic": "the generic backend"}[backend]
+    with pytest.raises(cs.InputError, match=rf"option {option} of {where} must be {re.escape(expected)}.*, got"):
+        cs.relax(torch.randn(Q.shape, dtype=torch.float64), Q, reg, 0.5, backend=backend, **{option: value})
+
+
+def test_numpy_option_values_are_accepted():
+    B = cs.load_polytope("birkhoff", n=4)
+    u = torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cs.relax(u, B, "entropy", 0.5, tol=np.float32(1e-6), max_iter=np.int64(50)),
+                       cs.relax(u, B, "entropy", 0.5, tol=float(np.float32(1e-6)), max_iter=50))
 
 
 def test_temperature_too_small_for_the_dtype(P):

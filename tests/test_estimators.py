@@ -1,7 +1,9 @@
 """Estimators against exact gradients; exact SMT distributions against sampling."""
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,8 +125,23 @@ def test_estimator_input_errors():
         cs.score_function(lambda x: x.sum(-1), theta, P, num_samples=1, baseline="loo")
     with pytest.raises(cs.InputError, match=r"theta must have exactly the polytope's shape \(4,\)"):
         cs.exact_gradient(lambda x: x.sum(-1), torch.zeros(2, 4), P)
-    with pytest.raises(cs.InputError, match="temperatures must be finite and > 0"):
+    with pytest.raises(cs.InputError, match="each temperature must be a finite number > 0, got 0.0"):
         diagnose(P, "exp_family", temperatures=[0.0])
+    # counts: num_samples=0 gave a NaN gradient from sst_gradient; non-integers a bare TypeError
+    for fn in (cs.sst_gradient, cs.score_function):
+        for bad in (0, -1, 2.5, "2"):
+            with pytest.raises(cs.InputError, match=rf"num_samples must be an integer >= 1, got {re.escape(repr(bad))}"):
+                fn(lambda x: x.sum(-1), theta, P, num_samples=bad)
+    with pytest.raises(cs.InputError, match="num_estimates must be an integer >= 2, got 1"):
+        diagnose(P, "exp_family", num_estimates=1)
+    with pytest.raises(cs.InputError, match="limit must be an integer >= 1, got 0"):
+        cs.smt_distribution(P, theta, limit=0)
+    for decay, initial, what in ((float("nan"), 0.0, "decay"), ("0.9", 0.0, "decay"), (0.9, float("nan"), "initial value")):
+        with pytest.raises(cs.InputError, match=f"EMA {what} must be"):
+            cs.EMABaseline(decay, initial)
+    for bad in (True, 0, float("inf"), "1"):
+        with pytest.raises(cs.InputError, match=f"Gumbel scale must be a finite number > 0, got {re.escape(repr(bad))}"):
+            cs.Gumbel(bad)
     with pytest.raises(cs.PolytopeError, match=r"more than 100 utility orderings.*method='monte_carlo'"):
         cs.smt_distribution(cs.load_polytope("spanning_tree", n=5), torch.zeros(10), limit=100)
     with pytest.raises(cs.PolytopeError, match="not a greedy rule.*monte_carlo"):
@@ -141,6 +158,23 @@ def test_estimator_input_errors():
         assert "method=" not in str(info.value)
     V, p = cs.smt_distribution(P, theta, noise="gaussian", method="monte_carlo", num_samples=500)
     assert abs(p.sum().item() - 1) < 1e-12
+
+
+def test_numpy_and_tensor_scalars_are_accepted():
+    # the usual ways of writing a number from NumPy or torch: np.int64 counts, np.float32 and
+    # 0-d tensor scales, and one temperature for diagnose instead of a list
+    P = cs.load_polytope("k_subset", n=4, k=2)
+    theta = torch.linspace(-1, 1, 4, dtype=torch.float64)
+    loss = lambda x: (x * theta).sum(-1)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(cs.sst_gradient(loss, theta, P, num_samples=np.int64(3), generator=gen()),
+                       cs.sst_gradient(loss, theta, P, num_samples=3, generator=gen()))
+    assert torch.equal(cs.score_function(loss, theta, P, num_samples=torch.tensor(3), generator=gen()),
+                       cs.score_function(loss, theta, P, num_samples=3, generator=gen()))
+    assert cs.Gumbel(np.float32(0.5)).scale == 0.5 and cs.Gaussian(torch.tensor(2.0)).scale == 2.0
+    rows = diagnose(P, "exp_family", temperatures=np.float64(0.5), num_estimates=np.int64(4), num_samples=2,
+                    estimators=["sst"])
+    assert [r["temperature"] for r in rows] == [0.5]
 
 
 def test_cli_diagnose(tmp_path, capsys):
