@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from ._autograd import first_order_guard
-from ._scalars import check_backend_options
-from .errors import InputError, SolverError, unknown_name, warn_user
+from .errors import SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
 
@@ -194,13 +193,7 @@ def generic_layer(polytope: Polytope, reg: Regularizer) -> GenericLayer:
 
 def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, **options: Any) -> torch.Tensor:
     """Generic backend: ``theta: (B, *shape)`` any float dtype/device -> same dtype/device."""
-    allowed = {"solver", "solver_args"}
-    unknown = set(options) - allowed
-    if unknown:
-        raise InputError(
-            f"unknown option(s) {sorted(unknown)} for the generic backend; it accepts {sorted(allowed)}"
-        )
-    options = check_backend_options(options, "the generic backend")
+    # relax() has checked the options' names and values (check_options)
     layer = generic_layer(polytope, reg)
     B = theta.shape[0]
     flat = theta.reshape(B, polytope.size).to(device="cpu", dtype=torch.float64)

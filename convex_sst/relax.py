@@ -179,29 +179,49 @@ def relax(
         _check_scaled(theta, u, t)
     theta = theta.reshape((-1,) + P.shape)
     fn = select_backend(P, reg, backend)
+    options = check_options(P, reg, backend, options)
     with autocast_off(theta.device):
         x = fn(theta, P, reg, **options)
     return x.reshape(batch + P.shape)
 
 
-def _check_fast_options(fn: FastPath, name: str, options: dict) -> None:
-    """A misspelt or foreign option is an :class:`InputError` naming what ``fn`` accepts, not a
-    bare ``TypeError`` (paths that take ``**options`` check them themselves)."""
+# options of the torch and generic backends (a fast path's are its keyword parameters)
+BACKEND_OPTIONS = {"torch": ("tol", "max_iter", "on_failure"), "generic": ("solver", "solver_args")}
+
+
+def check_options(P: Polytope, reg: Regularizer, backend: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``**options`` of :func:`relax`, checked for the backend it would use, normalised.
+
+    A misspelt or foreign name is an :class:`InputError` naming what that backend accepts (not a
+    bare ``TypeError``); the library's own options must have valid values (``tol`` finite > 0,
+    ...). A user's fast path that takes ``**options`` checks them itself, and the values of
+    its named options are its own business. :class:`SST` calls this when it is built.
+    """
     if not options:
-        return
-    params = list(inspect.signature(fn).parameters.values())
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    accepted = [p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return options
+    kind, fast = _route(P, reg, backend)
+    if kind == "fast":
+        params = list(inspect.signature(fast).parameters.values())
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return options
+        accepted = tuple(p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        where = f"the fast path {P.name}/{reg.name}"
+        named = f"{where} ({fast.__name__})"
+        ours = fast.__module__.startswith("convex_sst.")
+    else:
+        accepted, where, ours = BACKEND_OPTIONS[kind], f"the {kind} backend", True
+        named = where
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         close = difflib.get_close_matches(unknown[0], accepted, n=1)
-        raise InputError(f"unknown option(s) {unknown} for the fast path {name} ({fn.__name__}); it accepts "
-                         f"{accepted or 'none'}{f'. Did you mean {close[0]!r}?' if close else '.'} Hint: "
-                         "backend='generic' takes solver and solver_args, backend='torch' tol, max_iter and on_failure")
+        others = "; ".join(f"backend={k!r} takes {', '.join(v)}" for k, v in BACKEND_OPTIONS.items() if k != kind)
+        raise InputError(f"unknown option(s) {unknown} for {named}; it accepts {list(accepted) or 'none'}"
+                         f"{f'. Did you mean {close[0]!r}?' if close else '.'} Hint: {others}")
+    return check_backend_options(options, where) if ours else options
 
 
-def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[..., torch.Tensor]:
+def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath | None]:
+    """Which backend :func:`relax` uses: ``("fast", fn)``, ``("torch", None)`` or ``("generic", None)``."""
     if backend not in BACKENDS:
         raise unknown_name("backend", backend, BACKENDS)
     fast = _FAST.get((P.name, reg.name)) if P.builtin else None
@@ -217,9 +237,7 @@ def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[...,
     # built-in formulations (benchmarks/torch_solver.py) while the equality system stays small
     small = P.form.num_eq <= TORCH_AUTO_MAX_ROWS
     if backend == "torch" or (backend == "auto" and fast is None and reg.separable and small):
-        from .solver import relax_torch
-
-        return relax_torch
+        return "torch", None
     if backend == "fast" or (backend == "auto" and fast is not None):
         if fast is None:
             have = [r for (p, r) in _FAST if p == P.name]
@@ -228,11 +246,20 @@ def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[...,
                 f"fast paths for {P.name!r}: {', '.join(sorted(have)) or '(none)'}; "
                 "use backend='generic' or 'auto'"
             )
+        return "fast", fast
+    return "generic", None
+
+
+def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[..., torch.Tensor]:
+    """``fn(theta, P, reg, **options)`` of the backend :func:`relax` uses (options unchecked)."""
+    kind, fast = _route(P, reg, backend)
+    if kind == "torch":
+        from .solver import relax_torch
+
+        return relax_torch
+    if kind == "fast":
 
         def run_fast(theta: torch.Tensor, P: Polytope, reg: Regularizer, **opt: Any) -> torch.Tensor:
-            _check_fast_options(fast, f"{P.name}/{reg.name}", opt)
-            if fast.__module__.startswith("convex_sst."):  # a user's fast path owns its options' meaning
-                opt = check_backend_options(opt, f"the fast path {P.name}/{reg.name}")
             return fast(theta, P, **opt)
 
         return run_fast

@@ -46,7 +46,6 @@ import scipy.sparse as sp
 import torch
 
 from ._autograd import first_order_guard
-from ._scalars import check_backend_options
 from ._unionfind import UnionFind
 from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
@@ -913,13 +912,11 @@ def solve_torch(theta: torch.Tensor, polytope: Polytope, regularizer: Regularize
 def relax_torch(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, tol: float | None = None,
                 max_iter: int = 100, on_failure: str = "warn", **options: Any) -> torch.Tensor:
     """``backend="torch"`` for :func:`~convex_sst.relax`; options: tol, max_iter, on_failure."""
-    if options:
-        raise InputError(f"unknown option(s) {sorted(options)} for the torch backend; it accepts "
-                         "['max_iter', 'on_failure', 'tol']")
+    if options:  # relax() checks names and values first (check_options)
+        raise InputError(f"unknown option(s) {sorted(options)} for the torch backend")
     if on_failure not in ("warn", "raise"):
         raise InputError(f"on_failure must be 'warn' or 'raise', got {on_failure!r}")
-    checked = check_backend_options({"tol": tol, "max_iter": max_iter}, "the torch backend")
-    x, report = solve_torch(theta, polytope, reg, checked["tol"], checked["max_iter"])
+    x, report = solve_torch(theta, polytope, reg, tol, max_iter)
     bad = ~report.converged
     if bool(bad.any()):
         idx = bad.nonzero().reshape(-1)[:10].tolist()

@@ -19,7 +19,7 @@ from .errors import InputError, unknown_name
 from .noise import Noise, get_noise
 from .polytope import Polytope
 from .regularizers import Regularizer
-from .relax import BACKENDS, as_polytope, check_temperature, relax
+from .relax import BACKENDS, as_polytope, check_options, check_temperature, relax
 
 MODES = ("relaxed", "hard", "straight_through")
 
@@ -114,7 +114,8 @@ class SST(nn.Module):
         self.noise = get_noise(noise)
         self.mode = mode
         self.backend = backend
-        self.options = options
+        # a misspelt or invalid option fails here, where the layer is built, not at its first call
+        self.options = check_options(self.polytope, self.regularizer, backend, options)
 
     def forward(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample: ``theta: (*batch, *polytope.shape)`` → ``(*batch, *polytope.shape)``, theta's dtype and device."""

@@ -120,6 +120,20 @@ def test_option_values_are_checked(backend, reg, option, value, expected):
         cs.relax(torch.randn(Q.shape, dtype=torch.float64), Q, reg, 0.5, backend=backend, **{option: value})
 
 
+def test_sst_checks_its_options_when_built():
+    # they used to fail at the layer's first call, far from the line that built it
+    B = cs.load_polytope("birkhoff", n=3)
+    with pytest.raises(cs.InputError, match=r"unknown option\(s\) \['tool'\] for the fast path birkhoff/entropy.*Did you mean 'tol'"):
+        cs.SST(B, "entropy", tool=1e-6)
+    with pytest.raises(cs.InputError, match="option max_iter of the fast path birkhoff/entropy must be an integer >= 1"):
+        cs.SST(B, "entropy", max_iter=0)
+    with pytest.raises(cs.InputError, match=r"unknown option\(s\) \['solver'\] for the torch backend; it accepts \['tol', 'max_iter', 'on_failure'\]"):
+        cs.SST(B, "entropy", backend="torch", solver="scs")
+    layer = cs.SST(B, "entropy", tol=np.float64(1e-9), max_iter=np.int64(500))
+    assert layer.options == {"tol": 1e-9, "max_iter": 500} and type(layer.options["max_iter"]) is int
+    assert layer(torch.zeros(2, 3, 3)).shape == (2, 3, 3)
+
+
 def test_numpy_option_values_are_accepted():
     B = cs.load_polytope("birkhoff", n=4)
     u = torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
