@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._scalars import as_real, positive_int
 from .config import PolytopeConfig, load_config_file
 from .errors import ConfigError, InputError, PolytopeError, RegistrationError, unknown_name
 from .lp import LinearProgram
@@ -347,6 +348,9 @@ class Polytope:
         any combinatorial algorithm. Raises :class:`PolytopeError` if there are more than
         ``limit``.
         """
+        limit = positive_int(limit, "limit")
+        if not isinstance(dtype, torch.dtype):
+            raise InputError(f"dtype must be a torch.dtype such as torch.float64, got {dtype!r}")
         key = ("vertices", limit)
         if key not in self.cache:
             self.cache[key] = self.lp.enumerate_binary(limit)
@@ -356,10 +360,13 @@ class Polytope:
     def contains(self, x: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
         """Whether each ``x: (*batch, *shape)`` lies in P up to ``atol`` (per coordinate)."""
         batch = self.check_input(x, "x")
+        tol = as_real(atol)
+        if tol is None or not (math.isfinite(tol) and tol >= 0):
+            raise InputError(f"atol must be a finite number >= 0, got {atol!r}")
         flat = x.detach().reshape(-1, self.size).cpu().double().numpy()
         out = np.empty(flat.shape[0], dtype=bool)
         for b in range(flat.shape[0]):
-            out[b] = self.lp.is_feasible(flat[b] - atol, flat[b] + atol)
+            out[b] = self.lp.is_feasible(flat[b] - tol, flat[b] + tol)
         return torch.as_tensor(out).reshape(batch)
 
 

@@ -134,6 +134,20 @@ def test_sst_checks_its_options_when_built():
     assert layer(torch.zeros(2, 3, 3)).shape == (2, 3, 3)
 
 
+def test_polytope_method_arguments(P):
+    # atol=-1 or NaN answered False for every point, a string atol raised a NumPy ufunc error
+    x = torch.full((4,), 0.5)
+    for bad in (-1.0, float("nan"), "1e-6"):
+        with pytest.raises(cs.InputError, match=rf"atol must be a finite number >= 0, got {re.escape(repr(bad))}"):
+            P.contains(x, atol=bad)
+    assert bool(P.contains(x, atol=0)) and bool(P.contains(x + 1e-7, atol=np.float32(1e-6)))
+    with pytest.raises(cs.InputError, match="limit must be an integer >= 1, got 'a'"):
+        P.vertices(limit="a")
+    with pytest.raises(cs.InputError, match="dtype must be a torch.dtype such as torch.float64, got 'float'"):
+        P.vertices(dtype="float")
+    assert P.vertices(limit=np.int64(6)).shape == (6, 4)
+
+
 def test_numpy_option_values_are_accepted():
     B = cs.load_polytope("birkhoff", n=4)
     u = torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
