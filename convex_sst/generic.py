@@ -183,7 +183,7 @@ class GenericLayer:
 
 def generic_layer(polytope: Polytope, reg: Regularizer) -> GenericLayer:
     """The cached :class:`GenericLayer` of a (polytope instance, regularizer) pair."""
-    key = ("generic", reg.name)
+    key = ("generic", reg)  # the object: a redefined (replace=True) regularizer compiles anew
     layer = polytope.cache.get(key)
     if layer is None:
         layer = GenericLayer(polytope, reg)

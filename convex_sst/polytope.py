@@ -196,7 +196,7 @@ class Polytope:
         self.argmax_name = config.argmax
         self._lp: LinearProgram | None = None
         self._x_range: tuple[np.ndarray, np.ndarray] | None = None
-        self._domain_ok: set[str] = set()
+        self._domain_ok: set[Regularizer] = set()
         self.cache: dict[Any, Any] = {}  # compiled layers and fast-path state, keyed by their owners
         self._check_nonempty_bounded()
 
@@ -246,7 +246,7 @@ class Polytope:
     def check_regularizer(self, regularizer: str | Regularizer) -> Regularizer:
         """Return the regularizer after checking that its domain contains P."""
         reg = get_regularizer(regularizer)
-        if reg.name in self._domain_ok:
+        if reg in self._domain_ok:
             return reg
         lo, hi = self.x_range()
         dlo, dhi = reg.domain
@@ -258,7 +258,7 @@ class Polytope:
                 f"{self._where()} has x[{j}] ranging over [{lo[j]:g}, {hi[j]:g}]; "
                 "use a regularizer whose domain contains P (e.g. 'quadratic')"
             )
-        self._domain_ok.add(reg.name)
+        self._domain_ok.add(reg)
         return reg
 
     # ------------------------------------------------------------------ inputs

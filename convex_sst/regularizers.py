@@ -76,21 +76,103 @@ class Regularizer:
 _REGISTRY: dict[str, Regularizer] = {}
 
 
-def register_regularizer(reg: Regularizer) -> Regularizer:
-    """Add a regularizer to the registry (rejects duplicates and wrong types)."""
+_BUILTIN: set[str] = set()  # filled at the end of this module
+
+
+def register_regularizer(reg: Regularizer, replace: bool = False) -> Regularizer:
+    """Add a regularizer to the registry, so that its name works wherever a regularizer is asked for.
+
+    Checks what can be checked before any solve: the types, a non-empty domain, ``grad`` and
+    ``hess`` given together, and, at a few points inside the domain (float64), that ``hess > 0``
+    (f strictly convex) and that ``grad`` and ``hess`` are the slopes of ``value`` and ``grad``
+    (central differences), which catches a wrong sign or factor where it is made.
+
+    Args:
+        reg: the :class:`Regularizer`.
+        replace: redefine a regularizer you registered before under the same name (e.g. when a
+            notebook cell is run again); built-in names cannot be replaced.
+
+    Returns:
+        ``reg``.
+    """
     if not isinstance(reg, Regularizer):
         raise RegistrationError(f"register_regularizer expects a Regularizer, got {type(reg).__name__}")
-    if reg.name in _REGISTRY:
-        raise RegistrationError(f"a regularizer named {reg.name!r} is already registered")
-    lo, hi = reg.domain
+    if not isinstance(reg.name, str) or not reg.name:
+        raise RegistrationError(f"a regularizer's name must be a non-empty string, got {reg.name!r}")
+    if reg.name in _BUILTIN or (reg.name in _REGISTRY and not replace):
+        hint = "choose another name" if reg.name in _BUILTIN else "choose another name, or pass replace=True to redefine it"
+        raise RegistrationError(f"a regularizer named {reg.name!r} is already registered; {hint}")
+    for field in ("cvxpy", "value", "grad", "hess"):
+        fn = getattr(reg, field)
+        if fn is not None and not callable(fn):
+            raise RegistrationError(f"regularizer {reg.name!r}: {field} must be a function or None, got {type(fn).__name__}")
+    try:
+        lo, hi = (float(v) for v in reg.domain)
+    except (TypeError, ValueError):
+        raise RegistrationError(f"regularizer {reg.name!r}: domain must be a pair of numbers (lo, hi), got {reg.domain!r}") from None
     if not lo < hi:
         raise RegistrationError(f"regularizer {reg.name!r}: domain {reg.domain} is empty")
+    if (reg.grad is None) != (reg.hess is None):
+        raise RegistrationError(f"regularizer {reg.name!r}: give both grad and hess (the torch solver needs f' and f''), "
+                                "or neither (then only the generic backend or a fast path can use it)")
+    if reg.grad is not None:
+        _check_derivatives(reg, lo, hi)
     _REGISTRY[reg.name] = reg
     return reg
 
 
+def _check_derivatives(reg: Regularizer, lo: float, hi: float) -> None:
+    """``hess > 0``, ``grad = value'`` and ``hess = grad'`` at five points inside the domain."""
+    if math.isfinite(lo) and math.isfinite(hi):
+        x = lo + (hi - lo) * torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    elif math.isfinite(lo):
+        x = lo + torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0], dtype=torch.float64)
+    elif math.isfinite(hi):
+        x = hi - torch.tensor([5.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    else:
+        x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0], dtype=torch.float64)
+    h = 1e-6 * x.abs().clamp_min(1.0)
+
+    def call(field: str, at: torch.Tensor) -> torch.Tensor:
+        fn = getattr(reg, field)
+        arg = at.reshape(-1, 1) if field == "value" else at  # value maps (*batch, d) -> (*batch,)
+        try:
+            out = fn(arg)
+        except Exception as exc:
+            raise RegistrationError(f"regularizer {reg.name!r}: {field} failed on a float64 tensor of shape "
+                                    f"{tuple(arg.shape)}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, torch.Tensor) or out.shape not in (at.shape, torch.Size([at.numel()])):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise RegistrationError(f"regularizer {reg.name!r}: {field} must return a tensor of shape "
+                                    f"{tuple(at.shape)} for input {tuple(arg.shape)}, got {got}")
+        return out.reshape(at.shape).double()
+
+    g, hs = call("grad", x), call("hess", x)
+    bad = ~(torch.isfinite(g) & torch.isfinite(hs) & (hs > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise RegistrationError(f"regularizer {reg.name!r}: at x = {float(x[i]):g}, grad = {float(g[i]):g} and "
+                                f"hess = {float(hs[i]):g}; both must be finite and hess > 0 (f strictly convex) "
+                                f"inside the domain {reg.domain}")
+    pairs = [("hess", hs, "grad")] + ([("grad", g, "value")] if reg.value is not None else [])
+    for name, d, of in pairs:
+        slope = (call(of, x + h) - call(of, x - h)) / (2 * h)
+        off = (slope - d).abs() > 1e-5 * (1.0 + d.abs())
+        if bool(off.any()):
+            i = int(off.nonzero()[0])
+            raise RegistrationError(f"regularizer {reg.name!r}: {name}({float(x[i]):g}) = {float(d[i]):.6g}, but the "
+                                    f"slope of {of} there is {float(slope[i]):.6g} (central difference); check "
+                                    f"{name}'s sign and scale (elementwise: {name} of one coordinate)")
+
+
 def get_regularizer(name: str | Regularizer) -> Regularizer:
     if isinstance(name, Regularizer):
+        known = _REGISTRY.get(name.name)
+        if known is not None and known is not name:
+            # fast paths and compiled layers are found by name: another function under a
+            # registered name would silently get that regularizer's fast path
+            raise RegistrationError(f"a different regularizer named {name.name!r} is registered; give yours "
+                                    "another name, or pass the name to use the registered one")
         return name
     if name not in _REGISTRY:
         raise unknown_name("regularizer", name, _REGISTRY, hint="Register new ones with convex_sst.register_regularizer.")
@@ -163,3 +245,4 @@ register_regularizer(Regularizer(
     value=None,
     domain=(0.0, 1.0),
 ))
+_BUILTIN.update(_REGISTRY)

@@ -225,19 +225,23 @@ def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath |
     if backend not in BACKENDS:
         raise unknown_name("backend", backend, BACKENDS)
     fast = _FAST.get((P.name, reg.name)) if P.builtin else None
-    if backend == "auto" and fast is None and reg.cvxpy is None:
-        have = sorted(p for (p, r) in _FAST if r == reg.name)
-        raise UnknownNameError(
-            f"no fast path for polytope {P.name!r} with regularizer {reg.name!r}, and {reg.name!r} has no "
-            f"cvxpy form for the generic path; {reg.name!r} has fast paths for: {', '.join(have) or '(none)'}. "
-            "For small instances, convex_sst.testing.brute_force_marginals computes it by enumeration."
-        )
     # the torch solver factors a dense Schur complement (one row per equality) per sample and
     # the inequality rows block by block: it beats cvxpylayers in speed and accuracy on the
     # built-in formulations (benchmarks/torch_solver.py) while the equality system stays small
     small = P.form.num_eq <= TORCH_AUTO_MAX_ROWS
     if backend == "torch" or (backend == "auto" and fast is None and reg.separable and small):
         return "torch", None
+    if backend == "auto" and fast is None and reg.cvxpy is None:
+        have = sorted(p for (p, r) in _FAST if r == reg.name)
+        torch_note = (f"the torch solver is used automatically only up to {TORCH_AUTO_MAX_ROWS} equality rows "
+                      f"(this polytope has {P.form.num_eq}; backend='torch' forces it)" if reg.separable else
+                      f"{reg.name!r} gives no elementwise grad and hess for the torch solver")
+        raise UnknownNameError(
+            f"no fast path for polytope {P.name!r} with regularizer {reg.name!r}, {reg.name!r} has no "
+            f"cvxpy form for the generic path, and {torch_note}; {reg.name!r} has fast paths for: "
+            f"{', '.join(have) or '(none)'}. "
+            "For small instances, convex_sst.testing.brute_force_marginals computes it by enumeration."
+        )
     if backend == "fast" or (backend == "auto" and fast is not None):
         if fast is None:
             have = [r for (p, r) in _FAST if p == P.name]

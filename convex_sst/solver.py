@@ -139,7 +139,7 @@ def _block_structure(G: np.ndarray, groups: list[list[int]]) -> tuple[str, list[
 
 def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     """Build (once per polytope and regularizer) the solver's standard form."""
-    key = ("torch_form", reg.name)
+    key = ("torch_form", reg)
     if key in P.cache:
         return P.cache[key]
     form = P.form
