@@ -20,13 +20,24 @@ def _blocks(lang):
 
 
 def test_readme_usage_snippet_runs():
-    (usage,) = [b for b in _blocks("python") if "cs.SST" in b]
+    (usage,) = [b for b in _blocks("python") if "cs.SST" in b and "register_regularizer" not in b]
     env = {}
     exec(compile(usage, str(README), "exec"), env)
     assert env["x"].shape == (8, 10)
     assert torch.allclose(env["x"].sum(-1), torch.full((8,), 4.0), atol=1e-4)
     assert env["theta"].grad is not None
     assert env["hard"].sum() == 4
+
+
+def test_readme_regularizer_snippet_runs():
+    (snippet,) = [b for b in _blocks("python") if "register_regularizer" in b]
+    env = {}
+    torch.manual_seed(0)
+    exec(compile(snippet, str(README), "exec"), env)
+    x = env["x"]
+    assert x.shape == (4, 6) and torch.allclose(x.sum(-1), torch.ones(4), atol=1e-5)
+    assert int((x < 1e-9).sum()) > 0  # entmax is sparse: interior-point zeros are below 1e-9
+    x.sum().backward()
 
 
 def test_readme_yaml_snippet_is_a_valid_config(tmp_path):
