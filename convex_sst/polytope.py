@@ -261,6 +261,16 @@ class Polytope:
         self._domain_ok.add(reg)
         return reg
 
+    @property
+    def keyed(self) -> bool:
+        """Whether fast paths registered under this polytope's name apply to it: built-ins, and
+        configs registered with :func:`register_polytope` (a file loaded by path alone may share
+        its name with another file)."""
+        if self.builtin:
+            return True
+        path = _USER_CONFIGS.get(self.name)
+        return path is not None and path.resolve() == Path(self.config.source).resolve()
+
     # ------------------------------------------------------------------ inputs
 
     def check_input(self, u: Any, argname: str = "u") -> tuple[int, ...]:

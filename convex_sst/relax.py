@@ -25,7 +25,7 @@ import torch
 
 from ._autograd import autocast_off
 from ._scalars import as_real, check_backend_options
-from .errors import InputError, UnknownNameError, unknown_name
+from .errors import InputError, UnknownNameError, unknown_name, warn_user
 from .polytope import Polytope, load_polytope
 from .regularizers import Regularizer
 
@@ -43,6 +43,8 @@ def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], 
     built-in paths are, so second derivatives work through them; see :mod:`convex_sst.fast`).
     Options passed to :func:`relax` are checked against ``fn``'s keyword parameters (an
     unknown one is an :class:`InputError`); an ``fn`` taking ``**options`` checks them itself.
+    ``polytope`` is a built-in name or the name of a config registered with
+    :func:`register_polytope`. Check ``fn`` with :func:`convex_sst.testing.check_relaxation`.
     """
     from .errors import RegistrationError
 
@@ -224,7 +226,16 @@ def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath |
     """Which backend :func:`relax` uses: ``("fast", fn)``, ``("torch", None)`` or ``("generic", None)``."""
     if backend not in BACKENDS:
         raise unknown_name("backend", backend, BACKENDS)
-    fast = _FAST.get((P.name, reg.name)) if P.builtin else None
+    fast = _FAST.get((P.name, reg.name)) if P.keyed else None
+    if fast is None and (P.name, reg.name) in _FAST and backend in ("auto", "fast"):
+        why = (f"a fast path is registered for ({P.name!r}, {reg.name!r}), but this polytope was loaded from "
+               f"{P.config.source} without registering it, so the name may belong to another file")
+        fix = f"call convex_sst.register_polytope({str(P.config.source)!r}) once, then load it by name or path"
+        if backend == "fast":
+            raise UnknownNameError(f"{why}; {fix}")
+        if not P.cache.get(("unkeyed fast path warned", reg.name)):
+            P.cache[("unkeyed fast path warned", reg.name)] = True
+            warn_user(f"{why}: using the solvers instead; {fix}", UserWarning)
     # the torch solver factors a dense Schur complement (one row per equality) per sample and
     # the inequality rows block by block: it beats cvxpylayers in speed and accuracy on the
     # built-in formulations (benchmarks/torch_solver.py) while the equality system stays small

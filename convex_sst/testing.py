@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
+from ._scalars import positive_int, positive_real
+from .errors import InputError, unknown_name
 from .polytope import Polytope
-from .relax import as_polytope, check_temperature
+from .regularizers import Regularizer
+from .relax import as_polytope, check_temperature, relax
 
 
 def brute_force_marginals(u: torch.Tensor, polytope: Polytope | str, temperature: float | torch.Tensor = 1.0,
@@ -37,3 +43,83 @@ def brute_force_argmax(u: torch.Tensor, polytope: Polytope | str) -> torch.Tenso
     V = P.vertices(dtype=u.dtype).to(u.device).reshape(-1, P.size)
     best = (u.reshape(-1, P.size) @ V.T).argmax(-1)
     return V[best].reshape(batch + P.shape)
+
+
+def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, backend: str = "fast",
+                     reference: str | None = None, temperatures: Sequence[float] = (0.5, 2.0), num_samples: int = 4,
+                     scale: float = 2.0, atol: float | None = None, seed: int = 0, **options: Any) -> list[dict]:
+    """Check a backend's relaxation ``X_t = argmax_{x in P} uᵀx − t f(x)`` against an independent one.
+
+    Made for a fast path you register (``register_fast_path``): at each temperature, on
+    ``num_samples`` utilities ``u ~ scale · N(0, 1)`` in float64, it compares ``X_t`` and a
+    vector-Jacobian product with those of the reference, checks that ``X_t`` lies in P, and runs
+    ``torch.autograd.gradcheck`` on the backend for the first sample.
+
+    Args:
+        polytope, regularizer: the pair to check.
+        backend: the backend under test (``"fast"``, ``"torch"``, ...).
+        reference: ``"torch"`` (the interior-point solver; the default when the regularizer gives
+            ``grad`` and ``hess``), ``"generic"`` (cvxpylayers; the default when it has only a
+            cvxpy form) or ``"brute_force"`` (enumeration, ``exp_family`` only; its default).
+        temperatures: the temperatures t to test.
+        atol: largest accepted absolute difference in values and gradients; default 1e-6
+            (1e-5 against ``"generic"``, whose solves are less accurate).
+        **options: backend options for the backend under test.
+
+    Returns:
+        One dict per temperature: ``temperature``, ``value_error``, ``grad_error``
+        (max abs differences), ``in_polytope`` and ``gradcheck`` (bools).
+
+    Raises:
+        AssertionError: naming the first temperature and check that failed (pytest shows it).
+    """
+    P = as_polytope(polytope)
+    reg = P.check_regularizer(regularizer)
+    if reference is None:
+        reference = ("torch" if reg.separable else "generic" if reg.cvxpy is not None
+                     else "brute_force" if reg.name == "exp_family" else None)
+        if reference is None:
+            raise InputError(f"regularizer {reg.name!r} has no grad/hess, no cvxpy form and is not exp_family: "
+                             "there is no reference to check against")
+    if reference not in ("torch", "generic", "brute_force"):
+        raise unknown_name("reference", reference, ["torch", "generic", "brute_force"])
+    if reference == "brute_force" and reg.name != "exp_family":
+        raise InputError(f"reference='brute_force' computes the exp_family relaxation, not {reg.name!r}")
+    tol = positive_real(atol, "atol", allow_none=True) or (1e-5 if reference == "generic" else 1e-6)
+    gen = torch.Generator().manual_seed(int(seed))
+    u = scale * torch.randn((positive_int(num_samples, "num_samples"),) + P.shape, generator=gen, dtype=torch.float64)
+    w = torch.randn(u.shape, generator=gen, dtype=torch.float64)  # cotangent of the VJP
+
+    def run(which: str, t: float, v: torch.Tensor) -> torch.Tensor:
+        if which == "brute_force":
+            return brute_force_marginals(v, P, t)
+        return relax(v, P, reg, t, backend=which, **(options if which == backend else {}))
+
+    rows = []
+    for t in temperatures:
+        t = positive_real(t, "each temperature")
+        got, want = [], []
+        for which, out in ((backend, got), (reference, want)):
+            v = u.clone().requires_grad_(True)
+            x = run(which, t, v)
+            (g,) = torch.autograd.grad((x * w).sum(), v)
+            out += [x.detach(), g]
+        first = u[:1].clone().requires_grad_(True)
+        rows.append({
+            "temperature": t,
+            "value_error": float((got[0] - want[0]).abs().max()),
+            "grad_error": float((got[1] - want[1]).abs().max()),
+            "in_polytope": bool(P.contains(got[0], atol=max(tol, 1e-6)).all()),
+            "gradcheck": torch.autograd.gradcheck(lambda v: run(backend, t, v), (first,), atol=max(tol, 1e-6),
+                                                  raise_exception=False),
+        })
+        row = rows[-1]
+        failed = [k for k in ("value_error", "grad_error") if row[k] > tol] + \
+                 [k for k in ("in_polytope", "gradcheck") if not row[k]]
+        if failed:
+            raise AssertionError(
+                f"{backend} relaxation of {P!r} with {reg.name!r} at t = {t:g} fails {', '.join(failed)} against "
+                f"{reference} (value error {row['value_error']:.2e}, gradient error {row['grad_error']:.2e}, "
+                f"tolerance {tol:.0e}; in P: {row['in_polytope']}, gradcheck: {row['gradcheck']})"
+            )
+    return rows

@@ -242,7 +242,9 @@ def test_builtin_configs_ship_as_package_data():
 
 def test_docs_worked_example(tmp_path, monkeypatch):
     (yaml_text,) = _blocks(DOC, "yaml")
-    (py_text, reg_text) = _blocks(DOC, "python")
+    (py_text, reg_text, fast_text) = _blocks(DOC, "python")
+    for template in (reg_text, fast_text):  # templates with `...` bodies: they must at least parse
+        compile(template, str(DOC), "exec")
     write(tmp_path, yaml_text, "group_subset.yaml")
     monkeypatch.chdir(tmp_path)
     exec(compile(py_text, str(DOC), "exec"), {})

@@ -1,0 +1,111 @@
+"""Extending the library: fast paths for users' regularizers and polytopes, checked with
+convex_sst.testing.check_relaxation."""
+
+import importlib
+import math
+import warnings
+
+import pytest
+import torch
+
+import convex_sst as cs
+
+_FAST = importlib.import_module("convex_sst.relax")._FAST
+SMALL = {"simplex": dict(n=4), "hypercube": dict(n=4), "k_subset": dict(n=5, k=2), "birkhoff": dict(n=3),
+         "spanning_tree": dict(n=4), "arborescence": dict(n=3)}
+
+
+@pytest.mark.parametrize("name, reg", sorted(_FAST))
+def test_check_relaxation_passes_every_builtin_fast_path(name, reg):
+    if name not in SMALL:
+        pytest.skip(f"a user's fast path registered by another test ({name})")
+    rows = cs.testing.check_relaxation(cs.load_polytope(name, **SMALL[name]), reg)
+    assert [r["temperature"] for r in rows] == [0.5, 2.0]
+    assert all(r["value_error"] < 1e-6 and r["grad_error"] < 1e-6 and r["gradcheck"] and r["in_polytope"] for r in rows)
+
+
+def tsallis15(name):
+    """f(x) = (Σ x^1.5 − 1) / 0.75, separable: the torch solver is the reference."""
+    return cs.register_regularizer(cs.Regularizer(
+        name, "Tsallis 1.5-entropy", None, lambda x: ((x.clamp_min(0) ** 1.5).sum(-1) - 1) / 0.75,
+        domain=(0.0, math.inf), grad=lambda x: 2 * x.clamp_min(0).sqrt(), hess=lambda x: x.rsqrt()))
+
+
+def entmax15(theta, implicit=True):
+    """x = ((θ − τ) / 2)₊² on the simplex, τ by bisection (no gradient), then one Newton step in
+    τ from the root: the value is unchanged and τ's gradient is the implicit function theorem's.
+    Without that step (``implicit=False``) τ is a constant to autograd: a wrong gradient."""
+    with torch.no_grad():
+        top = theta.max(-1, keepdim=True).values
+        lo, hi = top - 2.0, top
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            over = (((theta - mid) / 2).clamp_min(0) ** 2).sum(-1, keepdim=True) > 1
+            lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+        tau = (lo + hi) / 2
+    if implicit:
+        r = (theta - tau).clamp_min(0)
+        tau = tau + ((r / 2) ** 2).sum(-1, keepdim=True).sub(1) / (r / 2).sum(-1, keepdim=True)
+    return ((theta - tau) / 2).clamp_min(0) ** 2
+
+
+def test_check_relaxation_accepts_a_right_fast_path_and_catches_a_wrong_gradient():
+    right, wrong = tsallis15("test_entmax_right"), tsallis15("test_entmax_wrong")
+    cs.register_fast_path("simplex", right.name)(lambda theta, polytope: entmax15(theta))
+    cs.register_fast_path("simplex", wrong.name)(lambda theta, polytope: entmax15(theta, implicit=False))
+    P = cs.load_polytope("simplex", n=6)
+    rows = cs.testing.check_relaxation(P, right.name)
+    assert max(r["value_error"] for r in rows) < 1e-9 and max(r["grad_error"] for r in rows) < 1e-7
+    with pytest.raises(AssertionError, match=r"fast relaxation of Polytope\('simplex'.*'test_entmax_wrong' at t = 0.5 "
+                                             r"fails grad_error, gradcheck against torch"):
+        cs.testing.check_relaxation(P, wrong.name)
+
+
+MY_SIMPLEX = """\
+name: test_my_simplex
+params:
+  n: {type: int, min: 1, default: 4}
+output: {name: x, shape: [n]}
+constraints:
+  - sum(x) == 1
+  - x >= 0
+"""
+
+
+def test_fast_path_for_a_users_polytope(tmp_path):
+    # fast paths of user configs were never used (only built-ins were looked up)
+    path = tmp_path / "my_simplex.yaml"
+    path.write_text(MY_SIMPLEX)
+    calls = []
+
+    @cs.register_fast_path("test_my_simplex", "entropy")
+    def softmax(theta, polytope):
+        calls.append(theta.shape)
+        return torch.softmax(theta, -1)
+
+    u = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    P = cs.load_polytope(path)  # by path alone the name is not trusted: another file may use it
+    with pytest.warns(UserWarning, match=r"a fast path is registered for \('test_my_simplex', 'entropy'\), but this "
+                                         r"polytope was loaded from .*my_simplex.yaml without registering it.*register_polytope"):
+        x = cs.relax(u, P, "entropy", 0.5)
+    assert not calls and torch.allclose(x, torch.softmax(u / 0.5, -1), atol=1e-9)  # the torch solver
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cs.relax(u, P, "entropy", 0.5)  # warned once per polytope, not at every step
+    with pytest.raises(cs.UnknownNameError, match="without registering it"):
+        cs.relax(u, P, "entropy", 0.5, backend="fast")
+    cs.register_polytope(path)
+    for Q in (P, cs.load_polytope("test_my_simplex")):
+        assert torch.equal(cs.relax(u, Q, "entropy", 0.5), torch.softmax(u / 0.5, -1))
+    assert len(calls) == 2
+    cs.testing.check_relaxation(P, "entropy")
+
+
+def test_check_relaxation_argument_errors():
+    P = cs.load_polytope("simplex", n=3)
+    with pytest.raises(cs.UnknownNameError, match="unknown reference 'cvxpy'"):
+        cs.testing.check_relaxation(P, "entropy", reference="cvxpy")
+    with pytest.raises(cs.InputError, match="reference='brute_force' computes the exp_family relaxation, not 'entropy'"):
+        cs.testing.check_relaxation(P, "entropy", reference="brute_force")
+    with pytest.raises(cs.InputError, match="atol must be a finite number > 0"):
+        cs.testing.check_relaxation(P, "entropy", atol=-1.0)
