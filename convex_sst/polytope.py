@@ -122,9 +122,9 @@ def register_polytope(path: str | Path) -> str:
     cfg = _read_config(path)
     if cfg.name in builtin_config_paths():
         raise RegistrationError(f"{path}: name {cfg.name!r} is taken by a built-in polytope; choose another name")
-    if cfg.name in _USER_CONFIGS and _USER_CONFIGS[cfg.name].resolve() != path.resolve():
+    if cfg.name in _USER_CONFIGS and _USER_CONFIGS[cfg.name] != path.resolve():
         raise RegistrationError(f"{path}: a polytope named {cfg.name!r} is already registered from {_USER_CONFIGS[cfg.name]}")
-    _USER_CONFIGS[cfg.name] = path
+    _USER_CONFIGS[cfg.name] = path.resolve()
     return cfg.name
 
 
@@ -197,16 +197,20 @@ class Polytope:
         self._lp: LinearProgram | None = None
         self._x_range: tuple[np.ndarray, np.ndarray] | None = None
         self._domain_ok: set[Regularizer] = set()
+        self._source: Path | None = None  # the config file, resolved (see ``keyed``)
         self.cache: dict[Any, Any] = {}  # compiled layers and fast-path state, keyed by their owners
         self._check_nonempty_bounded()
 
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles (copy.deepcopy(model), torch.save(model), worker processes) leave
         # out what is rebuilt on demand: the LP solver (a HiGHS handle cannot be pickled) and
-        # the cache of compiled layers and device tensors
+        # the cache of compiled layers and device tensors, and the regularizers already checked
+        # (a user's unregistered one holds lambdas, which pickle cannot store)
         state = dict(self.__dict__)
         state["_lp"] = None
         state["cache"] = {}
+        state["_domain_ok"] = set()
+        state["_source"] = None
         return state
 
     def __repr__(self) -> str:
@@ -268,8 +272,9 @@ class Polytope:
         its name with another file)."""
         if self.builtin:
             return True
-        path = _USER_CONFIGS.get(self.name)
-        return path is not None and path.resolve() == Path(self.config.source).resolve()
+        if self._source is None:
+            self._source = Path(self.config.source).resolve()
+        return _USER_CONFIGS.get(self.name) == self._source  # registered paths are stored resolved
 
     # ------------------------------------------------------------------ inputs
 

@@ -180,8 +180,9 @@ def relax(
         theta = u / t.reshape(tuple(t.shape) + (1,) * len(P.shape))
         _check_scaled(theta, u, t)
     theta = theta.reshape((-1,) + P.shape)
-    fn = select_backend(P, reg, backend)
-    options = check_options(P, reg, backend, options)
+    route = _route(P, reg, backend)
+    options = _check_options(P, reg, route, options)
+    fn = _backend_fn(route)
     with autocast_off(theta.device):
         x = fn(theta, P, reg, **options)
     return x.reshape(batch + P.shape)
@@ -199,9 +200,14 @@ def check_options(P: Polytope, reg: Regularizer, backend: str, options: dict[str
     ...). A user's fast path that takes ``**options`` checks them itself, and the values of
     its named options are its own business. :class:`SST` calls this when it is built.
     """
+    return _check_options(P, reg, _route(P, reg, backend), options) if options else options
+
+
+def _check_options(P: Polytope, reg: Regularizer, route: tuple[str, FastPath | None],
+                   options: dict[str, Any]) -> dict[str, Any]:
     if not options:
         return options
-    kind, fast = _route(P, reg, backend)
+    kind, fast = route
     if kind == "fast":
         params = list(inspect.signature(fast).parameters.values())
         if any(p.kind is p.VAR_KEYWORD for p in params):
@@ -267,7 +273,11 @@ def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath |
 
 def select_backend(P: Polytope, reg: Regularizer, backend: str) -> Callable[..., torch.Tensor]:
     """``fn(theta, P, reg, **options)`` of the backend :func:`relax` uses (options unchecked)."""
-    kind, fast = _route(P, reg, backend)
+    return _backend_fn(_route(P, reg, backend))
+
+
+def _backend_fn(route: tuple[str, FastPath | None]) -> Callable[..., torch.Tensor]:
+    kind, fast = route
     if kind == "torch":
         from .solver import relax_torch
 

@@ -110,3 +110,15 @@ def test_registration_catches_slips_where_they_are_made(change, message):
     with pytest.raises(cs.RegistrationError, match=message):
         cs.register_regularizer(cs.Regularizer(**{**fields, **change}))
     assert "test_bad" not in cs.available_regularizers()
+
+
+def test_a_polytope_used_with_an_unregistered_regularizer_still_pickles():
+    # the polytope remembers which regularizers passed its domain check; a user's unregistered
+    # one holds lambdas, which must not end up in pickles of the polytope (torch.save(model))
+    import pickle
+
+    P = cs.load_polytope("hypercube", n=3)
+    reg = scaled_quadratic("test_unregistered_quadratic", 2.0)
+    x = cs.relax(torch.tensor([0.5, 1.5, -1.0], dtype=torch.float64), P, reg, 1.0)
+    torch.testing.assert_close(x, torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64), atol=1e-9, rtol=0)
+    assert pickle.loads(pickle.dumps(P)).shape == (3,)
