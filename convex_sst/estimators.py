@@ -156,9 +156,10 @@ def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str |
         raise InputError(f"method must be 'exact' or 'monte_carlo', got {method!r}")
     limit = positive_int(limit, "limit")
     if method == "monte_carlo":
-        if as_int(num_samples) is None or as_int(num_samples) < 1:
+        count = as_int(num_samples)
+        if count is None or count < 1:
             raise InputError(f"method='monte_carlo' needs num_samples >= 1, got {num_samples!r}")
-        num_samples = as_int(num_samples)
+        num_samples = count
         with torch.no_grad():
             u = perturb(theta.detach().expand((num_samples,) + P.shape), nz, generator)
             X = P.argmax(u).reshape(num_samples, -1)
@@ -252,11 +253,12 @@ class EMABaseline:
     """
 
     def __init__(self, decay: float = 0.9, initial: float = 0.0):
-        if as_real(decay) is None or not 0.0 <= as_real(decay) < 1.0:
+        rate, start = as_real(decay), as_real(initial)
+        if rate is None or not 0.0 <= rate < 1.0:
             raise InputError(f"EMA decay must be a number in [0, 1), got {decay!r}")
-        if as_real(initial) is None or not math.isfinite(as_real(initial)):
+        if start is None or not math.isfinite(start):
             raise InputError(f"EMA initial value must be a finite number, got {initial!r}")
-        self.decay, self.value = as_real(decay), as_real(initial)
+        self.decay, self.value = rate, start
 
     def update(self, losses: torch.Tensor) -> float:
         used = self.value
