@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import yaml
 
-from .errors import ConvexSSTError
+from .errors import ConvexSSTError, PolytopeError
 
 
 def _at_least(lo: int):
@@ -80,6 +80,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     u = torch.randn((args.directions,) + P.shape, generator=gen, dtype=torch.float64)
     x = P.lp_argmax(u)  # raises PolytopeError if some vertex is fractional
     print(f"  integral     yes: LP argmax over {args.directions} random directions returned 0/1 vertices")
+    if P.argmax_name is not None:  # the config's own algorithm must find what the LP finds
+        gap = ((x - P.argmax(u)) * u).reshape(args.directions, -1).sum(1)  # ties may pick other vertices
+        worst = int(gap.abs().argmax())
+        if float(gap[worst].abs()) > 1e-9 * (1 + float(u[worst].abs().sum())):
+            raise PolytopeError(f"argmax {P.argmax_name!r} disagrees with the LP on direction {worst} of {args.directions}: "
+                                f"its structure scores {float((P.argmax(u[worst]) * u[worst]).sum()):.6g}, the LP's "
+                                f"{float((x[worst] * u[worst]).sum()):.6g}; the algorithm is not an exact argmax over this polytope")
+        print(f"  argmax       {P.argmax_name}: same scores as the LP on the {args.directions} directions")
     try:
         V = P.vertices(limit=args.max_vertices)
         print(f"  vertices     {V.shape[0]}")
@@ -92,7 +100,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         except ConvexSSTError as exc:
             status = f"NOT OK: {exc}"
         print(f"  regularizer  {r}: {status}")
-    del x
     print("OK")
     return 0
 

@@ -330,10 +330,17 @@ class Polytope:
         flat = u.detach().reshape((-1,) + self.shape)
         if flat.shape[0] == 0:                       # an empty batch: nothing to solve
             return torch.zeros_like(u.detach())
-        if self.argmax_name is not None:
-            out = _ARGMAX[self.argmax_name](flat, self)
-        else:
-            out = self.lp_argmax(flat)
+        if self.argmax_name is None:
+            return self.lp_argmax(flat).reshape(batch + self.shape)
+        out = _ARGMAX[self.argmax_name](flat, self)
+        if not isinstance(out, torch.Tensor) or out.shape != flat.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise PolytopeError(f"argmax {self.argmax_name!r} of {self._where()} returned {got} for utilities of "
+                                f"shape {tuple(flat.shape)}; it must return a 0/1 tensor of the same shape")
+        out = out.to(dtype=u.dtype, device=u.device)
+        if not bool(((out == 0) | (out == 1)).all()):
+            raise PolytopeError(f"argmax {self.argmax_name!r} of {self._where()} returned values other than 0 and 1; "
+                                "an argmax returns structures (vertices), not scores or marginals")
         return out.reshape(batch + self.shape)
 
     def lp_argmax(self, u: torch.Tensor) -> torch.Tensor:

@@ -109,3 +109,48 @@ def test_check_relaxation_argument_errors():
         cs.testing.check_relaxation(P, "entropy", reference="brute_force")
     with pytest.raises(cs.InputError, match="atol must be a finite number > 0"):
         cs.testing.check_relaxation(P, "entropy", atol=-1.0)
+
+
+PAIRS = """\
+name: test_pairs_{tag}
+params:
+  n: {{type: int, min: 2, default: 5}}
+output: {{name: x, shape: [n]}}
+constraints:
+  - sum(x) == 2
+  - 0 <= x <= 1
+argmax: {argmax}
+"""
+
+
+def test_check_command_compares_a_registered_argmax_with_the_lp(tmp_path, capsys):
+    from convex_sst.cli import main
+
+    def top(k):
+        return lambda u, polytope: torch.zeros_like(u).scatter_(-1, u.topk(k, -1).indices, 1.0)
+
+    cs.register_argmax("test_top2")(top(2))
+    cs.register_argmax("test_top1")(top(1))  # a slip: one item where the structure has two
+    for tag, algorithm in (("right", "test_top2"), ("wrong", "test_top1")):
+        (tmp_path / f"{tag}.yaml").write_text(PAIRS.format(tag=tag, argmax=algorithm))
+    assert main(["check", str(tmp_path / "right.yaml")]) == 0
+    assert "argmax       test_top2: same scores as the LP on the 20 directions" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "wrong.yaml")]) != 0
+    assert "argmax 'test_top1' disagrees with the LP on direction" in capsys.readouterr().err
+
+
+def test_a_registered_argmax_must_return_structures(tmp_path):
+    outputs = {"bool": lambda u, p: u == u.max(-1, keepdim=True).values,
+               "scores": lambda u, p: torch.softmax(u, -1),
+               "flat": lambda u, p: u.reshape(-1)}
+    for tag, fn in outputs.items():
+        cs.register_argmax(f"test_returns_{tag}")(fn)
+        (tmp_path / f"{tag}.yaml").write_text(PAIRS.format(tag=tag, argmax=f"test_returns_{tag}").replace(
+            "sum(x) == 2", "sum(x) == 1"))
+    u = torch.tensor([[0.1, 2.0, -1.0, 0.5, 0.3]])
+    x = cs.load_polytope(tmp_path / "bool.yaml").argmax(u)  # a bool 0/1 result is fine, returned in u's dtype
+    assert x.dtype == torch.float32 and x.tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(cs.PolytopeError, match="returned values other than 0 and 1"):
+        cs.load_polytope(tmp_path / "scores.yaml").argmax(u)
+    with pytest.raises(cs.PolytopeError, match=r"returned \(5,\) for utilities of shape \(1, 5\)"):
+        cs.load_polytope(tmp_path / "flat.yaml").argmax(u)
