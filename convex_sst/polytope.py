@@ -332,7 +332,10 @@ class Polytope:
             return torch.zeros_like(u.detach())
         if self.argmax_name is None:
             return self.lp_argmax(flat).reshape(batch + self.shape)
-        out = _ARGMAX[self.argmax_name](flat, self)
+        fn = _ARGMAX[self.argmax_name]
+        out = fn(flat, self)
+        if fn.__module__.startswith("convex_sst."):  # the library's own: tested, and no sync on CUDA
+            return out.reshape(batch + self.shape)
         if not isinstance(out, torch.Tensor) or out.shape != flat.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise PolytopeError(f"argmax {self.argmax_name!r} of {self._where()} returned {got} for utilities of "
