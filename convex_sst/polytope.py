@@ -291,7 +291,7 @@ class Polytope:
             raise InputError(f"{argname} must be a dense tensor, got layout {u.layout}; hint: {argname}.to_dense()")
         k = len(self.shape)
         if u.dim() < k or tuple(u.shape[u.dim() - k:]) != self.shape:
-            names = ", ".join(f"{k}=..." for k in self.params)
+            names = ", ".join(f"{p}=..." for p in self.params)
             raise InputError(
                 f"{argname} has shape {tuple(u.shape)}, expected (*batch, {', '.join(map(str, self.shape))}) "
                 f"for {self!r}; hint: the parameters fix the shape, so load the polytope for your size"
