@@ -60,9 +60,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_modules(names: Sequence[str]) -> None:
+    """Import the user's modules named by ``--import`` (run for their registrations)."""
+    import importlib
+
+    if names and "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")                     # as `python -m` does: the current directory
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise SystemExit(f"convex-sst: --import {name}: {exc}; give a module name (my_regs for "
+                             "my_regs.py in the current directory), not a path") from None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .polytope import load_polytope
 
+    _import_modules(args.imports)
     params = _parse_params(args.param)
     P = load_polytope(args.file, **params)
     form = P.form
@@ -143,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--directions", type=_at_least(0), default=20, help="random LP directions for the integrality check")
     p.add_argument("--max-vertices", type=_at_least(0), default=2000, help="enumerate vertices up to this count")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this Python module first (repeatable), e.g. the one that registers the "
+                        "regularizers or argmax algorithm your config names; the current directory is searched")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("diagnose", help="bias/variance/MSE of gradient estimators vs the exact gradient")
     p.add_argument("--polytope", default="k_subset", help="a structure with an exact SMT distribution")

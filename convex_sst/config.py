@@ -423,14 +423,18 @@ def parse_config(data: Mapping[str, Any], source: str, lines: dict | None = None
         if known_regularizers is not None:
             for i, r in enumerate(regs):
                 if r not in known_regularizers:
-                    raise cfg.error(("regularizers", i), str(unknown_name("regularizer", r, known_regularizers)))
+                    raise cfg.error(("regularizers", i), str(unknown_name(
+                        "regularizer", r, known_regularizers, hint="Register your own (convex_sst.register_regularizer) "
+                        "before loading the config; for `convex-sst check`, put that in a module and pass --import MODULE.")))
         cfg.regularizers = tuple(regs)
     argmax = data.get("argmax")
     if argmax is not None:
         if not isinstance(argmax, str):
             raise cfg.error(("argmax",), "argmax must be the name of a registered algorithm")
         if known_argmax is not None and argmax not in known_argmax:
-            raise cfg.error(("argmax",), str(unknown_name("argmax algorithm", argmax, known_argmax)))
+            raise cfg.error(("argmax",), str(unknown_name(
+                "argmax algorithm", argmax, known_argmax, hint="Register your own (convex_sst.register_argmax) "
+                "before loading the config; for `convex-sst check`, put that in a module and pass --import MODULE.")))
         cfg.argmax = argmax
     return cfg
 

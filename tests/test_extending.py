@@ -154,3 +154,25 @@ def test_a_registered_argmax_must_return_structures(tmp_path):
         cs.load_polytope(tmp_path / "scores.yaml").argmax(u)
     with pytest.raises(cs.PolytopeError, match=r"returned \(5,\) for utilities of shape \(1, 5\)"):
         cs.load_polytope(tmp_path / "flat.yaml").argmax(u)
+
+
+def test_check_command_imports_the_module_that_registers_a_regularizer(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from convex_sst.cli import main
+
+    (tmp_path / "test_cli_regs_module.py").write_text(
+        "import math\nimport convex_sst as cs\n"
+        "cs.register_regularizer(cs.Regularizer('test_cli_tsallis', 'Tsallis 1.5', None, None, (0.0, math.inf),\n"
+        "    lambda x: 2 * x.clamp_min(0).sqrt(), lambda x: x.rsqrt()))\n")
+    (tmp_path / "uses_it.yaml").write_text(MY_SIMPLEX.replace("test_my_simplex", "test_uses_cli_tsallis")
+                                           + "regularizers: [entropy, test_cli_tsallis]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    assert main(["check", "uses_it.yaml"]) == 1
+    assert ("unknown regularizer 'test_cli_tsallis'" in (err := capsys.readouterr().err)
+            and "pass --import MODULE" in err)
+    with pytest.raises(SystemExit, match="--import no_such_module: No module named 'no_such_module'"):
+        main(["check", "uses_it.yaml", "--import", "no_such_module"])
+    assert main(["check", "uses_it.yaml", "--import", "test_cli_regs_module"]) == 0
+    assert "regularizer  test_cli_tsallis: ok" in capsys.readouterr().out
