@@ -61,7 +61,9 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
         reference: ``"torch"`` (the interior-point solver; the default when the regularizer gives
             ``grad`` and ``hess``), ``"generic"`` (cvxpylayers; the default when it has only a
             cvxpy form) or ``"brute_force"`` (enumeration, ``exp_family`` only; its default).
-        temperatures: the temperatures t to test.
+        temperatures: the temperatures t to test (a sequence of numbers > 0).
+        num_samples, scale, seed: how many utilities to draw, their standard deviation, and the
+            seed of the generator that draws them.
         atol: largest accepted absolute difference in values and gradients; default 1e-6
             (1e-5 against ``"generic"``, whose solves are less accurate).
         **options: backend options for the backend under test.
@@ -86,6 +88,10 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
     if reference == "brute_force" and reg.name != "exp_family":
         raise InputError(f"reference='brute_force' computes the exp_family relaxation, not {reg.name!r}")
     tol = positive_real(atol, "atol", allow_none=True) or (1e-5 if reference == "generic" else 1e-6)
+    scale = positive_real(scale, "scale")
+    if isinstance(temperatures, (str, bytes)) or not isinstance(temperatures, Sequence) or not temperatures:
+        raise InputError(f"temperatures must be a non-empty sequence of numbers > 0, e.g. (0.5, 2.0), got {temperatures!r}")
+    temperatures = [positive_real(t, "each of temperatures") for t in temperatures]
     gen = torch.Generator().manual_seed(int(seed))
     u = scale * torch.randn((positive_int(num_samples, "num_samples"),) + P.shape, generator=gen, dtype=torch.float64)
     w = torch.randn(u.shape, generator=gen, dtype=torch.float64)  # cotangent of the VJP
@@ -97,7 +103,6 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
 
     rows = []
     for t in temperatures:
-        t = positive_real(t, "each temperature")
         got, want = [], []
         for which, out in ((backend, got), (reference, want)):
             v = u.clone().requires_grad_(True)

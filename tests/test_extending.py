@@ -109,6 +109,12 @@ def test_check_relaxation_argument_errors():
         cs.testing.check_relaxation(P, "entropy", reference="brute_force")
     with pytest.raises(cs.InputError, match="atol must be a finite number > 0"):
         cs.testing.check_relaxation(P, "entropy", atol=-1.0)
+    with pytest.raises(cs.InputError, match="scale must be a finite number > 0"):
+        cs.testing.check_relaxation(P, "entropy", scale=float("nan"))
+    with pytest.raises(cs.InputError, match="temperatures must be a non-empty sequence"):
+        cs.testing.check_relaxation(P, "entropy", temperatures=0.5)
+    with pytest.raises(cs.InputError, match="each of temperatures must be a finite number > 0, got 0"):
+        cs.testing.check_relaxation(P, "entropy", temperatures=(1.0, 0))
 
 
 PAIRS = """\
