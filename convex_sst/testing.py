@@ -89,6 +89,8 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
         raise InputError(f"reference='brute_force' computes the exp_family relaxation, not {reg.name!r}")
     tol = positive_real(atol, "atol", allow_none=True) or (1e-5 if reference == "generic" else 1e-6)
     scale = positive_real(scale, "scale")
+    if getattr(temperatures, "ndim", 0) == 1 and hasattr(temperatures, "tolist"):
+        temperatures = temperatures.tolist()          # a 1-d NumPy array or tensor
     if isinstance(temperatures, (str, bytes)) or not isinstance(temperatures, Sequence) or not temperatures:
         raise InputError(f"temperatures must be a non-empty sequence of numbers > 0, e.g. (0.5, 2.0), got {temperatures!r}")
     temperatures = [positive_real(t, "each of temperatures") for t in temperatures]

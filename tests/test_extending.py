@@ -115,6 +115,8 @@ def test_check_relaxation_argument_errors():
         cs.testing.check_relaxation(P, "entropy", temperatures=0.5)
     with pytest.raises(cs.InputError, match="each of temperatures must be a finite number > 0, got 0"):
         cs.testing.check_relaxation(P, "entropy", temperatures=(1.0, 0))
+    rows = cs.testing.check_relaxation(P, "entropy", temperatures=torch.tensor([0.5, 2.0]), num_samples=2)
+    assert [row["temperature"] for row in rows] == [0.5, 2.0]
 
 
 PAIRS = """\
