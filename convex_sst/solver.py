@@ -24,7 +24,10 @@ complement ``S = A M⁻¹ Aᵀ`` is assembled from a sparsity pattern shared by 
 Equality rows whose variables lie in disjoint blocks (``x = C y`` in flow formulations, the row
 sums of a Birkhoff polytope) give a diagonal block of S and are eliminated in closed form; the
 rest is Cholesky-factored with a relative ridge (and refined against the exact operator in the
-backward pass). A best-iterate safeguard and a stall test end each row.
+backward pass). A best-iterate safeguard and a stall test end each row. A row that stalls above
+the accepted residual (a degenerate problem: weakly active constraints, whose slacks fall only
+like sqrt(μ)) gets an active-set Newton polish from its best iterate, kept if its KKT residual
+is smaller.
 
 The backward pass is implicit differentiation of the active-set reduced KKT system at the
 solution (constraints classified by their slack, enforced by a penalty): one more block solve,
@@ -832,6 +835,44 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     better = torch.isfinite(resid) & (resid < best_res)
     z, y, s, lam, zl, zu = [torch.where(better[:, None], v, bv) for v, bv in zip((z, y, s, lam, zl, zu), best)]
     hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scale, z, y, s, lam, zl, zu)
+    # Rows that stalled above `accept`: degenerate problems, whose weakly active constraints (slack
+    # and multiplier both ~sqrt(μ)) need μ far below where the strongly active slacks reach the
+    # rounding floor (arborescences with nearly uniform utilities: every row stalled, x off by
+    # 8e-6). From the best iterate, an active-set Newton polish (_polish); a candidate is kept
+    # where its own KKT residual (with its bound, sign and inequality violations) is smaller. A
+    # held constraint whose multiplier comes out negative is dropped, a dropped one that is
+    # violated is held, and the polish repeated (at most 3 rounds). Rows within `accept` are left
+    # as they are: the polish costs up to 18 Newton factorizations however few rows it works on.
+    need = (torch.isfinite(resid) & (resid > accept)).nonzero()[:, 0]
+    if need.numel():
+        th, sc = _rows(theta, need), scale[need]
+        start = [v[need] for v in (z, y, s, lam, zl, zu)]
+        held = _held_constraints(start, mu[need], T)
+        keep_res, keep = resid[need].clone(), [v.clone() for v in start]
+        for _ in range(3):
+            cand = _polish(th, start, held, T, sf, reg, eps_aux)
+            viol = _violation(cand, T) / sc
+            clamped = cand[:3] + [v.clamp_min(0.0) for v in cand[3:]]
+            cres = state(th, sc, *clamped)[-1]
+            cres = torch.where(torch.isfinite(viol), torch.maximum(cres, viol), math.inf)
+            take = torch.isfinite(cres) & (cres < keep_res)
+            keep_res = torch.where(take, cres, keep_res)
+            for kv, cv in zip(keep, clamped):
+                kv[take] = cv[take]
+            if bool((keep_res <= 10 * tol).all()):
+                break
+            new_held = _reclassify(held, cand, T)
+            if all(bool(torch.equal(a, b)) for a, b in zip(new_held, held)):
+                break
+            held = new_held
+        better = keep_res < resid[need]
+        if bool(better.any()):
+            rows = need[better]
+            z, y, s, lam, zl, zu = [v.clone() for v in (z, y, s, lam, zl, zu)]
+            for v, kv in zip((z, y, s, lam, zl, zu), keep):
+                v[rows] = kv[better]
+            hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scale, z, y, s, lam, zl, zu)
+            resid[rows] = torch.maximum(resid[rows], keep_res[better])
     # The backward solves the reduced KKT system of the limit problem: constraints whose slack is
     # (numerically) zero are active and enforced by a penalty, the others are dropped. Classifying
     # by the slack is robust to degenerate multipliers (dependent active constraints, as in flow
@@ -845,6 +886,96 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     Sback = torch.where(s <= thr, big, 0.0).to(dtype) if p else None
     report = SolveReport(converged=(resid <= accept) & torch.isfinite(resid), iterations=iters, kkt_residual=resid, tol=tol)
     return z, (Dback, Sback), report
+
+
+def _held_constraints(it: list[torch.Tensor], mu: torch.Tensor, T: dict) -> tuple[torch.Tensor, ...]:
+    """Masks (0/1, the iterates' dtype) of the bounds and inequality rows the polish holds as
+    equalities: those whose multiplier exceeds their slack, or whose slack is below 1e3·sqrt(μ)
+    (weakly active: slack and multiplier both ~sqrt(μ)). The ends of an open domain never are."""
+    z, _, s, lam, zl, zu = it
+    near = 1e3 * mu.clamp_min(0.0).sqrt()[:, None]
+    gl, gu = z - T["L"], T["U"] - z
+    act_l = T["hasL"] & ~T["domL"] & ((zl >= gl) | (gl <= near))
+    act_u = T["hasU"] & ~T["domU"] & ((zu >= gu) | (gu <= near))
+    act_g = (lam >= s) | (s <= near)
+    return tuple(a.to(z.dtype) for a in (act_l, act_u, act_g))
+
+
+def _reclassify(held: tuple[torch.Tensor, ...], it: list[torch.Tensor], T: dict) -> tuple[torch.Tensor, ...]:
+    """One active-set update: drop held constraints whose multiplier is negative, hold dropped
+    ones that the polished point violates."""
+    z, _, _, lam, zl, zu = it
+    act_l, act_u, act_g = (a > 0 for a in held)
+    act_l = (act_l & (zl >= 0)) | (~act_l & T["hasL"] & ~T["domL"] & (z < T["L"]))
+    act_u = (act_u & (zu >= 0)) | (~act_u & T["hasU"] & ~T["domU"] & (z > T["U"]))
+    if T["Gop"].shape[0]:
+        act_g = (act_g & (lam >= 0)) | (~act_g & (T["Gop"].fwd(z) > T["h"]))
+    return tuple(a.to(z.dtype) for a in (act_l, act_u, act_g))
+
+
+def _polish(theta: torch.Tensor, it: list[torch.Tensor], held: tuple[torch.Tensor, ...], T: dict,
+            sf: StandardForm, reg: Regularizer, eps_aux: float, outer: int = 3, inner: int = 2) -> list[torch.Tensor]:
+    """Active-set Newton polish of interior-point iterates ``it = [z, y, s, λ, zl, zu]`` (rows).
+
+    The constraints in ``held`` (:func:`_held_constraints`) are equalities, enforced by an
+    augmented Lagrangian (penalty ρ = 1e4: larger ones amplify the rounding of ``G z − h`` into
+    the multipliers), the others dropped: ``outer`` multiplier updates, each after ``inner``
+    Newton steps on ``f(x) − θᵀx + ε/2‖aux‖²`` subject to ``A z = b`` (damped to stay inside the
+    regularizer's open domain). A proximal term on the auxiliary variables keeps their degenerate
+    directions (flows the objective does not determine) where the barrier left them, inside the
+    dropped bounds. Returns new iterates, multipliers unclamped (the caller checks them).
+    """
+    z, y, s, lam, zl, zu = (v.clone() for v in it)
+    act_l, act_u, act_g = held
+    d = sf.d
+    b, hv, Lb, Ub = T["b"], T["h"], T["L"], T["U"]
+    Aop, Gop = T["Aop"], T["Gop"]
+    m, p = Aop.shape[0], Gop.shape[0]
+    rho, prox = 1e4, 1e-2
+    dlo, dhi = sf.domain
+    hh = torch.full_like(z, eps_aux + prox)
+    for _ in range(outer):
+        for _ in range(inner):
+            x = z[:, :d]
+            g = eps_aux * z
+            g[:, :d] = reg.grad(x) - theta
+            hh[:, :d] = reg.hess(x)
+            # the augmented Lagrangian's gradient: ∇f + Aᵀy + Σ_held (multiplier + ρ·violation)·∇c
+            g = g - act_l * (zl + rho * (Lb - z)) + act_u * (zu + rho * (z - Ub))
+            if p:
+                g = g + Gop.adj(act_g * (lam + rho * (Gop.fwd(z) - hv)))
+            if m:
+                g = g + Aop.adj(y)
+            newton = _Newton(T, hh + rho * (act_l + act_u), rho * act_g if p else None)
+            dz, dy = newton.solve(-g, (b - Aop.fwd(z)) if m else None)
+            a = torch.ones_like(z[:, 0])
+            dx = dz[:, :d]
+            if math.isfinite(dlo):
+                a = torch.minimum(a, torch.where(dx < 0, 0.99 * (x - dlo) / (-dx), math.inf).amin(1))
+            if math.isfinite(dhi):
+                a = torch.minimum(a, torch.where(dx > 0, 0.99 * (dhi - x) / dx, math.inf).amin(1))
+            z = z + a[:, None] * dz
+            if m:
+                y = y + a[:, None] * dy
+        zl = act_l * (zl + rho * (Lb - z))
+        zu = act_u * (zu + rho * (z - Ub))
+        if p:
+            lam = act_g * (lam + rho * (Gop.fwd(z) - hv))
+    if p:
+        s = (hv - Gop.fwd(z)).clamp_min(0.0)
+    return [z, y, s, lam, zl, zu]
+
+
+def _violation(it: list[torch.Tensor], T: dict) -> torch.Tensor:
+    """Per row, the largest bound violation, inequality violation or negative multiplier of
+    polished iterates (0 when there is none)."""
+    z, _, _, lam, zl, zu = it
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    v = torch.maximum(torch.where(T["hasL"], T["L"] - z, zero).amax(1), torch.where(T["hasU"], z - T["U"], zero).amax(1))
+    v = torch.maximum(v, torch.maximum((-zl).amax(1), (-zu).amax(1)))
+    if T["Gop"].shape[0]:
+        v = torch.maximum(v, torch.maximum((-lam).amax(1), (T["Gop"].fwd(z) - T["h"]).amax(1)))
+    return v.clamp_min(0.0)
 
 
 class _TorchSST(torch.autograd.Function):

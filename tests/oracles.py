@@ -77,3 +77,52 @@ def f_value(x: np.ndarray, regularizer: str) -> np.ndarray:
     if regularizer == "quadratic":
         return 0.5 * (x * x).sum(-1)
     raise KeyError(regularizer)
+
+
+def near_uniform_arborescence(theta: np.ndarray, root: int, regularizer: str, iters: int = 200) -> np.ndarray:
+    """``argmax θᵀx − f(x)`` over arborescences rooted at ``root`` for nearly uniform ``θ`` (n, n),
+    ``f`` the entropy or ½‖x‖², by the closed form of the relaxation that keeps only the in-degree
+    equalities and the root's cut ``Σ_m x[root, m] ≥ 1``: every column a softmax (sparsemax) of
+    ``θ[:, m] + κ e_root`` over the parents h ≠ m, κ = 0 if the cut holds there, else κ > 0 by
+    bisection so that it holds with equality. Near the uniform point this relaxation is the
+    polytope (the other cuts ``x(δ⁻(S)) ≥ 1``, 2 ≤ |S| ≤ n − 2, are slack by a margin): the
+    caller checks that with :func:`arborescence_cut_slack`."""
+    n = theta.shape[0]
+    column = softmax if regularizer == "entropy" else sparsemax
+
+    def x_of(kappa: float) -> np.ndarray:
+        x = np.zeros((n, n))
+        for m in range(n):
+            if m == root:
+                continue
+            hs = [h for h in range(n) if h != m]
+            v = theta[hs, m].copy()
+            v[hs.index(root)] += kappa
+            x[hs, m] = column(v)
+        return x
+
+    def cut(kappa: float) -> float:
+        return x_of(kappa)[root].sum() - 1.0
+
+    if cut(0.0) >= 0:
+        return x_of(0.0)
+    lo, hi = 0.0, 1.0
+    while cut(hi) < 0:
+        hi *= 2
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cut(mid) < 0 else (lo, mid)
+    return x_of(hi)
+
+
+def arborescence_cut_slack(x: np.ndarray, root: int) -> float:
+    """The smallest ``x(δ⁻(S)) − 1`` over vertex sets S without the root, 2 ≤ |S| ≤ n − 2."""
+    n = x.shape[0]
+    others = [v for v in range(n) if v != root]
+    worst = np.inf
+    for k in range(2, n - 1):
+        for S in itertools.combinations(others, k):
+            inside = np.zeros(n, dtype=bool)
+            inside[list(S)] = True
+            worst = min(worst, x[~inside][:, inside].sum() - 1.0)
+    return worst
