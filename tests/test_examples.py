@@ -150,6 +150,24 @@ def test_listops_temperature_schedule_runs_from_first_to_final(monkeypatch):
     with pytest.raises(SystemExit):                                     # argparse rejects t <= 0
         run.main(["--quick", "--final-temperature", "-1"])
 
+def test_listops_data_size_options(tmp_path):
+    """--max-depth, --max-len and --rounds reach the config (the paper's scale is depth 5, length
+    50); the data respects them, and values below 1 are rejected."""
+    run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
+    out = run.main(["--quick", "--methods", "arborescence", "--max-depth", "2", "--rounds", "2", "--workers", "1",
+                    "--out", str(tmp_path)])
+    assert out["config"]["max_depth"] == 2 and out["config"]["rounds"] == 2
+    for tokens, parents, _ in run.make_dataset(200, 0, max_depth=2, max_args=4, max_len=20):
+        assert len(tokens) <= 20
+        hops = [0] * len(tokens)
+        for m in range(1, len(tokens)):
+            hops[m] = hops[parents[m]] + 1          # parents come before their children
+        assert max(hops) <= 2
+    for flag in ("--max-depth", "--max-len", "--rounds"):
+        with pytest.raises(SystemExit):
+            run.main(["--quick", flag, "0"])
+
+
 def test_sorting_quick_learns_to_sort_five_numbers(tmp_path):
     run = _load(EXAMPLES / "sorting" / "run.py", "sorting_run")
     out = run.main(["--quick", "--out", str(tmp_path)])

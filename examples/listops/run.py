@@ -334,10 +334,18 @@ def main(argv=None) -> dict:
                     help="anneal the temperature geometrically, per update, from --temperature to this")
     ap.add_argument("--lr", type=float, default=Config.lr, help="Adam learning rate")
     ap.add_argument("--mode", default=Config.mode, choices=["relaxed", "straight_through"])
+    ap.add_argument("--max-depth", type=int, default=Config.max_depth, help="operator nesting depth (paper: 5)")
+    ap.add_argument("--max-len", type=int, default=Config.max_len, help="tokens per expression (paper: 50)")
+    ap.add_argument("--rounds", type=int, default=Config.rounds,
+                    help="message-passing rounds (at least --max-depth: a value climbs one level per round)")
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
+    for name in ("max_depth", "max_len", "rounds"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     base = Config(epochs=a.epochs, num_train=a.num_train, temperature=a.temperature, mode=a.mode,
-                  lr=a.lr, final_temperature=a.final_temperature)
+                  lr=a.lr, final_temperature=a.final_temperature, max_depth=a.max_depth, max_len=a.max_len,
+                  rounds=a.rounds)
     if a.quick:
         base = replace(base, epochs=1, num_train=300, num_test=100, max_len=16)
         a.seeds = 1
