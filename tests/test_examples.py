@@ -150,6 +150,7 @@ def test_listops_temperature_schedule_runs_from_first_to_final(monkeypatch):
     with pytest.raises(SystemExit):                                     # argparse rejects t <= 0
         run.main(["--quick", "--final-temperature", "-1"])
 
+
 def test_listops_data_size_options(tmp_path):
     """--max-depth, --max-len and --rounds reach the config (the paper's scale is depth 5, length
     50); the data respects them, and values below 1 are rejected."""
