@@ -10,6 +10,31 @@ import torch
 from .errors import NotSupportedError
 
 
+def graph_break(fn):
+    """Decorator: under ``torch.compile``, ``fn`` runs eagerly as a graph break, as with
+    ``torch.compiler.disable`` (the solvers branch on values and call SciPy and HiGHS).
+
+    ``torch.compiler.disable`` imports ``torch._dynamo`` when it decorates, which cost
+    ``import convex_sst`` about 0.65 s (a third of its import time) in programs that never
+    compile. Here ``fn`` is disabled lazily, the first time it is reached while compiling; dynamo
+    then logs one extra graph break on that first trace ("function marked as skipped:
+    disable"). Torch versions without ``torch.compiler.is_compiling`` are decorated at once.
+    """
+    if not callable(getattr(torch.compiler, "is_compiling", None)):
+        return torch.compiler.disable(fn)
+    disabled: list = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return wrapper
+
+
 def autocast_off(device: torch.device):
     """A context in which autocast is off for ``device``'s type (a null context where it is off
     already): the solvers and their backward passes need the precision they were given, and

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._autograd import graph_break
 from ._scalars import as_real, positive_int
 from .config import PolytopeConfig, load_config_file
 from .errors import ConfigError, InputError, PolytopeError, RegistrationError, unknown_name
@@ -315,7 +316,7 @@ class Polytope:
 
     # ------------------------------------------------------------------ SMT
 
-    @torch.compiler.disable  # a graph break under torch.compile (SciPy, LP solvers, union-find)
+    @graph_break  # a graph break under torch.compile (SciPy, LP solvers, union-find)
     def argmax(self, u: torch.Tensor) -> torch.Tensor:
         """Hard structure ``X = argmax_{x in 𝒳} uᵀx`` (the stochastic argmax trick).
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._autograd import autocast_off
+from ._autograd import autocast_off, graph_break
 from ._scalars import as_real, check_backend_options
 from .errors import InputError, UnknownNameError, unknown_name, warn_user
 from .polytope import Polytope, load_polytope
@@ -128,7 +128,7 @@ def _check_scaled(theta: torch.Tensor, u: torch.Tensor, t: float | torch.Tensor)
     )
 
 
-@torch.compiler.disable  # a graph break under torch.compile: the solvers branch on values
+@graph_break  # a graph break under torch.compile: the solvers branch on values
 def relax(
     u: torch.Tensor,
     polytope: Polytope | str,

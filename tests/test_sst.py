@@ -1,6 +1,8 @@
 """The SST module and function: noise, modes, reproducibility, gradients."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,6 +121,18 @@ def test_sst_layer_under_torch_compile(name, reg):
         got = torch.autograd.grad(exact(x), list(lin.parameters()))
         want = torch.autograd.grad(model(x, None), list(lin.parameters()))
         assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, want))
+
+
+def test_eager_use_does_not_import_dynamo():
+    # torch.compiler.disable imports torch._dynamo when it decorates (about 0.65 s, a third of
+    # `import convex_sst`); relax and argmax are disabled lazily, on the first compiled call
+    # (that path is test_sst_layer_under_torch_compile)
+    code = ("import sys, torch, convex_sst as cs; P = cs.load_polytope('k_subset', n=5, k=2); "
+            "u = torch.randn(3, 5); cs.relax(u, P, 'exp_family'); P.argmax(u); "
+            "cs.SST(P, 'entropy', mode='straight_through')(u); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("name, reg", [("k_subset", "exp_family"), ("birkhoff", "entropy"),
