@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 
 from .errors import NotSupportedError
 
 
-def graph_break(fn):
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def graph_break(fn: F) -> F:
     """Decorator: under ``torch.compile``, ``fn`` runs eagerly as a graph break, as with
     ``torch.compiler.disable`` (the solvers branch on values and call SciPy and HiGHS).
 
@@ -21,18 +26,18 @@ def graph_break(fn):
     disable"). Torch versions without ``torch.compiler.is_compiling`` are decorated at once.
     """
     if not callable(getattr(torch.compiler, "is_compiling", None)):
-        return torch.compiler.disable(fn)
-    disabled: list = []
+        return cast(F, torch.compiler.disable(fn))
+    disabled: list[Callable[..., Any]] = []
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if not disabled:
             disabled.append(torch.compiler.disable(fn))
         return disabled[0](*args, **kwargs)
 
-    return wrapper
+    return cast(F, wrapper)
 
 
 def autocast_off(device: torch.device):
@@ -46,7 +51,7 @@ def autocast_off(device: torch.device):
     return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
 
 
-def _differentiates(fn):
+def _differentiates(fn: F) -> F:
     """Decorator for functions that run autograd inside (estimators, diagnostics, exact fallbacks): they
     run with inference mode off, since autograd cannot record inference tensors, and tensor
     arguments made under inference mode are copied first; also fine under ``no_grad``."""
@@ -55,11 +60,11 @@ def _differentiates(fn):
         return v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode(False):
             return fn(*map(plain, args), **{k: plain(v) for k, v in kwargs.items()})
 
-    return wrapper
+    return cast(F, wrapper)
 
 
 class _NoSecondDerivative(torch.autograd.Function):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -28,6 +28,12 @@ def as_int(value: Any) -> int | None:
     if real is None or not real.is_integer():
         return None
     return int(real)
+
+
+@overload
+def positive_real(value: Any, what: str, allow_none: Literal[False] = False) -> float: ...
+@overload
+def positive_real(value: Any, what: str, allow_none: bool) -> float | None: ...
 
 
 def positive_real(value: Any, what: str, allow_none: bool = False) -> float | None:

@@ -111,14 +111,15 @@ def _cle(W: np.ndarray, root: int) -> np.ndarray:
     index = {v: i for i, v in enumerate(rest)}
     m = c + 1
     W2 = np.full((m, m), -np.inf)
-    W2[:c, :c] = W[np.ix_(rest, rest)]
+    rest_a = np.asarray(rest, dtype=np.intp)
+    W2[:c, :c] = W[np.ix_(rest_a, rest_a)]
     cyc = np.array(cycle)
     # arcs into the cycle: gain of replacing the cycle arc into v by h -> v
-    into = W[np.ix_(rest, cyc)] - W[parent[cyc], cyc][None, :]
+    into = W[np.ix_(rest_a, cyc)] - W[parent[cyc], cyc][None, :]
     best_in = into.argmax(1)
     W2[:c, c] = into[np.arange(c), best_in]
     # arcs out of the cycle: the best cycle node as tail
-    out = W[np.ix_(cyc, rest)]
+    out = W[np.ix_(cyc, rest_a)]
     best_out = out.argmax(0)
     W2[c, :c] = out[best_out, np.arange(c)]
     sub = _cle(W2, index[root])
@@ -160,7 +161,7 @@ def dag_longest_path(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     s, t = int(polytope.params["source"]), int(polytope.params["target"])
     A = np.asarray(polytope.data["A"])
     order = _topological_order(n, A)
-    incoming = [[] for _ in range(n)]
+    incoming: list[list[tuple[int, int]]] = [[] for _ in range(n)]
     for a, (h, m) in enumerate(A):
         incoming[m].append((a, h))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ def _score_estimates(loss_fn, theta, P, R, K, loo, generator, noise):
 
 @_differentiates
 def diagnose(polytope: Polytope | str, regularizer: str = "entropy", loss_fn: LossFn | None = None,
-             temperatures: Sequence[float] = (0.1, 0.3, 1.0, 3.0), theta: torch.Tensor | None = None,
+             temperatures: float | Sequence[float] = (0.1, 0.3, 1.0, 3.0), theta: torch.Tensor | None = None,
              num_estimates: int = 400, num_samples: int = 4, estimators: Sequence[str] = ESTIMATORS,
              seed: int = 0, noise: str = "gumbel") -> list[dict]:
     """Estimate bias, variance and MSE of each estimator (and temperature) against the exact gradient.
@@ -83,13 +83,14 @@ def diagnose(polytope: Polytope | str, regularizer: str = "entropy", loss_fn: Lo
     num_samples = positive_int(num_samples, "num_samples")
     if "score_function_loo" in estimators and num_samples < 2:
         raise InputError("score_function_loo needs num_samples >= 2 (leave-one-out baseline)")
-    if isinstance(temperatures, (str, bytes)) or not hasattr(temperatures, "__iter__"):
-        temperatures = [temperatures]                # one temperature
-    temperatures = [positive_real(t, "each temperature") for t in temperatures]
-    if as_int(seed) is None:
+    if isinstance(temperatures, Iterable) and not isinstance(temperatures, (str, bytes)):
+        temps = [positive_real(t, "each temperature") for t in temperatures]
+    else:  # one temperature
+        temps = [positive_real(temperatures, "each temperature")]
+    seed_int = as_int(seed)
+    if seed_int is None:
         raise InputError(f"seed must be an integer, got {seed!r}")
-    seed = as_int(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed_int)
     if theta is None:
         theta = torch.randn(P.shape, generator=gen, dtype=torch.float64)
     _check_theta(theta, P)
@@ -110,7 +111,7 @@ def diagnose(polytope: Polytope | str, regularizer: str = "entropy", loss_fn: Lo
 
     for name in estimators:
         if name in ("sst", "straight_through"):
-            for t in temperatures:
+            for t in temps:
                 est = sst_gradient(loss_fn, theta, P, regularizer, t, R * K, straight_through=name == "straight_through",
                                    generator=gen, noise=noise, per_sample=True)
                 summarize(name, t, est.reshape(R, K, -1).mean(1))

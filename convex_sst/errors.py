@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+import types
 import warnings
 from collections.abc import Iterable
 
@@ -66,9 +67,9 @@ def unknown_name(kind: str, name: object, available: Iterable[str], hint: str = 
 
 def _internal_dirs() -> tuple[str, ...]:
     dirs = [os.path.dirname(os.path.abspath(__file__))]
-    torch = sys.modules.get("torch")
-    if torch is not None and getattr(torch, "__file__", None):
-        dirs.append(os.path.dirname(os.path.abspath(torch.__file__)))
+    torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+    if torch_file:
+        dirs.append(os.path.dirname(os.path.abspath(torch_file)))
     return tuple(d + os.sep for d in dirs)
 
 
@@ -80,7 +81,8 @@ def warn_user(message: str, category: type[Warning] = SolverWarning) -> None:
     would point into those frames, so the first frame outside both packages is found instead.
     """
     internal = _internal_dirs()
-    frame, level = sys._getframe(1), 1
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1 if frame is not None else 1)

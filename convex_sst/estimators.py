@@ -124,7 +124,7 @@ def _greedy_sequences(P: Polytope, limit: int) -> tuple[np.ndarray, np.ndarray, 
 
     dfs([], [])
     picks_a = np.asarray(picks)
-    keys = {}
+    keys: dict[tuple[int, ...], int] = {}
     ids = np.array([keys.setdefault(tuple(sorted(p)), len(keys)) for p in picks_a.tolist()])
     return picks_a, np.asarray(relevant), ids
 
@@ -132,7 +132,7 @@ def _greedy_sequences(P: Polytope, limit: int) -> tuple[np.ndarray, np.ndarray, 
 def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str | Noise = "gumbel",
                      method: str = "exact", num_samples: int | None = None,
                      generator: torch.Generator | None = None, limit: int = 200_000,
-                     return_stderr: bool = False):
+                     return_stderr: bool = False) -> tuple[torch.Tensor, ...]:
     """The distribution of ``X = argmax_{x∈𝒳} (θ + G)ᵀx`` over the vertices.
 
     Args:

@@ -28,7 +28,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -249,7 +249,7 @@ def tokenize(text: str) -> list[tuple[str, str, int]]:
                 "expressions use numbers, names, + - * / @, comparisons ==, <=, >=, "
                 "calls f(...), indexing a[...] and .T"
             )
-        kind = m.lastgroup
+        kind = cast(str, m.lastgroup)  # every alternative of _TOKEN is a named group
         tokens.append((kind, m.group(kind), m.start(kind)))
         pos = m.end()
     tokens.append(("end", "", len(text)))
@@ -492,7 +492,7 @@ class Evaluator:
         raise ExprError(f"internal: unknown node {tag!r}")
 
     def _index(self, value: Any, subs: tuple) -> Any:
-        key = []
+        key: list[Any] = []
         for s in subs:
             if s[0] == "sub":
                 v = np.asarray(self.evaluate(s[1]))

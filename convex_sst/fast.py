@@ -296,7 +296,7 @@ def _tree_passes(w: torch.Tensor, k: int, wdot: torch.Tensor | None = None, save
     B, n = w.shape
     # leaves paired at once: level 1 holds (1 + w_a z)(1 + w_b z) = 1 + (w_a + w_b) z + w_a w_b z²
     wa, wb = (w[:, 0::2], torch.cat([w[:, 1::2], w.new_zeros(B, n % 2)], 1))
-    if saved is None:
+    if wdot is None or saved is None:  # the primal pass (the tangent pass needs both)
         ups = [torch.stack([torch.ones_like(wa), wa + wb, wa * wb], -1)[..., : k + 1]]
         while ups[-1].shape[1] > 1:
             ups.append(_poly_mul(*_pairs(ups[-1]), k))
@@ -971,14 +971,15 @@ def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_rang
         raise InputError(f"method must be 'auto', 'inverse' or 'elimination', got {method!r}")
     t = _clip_range(theta, max_range)
     logw = pack(t).masked_fill(~mask, _neg(theta.dtype))
-    B = theta.shape[0]
-    bad = torch.ones(B, dtype=torch.bool, device=theta.device)
-    mu = None
-    if method in ("auto", "inverse"):
-        mu, bad = _inverse_marginals(logw, mask, root, _COND_LIMIT if method == "auto" else math.inf)
+    def eliminate(logw: torch.Tensor) -> torch.Tensor:
+        return _autograd_gradient(lambda x: log_partition_arborescences(x, root), logw) * mask
+
+    if method == "elimination":
+        return eliminate(logw)
+    mu, bad = _inverse_marginals(logw, mask, root, _COND_LIMIT if method == "auto" else math.inf)
     if bool(bad.any()):
-        mu_e = _autograd_gradient(lambda x: log_partition_arborescences(x, root), logw[bad]) * mask
-        mu = mu_e if mu is None or bool(bad.all()) else mu.index_put((bad.nonzero()[:, 0],), mu_e)
+        mu_e = eliminate(logw[bad])
+        mu = mu_e if bool(bad.all()) else mu.index_put((bad.nonzero()[:, 0],), mu_e)
     return mu
 
 

@@ -49,6 +49,12 @@ WARN_RESIDUAL = 1e-6
 
 def build_problem(polytope: Polytope, reg: Regularizer) -> tuple[cp.Problem, cp.Parameter, list[cp.Variable]]:
     """The cvxpy program ``max θᵀx − f(x) s.t. z in Q`` with θ the only parameter."""
+    if reg.cvxpy is None:
+        raise SolverError(
+            f"regularizer {reg.name!r} has no cvxpy form, so there is no generic path for it; "
+            "use backend='fast' (see convex_sst.available_fast_paths())"
+        )
+    f = reg.cvxpy
     form = polytope.form
     d = form.out_size
     x = cp.Variable(d, name="x")
@@ -80,7 +86,7 @@ def build_problem(polytope: Polytope, reg: Regularizer) -> tuple[cp.Problem, cp.
         fin = np.flatnonzero(np.isfinite(hi))
         if fin.size:
             cons.append(var[fin] <= hi[fin])
-    prob = cp.Problem(cp.Maximize(theta @ x - reg.cvxpy(x)), cons)
+    prob = cp.Problem(cp.Maximize(theta @ x - f(x)), cons)
     if not prob.is_dpp():  # pragma: no cover - a regularizer using parameters
         raise SolverError(f"the generic program for {polytope!r} with {reg.name!r} is not DPP")
     return prob, theta, variables
@@ -92,11 +98,6 @@ class GenericLayer:
     def __init__(self, polytope: Polytope, reg: Regularizer):
         from cvxpylayers.torch import CvxpyLayer
 
-        if reg.cvxpy is None:
-            raise SolverError(
-                f"regularizer {reg.name!r} has no cvxpy form, so there is no generic path for it; "
-                "use backend='fast' (see convex_sst.available_fast_paths())"
-            )
         self.polytope = polytope
         self.reg = reg
         self.problem, self.theta, variables = build_problem(polytope, reg)

@@ -12,6 +12,7 @@ config expression language (see :data:`CONFIG_FUNCTIONS`). Graph conventions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -162,7 +163,7 @@ def _delete(arr: Any, index: Any, axis: Any = 0) -> np.ndarray:
 
 
 #: Constant functions exposed to config expressions (linear ones live in :mod:`expr`).
-CONFIG_FUNCTIONS = {
+CONFIG_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "range": lambda n: np.arange(_int(n, "range bound")),
     "eye": lambda n: np.eye(_int(n, "n")),
     "ones": lambda *shape: np.ones(_shape(shape)),

@@ -166,13 +166,16 @@ class LinearProgram:
 
     def is_feasible(self, lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> bool:
         """Whether some z in Q has ``lower <= x <= upper`` (defaults: the form's own bounds)."""
-        self._set_cost(np.zeros(self.form.out_size))
-        if lower is not None:
-            self._set_x_bounds(lower, upper)
+        n = self.form.out_size
+        self._set_cost(np.zeros(n))
+        bounded = lower is not None or upper is not None
+        if bounded:
+            self._set_x_bounds(self.form.lb[:n] if lower is None else lower,
+                               self.form.ub[:n] if upper is None else upper)
         try:
             status = self._run()
         finally:
-            if lower is not None:
+            if bounded:
                 self._reset_x_bounds()
         if status not in ("optimal", "infeasible"):
             raise SolverError(f"HiGHS returned status {status!r} on a feasibility problem")
@@ -190,7 +193,7 @@ class LinearProgram:
                 c = np.zeros(n)
                 c[j] = sign
                 status, z = self.maximize(c)
-                if status == "optimal":
+                if z is not None:  # optimal
                     arr[j] = z[j]
                 elif status == "unbounded":
                     arr[j] = sign * np.inf

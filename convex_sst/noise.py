@@ -8,6 +8,8 @@ is accepted.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import overload
 
 import torch
 
@@ -27,8 +29,9 @@ class Noise:
 
     name = "noise"
 
-    def sample(self, shape, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None) -> torch.Tensor:
+    def sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        """i.i.d. noise of ``shape``."""
         raise NotImplementedError
 
     def log_prob(self, g: torch.Tensor) -> torch.Tensor:
@@ -50,18 +53,19 @@ class Gumbel(Noise):
     def __init__(self, scale: float = 1.0):
         self.scale = positive_real(scale, "Gumbel scale")
 
-    def sample(self, shape, generator=None, dtype=torch.float32, device=None):
+    def sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         v = _draw(torch.rand, shape, generator, dtype, device)
         tiny = torch.finfo(dtype).tiny
         eps = torch.finfo(dtype).eps
         v = v.clamp(min=tiny, max=1.0 - eps)
         return -self.scale * torch.log(-torch.log(v))
 
-    def log_prob(self, g):
+    def log_prob(self, g: torch.Tensor) -> torch.Tensor:
         z = g / self.scale
         return -z - torch.exp(-z) - math.log(self.scale)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Gumbel(scale={self.scale})"
 
 
@@ -73,18 +77,27 @@ class Gaussian(Noise):
     def __init__(self, scale: float = 1.0):
         self.scale = positive_real(scale, "Gaussian scale")
 
-    def sample(self, shape, generator=None, dtype=torch.float32, device=None):
+    def sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         return self.scale * _draw(torch.randn, shape, generator, dtype, device)
 
-    def log_prob(self, g):
+    def log_prob(self, g: torch.Tensor) -> torch.Tensor:
         z = g / self.scale
         return -0.5 * z * z - math.log(self.scale) - 0.5 * math.log(2 * math.pi)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Gaussian(scale={self.scale})"
 
 
 _NOISES = {"gumbel": Gumbel, "gaussian": Gaussian}
+
+
+@overload
+def get_noise(noise: str | Noise) -> Noise: ...
+@overload
+def get_noise(noise: None) -> None: ...
+@overload
+def get_noise(noise: str | Noise | None) -> Noise | None: ...
 
 
 def get_noise(noise: str | Noise | None) -> Noise | None:

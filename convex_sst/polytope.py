@@ -354,7 +354,7 @@ class Polytope:
         out = np.empty_like(flat)
         for b in range(flat.shape[0]):
             status, z = self.lp.maximize(flat[b])
-            if status != "optimal":
+            if z is None:  # not optimal
                 raise PolytopeError(f"LP argmax failed on batch element {b} with status {status!r} for {self!r}")
             x = z[: self.size]
             r = np.round(x)

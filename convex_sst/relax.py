@@ -19,7 +19,7 @@ import difflib
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -171,14 +171,14 @@ def relax(
         # factorizations (and some have no half kernels): computed in float32, rounded back
         return relax(u.float(), P, reg, temperature, backend, **options).to(u.dtype)
     if _is_number(temperature):  # the common case, without a tensor round trip
-        t = _positive_number(temperature)
+        t = _positive_number(cast(float, temperature))
         theta = u if t == 1.0 else u / t  # u / 1 == u exactly: no op, no backward node
         if t < 1.0:
             _check_scaled(theta, u, t)
     else:
-        t = check_temperature(temperature, batch, u)
-        theta = u / t.reshape(tuple(t.shape) + (1,) * len(P.shape))
-        _check_scaled(theta, u, t)
+        tt = check_temperature(temperature, batch, u)
+        theta = u / tt.reshape(tuple(tt.shape) + (1,) * len(P.shape))
+        _check_scaled(theta, u, tt)
     theta = theta.reshape((-1,) + P.shape)
     route = _route(P, reg, backend)
     options = _check_options(P, reg, route, options)
@@ -208,7 +208,7 @@ def _check_options(P: Polytope, reg: Regularizer, route: tuple[str, FastPath | N
     if not options:
         return options
     kind, fast = route
-    if kind == "fast":
+    if fast is not None:  # kind == "fast"
         params = list(inspect.signature(fast).parameters.values())
         if any(p.kind is p.VAR_KEYWORD for p in params):
             return options
@@ -282,10 +282,11 @@ def _backend_fn(route: tuple[str, FastPath | None]) -> Callable[..., torch.Tenso
         from .solver import relax_torch
 
         return relax_torch
-    if kind == "fast":
+    if fast is not None:  # kind == "fast"
+        fast_fn = fast
 
         def run_fast(theta: torch.Tensor, P: Polytope, reg: Regularizer, **opt: Any) -> torch.Tensor:
-            return fast(theta, P, **opt)
+            return fast_fn(theta, P, **opt)
 
         return run_fast
     from .generic import relax_generic  # imports cvxpy and cvxpylayers: only when used

@@ -120,7 +120,8 @@ def _block_structure(G: np.ndarray, groups: list[list[int]]) -> tuple[str, list[
         for c in cols:
             rows_of.setdefault(int(c), []).append(r)
     block_rows = [sorted({r for j in g for r in rows_of.get(j, [])}) for g in groups]
-    star_groups, leaf_rows = [], []
+    star_groups: list[list[int]] = []
+    leaf_rows: list[list[int]] = []
     for g, rs in zip(groups, block_rows):
         if not rs:
             star_groups.append(g)
@@ -194,7 +195,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     G, h = G[nz_g], h[nz_g]
     # rows left with one variable (a capacity f ≤ y whose flow is constant) are bounds
     single = np.count_nonzero(G, axis=1) == 1
-    for r in np.flatnonzero(single):
+    for r in np.flatnonzero(single).tolist():
         j = int(np.flatnonzero(G[r])[0])
         bound = h[r] / G[r, j]
         if G[r, j] > 0 and bound < U[j]:
@@ -238,13 +239,13 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
             groups, leaf_rows = [[i] for i in range(n0)], [[] for _ in range(n0)]
             segments: list[tuple[int, int]] = []  # (number of stars, star size), in order
             start = n0
-            for g, r in stars:
+            for g, leaves in stars:
                 if segments and segments[-1][1] == len(g):
                     segments[-1] = (segments[-1][0] + 1, len(g))
                 else:
                     segments.append((1, len(g)))
                 groups.append(list(range(start, start + len(g))))
-                leaf_rows.append(r)
+                leaf_rows.append(leaves)
                 start += len(g)
             layout = (n0, tuple(segments))
     size = max(len(g) for g in groups) if groups else 1
@@ -309,6 +310,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     spairs = (np.asarray(sflat, dtype=np.int64), np.asarray(sidx, dtype=np.int64), np.asarray(scoef, dtype=float))
     # per-block coefficients for the closed-form block inverses
     p_rows = G.shape[0]
+    coef: tuple[np.ndarray, np.ndarray, np.ndarray]
     if structure == "star":  # leaf l of block b sits in row leaf_row[b, l] with the hub (position 0)
         lrow = np.full((len(groups), size - 1), p_rows, dtype=np.int64)
         alpha = np.zeros((len(groups), size - 1))
@@ -562,7 +564,7 @@ class _Newton:
         """``S⁻¹ r`` by block elimination of the diagonal rows and two triangular solves (on CPU
         about 2x faster than cholesky_solve here)."""
         m1, m2 = self.m1, self.m2
-        r1 = r[:, :m1] / self.sd1 if m1 else None
+        r1 = r[:, :m1] / self.sd1 if m1 else r[:, :0]
         r2 = r[:, m1:]
         if m1 and m2:
             # (B, 1, m1) @ (B, m1, m2) runs ~4x faster than (B, m2, m1) @ (B, m1, 1) on this CPU once
@@ -589,12 +591,12 @@ class _Newton:
         if self.kind == "star" and self.T["layout"] is not None:  # contiguous: singletons, then stars
             n0 = self.T["layout"][0]
             vt = v.T  # (n, B): contiguous for the solver's batch-last iterates
-            out = [vt[:n0] * self.rSh0]
+            parts = [vt[:n0] * self.rSh0]
             for off, nb, s, vec, rqpad, rSh in self.segs:  # nb stars of s variables: (nb, s, B)
                 vs = vt[off: off + nb * s].reshape(nb, s, B)
                 h = (vs * vec).sum(1, keepdim=True) * rSh
-                out.append(torch.addcmul(vs * rqpad, vec, h).view(nb * s, B))
-            return torch.cat(out, 0).T
+                parts.append(torch.addcmul(vs * rqpad, vec, h).view(nb * s, B))
+            return torch.cat(parts, 0).T
         blocks = self.T["blocks"]
         vp = torch.cat([v, torch.zeros(B, 1, dtype=v.dtype, device=v.device)], 1)[:, blocks]
         if self.kind == "star":
@@ -703,11 +705,11 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     for it in range(max_iter):
         # each iteration works on the rows still running only: the batch's stragglers (a few
         # degenerate samples) then cost a fraction of a full-batch iteration
-        ix = active.nonzero()[:, 0]
-        if ix.numel() == 0:
+        running = active.nonzero()[:, 0]
+        if running.numel() == 0:
             break
-        if ix.numel() == B:  # every row running: views instead of gathered copies
-            ix = slice(None)
+        # every row running: views instead of gathered copies
+        ix: torch.Tensor | slice = slice(None) if running.numel() == B else running
         th, sc = _rows(theta, ix), scale[ix]
         zz, yy, ss, ll, zlz, zuz = (_rows(v, ix) for v in (z, y, s, lam, zl, zu))
         hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(th, sc, zz, yy, ss, ll, zlz, zuz)
@@ -743,8 +745,10 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             th, zz, yy, ss, ll, zlz, zuz = (_rows(v, keep) for v in (th, zz, yy, ss, ll, zlz, zuz))
             hh, rd, rp, rs, gl, gu, D, rgl, rgu = (_rows(v, keep) for v in (hh, rd, rp, rs, gl, gu, D, rgl, rgu))
             mu = mu[keep]
-        rss = ss.clamp_min(tiny).reciprocal() if p else None
-        Sig = ll * rss if p else None
+        rss = Sig = None
+        if p:
+            rss = ss.clamp_min(tiny).reciprocal()
+            Sig = ll * rss
         newton = _Newton(T, D, Sig, work)
         # reciprocals of the other positive quantities, for the step lengths (entries without a
         # bound: 0, so they never limit the step)
@@ -758,7 +762,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         # products shared by the two directions of this iteration
         glzl, guzu = gl * zlz, gu * zuz
         nrgl, nrgu = rgl.neg(), rgu.neg()
-        if p:
+        if rss is not None:  # p > 0
             sl, lrs, nrss = ss * ll, ll * rs, rss.neg()
 
         def direction(target, ccl, ccu, cc):
@@ -933,13 +937,16 @@ def _polish(theta: torch.Tensor, it: list[torch.Tensor], held: tuple[torch.Tenso
     m, p = Aop.shape[0], Gop.shape[0]
     rho, prox = 1e4, 1e-2
     dlo, dhi = sf.domain
+    grad, hess = reg.grad, reg.hess
+    if grad is None or hess is None:  # pragma: no cover - relax_torch checks this first
+        raise SolverError(f"the torch solver needs the gradient and Hessian of {reg.name!r}")
     hh = torch.full_like(z, eps_aux + prox)
     for _ in range(outer):
         for _ in range(inner):
             x = z[:, :d]
             g = eps_aux * z
-            g[:, :d] = reg.grad(x) - theta
-            hh[:, :d] = reg.hess(x)
+            g[:, :d] = grad(x) - theta
+            hh[:, :d] = hess(x)
             # the augmented Lagrangian's gradient: ∇f + Aᵀy + Σ_held (multiplier + ρ·violation)·∇c
             g = g - act_l * (zl + rho * (Lb - z)) + act_u * (zu + rho * (z - Ub))
             if p:
@@ -955,7 +962,7 @@ def _polish(theta: torch.Tensor, it: list[torch.Tensor], held: tuple[torch.Tenso
             if math.isfinite(dhi):
                 a = torch.minimum(a, torch.where(dx > 0, 0.99 * (dhi - x) / dx, math.inf).amin(1))
             z = z + a[:, None] * dz
-            if m:
+            if dy is not None:  # m > 0
                 y = y + a[:, None] * dy
         zl = act_l * (zl + rho * (Lb - z))
         zu = act_u * (zu + rho * (z - Ub))

@@ -124,9 +124,10 @@ class SST(nn.Module):
 
     def extra_repr(self) -> str:
         t = self.temperature
+        shown = str(t)
         if isinstance(t, torch.Tensor):              # one line, not "Parameter containing:\n tensor(...)"
             value = f"{t.item():g}" if t.numel() == 1 else f"tensor of shape {tuple(t.shape)}"
-            t = value + (" (learnable)" if t.requires_grad else "")
+            shown = value + (" (learnable)" if t.requires_grad else "")
         return (f"polytope={self.polytope!r}, regularizer={self.regularizer.name!r}, "
-                f"temperature={t}, noise={self.noise!r}, mode={self.mode!r}, "
+                f"temperature={shown}, noise={self.noise!r}, mode={self.mode!r}, "
                 f"backend={self.backend!r}")

@@ -105,7 +105,8 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
 
     rows = []
     for t in temperatures:
-        got, want = [], []
+        got: list[torch.Tensor] = []
+        want: list[torch.Tensor] = []
         for which, out in ((backend, got), (reference, want)):
             v = u.clone().requires_grad_(True)
             x = run(which, t, v)
