@@ -632,6 +632,9 @@ def _rows(v: torch.Tensor, ix: torch.Tensor | slice) -> torch.Tensor:
 def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | None, max_iter: int):
     """Primal-dual interior-point iterations; returns (z, backward Newton state, report)."""
     B, d = theta.shape
+    grad, hess = reg.grad, reg.hess
+    if grad is None or hess is None:  # pragma: no cover - relax_torch checks this first
+        raise SolverError(f"the torch solver needs the gradient and Hessian of {reg.name!r}")
     dtype, device = theta.dtype, theta.device
     T = _tensors(sf, dtype, device)
     b, hv, Lb, Ub, hasL, hasU = T["b"], T["h"], T["L"], T["U"], T["hasL"], T["hasU"]
@@ -671,9 +674,9 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     def state(th, sc, z, y, s, lam, zl, zu):
         x = z[:, :d]
         g = eps_aux * z
-        g[:, :d] = reg.grad(x) - th
+        g[:, :d] = grad(x) - th
         hh = torch.full_like(z, eps_aux)
-        hh[:, :d] = reg.hess(x)
+        hh[:, :d] = hess(x)
         rd = g - zl + zu
         if m:
             rd = rd + Aop.adj(y)
@@ -779,7 +782,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             # slightly inexact direction costs nothing measurable (same iteration counts)
             dz, dy = newton.solve(rt.neg_(), -rp if m else None, refine=False)
             ds = dlam = None
-            if p:
+            if rc is not None:  # p > 0
                 ds = Gop.fwd(dz).add_(rs).neg_()                   # −rs − G Δz
                 dlam = torch.addcmul(rc, ll, ds).mul_(nrss)        # −(rc + λ Δs) / s
             dzl = torch.addcmul(rcl, zlz, dz).mul_(nrgl)           # −(rcl + zl Δz) / gl
