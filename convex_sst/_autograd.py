@@ -27,15 +27,18 @@ def graph_break(fn: F) -> F:
     """
     if not callable(getattr(torch.compiler, "is_compiling", None)):
         return cast(F, torch.compiler.disable(fn))
-    disabled: list[Callable[..., Any]] = []
+    # a dict with a constant key: dynamo traces its get and setitem (on torch 2.4 a list.append
+    # here made it warn "Graph break due to unsupported builtin list.append")
+    cache: dict[str, Callable[..., Any]] = {}
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not torch.compiler.is_compiling():
             return fn(*args, **kwargs)
-        if not disabled:
-            disabled.append(torch.compiler.disable(fn))
-        return disabled[0](*args, **kwargs)
+        disabled = cache.get("disabled")
+        if disabled is None:
+            disabled = cache["disabled"] = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
 
     return cast(F, wrapper)
 
@@ -46,6 +49,9 @@ def autocast_off(device: torch.device):
     autocast would run their matrix products in float16 / bfloat16."""
     try:
         on = torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4: no device argument, one query per device type
+        on = (torch.is_autocast_cpu_enabled() if device.type == "cpu" else
+              torch.is_autocast_enabled() if device.type == "cuda" else False)
     except (RuntimeError, ValueError):  # a device type autocast does not know
         on = False
     return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()

@@ -96,6 +96,8 @@ def test_string_polytope_and_repr():
         cs.relax(torch.zeros(3), 3)
 
 
+@pytest.mark.skipif(torch.__version__ < "2.4", reason="torch 2.1's dynamo fails on this model with dynamic "
+                    "shapes (an AssertionError in symbolic_shapes); checked on 2.4.1 and 2.13")
 @pytest.mark.parametrize("name, reg", [("k_subset", "exp_family"), ("birkhoff", "entropy")])
 def test_sst_layer_under_torch_compile(name, reg):
     # relax and argmax are graph breaks (their solvers branch on values; dynamo tracing into the
@@ -123,6 +125,8 @@ def test_sst_layer_under_torch_compile(name, reg):
         assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, want))
 
 
+@pytest.mark.skipif(not callable(getattr(torch.compiler, "is_compiling", None)),
+                    reason="torch < 2.3 has no torch.compiler.is_compiling: relax and argmax are disabled at import")
 def test_eager_use_does_not_import_dynamo():
     # torch.compiler.disable imports torch._dynamo when it decorates (about 0.65 s, a third of
     # `import convex_sst`); relax and argmax are disabled lazily, on the first compiled call
