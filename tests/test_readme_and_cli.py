@@ -127,3 +127,24 @@ def test_quickstart_example_learns():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(steps=100) > 0.6
+
+
+def test_dependency_floors_are_the_checked_minimum_versions():
+    # setup.cfg's lower bounds are what .ci/min-versions installs and tests: a floor raised or
+    # lowered in one place only would claim support that was never checked
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    floors = {}
+    for req in cfg["options"]["install_requires"].split():
+        name, _, version = req.partition(">=")
+        floors[name.lower()] = version
+    pins = {}
+    for line in (ROOT / ".ci" / "min-versions.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    assert set(floors) == set(pins), (floors, pins)
+    for name, floor in floors.items():
+        assert pins[name] == floor or pins[name].startswith(floor + "."), (name, floor, pins[name])
