@@ -53,6 +53,7 @@ def register_argmax(name: str) -> Callable[[ArgmaxFn], ArgmaxFn]:
 
 
 def available_argmax() -> list[str]:
+    """Names of the registered combinatorial argmax algorithms (a config's ``argmax:`` key)."""
     return sorted(_ARGMAX)
 
 

@@ -88,7 +88,8 @@ class SST(nn.Module):
 
     Example:
         >>> layer = SST(load_polytope("k_subset", n=10, k=3), "binary_entropy", temperature=0.5)
-        >>> x = layer(theta)            # theta: (batch, 10) -> x: (batch, 10), rows sum to 3
+        >>> theta = torch.randn(32, 10, requires_grad=True)
+        >>> x = layer(theta)            # (32, 10): relaxed 3-subsets, rows sum to 3
     """
 
     def __init__(

@@ -13,6 +13,8 @@ from .polytope import Polytope
 from .regularizers import Regularizer
 from .relax import as_polytope, check_temperature, relax
 
+__all__ = ["brute_force_argmax", "brute_force_marginals", "check_relaxation"]
+
 
 def brute_force_marginals(u: torch.Tensor, polytope: Polytope | str, temperature: float | torch.Tensor = 1.0,
                           limit: int = 10_000) -> torch.Tensor:
