@@ -3,7 +3,10 @@
 ``load_polytope("k_subset", n=5, k=2)`` finds the built-in config (shipped as package data),
 validates the parameters, compiles the constraints to a :class:`CanonicalForm`, checks that
 the polytope is non-empty and bounded, and caches the instance, so compiled layers attached to
-it are reused by later calls with the same parameters.
+it are reused by later calls with the same parameters. The cache holds the instances still in
+use (referenced elsewhere: by a layer, a model, a variable) and the :data:`RECENT_POLYTOPES`
+most recently loaded ones; others are freed, so a loop over many distinct graphs does not grow
+without bound (each instance with compiled solvers holds about 1.4 MB).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import importlib.resources
 import math
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,11 @@ ArgmaxFn = Callable[[torch.Tensor, "Polytope"], torch.Tensor]
 _ARGMAX: dict[str, ArgmaxFn] = {}
 _USER_CONFIGS: dict[str, Path] = {}
 _CONFIG_CACHE: dict[str, tuple[int, PolytopeConfig]] = {}
-_INSTANCES: dict[tuple, Polytope] = {}
+_INSTANCES: weakref.WeakValueDictionary[tuple, Polytope] = weakref.WeakValueDictionary()
+_RECENT: OrderedDict[tuple, Polytope] = OrderedDict()  # strong references to the latest instances
+RECENT_POLYTOPES = 64
+"""How many of the most recently loaded polytopes :func:`load_polytope` keeps alive when nothing
+else refers to them (so ``relax(u, "k_subset", ...)`` by name does not rebuild its polytope)."""
 _LOCK = threading.Lock()
 
 
@@ -144,7 +153,8 @@ def load_polytope(name_or_path: str | Path, **params: Any) -> Polytope:
         **params: the config's parameters, e.g. ``n=5, k=2``; omitted ones take their defaults.
 
     Returns:
-        A cached :class:`Polytope` (the same object for the same file and parameters).
+        A cached :class:`Polytope`: the same object for the same file and parameters while it
+        is in use or among the :data:`RECENT_POLYTOPES` most recently loaded.
 
     Raises:
         UnknownNameError: no such polytope (lists the available ones).
@@ -165,6 +175,10 @@ def load_polytope(name_or_path: str | Path, **params: Any) -> Polytope:
         if inst is None:
             inst = Polytope(cfg, values, builtin=builtin)
             _INSTANCES[key] = inst
+        _RECENT[key] = inst
+        _RECENT.move_to_end(key)
+        while len(_RECENT) > max(0, RECENT_POLYTOPES):
+            _RECENT.popitem(last=False)
     return inst
 
 

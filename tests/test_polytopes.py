@@ -120,6 +120,29 @@ def test_polytope_instances_are_cached():
     assert cs.load_polytope("k_subset", n=6, k=2) is not cs.load_polytope("k_subset", n=6, k=3)
 
 
+def test_polytope_cache_is_bounded_but_keeps_instances_in_use():
+    # a loop over many distinct graphs must not keep every polytope (each one with compiled
+    # solvers holds about 1.4 MB): the cache keeps the ones in use and the most recent ones.
+    # Sizes 198-290 are used by no other test, which may hold polytopes of its own.
+    import gc
+
+    from convex_sst import polytope as poly
+
+    held = cs.load_polytope("k_subset", n=199, k=1)
+    held.cache["marker"] = True
+    cs.load_polytope("k_subset", n=198, k=1)  # not held
+    sizes = range(200, 200 + poly.RECENT_POLYTOPES + 20)
+    for n in sizes:
+        cs.load_polytope("k_subset", n=n, k=1)
+    gc.collect()
+    alive = {P.params["n"] for P in list(poly._INSTANCES.values()) if P.name == "k_subset" and P.params["k"] == 1}
+    assert 198 not in alive  # dropped from the recent ones and referenced nowhere: freed
+    assert 199 in alive and cs.load_polytope("k_subset", n=199, k=1) is held and held.cache["marker"]
+    assert len(alive & set(sizes)) == poly.RECENT_POLYTOPES  # the latest ones
+    last = cs.load_polytope("k_subset", n=sizes[-1], k=1)
+    assert last is cs.load_polytope("k_subset", n=sizes[-1], k=1)
+
+
 def test_extended_formulations_compile_fast():
     import time
 
