@@ -24,6 +24,7 @@ from .errors import InputError
 from .estimators import LossFn, _call_loss, _check_theta, exact_gradient, sst_gradient
 from .noise import get_noise
 from .polytope import Polytope
+from .regularizers import Regularizer
 from ._autograd import _differentiates
 from .relax import as_polytope
 from .sst import perturb
@@ -56,7 +57,7 @@ def _score_estimates(loss_fn, theta, P, R, K, loo, generator, noise):
 
 
 @_differentiates
-def diagnose(polytope: Polytope | str, regularizer: str = "entropy", loss_fn: LossFn | None = None,
+def diagnose(polytope: Polytope | str, regularizer: str | Regularizer = "entropy", loss_fn: LossFn | None = None,
              temperatures: float | Sequence[float] = (0.1, 0.3, 1.0, 3.0), theta: torch.Tensor | None = None,
              num_estimates: int = 400, num_samples: int = 4, estimators: Sequence[str] = ESTIMATORS,
              seed: int = 0, noise: str = "gumbel") -> list[dict]:

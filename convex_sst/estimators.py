@@ -29,6 +29,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from ._unionfind import UnionFind
 from .errors import InputError, PolytopeError
 from .noise import Gumbel, Noise, get_noise
 from .polytope import Polytope
+from .regularizers import Regularizer
 from ._autograd import _differentiates
 from .relax import as_polytope, relax
 from .sst import perturb
@@ -278,10 +280,21 @@ class EstimateInfo:
     structures: torch.Tensor  # (K, *shape) the hard samples X_k
 
 
+@overload
+def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str, num_samples: int = 1,
+                   baseline: str | EMABaseline | Callable | None = "loo", generator: torch.Generator | None = None,
+                   noise: str | Noise = "gumbel", return_info: Literal[False] = False) -> torch.Tensor: ...
+@overload
+def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str, num_samples: int = 1,
+                   baseline: str | EMABaseline | Callable | None = "loo", generator: torch.Generator | None = None,
+                   noise: str | Noise = "gumbel", *, return_info: Literal[True]) -> tuple[torch.Tensor, EstimateInfo]: ...
+
+
 @_differentiates
 def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str, num_samples: int = 1,
                    baseline: str | EMABaseline | Callable | None = "loo", generator: torch.Generator | None = None,
-                   noise: str | Noise = "gumbel", return_info: bool = False):
+                   noise: str | Noise = "gumbel", return_info: bool = False
+                   ) -> torch.Tensor | tuple[torch.Tensor, EstimateInfo]:
     """One score-function (REINFORCE) estimate of ``d/dθ E[L(X)]``, shape of θ.
 
     ``ĝ = (1/K) Σ_k (L(X_k) − b_k) ∇θ Σ_i log f_G(U_{k,i} − θ_i)``, ``X_k = argmax U_kᵀx``.
@@ -329,7 +342,8 @@ def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
 
 
 @_differentiates
-def sst_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str, regularizer: str = "entropy",
+def sst_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str,
+                 regularizer: str | Regularizer = "entropy",
                  temperature: float = 1.0, num_samples: int = 1, straight_through: bool = False,
                  generator: torch.Generator | None = None, noise: str | Noise = "gumbel",
                  backend: str = "auto", per_sample: bool = False) -> torch.Tensor:
