@@ -84,7 +84,8 @@ def diagnose(polytope: Polytope | str, regularizer: str | Regularizer = "entropy
     num_samples = positive_int(num_samples, "num_samples")
     if "score_function_loo" in estimators and num_samples < 2:
         raise InputError("score_function_loo needs num_samples >= 2 (leave-one-out baseline)")
-    if isinstance(temperatures, Iterable) and not isinstance(temperatures, (str, bytes)):
+    if (isinstance(temperatures, Iterable) and not isinstance(temperatures, (str, bytes))
+            and getattr(temperatures, "ndim", 1) != 0):  # a 0-d tensor or array is one temperature
         temps = [positive_real(t, "each temperature") for t in temperatures]
     else:  # one temperature
         temps = [positive_real(temperatures, "each temperature")]

@@ -971,6 +971,7 @@ def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_rang
         raise InputError(f"method must be 'auto', 'inverse' or 'elimination', got {method!r}")
     t = _clip_range(theta, max_range)
     logw = pack(t).masked_fill(~mask, _neg(theta.dtype))
+
     def eliminate(logw: torch.Tensor) -> torch.Tensor:
         return _autograd_gradient(lambda x: log_partition_arborescences(x, root), logw) * mask
 

@@ -205,3 +205,12 @@ def test_estimators_work_in_evaluation_modes(mode):
         rows = cs.diagnose("simplex", num_estimates=4, temperatures=(1.0,))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert rows and all(math.isfinite(r["mse"]) for r in rows)
+
+
+@pytest.mark.parametrize("temperatures, want", [(0.5, [0.5]), (torch.tensor(0.5), [0.5]), (np.array(0.5), [0.5]),
+                                                ([0.5, 2.0], [0.5, 2.0]), (torch.tensor([0.5, 2.0]), [0.5, 2.0])])
+def test_diagnose_takes_one_temperature_or_several(temperatures, want):
+    # a 0-d tensor or array is one temperature (iterating it raised TypeError)
+    rows = cs.diagnose("k_subset", "binary_entropy", temperatures=temperatures, num_estimates=2, num_samples=2,
+                       estimators=["sst"])
+    assert [r["temperature"] for r in rows] == want
