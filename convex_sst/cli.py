@@ -1,4 +1,4 @@
-"""The ``convex-sst`` command line: ``list``, ``check FILE``, ``demo``."""
+"""The ``convex-sst`` command line: ``list``, ``check FILE``, ``diagnose``, ``demo``, ``--version``."""
 
 from __future__ import annotations
 
@@ -144,11 +144,30 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_line() -> str:
+    """``convex_sst X (torch Y, numpy Z, cvxpy W, Python V)``: what a bug report needs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ._version import __version__
+
+    deps = []
+    for name in ("torch", "numpy", "cvxpy", "cvxpylayers", "highspy"):
+        try:
+            deps.append(f"{name} {version(name)}")
+        except PackageNotFoundError:  # pragma: no cover - install_requires has them all
+            deps.append(f"{name} missing")
+    py = ".".join(map(str, sys.version_info[:3]))
+    return f"convex_sst {__version__} ({', '.join(deps)}, Python {py})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convex-sst",
         description="Stochastic softmax tricks over declarative polytopes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the version line unwrapped
     )
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print the versions of convex_sst and its main dependencies, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="list built-in polytopes, regularizers and fast paths")
     p.set_defaults(fn=cmd_list)

@@ -63,6 +63,17 @@ def test_ci_runs_the_readme_test_command():
     assert "test-command" in ci  # .ci/run extracts and runs that exact line
 
 
+def test_cli_version(capsys):
+    # one line with what a bug report needs
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert out.startswith(f"convex_sst {cs.__version__} (torch {torch.__version__}, numpy ")
+    assert f"Python {sys.version_info.major}.{sys.version_info.minor}" in out
+
+
 def test_cli_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
