@@ -856,6 +856,11 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         th, sc = _rows(theta, need), scale[need]
         start = [v[need] for v in (z, y, s, lam, zl, zu)]
         held = _held_constraints(start, mu[need], T)
+        # A bound whose gap has reached the rounding floor (x = 1 exactly, where float64 cannot
+        # represent gaps below 1.1e-16) leaves its multiplier at mu / tiny, up to 1e290, which the
+        # residual hides (it divides by the diagonal zu / gap). The polish's augmented Lagrangian
+        # would start from it: such multipliers start at 0 instead (true ones are O(|θ| + |∇f|)).
+        start[3:] = [torch.where(v.abs() <= 1e6 * sc[:, None], v, 0.0) for v in start[3:]]
         keep_res, keep = resid[need].clone(), [v.clone() for v in start]
         for _ in range(_POLISH_ROUNDS):
             cand = _polish(th, start, held, T, sf, reg, eps_aux)

@@ -371,3 +371,25 @@ def test_spanning_trees_of_a_sparse_graph_converge_where_the_active_set_cycles()
     ref = cs.relax(u, P, "entropy", 1.0, backend="generic", solver="scs",
                    solver_args={"eps_abs": 1e-11, "eps_rel": 1e-11, "max_iters": 1_000_000})
     assert (x - ref).abs().max() < 1e-8
+
+
+def test_polish_ignores_multipliers_left_at_the_rounding_floor():
+    # Two rows of the same sparse-graph fuzz (quadratic, t = 1). Row 1 puts an edge exactly at
+    # its bound 1, where float64 cannot represent the gap: the interior point's multiplier of
+    # that bound reached 1.2e290 (hidden from the residual, which divides by zu / gap) and the
+    # polish, which started its augmented Lagrangian from it, diverged (|z| ~ 1e279), leaving
+    # the row reported as not converged
+    E = [(0, 1), (1, 2), (1, 3), (2, 3), (3, 4), (3, 7), (4, 5), (5, 6), (6, 7)]
+    P = cs.load_polytope("spanning_tree", n=8, edges=E)
+    u = torch.tensor([[-1.2459542174992932, -2.354428356986766, -1.0673250331832682, 0.13129742597049512,
+                       1.6975010003953692, -0.3753843058048364, -0.9002435159177389, -2.6901723994920226,
+                       -0.8411294101827805],
+                      [0.08486881549069626, -0.5026062801335801, -0.23339510349889922, -0.7442653196754081,
+                       0.47529537448082537, 0.8236754850351727, 1.0289378142601278, 0.3409521423778785,
+                       -0.3868626864584022]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u, P, "quadratic", 1.0, backend="torch")
+    ref = cs.relax(u, P, "quadratic", 1.0, backend="generic", solver="scs",
+                   solver_args={"eps_abs": 1e-11, "eps_rel": 1e-11, "max_iters": 1_000_000})
+    assert (x - ref).abs().max() < 1e-7  # 1.5e-8 measured (SCS itself is not exact here)
