@@ -150,8 +150,9 @@ def version_line() -> str:
 
     from ._version import __version__
 
-    deps = []
-    for name in ("torch", "numpy", "cvxpy", "cvxpylayers", "highspy"):
+    # torch's own version string names its build (2.4.1+cu121), which the metadata's may not
+    deps = [f"torch {torch.__version__}", f"numpy {np.__version__}"]
+    for name in ("cvxpy", "cvxpylayers", "highspy"):
         try:
             deps.append(f"{name} {version(name)}")
         except PackageNotFoundError:  # pragma: no cover - install_requires has them all
