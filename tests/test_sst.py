@@ -139,6 +139,17 @@ def test_eager_use_does_not_import_dynamo():
     assert out.stdout.strip() == "False"
 
 
+def test_import_leaves_heavy_modules_for_first_use():
+    # cvxpy and cvxpylayers load with the generic path, scipy.optimize with the Hungarian argmax
+    code = ("import sys, convex_sst; "
+            "print(sorted(m for m in ('cvxpy', 'cvxpylayers', 'scipy.optimize') if m in sys.modules)); "
+            "import torch; P = convex_sst.load_polytope('birkhoff', n=3); P.argmax(torch.randn(3, 3)); "
+            "print('scipy.optimize' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "True"]
+
+
 @pytest.mark.parametrize("name, reg", [("k_subset", "exp_family"), ("birkhoff", "entropy"),
                                        ("spanning_tree", "binary_entropy")])
 def test_models_with_sst_layers_copy_and_pickle(name, reg):
