@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -863,7 +864,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         start[3:] = [torch.where(v.abs() <= 1e6 * sc[:, None], v, 0.0) for v in start[3:]]
         keep_res, keep = resid[need].clone(), [v.clone() for v in start]
         for _ in range(_POLISH_ROUNDS):
-            cand = _polish(th, start, held, T, sf, reg, eps_aux)
+            cand = _polish(th, start, held, T, sf, grad, hess, eps_aux)
             viol = _violation(cand, T) / sc
             clamped = cand[:3] + [v.clamp_min(0.0) for v in cand[3:]]
             cres = state(th, sc, *clamped)[-1]
@@ -932,7 +933,9 @@ def _reclassify(held: tuple[torch.Tensor, ...], it: list[torch.Tensor], T: dict)
 
 
 def _polish(theta: torch.Tensor, it: list[torch.Tensor], held: tuple[torch.Tensor, ...], T: dict,
-            sf: StandardForm, reg: Regularizer, eps_aux: float, outer: int = 3, inner: int = 2) -> list[torch.Tensor]:
+            sf: StandardForm, grad: Callable[[torch.Tensor], torch.Tensor],
+            hess: Callable[[torch.Tensor], torch.Tensor], eps_aux: float, outer: int = 3,
+            inner: int = 2) -> list[torch.Tensor]:
     """Active-set Newton polish of interior-point iterates ``it = [z, y, s, λ, zl, zu]`` (rows).
 
     The constraints in ``held`` (:func:`_held_constraints`) are equalities, enforced by an
@@ -951,9 +954,6 @@ def _polish(theta: torch.Tensor, it: list[torch.Tensor], held: tuple[torch.Tenso
     m, p = Aop.shape[0], Gop.shape[0]
     rho, prox = 1e4, 1e-2
     dlo, dhi = sf.domain
-    grad, hess = reg.grad, reg.hess
-    if grad is None or hess is None:  # pragma: no cover - relax_torch checks this first
-        raise SolverError(f"the torch solver needs the gradient and Hessian of {reg.name!r}")
     hh = torch.full_like(z, eps_aux + prox)
     for _ in range(outer):
         for _ in range(inner):
