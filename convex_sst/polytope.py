@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ._autograd import graph_break
+from ._forbidden import clear_forbidden, fill_forbidden, is_forbidden
 from ._scalars import as_real, positive_int
 from .config import PolytopeConfig, load_config_file
 from .errors import ConfigError, InputError, PolytopeError, RegistrationError, unknown_name
@@ -295,7 +296,39 @@ class Polytope:
     # ------------------------------------------------------------------ inputs
 
     def check_input(self, u: Any, argname: str = "u") -> tuple[int, ...]:
-        """Validate a tensor of shape ``(*batch, *self.shape)``; return the batch shape."""
+        """Validate a finite tensor of shape ``(*batch, *self.shape)``; return the batch shape."""
+        batch = self._check_shape(u, argname)
+        if math.isfinite(float(u.detach().sum())):  # one reduction in the common case
+            return batch
+        finite = torch.isfinite(u.detach())  # a NaN or inf, or a sum that overflowed
+        if not bool(finite.all()):
+            expected = "finite"
+            if bool((u.detach() == -math.inf).any()):
+                expected += " (-inf, a forbidden coordinate, is accepted by relax, sst, SST and argmax, not here)"
+            raise self._non_finite(~finite, batch, argname, "NaN or inf", expected)
+        return batch
+
+    def _check_masked(self, u: Any, argname: str = "u") -> tuple[tuple[int, ...], torch.Tensor | None]:
+        """Validate ``u: (*batch, *self.shape)`` that may forbid coordinates with ``-inf``.
+
+        Returns the batch shape and the boolean mask of forbidden coordinates (``u == -inf`` or
+        ``u == torch.finfo(u.dtype).min``), or None when there are none. NaN and +inf are errors.
+        """
+        batch = self._check_shape(u, argname)
+        if u.numel() == 0:
+            return batch, None
+        lo, hi = torch.aminmax(u.detach())  # one reduction in the common case
+        lo_v, hi_v = lo.item(), hi.item()
+        if lo_v > torch.finfo(u.dtype).min and hi_v < math.inf:
+            return batch, None
+        d = u.detach()
+        forbidden = is_forbidden(d)
+        bad = ~(torch.isfinite(d) | forbidden)
+        if bool(bad.any()):
+            raise self._non_finite(bad, batch, argname, "NaN or +inf", "finite or -inf (-inf forbids a coordinate)")
+        return batch, (forbidden if bool(forbidden.any()) else None)
+
+    def _check_shape(self, u: Any, argname: str) -> tuple[int, ...]:
         if not isinstance(u, torch.Tensor):
             raise InputError(f"{argname} must be a torch.Tensor, got {type(u).__name__}")
         if not u.is_floating_point():
@@ -314,20 +347,18 @@ class Polytope:
                 + (f": convex_sst.load_polytope({self.name if self.builtin else str(self.config.source)!r}, {names})"
                    if names else "")
             )
-        if math.isfinite(float(u.detach().sum())):  # one reduction in the common case
-            return tuple(u.shape[: u.dim() - k])
-        finite = torch.isfinite(u.detach())  # a NaN or inf, or a sum that overflowed
-        if not bool(finite.all()):
-            batch = tuple(u.shape[: u.dim() - k])
-            flat = (~finite).reshape(-1, self.size).any(1).nonzero().reshape(-1)
-            first = int(flat[0])
-            idx = np.unravel_index(first, batch) if batch else ()
-            nbad = int(flat.numel())
-            raise InputError(
-                f"{argname} contains NaN or inf at batch index {tuple(int(i) for i in idx)} "
-                f"({nbad} of {max(1, int(np.prod(batch)))} structures affected); {argname} must be finite"
-            )
         return tuple(u.shape[: u.dim() - k])
+
+    def _non_finite(self, bad: torch.Tensor, batch: tuple[int, ...], argname: str, what: str,
+                    expected: str) -> InputError:
+        flat = bad.reshape(-1, self.size).any(1).nonzero().reshape(-1)
+        first = int(flat[0])
+        idx = np.unravel_index(first, batch) if batch else ()
+        nbad = int(flat.numel())
+        return InputError(
+            f"{argname} contains {what} at batch index {tuple(int(i) for i in idx)} "
+            f"({nbad} of {max(1, int(np.prod(batch)))} structures affected); {argname} must be {expected}"
+        )
 
     # ------------------------------------------------------------------ SMT
 
@@ -336,36 +367,52 @@ class Polytope:
         """Hard structure ``X = argmax_{x in 𝒳} uᵀx`` (the stochastic argmax trick).
 
         Args:
-            u: utilities ``(*batch, *shape)``.
+            u: utilities ``(*batch, *shape)``; ``-inf`` (or ``torch.finfo(u.dtype).min``)
+                forbids a coordinate: the structure avoids it (an :class:`InputError` if no
+                structure can).
 
         Returns:
             ``(*batch, *shape)`` 0/1 tensor, same dtype and device as ``u``, no gradient. Uses
             the config's registered combinatorial algorithm when there is one, else an LP.
         """
-        batch = self.check_input(u)
+        return self._solve_masked(u, self._argmax_rows)
+
+    def lp_argmax(self, u: torch.Tensor) -> torch.Tensor:
+        """The generic argmax: one HiGHS LP per structure, result verified integral."""
+        return self._solve_masked(u, self._lp_argmax_rows)
+
+    def _solve_masked(self, u: torch.Tensor, solve: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``solve`` on the rows of ``u``, a forbidden coordinate (``-inf``) replaced by a utility
+        low enough that no structure using it wins (:mod:`convex_sst._forbidden`)."""
+        batch, forbidden = self._check_masked(u)
         flat = u.detach().reshape((-1,) + self.shape)
         if flat.shape[0] == 0:                       # an empty batch: nothing to solve
             return torch.zeros_like(u.detach())
+        if forbidden is None:
+            return solve(flat).reshape(batch + self.shape)
+        mask = forbidden.reshape(flat.shape)
+        out = solve(fill_forbidden(flat.double(), mask))  # float64: room for the low utility
+        return clear_forbidden(out, mask, batch, self).to(u.dtype).reshape(batch + self.shape)
+
+    def _argmax_rows(self, flat: torch.Tensor) -> torch.Tensor:
         if self.argmax_name is None:
-            return self.lp_argmax(flat).reshape(batch + self.shape)
+            return self._lp_argmax_rows(flat)
         fn = _ARGMAX[self.argmax_name]
         out = fn(flat, self)
         if fn.__module__.startswith("convex_sst."):  # the library's own: tested, and no sync on CUDA
-            return out.reshape(batch + self.shape)
+            return out
         if not isinstance(out, torch.Tensor) or out.shape != flat.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise PolytopeError(f"argmax {self.argmax_name!r} of {self._where()} returned {got} for utilities of "
                                 f"shape {tuple(flat.shape)}; it must return a 0/1 tensor of the same shape")
-        out = out.to(dtype=u.dtype, device=u.device)
+        out = out.to(dtype=flat.dtype, device=flat.device)
         if not bool(((out == 0) | (out == 1)).all()):
             raise PolytopeError(f"argmax {self.argmax_name!r} of {self._where()} returned values other than 0 and 1; "
                                 "an argmax returns structures (vertices), not scores or marginals")
-        return out.reshape(batch + self.shape)
+        return out
 
-    def lp_argmax(self, u: torch.Tensor) -> torch.Tensor:
-        """The generic argmax: one HiGHS LP per structure, result verified integral."""
-        batch = self.check_input(u)
-        flat = u.detach().reshape(-1, self.size).cpu().double().numpy()
+    def _lp_argmax_rows(self, u: torch.Tensor) -> torch.Tensor:
+        flat = u.reshape(-1, self.size).cpu().double().numpy()
         out = np.empty_like(flat)
         for b in range(flat.shape[0]):
             status, z = self.lp.maximize(flat[b])
@@ -380,7 +427,7 @@ class Polytope:
                     "convex hull of 0/1 structures (the polytope is not integral)"
                 )
             out[b] = r
-        return torch.as_tensor(out, dtype=u.dtype, device=u.device).reshape(batch + self.shape)
+        return torch.as_tensor(out, dtype=u.dtype, device=u.device).reshape(u.shape)
 
     def vertices(self, limit: int = 10_000, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """All structures (0/1 points of P) in lexicographic order: ``(V, *shape)``.

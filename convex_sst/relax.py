@@ -24,6 +24,7 @@ from typing import Any, cast
 import torch
 
 from ._autograd import autocast_off, graph_break
+from ._forbidden import clear_forbidden, fill_forbidden
 from ._scalars import as_real, check_backend_options
 from .errors import InputError, UnknownNameError, unknown_name, warn_user
 from .polytope import Polytope, load_polytope
@@ -144,7 +145,10 @@ def relax(
 
     Args:
         u: utilities ``(*batch, *polytope.shape)``, float32 or float64, any device (float16 and
-            bfloat16 are computed in float32 and the result rounded back).
+            bfloat16 are computed in float32 and the result rounded back). ``-inf`` (or
+            ``torch.finfo(u.dtype).min``, as in ``masked_fill`` idioms) forbids a coordinate:
+            ``X_t`` is then computed on the face of P where those coordinates are 0, and is 0
+            there with zero gradient (an :class:`InputError` if no structure avoids them).
         polytope: a :class:`Polytope` (``load_polytope(...)``) or a built-in name (defaults).
         regularizer: name of a registered regularizer (``entropy``, ``binary_entropy``,
             ``quadratic``, ...) or a :class:`Regularizer`.
@@ -164,12 +168,18 @@ def relax(
         >>> relax(torch.tensor([1.0, 2.0, 3.0]), P, "entropy", 1.0)   # == softmax
     """
     P = as_polytope(polytope)
-    batch = P.check_input(u)
+    batch, forbidden = P._check_masked(u)
     reg = P.check_regularizer(regularizer)
     if u.dtype not in (torch.float32, torch.float64):
         # half precisions (autocast activations): too coarse for iterative solvers and matrix
         # factorizations (and some have no half kernels): computed in float32, rounded back
-        return relax(u.float(), P, reg, temperature, backend, **options).to(u.dtype)
+        u32 = u.float() if forbidden is None else u.float().masked_fill(forbidden, -math.inf)
+        return relax(u32, P, reg, temperature, backend, **options).to(u.dtype)
+    if forbidden is not None:
+        if options.get("max_range") is not None:
+            raise InputError("max_range clips the logits from below, which would give the coordinates where u = "
+                             "-inf a positive weight; drop max_range (the tree paths are exact without it)")
+        u = u.masked_fill(forbidden, 0.0)  # before dividing by t: no inf in any backward pass
     if _is_number(temperature):  # the common case, without a tensor round trip
         t = _positive_number(cast(float, temperature))
         theta = u if t == 1.0 else u / t  # u / 1 == u exactly: no op, no backward node
@@ -183,8 +193,13 @@ def relax(
     route = _route(P, reg, backend)
     options = _check_options(P, reg, route, options)
     fn = _backend_fn(route)
+    if forbidden is not None:
+        mask = forbidden.reshape(theta.shape)
+        theta = fill_forbidden(theta, mask)
     with autocast_off(theta.device):
         x = fn(theta, P, reg, **options)
+    if forbidden is not None:
+        x = clear_forbidden(x, mask, batch, P)
     return x.reshape(batch + P.shape)
 
 

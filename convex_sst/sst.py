@@ -53,7 +53,8 @@ def sst(
     """Sample a structure with a stochastic softmax trick.
 
     Args:
-        theta: parameters (logits) ``(*batch, *polytope.shape)``.
+        theta: parameters (logits) ``(*batch, *polytope.shape)``; ``-inf`` forbids a
+            coordinate (the sample is 0 there), as in :func:`relax`.
         polytope, regularizer, temperature, backend, **options: as in :func:`relax`.
         noise: ``"gumbel"`` (default), ``"gaussian"``, a :class:`Noise`, or None.
         mode: ``"relaxed"`` | ``"hard"`` | ``"straight_through"``.
@@ -65,7 +66,7 @@ def sst(
     if mode not in MODES:
         raise unknown_name("mode", mode, MODES)
     P = as_polytope(polytope)
-    batch = P.check_input(theta, "theta")
+    batch, _ = P._check_masked(theta, "theta")
     u = perturb(theta, get_noise(noise), generator)
     if mode == "hard":
         check_temperature(temperature, batch, theta)

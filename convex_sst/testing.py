@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ._forbidden import empty_face_error
 from ._scalars import positive_int, positive_real
 from .errors import InputError, unknown_name
 from .polytope import Polytope
@@ -21,7 +23,8 @@ def brute_force_marginals(u: torch.Tensor, polytope: Polytope | str, temperature
     """``Σ_{x∈𝒳} softmax_x(uᵀx / t) · x`` by enumerating the vertices: the ``exp_family`` SST.
 
     Args:
-        u: ``(*batch, *shape)`` utilities.
+        u: ``(*batch, *shape)`` utilities; ``-inf`` forbids a coordinate (the structures using it
+            get probability 0), as in :func:`~convex_sst.relax`.
         polytope: a small polytope (at most ``limit`` vertices).
         temperature: t > 0.
 
@@ -29,21 +32,39 @@ def brute_force_marginals(u: torch.Tensor, polytope: Polytope | str, temperature
         ``(*batch, *shape)``, differentiable in ``u`` and ``t`` (autograd through the sum).
     """
     P = as_polytope(polytope)
-    batch = P.check_input(u)
+    batch, forbidden = P._check_masked(u)
     t = check_temperature(temperature, batch, u)
     V = P.vertices(limit=limit, dtype=u.dtype).to(u.device).reshape(-1, P.size)
     t_rows = t.expand(batch).reshape(-1, 1) if t.dim() else t  # one temperature per structure
-    scores = u.reshape(-1, P.size) @ V.T / t_rows
-    probs = torch.softmax(scores, dim=-1)
+    scores, uses = _vertex_scores(u, forbidden, V, P, batch)
+    scores = scores / t_rows  # then -inf: no inf meets the temperature's backward
+    probs = torch.softmax(scores if uses is None else scores.masked_fill(uses, -math.inf), dim=-1)
     return (probs @ V).reshape(batch + P.shape)
 
 
+def _vertex_scores(u: torch.Tensor, forbidden: torch.Tensor | None, V: torch.Tensor, P: Polytope,
+                   batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``uᵀv`` for every structure v ``(B, V)`` over the allowed coordinates, and which
+    structures use a forbidden one ``(B, V)`` (None without forbidden coordinates)."""
+    if forbidden is None:
+        return u.reshape(-1, P.size) @ V.T, None
+    mask = forbidden.reshape(-1, P.size)
+    scores = u.masked_fill(forbidden, 0.0).reshape(-1, P.size) @ V.T
+    uses = (mask.to(V.dtype) @ V.T) > 0
+    empty = uses.all(1).nonzero().reshape(-1)
+    if empty.numel():
+        raise empty_face_error(empty, batch, P, "u")
+    return scores, uses
+
+
 def brute_force_argmax(u: torch.Tensor, polytope: Polytope | str) -> torch.Tensor:
-    """``argmax_{x∈𝒳} uᵀx`` by enumerating the vertices: ``(*batch, *shape)``."""
+    """``argmax_{x∈𝒳} uᵀx`` by enumerating the vertices: ``(*batch, *shape)`` (``-inf`` in u
+    forbids a coordinate, as in :meth:`Polytope.argmax`)."""
     P = as_polytope(polytope)
-    batch = P.check_input(u)
+    batch, forbidden = P._check_masked(u)
     V = P.vertices(dtype=u.dtype).to(u.device).reshape(-1, P.size)
-    best = (u.reshape(-1, P.size) @ V.T).argmax(-1)
+    scores, uses = _vertex_scores(u.detach(), forbidden, V, P, batch)
+    best = (scores if uses is None else scores.masked_fill(uses, -math.inf)).argmax(-1)
     return V[best].reshape(batch + P.shape)
 
 

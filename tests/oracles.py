@@ -126,3 +126,29 @@ def arborescence_cut_slack(x: np.ndarray, root: int) -> float:
             inside[list(S)] = True
             worst = min(worst, x[~inside][:, inside].sum() - 1.0)
     return worst
+
+
+def hull_solve(V: np.ndarray, theta: np.ndarray, reg: str) -> np.ndarray:
+    """The SST over conv(V) in V-representation with plain cvxpy: independent of our constraints.
+
+    Coordinates that are equal on every vertex (an arborescence's arcs into the root) are fixed at
+    that value and left out of the program: they add a constant to the objective, and at 0 they
+    would put the optimum on the boundary of the entropy's domain, where the interior-point solver
+    only reports an inaccurate solution.
+    """
+    free = V.min(0) != V.max(0)
+    x_full = V[0].astype(float).copy()
+    if not free.any():
+        return x_full
+    lam = cp.Variable(len(V), nonneg=True)
+    x = V[:, free].T @ lam
+    theta = theta[free]
+    f = {
+        "entropy": -cp.sum(cp.entr(x)),
+        "binary_entropy": -cp.sum(cp.entr(x)) - cp.sum(cp.entr(1 - x)),
+        "quadratic": 0.5 * cp.sum_squares(x),
+    }[reg]
+    cp.Problem(cp.Maximize(theta @ x - f), [cp.sum(lam) == 1]).solve(
+        solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    x_full[free] = V[:, free].T @ lam.value
+    return x_full

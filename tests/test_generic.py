@@ -1,6 +1,5 @@
 """The generic cvxpylayers SST layer against independent oracles."""
 
-import cvxpy as cp
 import numpy as np
 import oracles
 import pytest
@@ -57,32 +56,6 @@ def test_spanning_tree_matches_subtour_formulation(n, reg, gen):
         assert np.abs(x[b].numpy() - ref).max() < TOL
 
 
-def _hull_solve(V: np.ndarray, theta: np.ndarray, reg: str) -> np.ndarray:
-    """The SST over conv(V) in V-representation with plain cvxpy: independent of our constraints.
-
-    Coordinates that are equal on every vertex (an arborescence's arcs into the root) are fixed at
-    that value and left out of the program: they add a constant to the objective, and at 0 they
-    would put the optimum on the boundary of the entropy's domain, where the interior-point solver
-    only reports an inaccurate solution.
-    """
-    free = V.min(0) != V.max(0)
-    x_full = V[0].astype(float).copy()
-    if not free.any():
-        return x_full
-    lam = cp.Variable(len(V), nonneg=True)
-    x = V[:, free].T @ lam
-    theta = theta[free]
-    f = {
-        "entropy": -cp.sum(cp.entr(x)),
-        "binary_entropy": -cp.sum(cp.entr(x)) - cp.sum(cp.entr(1 - x)),
-        "quadratic": 0.5 * cp.sum_squares(x),
-    }[reg]
-    cp.Problem(cp.Maximize(theta @ x - f), [cp.sum(lam) == 1]).solve(
-        solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
-    x_full[free] = V[:, free].T @ lam.value
-    return x_full
-
-
 @pytest.mark.parametrize("name,reg", relax_pairs())
 def test_every_pair_matches_convex_hull_solve_and_certificate(name, reg, gen):
     P = cs.load_polytope(name, **RELAX_CASES[name])
@@ -92,7 +65,7 @@ def test_every_pair_matches_convex_hull_solve_and_certificate(name, reg, gen):
     x = cs.relax(u, P, reg, t, backend="generic").reshape(3, -1).numpy()
     theta = u.reshape(3, -1).numpy() / t
     for b in range(3):
-        ref = _hull_solve(V, theta[b], reg)
+        ref = oracles.hull_solve(V, theta[b], reg)
         assert np.abs(x[b] - ref).max() < TOL, (name, reg)
         # optimality certificate: no vertex beats X_t on the regularized objective
         obj = theta[b] @ x[b] - oracles.f_value(x[b], reg)

@@ -20,13 +20,26 @@ def _blocks(lang):
 
 
 def test_readme_usage_snippet_runs():
-    (usage,) = [b for b in _blocks("python") if "cs.SST" in b and "register_regularizer" not in b]
+    (usage,) = [b for b in _blocks("python") if "cs.SST" in b and "register_regularizer" not in b
+                and "masked_fill" not in b]
     env = {}
     exec(compile(usage, str(README), "exec"), env)
     assert env["x"].shape == (8, 10)
     assert torch.allclose(env["x"].sum(-1), torch.full((8,), 4.0), atol=1e-4)
     assert env["theta"].grad is not None
     assert env["hard"].sum() == 4
+
+
+def test_readme_padding_snippet_runs():
+    (snippet,) = [b for b in _blocks("python") if "masked_fill" in b]
+    env = {}
+    torch.manual_seed(0)
+    exec(compile(snippet, str(README), "exec"), env)
+    x, allowed, real, grad = env["x"], env["allowed"], env["real"], env["scores"].grad
+    assert x.shape == (3, 6, 6) and bool((x[~allowed] == 0).all())
+    assert torch.allclose(x.sum(1)[:, 1:], torch.ones(3, 5))       # one parent per non-root token
+    assert torch.allclose(x[:, 0][~real], torch.ones(int((~real).sum())))  # padding hangs off the root
+    assert bool(torch.isfinite(grad).all()) and bool((grad[~allowed] == 0).all())
 
 
 def test_readme_regularizer_snippet_runs():

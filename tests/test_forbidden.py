@@ -1,0 +1,318 @@
+"""Forbidden coordinates: ``u = -inf`` restricts relax, argmax and SST to a face of the polytope.
+
+Oracles, independent of the library's low-utility substitution: the SST solved over the
+convex hull of the face's vertices with plain cvxpy, enumeration of the face's vertices, and the
+same structure built without the forbidden coordinates (a smaller simplex or k-subset, a graph
+without the forbidden edges), which must give the same values and gradients.
+"""
+
+import math
+
+import numpy as np
+import oracles
+import pytest
+import torch
+from conftest import RELAX_CASES, SMALL_CASES
+
+import convex_sst as cs
+from convex_sst.relax import available_fast_paths
+
+NINF = -math.inf
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(7)
+
+
+def face_masks(P, gen, rows):
+    """Random masks ``(rows, *shape)`` with a non-empty face: a subset of the zeros of a random vertex."""
+    V = P.vertices().reshape(-1, P.size)
+    out = []
+    for _ in range(rows):
+        v = V[int(torch.randint(len(V), (1,), generator=gen))]
+        out.append((v == 0) & (torch.rand(P.size, generator=gen, dtype=torch.float64) < 0.5))
+    return torch.stack(out).reshape((rows,) + P.shape)
+
+
+def face_vertices(P, mask):
+    V = P.vertices().reshape(-1, P.size)
+    return V[~(V.bool() & mask.reshape(1, -1)).any(1)].numpy()
+
+
+def routes(P, reg):
+    """The backends that take the pair: fast (when registered), torch (separable), generic (cvxpy)."""
+    out = []
+    if (P.name, reg) in available_fast_paths():
+        out.append("fast")
+    if reg != "exp_family":  # the other built-ins have elementwise derivatives and a cvxpy form
+        out += ["torch", "generic"]
+    return out
+
+
+CASES = [(name, reg, backend) for name in RELAX_CASES
+         for reg in cs.load_polytope(name, **RELAX_CASES[name]).regularizers
+         for backend in routes(cs.load_polytope(name, **RELAX_CASES[name]), reg)]
+
+
+@pytest.mark.parametrize("name,reg,backend", CASES)
+def test_relax_on_a_face_matches_the_face_solved_alone(name, reg, backend, gen):
+    P = cs.load_polytope(name, **RELAX_CASES[name])
+    rows, t = 3, 0.7
+    mask = face_masks(P, gen, rows)
+    u = torch.randn((rows,) + P.shape, generator=gen, dtype=torch.float64).masked_fill(mask, NINF)
+    x = cs.relax(u, P, reg, t, backend=backend)
+    assert bool((x[mask] == 0).all())
+    assert bool(P.contains(x, atol=1e-6).all())
+    # the oracle (conv(V) in cvxpy) is itself accurate to about 1e-6; the generic path is checked
+    # at 1e-4 in test_generic, as here
+    tol = 1e-4 if backend == "generic" else 1e-5
+    for b in range(rows):
+        V = face_vertices(P, mask[b])
+        theta = u[b].reshape(-1).masked_fill(mask[b].reshape(-1), 0.0).numpy() / t
+        if reg == "exp_family":
+            s = V @ theta
+            p = np.exp(s - s.max())
+            ref = (p / p.sum()) @ V
+        else:
+            ref = oracles.hull_solve(V, theta, reg)
+        assert np.abs(x[b].reshape(-1).numpy() - ref).max() < tol, (b, int(mask[b].sum()))
+
+
+def _scatter(allowed, mask, fill=NINF):
+    """Put the allowed utilities ``(B, a)`` into ``(B, d)`` with ``fill`` at the ``mask`` coordinates."""
+    out = torch.full((allowed.shape[0], mask.numel()), fill, dtype=allowed.dtype)
+    return out.masked_scatter(~mask.reshape(1, -1).expand_as(out), allowed)
+
+
+def _reduced(name):
+    """(P, mask, P_reduced): P_reduced is P without the masked coordinates, as its own structure."""
+    if name == "simplex":
+        return cs.load_polytope("simplex", n=6), torch.tensor([0, 1, 0, 0, 1, 0]).bool(), cs.load_polytope("simplex", n=4)
+    if name == "hypercube":
+        return (cs.load_polytope("hypercube", n=5), torch.tensor([1, 0, 0, 1, 0]).bool(),
+                cs.load_polytope("hypercube", n=3))
+    if name == "k_subset":
+        return (cs.load_polytope("k_subset", n=7, k=3), torch.tensor([0, 1, 0, 0, 1, 1, 0]).bool(),
+                cs.load_polytope("k_subset", n=4, k=3))
+    if name == "spanning_tree":
+        P = cs.load_polytope("spanning_tree", n=5)
+        edges = torch.triu_indices(5, 5, 1).T.tolist()
+        mask = torch.zeros(len(edges), dtype=torch.bool)
+        mask[[0, 4, 7, 9]] = True  # (0,1), (1,2), (2,3), (3,4): the rest stays connected
+        keep = [e for e, m in zip(edges, mask.tolist()) if not m]
+        return P, mask, cs.load_polytope("spanning_tree", n=5, edges=keep)
+    if name == "dag_path":
+        edges = [[0, 1], [0, 2], [1, 2], [1, 3], [2, 3], [0, 3], [2, 4], [3, 4], [1, 4]]
+        P = cs.load_polytope("dag_path", n=5, edges=edges, source=0, target=4)
+        mask = torch.zeros(len(edges), dtype=torch.bool)
+        mask[[2, 5, 8]] = True
+        keep = [e for e, m in zip(edges, mask.tolist()) if not m]
+        return P, mask, cs.load_polytope("dag_path", n=5, edges=keep, source=0, target=4)
+    raise KeyError(name)
+
+
+REDUCED = [(name, reg, backend) for name in ("simplex", "hypercube", "k_subset", "spanning_tree", "dag_path")
+           for reg in _reduced(name)[0].regularizers
+           for backend in ("auto", "torch") if not (backend == "torch" and reg == "exp_family")]
+
+
+@pytest.mark.parametrize("name,reg,backend", REDUCED)
+def test_values_and_gradients_equal_those_of_the_structure_without_the_forbidden_coordinates(name, reg, backend, gen):
+    P, mask, R = _reduced(name)
+    ua = torch.randn(4, R.size, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, P.size, generator=gen, dtype=torch.float64)
+    t = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)  # a learnable temperature
+    x = cs.relax(_scatter(ua, mask), P, reg, t, backend=backend)
+    gu, gt = torch.autograd.grad((x * w).sum(), (ua, t))
+    xr = cs.relax(ua, R, reg, t, backend=backend)
+    gur, gtr = torch.autograd.grad((xr * w[:, ~mask]).sum(), (ua, t))
+    assert bool((x[:, mask] == 0).all())
+    # exact fast paths agree to rounding; the interior-point solver to its accuracy (~1e-7 on x)
+    exact = (name, reg) in available_fast_paths() and backend == "auto"
+    atol = 1e-9 if exact else 1e-6
+    torch.testing.assert_close(x[:, ~mask], xr, atol=atol, rtol=0)
+    torch.testing.assert_close(gu, gur, atol=10 * atol, rtol=0)
+    torch.testing.assert_close(gt, gtr, atol=10 * atol, rtol=0)
+
+
+@pytest.mark.parametrize("name,reg", [(n, r) for n, r in available_fast_paths() if n in RELAX_CASES])
+def test_fast_paths_pass_gradcheck_with_forbidden_coordinates(name, reg, gen):
+    P = cs.load_polytope(name, **RELAX_CASES[name])
+    mask = face_masks(P, gen, 1)[0].reshape(-1)
+    if not bool(mask.any()):
+        mask = face_masks(P, torch.Generator().manual_seed(1), 1)[0].reshape(-1)
+    ua = torch.randn(2, int((~mask).sum()), generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def f(ua):
+        return cs.relax(_scatter(ua, mask).reshape((2,) + P.shape), P, reg, 0.8)
+
+    assert torch.autograd.gradcheck(f, (ua,), atol=1e-6)
+    assert torch.autograd.gradgradcheck(f, (ua,), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_CASES))
+def test_argmax_avoids_forbidden_coordinates_and_matches_enumeration(name, gen):
+    for params, _ in SMALL_CASES[name]:
+        P = cs.load_polytope(name, **params)
+        mask = face_masks(P, gen, 6)
+        u = torch.randn((6,) + P.shape, generator=gen, dtype=torch.float64).masked_fill(mask, NINF)
+        x = P.argmax(u)
+        assert bool((x[mask] == 0).all())
+        torch.testing.assert_close(P.lp_argmax(u), x)
+        for b in range(6):
+            V = face_vertices(P, mask[b])
+            ref = V[np.argmax(V @ u[b].reshape(-1).masked_fill(mask[b].reshape(-1), 0.0).numpy())]
+            np.testing.assert_array_equal(x[b].reshape(-1).numpy(), ref)
+        torch.testing.assert_close(cs.testing.brute_force_argmax(u, P), x)
+
+
+EMPTY_FACES = [  # (polytope, params, forbidden coordinates (flat indices): no structure avoids them)
+    ("simplex", {"n": 4}, [0, 1, 2, 3]),
+    ("k_subset", {"n": 5, "k": 3}, [0, 2, 4]),
+    ("birkhoff", {"n": 3}, [3, 4, 5]),                      # the whole row 1
+    ("matching", {"n": 2, "m": 3}, [0, 1, 2]),              # row 0 has no column
+    ("spanning_tree", {"n": 4}, [0, 3, 4]),                 # (0,1), (1,2), (1,3): vertex 1 cut off
+    ("arborescence", {"n": 4}, [2, 6, 14]),                 # every arc into vertex 2
+    ("dag_path", {}, [0, 1]),                               # both arcs out of the source
+]
+
+
+@pytest.mark.parametrize("name,params,forbid", EMPTY_FACES)
+def test_an_empty_face_is_an_input_error_naming_the_batch_index(name, params, forbid):
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((3,) + P.shape, dtype=torch.float64)
+    u.reshape(3, -1)[1, forbid] = NINF
+    match = r"no structure of Polytope\('" + name + r"'.* avoids the coordinates where u = -inf, at batch index \(1,\)"
+    for reg in P.regularizers:
+        for backend in ["auto"] + (["torch"] if reg != "exp_family" else []):
+            with pytest.raises(cs.InputError, match=match):
+                cs.relax(u, P, reg, 0.5, backend=backend)
+    for fn in (P.argmax, P.lp_argmax, lambda v: cs.testing.brute_force_argmax(v, P)):
+        with pytest.raises(cs.InputError, match=match):
+            fn(u)
+    with pytest.raises(cs.InputError, match=match):
+        cs.testing.brute_force_marginals(u, P)
+
+
+def test_hypercube_with_every_coordinate_forbidden_is_the_zero_vector():
+    P = cs.load_polytope("hypercube", n=3)
+    u = torch.full((2, 3), NINF)
+    for reg in P.regularizers:
+        assert bool((cs.relax(u, P, reg) == 0).all())
+    assert bool((P.argmax(u) == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finfo_min_forbids_like_minus_infinity(dtype, gen):
+    P = cs.load_polytope("k_subset", n=6, k=2)
+    u = torch.randn(4, 6, generator=gen).to(dtype)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[:, [1, 3]] = True
+    mask[2, 5] = True
+    for reg in P.regularizers:
+        a = cs.relax(u.masked_fill(mask, NINF), P, reg, 0.5)
+        b = cs.relax(u.masked_fill(mask, torch.finfo(dtype).min), P, reg, 0.5)
+        assert bool((b[mask] == 0).all())
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(P.argmax(u.masked_fill(mask, torch.finfo(dtype).min)), P.argmax(u.masked_fill(mask, NINF)))
+
+
+def test_half_precision_keeps_forbidden_coordinates():
+    P = cs.load_polytope("simplex", n=5)
+    u = torch.tensor([1.0, 2.0, NINF, 0.5, torch.finfo(torch.float16).min]).half()
+    x = cs.relax(u, P, "entropy", 0.5)
+    assert x.dtype == torch.float16 and x[2] == 0 and x[4] == 0
+    ref = torch.softmax(torch.tensor([1.0, 2.0, 0.5]) / 0.5, 0)
+    torch.testing.assert_close(x[[0, 1, 3]].float(), ref, atol=1e-3, rtol=0)
+
+
+def test_nan_and_plus_infinity_stay_errors_that_say_what_is_allowed():
+    P = cs.load_polytope("simplex", n=3)
+    for bad in (math.nan, math.inf):
+        u = torch.tensor([[0.0, 1.0, 2.0], [0.0, NINF, bad]])
+        with pytest.raises(cs.InputError, match=r"u contains NaN or \+inf at batch index \(1,\).*finite or -inf"):
+            cs.relax(u, P)
+        with pytest.raises(cs.InputError, match=r"batch index \(1,\)"):
+            P.argmax(u)
+
+
+def test_estimators_reject_minus_infinity_and_say_where_it_is_accepted():
+    P = cs.load_polytope("simplex", n=3)
+    with pytest.raises(cs.InputError, match=r"theta must be finite \(-inf, a forbidden coordinate, is accepted by "
+                                            r"relax, sst, SST and argmax"):
+        cs.score_function(lambda x: x.sum(-1), torch.tensor([0.0, 1.0, NINF]), P)
+
+
+def test_max_range_with_forbidden_coordinates_is_an_error():
+    P = cs.load_polytope("spanning_tree", n=4)
+    u = torch.randn(6, dtype=torch.float64)
+    u[0] = NINF
+    with pytest.raises(cs.InputError, match="max_range clips the logits"):
+        cs.relax(u, P, "exp_family", 1.0, max_range=15.0)
+
+
+@pytest.mark.parametrize("mode", ["relaxed", "hard", "straight_through"])
+def test_sst_layer_samples_avoid_forbidden_coordinates_and_gradients_stay_finite(mode, gen):
+    P = cs.load_polytope("arborescence", n=5)
+    theta = torch.randn(16, 5, 5, generator=gen, dtype=torch.float64)
+    theta[:, 1, 2] = NINF                          # arc 1 -> 2 forbidden
+    theta[:, 3, :] = NINF                          # vertex 3 is a leaf
+    theta.requires_grad_(True)
+    t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    layer = cs.SST(P, "exp_family", temperature=t, mode=mode)
+    x = layer(theta, generator=gen)
+    assert bool((x[:, 1, 2] == 0).all()) and bool((x[:, 3, :] == 0).all())
+    if mode == "hard":
+        return
+    (x * torch.randn(x.shape, generator=gen, dtype=torch.float64)).sum().backward()
+    assert bool(torch.isfinite(theta.grad).all()) and bool(torch.isfinite(t.grad))
+    assert bool((theta.grad[:, 1, 2] == 0).all()) and bool((theta.grad[:, 3, :] == 0).all())
+
+
+def test_birkhoff_allowed_entries_outside_every_perfect_matching_get_zero(gen):
+    """Sinkhorn converges sublinearly on such patterns; the answer is the one permutation left."""
+    P = cs.load_polytope("birkhoff", n=3)
+    allowed = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 1, 1]]).bool()  # (0,1) and (2,1) are in no permutation
+    u = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64).masked_fill(~allowed, NINF)
+    for reg in P.regularizers:
+        for backend in ("auto", "torch"):
+            x = cs.relax(u, P, reg, 1.0, backend=backend)
+            torch.testing.assert_close(x, torch.eye(3, dtype=torch.float64).expand(2, 3, 3), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["arborescence", "spanning_tree"])
+def test_padding_recipe_gives_the_unpadded_marginals(name, gen):
+    """Variable sizes in one batch: a padding vertex may only hang off the root (vertex 0), so it
+    is a forced leaf and the real vertices' marginals equal those of the smaller structure."""
+    n, pad = 4, 2
+    N = n + pad
+    if name == "arborescence":
+        P, R = cs.load_polytope(name, n=N), cs.load_polytope(name, n=n)
+        theta = torch.randn(3, N, N, generator=gen, dtype=torch.float64)
+        theta[:, n:, :] = NINF                       # no arc out of a padding vertex
+        theta[:, 1:n, n:] = NINF                     # nor into one, except from the root
+        small = theta[:, :n, :n]
+    else:
+        P, R = cs.load_polytope(name, n=N), cs.load_polytope(name, n=n)
+        i, j = torch.triu_indices(N, N, 1)
+        theta = torch.randn(3, len(i), generator=gen, dtype=torch.float64)
+        theta[:, (j >= n) & (i > 0)] = NINF          # padding vertices attach to vertex 0 only
+        small = theta[:, (j < n)]
+    theta.requires_grad_(True)
+    x = cs.relax(theta, P, "exp_family", 0.7)
+    w = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    (g,) = torch.autograd.grad((x * w).sum(), theta)
+    small_leaf = small.detach().clone().requires_grad_(True)
+    xr = cs.relax(small_leaf, R, "exp_family", 0.7)
+    if name == "arborescence":
+        torch.testing.assert_close(x[:, :n, :n], xr, atol=1e-9, rtol=0)
+        assert torch.allclose(x[:, 0, n:], torch.ones(3, pad, dtype=torch.float64))
+        (gr,) = torch.autograd.grad((xr * w[:, :n, :n]).sum(), small_leaf)
+        torch.testing.assert_close(g[:, :n, :n], gr, atol=1e-9, rtol=0)
+    else:
+        keep = j < n
+        torch.testing.assert_close(x[:, keep], xr, atol=1e-9, rtol=0)
+        (gr,) = torch.autograd.grad((xr * w[:, keep]).sum(), small_leaf)
+        torch.testing.assert_close(g[:, keep], gr, atol=1e-9, rtol=0)
+
