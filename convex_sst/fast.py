@@ -98,6 +98,10 @@ _PSI = {
 }
 
 
+# ψ⁻¹ elementwise on tensors (for p in (0, 1])
+_PSI_INV = {"entropy": lambda p: torch.log(p) + 1.0, "binary_entropy": torch.logit, "quadratic": lambda p: p}
+
+
 def _capped_eval(theta: torch.Tensor, tau: torch.Tensor, reg: str) -> tuple[torch.Tensor, torch.Tensor]:
     psi, dpsi, _ = _PSI[reg]
     v = theta - tau[:, None]
@@ -121,8 +125,17 @@ def capped_simplex(theta: torch.Tensor, k: int, reg: str, tol: float | None = No
         return torch.ones_like(theta), torch.zeros_like(theta)
     tol = _default_tol(theta.dtype) * max(1, k) if tol is None else tol
     inv = _PSI[reg][2](k / n)
-    lo = theta.min(1).values - inv
-    hi = theta.max(1).values - inv
+    lo = theta.min(1).values - inv   # every x_i >= k/n there, so Σx >= k
+    hi = theta.max(1).values - inv   # every x_i <= k/n there, so Σx <= k
+    # the m entries above the row's minimum have x_i >= k/m at τ = (smallest of them) − ψ⁻¹(k/m),
+    # so Σx >= k: a much tighter lower end when some entries sit far below the rest (forbidden
+    # coordinates get one very low utility, see convex_sst._forbidden)
+    low = theta.min(1, keepdim=True).values
+    above = theta > low
+    m = above.sum(1)
+    second = theta.masked_fill(~above, math.inf).min(1).values
+    p = (k / m.clamp_min(1).to(theta.dtype)).clamp(max=1.0)
+    lo = torch.where(m > k, torch.maximum(lo, second - _PSI_INV[reg](p)), lo)
     tau = 0.5 * (lo + hi)
     done = torch.zeros(B, dtype=torch.bool, device=theta.device)
     h = torch.full_like(tau, math.inf)
