@@ -24,8 +24,6 @@ Each row is checked.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -39,7 +37,7 @@ LEAK_TOL = 1e-6
 
 def is_forbidden(u: torch.Tensor) -> torch.Tensor:
     """Boolean mask of the forbidden coordinates: ``u == -inf`` or ``u == finfo(dtype).min``."""
-    return (u == -math.inf) | (u == torch.finfo(u.dtype).min)
+    return u <= torch.finfo(u.dtype).min  # the only values there are -inf and finfo.min
 
 
 def fill_forbidden(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -47,8 +45,8 @@ def fill_forbidden(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     the per-row utility ``c = −(2 Σ_allowed |θ| + SLACK (d + 1))`` (constant: no gradient flows
     there); ``d`` is the number of coordinates."""
     B = theta.shape[0]
-    allowed = theta.detach().masked_fill(mask, 0.0).reshape(B, -1)
-    c = -(2.0 * allowed.abs().sum(1) + SLACK * (allowed.shape[1] + 1))
+    allowed = torch.where(mask, 0.0, theta.detach().abs()).reshape(B, -1)
+    c = -(2.0 * allowed.sum(1) + SLACK * (allowed.shape[1] + 1))
     c = c.clamp_min(-torch.finfo(theta.dtype).max / 4)  # |u| near the dtype's limit: clear_forbidden checks
     return torch.where(mask, c.reshape((B,) + (1,) * (theta.dim() - 1)), theta)
 
@@ -75,12 +73,12 @@ def clear_forbidden(x: torch.Tensor, mask: torch.Tensor, batch: tuple[int, ...],
     leak above :data:`LEAK_TOL` (a solver that did not separate them).
     """
     B = x.shape[0]
-    leak = (x.detach().abs() * mask).reshape(B, -1).sum(1)
-    if bool((leak > LEAK_TOL).any()):
+    leak = torch.where(mask, x.detach().abs(), 0.0).reshape(B, -1).sum(1)
+    if not bool((leak <= LEAK_TOL).all()):  # NaN included
         empty = (leak > 0.5).nonzero().reshape(-1)
         if empty.numel():
             raise empty_face_error(empty, batch, polytope, argname)
-        bad = (leak > LEAK_TOL).nonzero().reshape(-1)
+        bad = (~(leak <= LEAK_TOL)).nonzero().reshape(-1)
         raise SolverError(
             f"the solution for {polytope!r} puts mass {leak[bad].max().item():.1e} on coordinates where {argname} = -inf "
             f"(batch element(s) {bad[:10].tolist()} of {B}); they should be 0. Hint: use a larger temperature "

@@ -622,7 +622,7 @@ def _newton_duals(theta: torch.Tensor, log_b: torch.Tensor, tol: float, max_iter
 
 def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000, check_every: int = 10,
              on_failure: str = "warn", return_error: bool = False, newton_after: int = 50,
-             newton_iter: int = 30):
+             newton_iter: int = 30, forbidden: bool = False):
     """Log-domain Sinkhorn: the doubly stochastic ``X = diag(a) exp(θ) diag(b)``.
 
     Stops when every row and column sum is within ``tol`` of 1; the
@@ -631,15 +631,18 @@ def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000
     sweeps at most per stage), which keeps low temperatures from stalling. When a stage has not
     converged after ``newton_after`` sweeps, up to ``newton_iter`` damped Newton steps on the
     duals finish it (linear convergence becomes quadratic); in the last stage, sweeps resume if
-    they do not.
+    they do not. ``forbidden=True``: θ has ``-inf`` entries (zeros of X), left out of the
+    tolerance floor and of the spread.
     """
     B, n, _ = theta.shape
     eps = torch.finfo(theta.dtype).eps
     tol = (1e-12 if theta.dtype == torch.float64 else 1e-6) if tol is None else tol
-    scale = float(theta.detach().abs().max()) if theta.numel() else 0.0
+    # θ may hold -inf (forbidden entries: exact zeros of X); every row and column needs a finite one
+    low = theta.masked_fill(theta == -math.inf, math.inf).amin((1, 2)) if forbidden else theta.amin((1, 2))
+    scale = float(torch.maximum(theta.amax((1, 2)).abs(), low.abs()).max()) if theta.numel() else 0.0
     tol = max(tol, 100 * eps * scale)
     # the spread in float64: in float32 the difference of logits near the dtype's range overflows
-    spread = float((theta.amax((1, 2)).double() - theta.amin((1, 2)).double()).max()) if theta.numel() else 0.0
+    spread = float((theta.amax((1, 2)).double() - low.double()).max()) if theta.numel() else 0.0
     lam = 1.0 if spread <= 50 else 50.0 / spread
     log_a = torch.zeros(B, n, dtype=theta.dtype, device=theta.device)
     log_b = torch.zeros_like(log_a)
@@ -677,16 +680,19 @@ def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000
         lam = new_lam
     X = torch.exp(theta + log_a[:, :, None] + log_b[:, None, :])
     err = _marginal_error(X)
-    if bool((err > tol).any()) and on_failure in ("warn", "raise"):
-        _report("Sinkhorn", err > tol, B, f"row/column-sum error up to {err.max().item():.1e} after {total} sweeps "
+    bad = ~(err <= tol)  # NaN included
+    if bool(bad.any()) and on_failure in ("warn", "raise"):
+        _report("Sinkhorn", bad, B, f"row/column-sum error up to {err.max().item():.1e} after {total} sweeps "
                 "(raise max_iter, or use a higher temperature)", on_failure)
-    return (X, err > tol) if return_error else X
+    return (X, bad) if return_error else X
 
 
 class _Sinkhorn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, theta, tol, max_iter, on_failure, holder):
-        X, bad = sinkhorn(theta.detach(), tol, max_iter, on_failure=on_failure, return_error=True)
+    def forward(ctx, theta, tol, max_iter, on_failure, holder, forbidden=None):
+        th = theta.detach() if forbidden is None else theta.detach().masked_fill(forbidden, -math.inf)
+        X, bad = sinkhorn(th, tol, max_iter, on_failure=on_failure, return_error=True,
+                          forbidden=forbidden is not None)
         holder.append(bad)
         ctx.save_for_backward(X)
         return X
@@ -699,10 +705,10 @@ class _Sinkhorn(torch.autograd.Function):
         (X,) = ctx.saved_tensors
         with autocast_off(X.device):  # backward runs under the caller's autocast state
             if X.dtype == torch.float64:
-                return _Sinkhorn._vjp(X, G), None, None, None, None
+                return _Sinkhorn._vjp(X, G), None, None, None, None, None
             # in float32 the ridge below (1e3·eps·n: 6e-3 at n = 50) and the cancellation in
             # I − XᵀX cost 1e-3 relative error in the gradient; one n × n solve in float64 does not
-            return _Sinkhorn._vjp(X.double(), G.double()).to(G.dtype), None, None, None, None
+            return _Sinkhorn._vjp(X.double(), G.double()).to(G.dtype), None, None, None, None, None
 
     @staticmethod
     def _vjp(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -727,26 +733,35 @@ _SINKHORN_FLOAT32_TOL = 1e-7    # default tolerance of float32 inputs computed i
 
 @register_fast_path("birkhoff", "entropy")
 def birkhoff_sinkhorn(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 2000,
-                      on_failure: str = "fallback") -> torch.Tensor:
+                      on_failure: str = "fallback", forbidden: torch.Tensor | None = None) -> torch.Tensor:
     """Gumbel-Sinkhorn: log-domain Sinkhorn (O(n²) per sweep) with an implicit backward (one
     (n × n) linear solve per sample). Sinkhorn slows down sharply at low temperature; rows that
     have not converged after ``max_iter`` sweeps are, by default (``on_failure="fallback"``),
     re-solved by the batched interior-point solver (``backend="torch"``, exact to ~1e-10);
     ``"warn"`` keeps the approximate rows with a warning, ``"raise"`` raises. float32 inputs
     run in float32 while its resolution allows row/column sums within 1e-4 (``max|θ| ≲ 8``),
-    otherwise in float64. Options: tol, max_iter, on_failure."""
+    otherwise in float64. Options: tol, max_iter, on_failure. Forbidden entries (``forbidden``,
+    from ``-inf`` in u) are exact zeros of the kernel: no ε-scaling over their stand-in value."""
     if on_failure not in ("fallback", "warn", "raise"):
         raise InputError(f"on_failure must be 'fallback', 'warn' or 'raise', got {on_failure!r}")
     if theta.dtype != torch.float64 and theta.numel():
         # the log-domain arithmetic resolves row/column sums to ~100·eps·max|θ| (the tolerance
         # floor in `sinkhorn`): in float32 that passes 1e-4 once max|θ| > 8 (t ≲ 0.3 at unit
         # logits) and reached 5e-2 at t = 1e-3 for n = 50; such inputs are computed in float64
-        floor = 100 * torch.finfo(theta.dtype).eps * float(theta.detach().abs().max())
+        th = theta.detach() if forbidden is None else theta.detach().masked_fill(forbidden, 0.0)
+        floor = 100 * torch.finfo(theta.dtype).eps * float(th.abs().max())
         if floor > _SINKHORN_FLOAT32_FLOOR:
             tol = _SINKHORN_FLOAT32_TOL if tol is None else tol  # the result is rounded to float32
-            return birkhoff_sinkhorn(theta.double(), polytope, tol, max_iter, on_failure).to(theta.dtype)
+            return birkhoff_sinkhorn(theta.double(), polytope, tol, max_iter, on_failure, forbidden).to(theta.dtype)
+    if forbidden is not None:
+        # a sample with a whole row or column forbidden has no permutation left: it keeps the
+        # finite stand-in utilities (relax then reports the empty face), not a kernel row of zeros
+        empty = forbidden.all(2).any(1) | forbidden.all(1).any(1)
+        if bool(empty.any()):
+            forbidden = forbidden & ~empty[:, None, None]
     holder: list[torch.Tensor] = []
-    X = _Sinkhorn.apply(theta, tol, max_iter, "silent" if on_failure == "fallback" else on_failure, holder)
+    X = _Sinkhorn.apply(theta, tol, max_iter, "silent" if on_failure == "fallback" else on_failure, holder,
+                        forbidden)
     bad = holder[0]
     if on_failure == "fallback" and bool(bad.any()):
         from .regularizers import get_regularizer

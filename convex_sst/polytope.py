@@ -317,16 +317,15 @@ class Polytope:
         batch = self._check_shape(u, argname)
         if u.numel() == 0:
             return batch, None
-        lo, hi = torch.aminmax(u.detach())  # one reduction in the common case
+        lo, hi = torch.aminmax(u.detach())  # one reduction in the common case (NaN propagates)
         lo_v, hi_v = lo.item(), hi.item()
-        if lo_v > torch.finfo(u.dtype).min and hi_v < math.inf:
-            return batch, None
-        d = u.detach()
-        forbidden = is_forbidden(d)
-        bad = ~(torch.isfinite(d) | forbidden)
-        if bool(bad.any()):
+        if not hi_v < math.inf:  # NaN or +inf
+            d = u.detach()
+            bad = torch.isnan(d) | (d == math.inf)
             raise self._non_finite(bad, batch, argname, "NaN or +inf", "finite or -inf (-inf forbids a coordinate)")
-        return batch, (forbidden if bool(forbidden.any()) else None)
+        if lo_v > torch.finfo(u.dtype).min:
+            return batch, None
+        return batch, is_forbidden(u.detach())  # at least one: lo_v is -inf or finfo.min
 
     def _check_shape(self, u: Any, argname: str) -> tuple[int, ...]:
         if not isinstance(u, torch.Tensor):

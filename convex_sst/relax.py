@@ -46,6 +46,11 @@ def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], 
     unknown one is an :class:`InputError`); an ``fn`` taking ``**options`` checks them itself.
     ``polytope`` is a built-in name or the name of a config registered with
     :func:`register_polytope`. Check ``fn`` with :func:`convex_sst.testing.check_relaxation`.
+
+    Forbidden coordinates (``u = -inf``) reach ``fn`` as a finite, very low utility, so any
+    path handles them; one that can do better (Sinkhorn: exact zeros instead of ε-scaling over
+    the low values) declares a keyword ``forbidden`` and receives their boolean mask
+    ``(B, *polytope.shape)`` (None when there are none). Users cannot pass it as an option.
     """
     from .errors import RegistrationError
 
@@ -59,6 +64,16 @@ def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], 
         return fn
 
     return deco
+
+
+def _takes_forbidden(fast: FastPath | None) -> bool:
+    """Whether a fast path declares the keyword ``forbidden`` (see :func:`register_fast_path`)."""
+    if fast is None:
+        return False
+    try:
+        return "forbidden" in inspect.signature(fast).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
 
 
 def available_fast_paths() -> list[tuple[str, str]]:
@@ -196,6 +211,8 @@ def relax(
     if forbidden is not None:
         mask = forbidden.reshape(theta.shape)
         theta = fill_forbidden(theta, mask)
+        if _takes_forbidden(route[1]):
+            options = {**options, "forbidden": mask}
     with autocast_off(theta.device):
         x = fn(theta, P, reg, **options)
     if forbidden is not None:
@@ -222,12 +239,16 @@ def _check_options(P: Polytope, reg: Regularizer, route: tuple[str, FastPath | N
                    options: dict[str, Any]) -> dict[str, Any]:
     if not options:
         return options
+    if "forbidden" in options:
+        raise InputError("'forbidden' is not an option: relax derives it from u; put -inf in u where a coordinate "
+                         "is forbidden")
     kind, fast = route
     if fast is not None:  # kind == "fast"
         params = list(inspect.signature(fast).parameters.values())
         if any(p.kind is p.VAR_KEYWORD for p in params):
             return options
-        accepted = tuple(p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        accepted = tuple(p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                         and p.name != "forbidden")  # relax's own (-inf in u), not an option
         where = f"the fast path {P.name}/{reg.name}"
         named = f"{where} ({fast.__name__})"
         ours = fast.__module__.startswith("convex_sst.")

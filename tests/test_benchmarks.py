@@ -42,3 +42,12 @@ def test_generic_benchmark_runs():
     out = _run("generic.py", "--batches", "1", "--repeats", "1", "--polytopes", "simplex")
     rows = _rows(out, "| simplex")
     assert rows and all(float(r[-1]) > 0 for r in rows)
+
+
+def test_forbidden_benchmark_runs_and_matches_the_smaller_structures():
+    out = _run("forbidden.py", "--batch", "2", "--repeats", "1")
+    rows = _rows(out, "| ")[1:]  # after the header
+    assert len(rows) == 6
+    for row in rows:
+        if row[6] != "—":
+            assert float(row[6]) < 1e-9, row  # forbidden coordinates vs the structure without them

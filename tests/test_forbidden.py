@@ -171,6 +171,7 @@ EMPTY_FACES = [  # (polytope, params, forbidden coordinates (flat indices): no s
     ("simplex", {"n": 4}, [0, 1, 2, 3]),
     ("k_subset", {"n": 5, "k": 3}, [0, 2, 4]),
     ("birkhoff", {"n": 3}, [3, 4, 5]),                      # the whole row 1
+    ("birkhoff", {"n": 3}, [1, 2, 4, 5]),                   # rows 0 and 1 both only in column 0 (Hall)
     ("matching", {"n": 2, "m": 3}, [0, 1, 2]),              # row 0 has no column
     ("spanning_tree", {"n": 4}, [0, 3, 4]),                 # (0,1), (1,2), (1,3): vertex 1 cut off
     ("arborescence", {"n": 4}, [2, 6, 14]),                 # every arc into vertex 2
@@ -316,3 +317,53 @@ def test_padding_recipe_gives_the_unpadded_marginals(name, gen):
         (gr,) = torch.autograd.grad((xr * w[:, keep]).sum(), small_leaf)
         torch.testing.assert_close(g[:, keep], gr, atol=1e-9, rtol=0)
 
+
+
+MASKED_SIMPLEX = """\
+name: test_masked_simplex
+params:
+  n: {type: int, min: 1, default: 4}
+output: {name: x, shape: [n]}
+constraints:
+  - sum(x) == 1
+  - x >= 0
+"""
+
+
+def test_a_fast_path_declaring_forbidden_gets_the_mask_and_users_cannot_pass_it(tmp_path):
+    path = tmp_path / "masked_simplex.yaml"
+    path.write_text(MASKED_SIMPLEX)
+    cs.register_polytope(path)
+    seen = []
+
+    @cs.register_fast_path("test_masked_simplex", "entropy")
+    def softmax(theta, polytope, forbidden=None):
+        seen.append(forbidden)
+        return torch.softmax(theta if forbidden is None else theta.masked_fill(forbidden, NINF), -1)
+
+    P = cs.load_polytope("test_masked_simplex")
+    u = torch.tensor([[0.5, NINF, 1.0, 2.0], [1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    x = cs.relax(u, P, "entropy", 0.5)
+    assert seen[-1].tolist() == [[False, True, False, False], [False] * 4]
+    torch.testing.assert_close(x[0, [0, 2, 3]], torch.softmax(u[0, [0, 2, 3]] / 0.5, 0))
+    cs.relax(u[1:], P, "entropy", 0.5)
+    assert seen[-1] is None  # no -inf: the keyword keeps its default
+    with pytest.raises(cs.InputError, match="'forbidden' is not an option: relax derives it from u"):
+        cs.relax(u, P, "entropy", 0.5, forbidden=torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_sinkhorn_treats_forbidden_entries_as_exact_zeros(gen):
+    """Given the mask, Sinkhorn works on the kernel with zeros (no ε-scaling over the stand-in
+    value): same result as the interior-point solver, and as Sinkhorn on the stand-in values."""
+    from convex_sst.fast import birkhoff_sinkhorn
+
+    n = 12
+    P = cs.load_polytope("birkhoff", n=n)
+    mask = (torch.arange(n)[:, None] - torch.arange(n)[None, :]) % 3 == 1
+    u = torch.randn(4, n, n, generator=gen, dtype=torch.float64).masked_fill(mask, NINF)
+    x = cs.relax(u, P, "entropy", 1.0)
+    torch.testing.assert_close(x, cs.relax(u, P, "entropy", 1.0, backend="torch"), atol=1e-7, rtol=0)
+    from convex_sst._forbidden import fill_forbidden
+    theta = fill_forbidden(u.masked_fill(mask, 0.0), mask.expand(4, n, n))
+    torch.testing.assert_close(birkhoff_sinkhorn(theta, P, forbidden=mask.expand(4, n, n)), x, atol=0, rtol=0)
+    torch.testing.assert_close(birkhoff_sinkhorn(theta, P).masked_fill(mask, 0.0), x, atol=1e-9, rtol=0)
