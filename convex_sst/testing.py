@@ -75,7 +75,9 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
 
     Made for a fast path you register (``register_fast_path``): at each temperature, on
     ``num_samples`` utilities ``u ~ scale · N(0, 1)`` in float64, it compares ``X_t`` and a
-    vector-Jacobian product with those of the reference, checks that ``X_t`` lies in P, and runs
+    vector-Jacobian product with those of the reference, the same with about a third of the
+    coordinates forbidden (``-inf``; the path sees relax's very low stand-in utilities, or the
+    mask if it declares ``forbidden``), checks that ``X_t`` lies in P, and runs
     ``torch.autograd.gradcheck`` on the backend for the first sample.
 
     Args:
@@ -92,8 +94,10 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
         **options: backend options for the backend under test.
 
     Returns:
-        One dict per temperature: ``temperature``, ``value_error``, ``grad_error``
-        (max abs differences), ``in_polytope`` and ``gradcheck`` (bools).
+        One dict per temperature: ``temperature``, ``value_error``, ``grad_error``,
+        ``forbidden_error`` (max abs differences; the last of values and gradients with about a
+        third of the coordinates set to ``-inf``, see :func:`~convex_sst.relax`),
+        ``in_polytope`` and ``gradcheck`` (bools).
 
     Raises:
         AssertionError: naming the first temperature and check that failed (pytest shows it).
@@ -120,6 +124,10 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
     gen = torch.Generator().manual_seed(int(seed))
     u = scale * torch.randn((positive_int(num_samples, "num_samples"),) + P.shape, generator=gen, dtype=torch.float64)
     w = torch.randn(u.shape, generator=gen, dtype=torch.float64)  # cotangent of the VJP
+    # about a third of the coordinates the best structure leaves at 0 forbidden (u = -inf): the
+    # face stays non-empty, and the path sees relax's very low stand-in utilities there
+    forbid = (P.argmax(u) == 0) & (torch.rand(u.shape, generator=gen, dtype=torch.float64) < 1 / 3)
+    u_forbidden = u.masked_fill(forbid, -math.inf)
 
     def run(which: str, t: float, v: torch.Tensor) -> torch.Tensor:
         if which == "brute_force":
@@ -131,26 +139,29 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
         got: list[torch.Tensor] = []
         want: list[torch.Tensor] = []
         for which, out in ((backend, got), (reference, want)):
-            v = u.clone().requires_grad_(True)
-            x = run(which, t, v)
-            (g,) = torch.autograd.grad((x * w).sum(), v)
-            out += [x.detach(), g]
+            for start in (u, u_forbidden):
+                v = start.clone().requires_grad_(True)
+                x = run(which, t, v)
+                (g,) = torch.autograd.grad((x * w).sum(), v)
+                out += [x.detach(), g]
         first = u[:1].clone().requires_grad_(True)
         rows.append({
             "temperature": t,
             "value_error": float((got[0] - want[0]).abs().max()),
             "grad_error": float((got[1] - want[1]).abs().max()),
+            "forbidden_error": float(max((got[2] - want[2]).abs().max(), (got[3] - want[3]).abs().max())),
             "in_polytope": bool(P.contains(got[0], atol=max(tol, 1e-6)).all()),
             "gradcheck": torch.autograd.gradcheck(lambda v: run(backend, t, v), (first,), atol=max(tol, 1e-6),
                                                   raise_exception=False),
         })
         row = rows[-1]
-        failed = [k for k in ("value_error", "grad_error") if row[k] > tol] + \
+        failed = [k for k in ("value_error", "grad_error", "forbidden_error") if row[k] > tol] + \
                  [k for k in ("in_polytope", "gradcheck") if not row[k]]
         if failed:
             raise AssertionError(
                 f"{backend} relaxation of {P!r} with {reg.name!r} at t = {t:g} fails {', '.join(failed)} against "
                 f"{reference} (value error {row['value_error']:.2e}, gradient error {row['grad_error']:.2e}, "
+                f"with forbidden coordinates {row['forbidden_error']:.2e}, "
                 f"tolerance {tol:.0e}; in P: {row['in_polytope']}, gradcheck: {row['gradcheck']})"
             )
     return rows

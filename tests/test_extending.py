@@ -21,7 +21,8 @@ def test_check_relaxation_passes_every_builtin_fast_path(name, reg):
         pytest.skip(f"a user's fast path registered by another test ({name})")
     rows = cs.testing.check_relaxation(cs.load_polytope(name, **SMALL[name]), reg)
     assert [r["temperature"] for r in rows] == [0.5, 2.0]
-    assert all(r["value_error"] < 1e-6 and r["grad_error"] < 1e-6 and r["gradcheck"] and r["in_polytope"] for r in rows)
+    assert all(r["value_error"] < 1e-6 and r["grad_error"] < 1e-6 and r["forbidden_error"] < 1e-6 and r["gradcheck"]
+               and r["in_polytope"] for r in rows)
 
 
 def tsallis15(name):
@@ -57,7 +58,7 @@ def test_check_relaxation_accepts_a_right_fast_path_and_catches_a_wrong_gradient
     rows = cs.testing.check_relaxation(P, right.name)
     assert max(r["value_error"] for r in rows) < 1e-9 and max(r["grad_error"] for r in rows) < 1e-7
     with pytest.raises(AssertionError, match=r"fast relaxation of Polytope\('simplex'.*'test_entmax_wrong' at t = 0.5 "
-                                             r"fails grad_error, gradcheck against torch"):
+                                             r"fails grad_error, forbidden_error, gradcheck against torch"):
         cs.testing.check_relaxation(P, wrong.name)
 
 
@@ -184,3 +185,17 @@ def test_check_command_imports_the_module_that_registers_a_regularizer(tmp_path,
         main(["check", "uses_it.yaml", "--import", "no_such_module"])
     assert main(["check", "uses_it.yaml", "--import", "test_cli_regs_module"]) == 0
     assert "regularizer  test_cli_tsallis: ok" in capsys.readouterr().out
+
+
+def test_check_relaxation_catches_a_fast_path_that_misreads_the_forbidden_mask(tmp_path):
+    path = tmp_path / "mask_simplex.yaml"
+    path.write_text(MY_SIMPLEX.replace("test_my_simplex", "test_misread_mask_simplex"))
+    cs.register_polytope(path)
+
+    @cs.register_fast_path("test_misread_mask_simplex", "entropy")
+    def softmax(theta, polytope, forbidden=None):  # forbidden read as "utility 0", not "x = 0"
+        return torch.softmax(theta if forbidden is None else theta.masked_fill(forbidden, 0.0), -1)
+
+    P = cs.load_polytope("test_misread_mask_simplex")
+    with pytest.raises(cs.SolverError, match=r"puts mass .* on coordinates where u = -inf"):
+        cs.testing.check_relaxation(P, "entropy")
