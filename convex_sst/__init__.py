@@ -40,6 +40,7 @@ from .estimators import (
     sst_gradient,
 )
 from .diagnostics import diagnose
+from .partition import log_partition
 from . import argmax as _argmax  # noqa: E402,F401  (registers the combinatorial argmax algorithms)
 from . import fast as _fast  # noqa: E402,F401  (registers the fast paths)
 from . import testing  # noqa: E402
@@ -55,5 +56,5 @@ __all__ = [
     "available_fast_paths", "register_fast_path", "relax",
     "SST", "sst", "testing",
     "EMABaseline", "exact_gradient", "expected_loss", "gumbel_kl", "score_function", "smt_distribution",
-    "sst_gradient", "diagnose",
+    "sst_gradient", "diagnose", "log_partition",
 ]

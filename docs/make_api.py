@@ -17,7 +17,7 @@ import convex_sst as cs
 OUT = Path(__file__).resolve().parent / "api.md"
 
 SECTIONS = [
-    ("Relaxations and samples", ["relax", "sst", "SST"]),
+    ("Relaxations and samples", ["relax", "sst", "SST", "log_partition"]),
     ("Structures", ["load_polytope", "Polytope", "available_polytopes", "register_polytope",
                     "available_argmax", "register_argmax"]),
     ("Regularizers and fast paths", ["Regularizer", "available_regularizers", "register_regularizer",

@@ -21,7 +21,7 @@ def _blocks(lang):
 
 def test_readme_usage_snippet_runs():
     (usage,) = [b for b in _blocks("python") if "cs.SST" in b and "register_regularizer" not in b
-                and "masked_fill" not in b]
+                and "masked_fill" not in b and "log_partition" not in b]
     env = {}
     exec(compile(usage, str(README), "exec"), env)
     assert env["x"].shape == (8, 10)
@@ -40,6 +40,16 @@ def test_readme_padding_snippet_runs():
     assert torch.allclose(x.sum(1)[:, 1:], torch.ones(3, 5))       # one parent per non-root token
     assert torch.allclose(x[:, 0][~real], torch.ones(int((~real).sum())))  # padding hangs off the root
     assert bool(torch.isfinite(grad).all()) and bool((grad[~allowed] == 0).all())
+
+
+def test_readme_log_partition_snippet_runs():
+    (snippet,) = [b for b in _blocks("python") if "log_partition" in b]
+    env = {}
+    torch.manual_seed(0)
+    exec(compile(snippet, str(README), "exec"), env)
+    scores, gold, P = env["scores"], env["gold"], env["P"]
+    marginals = cs.relax(scores.detach(), P, "exp_family")
+    assert torch.allclose(scores.grad, (marginals - gold) / 4, atol=1e-6)  # the mean over 4 sentences
 
 
 def test_readme_regularizer_snippet_runs():

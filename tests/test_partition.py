@@ -1,0 +1,153 @@
+"""log_partition: against enumeration, counting formulas, the exp_family relaxation (its gradient),
+gradcheck, extreme temperatures, forbidden coordinates."""
+
+import math
+
+import pytest
+import torch
+from conftest import SMALL_CASES
+
+import convex_sst as cs
+from convex_sst.relax import available_fast_paths
+from convex_sst.testing import brute_force_marginals
+
+NINF = -math.inf
+ALL_SMALL = [(name, params) for name in sorted(SMALL_CASES) for params, _ in SMALL_CASES[name]]
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(3)
+
+
+def enumerated(u, P, t):
+    V = P.vertices(dtype=u.dtype).reshape(-1, P.size)
+    return torch.logsumexp(u.reshape(-1, P.size) @ V.T / t, dim=1).reshape(u.shape[: u.dim() - len(P.shape)])
+
+
+@pytest.mark.parametrize("name,params", ALL_SMALL)
+def test_matches_enumeration_with_batch_dims_and_per_sample_temperatures(name, params, gen):
+    P = cs.load_polytope(name, **params)
+    u = 2 * torch.randn((2, 3) + P.shape, generator=gen, dtype=torch.float64)
+    for t in (0.5, 2.0):
+        torch.testing.assert_close(cs.log_partition(u, P, t), enumerated(u, P, t), atol=1e-12, rtol=0)
+    t = torch.tensor([[0.3, 1.0, 3.0], [0.5, 0.7, 2.0]], dtype=torch.float64)
+    want = torch.stack([enumerated(u[i, j], P, float(t[i, j])) for i in range(2) for j in range(3)]).reshape(2, 3)
+    torch.testing.assert_close(cs.log_partition(u, P, t), want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name,params", ALL_SMALL)
+def test_gradient_is_the_exp_family_marginals_over_t(name, params, gen):
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((4,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = 0.6
+    (g,) = torch.autograd.grad(cs.log_partition(u, P, t).sum(), u)
+    torch.testing.assert_close(g, brute_force_marginals(u.detach(), P, t) / t, atol=1e-10, rtol=0)
+    if (name, "exp_family") in available_fast_paths():
+        torch.testing.assert_close(g, cs.relax(u.detach(), P, "exp_family", t) / t, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("simplex", {"n": 5}), ("hypercube", {"n": 4}), ("k_subset", {"n": 6, "k": 3}), ("spanning_tree", {"n": 4}),
+    ("arborescence", {"n": 4, "root": 1}), ("dag_path", {}), ("birkhoff", {"n": 3})])
+def test_gradcheck_and_gradgradcheck(name, params, gen):
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((2,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u, t: cs.log_partition(u, P, t), (u, t))
+    assert torch.autograd.gradgradcheck(lambda u, t: cs.log_partition(u, P, t), (u, t))
+
+
+@pytest.mark.parametrize("name,params,count", [
+    ("simplex", {"n": 1000}, 1000),
+    ("hypercube", {"n": 50}, 2.0 ** 50),
+    ("k_subset", {"n": 60, "k": 20}, math.comb(60, 20)),
+    ("spanning_tree", {"n": 20}, 20.0 ** 18),                     # Cayley
+    ("arborescence", {"n": 20, "root": 7}, 20.0 ** 18),            # rooted spanning arborescences of K20
+    ("dag_path", {"n": 12, "edges": [[i, j] for i in range(12) for j in range(i + 1, 12)], "source": 0,
+                  "target": 11}, 2.0 ** 10),                       # a path picks any subset of 1..10
+])
+def test_zero_scores_count_the_structures(name, params, count):
+    P = cs.load_polytope(name, **params)
+    got = cs.log_partition(torch.zeros(P.shape, dtype=torch.float64), P)
+    assert abs(float(got) - math.log(count)) < 1e-9 * max(1.0, math.log(count))
+
+
+@pytest.mark.parametrize("name,params", [("k_subset", {"n": 30, "k": 7}), ("spanning_tree", {"n": 12}),
+                                         ("arborescence", {"n": 12}), ("simplex", {"n": 30})])
+def test_low_temperature_tends_to_the_best_score_without_overflow(name, params, gen):
+    P = cs.load_polytope(name, **params)
+    u = 10 * torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64)
+    best = (P.argmax(u) * u).reshape(3, -1).sum(1)
+    log_count = float(cs.log_partition(torch.zeros(P.shape, dtype=torch.float64), P))
+    for t in (1e-2, 1e-3):
+        z = t * cs.log_partition(u, P, t)
+        assert bool(torch.isfinite(z).all())
+        assert bool((z >= best - 1e-9).all()) and bool((z <= best + t * log_count + 1e-9).all())
+
+
+@pytest.mark.parametrize("name,params", [("k_subset", {"n": 8, "k": 3}), ("spanning_tree", {"n": 5}),
+                                         ("arborescence", {"n": 5})])
+def test_float32_in_float32_out(name, params, gen):
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((4,) + P.shape, generator=gen)
+    z = cs.log_partition(u, P, 0.5)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.double(), cs.log_partition(u.double(), P, 0.5), atol=1e-5, rtol=0)
+
+
+def test_log_likelihoods_of_all_structures_sum_to_one(gen):
+    """The CRF use: log p(x) = θᵀx − log Z(θ)."""
+    P = cs.load_polytope("arborescence", n=4)
+    theta = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    V = P.vertices()
+    logp = (V * theta).sum((1, 2)) - cs.log_partition(theta, P)
+    assert abs(float(logp.exp().sum()) - 1.0) < 1e-12
+
+
+def test_forbidden_coordinates_sum_over_the_structures_that_avoid_them(gen):
+    P = cs.load_polytope("spanning_tree", n=5)
+    edges = torch.triu_indices(5, 5, 1).T.tolist()
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[0, 4, 7, 9]] = True
+    R = cs.load_polytope("spanning_tree", n=5, edges=[e for e, m in zip(edges, mask.tolist()) if not m])
+    ua = torch.randn(3, R.size, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = torch.full((3, 10), NINF, dtype=torch.float64).masked_scatter(~mask.expand(3, 10), ua)
+    z, zr = cs.log_partition(u, P, 0.7), cs.log_partition(ua, R, 0.7)
+    torch.testing.assert_close(z, zr, atol=1e-12, rtol=0)
+    (g,) = torch.autograd.grad(z.sum(), ua)
+    (gr,) = torch.autograd.grad(zr.sum(), ua)
+    torch.testing.assert_close(g, gr, atol=1e-12, rtol=0)
+    K = cs.load_polytope("k_subset", n=6, k=2)
+    v = torch.tensor([1.0, NINF, 0.5, NINF, NINF, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(cs.log_partition(v, K), torch.logsumexp(torch.tensor([1.5, 3.0, 2.5]).double(), 0))
+    with pytest.raises(cs.InputError, match=r"no structure of Polytope\('k_subset'.* avoids the coordinates where "
+                                            r"u = -inf, at batch index \(1,\)"):
+        cs.log_partition(torch.tensor([[1.0, NINF, NINF, NINF, NINF, 2.0], [1.0] + [NINF] * 5]), K)
+    for name, params, forbid in [("simplex", {"n": 3}, [0, 1, 2]), ("arborescence", {"n": 4}, [2, 6, 14]),
+                                 ("dag_path", {}, [0, 1]), ("birkhoff", {"n": 3}, [3, 4, 5])]:
+        Q = cs.load_polytope(name, **params)
+        w = torch.randn(Q.shape, generator=gen, dtype=torch.float64)
+        w.reshape(-1)[forbid] = NINF
+        with pytest.raises(cs.InputError, match="avoids the coordinates where u = -inf"):
+            cs.log_partition(w, Q)
+
+
+def test_polytopes_without_an_algorithm_are_enumerated_up_to_the_limit():
+    P = cs.load_polytope("birkhoff", n=5)  # 120 permutations: the permanent has no fast algorithm
+    u = torch.randn(5, 5, dtype=torch.float64)
+    torch.testing.assert_close(cs.log_partition(u, P), enumerated(u, P, 1.0))
+    with pytest.raises(cs.NotSupportedError, match=r"no exact algorithm for Polytope\('birkhoff'.*raise limit"):
+        cs.log_partition(u, P, limit=100)
+
+
+def test_bad_inputs_are_input_errors():
+    P = cs.load_polytope("simplex", n=3)
+    with pytest.raises(cs.InputError, match=r"u has shape \(4,\), expected \(\*batch, 3\)"):
+        cs.log_partition(torch.zeros(4), P)
+    with pytest.raises(cs.InputError, match=r"u contains NaN or \+inf"):
+        cs.log_partition(torch.tensor([0.0, math.nan, 1.0]), P)
+    with pytest.raises(cs.InputError, match="temperature must be finite and > 0"):
+        cs.log_partition(torch.zeros(3), P, 0.0)
+    with pytest.raises(cs.InputError, match="limit"):
+        cs.log_partition(torch.zeros(3), P, limit=0)
