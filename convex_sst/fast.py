@@ -219,10 +219,27 @@ for _reg in ("entropy", "binary_entropy", "quadratic"):
 _NEG = -1e30  # "log 0" that keeps gradients finite (exp underflows to exactly 0)
 
 
+_MAP_MAX = 1 << 22  # entries of a (a·b, deg+1) coefficient map above which products loop over the shorter factor
+
+
 def _log_poly_mul(P: torch.Tensor, Q: torch.Tensor, k: int) -> torch.Tensor:
     """Log-space product of polynomials (coefficients along the last dim), truncated to degree k."""
     a, b = P.shape[-1], Q.shape[-1]
     deg = min(a + b - 2, k)
+    if a * b * (deg + 1) > _MAP_MAX:
+        # large factors (k-subsets with large k): the mask below would be cubic in k; stack the
+        # shifted copies P·z^j·q_j instead (memory b·(deg + 1) per pair)
+        if a < b:
+            P, Q = Q, P
+            a, b = b, a
+        lead = torch.broadcast_shapes(P.shape[:-1], Q.shape[:-1])
+        P = P.expand(lead + (a,))
+        terms = []
+        for shift in range(min(b, deg + 1)):
+            keep = min(a, deg + 1 - shift)
+            terms.append(torch.nn.functional.pad(P[..., :keep] + Q[..., shift : shift + 1],
+                                                 (shift, deg + 1 - shift - keep), value=_NEG))
+        return torch.logsumexp(torch.stack(terms, -2), dim=-2)
     S = (P[..., :, None] + Q[..., None, :]).flatten(-2)  # (..., a*b)
     i = torch.arange(a, device=P.device)[:, None]
     j = torch.arange(b, device=P.device)[None, :]
@@ -264,13 +281,14 @@ _SUM_MAPS: dict = {}
 
 def _poly_mul(P: torch.Tensor, Q: torch.Tensor, deg: int) -> torch.Tensor:
     """Product of polynomials (coefficients along the last dim, low to high; leading dims
-    broadcast) truncated to degree ``deg``: shift-and-add over a short factor, otherwise one
-    outer product contracted with a 0/1 anti-diagonal map (a matmul)."""
+    broadcast) truncated to degree ``deg``: one outer product contracted with a 0/1
+    anti-diagonal map (a matmul), or shift-and-add over the shorter factor when it is short or
+    the map would be large (``a·b·(deg+1) > _MAP_MAX``)."""
     if P.shape[-1] < Q.shape[-1]:
         P, Q = Q, P
     a, b = P.shape[-1], Q.shape[-1]
     d = min(a + b - 2, deg)
-    if b <= 3:
+    if b <= 3 or a * b * (d + 1) > _MAP_MAX:  # shift and add (the map would be cubic in k)
         out = P.new_zeros(torch.broadcast_shapes(P.shape[:-1], Q.shape[:-1]) + (d + 1,))
         for j in range(min(b, d + 1)):
             m = min(a, d + 1 - j)
@@ -297,6 +315,35 @@ def _pad_to(O: torch.Tensor, k: int) -> torch.Tensor:
     return O if O.shape[-1] >= k else torch.nn.functional.pad(O, (0, k - O.shape[-1]))
 
 
+def _up_pass(w: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The levels of the product tree of ``Π_i (1 + w_i z)`` truncated to degree k, leaves to
+    root: the last is ``(B, 1, ≤ k+1)``, the coefficients ``e_j(w)``."""
+    B, n = w.shape
+    # leaves paired at once: level 1 holds (1 + w_a z)(1 + w_b z) = 1 + (w_a + w_b) z + w_a w_b z²
+    wa, wb = (w[:, 0::2], torch.cat([w[:, 1::2], w.new_zeros(B, n % 2)], 1))
+    ups = [torch.stack([torch.ones_like(wa), wa + wb, wa * wb], -1)[..., : k + 1]]
+    while ups[-1].shape[1] > 1:
+        ups.append(_poly_mul(*_pairs(ups[-1]), k))
+    return ups
+
+
+def log_e_k(theta: torch.Tensor, k: int) -> torch.Tensor:
+    """``log e_k(exp θ)`` for ``theta: (B, n)``, 1 ≤ k < n, without gradient: the linear-space
+    product tree (O(n k²)), shifted as in :class:`_KSubsetMarginals`; rows it cannot represent
+    by the log-space tree (:func:`log_elementary_symmetric`)."""
+    top = theta.topk(k, dim=1).values
+    shift = _linear_shift(top)
+    Z = _up_pass(torch.exp(theta - shift), k)[-1][:, 0, k]
+    logZ = torch.log(Z)
+    ok = torch.isfinite(logZ) & (logZ > (top - shift).sum(1) + math.log(0.5)) & \
+        (logZ > -1.5 * _linear_range(theta.dtype))
+    out = logZ + k * shift[:, 0]
+    if not bool(ok.all()):
+        rows = (~ok).nonzero()[:, 0]
+        out = out.index_put((rows,), log_elementary_symmetric(theta[rows], k))
+    return out
+
+
 def _tree_passes(w: torch.Tensor, k: int, wdot: torch.Tensor | None = None, saved=None):
     """Up and down passes of the product tree of ``Π_i (1 + w_i z)`` over ``w: (B, n)``, k ≥ 1.
 
@@ -307,12 +354,9 @@ def _tree_passes(w: torch.Tensor, k: int, wdot: torch.Tensor | None = None, save
     ``w + s·wdot``: the forward-mode derivative, by the product rule.
     """
     B, n = w.shape
-    # leaves paired at once: level 1 holds (1 + w_a z)(1 + w_b z) = 1 + (w_a + w_b) z + w_a w_b z²
     wa, wb = (w[:, 0::2], torch.cat([w[:, 1::2], w.new_zeros(B, n % 2)], 1))
     if wdot is None or saved is None:  # the primal pass (the tangent pass needs both)
-        ups = [torch.stack([torch.ones_like(wa), wa + wb, wa * wb], -1)[..., : k + 1]]
-        while ups[-1].shape[1] > 1:
-            ups.append(_poly_mul(*_pairs(ups[-1]), k))
+        ups = _up_pass(w, k)
         outs = [w.new_ones(B, 1, 1)]
         for P in reversed(ups[:-1]):
             L, R = _pairs(P)

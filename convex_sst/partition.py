@@ -25,7 +25,7 @@ from ._autograd import graph_break
 from ._forbidden import empty_face_error, fill_forbidden
 from ._scalars import positive_int
 from .errors import NotSupportedError, PolytopeError
-from .fast import _neg, log_elementary_symmetric, log_partition_arborescences
+from .fast import _neg, k_subset_marginals, log_e_k, log_partition_arborescences
 from .polytope import Polytope
 from .relax import as_polytope, check_temperature
 
@@ -42,11 +42,27 @@ def _hypercube(theta: torch.Tensor, P: Polytope) -> torch.Tensor:
     return torch.nn.functional.softplus(theta).sum(1)  # Π (1 + e^θ): each bit on or off
 
 
+class _KSubsetLogPartition(torch.autograd.Function):
+    """``log e_k(exp θ)`` by the product tree; its gradient is the marginals of the k-subset
+    fast path (differentiable again, so second derivatives work)."""
+
+    @staticmethod
+    def forward(ctx, theta, P):
+        ctx.P = P
+        ctx.save_for_backward(theta)
+        return log_e_k(theta.detach(), int(P.params["k"]))
+
+    @staticmethod
+    def backward(ctx, g):
+        (theta,) = ctx.saved_tensors
+        return g[:, None] * k_subset_marginals(theta, ctx.P), None
+
+
 def _k_subset(theta: torch.Tensor, P: Polytope) -> torch.Tensor:
     k, n = int(P.params["k"]), int(P.params["n"])
     if k == n:
         return theta.sum(1)
-    return log_elementary_symmetric(theta.double(), k).to(theta.dtype)
+    return _KSubsetLogPartition.apply(theta.double(), P).to(theta.dtype)
 
 
 def _spanning_tree(theta: torch.Tensor, P: Polytope) -> torch.Tensor:
