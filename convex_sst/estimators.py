@@ -63,6 +63,14 @@ def _check_theta(theta: torch.Tensor, P: Polytope) -> None:
         raise InputError(f"theta must have exactly the polytope's shape {P.shape} here, got {tuple(theta.shape)}")
 
 
+def _check_masked_theta(theta: torch.Tensor, P: Polytope) -> torch.Tensor | None:
+    """As :func:`_check_theta`, with ``-inf`` allowed (forbidden coordinates); returns their mask."""
+    batch, forbidden = P._check_masked(theta, "theta")
+    if batch:
+        raise InputError(f"theta must have exactly the polytope's shape {P.shape} here, got {tuple(theta.shape)}")
+    return forbidden
+
+
 def _call_loss(loss_fn: LossFn, x: torch.Tensor, P: Polytope) -> torch.Tensor:
     batch = tuple(x.shape[: x.dim() - len(P.shape)])
     out = loss_fn(x)
@@ -301,7 +309,8 @@ def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
 
     Args:
         loss_fn: maps structures ``(K, *shape)`` to losses ``(K,)`` (hard structures only).
-        theta: ``polytope.shape``.
+        theta: ``polytope.shape``; ``-inf`` forbids a coordinate (as in :func:`relax`): the
+            samples avoid it and its score (and estimate) is 0.
         num_samples: K.
         baseline: ``"loo"`` (needs K ≥ 2), ``"ema"`` (state kept per ``loss_fn``), an
             :class:`EMABaseline`, a callable ``b(theta) -> scalar or (K,)`` (learned baseline; it
@@ -310,7 +319,7 @@ def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
         return_info: also return an :class:`EstimateInfo`.
     """
     P = as_polytope(polytope)
-    _check_theta(theta, P)
+    forbidden = _check_masked_theta(theta, P)
     num_samples = positive_int(num_samples, "num_samples")
     nz = get_noise(noise)
     if nz is None:
@@ -335,7 +344,13 @@ def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
     else:
         raise InputError(f"baseline must be None, 'loo', 'ema', an EMABaseline or a callable, got {baseline!r}")
     with torch.enable_grad():
-        logp = nz.log_prob(u - th).reshape(K, -1).sum(1)
+        g = u - th
+        if forbidden is not None:  # U = -inf there whatever G is: no density, no score
+            g = g.masked_fill(forbidden, 0.0)  # (-inf) − (-inf) = NaN replaced before log_prob
+        logp = nz.log_prob(g)
+        if forbidden is not None:
+            logp = logp.masked_fill(forbidden, 0.0)
+        logp = logp.reshape(K, -1).sum(1)
         (score,) = torch.autograd.grad(((losses - b) * logp).sum(), th)
     g = score.sum(0) / K
     return (g, EstimateInfo(losses, b, X)) if return_info else g
@@ -349,9 +364,10 @@ def sst_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str,
                  backend: str = "auto", per_sample: bool = False) -> torch.Tensor:
     """One (relaxed or straight-through) SST estimate of ``d/dθ E[L(X)]``: the average of
     ``dL(X̃_k)/dθ`` over K samples, X̃ the relaxed (or straight-through) sample. With
-    ``per_sample=True`` returns the K single-sample estimates ``(K, *shape)`` instead."""
+    ``per_sample=True`` returns the K single-sample estimates ``(K, *shape)`` instead.
+    ``-inf`` in θ forbids a coordinate, as in :func:`relax` (its estimate is 0)."""
     P = as_polytope(polytope)
-    _check_theta(theta, P)
+    _check_masked_theta(theta, P)
     num_samples = positive_int(num_samples, "num_samples")
     th = theta.detach().expand((num_samples,) + P.shape).clone().requires_grad_(True)
     with torch.enable_grad():

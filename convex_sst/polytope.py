@@ -304,7 +304,8 @@ class Polytope:
         if not bool(finite.all()):
             expected = "finite"
             if bool((u.detach() == -math.inf).any()):
-                expected += " (-inf, a forbidden coordinate, is accepted by relax, sst, SST and argmax, not here)"
+                expected += (" (-inf, a forbidden coordinate, is accepted by relax, sst, SST, argmax, log_partition, "
+                             "score_function and sst_gradient, not here)")
             raise self._non_finite(~finite, batch, argname, "NaN or inf", expected)
         return batch
 

@@ -238,11 +238,45 @@ def test_nan_and_plus_infinity_stay_errors_that_say_what_is_allowed():
             P.argmax(u)
 
 
-def test_estimators_reject_minus_infinity_and_say_where_it_is_accepted():
+def test_exact_ground_truths_reject_minus_infinity_and_say_where_it_is_accepted():
     P = cs.load_polytope("simplex", n=3)
     with pytest.raises(cs.InputError, match=r"theta must be finite \(-inf, a forbidden coordinate, is accepted by "
-                                            r"relax, sst, SST and argmax"):
-        cs.score_function(lambda x: x.sum(-1), torch.tensor([0.0, 1.0, NINF]), P)
+                                            r"relax, sst, SST, argmax, log_partition, score_function and sst_gradient"):
+        cs.exact_gradient(lambda x: x.sum(-1), torch.tensor([0.0, 1.0, NINF]), P)
+
+
+def test_score_function_with_forbidden_coordinates_is_unbiased_for_the_smaller_structure(gen):
+    """REINFORCE with an action mask: its mean is the exact gradient of the unmasked choices."""
+    P, R = cs.load_polytope("k_subset", n=6, k=2), cs.load_polytope("k_subset", n=4, k=2)
+    mask = torch.tensor([False, True, False, False, True, False])
+    theta_r = torch.tensor([0.3, -0.5, 1.0, 0.2], dtype=torch.float64)
+    theta = torch.full((6,), NINF, dtype=torch.float64).masked_scatter(~mask, theta_r)
+    w = torch.tensor([1.0, 5.0, -2.0, 0.5, 7.0, 3.0], dtype=torch.float64)
+
+    def loss(x):
+        return (x * w).sum(-1)
+
+    est, info = cs.score_function(loss, theta, P, num_samples=40_000, generator=gen, return_info=True)
+    assert bool((info.structures[:, mask] == 0).all())
+    assert bool((est[mask] == 0).all()) and bool(torch.isfinite(est).all())
+    exact = cs.exact_gradient(lambda x: (x * w[~mask]).sum(-1), theta_r, R)
+    # 20 estimates at K = 4000 had standard deviations 0.025-0.031 per coordinate: the standard
+    # error here is about 0.01; the bound is 5 of them (the exact gradient is up to 0.8)
+    assert float((est[~mask] - exact).abs().max()) < 0.05
+
+
+def test_sst_gradient_with_forbidden_coordinates_equals_that_of_the_smaller_structure():
+    P, R = cs.load_polytope("simplex", n=5), cs.load_polytope("simplex", n=3)
+    mask = torch.tensor([True, False, False, True, False])
+    theta_r = torch.tensor([0.3, -0.5, 1.0], dtype=torch.float64)
+    theta = torch.full((5,), NINF, dtype=torch.float64).masked_scatter(~mask, theta_r)
+    w = torch.tensor([4.0, 1.0, -2.0, 9.0, 0.5], dtype=torch.float64)
+    g = cs.sst_gradient(lambda x: (x * w).sum(-1), theta, P, temperature=0.5, noise=None)
+    gr = cs.sst_gradient(lambda x: (x * w[~mask]).sum(-1), theta_r, R, temperature=0.5, noise=None)
+    assert bool((g[mask] == 0).all())
+    torch.testing.assert_close(g[~mask], gr, atol=1e-12, rtol=0)
+    h = cs.sst_gradient(lambda x: (x * w).sum(-1), theta, P, temperature=0.5, num_samples=8, straight_through=True)
+    assert bool(torch.isfinite(h).all()) and bool((h[mask] == 0).all())
 
 
 def test_max_range_with_forbidden_coordinates_is_an_error():
