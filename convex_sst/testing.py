@@ -96,7 +96,8 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
     Returns:
         One dict per temperature: ``temperature``, ``value_error``, ``grad_error``,
         ``forbidden_error`` (max abs differences; the last of values and gradients with about a
-        third of the coordinates set to ``-inf``, see :func:`~convex_sst.relax`),
+        third of the coordinates set to ``-inf``, see :func:`~convex_sst.relax`; values only
+        when the generic backend is involved),
         ``in_polytope`` and ``gradcheck`` (bools).
 
     Raises:
@@ -140,6 +141,12 @@ def check_relaxation(polytope: Polytope | str, regularizer: str | Regularizer, b
         want: list[torch.Tensor] = []
         for which, out in ((backend, got), (reference, want)):
             for start in (u, u_forbidden):
+                if start is u_forbidden and "generic" in (backend, reference):
+                    # the generic path's derivatives next to -inf are not accurate (relax
+                    # refuses them): compare values only
+                    with torch.no_grad():
+                        out += [run(which, t, start), torch.zeros_like(start)]
+                    continue
                 v = start.clone().requires_grad_(True)
                 x = run(which, t, v)
                 (g,) = torch.autograd.grad((x * w).sum(), v)
