@@ -316,10 +316,13 @@ def test_birkhoff_allowed_entries_outside_every_perfect_matching_get_zero(gen):
             torch.testing.assert_close(x, torch.eye(3, dtype=torch.float64).expand(2, 3, 3), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("reg", ["exp_family", "entropy", "binary_entropy", "quadratic"])
 @pytest.mark.parametrize("name", ["arborescence", "spanning_tree"])
-def test_padding_recipe_gives_the_unpadded_marginals(name, gen):
+def test_padding_recipe_gives_the_unpadded_marginals(name, reg, gen):
     """Variable sizes in one batch: a padding vertex may only hang off the root (vertex 0), so it
-    is a forced leaf and the real vertices' marginals equal those of the smaller structure."""
+    is a forced leaf; the face is a product, and the real vertices' part equals the smaller
+    structure's relaxation (any separable regularizer: the torch solver, on a larger polytope
+    than the other tests give it with forbidden coordinates)."""
     n, pad = 4, 2
     N = n + pad
     if name == "arborescence":
@@ -335,21 +338,23 @@ def test_padding_recipe_gives_the_unpadded_marginals(name, gen):
         theta[:, (j >= n) & (i > 0)] = NINF          # padding vertices attach to vertex 0 only
         small = theta[:, (j < n)]
     theta.requires_grad_(True)
-    x = cs.relax(theta, P, "exp_family", 0.7)
+    backend = "auto" if reg == "exp_family" else "torch"
+    atol = 1e-9 if reg == "exp_family" else 1e-6
+    x = cs.relax(theta, P, reg, 0.7, backend=backend)
     w = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     (g,) = torch.autograd.grad((x * w).sum(), theta)
     small_leaf = small.detach().clone().requires_grad_(True)
-    xr = cs.relax(small_leaf, R, "exp_family", 0.7)
+    xr = cs.relax(small_leaf, R, reg, 0.7, backend=backend)
     if name == "arborescence":
-        torch.testing.assert_close(x[:, :n, :n], xr, atol=1e-9, rtol=0)
+        torch.testing.assert_close(x[:, :n, :n], xr, atol=atol, rtol=0)
         assert torch.allclose(x[:, 0, n:], torch.ones(3, pad, dtype=torch.float64))
         (gr,) = torch.autograd.grad((xr * w[:, :n, :n]).sum(), small_leaf)
-        torch.testing.assert_close(g[:, :n, :n], gr, atol=1e-9, rtol=0)
+        torch.testing.assert_close(g[:, :n, :n], gr, atol=10 * atol, rtol=0)
     else:
         keep = j < n
-        torch.testing.assert_close(x[:, keep], xr, atol=1e-9, rtol=0)
+        torch.testing.assert_close(x[:, keep], xr, atol=atol, rtol=0)
         (gr,) = torch.autograd.grad((xr * w[:, keep]).sum(), small_leaf)
-        torch.testing.assert_close(g[:, keep], gr, atol=1e-9, rtol=0)
+        torch.testing.assert_close(g[:, keep], gr, atol=10 * atol, rtol=0)
 
 
 
