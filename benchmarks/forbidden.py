@@ -19,26 +19,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
 
 import convex_sst as cs
+from fast_paths import interleaved  # this folder's: median ms over alternating rounds
 
 NINF = -math.inf
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median ms of each function over alternating rounds, each timed call after an untimed one."""
-    times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def cases(B: int, gen: torch.Generator):

@@ -76,21 +76,27 @@ def both_orientations(edges: Any) -> np.ndarray:
     return np.concatenate([e, e[:, ::-1]], 0)
 
 
-def dag_arcs(n: Any, arcs: Any) -> np.ndarray:
-    """Validate that ``arcs`` form a directed acyclic graph on ``n`` vertices; return them."""
-    n = _int(n, "n")
-    a = _pairs(arcs, n, "edges")
+def topological_order(n: int, arcs: np.ndarray) -> list[int]:
+    """Vertices ``0..n-1`` in an order where every arc ``(i, j)`` of ``arcs (a, 2)`` has i before
+    j (Kahn's algorithm); shorter than n when the arcs contain a directed cycle."""
     indeg = np.zeros(n, dtype=np.int64)
-    np.add.at(indeg, a[:, 1], 1)
+    np.add.at(indeg, arcs[:, 1], 1)
     order, stack = [], [v for v in range(n) if indeg[v] == 0]
     while stack:
         v = stack.pop()
         order.append(v)
-        for w in a[a[:, 0] == v, 1]:
+        for w in arcs[arcs[:, 0] == v, 1]:
             indeg[w] -= 1
             if indeg[w] == 0:
                 stack.append(int(w))
-    if len(order) != n:
+    return order
+
+
+def dag_arcs(n: Any, arcs: Any) -> np.ndarray:
+    """Validate that ``arcs`` form a directed acyclic graph on ``n`` vertices; return them."""
+    n = _int(n, "n")
+    a = _pairs(arcs, n, "edges")
+    if len(topological_order(n, a)) != n:
         raise ExprError("edges contain a directed cycle; dag_path needs a DAG")
     return a
 

@@ -26,6 +26,7 @@ from ._forbidden import empty_face_error, fill_forbidden
 from ._scalars import positive_int
 from .errors import NotSupportedError, PolytopeError
 from .fast import _neg, k_subset_marginals, log_e_k, log_partition_arborescences
+from .graphs import topological_order
 from .polytope import Polytope
 from .relax import as_polytope, check_temperature
 
@@ -91,16 +92,7 @@ def _dag_path(theta: torch.Tensor, P: Polytope) -> torch.Tensor:
     """Forward pass: ``α[v] = log Σ_{paths source→v} exp(score)``, vertices in topological order."""
     n, s, t = int(P.params["n"]), int(P.params["source"]), int(P.params["target"])
     A = np.asarray(P.data["A"])
-    indeg = np.zeros(n, dtype=np.int64)
-    np.add.at(indeg, A[:, 1], 1)
-    order, stack = [], [v for v in range(n) if indeg[v] == 0]
-    while stack:
-        v = stack.pop()
-        order.append(v)
-        for w in A[A[:, 0] == v, 1]:
-            indeg[w] -= 1
-            if indeg[w] == 0:
-                stack.append(int(w))
+    order = topological_order(n, A)
     B = theta.shape[0]
     neg_inf = torch.full((B,), -math.inf, dtype=theta.dtype, device=theta.device)
     alpha: dict[int, torch.Tensor] = {}

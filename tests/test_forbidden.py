@@ -13,6 +13,7 @@ import oracles
 import pytest
 import torch
 from conftest import RELAX_CASES, SMALL_CASES
+from test_extending import MY_SIMPLEX
 
 import convex_sst as cs
 from convex_sst.relax import TORCH_AUTO_MAX_ROWS, available_fast_paths
@@ -358,20 +359,9 @@ def test_padding_recipe_gives_the_unpadded_marginals(name, reg, gen):
 
 
 
-MASKED_SIMPLEX = """\
-name: test_masked_simplex
-params:
-  n: {type: int, min: 1, default: 4}
-output: {name: x, shape: [n]}
-constraints:
-  - sum(x) == 1
-  - x >= 0
-"""
-
-
 def test_a_fast_path_declaring_forbidden_gets_the_mask_and_users_cannot_pass_it(tmp_path):
     path = tmp_path / "masked_simplex.yaml"
-    path.write_text(MASKED_SIMPLEX)
+    path.write_text(MY_SIMPLEX.replace("test_my_simplex", "test_masked_simplex"))
     cs.register_polytope(path)
     seen = []
 
