@@ -31,6 +31,7 @@ SIZES = {
     "birkhoff": {"n": 10},
     "spanning_tree": {"n": 10},
     "arborescence": {"n": 10},
+    "dag_path": {"n": 10, "edges": [[i, j] for i in range(10) for j in range(i + 1, 10)], "source": 0, "target": 9},
 }
 
 
@@ -189,7 +190,8 @@ def main() -> None:
             u = torch.randn((Bmax,) + P.shape, dtype=torch.float64)
             _, g = fwd_and_both(lambda v: cs.relax(v, P, reg, 1.0, backend="generic"), u, max(1, args.repeats // 2))
             gen, ratio = f"{g:.0f}", f"{g / fast_both:.0f}×"
-        ps = ", ".join(f"{k}={v}" for k, v in P.params.items() if v is not None and not hasattr(v, "shape"))
+        ps = ", ".join(f"{k}={v}" if not isinstance(v, (list, tuple)) else f"{len(v)} {k}"
+                       for k, v in P.params.items() if v is not None and not hasattr(v, "shape"))
         print(f"| {name} | {ps} | {reg} | " + " | ".join(cells) + f" | {gen} | {ratio} |", flush=True)
 
     reps = max(args.repeats, args.official_repeats)

@@ -18,15 +18,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from ._autograd import graph_break
 from ._forbidden import empty_face_error, fill_forbidden
 from ._scalars import positive_int
 from .errors import NotSupportedError, PolytopeError
-from .fast import _neg, k_subset_marginals, log_e_k, log_partition_arborescences
-from .graphs import topological_order
+from .fast import _neg, k_subset_marginals, log_e_k, log_partition_arborescences, log_partition_dag_paths
 from .polytope import Polytope
 from .relax import as_polytope, check_temperature
 
@@ -88,33 +86,13 @@ def _arborescence(theta: torch.Tensor, P: Polytope) -> torch.Tensor:
     return log_partition_arborescences(th.masked_fill(absent, _neg(th.dtype)), root).to(theta.dtype)
 
 
-def _dag_path(theta: torch.Tensor, P: Polytope) -> torch.Tensor:
-    """Forward pass: ``α[v] = log Σ_{paths source→v} exp(score)``, vertices in topological order."""
-    n, s, t = int(P.params["n"]), int(P.params["source"]), int(P.params["target"])
-    A = np.asarray(P.data["A"])
-    order = topological_order(n, A)
-    B = theta.shape[0]
-    neg_inf = torch.full((B,), -math.inf, dtype=theta.dtype, device=theta.device)
-    alpha: dict[int, torch.Tensor] = {}
-    for v in order:
-        if v == s:
-            alpha[v] = torch.zeros(B, dtype=theta.dtype, device=theta.device)
-            continue
-        terms = [alpha[int(A[a, 0])] + theta[:, a] for a in np.flatnonzero(A[:, 1] == v) if int(A[a, 0]) in alpha]
-        if terms:
-            alpha[v] = torch.logsumexp(torch.stack(terms, 1), dim=1)
-    if t not in alpha:  # no path: P would have been rejected as empty when it was loaded
-        return neg_inf
-    return alpha[t]
-
-
 _ALGORITHMS: dict[str, _Algorithm] = {
     "simplex": _simplex,
     "hypercube": _hypercube,
     "k_subset": _k_subset,
     "spanning_tree": _spanning_tree,
     "arborescence": _arborescence,
-    "dag_path": _dag_path,
+    "dag_path": log_partition_dag_paths,
 }
 
 

@@ -46,7 +46,10 @@ def test_exp_family_equals_brute_force(name, reg, gen):
     cases = {"k_subset": [{"n": 8, "k": 3}, {"n": 5, "k": 1}, {"n": 7, "k": 6}],
              "spanning_tree": [{"n": 4}, {"n": 5}, {"n": 5, "edges": [[0, 1], [1, 2], [2, 3], [3, 4], [4, 0], [0, 2]]}],
              "arborescence": [{"n": 4}, {"n": 5, "root": 3}],
-             "simplex": [{"n": 5}], "hypercube": [{"n": 4}]}[name]
+             "simplex": [{"n": 5}], "hypercube": [{"n": 4}],
+             "dag_path": [{}, {"n": 6, "edges": [[0, 1], [0, 2], [1, 2], [1, 3], [2, 3], [3, 4], [2, 4], [4, 5], [3, 5],
+                                                 [0, 5], [1, 4]], "source": 0, "target": 5},
+                          {"n": 5, "edges": [[0, 1], [1, 2], [3, 1], [2, 4], [3, 4]], "source": 0, "target": 4}]}[name]
     for params in cases:
         P = cs.load_polytope(name, **params)
         u = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
