@@ -21,7 +21,7 @@ import torch
 
 from ._scalars import as_int, positive_int, positive_real
 from .errors import InputError
-from .estimators import LossFn, _call_loss, _check_theta, exact_gradient, sst_gradient
+from .estimators import LossFn, _call_loss, _check_masked_theta, exact_gradient, sst_gradient, utility_log_density
 from .noise import get_noise
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -51,7 +51,7 @@ def _score_estimates(loss_fn, theta, P, R, K, loo, generator, noise):
         losses = _call_loss(loss_fn, P.argmax(u), P).to(theta.dtype).reshape(R, K)
     b = (losses.sum(1, keepdim=True) - losses) / (K - 1) if loo else torch.zeros_like(losses)
     with torch.enable_grad():
-        logp = nz.log_prob(u - th).reshape(R * K, -1).sum(1)
+        logp = utility_log_density(nz, u, th, P._check_masked(theta, "theta")[1]).reshape(R * K, -1).sum(1)
         (score,) = torch.autograd.grad(((losses - b).reshape(-1) * logp).sum(), th)
     return score.reshape((R, K, -1)).mean(1)
 
@@ -95,7 +95,7 @@ def diagnose(polytope: Polytope | str, regularizer: str | Regularizer = "entropy
     gen = torch.Generator().manual_seed(seed_int)
     if theta is None:
         theta = torch.randn(P.shape, generator=gen, dtype=torch.float64)
-    _check_theta(theta, P)
+    _check_masked_theta(theta, P)
     loss_fn = loss_fn or default_loss(P, gen)
     g = exact_gradient(loss_fn, theta, P, noise).reshape(-1)
     R, K = num_estimates, num_samples

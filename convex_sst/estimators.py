@@ -36,6 +36,7 @@ import torch
 
 from ._scalars import as_int, as_real, positive_int
 from ._unionfind import UnionFind
+from ._forbidden import empty_face_error, fill_forbidden, is_forbidden
 from .errors import InputError, PolytopeError
 from .noise import Gumbel, Noise, get_noise
 from .polytope import Polytope
@@ -57,18 +58,22 @@ def gumbel_kl(theta: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 
 
-def _check_theta(theta: torch.Tensor, P: Polytope) -> None:
-    batch = P.check_input(theta, "theta")
-    if batch:
-        raise InputError(f"theta must have exactly the polytope's shape {P.shape} here, got {tuple(theta.shape)}")
-
-
 def _check_masked_theta(theta: torch.Tensor, P: Polytope) -> torch.Tensor | None:
-    """As :func:`_check_theta`, with ``-inf`` allowed (forbidden coordinates); returns their mask."""
+    """Validate ``theta`` of exactly the polytope's shape, ``-inf`` allowed (forbidden
+    coordinates); return their mask (None when there are none)."""
     batch, forbidden = P._check_masked(theta, "theta")
     if batch:
         raise InputError(f"theta must have exactly the polytope's shape {P.shape} here, got {tuple(theta.shape)}")
     return forbidden
+
+
+def utility_log_density(nz: Noise, u: torch.Tensor, theta: torch.Tensor, forbidden: torch.Tensor | None) -> torch.Tensor:
+    """Elementwise ``log f_G(u − θ)``, 0 at forbidden coordinates (there U = -inf whatever G is:
+    no density and no score; (-inf) − (-inf) = NaN is replaced before ``log_prob``)."""
+    g = u - theta
+    if forbidden is None:
+        return nz.log_prob(g)
+    return nz.log_prob(g.masked_fill(forbidden, 0.0)).masked_fill(forbidden, 0.0)
 
 
 def _call_loss(loss_fn: LossFn, x: torch.Tensor, P: Polytope) -> torch.Tensor:
@@ -148,7 +153,8 @@ def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str |
     Args:
         polytope: the structure.
         theta: ``polytope.shape`` (no batch), any float dtype; probabilities are differentiable
-            in θ when ``method="exact"``.
+            in θ when ``method="exact"``. ``-inf`` forbids a coordinate: the structures using it
+            have probability 0.
         noise: ``"gumbel"`` (exact methods need it) or another noise (Monte Carlo only).
         method: ``"exact"`` (closed forms and ordering enumeration; raises where impossible or
             too large) or ``"monte_carlo"`` (needs ``num_samples``).
@@ -160,7 +166,7 @@ def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str |
         structures; Monte Carlo vertices are the ones observed.
     """
     P = as_polytope(polytope)
-    _check_theta(theta, P)
+    _check_masked_theta(theta, P)
     nz = get_noise(noise)
     if method not in ("exact", "monte_carlo"):
         raise InputError(f"method must be 'exact' or 'monte_carlo', got {method!r}")
@@ -196,6 +202,10 @@ def _exact_smt(P: Polytope, theta: torch.Tensor, nz: Noise, limit: int = 200_000
         raise unavailable(InputError, f"exact SMT probabilities are implemented for standard Gumbel noise only, "
                           f"got {nz!r}", "use method='monte_carlo'")
     flat = theta.reshape(-1)
+    mask = is_forbidden(flat.detach())
+    forbidden = mask if bool(mask.any()) else None
+    if forbidden is not None:  # relax's stand-in utility: structures using these get e^-(hundreds), 0 below
+        flat = fill_forbidden(flat.masked_fill(forbidden, 0.0)[None], forbidden[None])[0]
     if P.name == "hypercube":
         p1 = 1.0 - torch.exp(-torch.exp(flat))  # P(θ_i + G_i > 0)
         V = P.vertices(dtype=theta.dtype).to(theta.device).reshape(-1, P.size)
@@ -221,12 +231,17 @@ def _exact_smt(P: Polytope, theta: torch.Tensor, nz: Noise, limit: int = 200_000
         V = torch.zeros(nstruct, P.size, dtype=theta.dtype, device=theta.device)
         first = np.unique(ids, return_index=True)[1]
         V[torch.as_tensor(ids[first]).unsqueeze(1), pk[first]] = 1.0
+    if forbidden is not None:
+        uses = (V[:, forbidden] > 0).any(1)
+        if bool(uses.all()):
+            raise empty_face_error(torch.zeros(1, dtype=torch.long), (), P, "theta")
+        probs = probs.masked_fill(uses, 0.0)
     return V.reshape((-1,) + P.shape), probs
 
 
 def _exact_distribution(P: Polytope, theta: torch.Tensor, noise: str | Noise, caller: str):
     """:func:`smt_distribution`'s exact ``(vertices, probs)`` for ``exact_gradient`` and ``expected_loss``."""
-    _check_theta(theta, P)
+    _check_masked_theta(theta, P)
     return _exact_smt(P, theta, get_noise(noise), caller=caller)
 
 
@@ -344,13 +359,7 @@ def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
     else:
         raise InputError(f"baseline must be None, 'loo', 'ema', an EMABaseline or a callable, got {baseline!r}")
     with torch.enable_grad():
-        g = u - th
-        if forbidden is not None:  # U = -inf there whatever G is: no density, no score
-            g = g.masked_fill(forbidden, 0.0)  # (-inf) − (-inf) = NaN replaced before log_prob
-        logp = nz.log_prob(g)
-        if forbidden is not None:
-            logp = logp.masked_fill(forbidden, 0.0)
-        logp = logp.reshape(K, -1).sum(1)
+        logp = utility_log_density(nz, u, th, forbidden).reshape(K, -1).sum(1)
         (score,) = torch.autograd.grad(((losses - b) * logp).sum(), th)
     g = score.sum(0) / K
     return (g, EstimateInfo(losses, b, X)) if return_info else g

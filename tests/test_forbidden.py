@@ -239,11 +239,45 @@ def test_nan_and_plus_infinity_stay_errors_that_say_what_is_allowed():
             P.argmax(u)
 
 
-def test_exact_ground_truths_reject_minus_infinity_and_say_where_it_is_accepted():
-    P = cs.load_polytope("simplex", n=3)
-    with pytest.raises(cs.InputError, match=r"theta must be finite \(-inf, a forbidden coordinate, is accepted by "
-                                            r"relax, sst, SST, argmax, log_partition, score_function and sst_gradient"):
-        cs.exact_gradient(lambda x: x.sum(-1), torch.tensor([0.0, 1.0, NINF]), P)
+def _spanning_tree_case():
+    P = cs.load_polytope("spanning_tree", n=4)
+    edges = torch.triu_indices(4, 4, 1).T.tolist()
+    mask = torch.tensor([False, False, True, False, False, False])  # edge (0, 3)
+    return P, mask, cs.load_polytope("spanning_tree", n=4, edges=[e for e, m in zip(edges, mask.tolist()) if not m])
+
+
+@pytest.mark.parametrize("case", ["k_subset", "hypercube", "spanning_tree"])
+def test_exact_ground_truths_with_forbidden_coordinates_equal_those_of_the_smaller_structure(case, gen):
+    if case == "spanning_tree":
+        P, mask, R = _spanning_tree_case()
+    else:
+        P, mask, R = _reduced(case)
+    theta_r = torch.randn(R.size, generator=gen, dtype=torch.float64)
+    theta = torch.full((P.size,), NINF, dtype=torch.float64).masked_scatter(~mask, theta_r)
+    w = torch.randn(P.size, generator=gen, dtype=torch.float64)
+    V, p = cs.smt_distribution(P, theta)
+    Vr, pr = cs.smt_distribution(R, theta_r)
+    got = {tuple(v[~mask].int().tolist()): float(q) for v, q in zip(V, p) if float(q) > 0}
+    assert bool((V[p > 0][:, mask] == 0).all())
+    want = {tuple(v.int().tolist()): float(q) for v, q in zip(Vr, pr)}
+    assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-12 for k in want)
+    g = cs.exact_gradient(lambda x: (x * w).sum(-1), theta, P)
+    gr = cs.exact_gradient(lambda x: (x * w[~mask]).sum(-1), theta_r, R)
+    assert bool((g[mask] == 0).all())
+    torch.testing.assert_close(g[~mask], gr, atol=1e-12, rtol=0)
+    torch.testing.assert_close(cs.expected_loss(lambda x: (x * w).sum(-1), theta, P),
+                               cs.expected_loss(lambda x: (x * w[~mask]).sum(-1), theta_r, R), atol=1e-12, rtol=0)
+    Vm, _ = cs.smt_distribution(P, theta, method="monte_carlo", num_samples=500, generator=gen)
+    assert bool((Vm[:, mask] == 0).all())
+
+
+def test_diagnose_and_empty_faces_of_the_exact_distribution(gen):
+    P = cs.load_polytope("k_subset", n=5, k=2)
+    theta = torch.tensor([0.5, NINF, -0.2, 1.0, NINF], dtype=torch.float64)
+    rows = cs.diagnose(P, "binary_entropy", theta=theta, temperatures=0.5, num_estimates=20, num_samples=4)
+    assert all(math.isfinite(r["bias"]) and math.isfinite(r["variance"]) for r in rows)
+    with pytest.raises(cs.InputError, match=r"no structure of Polytope\('k_subset'.* avoids the coordinates where theta"):
+        cs.smt_distribution(P, torch.tensor([0.5, NINF, NINF, NINF, NINF], dtype=torch.float64))
 
 
 def test_score_function_with_forbidden_coordinates_is_unbiased_for_the_smaller_structure(gen):
