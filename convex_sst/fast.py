@@ -81,6 +81,13 @@ def hypercube_sigmoid(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     return torch.sigmoid(theta)
 
 
+@register_fast_path("hypercube", "entropy")
+def hypercube_entropy(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+    """``min(1, exp(θ − 1))``: the cube with the entropy ``Σ x log x``, coordinate by coordinate
+    (``argmax_{0≤x≤1} θx − x log x``). O(n); the clamp comes first, so huge θ never overflows."""
+    return torch.exp((theta - 1.0).clamp(max=0.0))
+
+
 @register_fast_path("hypercube", "quadratic")
 def hypercube_clamp(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     """``clamp(θ, 0, 1)``: Euclidean projection on the cube. O(n)."""
