@@ -43,7 +43,7 @@ def default_loss(P: Polytope, generator: torch.Generator) -> LossFn:
     return loss
 
 
-def _score_estimates(loss_fn, theta, P, R, K, loo, generator, noise):
+def _score_estimates(loss_fn, theta, P, R, K, loo, generator, noise, forbidden):
     nz = get_noise(noise)
     th = theta.detach().expand((R * K,) + P.shape).clone().requires_grad_(True)
     with torch.no_grad():
@@ -51,7 +51,7 @@ def _score_estimates(loss_fn, theta, P, R, K, loo, generator, noise):
         losses = _call_loss(loss_fn, P.argmax(u), P).to(theta.dtype).reshape(R, K)
     b = (losses.sum(1, keepdim=True) - losses) / (K - 1) if loo else torch.zeros_like(losses)
     with torch.enable_grad():
-        logp = utility_log_density(nz, u, th, P._check_masked(theta, "theta")[1]).reshape(R * K, -1).sum(1)
+        logp = utility_log_density(nz, u, th, forbidden).reshape(R * K, -1).sum(1)
         (score,) = torch.autograd.grad(((losses - b).reshape(-1) * logp).sum(), th)
     return score.reshape((R, K, -1)).mean(1)
 
@@ -95,7 +95,7 @@ def diagnose(polytope: Polytope | str, regularizer: str | Regularizer = "entropy
     gen = torch.Generator().manual_seed(seed_int)
     if theta is None:
         theta = torch.randn(P.shape, generator=gen, dtype=torch.float64)
-    _check_masked_theta(theta, P)
+    forbidden = _check_masked_theta(theta, P)
     loss_fn = loss_fn or default_loss(P, gen)
     g = exact_gradient(loss_fn, theta, P, noise).reshape(-1)
     R, K = num_estimates, num_samples
@@ -118,7 +118,8 @@ def diagnose(polytope: Polytope | str, regularizer: str | Regularizer = "entropy
                                    generator=gen, noise=noise, per_sample=True)
                 summarize(name, t, est.reshape(R, K, -1).mean(1))
         else:
-            summarize(name, None, _score_estimates(loss_fn, theta, P, R, K, name.endswith("loo"), gen, noise))
+            summarize(name, None, _score_estimates(loss_fn, theta, P, R, K, name.endswith("loo"), gen, noise,
+                                                       forbidden))
     return rows
 
 

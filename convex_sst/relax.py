@@ -16,6 +16,7 @@ Backends:
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -66,8 +67,10 @@ def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], 
     return deco
 
 
+@functools.lru_cache(maxsize=None)
 def _takes_forbidden(fast: FastPath | None) -> bool:
-    """Whether a fast path declares the keyword ``forbidden`` (see :func:`register_fast_path`)."""
+    """Whether a fast path declares the keyword ``forbidden`` (see :func:`register_fast_path`);
+    cached: ``inspect.signature`` would otherwise run at every masked call."""
     if fast is None:
         return False
     try:
