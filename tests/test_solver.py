@@ -20,6 +20,8 @@ TIGHT = {"solver": "scs", "solver_args": {"eps_abs": 1e-12, "eps_rel": 1e-12}}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
+# SCS at 1e-12 may flag a solve "inaccurate" (arborescence x entropy) yet still agree to 1e-6
+@pytest.mark.filterwarnings("ignore:generic solver \\(scs\\) reported:convex_sst.SolverWarning")
 @pytest.mark.parametrize("name,reg", SEPARABLE)
 def test_torch_solver_matches_reference_at_t1(name, reg, gen):
     P = cs.load_polytope(name, **RELAX_CASES[name])
