@@ -120,18 +120,15 @@ def _capped_eval(theta: torch.Tensor, tau: torch.Tensor, reg: str) -> tuple[torc
     return x, d
 
 
-def capped_simplex(theta: torch.Tensor, k: int, reg: str, tol: float | None = None, max_iter: int = 100,
-                   on_failure: str = "warn") -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve ``argmax θᵀx − f(x) s.t. Σx = k, 0 ≤ x ≤ 1`` for a separable f; returns ``(x, d)``.
+def _capped_root(theta: torch.Tensor, k: int, reg: str, tol: float, max_iter: int,
+                 start: torch.Tensor | None = None) -> torch.Tensor:
+    """τ with ``h(τ) = Σ_i clamp(ψ(θ_i − τ), 0, 1) − k`` within ``tol`` of 0 (as far as
+    ``max_iter`` steps get), for ``theta: (B, n)``, 1 ≤ k < n. Returns ``(B,)``.
 
-    ``x_i = clamp(ψ(θ_i − τ), 0, 1)``; τ is bracketed and refined by Newton steps on the
-    monotone ``h(τ) = Σx(τ) − k`` (bisection whenever a Newton step leaves the bracket).
-    ``d`` holds ``∂x_i/∂θ_i`` at fixed τ, which gives the Jacobian ``diag(d) − d dᵀ/Σd``.
-    """
+    τ is bracketed and refined by Newton steps on the monotone h (bisection whenever a Newton
+    step leaves the bracket), from the bracket's midpoint or from ``start (B,)`` where that
+    lies inside it."""
     B, n = theta.shape
-    if k == n:
-        return torch.ones_like(theta), torch.zeros_like(theta)
-    tol = _default_tol(theta.dtype) * max(1, k) if tol is None else tol
     inv = _PSI[reg][2](k / n)
     lo = theta.min(1).values - inv   # every x_i >= k/n there, so Σx >= k
     hi = theta.max(1).values - inv   # every x_i <= k/n there, so Σx <= k
@@ -145,8 +142,8 @@ def capped_simplex(theta: torch.Tensor, k: int, reg: str, tol: float | None = No
     p = (k / m.clamp_min(1).to(theta.dtype)).clamp(max=1.0)
     lo = torch.where(m > k, torch.maximum(lo, second - _PSI_INV[reg](p)), lo)
     tau = 0.5 * (lo + hi)
-    done = torch.zeros(B, dtype=torch.bool, device=theta.device)
-    h = torch.full_like(tau, math.inf)
+    if start is not None:
+        tau = torch.where((start > lo) & (start < hi), start, tau)
     for _ in range(max_iter):
         x, d = _capped_eval(theta, tau, reg)
         h = x.sum(1) - k
@@ -158,6 +155,21 @@ def capped_simplex(theta: torch.Tensor, k: int, reg: str, tol: float | None = No
         newton = tau + h / d.sum(1)
         ok = torch.isfinite(newton) & (newton > lo) & (newton < hi)
         tau = torch.where(done, tau, torch.where(ok, newton, 0.5 * (lo + hi)))
+    return tau
+
+
+def capped_simplex(theta: torch.Tensor, k: int, reg: str, tol: float | None = None, max_iter: int = 100,
+                   on_failure: str = "warn") -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``argmax θᵀx − f(x) s.t. Σx = k, 0 ≤ x ≤ 1`` for a separable f; returns ``(x, d)``.
+
+    ``x_i = clamp(ψ(θ_i − τ), 0, 1)`` with τ from :func:`_capped_root` (safeguarded Newton).
+    ``d`` holds ``∂x_i/∂θ_i`` at fixed τ, which gives the Jacobian ``diag(d) − d dᵀ/Σd``.
+    """
+    B, n = theta.shape
+    if k == n:
+        return torch.ones_like(theta), torch.zeros_like(theta)
+    tol = _default_tol(theta.dtype) * max(1, k) if tol is None else tol
+    tau = _capped_root(theta, k, reg, tol, max_iter)
     x, d = _capped_eval(theta, tau, reg)
     h = x.sum(1) - k
     bad = h.abs() > 10 * tol
@@ -271,19 +283,6 @@ def log_elementary_symmetric(theta: torch.Tensor, k: int) -> torch.Tensor:
     return polys[:, 0, k] + k * shift[:, 0]
 
 
-def _linear_range(dtype: torch.dtype) -> float:
-    """How far (in log space) the linear product tree may stray from 1 in ``dtype``."""
-    return 200.0 if dtype == torch.float64 else 20.0
-
-
-def _linear_shift(top: torch.Tensor) -> torch.Tensor:
-    """``s = max(mean of the k largest θ, max θ − L/k)`` from ``top``, the k largest θ per row in
-    decreasing order: the dominant term of ``e_k(exp(θ − s))`` (the product of the k largest
-    weights) is 1 when the k largest logits are close, and no partial product exceeds ``e^L``
-    when they are not."""
-    return torch.maximum(top.mean(1, keepdim=True), top[:, :1] - _linear_range(top.dtype) / top.shape[1])
-
-
 _SUM_MAPS: dict = {}
 
 
@@ -323,65 +322,116 @@ def _pad_to(O: torch.Tensor, k: int) -> torch.Tensor:
     return O if O.shape[-1] >= k else torch.nn.functional.pad(O, (0, k - O.shape[-1]))
 
 
-def _up_pass(w: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """The levels of the product tree of ``Π_i (1 + w_i z)`` truncated to degree k, leaves to
-    root: the last is ``(B, 1, ≤ k+1)``, the coefficients ``e_j(w)``."""
-    B, n = w.shape
-    # leaves paired at once: level 1 holds (1 + w_a z)(1 + w_b z) = 1 + (w_a + w_b) z + w_a w_b z²
-    wa, wb = (w[:, 0::2], torch.cat([w[:, 1::2], w.new_zeros(B, n % 2)], 1))
-    ups = [torch.stack([torch.ones_like(wa), wa + wb, wa * wb], -1)[..., : k + 1]]
+def _bernoulli_tilt(theta: torch.Tensor, k: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(τ, p, q)`` with ``p = σ(θ − τ)``, ``q = σ(τ − θ) = 1 − p`` (each to full relative
+    precision) and τ such that ``Σ_i p_i ≈ k``: an independent Bernoulli(p) vector whose size
+    S = Σx has mean about k. ``P(x | S = k)`` is the k-subset exponential family for every τ;
+    this τ makes ``P(S = k)``, the normalizer the k-subset paths divide by, large (with mean k,
+    k is the mode of S and ``P(S = k) ≳ 1/√(2π Σ p q)``).
+
+    τ starts midway between the k-th and (k+1)-th largest θ; ``exact=False`` takes two Newton
+    steps (at most ±2 each, no synchronization: enough for most rows, and cheap),
+    ``exact=True`` solves ``Σp = k`` to within 0.1 (safeguarded Newton, :func:`_capped_root`)."""
+    top = theta.topk(k + 1, dim=1).values
+    tau = 0.5 * top[:, k - 1 : k] + 0.5 * top[:, k : k + 1]
+    if exact:
+        tau = _capped_root(theta, k, "binary_entropy", 0.1, 60, tau[:, 0])[:, None]
+    else:
+        for _ in range(2):
+            p, q = torch.sigmoid(theta - tau), torch.sigmoid(tau - theta)
+            step = (p.sum(1, keepdim=True) - k) / (p * q).sum(1, keepdim=True)
+            tau = tau + step.nan_to_num(0.0).clamp(-2.0, 2.0)
+    return tau, torch.sigmoid(theta - tau), torch.sigmoid(tau - theta)
+
+
+def _leaf_pairs(q: torch.Tensor, p: torch.Tensor, one: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """``(q_a, p_a, q_b, p_b)``: the leaves ``q_i + p_i z`` paired (even and odd items), an odd
+    last item paired with the constant ``one`` (1; 0 for tangents)."""
+    B, n = q.shape
+    return (q[:, 0::2], p[:, 0::2], torch.cat([q[:, 1::2], q.new_full((B, n % 2), one)], 1),
+            torch.cat([p[:, 1::2], p.new_zeros(B, n % 2)], 1))
+
+
+def _up_pass(q: torch.Tensor, p: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The levels of the product tree of ``Π_i (q_i + p_i z)`` truncated to degree k, leaves to
+    root: the last is ``(B, 1, ≤ k+1)``. With ``q = 1 − p`` every node is the law of a sum of
+    independent Bernoullis: coefficients in [0, 1], no overflow at any n and k."""
+    qa, pa, qb, pb = _leaf_pairs(q, p)
+    # leaves paired at once: (q_a + p_a z)(q_b + p_b z) = q_a q_b + (q_a p_b + p_a q_b) z + p_a p_b z²
+    ups = [torch.stack([qa * qb, qa * pb + pa * qb, pa * pb], -1)[..., : k + 1]]
     while ups[-1].shape[1] > 1:
         ups.append(_poly_mul(*_pairs(ups[-1]), k))
     return ups
 
 
+_TREE_MIN_PK = 1e-250  # P(S = k) below this: terms lost to underflow may matter (log-space tree)
+
+
 def log_e_k(theta: torch.Tensor, k: int) -> torch.Tensor:
-    """``log e_k(exp θ)`` for ``theta: (B, n)``, 1 ≤ k < n, without gradient: the linear-space
-    product tree (O(n k²)), shifted as in :class:`_KSubsetMarginals`; rows it cannot represent
-    by the log-space tree (:func:`log_elementary_symmetric`)."""
-    top = theta.topk(k, dim=1).values
-    shift = _linear_shift(top)
-    Z = _up_pass(torch.exp(theta - shift), k)[-1][:, 0, k]
-    logZ = torch.log(Z)
-    ok = torch.isfinite(logZ) & (logZ > (top - shift).sum(1) + math.log(0.5)) & \
-        (logZ > -1.5 * _linear_range(theta.dtype))
-    out = logZ + k * shift[:, 0]
-    if not bool(ok.all()):
-        rows = (~ok).nonzero()[:, 0]
-        out = out.index_put((rows,), log_elementary_symmetric(theta[rows], k))
-    return out
+    """``log e_k(exp θ)`` for ``theta: (B, n)``, 1 ≤ k < n, without gradient:
+    ``kτ + log P(S = k) + Σ_i softplus(θ_i − τ)`` for the tilted Bernoulli vector of
+    :func:`_bernoulli_tilt`, with P(S = k) by the DFT (where :func:`_use_dft`) or by the
+    linear-space product tree of the laws ``q_i + p_i z`` (O(n k²)). Rows where that is not
+    accurate are redone as in :func:`_k_subset_route`, down to the log-space tree
+    (:func:`log_elementary_symmetric`) where P(S = k) underflows (none seen in practice)."""
+    return _log_e_k(theta, k, _use_dft(theta.shape[1], k), False)
 
 
-def _tree_passes(w: torch.Tensor, k: int, wdot: torch.Tensor | None = None, saved=None):
-    """Up and down passes of the product tree of ``Π_i (1 + w_i z)`` over ``w: (B, n)``, k ≥ 1.
+def _log_e_k(theta: torch.Tensor, k: int, dft: bool, exact: bool) -> torch.Tensor:
+    tau, p, q = _bernoulli_tilt(theta, k, exact)
+    if dft:
+        _, om1, _, c0, *_ = _dft_consts(theta.shape[1], k, theta.dtype, theta.device)
+        size = max(1, _DFT_CHUNK // (theta.shape[1] * om1.shape[0]))
+        Z = torch.cat([(_dft_phi(part, om1) * c0).real.sum(1) for part in p.split(size)])
+        ok = Z >= _DFT_MIN_PK
+    else:
+        Z = _up_pass(q, p, k)[-1][:, 0, k]
+        ok = torch.isfinite(Z) & (Z > _TREE_MIN_PK)
+    out = k * tau[:, 0] + torch.log(Z) + torch.nn.functional.softplus(theta - tau).sum(1)
+    if bool(ok.all()):
+        return out
+    rows = (~ok).nonzero()[:, 0]
+    if not exact:
+        redo = _log_e_k(theta[rows], k, dft, True)
+    elif dft:
+        redo = _log_e_k(theta[rows], k, False, True)
+    else:
+        redo = log_elementary_symmetric(theta[rows], k)
+    return out.index_put((rows,), redo)
 
-    Returns ``(e, c, saved)``: ``e (B, k+1)`` the truncated product (``e[:, j] = e_j(w)``) and
-    ``c (B, n)`` with ``c[:, i] = e_{k−1}(w_{−i})`` (the other items' product, by the down pass
-    of "outside" polynomials; the last level takes only the coefficient it needs). With
-    ``wdot`` (and the primal pass's ``saved``), the same for the tangent ``d/ds`` at
-    ``w + s·wdot``: the forward-mode derivative, by the product rule.
+
+def _tree_passes(q: torch.Tensor, p: torch.Tensor, k: int, dq: torch.Tensor | None = None,
+                 dp: torch.Tensor | None = None, saved=None):
+    """Up and down passes of the product tree of ``Π_i (q_i + p_i z)`` over ``(B, n)`` leaves, k ≥ 1.
+
+    Returns ``(e, c, saved)``: ``e (B, k+1)`` the truncated product and ``c (B, n)`` with
+    ``c[:, i]`` the coefficient of ``z^{k−1}`` in the other items' product (by the down pass of
+    "outside" polynomials; the last level takes only the coefficients it needs). With tangents
+    ``dq, dp`` (and the primal pass's ``saved``), the same for ``d/ds`` at ``(q + s·dq,
+    p + s·dp)``: the forward-mode derivative, by the product rule.
     """
-    B, n = w.shape
-    wa, wb = (w[:, 0::2], torch.cat([w[:, 1::2], w.new_zeros(B, n % 2)], 1))
-    if wdot is None or saved is None:  # the primal pass (the tangent pass needs both)
-        ups = _up_pass(w, k)
-        outs = [w.new_ones(B, 1, 1)]
+    B, n = q.shape
+    qa, pa, qb, pb = _leaf_pairs(q, p)
+    if dq is None or dp is None or saved is None:  # the primal pass (the tangent pass needs all three)
+        ups = _up_pass(q, p, k)
+        outs = [q.new_ones(B, 1, 1)]
         for P in reversed(ups[:-1]):
             L, R = _pairs(P)
             O = outs[-1][:, :, None, :]
             outs.append(_poly_mul(O, torch.stack([R, L], 2), k - 1).flatten(1, 2)[:, : P.shape[1]])
         O = _pad_to(outs[-1], k)                      # (B, p1, k): outside of each leaf pair
         hi, lo = O[..., k - 1], (O[..., k - 2] if k >= 2 else torch.zeros_like(O[..., 0]))
-        c = torch.stack([hi + wb * lo, hi + wa * lo], -1).flatten(1)[:, :n]
+        c = torch.stack([qb * hi + pb * lo, qa * hi + pa * lo], -1).flatten(1)[:, :n]
         return ups[-1][:, 0], c, (ups, outs)
     ups, outs = saved
-    da, db = (wdot[:, 0::2], torch.cat([wdot[:, 1::2], w.new_zeros(B, n % 2)], 1))
-    dups = [torch.stack([torch.zeros_like(wa), da + db, da * wb + wa * db], -1)[..., : k + 1]]
+    dqa, dpa, dqb, dpb = _leaf_pairs(dq, dp, 0.0)
+    dups = [torch.stack([dqa * qb + qa * dqb, dqa * pb + qa * dpb + dpa * qb + pa * dqb,
+                         dpa * pb + pa * dpb], -1)[..., : k + 1]]
     for lvl in range(1, len(ups)):
         (L, R), (dL, dR) = _pairs(ups[lvl - 1]), _pairs(dups[lvl - 1])
         both = _poly_mul(torch.stack([dL, L]), torch.stack([R, dR]), k)
         dups.append(both[0] + both[1])
-    douts = [w.new_zeros(B, 1, 1)]
+    douts = [q.new_zeros(B, 1, 1)]
     for lvl in range(len(ups) - 2, -1, -1):
         O, dO = outs[len(douts) - 1][:, :, None, :], douts[-1][:, :, None, :]
         (L, R), (dL, dR) = _pairs(ups[lvl]), _pairs(dups[lvl])
@@ -391,7 +441,8 @@ def _tree_passes(w: torch.Tensor, k: int, wdot: torch.Tensor | None = None, save
     zero = torch.zeros_like(O[..., 0])
     hi, lo = O[..., k - 1], (O[..., k - 2] if k >= 2 else zero)
     dhi, dlo = dO[..., k - 1], (dO[..., k - 2] if k >= 2 else zero)
-    dc = torch.stack([dhi + db * lo + wb * dlo, dhi + da * lo + wa * dlo], -1).flatten(1)[:, :n]
+    dc = torch.stack([dqb * hi + qb * dhi + dpb * lo + pb * dlo,
+                      dqa * hi + qa * dhi + dpa * lo + pa * dlo], -1).flatten(1)[:, :n]
     return dups[-1][:, 0], dc, None
 
 
@@ -407,46 +458,47 @@ def _hessian_vjp(log_partition, theta: torch.Tensor, g: torch.Tensor) -> torch.T
 
 
 class _KSubsetMarginals(torch.autograd.Function):
-    """``μ_i = w_i e_{k−1}(w_{−i}) / e_k(w)`` by the up/down product tree in linear space, and
-    its vector-Jacobian product ``Cov·g`` (the Jacobian is the covariance, symmetric) as the
-    forward-mode derivative of μ along g: a second pass over the tree with tangents.
+    """``μ_i = p_i P(S₋ᵢ = k − 1) / P(S = k)`` for independent ``Bernoulli(p)``, ``p = σ(θ − τ)``
+    (τ from :func:`_bernoulli_tilt`; μ does not depend on it), by the up/down product tree of
+    the laws ``Π_i (q_i + p_i z)`` in linear space, and its vector-Jacobian product ``Cov·g``
+    (the Jacobian is the covariance, symmetric) as the forward-mode derivative of μ along g at
+    fixed τ (``ṗ = p q g``, ``q̇ = −ṗ``): a second pass over the tree with tangents.
 
-    ``w = exp(θ − s)`` with ``s`` from :func:`_linear_shift`; ``ok`` flags the rows whose
-    dominant term survived (``e_k`` at least half the product of the k largest weights, and
-    above the underflow floor); the others must be recomputed in log space.
+    The tree only adds and multiplies numbers in [0, 1], so its relative error is a few ulps per
+    level whatever the logits' range, unless the terms that matter underflow: ``ok`` flags the
+    rows with ``P(S = k) > _TREE_MIN_PK``, the others must be recomputed in log space.
     """
 
     @staticmethod
-    def forward(ctx, theta, k):
-        top = theta.topk(k, dim=1).values
-        shift = _linear_shift(top)
-        w = torch.exp(theta - shift)
-        e, c, saved = _tree_passes(w, k)
+    def forward(ctx, theta, k, exact):
+        _, p, q = _bernoulli_tilt(theta, k, exact)
+        e, c, saved = _tree_passes(q, p, k)
         Z = e[:, k]
-        top = (top - shift).sum(1)
-        logZ = torch.log(Z)
-        ok = torch.isfinite(logZ) & (logZ > top + math.log(0.5)) & (logZ > -1.5 * _linear_range(theta.dtype))
+        ok = torch.isfinite(Z) & (Z > _TREE_MIN_PK)
         Zs = torch.where(ok, Z, torch.ones_like(Z))
-        mu = torch.where(ok[:, None], w * c / Zs[:, None], torch.zeros_like(w))
+        mu = torch.where(ok[:, None], p * c / Zs[:, None], torch.zeros_like(p))
         ctx.k, ctx.saved = k, saved
-        ctx.save_for_backward(w, mu, Zs, ok, theta)
+        ctx.save_for_backward(p, q, c, mu, Zs, ok, theta)
         ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
     def backward(ctx, g, _):
-        w, mu, Z, ok, theta = ctx.saved_tensors
+        p, q, c, mu, Z, ok, theta = ctx.saved_tensors
         k = ctx.k
         if torch.is_grad_enabled():  # create_graph=True
-            return _hessian_vjp(lambda x: _log_e_k_banded(x, k), theta, g), None
+            return _hessian_vjp(lambda x: _log_e_k_banded(x, k), theta, g), None, None
         g = torch.where(ok[:, None], g, torch.zeros_like(g))
-        de, dc, _ = _tree_passes(w, k, w * g, ctx.saved)
-        return g * mu + w * dc / Z[:, None] - mu * (de[:, k] / Z)[:, None], None
+        dp = p * q * g
+        de, dc, _ = _tree_passes(q, p, k, -dp, dp, ctx.saved)
+        return (dp * c + p * dc - mu * de[:, k : k + 1]) / Z[:, None], None, None
 
 
 _DFT_CONSTS: dict = {}
 _DFT_MIN_PK = 1e-3      # rows with P(S = k) below this go to the product tree (error ~ 2e-16 / P(S = k))
-_DFT_MAX_SIZE = 8192    # n · (number of frequencies) above which the product tree is cheaper
+_DFT_MAX_SIZE = 8192    # n · (number of frequencies M) up to which the DFT is used for any k
+_DFT_PER_K = 5          # and beyond, while M ≤ 5k: O(n·M) against the tree's O(n·k·log(n)) (benchmarks/k_subset.py)
+_DFT_CHUNK = 1 << 23    # rows · M · n entries of the kernel K per call (64 MiB in float64)
 
 
 def _dft_frequencies(n: int, k: int) -> int:
@@ -471,13 +523,24 @@ def _dft_consts(n: int, k: int, dtype: torch.dtype, device: torch.device):
     return _DFT_CONSTS[key]
 
 
+def _dft_phi(p: torch.Tensor, om1: torch.Tensor) -> torch.Tensor:
+    """The characteristic function ``φ(ω) = Π_i (1 + p_i (ω − 1))`` of S = Σx at the DFT's
+    frequencies, ``(B, M)``."""
+    return torch.addcmul(torch.ones((), dtype=om1.dtype), p.to(om1.dtype)[:, None, :], om1[:, None]).prod(2)
+
+
+def _dft_kernel(pq: torch.Tensor, D2: torch.Tensor) -> torch.Tensor:
+    """``K_i(ω) = |f_i(ω)|⁻² = 1 / (1 − 2 p_i q_i (1 − cos ω))``, laid out ``(B, M, n)``."""
+    return torch.addcmul(torch.ones((), dtype=pq.dtype), pq[:, None, :], D2[:, None], value=-1.0).reciprocal_()
+
+
 class _KSubsetDFT(torch.autograd.Function):
     """k-subset marginals through the characteristic function of S = Σx (a DFT).
 
     With ``p = σ(θ − τ)`` for any τ, ``μ_i = p_i P(S₋ᵢ = k − 1) / P(S = k)`` where S (S₋ᵢ) sums
     independent Bernoulli(p) (without item i): the ratio does not depend on τ, which is only
-    chosen (top-k midpoint, one Newton step towards Σp = k) to make P(S = k) large, so that
-    the DFT's rounding error (about 2e-16 / P(S = k)) stays small. With
+    chosen (:func:`_bernoulli_tilt`: Σp ≈ k) to make P(S = k) large, so that the DFT's
+    rounding error (about 2e-16 / P(S = k)) stays small. With
     ``f_i(ω) = 1 + p_i(ω − 1)``, ``φ = Π_i f_i`` and ``K_i = |f_i|⁻² = 1 / (1 − 2p_i(1 − p_i)(1 − cos))``:
 
         P(S = k) = (1/N) Σ_ω φ(ω) ω^{−k},   P(S₋ᵢ = k − 1) = (1/N) Re Σ_ω φ(ω) ω^{1−k} conj(f_i(ω)) K_i(ω)
@@ -490,19 +553,15 @@ class _KSubsetDFT(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta, k):
+    def forward(ctx, theta, k, exact):
         B, n = theta.shape
         D2, om1, omc, c0, c1, h0, h1 = _dft_consts(n, k, theta.dtype, theta.device)
-        tau = theta.topk(k + 1, dim=1).values[:, k - 1:].mean(1, keepdim=True)
-        p = torch.sigmoid(theta - tau)
-        tau = tau + ((p.sum(1, keepdim=True) - k) / (p * (1.0 - p)).sum(1, keepdim=True)).nan_to_num(0.0).clamp(-2.0, 2.0)
-        p = torch.sigmoid(theta - tau)
-        pq = p * (1.0 - p)
+        _, p, q = _bernoulli_tilt(theta, k, exact)
+        pq = p * q
         # (B, M, n) layout, frequencies before items: the products below take the form
         # (B, c, M) @ (B, M, n), which batched matmul runs ~2× faster than (B, n, M) @ (B, M, c)
-        pc = p.to(om1.dtype)[:, None, :]
-        phi = torch.addcmul(torch.ones((), dtype=om1.dtype), pc, om1[:, None]).prod(2)  # (B, M)
-        K = torch.addcmul(torch.ones((), dtype=p.dtype), pq[:, None, :], D2[:, None], value=-1.0).reciprocal_()  # (B, M, n) = |f|⁻²
+        phi = _dft_phi(p, om1)
+        K = _dft_kernel(pq, D2)
         Pk = (phi * c0).real.sum(1)
         y = phi * c1                                                 # conj(f_i) = 1 − p_i + p_i ω̄
         S = torch.bmm(torch.stack([y.real, (y * omc).real], 1), K)   # (B, 2, n)
@@ -511,16 +570,17 @@ class _KSubsetDFT(torch.autograd.Function):
         Pk = torch.where(ok, Pk, 1.0)
         mu = p * t / Pk[:, None]
         ctx.k = k
-        ctx.save_for_backward(p, pq, K, phi, t, Pk, mu, ok, theta)
+        ctx.save_for_backward(p, pq, phi, t, Pk, mu, ok, theta)  # K is recomputed: (B, M, n) is large
         ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
     def backward(ctx, g, _):
-        p, pq, K, phi, t, Pk, mu, ok, theta = ctx.saved_tensors
+        p, pq, phi, t, Pk, mu, ok, theta = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
-            return _hessian_vjp(lambda x: _log_e_k_banded(x, ctx.k), theta, g), None
+            return _hessian_vjp(lambda x: _log_e_k_banded(x, ctx.k), theta, g), None, None
         D2, om1, omc, c0, c1, h0, h1 = _dft_consts(p.shape[1], ctx.k, p.dtype, p.device)
+        K = _dft_kernel(pq, D2)
         v = pq * g                                                   # ṗ along g
         # R(ω) = Σ_j ṗ_j / f_j(ω);  φ̇ = φ (ω − 1) R;  Ṗ(S = k) = Re Σ φ ω^{−k} (ω − 1) R
         RR = torch.bmm(torch.stack([v - v * p, v * p], 1), K.transpose(1, 2))
@@ -536,7 +596,7 @@ class _KSubsetDFT(torch.autograd.Function):
         T1 = torch.lerp(S1[:, 0], S1[:, 1], p)
         T2 = q * q * S2[:, 0] + 2.0 * pq * S2[:, 1] + p * p * S2[:, 2]
         out = (v * t + p * (T1 - v * T2) - mu * Pdot) / Pk[:, None]
-        return torch.where(ok[:, None], out, 0.0), None
+        return torch.where(ok[:, None], out, 0.0), None, None
 
 
 _BAND = 800.0  # e^-800 underflows float64 (the k-subset exp family always runs in float64)
@@ -568,14 +628,25 @@ def _log_e_k_banded(theta: torch.Tensor, k: int) -> torch.Tensor:
     return log_elementary_symmetric(banded, k)
 
 
+def _k_subset_route(th: torch.Tensor, k: int, dft: bool, exact: bool) -> torch.Tensor:
+    """Marginals by the DFT (``dft``) or the product tree, at the cheap or the ``exact`` tilt
+    (:func:`_bernoulli_tilt`). Rows where that is not accurate are redone: at the exact tilt,
+    then (DFT) by the tree, then (tree) by the log-space tree (μ = ∇ log e_k by autograd)."""
+    mu, ok = (_KSubsetDFT if dft else _KSubsetMarginals).apply(th, k, exact)
+    if bool(ok.all()):
+        return mu
+    rows = (~ok).nonzero()[:, 0]
+    if not exact:
+        redo = _k_subset_route(th[rows], k, dft, True)
+    elif dft:
+        redo = _k_subset_route(th[rows], k, False, True)
+    else:
+        redo = _autograd_gradient(lambda x: _log_e_k_banded(x, k), th[rows])
+    return mu.index_put((rows,), redo)
+
+
 def _k_subset_tree(th: torch.Tensor, k: int) -> torch.Tensor:
-    """Marginals by the linear-space product tree; the rows it cannot represent, by the
-    log-space tree (μ = ∇ log e_k by autograd)."""
-    mu, ok = _KSubsetMarginals.apply(th, k)
-    if not bool(ok.all()):
-        rows = (~ok).nonzero()[:, 0]  # their k largest logits spread too far for linear space
-        mu = mu.index_put((rows,), _autograd_gradient(lambda x: _log_e_k_banded(x, k), th[rows]))
-    return mu
+    return _k_subset_route(th, k, False, False)
 
 
 @_differentiates
@@ -588,36 +659,49 @@ def _autograd_gradient(fn, x: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _use_dft(n: int, k: int) -> bool:
+    M = (_dft_frequencies(n, k) + 1) // 2
+    return n * M <= _DFT_MAX_SIZE or M <= _DFT_PER_K * k
+
+
+def _k_subset_dft(th: torch.Tensor, k: int) -> torch.Tensor:
+    """Marginals by the DFT (:func:`_k_subset_route`) in chunks of rows: its kernel is (rows, M, n)."""
+    n = th.shape[1]
+    size = max(1, _DFT_CHUNK // (n * ((_dft_frequencies(n, k) + 1) // 2)))
+    parts = [_k_subset_route(part, k, True, False) for part in th.split(size)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @register_fast_path("k_subset", "exp_family")
 def k_subset_marginals(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     """Marginals ``μ = ∇_θ log Σ_{|x|=k} exp(θᵀx)``: ``μ_i = w_i e_{k−1}(w_{−i}) / e_k(w)``, ``w = e^θ``.
 
-    For ``n · N/2 ≤ 8192`` (N ≈ max(k, n − k) DFT points; n up to about 128), through the
-    characteristic function of the size of a tilted Bernoulli vector (:class:`_KSubsetDFT`):
-    a handful of batched ops of size (B, n, N/2), closed-form backward. Rows where that is not
-    accurate to ~1e-13 (P(S = k) < 1e-3; rare after the Newton step on τ), and larger n, use
-    up and down passes of a polynomial product tree (⌈log₂ n⌉ batched levels, O(n k²) work) in
-    linear space, with a closed-form backward: the Jacobian is the covariance (symmetric), so
-    the vector-Jacobian product is the forward-mode derivative of μ along the incoming
-    gradient, one more pass over the tree with tangents (:class:`_KSubsetMarginals`). Rows
-    whose k largest logits spread too far for linear space use the log-space tree
-    (:func:`log_elementary_symmetric`, μ by autograd), so any range of u/t works. Computed in
-    float64 whatever the input dtype; the result has the input's dtype.
+    Both routes work with the tilted Bernoulli vector ``p = σ(θ − τ)``, ``Σp ≈ k``
+    (:func:`_bernoulli_tilt`): ``μ_i = p_i P(S₋ᵢ = k − 1) / P(S = k)`` for its size S = Σx.
+
+    - For small problems (n · N/2 ≤ 8192, N ≈ max(k, n − k) DFT points; n up to about 128) and
+      for large k (N/2 ≤ 5k), through the characteristic function of S (:class:`_KSubsetDFT`):
+      a handful of batched ops of size (B, N/2, n), closed-form backward.
+    - Otherwise (large n, small k), and for rows where the DFT is not accurate to ~1e-13
+      (P(S = k) < 1e-3), by up and down passes of a polynomial product tree over the laws
+      ``q_i + p_i z`` (⌈log₂ n⌉ batched levels, O(n k²) work) in linear space, with a
+      closed-form backward: the Jacobian is the covariance (symmetric), so the vector-Jacobian
+      product is the forward-mode derivative of μ along the incoming gradient, one more pass
+      over the tree with tangents (:class:`_KSubsetMarginals`). The tree's numbers are
+      probabilities, so any range of u/t works; rows where P(S = k) underflows (none seen)
+      use the log-space tree (:func:`log_elementary_symmetric`, μ by autograd).
+
+    Computed in float64 whatever the input dtype; the result has the input's dtype.
     """
     k = int(polytope.params["k"])
     n = theta.shape[-1]
     if k == n:  # one point: ∂x/∂θ = 0, but x stays in the graph like any relaxation's
         return 0.0 * theta + 1.0
-    # lower precisions run in float64 (range ~e^±700 instead of e^±88: the linear tree then
-    # covers ordinary low-temperature inputs) and are cast back
+    # lower precisions run in float64 (p = σ(θ − τ) keeps ~e^-745 instead of ~e^-103) and are cast back
     th = theta if theta.dtype == torch.float64 else theta.double()
-    if n * (_dft_frequencies(n, k) + 1) // 2 > _DFT_MAX_SIZE or th.shape[0] == 0:
+    if th.shape[0] == 0 or not _use_dft(n, k):
         return _k_subset_tree(th, k).to(theta.dtype)
-    mu, ok = _KSubsetDFT.apply(th, k)
-    if not bool(ok.all()):  # P(S = k) too small for the DFT's accuracy: the product tree
-        rows = (~ok).nonzero()[:, 0]
-        mu = mu.index_put((rows,), _k_subset_tree(th[rows], k))
-    return mu.to(theta.dtype)
+    return _k_subset_dft(th, k).to(theta.dtype)
 
 
 # ------------------------------------------------------------------------------------------

@@ -42,8 +42,9 @@ def _hypercube(theta: torch.Tensor, P: Polytope) -> torch.Tensor:
 
 
 class _KSubsetLogPartition(torch.autograd.Function):
-    """``log e_k(exp θ)`` by the product tree; its gradient is the marginals of the k-subset
-    fast path (differentiable again, so second derivatives work)."""
+    """``log e_k(exp θ)`` by :func:`convex_sst.fast.log_e_k` (the DFT of the tilted subset size's
+    law, or a product tree); its gradient is the marginals of the k-subset fast path
+    (differentiable again, so second derivatives work)."""
 
     @staticmethod
     def forward(ctx, theta, P):

@@ -51,3 +51,11 @@ def test_forbidden_benchmark_runs_and_matches_the_smaller_structures():
     for row in rows:
         if row[6] != "—":
             assert float(row[6]) < 1e-9, row  # forbidden coordinates vs the structure without them
+
+
+def test_k_subset_benchmark_runs_and_its_routes_agree():
+    out = _run("k_subset.py", "--batch", "2", "--repeats", "1", "--sizes", "60:6", "200:100")
+    rows = _rows(out, "| ")[1:]
+    assert [(r[0], r[1], r[5]) for r in rows] == [("60", "6", "DFT"), ("200", "100", "DFT")]
+    for row in rows:
+        assert row[4] != "—" and float(row[7]) < 1e-11 and float(row[8]) < 1e-10, row

@@ -272,7 +272,8 @@ def test_autograd_fallbacks_work_without_grad_mode(mode, gen, monkeypatch):
             x = cs.relax(u, P, "exp_family")
         assert len(calls) > before  # the fallback ran
         assert torch.equal(x, ref) and not x.requires_grad
-    u = 3000.0 * torch.arange(6, dtype=torch.float64).repeat(2, 1)  # k largest spread past linear range
+    u = 3000.0 * torch.arange(6, dtype=torch.float64).repeat(2, 1)
+    monkeypatch.setattr(fast, "_TREE_MIN_PK", 2.0)  # P(S = k) ≤ 1: every row to the log-space tree
     before = len(calls)
     with mode():
         x = fast._k_subset_tree(u, 3)
@@ -338,13 +339,12 @@ def test_matrix_tree_float32_runs_in_float64_without_the_elimination(name, param
     assert (g32.double() - g64).abs().max() < 1e-6
 
 
-def _dft_pk(u: torch.Tensor, k: int) -> torch.Tensor:
-    """P(S = k) at the DFT path's τ, by brute force over the sizes (a Poisson-binomial law)."""
-    top = u.topk(k + 1, dim=1).values
-    tau = 0.5 * (top[:, k - 1] + top[:, k])
-    p = torch.sigmoid(u - tau[:, None])
-    tau = tau + ((p.sum(1) - k) / (p * (1 - p)).sum(1)).clamp(-2.0, 2.0)
-    p = torch.sigmoid(u - tau[:, None])
+def _dft_pk(u: torch.Tensor, k: int, exact: bool = False) -> torch.Tensor:
+    """P(S = k) at the k-subset paths' τ (first try, or ``exact``), by brute force over the
+    sizes (a Poisson-binomial law)."""
+    from convex_sst import fast
+
+    _, p, _ = fast._bernoulli_tilt(u, k, exact)
     law = torch.zeros(u.shape[0], u.shape[1] + 1, dtype=u.dtype)
     law[:, 0] = 1.0
     for j in range(u.shape[1]):
@@ -368,29 +368,103 @@ def test_k_subset_dft_rows_and_tree_rows_agree(min_pk, gen, monkeypatch):
         monkeypatch.setattr(fast, "_DFT_MIN_PK", float(_dft_pk(u.detach(), 3).median()))
     elif min_pk is not None:
         monkeypatch.setattr(fast, "_DFT_MIN_PK", min_pk)
-    _, ok = fast._KSubsetDFT.apply(u.detach(), 3)
+    _, ok = fast._KSubsetDFT.apply(u.detach(), 3, False)
     assert bool(ok.all()) if min_pk is None else (not bool(ok.all()) and (min_pk == 2.0 or bool(ok.any())))
     x = cs.relax(u, P, "exp_family", 1.0)
     (g,) = torch.autograd.grad((x * w).sum(), u)
     assert (x - ref).abs().max() < 1e-12 and (g - gref).abs().max() < 1e-11
 
 
-@pytest.mark.parametrize("n, k", [(100, 10), (60, 45), (200, 20)])
+@pytest.mark.parametrize("n, k", [(100, 10), (60, 45), (200, 20), (600, 12), (300, 150)])
 def test_k_subset_dft_equals_product_tree_at_larger_sizes(n, k, gen):
-    """Sizes beyond brute force: the DFT (n·N/2 ≤ 8192) against the product tree, values and
-    vector-Jacobian products; n = 200 is past the DFT's size limit (the tree itself)."""
+    """Sizes beyond brute force: the two routes (the DFT of S's law and the product tree of the
+    Bernoulli laws, independent algorithms) against each other, values and vector-Jacobian
+    products. relax takes the DFT except at (600, 12), where it takes the tree."""
     import convex_sst.fast as fast
 
-    u = 2 * torch.randn(32, n, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(32, n, generator=gen, dtype=torch.float64)
+    u = 3 * torch.randn(16, n, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, n, generator=gen, dtype=torch.float64)
     P = cs.load_polytope("k_subset", n=n, k=k)
     x = cs.relax(u, P, "exp_family", 1.0)
-    ref = fast._k_subset_tree(u, k)
-    assert (x - ref).abs().max() < 1e-12
+    ref, other = fast._k_subset_tree(u, k), fast._k_subset_dft(u, k)
+    assert fast._use_dft(n, k) == ((n, k) != (600, 12))
+    assert (x - ref).abs().max() < 1e-12 and (x - other).abs().max() < 1e-12
     assert (x.sum(1) - k).abs().max() < 1e-10
     (g,) = torch.autograd.grad((x * w).sum(), u)
-    (gr,) = torch.autograd.grad((ref * w).sum(), u)
-    assert (g - gr).abs().max() < 1e-11
+    for y in (ref, other):
+        (gr,) = torch.autograd.grad((y * w).sum(), u)
+        assert (g - gr).abs().max() < 1e-11
+
+
+@pytest.mark.parametrize("n, k, scale", [(200, 100, 3.0), (301, 150, 0.1), (129, 1, 30.0), (129, 128, 30.0), (64, 20, 1e3)])
+def test_k_subset_large_k_stays_in_linear_space(n, k, scale, gen, monkeypatch):
+    """k in the hundreds: the product tree used to scale by the k largest weights, and
+    e_k(w) overflowed (C(n, k) terms: C(200, 100) ≈ e^135 times e^{spread}), so such rows went
+    to the log-space tree (n = 500, k = 250: 21 s for 32 rows instead of 0.5 s). Over the
+    tilted Bernoulli laws every number is a probability: both routes stay in linear space and
+    agree with the log-space tree (μ = ∇ log e_k by autograd, the independent reference),
+    for log e_k as well."""
+    import convex_sst.fast as fast
+
+    u = scale * torch.randn(4, n, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, n, generator=gen, dtype=torch.float64)
+    ref = fast._autograd_gradient(lambda y: fast._log_e_k_banded(y, k), u)
+    (gref,) = torch.autograd.grad((ref * w).sum(), u)
+    log_ref = fast.log_elementary_symmetric(u.detach(), k)
+    calls = []
+    real = fast.log_elementary_symmetric
+    monkeypatch.setattr(fast, "log_elementary_symmetric", lambda *a: calls.append(1) or real(*a))
+    for route in (fast._k_subset_tree, fast._k_subset_dft):
+        x = route(u, k)
+        (g,) = torch.autograd.grad((x * w).sum(), u)
+        assert (x - ref).abs().max() < 1e-11 and (g - gref).abs().max() < 1e-10
+    for per_k in (0, 10**9):  # log e_k by the tree, then by the DFT
+        monkeypatch.setattr(fast, "_DFT_PER_K", per_k)
+        monkeypatch.setattr(fast, "_DFT_MAX_SIZE", 0 if per_k == 0 else 10**9)
+        assert (fast.log_e_k(u.detach(), k) - log_ref).abs().max() < 1e-10 * log_ref.abs().max()
+    assert not calls
+
+
+def test_k_subset_exact_tilt_keeps_the_dft_on_its_rows(gen, monkeypatch):
+    """Nearly equal logits, n = 3000, k = 10: the first τ (the top-k midpoint and two Newton
+    steps of at most 2) stays far from Σp = k (it needs τ ≈ 5.7), so P(S = k) is far below
+    the DFT's 1e-3 and every row is redone; the exact tilt (Σp = k ± 0.1) brings P(S = k) to
+    about 0.13, and the DFT keeps the rows instead of handing them to the product tree."""
+    import convex_sst.fast as fast
+
+    u = 0.1 * torch.randn(4, 3000, generator=gen, dtype=torch.float64)
+    assert (_dft_pk(u, 10) < 1e-6).all()                              # the regime is hard
+    _, p, _ = fast._bernoulli_tilt(u, 10, True)
+    assert (p.sum(1) - 10).abs().max() <= 0.1
+    assert (_dft_pk(u, 10, True) >= 0.1).all()
+    calls = []
+    real = fast._KSubsetMarginals.apply
+    monkeypatch.setattr(fast._KSubsetMarginals, "apply", lambda *a: calls.append(1) or real(*a))
+    x = fast._k_subset_dft(u, 10)
+    assert not calls
+    monkeypatch.undo()
+    assert (x - fast._k_subset_tree(u, 10)).abs().max() < 1e-13
+    # log e_k by the DFT likewise: redone at the exact tilt, not in log space
+    ref = fast.log_elementary_symmetric(u, 10)
+    real_log = fast.log_elementary_symmetric
+    monkeypatch.setattr(fast, "log_elementary_symmetric", lambda *a: calls.append(1) or real_log(*a))
+    monkeypatch.setattr(fast, "_DFT_PER_K", 10**9)
+    assert (fast.log_e_k(u, 10) - ref).abs().max() < 1e-12 * ref.abs().max() and not calls
+
+
+def test_k_subset_dft_chunks_rows(gen, monkeypatch):
+    # the DFT's kernel is (rows, N/2, n): rows are processed in chunks of bounded size; the
+    # result and its gradient must not depend on the chunking (here 1 to 3 rows a chunk)
+    import convex_sst.fast as fast
+
+    u = torch.randn(7, 40, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 40, generator=gen, dtype=torch.float64)
+    out = []
+    for chunk in (1 << 23, 40 * 21 * 3, 40 * 21):
+        monkeypatch.setattr(fast, "_DFT_CHUNK", chunk)
+        x = fast._k_subset_dft(u, 20)
+        out.append((x, *torch.autograd.grad((x * w).sum(), u)))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-15) for o in out[1:] for a, b in zip(out[0], o))
 
 
 def test_sinkhorn_reports_non_convergence(gen):
