@@ -24,7 +24,7 @@ from ._autograd import graph_break
 from ._forbidden import empty_face_error, fill_forbidden
 from ._scalars import positive_int
 from .errors import NotSupportedError, PolytopeError
-from .fast import _neg, k_subset_marginals, log_e_k, log_partition_arborescences, log_partition_dag_paths
+from .fast import _neg, k_subset_marginals, log1p_exp, log_e_k, log_partition_arborescences, log_partition_dag_paths
 from .polytope import Polytope
 from .relax import as_polytope, check_temperature
 
@@ -38,7 +38,7 @@ def _simplex(theta: torch.Tensor, P: Polytope) -> torch.Tensor:
 
 
 def _hypercube(theta: torch.Tensor, P: Polytope) -> torch.Tensor:
-    return torch.nn.functional.softplus(theta).sum(1)  # Π (1 + e^θ): each bit on or off
+    return log1p_exp(theta).sum(1)  # Π (1 + e^θ): each bit on or off
 
 
 class _KSubsetLogPartition(torch.autograd.Function):

@@ -452,6 +452,29 @@ def test_k_subset_exact_tilt_keeps_the_dft_on_its_rows(gen, monkeypatch):
     assert (fast.log_e_k(u, 10) - ref).abs().max() < 1e-12 * ref.abs().max() and not calls
 
 
+def test_k_subset_ties_at_huge_scale_fall_back_to_the_tree_not_log_space(gen, monkeypatch):
+    """Logits in {-3..3}·1.02e98, k = n − 2: the two items left out come from the lowest group of
+    ties. τ cannot move by ±2 there (τ ± 2 == τ), so the cheap tilt leaves p = ½ on that group
+    and P(S = k) ~ 1e-9: too small for the DFT, fine for the product tree; the exact tilt's
+    bisection cannot land on the tie (P(S = k) = 0). DFT rows used to go from the exact tilt
+    to the tree at that tilt, then to the log-space tree, whose Σμ was off by 4e-10; now the
+    tree at the cheap tilt takes them, exact to rounding (log e_k likewise)."""
+    import convex_sst.fast as fast
+
+    n, k = 231, 229
+    u = 1.0187378944391326e98 * torch.randint(-3, 4, (3, n), generator=gen).double()  # a fuzz case's scale
+    assert not fast._KSubsetMarginals.apply(u, k, True)[1].any()   # the exact tilt misses the tie
+    low = u == u.min(1, keepdim=True).values
+    want = torch.where(low, (low.sum(1, keepdim=True) - 2) / low.sum(1, keepdim=True).double(), 1.0)
+    monkeypatch.setattr(fast, "_log_e_k_banded", lambda *a: pytest.fail("went to the log-space tree"))
+    monkeypatch.setattr(fast, "log_elementary_symmetric", lambda *a: pytest.fail("went to the log-space tree"))
+    assert fast._use_dft(n, k)
+    for route in (fast._k_subset_dft, fast._k_subset_tree):
+        assert (route(u, k) - want).abs().max() < 1e-14
+    top = u.topk(k, 1).values.sum(1)  # log e_k = that + log C(m, 2), lost to rounding at 1e100
+    assert ((fast.log_e_k(u, k) - top).abs() <= 1e-15 * u.abs().sum(1)).all()  # sums round to that
+
+
 def test_k_subset_dft_chunks_rows(gen, monkeypatch):
     # the DFT's kernel is (rows, N/2, n): rows are processed in chunks of bounded size; the
     # result and its gradient must not depend on the chunking (here 1 to 3 rows a chunk)

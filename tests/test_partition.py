@@ -196,3 +196,15 @@ def test_large_k_uses_products_with_linear_memory_and_agrees_with_the_coefficien
     monkeypatch.setattr(fast, "_MAP_MAX", 0)
     torch.testing.assert_close(fast._poly_mul(A, B, 50), want, atol=1e-12, rtol=0)
     torch.testing.assert_close(fast._log_poly_mul(A, B, 50), want_log, atol=1e-12, rtol=0)
+
+
+def test_large_score_gaps_keep_full_precision():
+    """log(1 + e^x) terms to full precision: torch's softplus returns x above 20, which lost
+    e^-x (here up to 6e-10) in the cube's and the k-subset's log-partition and the cube's gradient."""
+    u = torch.tensor([[22.0, 1.0, 0.0, -1.0, -2.0], [25.0, 21.5, -3.0, 0.5, 30.0]], dtype=torch.float64)
+    for name, params in (("hypercube", {"n": 5}), ("k_subset", {"n": 5, "k": 2})):
+        P = cs.load_polytope(name, **params)
+        torch.testing.assert_close(cs.log_partition(u, P), enumerated(u, P, 1.0), atol=1e-13, rtol=0)
+    x = u.clone().requires_grad_()
+    (g,) = torch.autograd.grad(cs.log_partition(x, cs.load_polytope("hypercube", n=5)).sum(), x)
+    torch.testing.assert_close(g, torch.sigmoid(u), atol=1e-15, rtol=0)
