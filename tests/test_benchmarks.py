@@ -59,3 +59,11 @@ def test_k_subset_benchmark_runs_and_its_routes_agree():
     assert [(r[0], r[1], r[5]) for r in rows] == [("60", "6", "DFT"), ("200", "100", "DFT")]
     for row in rows:
         assert row[4] != "—" and float(row[7]) < 1e-11 and float(row[8]) < 1e-10, row
+
+
+def test_k_subset_benchmark_api_mode_runs():
+    out = _run("k_subset.py", "--api", "--batch", "2", "--repeats", "1", "--sizes", "60:6", "200:100")
+    rows = _rows(out, "| ")[1:]
+    assert [r[0] for r in rows] == ["60, 6", "200, 100"]
+    for row in rows:
+        assert all(re.fullmatch(r"[0-9.]+ (ms|GB)", cell) for cell in row[1:]), row
