@@ -388,7 +388,8 @@ def _log_e_k(theta: torch.Tensor, k: int, stage: int) -> torch.Tensor:
         Z = torch.cat([(_dft_phi(part, om1) * c0).real.sum(1) for part in p.split(size)])
         ok = Z >= _DFT_MIN_PK
     else:
-        Z = _up_pass(q, p, k)[-1][:, 0, k]
+        a, b, _, j = _tree_leaves(p, q, k)
+        Z = _up_pass(a, b, j)[-1][:, 0, j]
         ok = torch.isfinite(Z) & (Z > _TREE_MIN_PK)
     out = k * tau[:, 0] + torch.log(Z) + log1p_exp(theta - tau).sum(1)
     if bool(ok.all()):
@@ -454,12 +455,24 @@ def _hessian_vjp(log_partition, theta: torch.Tensor, g: torch.Tensor) -> torch.T
     return out
 
 
+def _tree_leaves(p: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(a, b, K, j)``: the product tree of the leaves ``a_i + b_i z`` truncated at degree K
+    gives ``P(S = k)`` as its coefficient j, and as the coefficient of ``z^{K−1}`` in the other
+    items' product ``P(S₋ᵢ = k − 1)``. For k ≤ n/2, the laws of x: ``(q, p, k, k)``; beyond,
+    the laws of y = 1 − x, whose size T = n − S must reach only n − k:
+    ``(p, q, n − k + 1, n − k)`` (``P(S₋ᵢ = k − 1) = P(T₋ᵢ = n − k)``), which costs
+    O(n (n − k)²) instead of O(n k²)."""
+    n = p.shape[1]
+    return (p, q, n - k + 1, n - k) if 2 * k > n else (q, p, k, k)
+
+
 class _KSubsetMarginals(torch.autograd.Function):
     """``μ_i = p_i P(S₋ᵢ = k − 1) / P(S = k)`` for independent ``Bernoulli(p)``, ``p = σ(θ − τ)``
     (τ from :func:`_bernoulli_tilt`; μ does not depend on it), by the up/down product tree of
-    the laws ``Π_i (q_i + p_i z)`` in linear space, and its vector-Jacobian product ``Cov·g``
-    (the Jacobian is the covariance, symmetric) as the forward-mode derivative of μ along g at
-    fixed τ (``ṗ = p q g``, ``q̇ = −ṗ``): a second pass over the tree with tangents.
+    the laws ``Π_i (q_i + p_i z)`` in linear space (of the complements' laws ``p_i + q_i z``
+    for k > n/2: :func:`_tree_leaves`), and its vector-Jacobian product ``Cov·g`` (the Jacobian
+    is the covariance, symmetric) as the forward-mode derivative of μ along g at fixed τ
+    (``ṗ = p q g``, ``q̇ = −ṗ``): a second pass over the tree with tangents.
 
     The tree only adds and multiplies numbers in [0, 1], so its relative error is a few ulps per
     level whatever the logits' range, unless the terms that matter underflow: ``ok`` flags the
@@ -469,8 +482,9 @@ class _KSubsetMarginals(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, k, exact):
         _, p, q = _bernoulli_tilt(theta, k, exact)
-        e, c, saved = _tree_passes(q, p, k)
-        Z = e[:, k]
+        a, b, K, j = _tree_leaves(p, q, k)
+        e, c, saved = _tree_passes(a, b, K)
+        Z = e[:, j]
         ok = torch.isfinite(Z) & (Z > _TREE_MIN_PK)
         Zs = torch.where(ok, Z, torch.ones_like(Z))
         mu = torch.where(ok[:, None], p * c / Zs[:, None], torch.zeros_like(p))
@@ -487,14 +501,16 @@ class _KSubsetMarginals(torch.autograd.Function):
             return _hessian_vjp(lambda x: _log_e_k_banded(x, k), theta, g), None, None
         g = torch.where(ok[:, None], g, torch.zeros_like(g))
         dp = p * q * g
-        de, dc, _ = _tree_passes(q, p, k, -dp, dp, ctx.saved)
-        return (dp * c + p * dc - mu * de[:, k : k + 1]) / Z[:, None], None, None
+        a, b, K, j = _tree_leaves(p, q, k)
+        da, db, _, _ = _tree_leaves(dp, -dp, k)  # the tangents of the same leaves
+        de, dc, _ = _tree_passes(a, b, K, da, db, ctx.saved)
+        return (dp * c + p * dc - mu * de[:, j : j + 1]) / Z[:, None], None, None
 
 
 _DFT_CONSTS: dict = {}
 _DFT_MIN_PK = 1e-3      # rows with P(S = k) below this go to the product tree (error ~ 2e-16 / P(S = k))
 _DFT_MAX_SIZE = 8192    # n · (number of frequencies M) up to which the DFT is used for any k
-_DFT_PER_K = 5          # and beyond, while M ≤ 5k: O(n·M) against the tree's O(n·k·log(n)) (benchmarks/k_subset.py)
+_DFT_PER_K = 5          # and beyond, while M ≤ 5·min(k, n − k): O(n·M) against the tree's O(n·k·log(n)) (benchmarks/k_subset.py)
 _DFT_CHUNK = 1 << 23    # rows · M · n entries of the kernel K per call (64 MiB in float64)
 
 
@@ -664,7 +680,7 @@ def _autograd_gradient(fn, x: torch.Tensor) -> torch.Tensor:
 
 def _use_dft(n: int, k: int) -> bool:
     M = (_dft_frequencies(n, k) + 1) // 2
-    return n * M <= _DFT_MAX_SIZE or M <= _DFT_PER_K * k
+    return n * M <= _DFT_MAX_SIZE or M <= _DFT_PER_K * min(k, n - k)
 
 
 def _k_subset_dft(th: torch.Tensor, k: int) -> torch.Tensor:
@@ -683,14 +699,16 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     (:func:`_bernoulli_tilt`): ``μ_i = p_i P(S₋ᵢ = k − 1) / P(S = k)`` for its size S = Σx.
 
     - For small problems (n · N/2 ≤ 8192, N ≈ max(k, n − k) DFT points; n up to about 128) and
-      for large k (N/2 ≤ 5k), through the characteristic function of S (:class:`_KSubsetDFT`):
-      a handful of batched ops of size (B, N/2, n), closed-form backward.
-    - Otherwise (large n, small k), and for rows where the DFT is not accurate to ~1e-13
-      (P(S = k) < 1e-3), by up and down passes of a polynomial product tree over the laws
-      ``q_i + p_i z`` (⌈log₂ n⌉ batched levels, O(n k²) work) in linear space, with a
-      closed-form backward: the Jacobian is the covariance (symmetric), so the vector-Jacobian
-      product is the forward-mode derivative of μ along the incoming gradient, one more pass
-      over the tree with tangents (:class:`_KSubsetMarginals`). The tree's numbers are
+      for k not far from n/2 (N/2 ≤ 5 min(k, n − k)), through the characteristic function of S
+      (:class:`_KSubsetDFT`): a handful of batched ops of size (B, N/2, n), closed-form
+      backward.
+    - Otherwise (large n with k or n − k small), and for rows where the DFT is not accurate
+      to ~1e-13 (P(S = k) < 1e-3), by up and down passes of a polynomial product tree over the
+      laws ``q_i + p_i z`` (of their complements for k > n/2; ⌈log₂ n⌉ batched levels,
+      O(n min(k, n − k)²) work) in linear space, with a closed-form backward: the Jacobian is
+      the covariance (symmetric), so the vector-Jacobian product is the forward-mode
+      derivative of μ along the incoming gradient, one more pass over the tree with tangents
+      (:class:`_KSubsetMarginals`). The tree's numbers are
       probabilities, so any range of u/t works; rows where P(S = k) underflows (none seen)
       use the log-space tree (:func:`log_elementary_symmetric`, μ by autograd).
 

@@ -352,34 +352,36 @@ def _dft_pk(u: torch.Tensor, k: int, exact: bool = False) -> torch.Tensor:
     return law[:, k]
 
 
+@pytest.mark.parametrize("k", [3, 7])
 @pytest.mark.parametrize("min_pk", [None, "median", 2.0])
-def test_k_subset_dft_rows_and_tree_rows_agree(min_pk, gen, monkeypatch):
+def test_k_subset_dft_rows_and_tree_rows_agree(min_pk, k, gen, monkeypatch):
     """The DFT path hands rows with a small P(S = k) to the product tree: with the threshold
     raised (to the median P(S = k): half the rows; 2: every row) the marginals and gradients
-    must not change."""
+    must not change (k = 7 > n/2: the tree of the complements' laws)."""
     import convex_sst.fast as fast
 
-    P = cs.load_polytope("k_subset", n=9, k=3)
+    P = cs.load_polytope("k_subset", n=9, k=k)
     u = 3 * torch.randn(16, 9, generator=gen, dtype=torch.float64)
     w = torch.randn(16, 9, generator=gen, dtype=torch.float64)
     ref = brute_force_marginals(u.requires_grad_(), P, 1.0)
     (gref,) = torch.autograd.grad((ref * w).sum(), u)
     if min_pk == "median":
-        monkeypatch.setattr(fast, "_DFT_MIN_PK", float(_dft_pk(u.detach(), 3).median()))
+        monkeypatch.setattr(fast, "_DFT_MIN_PK", float(_dft_pk(u.detach(), k).median()))
     elif min_pk is not None:
         monkeypatch.setattr(fast, "_DFT_MIN_PK", min_pk)
-    _, ok = fast._KSubsetDFT.apply(u.detach(), 3, False)
+    _, ok = fast._KSubsetDFT.apply(u.detach(), k, False)
     assert bool(ok.all()) if min_pk is None else (not bool(ok.all()) and (min_pk == 2.0 or bool(ok.any())))
     x = cs.relax(u, P, "exp_family", 1.0)
     (g,) = torch.autograd.grad((x * w).sum(), u)
     assert (x - ref).abs().max() < 1e-12 and (g - gref).abs().max() < 1e-11
 
 
-@pytest.mark.parametrize("n, k", [(100, 10), (60, 45), (200, 20), (600, 12), (300, 150)])
+@pytest.mark.parametrize("n, k", [(100, 10), (60, 45), (200, 20), (600, 12), (300, 150), (600, 588)])
 def test_k_subset_dft_equals_product_tree_at_larger_sizes(n, k, gen):
     """Sizes beyond brute force: the two routes (the DFT of S's law and the product tree of the
     Bernoulli laws, independent algorithms) against each other, values and vector-Jacobian
-    products. relax takes the DFT except at (600, 12), where it takes the tree."""
+    products. relax takes the DFT except at (600, 12) and (600, 588), where it takes the tree
+    (of the complements' laws at 588)."""
     import convex_sst.fast as fast
 
     u = 3 * torch.randn(16, n, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -387,7 +389,7 @@ def test_k_subset_dft_equals_product_tree_at_larger_sizes(n, k, gen):
     P = cs.load_polytope("k_subset", n=n, k=k)
     x = cs.relax(u, P, "exp_family", 1.0)
     ref, other = fast._k_subset_tree(u, k), fast._k_subset_dft(u, k)
-    assert fast._use_dft(n, k) == ((n, k) != (600, 12))
+    assert fast._use_dft(n, k) == (n != 600)
     assert (x - ref).abs().max() < 1e-12 and (x - other).abs().max() < 1e-12
     assert (x.sum(1) - k).abs().max() < 1e-10
     (g,) = torch.autograd.grad((x * w).sum(), u)
@@ -468,11 +470,13 @@ def test_k_subset_ties_at_huge_scale_fall_back_to_the_tree_not_log_space(gen, mo
     want = torch.where(low, (low.sum(1, keepdim=True) - 2) / low.sum(1, keepdim=True).double(), 1.0)
     monkeypatch.setattr(fast, "_log_e_k_banded", lambda *a: pytest.fail("went to the log-space tree"))
     monkeypatch.setattr(fast, "log_elementary_symmetric", lambda *a: pytest.fail("went to the log-space tree"))
-    assert fast._use_dft(n, k)
     for route in (fast._k_subset_dft, fast._k_subset_tree):
         assert (route(u, k) - want).abs().max() < 1e-14
     top = u.topk(k, 1).values.sum(1)  # log e_k = that + log C(m, 2), lost to rounding at 1e100
-    assert ((fast.log_e_k(u, k) - top).abs() <= 1e-15 * u.abs().sum(1)).all()  # sums round to that
+    for per_k in (10**9, 0):  # log e_k from the DFT's fallback, and by the tree
+        monkeypatch.setattr(fast, "_DFT_PER_K", per_k)
+        assert fast._use_dft(n, k) == (per_k > 0)
+        assert ((fast.log_e_k(u, k) - top).abs() <= 1e-15 * u.abs().sum(1)).all()  # sums round to that
 
 
 def test_k_subset_dft_chunks_rows(gen, monkeypatch):
