@@ -455,6 +455,19 @@ def _hessian_vjp(log_partition, theta: torch.Tensor, g: torch.Tensor) -> torch.T
     return out
 
 
+def _log_e_k_at(theta: torch.Tensor, k: int, tau: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``log e_k(exp θ) = kτ + log P(S = k) + Σ_i log(1 + e^{θ_i − τ})`` at a fixed ``tau (B, 1)``
+    (an identity in θ for every τ, so its autograd derivatives of every order are those of
+    log e_k), with P(S = k) by the product tree in plain torch ops: the twice-differentiable
+    log-partition behind the second derivatives of the k-subset paths. Rows not ``ok`` (where
+    the first-order pass handed the row on) get ``log P(S = k) := 0``: finite, and their
+    incoming gradients are zero."""
+    p, q = torch.sigmoid(theta - tau), torch.sigmoid(tau - theta)
+    a, b, _, j = _tree_leaves(p, q, k)
+    Z = _up_pass(a, b, j)[-1][:, 0, j]
+    return k * tau[:, 0] + torch.log(torch.where(ok, Z, torch.ones_like(Z))) + log1p_exp(theta - tau).sum(1)
+
+
 def _tree_leaves(p: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """``(a, b, K, j)``: the product tree of the leaves ``a_i + b_i z`` truncated at degree K
     gives ``P(S = k)`` as its coefficient j, and as the coefficient of ``z^{K−1}`` in the other
@@ -481,7 +494,7 @@ class _KSubsetMarginals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta, k, exact):
-        _, p, q = _bernoulli_tilt(theta, k, exact)
+        tau, p, q = _bernoulli_tilt(theta, k, exact)
         a, b, K, j = _tree_leaves(p, q, k)
         e, c, saved = _tree_passes(a, b, K)
         Z = e[:, j]
@@ -489,17 +502,17 @@ class _KSubsetMarginals(torch.autograd.Function):
         Zs = torch.where(ok, Z, torch.ones_like(Z))
         mu = torch.where(ok[:, None], p * c / Zs[:, None], torch.zeros_like(p))
         ctx.k, ctx.saved = k, saved
-        ctx.save_for_backward(p, q, c, mu, Zs, ok, theta)
+        ctx.save_for_backward(p, q, c, mu, Zs, ok, theta, tau)
         ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
     def backward(ctx, g, _):
-        p, q, c, mu, Z, ok, theta = ctx.saved_tensors
+        p, q, c, mu, Z, ok, theta, tau = ctx.saved_tensors
         k = ctx.k
-        if torch.is_grad_enabled():  # create_graph=True
-            return _hessian_vjp(lambda x: _log_e_k_banded(x, k), theta, g), None, None
         g = torch.where(ok[:, None], g, torch.zeros_like(g))
+        if torch.is_grad_enabled():  # create_graph=True
+            return _hessian_vjp(lambda x: _log_e_k_at(x, k, tau, ok), theta, g), None, None
         dp = p * q * g
         a, b, K, j = _tree_leaves(p, q, k)
         da, db, _, _ = _tree_leaves(dp, -dp, k)  # the tangents of the same leaves
@@ -569,7 +582,7 @@ class _KSubsetDFT(torch.autograd.Function):
     def forward(ctx, theta, k, exact):
         B, n = theta.shape
         D2, om1, omc, c0, c1, h0, h1 = _dft_consts(n, k, theta.dtype, theta.device)
-        _, p, q = _bernoulli_tilt(theta, k, exact)
+        tau, p, q = _bernoulli_tilt(theta, k, exact)
         pq = p * q
         # (B, M, n) layout, frequencies before items: the products below take the form
         # (B, c, M) @ (B, M, n), which batched matmul runs ~2× faster than (B, n, M) @ (B, M, c)
@@ -583,15 +596,16 @@ class _KSubsetDFT(torch.autograd.Function):
         Pk = torch.where(ok, Pk, 1.0)
         mu = p * t / Pk[:, None]
         ctx.k = k
-        ctx.save_for_backward(p, pq, phi, t, Pk, mu, ok, theta)  # K is recomputed: (B, M, n) is large
+        ctx.save_for_backward(p, pq, phi, t, Pk, mu, ok, theta, tau)  # K is recomputed: (B, M, n) is large
         ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
     def backward(ctx, g, _):
-        p, pq, phi, t, Pk, mu, ok, theta = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
-            return _hessian_vjp(lambda x: _log_e_k_banded(x, ctx.k), theta, g), None, None
+        p, pq, phi, t, Pk, mu, ok, theta, tau = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the tree at the same τ (P(S = k) ≥ 1e-3 on ok rows)
+            g = torch.where(ok[:, None], g, torch.zeros_like(g))
+            return _hessian_vjp(lambda x: _log_e_k_at(x, ctx.k, tau, ok), theta, g), None, None
         D2, om1, omc, c0, c1, h0, h1 = _dft_consts(p.shape[1], ctx.k, p.dtype, p.device)
         K = _dft_kernel(pq, D2)
         v = pq * g                                                   # ṗ along g
