@@ -992,10 +992,24 @@ def _log_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _COND_LIMIT = 1e5
 
 
+class _Log1pExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.sigmoid(x)  # differentiable again: sigmoid's derivatives are finite everywhere
+
+
 def log1p_exp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 + e^x)`` elementwise, to full precision at any x (``softplus`` returns x itself
-    above its threshold 20, an error of up to e⁻²⁰ ≈ 2e-9 in value and in gradient)."""
-    return torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device))
+    """``log(1 + e^x)`` elementwise, to full precision at any x, with derivatives of every order
+    finite at any x. (``softplus`` returns x itself above its threshold 20, an error of up to
+    e⁻²⁰ ≈ 2e-9 in value and in gradient; ``logaddexp(x, 0)`` has a NaN second derivative
+    below x ≈ −710.)"""
+    return _Log1pExp.apply(x)
 
 
 def _neg(dtype: torch.dtype) -> float:
