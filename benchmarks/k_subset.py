@@ -4,7 +4,8 @@ For each (n, k), one markdown row: median ms of a forward + backward pass (a VJP
 of logits ``scale · N(0, 1)``, float64, this machine's CPU, --repeats interleaved runs, by
 
 * *DFT*: the characteristic function of the tilted Bernoulli vector's size (``_KSubsetDFT``);
-* *tree*: the linear-space product tree of the Bernoulli laws ``q_i + p_i z``;
+* *tree*: the linear-space product tree of the Bernoulli laws ``q_i + p_i z`` (of the
+  complements' laws ``p_i + q_i z`` for k > n/2);
 * *log-space tree*: ``μ = ∇ log e_k(e^θ)`` by autograd through the log-space product tree, the
   baseline: exact for any range, and what the product tree handed its rows to before
   (scaled by the k largest weights, it overflowed once C(n, k) did, e.g. n = 500, k = 250);
