@@ -120,6 +120,13 @@ def _capped_eval(theta: torch.Tensor, tau: torch.Tensor, reg: str) -> tuple[torc
     return x, d
 
 
+def _topk_midpoint(theta: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B, 1)``: midway between the k-th and (k+1)-th largest entries of each row (1 ≤ k < n),
+    halves first (no overflow near the dtype's range)."""
+    top = theta.topk(k + 1, dim=1).values
+    return 0.5 * top[:, k - 1 : k] + 0.5 * top[:, k : k + 1]
+
+
 def _capped_root(theta: torch.Tensor, k: int, reg: str, tol: float, max_iter: int,
                  start: torch.Tensor | None = None) -> torch.Tensor:
     """τ with ``h(τ) = Σ_i clamp(ψ(θ_i − τ), 0, 1) − k`` within ``tol`` of 0 (as far as
@@ -162,13 +169,17 @@ def capped_simplex(theta: torch.Tensor, k: int, reg: str, tol: float | None = No
                    on_failure: str = "warn") -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``argmax θᵀx − f(x) s.t. Σx = k, 0 ≤ x ≤ 1`` for a separable f; returns ``(x, d)``.
 
-    ``x_i = clamp(ψ(θ_i − τ), 0, 1)`` with τ from :func:`_capped_root` (safeguarded Newton).
-    ``d`` holds ``∂x_i/∂θ_i`` at fixed τ, which gives the Jacobian ``diag(d) − d dᵀ/Σd``.
+    ``x_i = clamp(ψ(θ_i − τ), 0, 1)`` with τ from :func:`_capped_root` (safeguarded Newton),
+    on θ shifted by the midpoint of its k-th and (k+1)-th largest entries: τ is then found
+    relative to them, to full precision even where |θ| is so large that τ ± 1 == τ (ties at
+    |θ| ~ 1e20 got x ∈ {0, ½, 1} with Σx ≠ k). ``d`` holds ``∂x_i/∂θ_i`` at fixed τ, which
+    gives the Jacobian ``diag(d) − d dᵀ/Σd``.
     """
     B, n = theta.shape
     if k == n:
         return torch.ones_like(theta), torch.zeros_like(theta)
     tol = _default_tol(theta.dtype) * max(1, k) if tol is None else tol
+    theta = theta - _topk_midpoint(theta, k)  # τ near 0: resolvable at any |θ| (ties at 1e20)
     tau = _capped_root(theta, k, reg, tol, max_iter)
     x, d = _capped_eval(theta, tau, reg)
     h = x.sum(1) - k
@@ -322,26 +333,29 @@ def _pad_to(O: torch.Tensor, k: int) -> torch.Tensor:
     return O if O.shape[-1] >= k else torch.nn.functional.pad(O, (0, k - O.shape[-1]))
 
 
-def _bernoulli_tilt(theta: torch.Tensor, k: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(τ, p, q)`` with ``p = σ(θ − τ)``, ``q = σ(τ − θ) = 1 − p`` (each to full relative
-    precision) and τ such that ``Σ_i p_i ≈ k``: an independent Bernoulli(p) vector whose size
-    S = Σx has mean about k. ``P(x | S = k)`` is the k-subset exponential family for every τ;
-    this τ makes ``P(S = k)``, the normalizer the k-subset paths divide by, large (with mean k,
-    k is the mode of S and ``P(S = k) ≳ 1/√(2π Σ p q)``).
+def _bernoulli_tilt(theta: torch.Tensor, k: int, exact: bool) -> tuple[torch.Tensor, ...]:
+    """``(m, τ, p, q)`` with ``p = σ(θ − m − τ)``, ``q = σ(m + τ − θ) = 1 − p`` (each to full
+    relative precision) and m + τ such that ``Σ_i p_i ≈ k``: an independent Bernoulli(p) vector
+    whose size S = Σx has mean about k. ``P(x | S = k)`` is the k-subset exponential family for
+    every tilt; this one makes ``P(S = k)``, the normalizer the k-subset paths divide by, large
+    (with mean k, k is the mode of S and ``P(S = k) ≳ 1/√(2π Σ p q)``).
 
-    τ starts midway between the k-th and (k+1)-th largest θ; ``exact=False`` takes two Newton
-    steps (at most ±2 each, no synchronization: enough for most rows, and cheap),
-    ``exact=True`` solves ``Σp = k`` to within 0.1 (safeguarded Newton, :func:`_capped_root`)."""
-    top = theta.topk(k + 1, dim=1).values
-    tau = 0.5 * top[:, k - 1 : k] + 0.5 * top[:, k : k + 1]
+    m ``(B, 1)`` is midway between the k-th and (k+1)-th largest θ, and τ ``(B, 1)`` is found
+    relative to it (on θ − m, so that it resolves at any |θ|: at |θ| ~ 1e98, m + 2 == m);
+    ``exact=False`` takes two Newton steps from 0 (at most ±2 each, no synchronization: enough
+    for most rows, and cheap), ``exact=True`` solves ``Σp = k`` to within 0.1 (safeguarded
+    Newton, :func:`_capped_root`)."""
+    m = _topk_midpoint(theta, k)
+    th = theta - m
+    tau = torch.zeros_like(m)
     if exact:
-        tau = _capped_root(theta, k, "binary_entropy", 0.1, 60, tau[:, 0])[:, None]
+        tau = _capped_root(th, k, "binary_entropy", 0.1, 60, tau[:, 0])[:, None]
     else:
         for _ in range(2):
-            p, q = torch.sigmoid(theta - tau), torch.sigmoid(tau - theta)
+            p, q = torch.sigmoid(th - tau), torch.sigmoid(tau - th)
             step = (p.sum(1, keepdim=True) - k) / (p * q).sum(1, keepdim=True)
             tau = tau + step.nan_to_num(0.0).clamp(-2.0, 2.0)
-    return tau, torch.sigmoid(theta - tau), torch.sigmoid(tau - theta)
+    return m, tau, torch.sigmoid(th - tau), torch.sigmoid(tau - th)
 
 
 def _leaf_pairs(q: torch.Tensor, p: torch.Tensor, one: float = 1.0) -> tuple[torch.Tensor, ...]:
@@ -381,7 +395,7 @@ def _log_e_k(theta: torch.Tensor, k: int, stage: int) -> torch.Tensor:
     if stage == len(_K_SUBSET_STAGES):
         return log_elementary_symmetric(theta, k)
     dft, exact = _K_SUBSET_STAGES[stage]
-    tau, p, q = _bernoulli_tilt(theta, k, exact)
+    m, tau, p, q = _bernoulli_tilt(theta, k, exact)
     if dft:
         _, om1, _, c0, *_ = _dft_consts(theta.shape[1], k, theta.dtype, theta.device)
         size = max(1, _DFT_CHUNK // (theta.shape[1] * om1.shape[0]))
@@ -391,7 +405,7 @@ def _log_e_k(theta: torch.Tensor, k: int, stage: int) -> torch.Tensor:
         a, b, _, j = _tree_leaves(p, q, k)
         Z = _up_pass(a, b, j)[-1][:, 0, j]
         ok = torch.isfinite(Z) & (Z > _TREE_MIN_PK)
-    out = k * tau[:, 0] + torch.log(Z) + log1p_exp(theta - tau).sum(1)
+    out = k * (m + tau)[:, 0] + torch.log(Z) + log1p_exp((theta - m) - tau).sum(1)
     if bool(ok.all()):
         return out
     rows = (~ok).nonzero()[:, 0]
@@ -455,17 +469,18 @@ def _hessian_vjp(log_partition, theta: torch.Tensor, g: torch.Tensor) -> torch.T
     return out
 
 
-def _log_e_k_at(theta: torch.Tensor, k: int, tau: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``log e_k(exp θ) = kτ + log P(S = k) + Σ_i log(1 + e^{θ_i − τ})`` at a fixed ``tau (B, 1)``
+def _log_e_k_at(theta: torch.Tensor, k: int, m: torch.Tensor, tau: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``log e_k(exp θ) = kτ + log P(S = k) + Σ_i log(1 + e^{θ_i − τ})`` at a fixed tilt ``m + tau``
     (an identity in θ for every τ, so its autograd derivatives of every order are those of
     log e_k), with P(S = k) by the product tree in plain torch ops: the twice-differentiable
     log-partition behind the second derivatives of the k-subset paths. Rows not ``ok`` (where
     the first-order pass handed the row on) get ``log P(S = k) := 0``: finite, and their
     incoming gradients are zero."""
-    p, q = torch.sigmoid(theta - tau), torch.sigmoid(tau - theta)
+    d = (theta - m) - tau
+    p, q = torch.sigmoid(d), torch.sigmoid(-d)
     a, b, _, j = _tree_leaves(p, q, k)
     Z = _up_pass(a, b, j)[-1][:, 0, j]
-    return k * tau[:, 0] + torch.log(torch.where(ok, Z, torch.ones_like(Z))) + log1p_exp(theta - tau).sum(1)
+    return k * (m + tau)[:, 0] + torch.log(torch.where(ok, Z, torch.ones_like(Z))) + log1p_exp(d).sum(1)
 
 
 def _tree_leaves(p: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -494,7 +509,7 @@ class _KSubsetMarginals(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta, k, exact):
-        tau, p, q = _bernoulli_tilt(theta, k, exact)
+        m, tau, p, q = _bernoulli_tilt(theta, k, exact)
         a, b, K, j = _tree_leaves(p, q, k)
         e, c, saved = _tree_passes(a, b, K)
         Z = e[:, j]
@@ -502,17 +517,17 @@ class _KSubsetMarginals(torch.autograd.Function):
         Zs = torch.where(ok, Z, torch.ones_like(Z))
         mu = torch.where(ok[:, None], p * c / Zs[:, None], torch.zeros_like(p))
         ctx.k, ctx.saved = k, saved
-        ctx.save_for_backward(p, q, c, mu, Zs, ok, theta, tau)
+        ctx.save_for_backward(p, q, c, mu, Zs, ok, theta, m, tau)
         ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
     def backward(ctx, g, _):
-        p, q, c, mu, Z, ok, theta, tau = ctx.saved_tensors
+        p, q, c, mu, Z, ok, theta, m, tau = ctx.saved_tensors
         k = ctx.k
         g = torch.where(ok[:, None], g, torch.zeros_like(g))
         if torch.is_grad_enabled():  # create_graph=True
-            return _hessian_vjp(lambda x: _log_e_k_at(x, k, tau, ok), theta, g), None, None
+            return _hessian_vjp(lambda x: _log_e_k_at(x, k, m, tau, ok), theta, g), None, None
         dp = p * q * g
         a, b, K, j = _tree_leaves(p, q, k)
         da, db, _, _ = _tree_leaves(dp, -dp, k)  # the tangents of the same leaves
@@ -582,7 +597,7 @@ class _KSubsetDFT(torch.autograd.Function):
     def forward(ctx, theta, k, exact):
         B, n = theta.shape
         D2, om1, omc, c0, c1, h0, h1 = _dft_consts(n, k, theta.dtype, theta.device)
-        tau, p, q = _bernoulli_tilt(theta, k, exact)
+        m, tau, p, q = _bernoulli_tilt(theta, k, exact)
         pq = p * q
         # (B, M, n) layout, frequencies before items: the products below take the form
         # (B, c, M) @ (B, M, n), which batched matmul runs ~2× faster than (B, n, M) @ (B, M, c)
@@ -596,16 +611,16 @@ class _KSubsetDFT(torch.autograd.Function):
         Pk = torch.where(ok, Pk, 1.0)
         mu = p * t / Pk[:, None]
         ctx.k = k
-        ctx.save_for_backward(p, pq, phi, t, Pk, mu, ok, theta, tau)  # K is recomputed: (B, M, n) is large
+        ctx.save_for_backward(p, pq, phi, t, Pk, mu, ok, theta, m, tau)  # K is recomputed: (B, M, n) is large
         ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
     def backward(ctx, g, _):
-        p, pq, phi, t, Pk, mu, ok, theta, tau = ctx.saved_tensors
+        p, pq, phi, t, Pk, mu, ok, theta, m, tau = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the tree at the same τ (P(S = k) ≥ 1e-3 on ok rows)
             g = torch.where(ok[:, None], g, torch.zeros_like(g))
-            return _hessian_vjp(lambda x: _log_e_k_at(x, ctx.k, tau, ok), theta, g), None, None
+            return _hessian_vjp(lambda x: _log_e_k_at(x, ctx.k, m, tau, ok), theta, g), None, None
         D2, om1, omc, c0, c1, h0, h1 = _dft_consts(p.shape[1], ctx.k, p.dtype, p.device)
         K = _dft_kernel(pq, D2)
         v = pq * g                                                   # ṗ along g
@@ -645,8 +660,7 @@ def _log_e_k_banded(theta: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return log_elementary_symmetric(theta, k)
     th = theta.detach()
-    top = torch.topk(th, k + 1, dim=-1).values
-    m = 0.5 * top[:, k - 1 : k] + 0.5 * top[:, k : k + 1]  # halves first: no overflow near the range
+    m = _topk_midpoint(th, k)
     # the clamped value with the identity's derivatives: μ and the Hessian are evaluated at θ̃
     # (differentiating through the clamp would zero the marginals of clamped items, which are ~1
     # above the band); θ − θ.detach() is exactly 0 for finite θ, so θ̃'s value is exact
@@ -660,8 +674,8 @@ _K_SUBSET_STAGES = ((True, False), (True, True), (False, False), (False, True))
 (accurate where P(S = k) ≥ 1e-3) at the cheap, then at the exact tilt of
 :func:`_bernoulli_tilt`; the product tree (accurate unless P(S = k) underflows) at the cheap,
 then at the exact tilt; past the last, the log-space tree. The cheap tilt comes first for the
-tree too: the exact one's bisection cannot resolve τ where |θ| dwarfs 1 (|θ| ~ 1e98: τ ± 2 == τ),
-while the cheap one's top-k midpoint puts τ exactly on a tie there."""
+tree too: it costs no synchronization, and the tree is accurate at any tilt that keeps P(S = k)
+above underflow."""
 _TREE_STAGE = 2
 
 

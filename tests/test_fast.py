@@ -1,5 +1,7 @@
 """Fast paths against the generic layer, brute force, gradcheck; combinatorial argmax vs LP."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import RELAX_CASES
@@ -366,7 +368,7 @@ def _dft_pk(u: torch.Tensor, k: int, exact: bool = False) -> torch.Tensor:
     sizes (a Poisson-binomial law)."""
     from convex_sst import fast
 
-    _, p, _ = fast._bernoulli_tilt(u, k, exact)
+    _, _, p, _ = fast._bernoulli_tilt(u, k, exact)
     law = torch.zeros(u.shape[0], u.shape[1] + 1, dtype=u.dtype)
     law[:, 0] = 1.0
     for j in range(u.shape[1]):
@@ -458,7 +460,7 @@ def test_k_subset_exact_tilt_keeps_the_dft_on_its_rows(gen, monkeypatch):
 
     u = 0.1 * torch.randn(4, 3000, generator=gen, dtype=torch.float64)
     assert (_dft_pk(u, 10) < 1e-6).all()                              # the regime is hard
-    _, p, _ = fast._bernoulli_tilt(u, 10, True)
+    _, _, p, _ = fast._bernoulli_tilt(u, 10, True)
     assert (p.sum(1) - 10).abs().max() <= 0.1
     assert (_dft_pk(u, 10, True) >= 0.1).all()
     calls = []
@@ -476,18 +478,19 @@ def test_k_subset_exact_tilt_keeps_the_dft_on_its_rows(gen, monkeypatch):
     assert (fast.log_e_k(u, 10) - ref).abs().max() < 1e-12 * ref.abs().max() and not calls
 
 
-def test_k_subset_ties_at_huge_scale_fall_back_to_the_tree_not_log_space(gen, monkeypatch):
+def test_k_subset_ties_at_huge_scale_stay_exact_and_in_linear_space(gen, monkeypatch):
     """Logits in {-3..3}·1.02e98, k = n − 2: the two items left out come from the lowest group of
-    ties. τ cannot move by ±2 there (τ ± 2 == τ), so the cheap tilt leaves p = ½ on that group
-    and P(S = k) ~ 1e-9: too small for the DFT, fine for the product tree; the exact tilt's
-    bisection cannot land on the tie (P(S = k) = 0). DFT rows used to go from the exact tilt
-    to the tree at that tilt, then to the log-space tree, whose Σμ was off by 4e-10; now the
-    tree at the cheap tilt takes them, exact to rounding (log e_k likewise)."""
+    ties, whose marginal is (m − 2)/m. At that scale τ ± 2 == τ: the cheap tilt left p = ½ on
+    the group (P(S = k) ~ 1e-9, too small for the DFT), and the exact tilt's bisection could not
+    land on the tie (P(S = k) = 0), so DFT rows went to the log-space tree, whose Σμ was off by
+    4e-10. The tilt is now found relative to the top-k midpoint (exact on the tie): both tilts
+    keep every row on the tree, and every route is exact to rounding (log e_k likewise)."""
     import convex_sst.fast as fast
 
     n, k = 231, 229
     u = 1.0187378944391326e98 * torch.randint(-3, 4, (3, n), generator=gen).double()  # a fuzz case's scale
-    assert not fast._KSubsetMarginals.apply(u, k, True)[1].any()   # the exact tilt misses the tie
+    for exact in (False, True):
+        assert fast._KSubsetMarginals.apply(u, k, exact)[1].all()
     low = u == u.min(1, keepdim=True).values
     want = torch.where(low, (low.sum(1, keepdim=True) - 2) / low.sum(1, keepdim=True).double(), 1.0)
     monkeypatch.setattr(fast, "_log_e_k_banded", lambda *a: pytest.fail("went to the log-space tree"))
@@ -499,6 +502,22 @@ def test_k_subset_ties_at_huge_scale_fall_back_to_the_tree_not_log_space(gen, mo
         monkeypatch.setattr(fast, "_DFT_PER_K", per_k)
         assert fast._use_dft(n, k) == (per_k > 0)
         assert ((fast.log_e_k(u, k) - top).abs() <= 1e-15 * u.abs().sum(1)).all()  # sums round to that
+
+
+@pytest.mark.parametrize("reg", ["binary_entropy", "quadratic", "entropy"])
+def test_capped_simplex_ties_at_huge_scale(reg, gen):
+    """u in {-2..2}·1e20: τ ± 1 == τ there, and the root finder bracketed τ in absolute terms,
+    so a tie group at the boundary got x ∈ {0, ½, 1} with Σx = 8.5 for k = 7 (with a warning).
+    On θ shifted by the top-k midpoint, τ resolves: the group shares what is left equally."""
+    P = cs.load_polytope("k_subset", n=20, k=7)
+    u = 1e20 * torch.randint(-2, 3, (6, 20), generator=gen).double()
+    v = u.topk(7, dim=1).values[:, -1:]                      # the k-th largest: the boundary group
+    above, tied = (u > v).sum(1, keepdim=True), (u == v).sum(1, keepdim=True)
+    want = torch.where(u > v, 1.0, torch.where(u == v, (7 - above) / tied.double(), 0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = cs.relax(u, P, reg)
+    assert (x - want).abs().max() < 1e-12
 
 
 def test_k_subset_dft_chunks_rows(gen, monkeypatch):
