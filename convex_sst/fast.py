@@ -169,21 +169,27 @@ def capped_simplex(theta: torch.Tensor, k: int, reg: str, tol: float | None = No
                    on_failure: str = "warn") -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``argmax θᵀx − f(x) s.t. Σx = k, 0 ≤ x ≤ 1`` for a separable f; returns ``(x, d)``.
 
-    ``x_i = clamp(ψ(θ_i − τ), 0, 1)`` with τ from :func:`_capped_root` (safeguarded Newton),
-    on θ shifted by the midpoint of its k-th and (k+1)-th largest entries: τ is then found
-    relative to them, to full precision even where |θ| is so large that τ ± 1 == τ (ties at
-    |θ| ~ 1e20 got x ∈ {0, ½, 1} with Σx ≠ k). ``d`` holds ``∂x_i/∂θ_i`` at fixed τ, which
-    gives the Jacobian ``diag(d) − d dᵀ/Σd``.
+    ``x_i = clamp(ψ(θ_i − τ), 0, 1)`` with τ from :func:`_capped_root` (safeguarded Newton).
+    Rows where that does not converge are redone on θ shifted by the midpoint of its k-th and
+    (k+1)-th largest entries: τ is then found relative to them, to full precision even where
+    |θ| is so large that τ ± 1 == τ (ties at |θ| ~ 1e20 got x ∈ {0, ½, 1} with Σx ≠ k). ``d``
+    holds ``∂x_i/∂θ_i`` at fixed τ, which gives the Jacobian ``diag(d) − d dᵀ/Σd``.
     """
     B, n = theta.shape
     if k == n:
         return torch.ones_like(theta), torch.zeros_like(theta)
     tol = _default_tol(theta.dtype) * max(1, k) if tol is None else tol
-    theta = theta - _topk_midpoint(theta, k)  # τ near 0: resolvable at any |θ| (ties at 1e20)
     tau = _capped_root(theta, k, reg, tol, max_iter)
     x, d = _capped_eval(theta, tau, reg)
     h = x.sum(1) - k
     bad = h.abs() > 10 * tol
+    if bool(bad.any()):  # redone relative to the top-k midpoint, where τ resolves at any |θ|
+        rows = bad.nonzero()[:, 0]
+        th = theta[rows] - _topk_midpoint(theta[rows], k)
+        xr, dr = _capped_eval(th, _capped_root(th, k, reg, tol, max_iter), reg)
+        x, d = x.index_put((rows,), xr), d.index_put((rows,), dr)
+        h = x.sum(1) - k
+        bad = h.abs() > 10 * tol
     if bool(bad.any()):
         _report(f"the capped-simplex root finder ({reg})", bad, B,
                 f"|Σx − k| up to {h.abs().max().item():.1e} after {max_iter} iterations", on_failure)
