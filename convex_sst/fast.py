@@ -357,9 +357,9 @@ def _bernoulli_tilt(theta: torch.Tensor, k: int, exact: bool) -> tuple[torch.Ten
     if exact:
         tau = _capped_root(th, k, "binary_entropy", 0.1, 60, tau[:, 0])[:, None]
     else:
-        for _ in range(2):
-            p, q = torch.sigmoid(th - tau), torch.sigmoid(tau - th)
-            step = (p.sum(1, keepdim=True) - k) / (p * q).sum(1, keepdim=True)
+        for _ in range(2):  # (the step needs no full relative precision: q as 1 − p)
+            p = torch.sigmoid(th - tau)
+            step = (p.sum(1, keepdim=True) - k) / (p - p * p).sum(1, keepdim=True)
             tau = tau + step.nan_to_num(0.0).clamp(-2.0, 2.0)
     return m, tau, torch.sigmoid(th - tau), torch.sigmoid(tau - th)
 
@@ -546,6 +546,7 @@ _DFT_MIN_PK = 1e-3      # rows with P(S = k) below this go to the product tree (
 _DFT_MAX_SIZE = 8192    # n · (number of frequencies M) up to which the DFT is used for any k
 _DFT_PER_K = 5          # and beyond, while M ≤ 5·min(k, n − k): O(n·M) against the tree's O(n·k·log(n)) (benchmarks/k_subset.py)
 _DFT_CHUNK = 1 << 23    # rows · M · n entries of the kernel K per call (64 MiB in float64)
+_DFT_KEEP = 1 << 20     # kernels up to this many entries (8 MiB) are saved for the backward, not recomputed
 
 
 def _dft_frequencies(n: int, k: int) -> int:
@@ -617,18 +618,19 @@ class _KSubsetDFT(torch.autograd.Function):
         Pk = torch.where(ok, Pk, 1.0)
         mu = p * t / Pk[:, None]
         ctx.k = k
-        ctx.save_for_backward(p, pq, phi, t, Pk, mu, ok, theta, m, tau)  # K is recomputed: (B, M, n) is large
+        kept = [K] if K.numel() <= _DFT_KEEP else []  # K (B, M, n) is recomputed when large
+        ctx.save_for_backward(p, pq, phi, t, Pk, mu, ok, theta, m, tau, *kept)
         ctx.mark_non_differentiable(ok)
         return mu, ok
 
     @staticmethod
     def backward(ctx, g, _):
-        p, pq, phi, t, Pk, mu, ok, theta, m, tau = ctx.saved_tensors
+        p, pq, phi, t, Pk, mu, ok, theta, m, tau, *kept = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the tree at the same τ (P(S = k) ≥ 1e-3 on ok rows)
             g = torch.where(ok[:, None], g, torch.zeros_like(g))
             return _hessian_vjp(lambda x: _log_e_k_at(x, ctx.k, m, tau, ok), theta, g), None, None
         D2, om1, omc, c0, c1, h0, h1 = _dft_consts(p.shape[1], ctx.k, p.dtype, p.device)
-        K = _dft_kernel(pq, D2)
+        K = kept[0] if kept else _dft_kernel(pq, D2)
         v = pq * g                                                   # ṗ along g
         # R(ω) = Σ_j ṗ_j / f_j(ω);  φ̇ = φ (ω − 1) R;  Ṗ(S = k) = Re Σ φ ω^{−k} (ω − 1) R
         RR = torch.bmm(torch.stack([v - v * p, v * p], 1), K.transpose(1, 2))

@@ -521,15 +521,17 @@ def test_capped_simplex_ties_at_huge_scale(reg, gen):
 
 
 def test_k_subset_dft_chunks_rows(gen, monkeypatch):
-    # the DFT's kernel is (rows, N/2, n): rows are processed in chunks of bounded size; the
-    # result and its gradient must not depend on the chunking (here 1 to 3 rows a chunk)
+    # the DFT's kernel is (rows, N/2, n): rows are processed in chunks of bounded size, and the
+    # kernel is recomputed in the backward when large; the result and its gradient must not
+    # depend on either (here 1 to 3 rows a chunk, the kernel kept or recomputed)
     import convex_sst.fast as fast
 
     u = torch.randn(7, 40, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 40, generator=gen, dtype=torch.float64)
     out = []
-    for chunk in (1 << 23, 40 * 21 * 3, 40 * 21):
+    for chunk, keep in ((1 << 23, 1 << 20), (40 * 21 * 3, 1 << 20), (40 * 21, 0)):
         monkeypatch.setattr(fast, "_DFT_CHUNK", chunk)
+        monkeypatch.setattr(fast, "_DFT_KEEP", keep)
         x = fast._k_subset_dft(u, 20)
         out.append((x, *torch.autograd.grad((x * w).sum(), u)))
     assert all(torch.allclose(a, b, rtol=0, atol=1e-15) for o in out[1:] for a, b in zip(out[0], o))
