@@ -387,6 +387,12 @@ def _up_pass(q: torch.Tensor, p: torch.Tensor, k: int) -> list[torch.Tensor]:
 _TREE_MIN_PK = 1e-250  # P(S = k) below this: terms lost to underflow may matter (log-space tree)
 
 
+def _tilted_log_e_k(theta: torch.Tensor, k: int, m: torch.Tensor, tau: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """``log e_k(exp θ) = k(m + τ) + log P(S = k) + Σ_i log(1 + e^{θ_i − m − τ})`` from
+    ``Z = P(S = k)`` at the tilt of :func:`_bernoulli_tilt`, ``(B,)``."""
+    return k * (m + tau)[:, 0] + torch.log(Z) + log1p_exp((theta - m) - tau).sum(1)
+
+
 def log_e_k(theta: torch.Tensor, k: int) -> torch.Tensor:
     """``log e_k(exp θ)`` for ``theta: (B, n)``, 1 ≤ k < n, without gradient:
     ``kτ + log P(S = k) + Σ_i log(1 + e^{θ_i − τ})`` for the tilted Bernoulli vector of
@@ -411,7 +417,7 @@ def _log_e_k(theta: torch.Tensor, k: int, stage: int) -> torch.Tensor:
         a, b, _, j = _tree_leaves(p, q, k)
         Z = _up_pass(a, b, j)[-1][:, 0, j]
         ok = torch.isfinite(Z) & (Z > _TREE_MIN_PK)
-    out = k * (m + tau)[:, 0] + torch.log(Z) + log1p_exp((theta - m) - tau).sum(1)
+    out = _tilted_log_e_k(theta, k, m, tau, Z)
     if bool(ok.all()):
         return out
     rows = (~ok).nonzero()[:, 0]
@@ -483,10 +489,9 @@ def _log_e_k_at(theta: torch.Tensor, k: int, m: torch.Tensor, tau: torch.Tensor,
     the first-order pass handed the row on) get ``log P(S = k) := 0``: finite, and their
     incoming gradients are zero."""
     d = (theta - m) - tau
-    p, q = torch.sigmoid(d), torch.sigmoid(-d)
-    a, b, _, j = _tree_leaves(p, q, k)
+    a, b, _, j = _tree_leaves(torch.sigmoid(d), torch.sigmoid(-d), k)
     Z = _up_pass(a, b, j)[-1][:, 0, j]
-    return k * (m + tau)[:, 0] + torch.log(torch.where(ok, Z, torch.ones_like(Z))) + log1p_exp(d).sum(1)
+    return _tilted_log_e_k(theta, k, m, tau, torch.where(ok, Z, torch.ones_like(Z)))
 
 
 def _tree_leaves(p: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
