@@ -410,8 +410,7 @@ def _log_e_k(theta: torch.Tensor, k: int, stage: int) -> torch.Tensor:
     m, tau, p, q = _bernoulli_tilt(theta, k, exact)
     if dft:
         _, om1, _, c0, *_ = _dft_consts(theta.shape[1], k, theta.dtype, theta.device)
-        size = max(1, _DFT_CHUNK // (theta.shape[1] * om1.shape[0]))
-        Z = torch.cat([(_dft_phi(part, om1) * c0).real.sum(1) for part in p.split(size)])
+        Z = torch.cat([(_dft_phi(part, om1) * c0).real.sum(1) for part in p.split(_dft_chunk_rows(theta.shape[1], k))])
         ok = Z >= _DFT_MIN_PK
     else:
         a, b, _, j = _tree_leaves(p, q, k)
@@ -719,16 +718,24 @@ def _autograd_gradient(fn, x: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _dft_half(n: int, k: int) -> int:
+    """M, the number of DFT frequencies evaluated (half of N, by conjugate symmetry)."""
+    return (_dft_frequencies(n, k) + 1) // 2
+
+
+def _dft_chunk_rows(n: int, k: int) -> int:
+    """Rows per DFT call: the kernel (rows, M, n) stays within ``_DFT_CHUNK`` entries."""
+    return max(1, _DFT_CHUNK // (n * _dft_half(n, k)))
+
+
 def _use_dft(n: int, k: int) -> bool:
-    M = (_dft_frequencies(n, k) + 1) // 2
+    M = _dft_half(n, k)
     return n * M <= _DFT_MAX_SIZE or M <= _DFT_PER_K * min(k, n - k)
 
 
 def _k_subset_dft(th: torch.Tensor, k: int) -> torch.Tensor:
     """Marginals by the DFT (:func:`_k_subset_route`) in chunks of rows: its kernel is (rows, M, n)."""
-    n = th.shape[1]
-    size = max(1, _DFT_CHUNK // (n * ((_dft_frequencies(n, k) + 1) // 2)))
-    parts = [_k_subset_route(part, k, 0) for part in th.split(size)]
+    parts = [_k_subset_route(part, k, 0) for part in th.split(_dft_chunk_rows(th.shape[1], k))]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
