@@ -29,6 +29,7 @@ SIZES = {
     "hypercube": {"n": 10},
     "k_subset": {"n": 45, "k": 9},
     "birkhoff": {"n": 10},
+    "matching": {"n": 10, "m": 15},
     "spanning_tree": {"n": 10},
     "arborescence": {"n": 10},
     "dag_path": {"n": 10, "edges": [[i, j] for i in range(10) for j in range(i + 1, 10)], "source": 0, "target": 9},

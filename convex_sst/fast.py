@@ -27,6 +27,8 @@ k_subset            exp_family          marginals of p(x) ∝ exp(θᵀx) on k-s
                                         tangents (Cov·g)
 birkhoff            entropy             log-domain Sinkhorn with a convergence test, implicit
                                         backward (one (n×n) solve per sample)
+matching            entropy             the same with columns capped at 1 (n rows to m ≥ n
+                                        columns); backward on the columns at capacity
 spanning_tree       exp_family          matrix-tree theorem: μ from one batched Cholesky
                                         factorization of the Laplacian with its heaviest vertex
                                         grounded, closed-form backward; samples too
@@ -778,25 +780,38 @@ def k_subset_marginals(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 
 
-def _marginal_error(X: torch.Tensor) -> torch.Tensor:
-    """Per sample, the largest deviation of a row or column sum of ``X`` from 1 (a sweep leaves
-    the columns exact, a Newton step the rows: the error sits on the other side)."""
-    return torch.maximum((X.sum(2) - 1.0).abs().amax(1), (X.sum(1) - 1.0).abs().amax(1))
+def _column_error(c: torch.Tensor, log_b: torch.Tensor, at_most: bool) -> torch.Tensor:
+    """Per column, how far the column sums ``c`` are from the constraint: ``|c − 1|``, or for
+    ``c ≤ 1`` (dual ``β = −log b ≥ 0``) the KKT residual ``max(c − 1, min(β, 1 − c))``: over
+    capacity, or a positive dual on a column with room left."""
+    if not at_most:
+        return (c - 1.0).abs()
+    return torch.maximum(c - 1.0, torch.minimum(-log_b, 1.0 - c))
 
 
-def _newton_duals(theta: torch.Tensor, log_b: torch.Tensor, tol: float, max_iter: int):
+def _marginal_error(X: torch.Tensor, log_b: torch.Tensor, at_most: bool = False) -> torch.Tensor:
+    """Per sample, the largest deviation of a row sum of ``X`` from 1 or of a column sum from
+    its constraint (a sweep leaves the columns exact, a Newton step the rows: the error sits on
+    the other side)."""
+    return torch.maximum((X.sum(2) - 1.0).abs().amax(1), _column_error(X.sum(1), log_b, at_most).amax(1))
+
+
+def _newton_duals(theta: torch.Tensor, log_b: torch.Tensor, tol: float, max_iter: int, at_most: bool = False):
     """Damped Newton on the column duals ``β``: rows are normalised exactly (``α(β)``), and
-    ``c(β) = Xᵀ1 = 1`` is solved with the Jacobian ``dc/dβ = diag(c) − XᵀX`` (+ ``11ᵀ/n`` for
-    the shift invariance), halving the step per sample until the column error decreases."""
-    B, n, _ = theta.shape
-    eye = torch.eye(n, dtype=theta.dtype, device=theta.device)
-    ridge = 1e3 * torch.finfo(theta.dtype).eps * n
+    ``c(β) = Xᵀ1 = 1`` is solved with the Jacobian ``dc/d log b = diag(c) − XᵀX`` (+ ``11ᵀ/n``
+    for the shift invariance), halving the step per sample until the column error decreases.
+    ``at_most``: columns sum to at most 1 (``log b ≤ 0``); the step moves only the columns over
+    capacity or with a positive dual (projected Newton: the others' rows and columns of the
+    Jacobian are the identity's, and the step is clipped at ``log b = 0``)."""
+    B, n, m = theta.shape
+    eye = torch.eye(m, dtype=theta.dtype, device=theta.device)
+    ridge = 1e3 * torch.finfo(theta.dtype).eps * m
 
     def state(lb):
         la = -torch.logsumexp(theta + lb[:, None, :], dim=2)
         X = torch.exp(theta + la[:, :, None] + lb[:, None, :])
         c = X.sum(1)
-        return la, X, c, (c - 1.0).abs().max(1).values
+        return la, X, c, _column_error(c, lb, at_most).amax(1)
 
     log_a, X, c, err = state(log_b)
     active = err > tol                        # samples still being improved
@@ -804,11 +819,21 @@ def _newton_duals(theta: torch.Tensor, log_b: torch.Tensor, tol: float, max_iter
     for steps in range(1, max_iter + 1):
         if not bool(active.any()):
             break
-        J = torch.diag_embed(c) + ridge * eye - X.transpose(1, 2) @ X + 1.0 / n
-        delta = torch.linalg.solve(J, (c - 1.0)[..., None])[..., 0]
+        J = torch.diag_embed(c) + ridge * eye - X.transpose(1, 2) @ X
+        rhs = c - 1.0
+        if at_most:
+            moving = (log_b < 0) | (c > 1.0)  # (B, m): the other columns keep log b = 0
+            J = torch.where(moving[:, :, None] & moving[:, None, :], J, eye)
+            rhs = rhs * moving
+            J = J + moving.all(1)[:, None, None] / m  # every column moving: singular along 1
+        else:
+            J = J + 1.0 / n
+        delta = torch.linalg.solve(J, rhs[..., None])[..., 0]
         step = torch.ones(B, 1, dtype=theta.dtype, device=theta.device)
         for _ in range(12):
             lb = log_b - step * delta
+            if at_most:
+                lb = lb.clamp_max(0.0)
             la, Xn, cn, errn = state(lb)
             worse = ~(errn < err) & active
             if not bool(worse.any()):
@@ -827,8 +852,13 @@ def _newton_duals(theta: torch.Tensor, log_b: torch.Tensor, tol: float, max_iter
 
 def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000, check_every: int = 10,
              on_failure: str = "warn", return_error: bool = False, newton_after: int = 50,
-             newton_iter: int = 30, forbidden: bool = False):
-    """Log-domain Sinkhorn: the doubly stochastic ``X = diag(a) exp(θ) diag(b)``.
+             newton_iter: int = 30, forbidden: bool = False, at_most: bool = False):
+    """Log-domain Sinkhorn: the doubly stochastic ``X = diag(a) exp(θ) diag(b)``, ``θ: (B, n, n)``.
+
+    ``at_most=True``: ``θ: (B, n, m)``, rows sum to 1 and columns to at most 1 (the entropic
+    assignment of n rows to m ≥ n columns, ``argmax ⟨θ, X⟩ − Σ X log X`` on that polytope):
+    the column step is ``b = min(1, 1 / Σ_i a_i exp(θ_ij))``, exact coordinate ascent on the dual
+    with ``β = −log b ≥ 0``, and a column with room left keeps ``b = 1``.
 
     Stops when every row and column sum is within ``tol`` of 1; the
     tolerance is floored at ``100·eps·max|θ|``, the resolution of the log-domain arithmetic. When
@@ -839,7 +869,15 @@ def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000
     they do not. ``forbidden=True``: θ has ``-inf`` entries (zeros of X), left out of the
     tolerance floor and of the spread.
     """
-    B, n, _ = theta.shape
+    X, bad, _ = _sinkhorn_duals(theta, tol, max_iter, on_failure, check_every, newton_after, newton_iter,
+                                forbidden, at_most)
+    return (X, bad) if return_error else X
+
+
+def _sinkhorn_duals(theta: torch.Tensor, tol: float | None, max_iter: int, on_failure: str, check_every: int = 10,
+                    newton_after: int = 50, newton_iter: int = 30, forbidden: bool = False, at_most: bool = False):
+    """:func:`sinkhorn`'s iterations and report: ``(X, bad, log_b)``."""
+    B, n, m = theta.shape
     eps = torch.finfo(theta.dtype).eps
     tol = (1e-12 if theta.dtype == torch.float64 else 1e-6) if tol is None else tol
     # θ may hold -inf (forbidden entries: exact zeros of X); every row and column needs a finite one
@@ -850,7 +888,7 @@ def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000
     spread = float((theta.amax((1, 2)).double() - low.double()).max()) if theta.numel() else 0.0
     lam = 1.0 if spread <= 50 else 50.0 / spread
     log_a = torch.zeros(B, n, dtype=theta.dtype, device=theta.device)
-    log_b = torch.zeros_like(log_a)
+    log_b = torch.zeros(B, m, dtype=theta.dtype, device=theta.device)
     err = torch.full((B,), math.inf, dtype=theta.dtype, device=theta.device)
     total = 0
     while True:
@@ -862,18 +900,20 @@ def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000
             total += 1
             log_a = -torch.logsumexp(th + log_b[:, None, :], dim=2)
             log_b = -torch.logsumexp(th + log_a[:, :, None], dim=1)
+            if at_most:
+                log_b = log_b.clamp_max(0.0)
             if it % check_every == 0 or it == budget:
                 X = torch.exp(th + log_a[:, :, None] + log_b[:, None, :])
-                err = _marginal_error(X)
+                err = _marginal_error(X, log_b, at_most)
                 if bool((err <= stage_tol).all()):
                     break
                 if it >= newton_after:
                     # Sinkhorn converges linearly, slowly when X is near a permutation: finish
                     # with Newton's method on the column duals (quadratic convergence)
-                    log_a, log_b, newton_steps = _newton_duals(th, log_b, stage_tol, newton_iter)
+                    log_a, log_b, newton_steps = _newton_duals(th, log_b, stage_tol, newton_iter, at_most)
                     total += newton_steps
                     X = torch.exp(th + log_a[:, :, None] + log_b[:, None, :])
-                    err = _marginal_error(X)
+                    err = _marginal_error(X, log_b, at_most)
                     if bool((err <= stage_tol).all()):
                         break
                     if final:
@@ -884,21 +924,22 @@ def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000
         log_a, log_b = log_a * (new_lam / lam), log_b * (new_lam / lam)
         lam = new_lam
     X = torch.exp(theta + log_a[:, :, None] + log_b[:, None, :])
-    err = _marginal_error(X)
+    err = _marginal_error(X, log_b, at_most)
     bad = ~(err <= tol)  # NaN included
     if bool(bad.any()) and on_failure in ("warn", "raise"):
         _report("Sinkhorn", bad, B, f"row/column-sum error up to {err.max().item():.1e} after {total} sweeps "
                 "(raise max_iter, or use a higher temperature)", on_failure)
-    return (X, bad) if return_error else X
+    return X, bad, log_b
 
 
 class _Sinkhorn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, theta, tol, max_iter, on_failure, holder, forbidden=None):
+    def forward(ctx, theta, tol, max_iter, on_failure, holder, forbidden=None, at_most=False):
         th = theta.detach() if forbidden is None else theta.detach().masked_fill(forbidden, -math.inf)
-        X, bad = sinkhorn(th, tol, max_iter, on_failure=on_failure, return_error=True,
-                          forbidden=forbidden is not None)
+        X, bad, log_b = _sinkhorn_duals(th, tol, max_iter, on_failure, forbidden=forbidden is not None,
+                                        at_most=at_most)
         holder.append(bad)
+        ctx.tight = (log_b < 0) if at_most else None  # columns at capacity (dual β = −log b > 0)
         ctx.save_for_backward(X)
         return X
 
@@ -907,26 +948,35 @@ class _Sinkhorn(torch.autograd.Function):
         # a differentiable function of the output X: second derivatives by autograd through X
         # dX = X ⊙ (dθ − dα 1ᵀ − 1 dβᵀ) with the marginal constraints; J is symmetric, so
         # the VJP is X ⊙ (G − u 1ᵀ − 1 vᵀ) with (I − XᵀX + 11ᵀ/n) v = c − Xᵀ r, u = r − X v.
+        # Columns with room left (at_most) have dβ = 0: v = 0 there, the system on the others.
         (X,) = ctx.saved_tensors
         with autocast_off(X.device):  # backward runs under the caller's autocast state
             if X.dtype == torch.float64:
-                return _Sinkhorn._vjp(X, G), None, None, None, None, None
+                return _Sinkhorn._vjp(X, G, ctx.tight), None, None, None, None, None, None
             # in float32 the ridge below (1e3·eps·n: 6e-3 at n = 50) and the cancellation in
             # I − XᵀX cost 1e-3 relative error in the gradient; one n × n solve in float64 does not
-            return _Sinkhorn._vjp(X.double(), G.double()).to(G.dtype), None, None, None, None, None
+            vjp = _Sinkhorn._vjp(X.double(), G.double(), ctx.tight)
+            return vjp.to(G.dtype), None, None, None, None, None, None
 
     @staticmethod
-    def _vjp(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-        n = X.shape[-1]
+    def _vjp(X: torch.Tensor, G: torch.Tensor, tight: torch.Tensor | None = None) -> torch.Tensor:
+        m = X.shape[-1]
         XG = X * G
         r = XG.sum(2)
         c = XG.sum(1)
-        eye = torch.eye(n, dtype=X.dtype, device=X.device)
+        eye = torch.eye(m, dtype=X.dtype, device=X.device)
         # (I − XᵀX) is singular along 1 (fixed by + 11ᵀ/n) and, when X is (nearly) a permutation,
         # along more directions, where the VJP does not depend on v; a tiny ridge picks one v.
-        ridge = 1e3 * torch.finfo(X.dtype).eps * n
-        M = eye * (1.0 + ridge) - X.transpose(1, 2) @ X + 1.0 / n
+        ridge = 1e3 * torch.finfo(X.dtype).eps * m
+        M = eye * (1.0 + ridge) - X.transpose(1, 2) @ X
         rhs = c - (X.transpose(1, 2) @ r[..., None])[..., 0]
+        if tight is None:
+            M = M + 1.0 / m
+        else:
+            # rows put mass on the columns with room left, so the tight block is diagonally
+            # dominant (nonsingular) whenever m > n; the other columns' v is 0
+            M = torch.where(tight[:, :, None] & tight[:, None, :], M, eye)
+            rhs = rhs * tight
         v = torch.linalg.solve(M, rhs[..., None])[..., 0]
         u = r - (X @ v[..., None])[..., 0]
         return X * (G - u[:, :, None] - v[:, None, :])
@@ -947,6 +997,23 @@ def birkhoff_sinkhorn(theta: torch.Tensor, polytope: Polytope, tol: float | None
     run in float32 while its resolution allows row/column sums within 1e-4 (``max|θ| ≲ 8``),
     otherwise in float64. Options: tol, max_iter, on_failure. Forbidden entries (``forbidden``,
     from ``-inf`` in u) are exact zeros of the kernel: no ε-scaling over their stand-in value."""
+    return _sinkhorn_path(theta, polytope, tol, max_iter, on_failure, forbidden, at_most=False)
+
+
+@register_fast_path("matching", "entropy")
+def matching_sinkhorn(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 2000,
+                      on_failure: str = "fallback", forbidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropic assignment of n rows to m ≥ n columns: ``X = diag(a) exp(θ) diag(b)`` with rows
+    summing to 1 and columns to at most 1, ``b ≤ 1`` (Sinkhorn whose column step is capped at
+    ``b = 1``: exact coordinate ascent on the dual, ε-scaling and a projected Newton finish as for
+    Birkhoff); implicit backward on the columns at capacity (one (m × m) solve per sample).
+    Options, fallback to the interior-point solver, float32 and forbidden entries as for
+    :func:`birkhoff_sinkhorn`; ``m = n`` is the Birkhoff polytope and takes its algorithm."""
+    return _sinkhorn_path(theta, polytope, tol, max_iter, on_failure, forbidden, at_most=theta.shape[2] > theta.shape[1])
+
+
+def _sinkhorn_path(theta: torch.Tensor, polytope: Polytope, tol: float | None, max_iter: int, on_failure: str,
+                   forbidden: torch.Tensor | None, at_most: bool) -> torch.Tensor:
     if on_failure not in ("fallback", "warn", "raise"):
         raise InputError(f"on_failure must be 'fallback', 'warn' or 'raise', got {on_failure!r}")
     if theta.dtype != torch.float64 and theta.numel():
@@ -957,16 +1024,20 @@ def birkhoff_sinkhorn(theta: torch.Tensor, polytope: Polytope, tol: float | None
         floor = 100 * torch.finfo(theta.dtype).eps * float(th.abs().max())
         if floor > _SINKHORN_FLOAT32_FLOOR:
             tol = _SINKHORN_FLOAT32_TOL if tol is None else tol  # the result is rounded to float32
-            return birkhoff_sinkhorn(theta.double(), polytope, tol, max_iter, on_failure, forbidden).to(theta.dtype)
+            return _sinkhorn_path(theta.double(), polytope, tol, max_iter, on_failure, forbidden,
+                                  at_most).to(theta.dtype)
     if forbidden is not None:
-        # a sample with a whole row or column forbidden has no permutation left: it keeps the
-        # finite stand-in utilities (relax then reports the empty face), not a kernel row of zeros
-        empty = forbidden.all(2).any(1) | forbidden.all(1).any(1)
+        # a sample with a whole row forbidden (or column, where every column is used) has no
+        # structure left: it keeps the finite stand-in utilities (relax then reports the empty
+        # face), not a kernel row of zeros
+        empty = forbidden.all(2).any(1)
+        if not at_most:
+            empty = empty | forbidden.all(1).any(1)
         if bool(empty.any()):
             forbidden = forbidden & ~empty[:, None, None]
     holder: list[torch.Tensor] = []
     X = _Sinkhorn.apply(theta, tol, max_iter, "silent" if on_failure == "fallback" else on_failure, holder,
-                        forbidden)
+                        forbidden, at_most)
     bad = holder[0]
     if on_failure == "fallback" and bool(bad.any()):
         from .regularizers import get_regularizer

@@ -67,3 +67,9 @@ def test_k_subset_benchmark_api_mode_runs():
     assert [r[0] for r in rows] == ["60, 6", "200, 100"]
     for row in rows:
         assert all(re.fullmatch(r"[0-9.]+ (ms|GB)", cell) for cell in row[1:]), row
+
+
+def test_matching_benchmark_runs_and_its_solvers_agree():
+    out = _run("matching.py", "--sizes", "3:5", "--temperatures", "1", "--batch", "4", "--repeats", "1")
+    rows = _rows(out, "| 3, 5")
+    assert len(rows) == 1 and float(rows[0][5]) < 1e-6, rows

@@ -571,6 +571,70 @@ def test_sinkhorn_falls_back_to_the_interior_point_solver(gen):
     assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("n, m", [(3, 5), (6, 10), (12, 13)])
+@pytest.mark.parametrize("t", [1.0, 0.1, 0.02])
+def test_matching_sinkhorn_matches_the_interior_point_solver(n, m, t, gen):
+    """Partial assignments (rows sum to 1, columns to at most 1): columns at capacity and columns
+    with room left, at temperatures down to where Newton finishes the sweeps."""
+    P = cs.load_polytope("matching", n=n, m=m)
+    u = torch.randn((32, n, m), generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((32, n, m), generator=gen, dtype=torch.float64)
+    xf = cs.relax(u, P, "entropy", t, backend="fast")
+    xt = cs.relax(u, P, "entropy", t, backend="torch")
+    assert (xf - xt).abs().max() < 1e-6
+    assert (xf.sum(2) - 1).abs().max() < 1e-10 and xf.sum(1).max() < 1 + 1e-10
+    full = (xf.sum(1) > 1 - 1e-9).sum(1)
+    assert int((full >= 1).sum()) >= 8 and bool((full < m).all())  # both kinds of column
+    (gf,) = torch.autograd.grad((xf * w).sum(), u)
+    (gt,) = torch.autograd.grad((xt * w).sum(), u)
+    err = (gf - gt).reshape(32, -1).abs().amax(1) * t
+    assert int((err > 1e-5).sum()) <= 1, err  # the torch solver's backward misses a rare weak pair
+
+
+def test_matching_sinkhorn_newton_finish_and_kkt(gen):
+    """Sweeps alone stall at logits spanning ~60 (as for Birkhoff); the projected Newton steps on
+    the column duals finish. KKT of the result: X = exp(θ + α_i + log b_j) with log b ≤ 0, and
+    log b = 0 on every column with room left."""
+    from convex_sst.fast import _sinkhorn_duals
+
+    u = 10 * torch.randn(64, 5, 8, generator=gen, dtype=torch.float64)
+    _, bad = sinkhorn(u, max_iter=2000, newton_after=10**9, on_failure="ignore", return_error=True, at_most=True)
+    assert int(bad.sum()) > 10                                     # the regime is really hard
+    X, bad, log_b = _sinkhorn_duals(u, None, 2000, "ignore", at_most=True)
+    assert not bool(bad.any())
+    c = X.sum(1)
+    assert (X.sum(2) - 1).abs().max() < 1e-9 and c.max() < 1 + 1e-9
+    assert bool((log_b <= 0).all()) and bool((log_b[c < 1 - 1e-6] == 0).all())
+    log_a = torch.logsumexp(u + log_b[:, None, :], 2).neg()
+    torch.testing.assert_close(X, torch.exp(u + log_a[:, :, None] + log_b[:, None, :]), rtol=1e-12, atol=0)
+    ref = cs.relax(u[:8], cs.load_polytope("matching", n=5, m=8), "entropy", 1.0, backend="torch")
+    assert (X[:8] - ref).abs().max() < 1e-7
+
+
+def test_square_matching_is_birkhoff(gen):
+    u = torch.randn(4, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    xm = cs.relax(u, cs.load_polytope("matching", n=5, m=5), "entropy", 0.5)
+    xb = cs.relax(u, cs.load_polytope("birkhoff", n=5), "entropy", 0.5)
+    torch.testing.assert_close(xm, xb, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(xm[..., 0].sum(), u)[0], torch.autograd.grad(xb[..., 0].sum(), u)[0],
+                               rtol=0, atol=0)
+
+
+def test_matching_forbidden_entries(gen):
+    """-inf entries are kernel zeros; a whole column forbidden is fine (that column is never
+    used), a whole row forbidden leaves no assignment."""
+    P = cs.load_polytope("matching", n=4, m=6)
+    u = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64)
+    u[:, :, 2] = -torch.inf
+    u[0, 1, 4] = u[1, 0, 0] = -torch.inf
+    x = cs.relax(u, P, "entropy", 0.5)
+    assert bool((x[:, :, 2] == 0).all()) and x[0, 1, 4] == 0 and x[1, 0, 0] == 0
+    torch.testing.assert_close(x, cs.relax(u, P, "entropy", 0.5, backend="torch"), atol=1e-7, rtol=0)
+    u[2, 3, :] = -torch.inf
+    with pytest.raises(cs.InputError, match=r"at batch index \(2,\)"):
+        cs.relax(u, P, "entropy", 0.5)
+
+
 def test_fast_path_options_are_validated():
     P = cs.load_polytope("simplex", n=3)
     with pytest.raises(cs.InputError, match=r"unknown option\(s\) \['tol'\] for the fast path simplex/entropy \(simplex_softmax\); it accepts none"):
