@@ -888,19 +888,29 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scale, z, y, s, lam, zl, zu)
             resid[rows] = torch.maximum(resid[rows], keep_res[better])
     # The backward solves the reduced KKT system of the limit problem: constraints whose slack is
-    # (numerically) zero are active and enforced by a penalty, the others are dropped. Classifying
-    # by the slack is robust to degenerate multipliers (dependent active constraints, as in flow
-    # formulations), where the barrier's own λ/s is not meaningful; the domain ends of an entropy
-    # are never active. Penalty 1e8: accurate to ~1e-8 against finite differences in our tests
-    # (larger values lose accuracy in the block factorizations).
+    # (numerically) zero, or whose multiplier exceeds their slack _ACTIVE_RATIO times, are active
+    # and enforced by a penalty, the others are dropped. The slack alone is robust to degenerate
+    # multipliers (dependent active constraints, as in flow formulations), where the barrier's own
+    # λ/s is not meaningful, but it misses active constraints with small multipliers: the
+    # residual bounds the mean complementarity, so one pair's slack can stay at μ_pair/λ ≫ 1e-7
+    # (a matching's column at capacity with β = 5e-4: slack 2.6e-7, dropped, gradient off by 0.04).
+    # The domain ends of an entropy are never active. Penalty 1e8: accurate to ~1e-8 against
+    # finite differences in our tests (larger values lose accuracy in the block factorizations).
     thr = 1e-7
     big = 1e8 if f64 else 1e5
-    act = (hasL & ~T["domL"] & (gl <= thr)) | (hasU & ~T["domU"] & (gu <= thr))
+    r = _ACTIVE_RATIO
+    act = (hasL & ~T["domL"] & ((gl <= thr) | (zl >= r * gl))) | (hasU & ~T["domU"] & ((gu <= thr) | (zu >= r * gu)))
     Dback = hh + torch.where(act, torch.full_like(z, big), torch.zeros_like(z))
-    Sback = torch.where(s <= thr, big, 0.0).to(dtype) if p else None
+    Sback = torch.where((s <= thr) | (lam >= r * s), big, 0.0).to(dtype) if p else None
     report = SolveReport(converged=(resid <= accept) & torch.isfinite(resid), iterations=iters, kkt_residual=resid, tol=tol)
     return z, (Dback, Sback), report
 
+
+# multiplier / slack above which the backward holds a constraint active even though its slack is
+# above 1e-7: a resolved pair has one side far below the other; with 1 (λ ≥ s), pairs the
+# iterations had not resolved (slack 2e-5 and λ 2e-4 on a column of a matching whose true slack
+# is 1e-5) were held and their gradients were off by up to 0.08; 100 separates both kinds
+_ACTIVE_RATIO = 100.0
 
 # active-set rounds of the polish: sparse-graph spanning trees (entropy, t = 1) needed 4 on a
 # row where 3 left x off by 1.2e-4; the loop ends early once the held set stops changing
