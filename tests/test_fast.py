@@ -561,9 +561,10 @@ def test_sinkhorn_newton_finish_converges_where_sweeps_stall(gen):
     assert (X[:8] - ref).abs().max() < 1e-7
 
 
-def test_sinkhorn_falls_back_to_the_interior_point_solver(gen):
-    P = cs.load_polytope("birkhoff", n=4)
-    u = torch.randn(6, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("name, params", [("birkhoff", {"n": 4}), ("matching", {"n": 4, "m": 6})])
+def test_sinkhorn_falls_back_to_the_interior_point_solver(name, params, gen):
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((6,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
     x = cs.relax(u, P, "entropy", 0.1, backend="fast", max_iter=3)  # default on_failure="fallback"
     ref = cs.relax(u, P, "entropy", 0.1, backend="torch")
     assert (x - ref).abs().max() < 1e-9
