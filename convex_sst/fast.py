@@ -825,7 +825,7 @@ def _newton_duals(theta: torch.Tensor, log_b: torch.Tensor, tol: float, max_iter
             moving = (log_b < 0) | (c > 1.0)  # (B, m): the other columns keep log b = 0
             J = torch.where(moving[:, :, None] & moving[:, None, :], J, eye)
             rhs = rhs * moving
-            J = J + moving.all(1)[:, None, None] / m  # every column moving: singular along 1
+            J = J + moving.all(1).to(J.dtype)[:, None, None] / m  # every column moving: singular along 1
         else:
             J = J + 1.0 / n
         delta = torch.linalg.solve(J, rhs[..., None])[..., 0]
