@@ -1,7 +1,7 @@
 """Cost of forbidden coordinates (``u = -inf``) in ``relax``, against the same structure without them.
 
 For each case, one markdown row (median ms of --repeats interleaved runs, float64, this
-machine's CPU, forward only):
+machine's CPU, forward only) in a first table of the default routes:
 
 * *no mask*: the structure with every coordinate allowed;
 * *forbidden*: the same structure with some coordinates set to ``-inf`` (the same ones in
@@ -10,6 +10,11 @@ machine's CPU, forward only):
   coordinates only (a smaller simplex or k-subset, the arborescence of the real tokens without
   the padding, a graph without the forbidden edges); ``—`` where there is none (Birkhoff);
 * the ratio *forbidden / smaller structure* and the largest difference of their values.
+
+A second table times the interior-point solver (``backend="torch"``) with a different random
+mask per row (30 % of the entries, none that the row's best structure uses), with its mean
+iteration counts, and for spanning trees the largest difference from each row's own smaller
+graph.
 
     python benchmarks/forbidden.py
     python benchmarks/forbidden.py --repeats 3 --batch 8
@@ -66,6 +71,57 @@ def cases(B: int, gen: torch.Generator):
     yield "birkhoff n=10, 30 forbidden", "entropy", P, randn(B, 10, 10), mask, None, None, None
 
 
+def torch_cases(B: int, gen: torch.Generator):
+    """(label, regularizer, polytope, u, per-row mask) for the interior-point solver's table."""
+    dag = {"n": 8, "edges": [[i, j] for i in range(8) for j in range(i + 1, 8)], "source": 0, "target": 7}
+    for name, params, reg in [("matching", {"n": 6, "m": 8}, "quadratic"), ("birkhoff", {"n": 8}, "binary_entropy"),
+                              ("spanning_tree", {"n": 8}, "entropy"), ("spanning_tree", {"n": 8}, "binary_entropy"),
+                              ("arborescence", {"n": 6}, "entropy"), ("dag_path", dag, "quadratic")]:
+        P = cs.load_polytope(name, **params)
+        u = torch.randn((B,) + P.shape, generator=gen, dtype=torch.float64)
+        mask = (torch.rand((B,) + P.shape, generator=gen) < 0.3) & ~P.argmax(u).bool()
+        ps = ", ".join(f"{k}={v}" for k, v in params.items() if not isinstance(v, list))
+        yield f"{name} {ps}", reg, P, u, mask
+
+
+def smaller_graph_diff(x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, P, reg: str, t: float) -> float:
+    """Largest difference of masked spanning-tree rows from each row's graph without its
+    forbidden edges."""
+    n = P.params["n"]
+    edges = torch.triu_indices(n, n, 1).T.tolist()
+    diff = 0.0
+    for b in range(u.shape[0]):
+        keep = ~mask[b]
+        R = cs.load_polytope("spanning_tree", n=n, edges=[e for e, k in zip(edges, keep.tolist()) if k])
+        diff = max(diff, (x[b, keep] - cs.relax(u[b, keep], R, reg, t, backend="torch")).abs().max().item())
+    return diff
+
+
+def torch_table(B: int, repeats: int, t: float, gen: torch.Generator) -> None:
+    from convex_sst._forbidden import fill_forbidden
+    from convex_sst.regularizers import get_regularizer
+    from convex_sst.solver import solve_torch
+
+    print(f"\nbackend='torch', batch {B}, t = {t}, float64, a random mask per row (30 % of the entries, none in the "
+          f"row's best structure); median ms of {repeats} interleaved runs, mean iterations\n")
+    print("| case | regularizer | no mask | forbidden | forbidden / no mask | iterations no mask | iterations forbidden "
+          "| max diff from the smaller graph |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, reg, P, u, mask in torch_cases(B, gen):
+        um = u.masked_fill(mask, NINF)
+        ms = interleaved({"plain": lambda: cs.relax(u, P, reg, t, backend="torch"),
+                          "forbidden": lambda: cs.relax(um, P, reg, t, backend="torch")}, repeats)
+        R = get_regularizer(reg)
+        its = [solve_torch(u / t, P, R)[1].iterations.double().mean().item(),
+               solve_torch(fill_forbidden(u.masked_fill(mask, 0.0) / t, mask), P, R, forbidden=mask)[1]
+               .iterations.double().mean().item()]
+        diff = "—"
+        if P.name == "spanning_tree":
+            diff = f"{smaller_graph_diff(cs.relax(um, P, reg, t, backend='torch'), u, mask, P, reg, t):.0e}"
+        print(f"| {label} | {reg} | {ms['plain']:.1f} | {ms['forbidden']:.1f} | {ms['forbidden'] / ms['plain']:.2f} | "
+              f"{its[0]:.1f} | {its[1]:.1f} | {diff} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
@@ -90,6 +146,7 @@ def main() -> None:
         else:
             small = ratio = diff = "—"
         print(f"| {label} | {reg} | {ms['plain']:.2f} | {ms['forbidden']:.2f} | {small} | {ratio} | {diff} |")
+    torch_table(args.batch, args.repeats, t, gen)
 
 
 if __name__ == "__main__":

@@ -1044,7 +1044,8 @@ def _sinkhorn_path(theta: torch.Tensor, polytope: Polytope, tol: float | None, m
         from .solver import relax_torch
 
         idx = bad.nonzero().reshape(-1)
-        X = X.index_put((idx,), relax_torch(theta[idx], polytope, get_regularizer("entropy")))
+        X = X.index_put((idx,), relax_torch(theta[idx], polytope, get_regularizer("entropy"),
+                                            forbidden=None if forbidden is None else forbidden[idx]))
     return X
 
 

@@ -216,7 +216,7 @@ def relax(
     if forbidden is not None:
         mask = forbidden.reshape(theta.shape)
         theta = fill_forbidden(theta, mask)
-        if _takes_forbidden(route[1]):
+        if route[0] == "torch" or _takes_forbidden(route[1]):
             options = {**options, "forbidden": mask}
     with autocast_off(theta.device):
         x = fn(theta, P, reg, **options)

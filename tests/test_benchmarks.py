@@ -46,11 +46,17 @@ def test_generic_benchmark_runs():
 
 def test_forbidden_benchmark_runs_and_matches_the_smaller_structures():
     out = _run("forbidden.py", "--batch", "2", "--repeats", "1")
-    rows = _rows(out, "| ")[1:]  # after the header
+    first, second = out.split("backend='torch'")
+    rows = _rows(first, "| ")[1:]  # after the header
     assert len(rows) == 6
     for row in rows:
         if row[6] != "—":
             assert float(row[6]) < 1e-9, row  # forbidden coordinates vs the structure without them
+    rows = _rows(second, "| ")[1:]
+    assert len(rows) == 6
+    for row in rows:
+        if row[7] != "—":
+            assert float(row[7]) < 1e-7, row  # the interior-point solver, each row vs its smaller graph
 
 
 def test_k_subset_benchmark_runs_and_its_routes_agree():

@@ -129,12 +129,13 @@ def test_values_and_gradients_equal_those_of_the_structure_without_the_forbidden
     xr = cs.relax(ua, R, reg, t, backend=backend)
     gur, gtr = torch.autograd.grad((xr * w[:, ~mask]).sum(), (ua, t))
     assert bool((x[:, mask] == 0).all())
-    # exact fast paths agree to rounding; the interior-point solver to its accuracy (~1e-7 on x)
+    # exact fast paths agree to rounding; the interior-point solver to its accuracy (~1e-8 on x
+    # since its tolerances ignore the forbidden coordinates' stand-in utility; 1e-6 before)
     exact = (name, reg) in available_fast_paths() and backend == "auto"
-    atol = 1e-9 if exact else 1e-6
+    atol = 1e-9 if exact else 1e-8
     torch.testing.assert_close(x[:, ~mask], xr, atol=atol, rtol=0)
-    torch.testing.assert_close(gu, gur, atol=10 * atol, rtol=0)
-    torch.testing.assert_close(gt, gtr, atol=10 * atol, rtol=0)
+    torch.testing.assert_close(gu, gur, atol=1e-8 if exact else 1e-6, rtol=0)
+    torch.testing.assert_close(gt, gtr, atol=1e-8 if exact else 1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name,reg", [(n, r) for n, r in available_fast_paths() if n in RELAX_CASES])
@@ -457,3 +458,39 @@ def test_generic_gradients_next_to_forbidden_coordinates_are_refused_and_auto_ta
     (gr,) = torch.autograd.grad((xr * w[:, ~mask]).sum(), ua)
     torch.testing.assert_close(x[:, ~mask], xr, atol=1e-6, rtol=0)
     torch.testing.assert_close(g, gr, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "quadratic"])
+def test_torch_solver_with_per_row_masks_equals_each_rows_smaller_graph(reg):
+    """The interior-point solver's tolerances were relative to max|θ|, which the stand-in
+    utility of the forbidden edges made thousands: masked rows reported converged were off by up
+    to 9e-5 from their own graph without those edges (spanning trees of K8, entropy)."""
+    g = torch.Generator().manual_seed(0)
+    n, B = 8, 16
+    P = cs.load_polytope("spanning_tree", n=n)
+    u = torch.randn(B, P.size, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, P.size, generator=g) < 0.3) & ~P.argmax(u).bool()
+    x = cs.relax(u.masked_fill(mask, NINF), P, reg, 0.5, backend="torch")
+    edges = torch.triu_indices(n, n, 1).T.tolist()
+    for b in range(B):
+        keep = ~mask[b]
+        R = cs.load_polytope("spanning_tree", n=n, edges=[e for e, k in zip(edges, keep.tolist()) if k])
+        torch.testing.assert_close(x[b, keep], cs.relax(u[b, keep], R, reg, 0.5, backend="torch"), atol=1e-7, rtol=0)
+
+
+def test_torch_solver_starts_forbidden_coordinates_near_zero():
+    """From the centre of the box, forbidden coordinates took 1.6x the iterations to fall to
+    their stand-in's optimum (arborescences n = 6, entropy, 30 % forbidden: 19.1 against 11.8
+    without a mask); started near 0 with the multiplier that balances their utility: 12.4."""
+    from convex_sst._forbidden import fill_forbidden
+    from convex_sst.regularizers import get_regularizer
+    from convex_sst.solver import solve_torch
+
+    g = torch.Generator().manual_seed(0)
+    P, R = cs.load_polytope("arborescence", n=6), get_regularizer("entropy")
+    u = torch.randn(32, 6, 6, generator=g, dtype=torch.float64) / 0.5
+    mask = (torch.rand(32, 6, 6, generator=g) < 0.3) & ~P.argmax(u).bool()
+    plain = solve_torch(u, P, R)[1].iterations.double().mean()
+    x, rep = solve_torch(fill_forbidden(u.masked_fill(mask, 0.0), mask), P, R, forbidden=mask)
+    assert bool(rep.converged.all()) and float(x[mask].abs().max()) < 1e-12
+    assert rep.iterations.double().mean() < 1.2 * plain
