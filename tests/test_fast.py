@@ -636,6 +636,21 @@ def test_matching_forbidden_entries(gen):
         cs.relax(u, P, "entropy", 0.5)
 
 
+@pytest.mark.parametrize("name, params", [("birkhoff", {"n": 5}), ("matching", {"n": 4, "m": 6})])
+def test_sinkhorn_fallback_keeps_the_forbidden_mask(name, params, gen):
+    """Rows handed to the interior-point solver keep their mask (its tolerances then ignore the
+    stand-in utilities): the same values as the solver called on the masked input directly."""
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((4,) + P.shape, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(P.shape, dtype=torch.bool)
+    mask[0, 1] = mask[1, 2] = mask[2, 0] = True
+    u = u.masked_fill(mask, -torch.inf)
+    x = cs.relax(u, P, "entropy", 0.1, backend="fast", max_iter=3)
+    ref = cs.relax(u, P, "entropy", 0.1, backend="torch")
+    assert bool((x[:, mask] == 0).all())
+    torch.testing.assert_close(x, ref, atol=1e-12, rtol=0)
+
+
 def test_fast_path_options_are_validated():
     P = cs.load_polytope("simplex", n=3)
     with pytest.raises(cs.InputError, match=r"unknown option\(s\) \['tol'\] for the fast path simplex/entropy \(simplex_softmax\); it accepts none"):
