@@ -24,14 +24,19 @@ complement ``S = A M⁻¹ Aᵀ`` is assembled from a sparsity pattern shared by 
 Equality rows whose variables lie in disjoint blocks (``x = C y`` in flow formulations, the row
 sums of a Birkhoff polytope) give a diagonal block of S and are eliminated in closed form; the
 rest is Cholesky-factored with a relative ridge (and refined against the exact operator in the
-backward pass). A best-iterate safeguard and a stall test end each row. A row that stalls above
-the accepted residual (a degenerate problem: weakly active constraints, whose slacks fall only
-like sqrt(μ)) gets an active-set Newton polish from its best iterate, kept if its KKT residual
-is smaller.
+backward pass). A row has converged when its KKT residual is below ``tol``: the dual residual
+relative to ``1 + max|θ|`` (over the allowed coordinates: forbidden ones, ``-inf`` in ``u``,
+reach the solver as a huge negative stand-in with their mask, and start near 0), the primal
+residuals, 1000× the mean complementarity and, once those are within ``accept``, 100× the
+largest complementarity pair whose slack and multiplier are still within 1e4 of each other
+(unresolved: neither active nor inactive yet). A best-iterate safeguard and a stall test end
+each row. A row that stalls above the accepted residual (a degenerate problem: weakly active
+constraints, whose slacks fall only like sqrt(μ)) gets an active-set Newton polish from its
+best iterate, kept if its KKT residual is smaller.
 
 The backward pass is implicit differentiation of the active-set reduced KKT system at the
-solution (constraints classified by their slack, enforced by a penalty): one more block solve,
-no unrolling. Per-sample convergence (status, KKT residual, iterations) is returned by
+solution (constraints classified by their slack, or by a multiplier 100× their slack, enforced
+by a penalty): one more block solve, no unrolling. Per-sample convergence (status, KKT residual, iterations) is returned by
 :func:`solve_torch`; ``relax(..., backend="torch")`` warns (or raises, ``on_failure="raise"``)
 naming the batch indices that did not converge, and returns the others' solutions unchanged.
 """
