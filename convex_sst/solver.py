@@ -36,9 +36,10 @@ best iterate, kept if its KKT residual is smaller.
 
 The backward pass is implicit differentiation of the active-set reduced KKT system at the
 solution (constraints classified by their slack, or by a multiplier 100× their slack, enforced
-by a penalty): one more block solve, no unrolling. Per-sample convergence (status, KKT residual, iterations) is returned by
-:func:`solve_torch`; ``relax(..., backend="torch")`` warns (or raises, ``on_failure="raise"``)
-naming the batch indices that did not converge, and returns the others' solutions unchanged.
+by a penalty): one more block solve, no unrolling. Per-sample convergence (status, KKT
+residual, iterations) is returned by :func:`solve_torch`; ``relax(..., backend="torch")`` warns
+(or raises, ``on_failure="raise"``) naming the batch indices that did not converge, and returns
+the others' solutions unchanged.
 """
 
 from __future__ import annotations
@@ -930,10 +931,11 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # finite differences in our tests (larger values lose accuracy in the block factorizations).
     thr = 1e-7
     big = 1e8 if f64 else 1e5
-    r = _ACTIVE_RATIO
-    act = (hasL & ~T["domL"] & ((gl <= thr) | (zl >= r * gl))) | (hasU & ~T["domU"] & ((gu <= thr) | (zu >= r * gu)))
+    ratio = _ACTIVE_RATIO
+    act = ((hasL & ~T["domL"] & ((gl <= thr) | (zl >= ratio * gl)))
+           | (hasU & ~T["domU"] & ((gu <= thr) | (zu >= ratio * gu))))
     Dback = hh + torch.where(act, torch.full_like(z, big), torch.zeros_like(z))
-    Sback = torch.where((s <= thr) | (lam >= r * s), big, 0.0).to(dtype) if p else None
+    Sback = torch.where((s <= thr) | (lam >= ratio * s), big, 0.0).to(dtype) if p else None
     report = SolveReport(converged=(resid <= accept) & torch.isfinite(resid), iterations=iters, kkt_residual=resid, tol=tol)
     return z, (Dback, Sback), report
 
