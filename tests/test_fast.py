@@ -582,14 +582,14 @@ def test_matching_sinkhorn_matches_the_interior_point_solver(n, m, t, gen):
     w = torch.randn((32, n, m), generator=gen, dtype=torch.float64)
     xf = cs.relax(u, P, "entropy", t, backend="fast")
     xt = cs.relax(u, P, "entropy", t, backend="torch")
-    assert (xf - xt).abs().max() < 1e-6
+    assert (xf - xt).abs().max() < 1e-7
     assert (xf.sum(2) - 1).abs().max() < 1e-10 and xf.sum(1).max() < 1 + 1e-10
     full = (xf.sum(1) > 1 - 1e-9).sum(1)
     assert int((full >= 1).sum()) >= 8 and bool((full < m).all())  # both kinds of column
     (gf,) = torch.autograd.grad((xf * w).sum(), u)
     (gt,) = torch.autograd.grad((xt * w).sum(), u)
     err = (gf - gt).reshape(32, -1).abs().amax(1) * t
-    assert int((err > 1e-5).sum()) <= 1, err  # the torch solver's backward misses a rare weak pair
+    assert bool((err <= 1e-5).all()), err
 
 
 def test_matching_sinkhorn_newton_finish_and_kkt(gen):
