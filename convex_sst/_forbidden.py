@@ -51,6 +51,27 @@ def fill_forbidden(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, c.reshape((B,) + (1,) * (theta.dim() - 1)), theta)
 
 
+def far_below(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, level)``: the entries of ``theta: (B, d)`` that lie as far below the others as
+    :func:`fill_forbidden`'s stand-in, ``θ_j ≤ level = −(2 Σ|θ_k| + SLACK (d + 1))`` with the
+    sum over the entries that are not, and that level per row ``(B,)``. By the argument above,
+    a relaxation puts less than ``e⁻⁴⁰`` on such entries whether they are at the level or
+    anywhere below it: they are forbidden in all but name (a manual ``masked_fill(mask, -1e9)``),
+    and the interior-point solver raises them to the level and treats them as forbidden."""
+    B, d = theta.shape
+    if not bool((theta.detach() <= -SLACK * (d + 1)).any()):  # the level is below that: the common case
+        return torch.zeros_like(theta, dtype=torch.bool), theta.new_zeros(B)
+    th, order = theta.detach().sort(dim=1, descending=True)
+    above = torch.cat([torch.zeros_like(th[:, :1]), th.abs().cumsum(1)[:, :-1]], 1)
+    levels = -(2.0 * above + SLACK * (d + 1))
+    # once an entry is far below the ones above it, so is every smaller one (cummax); the level
+    # is the one at the first of them (the sums past it would count it)
+    low = (th <= levels).to(torch.uint8).cummax(1).values.bool()
+    first = (~low).sum(1, keepdim=True).clamp_max(d - 1)
+    level = levels.gather(1, first)[:, 0]
+    return torch.zeros_like(low).scatter(1, order, low), level
+
+
 def empty_face_error(rows: torch.Tensor, batch: tuple[int, ...], polytope: object, argname: str) -> InputError:
     """The error for rows in which every structure of ``polytope`` uses a forbidden coordinate."""
     first = int(rows[0])

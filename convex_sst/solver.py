@@ -57,6 +57,7 @@ import torch
 
 from ._autograd import first_order_guard
 from ._unionfind import UnionFind
+from ._forbidden import LEAK_TOL, far_below
 from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -637,12 +638,15 @@ def _rows(v: torch.Tensor, ix: torch.Tensor | slice) -> torch.Tensor:
 
 
 def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | None, max_iter: int,
-         forbidden: torch.Tensor | None = None):
-    """Primal-dual interior-point iterations; returns (z, backward Newton state, report).
+         forbidden: torch.Tensor | None = None, raise_low: bool = True):
+    """Primal-dual interior-point iterations; returns (z, backward Newton state, report, low).
 
     ``forbidden: (B, d)`` marks free outputs whose θ is the stand-in for ``-inf`` (see
     :mod:`convex_sst._forbidden`): they are left out of the scale of θ that the tolerances are
-    relative to, and start near their lower bound with the multiplier that balances θ there."""
+    relative to, and start near their lower bound with the multiplier that balances θ there.
+    ``raise_low``: entries at least as far below the others (``low``, returned) are raised to
+    that level and treated likewise, exact while some structure avoids them all (the caller
+    checks that they carry no mass)."""
     B, d = theta.shape
     grad, hess = reg.grad, reg.hess
     if grad is None or hess is None:  # pragma: no cover - relax_torch checks this first
@@ -659,8 +663,18 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # gives every variable curvature; it moves x by O(ε)
     eps_aux = 1e-10 if f64 else 1e-6
     # the tolerances are relative to this scale; a forbidden coordinate's stand-in utility
-    # (thousands) would loosen them as much (x off by up to 1e-4 on rows reported converged)
-    scale = 1.0 + (theta.abs() if forbidden is None else theta.abs().masked_fill(forbidden, 0.0)).amax(1)
+    # (thousands) would loosen them as much (x off by up to 1e-4 on rows reported converged).
+    # Entries as far below the others as that stand-in (a manual mask, u = -1e9 where not
+    # allowed) are forbidden in all but name: raised to the stand-in's level (which moves x by
+    # less than e^-40; at -1e9 the Newton systems lost x to rounding, off by up to 0.25) and
+    # treated as forbidden
+    low, level = far_below(theta)
+    if raise_low:
+        theta = torch.where(low, level[:, None], theta)
+    else:
+        low = torch.zeros_like(low)
+    forbidden = low if forbidden is None else forbidden | low
+    scale = 1.0 + theta.abs().masked_fill(forbidden, 0.0).amax(1)
     dlo, dhi = sf.domain
     lo = torch.where(hasL, Lb, torch.full_like(Lb, -math.inf))
     hi = torch.where(hasU, Ub, torch.full_like(Ub, math.inf))
@@ -671,15 +685,14 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # spanning trees n = 8 at B = 128), and elementwise operations derived from them keep the
     # layout (mixing the two layouts makes them ~4x slower).
     theta = _batch_last(theta)
+    # forbidden outputs start 1e-4 above their lower bound, with the multiplier that balances
+    # their stand-in utility there (f'(x) − θ − zl = 0): from the centre, they took 1.3-1.9x the
+    # iterations to fall (arborescences n = 6 with 30 % forbidden: 19.1, now 12.4)
+    warm = forbidden & hasL[:d]
+    x0 = torch.where(warm, Lb[:d] + 1e-4, z0[:d])
+    z0 = torch.cat([x0, z0[d:].expand(B, n - d)], 1)
     zl0 = hasL.to(dtype).expand(B, n)
-    if forbidden is not None:
-        # forbidden outputs start 1e-4 above their lower bound, with the multiplier that balances
-        # their stand-in utility there (f'(x) − θ − zl = 0): from the centre, they took 1.3-1.9x
-        # the iterations to fall (arborescences n = 6 with 30 % forbidden: 19.1, now 12.4)
-        warm = forbidden & hasL[:d]
-        x0 = torch.where(warm, Lb[:d] + 1e-4, z0[:d])
-        z0 = torch.cat([x0, z0[d:].expand(B, n - d)], 1)
-        zl0 = torch.cat([torch.where(warm, (grad(x0) - theta).clamp_min(1.0), zl0[:, :d]), zl0[:, d:]], 1)
+    zl0 = torch.cat([torch.where(warm, (grad(x0) - theta).clamp_min(1.0), zl0[:, :d]), zl0[:, d:]], 1)
     z = _batch_last(z0.expand(B, n))
     y = _batch_last(torch.zeros(B, m, dtype=dtype, device=device))
     Aop, Gop = T["Aop"], T["Gop"]
@@ -937,7 +950,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     Dback = hh + torch.where(act, torch.full_like(z, big), torch.zeros_like(z))
     Sback = torch.where((s <= thr) | (lam >= ratio * s), big, 0.0).to(dtype) if p else None
     report = SolveReport(converged=(resid <= accept) & torch.isfinite(resid), iterations=iters, kkt_residual=resid, tol=tol)
-    return z, (Dback, Sback), report
+    return z, (Dback, Sback), report, low
 
 
 # multiplier / slack above which the backward holds a constraint active even though its slack is
@@ -1057,8 +1070,21 @@ class _TorchSST(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, sf, reg, tol, max_iter, holder, forbidden=None):
         free = torch.as_tensor(sf.free, device=theta.device)
-        z, (Dback, Sback), report = _ipm(theta.detach()[:, free], sf, reg, tol, max_iter,
-                                         None if forbidden is None else forbidden[:, free])
+        th, fb = theta.detach()[:, free], None if forbidden is None else forbidden[:, free]
+        z, (Dback, Sback), report, low = _ipm(th, sf, reg, tol, max_iter, fb)
+        # entries far below the others were raised to the stand-in's level, which is exact when
+        # some structure avoids them all; rows that put mass on them (every structure uses one)
+        # are solved again as given
+        redo = ((z[:, : sf.d] * low).sum(1) > LEAK_TOL).nonzero()[:, 0]
+        if redo.numel():
+            z2, (D2, S2), rep2, _ = _ipm(th[redo], sf, reg, tol, max_iter, None if fb is None else fb[redo],
+                                         raise_low=False)
+            z, Dback = z.index_put((redo,), z2), Dback.index_put((redo,), D2)
+            Sback = None if Sback is None else Sback.index_put((redo,), S2)
+            report = SolveReport(converged=report.converged.index_put((redo,), rep2.converged),
+                                 iterations=report.iterations.index_put((redo,), rep2.iterations),
+                                 kkt_residual=report.kkt_residual.index_put((redo,), rep2.kkt_residual),
+                                 tol=report.tol)
         holder.append(report)
         ctx.sf = sf
         ctx.save_for_backward(Dback, Sback if Sback is not None else torch.empty(0))

@@ -7,6 +7,7 @@ without the forbidden edges), which must give the same values and gradients.
 """
 
 import math
+import warnings
 
 import numpy as np
 import oracles
@@ -494,3 +495,31 @@ def test_torch_solver_starts_forbidden_coordinates_near_zero():
     x, rep = solve_torch(fill_forbidden(u.masked_fill(mask, 0.0), mask), P, R, forbidden=mask)
     assert bool(rep.converged.all()) and float(x[mask].abs().max()) < 1e-12
     assert rep.iterations.double().mean() < 1.2 * plain
+
+
+@pytest.mark.parametrize("fill", [-1e4, -1e9, -1e300])
+@pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "quadratic"])
+def test_torch_solver_with_a_manual_mask_equals_minus_infinity(fill, reg):
+    """``masked_fill(mask, -1e9)`` instead of ``-inf``: the interior-point solver's tolerances
+    were relative to max|θ| = 2e9 and its Newton systems lost x to rounding (off by up to 0.25 at
+    -1e9, silently at -1e4). Entries that far below the others are forbidden in all but name:
+    raised to the stand-in's level, they give the ``-inf`` result."""
+    g = torch.Generator().manual_seed(0)
+    P = cs.load_polytope("spanning_tree", n=6)
+    u = torch.randn(16, P.size, generator=g, dtype=torch.float64)
+    mask = (torch.rand(16, P.size, generator=g) < 0.3) & ~P.argmax(u).bool()
+    ref = cs.relax(u.masked_fill(mask, NINF), P, reg, 0.5, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u.masked_fill(mask, fill), P, reg, 0.5, backend="torch")
+    torch.testing.assert_close(x, ref, atol=1e-9, rtol=0)
+
+
+def test_raising_far_below_entries_is_undone_where_every_structure_needs_one():
+    """Raising far-below entries to one level is exact only while some structure avoids them
+    all; here every structure uses one (all entries of a simplex are below -1e8), and raising
+    them would make their softmax uniform: such rows are solved again as given."""
+    S = cs.load_polytope("simplex", n=3)
+    u = torch.tensor([[-1e9, -2e9, -1e9 - 1.0]], dtype=torch.float64)
+    x = cs.relax(u, S, "entropy", 1.0, backend="torch")
+    torch.testing.assert_close(x, torch.softmax(u, -1), atol=1e-5, rtol=0)
