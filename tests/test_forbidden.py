@@ -501,9 +501,9 @@ def test_torch_solver_starts_forbidden_coordinates_near_zero():
 @pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "quadratic"])
 def test_torch_solver_with_a_manual_mask_equals_minus_infinity(fill, reg):
     """``masked_fill(mask, -1e9)`` instead of ``-inf``: the interior-point solver's tolerances
-    were relative to max|θ| = 2e9 and its Newton systems lost x to rounding (off by up to 0.25 at
-    -1e9, silently at -1e4). Entries that far below the others are forbidden in all but name:
-    raised to the stand-in's level, they give the ``-inf`` result."""
+    were relative to max|θ| = 2e9 and its Newton systems lost x to rounding (off by 0.25 at -1e9
+    and 1.4e-4 at -1e4, silently). Entries that far below the others are forbidden in all but
+    name: raised to the stand-in's level, they give the ``-inf`` result."""
     g = torch.Generator().manual_seed(0)
     P = cs.load_polytope("spanning_tree", n=6)
     u = torch.randn(16, P.size, generator=g, dtype=torch.float64)
