@@ -45,6 +45,7 @@ import math
 
 import torch
 
+from ._forbidden import far_below
 from .errors import InputError, SolverError, warn_user
 from .graphs import topological_order
 from .polytope import Polytope
@@ -1016,28 +1017,36 @@ def _sinkhorn_path(theta: torch.Tensor, polytope: Polytope, tol: float | None, m
                    forbidden: torch.Tensor | None, at_most: bool) -> torch.Tensor:
     if on_failure not in ("fallback", "warn", "raise"):
         raise InputError(f"on_failure must be 'fallback', 'warn' or 'raise', got {on_failure!r}")
+    # entries as far below the others as relax's stand-in for -inf (a manual mask: -1e9) are
+    # kernel zeros too: their weight is below e^-40 either way, and left in, they set the
+    # tolerance floor and the ε-scaling's range (Birkhoff n = 8 at -1e9: sums resolved to 4e-5,
+    # x off by 2e-5, 3x the time)
+    zeros = forbidden
+    low = far_below(theta.detach().flatten(1))[0].reshape(theta.shape)
+    if bool(low.any()):
+        zeros = low if forbidden is None else forbidden | low
     if theta.dtype != torch.float64 and theta.numel():
         # the log-domain arithmetic resolves row/column sums to ~100·eps·max|θ| (the tolerance
         # floor in `sinkhorn`): in float32 that passes 1e-4 once max|θ| > 8 (t ≲ 0.3 at unit
         # logits) and reached 5e-2 at t = 1e-3 for n = 50; such inputs are computed in float64
-        th = theta.detach() if forbidden is None else theta.detach().masked_fill(forbidden, 0.0)
+        th = theta.detach() if zeros is None else theta.detach().masked_fill(zeros, 0.0)
         floor = 100 * torch.finfo(theta.dtype).eps * float(th.abs().max())
         if floor > _SINKHORN_FLOAT32_FLOOR:
             tol = _SINKHORN_FLOAT32_TOL if tol is None else tol  # the result is rounded to float32
             return _sinkhorn_path(theta.double(), polytope, tol, max_iter, on_failure, forbidden,
                                   at_most).to(theta.dtype)
-    if forbidden is not None:
+    if zeros is not None:
         # a sample with a whole row forbidden (or column, where every column is used) has no
-        # structure left: it keeps the finite stand-in utilities (relax then reports the empty
-        # face), not a kernel row of zeros
-        empty = forbidden.all(2).any(1)
+        # structure left: it keeps the finite utilities (relax then reports the empty face, or
+        # far-below entries get their exact weights), not a kernel row of zeros
+        empty = zeros.all(2).any(1)
         if not at_most:
-            empty = empty | forbidden.all(1).any(1)
+            empty = empty | zeros.all(1).any(1)
         if bool(empty.any()):
-            forbidden = forbidden & ~empty[:, None, None]
+            zeros = zeros & ~empty[:, None, None]
     holder: list[torch.Tensor] = []
     X = _Sinkhorn.apply(theta, tol, max_iter, "silent" if on_failure == "fallback" else on_failure, holder,
-                        forbidden, at_most)
+                        zeros, at_most)
     bad = holder[0]
     if on_failure == "fallback" and bool(bad.any()):
         from .regularizers import get_regularizer
