@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ._autograd import first_order_guard
+from ._forbidden import LEAK_TOL, far_below
 from .errors import SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -197,6 +198,18 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, **o
     # relax() has checked the options' names and values (check_options)
     layer = generic_layer(polytope, reg)
     B = theta.shape[0]
-    flat = theta.reshape(B, polytope.size).to(device="cpu", dtype=torch.float64)
-    x = layer(first_order_guard(flat, "the generic backend (cvxpylayers)"), **options)
+    flat = first_order_guard(theta.reshape(B, polytope.size).to(device="cpu", dtype=torch.float64),
+                             "the generic backend (cvxpylayers)")
+    # entries as far below the others as relax's stand-in for -inf (a manual mask: -1e9) carry
+    # less than e^-40 at that level or below it; left as they are, they wreck the conic solver's
+    # scaling (spanning trees of K5 at -1e9: x off by 0.6). Raised to the level, unless a row
+    # puts mass on them (every structure uses one), which is solved again as given.
+    low, level = far_below(flat)
+    if not bool(low.any()):
+        x = layer(flat, **options)
+    else:
+        x = layer(torch.where(low, level[:, None], flat), **options)
+        redo = ((x.detach() * low).sum(1) > LEAK_TOL).nonzero()[:, 0]
+        if redo.numel():
+            x = x.index_put((redo,), layer(flat[redo], **options))
     return x.to(device=theta.device, dtype=theta.dtype).reshape(theta.shape)

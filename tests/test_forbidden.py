@@ -536,3 +536,22 @@ def test_sinkhorn_with_a_manual_mask_equals_minus_infinity(name, params):
     mask = (torch.rand((32,) + P.shape, generator=g) < 0.3) & ~P.argmax(u).bool()
     ref = cs.relax(u.masked_fill(mask, NINF), P, "entropy", 0.5)
     torch.testing.assert_close(cs.relax(u.masked_fill(mask, -1e9), P, "entropy", 0.5), ref, atol=1e-13, rtol=0)
+
+
+def test_generic_backend_with_a_manual_mask():
+    """cvxpylayers' conic solver lost its scaling to -1e9 entries (x off by 0.6, warned as
+    inaccurate); far-below entries are raised to the stand-in's level there too, and rows where
+    every structure needs one (a simplex whose entries are all below -1e8) are solved as given."""
+    g = torch.Generator().manual_seed(0)
+    P = cs.load_polytope("spanning_tree", n=5)
+    u = torch.randn(4, P.size, generator=g, dtype=torch.float64)
+    mask = (torch.rand(4, P.size, generator=g) < 0.3) & ~P.argmax(u).bool()
+    ref = cs.relax(u.masked_fill(mask, NINF), P, "entropy", 0.5, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u.masked_fill(mask, -1e9), P, "entropy", 0.5, backend="generic")
+    torch.testing.assert_close(x, ref, atol=1e-6, rtol=0)
+    S = cs.load_polytope("simplex", n=3)
+    v = torch.tensor([[-1e9, -2e9, -1e9 - 1.0]], dtype=torch.float64)
+    # as given, cvxpylayers resolves -1e9 to 1e-5 only; raised, the two entries near -1e9 would tie (0.5 each)
+    torch.testing.assert_close(cs.relax(v, S, "entropy", 1.0, backend="generic"), torch.softmax(v, -1), atol=1e-4, rtol=0)
