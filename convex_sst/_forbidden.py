@@ -56,8 +56,9 @@ def far_below(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     :func:`fill_forbidden`'s stand-in, ``θ_j ≤ level = −(2 Σ|θ_k| + SLACK (d + 1))`` with the
     sum over the entries that are not, and that level per row ``(B,)``. By the argument above,
     a relaxation puts less than ``e⁻⁴⁰`` on such entries whether they are at the level or
-    anywhere below it: they are forbidden in all but name (a manual ``masked_fill(mask, -1e9)``),
-    and the interior-point solver raises them to the level and treats them as forbidden."""
+    anywhere below it: they are forbidden in all but name (a manual ``masked_fill(mask, -1e9)``).
+    The interior-point and generic solvers raise them to the level (and check that no row puts
+    mass on them, which happens when every structure needs one); Sinkhorn makes them kernel zeros."""
     B, d = theta.shape
     if not bool((theta.detach() <= -SLACK * (d + 1)).any()):  # the level is below that: the common case
         return torch.zeros_like(theta, dtype=torch.bool), theta.new_zeros(B)

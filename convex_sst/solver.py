@@ -668,11 +668,11 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # allowed) are forbidden in all but name: raised to the stand-in's level (which moves x by
     # less than e^-40; at -1e9 the Newton systems lost x to rounding, off by up to 0.25) and
     # treated as forbidden
-    low, level = far_below(theta)
     if raise_low:
+        low, level = far_below(theta)
         theta = torch.where(low, level[:, None], theta)
     else:
-        low = torch.zeros_like(low)
+        low = torch.zeros_like(theta, dtype=torch.bool)
     forbidden = low if forbidden is None else forbidden | low
     scale = 1.0 + theta.abs().masked_fill(forbidden, 0.0).amax(1)
     dlo, dhi = sf.domain
