@@ -35,7 +35,7 @@ constraints, whose slacks fall only like sqrt(μ)) gets an active-set Newton pol
 best iterate, kept if its KKT residual is smaller.
 
 The backward pass is implicit differentiation of the active-set reduced KKT system at the
-solution (constraints classified by their slack, or by a multiplier 100× their slack, enforced
+solution (constraints classified by their slack, or by a multiplier 1e4× their slack, enforced
 by a penalty): one more block solve, no unrolling. Per-sample convergence (status, KKT
 residual, iterations) is returned by :func:`solve_torch`; ``relax(..., backend="torch")`` warns
 (or raises, ``on_failure="raise"``) naming the batch indices that did not converge, and returns
@@ -738,7 +738,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         # relative to the scale of θ, like the dual residual (the multipliers scale with θ)
         r = torch.maximum(r, 1e3 * mu / sc)
         # ... and, once that is within `accept`, the largest *unresolved* pair (slack and
-        # multiplier within _UNRESOLVED of each other) 100x tighter: the mean over hundreds of
+        # multiplier within _RESOLVED of each other) 100x tighter: the mean over hundreds of
         # pairs let one lag at 5e-9 (a matching's column with true slack 1e-5 at slack 2e-5 and
         # λ 2e-4: x off by 6e-6, reported converged, and the backward could not tell whether the
         # column was full). Resolved pairs (a full column with λ = 6, slack 3e-11) and rows that
@@ -934,7 +934,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scale, z, y, s, lam, zl, zu)
             resid[rows] = torch.maximum(resid[rows], keep_res[better])
     # The backward solves the reduced KKT system of the limit problem: constraints whose slack is
-    # (numerically) zero, or whose multiplier exceeds their slack _ACTIVE_RATIO times, are active
+    # (numerically) zero, or whose multiplier exceeds their slack _RESOLVED times, are active
     # and enforced by a penalty, the others are dropped. The slack alone is robust to degenerate
     # multipliers (dependent active constraints, as in flow formulations), where the barrier's own
     # λ/s is not meaningful, but it misses active constraints with small multipliers: the
@@ -944,7 +944,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # finite differences in our tests (larger values lose accuracy in the block factorizations).
     thr = 1e-7
     big = 1e8 if f64 else 1e5
-    ratio = _ACTIVE_RATIO
+    ratio = _RESOLVED
     act = ((hasL & ~T["domL"] & ((gl <= thr) | (zl >= ratio * gl)))
            | (hasU & ~T["domU"] & ((gu <= thr) | (zu >= ratio * gu))))
     Dback = hh + torch.where(act, torch.full_like(z, big), torch.zeros_like(z))
@@ -953,15 +953,15 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     return z, (Dback, Sback), report, low
 
 
-# multiplier / slack above which the backward holds a constraint active even though its slack is
-# above 1e-7: a resolved pair has one side far below the other; with 1 (λ ≥ s), pairs the
-# iterations had not resolved (slack 2e-5 and λ 2e-4 on a column of a matching whose true slack
-# is 1e-5) were held and their gradients were off by up to 0.08; 100 separates both kinds
-_ACTIVE_RATIO = 100.0
-# slack / multiplier ratio within which a complementarity pair counts as unresolved (convergence
-# test): a full column with λ = 6 and slack 3e-11 is resolved; 1e4 leaves the convergence table
-# of docs/benchmarks.md unchanged and resolves every matching column of the benchmark
-_UNRESOLVED = 1e4
+# A complementarity pair is resolved once one side exceeds the other this many times: the
+# convergence test makes unresolved pairs converge (a full column of a matching with λ = 6 and
+# slack 3e-11 is resolved; one at slack 2e-5 and λ 2e-4, true slack 1e-5, is not), and the
+# backward holds a constraint whose multiplier exceeds its slack this many times even when the
+# slack is above 1e-7 (a full column with β = 5e-4 kept slack 2.6e-7). At 1 (λ ≥ s) unresolved
+# pairs were held wrongly (gradients off by 0.08); at 100, weakly active flow constraints were
+# (a spanning-tree gradient entry of -1.1e-5 came out -1.2e-6); 1e4 leaves the convergence table
+# of docs/benchmarks.md unchanged and every matching column of the benchmark resolved
+_RESOLVED = 1e4
 
 # active-set rounds of the polish: sparse-graph spanning trees (entropy, t = 1) needed 4 on a
 # row where 3 left x off by 1.2e-4; the loop ends early once the held set stops changing
@@ -969,9 +969,9 @@ _POLISH_ROUNDS = 8
 
 
 def _unresolved(product: torch.Tensor, slack: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
-    """``slack · mult`` where neither is ``_UNRESOLVED`` times the other (the iterations have not
+    """``slack · mult`` where neither is ``_RESOLVED`` times the other (the iterations have not
     yet told whether the constraint is active), else 0."""
-    return torch.where((slack <= _UNRESOLVED * mult) & (mult <= _UNRESOLVED * slack), product, 0.0)
+    return torch.where((slack <= _RESOLVED * mult) & (mult <= _RESOLVED * slack), product, 0.0)
 
 
 def _held_constraints(it: list[torch.Tensor], mu: torch.Tensor, T: dict) -> tuple[torch.Tensor, ...]:
