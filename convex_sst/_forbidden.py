@@ -73,6 +73,19 @@ def far_below(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(low).scatter(1, order, low), level
 
 
+def raise_far_below(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(raised, low)``: ``theta: (B, d)`` with its :func:`far_below` entries (``low``) raised to
+    their row's level. Exact while some structure avoids them all; a solver checks that with
+    :func:`rows_on` and solves the rows it names again as given."""
+    low, level = far_below(theta)
+    return torch.where(low, level[:, None], theta), low
+
+
+def rows_on(x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of ``x: (B, d)`` that put more than :data:`LEAK_TOL` on ``low``."""
+    return ((x.detach() * low).sum(1) > LEAK_TOL).nonzero()[:, 0]
+
+
 def empty_face_error(rows: torch.Tensor, batch: tuple[int, ...], polytope: object, argname: str) -> InputError:
     """The error for rows in which every structure of ``polytope`` uses a forbidden coordinate."""
     first = int(rows[0])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ._autograd import first_order_guard
-from ._forbidden import LEAK_TOL, far_below
+from ._forbidden import raise_far_below, rows_on
 from .errors import SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -204,12 +204,9 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, **o
     # less than e^-40 at that level or below it; left as they are, they wreck the conic solver's
     # scaling (spanning trees of K5 at -1e9: x off by 0.6). Raised to the level, unless a row
     # puts mass on them (every structure uses one), which is solved again as given.
-    low, level = far_below(flat)
-    if not bool(low.any()):
-        x = layer(flat, **options)
-    else:
-        x = layer(torch.where(low, level[:, None], flat), **options)
-        redo = ((x.detach() * low).sum(1) > LEAK_TOL).nonzero()[:, 0]
-        if redo.numel():
-            x = x.index_put((redo,), layer(flat[redo], **options))
+    raised, low = raise_far_below(flat)
+    x = layer(raised, **options)
+    redo = rows_on(x, low)
+    if redo.numel():
+        x = x.index_put((redo,), layer(flat[redo], **options))
     return x.to(device=theta.device, dtype=theta.dtype).reshape(theta.shape)

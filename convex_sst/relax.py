@@ -69,8 +69,9 @@ def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], 
 
 @functools.lru_cache(maxsize=None)
 def _takes_forbidden(fast: FastPath | None) -> bool:
-    """Whether a fast path declares the keyword ``forbidden`` (see :func:`register_fast_path`);
-    cached: ``inspect.signature`` would otherwise run at every masked call."""
+    """Whether a fast path (or a backend function: the torch solver's does) declares the keyword
+    ``forbidden`` (see :func:`register_fast_path`); cached: ``inspect.signature`` would otherwise
+    run at every masked call."""
     if fast is None:
         return False
     try:
@@ -216,7 +217,7 @@ def relax(
     if forbidden is not None:
         mask = forbidden.reshape(theta.shape)
         theta = fill_forbidden(theta, mask)
-        if route[0] == "torch" or _takes_forbidden(route[1]):
+        if _takes_forbidden(route[1] or fn):  # a fast path, or the torch backend, declaring it
             options = {**options, "forbidden": mask}
     with autocast_off(theta.device):
         x = fn(theta, P, reg, **options)

@@ -57,7 +57,7 @@ import torch
 
 from ._autograd import first_order_guard
 from ._unionfind import UnionFind
-from ._forbidden import LEAK_TOL, far_below
+from ._forbidden import raise_far_below, rows_on
 from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -638,15 +638,13 @@ def _rows(v: torch.Tensor, ix: torch.Tensor | slice) -> torch.Tensor:
 
 
 def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | None, max_iter: int,
-         forbidden: torch.Tensor | None = None, raise_low: bool = True):
-    """Primal-dual interior-point iterations; returns (z, backward Newton state, report, low).
+         forbidden: torch.Tensor | None = None):
+    """Primal-dual interior-point iterations; returns (z, backward Newton state, report).
 
     ``forbidden: (B, d)`` marks free outputs whose θ is the stand-in for ``-inf`` (see
     :mod:`convex_sst._forbidden`): they are left out of the scale of θ that the tolerances are
-    relative to, and start near their lower bound with the multiplier that balances θ there.
-    ``raise_low``: entries at least as far below the others (``low``, returned) are raised to
-    that level and treated likewise, exact while some structure avoids them all (the caller
-    checks that they carry no mass)."""
+    relative to, and start near their lower bound with the multiplier that balances θ there
+    (the caller adds the entries it raised with :func:`~convex_sst._forbidden.raise_far_below`)."""
     B, d = theta.shape
     grad, hess = reg.grad, reg.hess
     if grad is None or hess is None:  # pragma: no cover - relax_torch checks this first
@@ -663,17 +661,9 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # gives every variable curvature; it moves x by O(ε)
     eps_aux = 1e-10 if f64 else 1e-6
     # the tolerances are relative to this scale; a forbidden coordinate's stand-in utility
-    # (thousands) would loosen them as much (x off by up to 1e-4 on rows reported converged).
-    # Entries as far below the others as that stand-in (a manual mask, u = -1e9 where not
-    # allowed) are forbidden in all but name: raised to the stand-in's level (which moves x by
-    # less than e^-40; at -1e9 the Newton systems lost x to rounding, off by up to 0.25) and
-    # treated as forbidden
-    if raise_low:
-        low, level = far_below(theta)
-        theta = torch.where(low, level[:, None], theta)
-    else:
-        low = torch.zeros_like(theta, dtype=torch.bool)
-    forbidden = low if forbidden is None else forbidden | low
+    # (thousands) would loosen them as much (x off by up to 1e-4 on rows reported converged)
+    if forbidden is None:
+        forbidden = torch.zeros_like(theta, dtype=torch.bool)
     scale = 1.0 + theta.abs().masked_fill(forbidden, 0.0).amax(1)
     dlo, dhi = sf.domain
     lo = torch.where(hasL, Lb, torch.full_like(Lb, -math.inf))
@@ -950,7 +940,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     Dback = hh + torch.where(act, torch.full_like(z, big), torch.zeros_like(z))
     Sback = torch.where((s <= thr) | (lam >= ratio * s), big, 0.0).to(dtype) if p else None
     report = SolveReport(converged=(resid <= accept) & torch.isfinite(resid), iterations=iters, kkt_residual=resid, tol=tol)
-    return z, (Dback, Sback), report, low
+    return z, (Dback, Sback), report
 
 
 # A complementarity pair is resolved once one side exceeds the other this many times: the
@@ -1071,14 +1061,15 @@ class _TorchSST(torch.autograd.Function):
     def forward(ctx, theta, sf, reg, tol, max_iter, holder, forbidden=None):
         free = torch.as_tensor(sf.free, device=theta.device)
         th, fb = theta.detach()[:, free], None if forbidden is None else forbidden[:, free]
-        z, (Dback, Sback), report, low = _ipm(th, sf, reg, tol, max_iter, fb)
-        # entries far below the others were raised to the stand-in's level, which is exact when
-        # some structure avoids them all; rows that put mass on them (every structure uses one)
-        # are solved again as given
-        redo = ((z[:, : sf.d] * low).sum(1) > LEAK_TOL).nonzero()[:, 0]
+        # entries as far below the others as the stand-in for -inf (a manual mask, u = -1e9) are
+        # forbidden in all but name: raised to its level (x moves by less than e^-40; at -1e9 the
+        # Newton systems lost x to rounding, off by up to 0.25) and treated as forbidden. Rows
+        # that put mass on them anyway (every structure uses one) are solved again as given.
+        raised, low = raise_far_below(th)
+        z, (Dback, Sback), report = _ipm(raised, sf, reg, tol, max_iter, low if fb is None else fb | low)
+        redo = rows_on(z[:, : sf.d], low)
         if redo.numel():
-            z2, (D2, S2), rep2, _ = _ipm(th[redo], sf, reg, tol, max_iter, None if fb is None else fb[redo],
-                                         raise_low=False)
+            z2, (D2, S2), rep2 = _ipm(th[redo], sf, reg, tol, max_iter, None if fb is None else fb[redo])
             z, Dback = z.index_put((redo,), z2), Dback.index_put((redo,), D2)
             Sback = None if Sback is None else Sback.index_put((redo,), S2)
             report = SolveReport(converged=report.converged.index_put((redo,), rep2.converged),
