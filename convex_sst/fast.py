@@ -45,6 +45,7 @@ import math
 
 import torch
 
+from . import _linalg
 from ._forbidden import far_below
 from .errors import InputError, SolverError, warn_user
 from .graphs import topological_order
@@ -829,7 +830,7 @@ def _newton_duals(theta: torch.Tensor, log_b: torch.Tensor, tol: float, max_iter
             J = J + moving.all(1).to(J.dtype)[:, None, None] / m  # every column moving: singular along 1
         else:
             J = J + 1.0 / n
-        delta = torch.linalg.solve(J, rhs[..., None])[..., 0]
+        delta = _linalg.solve(J, rhs[..., None])[..., 0]
         step = torch.ones(B, 1, dtype=theta.dtype, device=theta.device)
         for _ in range(12):
             lb = log_b - step * delta
@@ -978,7 +979,7 @@ class _Sinkhorn(torch.autograd.Function):
             # dominant (nonsingular) whenever m > n; the other columns' v is 0
             M = torch.where(tight[:, :, None] & tight[:, None, :], M, eye)
             rhs = rhs * tight
-        v = torch.linalg.solve(M, rhs[..., None])[..., 0]
+        v = _linalg.solve(M, rhs[..., None])[..., 0]
         u = r - (X @ v[..., None])[..., 0]
         return X * (G - u[:, :, None] - v[:, None, :])
 
@@ -1134,7 +1135,7 @@ def _neg(dtype: torch.dtype) -> float:
 def _checked_inverse(L: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L⁻¹, bad)`` for ``L: (B, r, r)``; ``bad`` flags samples that are singular or whose
     1-norm condition number exceeds ``limit``; their inverse is set to zero."""
-    K, info = torch.linalg.inv_ex(L)
+    K, info = _linalg.inv_ex(L)
     cond = L.abs().sum(1).amax(1) * K.abs().sum(1).amax(1)
     bad = (info != 0) | ~torch.isfinite(cond) | (cond > limit)
     return torch.where(bad[:, None, None], torch.zeros_like(K), K), bad

@@ -782,3 +782,43 @@ def test_spanning_tree_marginals_route_ill_conditioned_rows_to_elimination():
     (gkept,) = torch.autograd.grad((kept * w[~bad]).sum(), u)
     assert (kept - ref[~bad]).abs().max() < 1e-10
     assert (gkept[~bad] - gref[~bad]).abs().max() < 1e-9
+
+
+@pytest.fixture
+def explicit_threads():
+    """``torch.set_num_threads(2)`` for the test (torch's batched LU on the CPU is wrong after an
+    explicit call with k > 1 threads; see :mod:`convex_sst._linalg`), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_batched_lu_is_correct_with_explicit_threads(explicit_threads, gen):
+    from convex_sst import _linalg
+
+    for n in (100, 160):
+        M = torch.randn(3, n, n, generator=gen, dtype=torch.float64)
+        A = M @ M.mT / n + torch.eye(n, dtype=torch.float64)
+        b = torch.randn(3, n, 2, generator=gen, dtype=torch.float64)
+        assert (A @ _linalg.solve(A, b) - b).abs().max() < 1e-10
+        K, info = _linalg.inv_ex(A)
+        assert (info == 0).all() and (A @ K - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("name, params, reg", [("birkhoff", {"n": 160}, "entropy"),
+                                               ("matching", {"n": 150, "m": 160}, "entropy"),
+                                               ("arborescence", {"n": 160}, "exp_family")])
+def test_large_structures_with_explicit_threads(name, params, reg, explicit_threads, gen):
+    # before convex_sst._linalg: "RuntimeError: Pivots given to lu_solve must all be greater or
+    # equal to 1" (Sinkhorn's Newton step and backward, the arborescence Laplacian's inverse),
+    # or wrong numbers without an error (the raw batched solve at B = 2: residuals ~1e17)
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((2,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(P.shape, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, reg, 0.3, backend="fast")
+    (g,) = torch.autograd.grad((x * w).sum(), u)
+    torch.set_num_threads(1)  # the reference: one thread, torch's batched calls
+    x1 = cs.relax(u, P, reg, 0.3, backend="fast")
+    (g1,) = torch.autograd.grad((x1 * w).sum(), u)
+    assert (x - x1).abs().max() < 1e-9 and (g - g1).abs().max() < 1e-8
