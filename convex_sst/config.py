@@ -8,7 +8,7 @@ Every error names the file, the key path and (where known) the line.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,54 @@ def read_config_text(text: str, source: str) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------------------------
 # Config object
 # --------------------------------------------------------------------------------------------
+
+
+class _Layers(Mapping[str, Any]):
+    """Names looked up in ``maps`` in order, read only; nothing is copied (or evaluated) ahead."""
+
+    def __init__(self, *maps: Mapping[str, Any]):
+        self.maps = maps
+
+    def __getitem__(self, key: str) -> Any:
+        for m in self.maps:
+            if key in m:
+                return m[key]
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys(k for m in self.maps for k in m))
+
+    def __len__(self) -> int:
+        return len(dict.fromkeys(k for m in self.maps for k in m))
+
+
+class DataEntries(Mapping[str, Any]):
+    """A config's ``data:`` entries for given parameters, each evaluated when first read (with
+    the entries it names) and kept. Built-in graph structures declare dense (n², n²)
+    incidence-like matrices for their constraints (5 GB for arborescences on 160 vertices)
+    that their fast paths and argmax never read."""
+
+    def __init__(self, config: PolytopeConfig, params: Mapping[str, Any]):
+        self._config = config
+        self._params = params
+        self._values: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._values:
+            if key not in self._config.data:
+                raise KeyError(key)
+            self._values[key] = self._config._data_entry(key, self._params, self)
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._config.data)
+
+    def __len__(self) -> int:
+        return len(self._config.data)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}: {'...' if k not in self._values else type(self._values[k]).__name__}" for k in self)
+        return f"DataEntries({{{shown}}})"
 
 
 @dataclass
@@ -232,40 +280,52 @@ class PolytopeConfig:
 
     # ------------------------------------------------------------------ compile
 
-    def compile(self, params: dict[str, Any]) -> tuple[CanonicalForm, tuple[int, ...], dict]:
-        """Evaluate data, shapes and constraints; return ``(form, output_shape, data)``."""
-        names: dict[str, Any] = dict(params)
-        const_eval = Evaluator(names, CONFIG_FUNCTIONS)
-        data_values: dict[str, Any] = {}
-        for key, node in self.data.items():
+    def evaluate(self, params: dict[str, Any], lazy: bool = False) -> tuple[tuple[int, ...], DataEntries]:
+        """The output shape and the ``data:`` entries, not the constraints: ``(output_shape, data)``.
+
+        ``lazy``: an entry is evaluated when first read (by the output shape, a fast path, the
+        argmax, or :meth:`compile`); otherwise all of them now, so that errors surface here."""
+        data = DataEntries(self, params)
+        if not lazy:
+            for key in self.data:
+                data[key]
+        scope = Evaluator(_Layers(params, data), CONFIG_FUNCTIONS)
+        return self._shape_of(scope, ("output", "shape"), self.output_shape, False), data
+
+    def _data_entry(self, key: str, params: Mapping[str, Any], data: DataEntries) -> Any:
+        try:
+            value = Evaluator(_Layers(params, data), CONFIG_FUNCTIONS).evaluate(self.data[key])
+        except ExprError as exc:
+            raise self.error(("data", key), str(exc)) from None
+        except MemoryError:
+            raise self.error(("data", key), f"out of memory evaluating it with parameters {dict(params)}") from None
+        if isinstance(value, (Affine, list)):
+            raise self.error(("data", key), "data entries must be constants")
+        return value
+
+    def _shape_of(self, const_eval: Evaluator, path: tuple, nodes: list, allow_zero: bool) -> tuple[int, ...]:
+        dims = []
+        for i, n in enumerate(nodes):
             try:
-                value = const_eval.evaluate(node)
+                d = to_int(const_eval.evaluate(n), "a dimension")
             except ExprError as exc:
-                raise self.error(("data", key), str(exc)) from None
-            except MemoryError:
-                raise self.error(("data", key), f"out of memory evaluating it with parameters {params}") from None
-            if isinstance(value, (Affine, list)):
-                raise self.error(("data", key), "data entries must be constants")
-            const_eval.names[key] = value
-            data_values[key] = value
+                raise self.error(path + (i,), str(exc)) from None
+            if d < (0 if allow_zero else 1):
+                raise self.error(path + (i,), f"dimension must be >= {0 if allow_zero else 1}, got {d}")
+            dims.append(d)
+        return tuple(dims)
 
-        def shape_of(path: tuple, nodes: list[tuple], allow_zero: bool) -> tuple[int, ...]:
-            dims = []
-            for i, n in enumerate(nodes):
-                try:
-                    d = to_int(const_eval.evaluate(n), "a dimension")
-                except ExprError as exc:
-                    raise self.error(path + (i,), str(exc)) from None
-                if d < (0 if allow_zero else 1):
-                    raise self.error(path + (i,), f"dimension must be >= {0 if allow_zero else 1}, got {d}")
-                dims.append(d)
-            return tuple(dims)
-
-        out_shape = shape_of(("output", "shape"), self.output_shape, False)
+    def compile(self, params: dict[str, Any],
+                evaluated: tuple[tuple[int, ...], Mapping[str, Any]] | None = None
+                ) -> tuple[CanonicalForm, tuple[int, ...], Mapping[str, Any]]:
+        """Evaluate data, shapes and constraints; return ``(form, output_shape, data)``.
+        ``evaluated``: :meth:`evaluate`'s result for these parameters, if already computed."""
+        out_shape, data = self.evaluate(params) if evaluated is None else evaluated
+        const_eval = Evaluator(_Layers(params, data), CONFIG_FUNCTIONS)
         layout: dict[str, tuple[int, tuple[int, ...]]] = {}
         offset = 0
         for name, shp in [(self.output_name, out_shape)] + [
-            (v, shape_of(("variables", v), s, True)) for v, s in self.variables.items()
+            (v, self._shape_of(const_eval, ("variables", v), s, True)) for v, s in self.variables.items()
         ]:
             layout[name] = (offset, shp)
             offset += int(np.prod(shp, dtype=np.int64))
@@ -279,10 +339,8 @@ class PolytopeConfig:
                 "supported (the constraint matrices and every solver scale with this)",
             )
 
-        aff_names = dict(const_eval.names)
-        for name, (off, shp) in layout.items():
-            aff_names[name] = Affine.variable(shp, off, num_z)
-        aff_eval = Evaluator(aff_names, CONFIG_FUNCTIONS, num_z)
+        variables = {name: Affine.variable(shp, off, num_z) for name, (off, shp) in layout.items()}
+        aff_eval = Evaluator(_Layers(variables, params, data), CONFIG_FUNCTIONS, num_z)
         rows: list[Constraint] = []
         for i, node in enumerate(self.constraints):
             try:
@@ -301,7 +359,7 @@ class PolytopeConfig:
             form = CanonicalForm.build(rows, num_z, out_size, layout)
         except PolytopeError as exc:
             raise PolytopeError(f"{self.source}: polytope {self.name!r} with {params}: {exc}") from None
-        return form, out_shape, data_values
+        return form, out_shape, data
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``load_polytope("k_subset", n=5, k=2)`` finds the built-in config (shipped as package data),
 validates the parameters, compiles the constraints to a :class:`CanonicalForm`, checks that
-the polytope is non-empty and bounded, and caches the instance, so compiled layers attached to
+the polytope is non-empty and bounded (a built-in one: by one hard structure, its constraints
+compiled only when a solver first needs them), and caches the instance, so compiled layers attached to
 it are reused by later calls with the same parameters. The cache holds the instances still in
 use (referenced elsewhere: by a layer, a model, a variable) and the :data:`RECENT_POLYTOPES`
 most recently loaded ones; others are freed, so a loop over many distinct graphs does not grow
@@ -26,6 +27,7 @@ import torch
 from ._autograd import graph_break
 from ._forbidden import clear_forbidden, fill_forbidden, is_forbidden
 from ._scalars import as_real, positive_int
+from .canonical import CanonicalForm
 from .config import PolytopeConfig, load_config_file
 from .errors import ConfigError, InputError, PolytopeError, RegistrationError, unknown_name
 from .lp import LinearProgram
@@ -196,9 +198,11 @@ class Polytope:
         params: the resolved parameters.
         shape: output shape, e.g. ``(n, n)`` for ``birkhoff``.
         size: number of entries of one structure, ``prod(shape)``.
-        form: the :class:`CanonicalForm` over ``z = (x, aux)``.
+        form: the :class:`CanonicalForm` over ``z = (x, aux)`` (a built-in polytope compiles its
+            constraints when a solver or the LP first needs them).
         regularizers: the regularizers this structure declares (and the tests cover).
-        data: the evaluated ``data:`` entries of the config (e.g. the edge list ``E``).
+        data: the ``data:`` entries of the config (e.g. the edge list ``E``), a read-only
+            mapping (a built-in polytope evaluates an entry when it is first read).
     """
 
     def __init__(self, config: PolytopeConfig, params: dict[str, Any], builtin: bool = False):
@@ -207,16 +211,29 @@ class Polytope:
         self.description = config.description
         self.params = dict(params)
         self.builtin = builtin
-        self.form, self.shape, self.data = config.compile(self.params)
-        self.size = self.form.out_size
         self.regularizers = config.regularizers
         self.argmax_name = config.argmax
+        # built-in structures are bounded 0/1 vectors and their argmax is tested against the LP:
+        # one hard structure shows P is not empty, and the data the constraints alone use and
+        # the constraints are evaluated when first needed (a solver, the LP argmax). Arborescences
+        # on 160 vertices took 72 s and 5 GB to load that way; their fast paths and argmax
+        # never need it.
+        lazy = builtin and self.argmax_name is not None
+        self.shape, self.data = config.evaluate(self.params, lazy=lazy)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self._form: CanonicalForm | None = None
         self._lp: LinearProgram | None = None
         self._x_range: tuple[np.ndarray, np.ndarray] | None = None
         self._domain_ok: set[Regularizer] = set()
         self._source: Path | None = None  # the config file, resolved (see ``keyed``)
         self.cache: dict[Any, Any] = {}  # compiled layers and fast-path state, keyed by their owners
-        self._check_nonempty_bounded()
+        if lazy:
+            try:
+                self._argmax_rows(torch.zeros((1,) + self.shape, dtype=torch.float64))
+            except PolytopeError as exc:
+                raise PolytopeError(f"{self._where()} is empty: {exc}") from None
+        else:
+            self._check_nonempty_bounded()
 
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles (copy.deepcopy(model), torch.save(model), worker processes) leave
@@ -233,6 +250,14 @@ class Polytope:
     def __repr__(self) -> str:
         ps = ", ".join(f"{k}={v.tolist() if isinstance(v, np.ndarray) else v}" for k, v in self.params.items())
         return f"Polytope({self.name!r}{', ' + ps if ps else ''}, shape={self.shape})"
+
+    @property
+    def form(self) -> CanonicalForm:
+        """The constraints as a :class:`CanonicalForm` over ``z = (x, aux)``, compiled on first use
+        for built-in polytopes (a :class:`ConfigError` there if it has too many variables)."""
+        if self._form is None:
+            self._form = self.config.compile(self.params, (self.shape, self.data))[0]
+        return self._form
 
     @property
     def lp(self) -> LinearProgram:
@@ -269,8 +294,11 @@ class Polytope:
         reg = get_regularizer(regularizer)
         if reg in self._domain_ok:
             return reg
-        lo, hi = self.x_range()
         dlo, dhi = reg.domain
+        if self.builtin and dlo <= 0.0 and dhi >= 1.0:  # P ⊂ [0, 1]^d: no need to compile the constraints
+            self._domain_ok.add(reg)
+            return reg
+        lo, hi = self.x_range()
         bad = np.flatnonzero((lo < dlo - 1e-9) | (hi > dhi + 1e-9))
         if bad.size:
             j = int(bad[0])

@@ -303,8 +303,8 @@ def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath |
     # the torch solver factors a dense Schur complement (one row per equality) per sample and
     # the inequality rows block by block: it beats cvxpylayers in speed and accuracy on the
     # built-in formulations (benchmarks/torch_solver.py) while the equality system stays small
-    small = P.form.num_eq <= TORCH_AUTO_MAX_ROWS
-    if backend == "torch" or (backend == "auto" and fast is None and reg.separable and small):
+    if backend == "torch" or (backend == "auto" and fast is None and reg.separable
+                              and P.form.num_eq <= TORCH_AUTO_MAX_ROWS):
         return "torch", None
     if backend == "auto" and fast is None and reg.cvxpy is None:
         have = sorted(p for (p, r) in _FAST if r == reg.name)

@@ -262,3 +262,37 @@ def test_docs_error_example_is_real(tmp_path):
     bad = yaml_text.replace("G @ x <= 1", "G2 @ x <= 1")
     with pytest.raises(cs.ConfigError, match=r"constraints\[1\]: unknown name 'G2'.*Did you mean 'G'"):
         cs.load_polytope(write(tmp_path, bad, "my_polytope.yaml"))
+
+
+def test_builtin_polytopes_compile_their_constraints_when_first_needed():
+    # a built-in polytope is shown non-empty by one hard structure at load; the data its fast
+    # paths and argmax do not read and the constraints are evaluated when a solver needs them.
+    # Arborescences on 300 vertices have 27M flow variables, over MAX_VARIABLES (a ConfigError at
+    # load before), and their dense data would take tens of GB: they load, relax and sample.
+    gen = torch.Generator().manual_seed(0)
+    P = cs.load_polytope("arborescence", n=300)
+    u = torch.randn(2, 300, 300, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "exp_family", 1.0)
+    assert torch.allclose(x.sum(1)[:, 1:], torch.ones(2, 299, dtype=torch.float64))  # one parent each
+    hard = P.argmax(u)
+    assert (hard.sum(1)[:, 1:] == 1).all() and hard.sum() == 2 * 299
+    with pytest.raises(cs.ConfigError, match=r"arborescence.yaml:\d+: variables: 27,000,000 variables .* at most 10,000,000"):
+        cs.relax(u, P, "entropy", 1.0, backend="torch")
+    # on first use, the same constraints as compiled at once from the config
+    S = cs.load_polytope("spanning_tree", n=4, edges=[[0, 1], [1, 2], [2, 3], [0, 3], [0, 2]])
+    form = S.config.compile(S.params)[0]
+    for a, b in [(S.form.A_eq, form.A_eq), (S.form.A_ub, form.A_ub)]:
+        assert a.shape == b.shape and abs(a - b).max() == 0
+    assert (S.form.b_eq == form.b_eq).all() and (S.form.lb == form.lb).all() and (S.form.ub == form.ub).all()
+
+
+def test_regularizer_domains_narrower_than_the_unit_box_are_checked_against_the_constraints():
+    # built-in structures lie in [0, 1]^d, which settles the usual domains without compiling the
+    # constraints; a narrower domain is checked against the coordinate ranges they declare
+    reg = cs.Regularizer(name="test_around_one", description="½‖x − 1‖² on [0.5, 1.5]", cvxpy=None,
+                         value=lambda x: 0.5 * ((x - 1) ** 2).sum(-1), domain=(0.5, 1.5),
+                         grad=lambda x: x - 1, hess=torch.ones_like)
+    P = cs.load_polytope("spanning_tree", n=3)
+    with pytest.raises(cs.PolytopeError, match=r"defined on \[0.5, 1.5\].*x\[0\] ranging over \[0, 1\]"):
+        P.check_regularizer(reg)
+    assert P.check_regularizer("entropy").name == "entropy"
