@@ -852,9 +852,16 @@ def _newton_duals(theta: torch.Tensor, log_b: torch.Tensor, tol: float, max_iter
     return log_a, log_b, steps
 
 
-def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000, check_every: int = 10,
-             on_failure: str = "warn", return_error: bool = False, newton_after: int = 50,
-             newton_iter: int = 30, forbidden: bool = False, at_most: bool = False):
+# Sinkhorn's schedule: the convergence test every _CHECK_EVERY sweeps, and from the first test
+# that fails after _NEWTON_AFTER sweeps, up to _NEWTON_ITER Newton steps. Starting Newton after 10
+# sweeps instead of 50: forward passes 1.4-2.6x faster for Birkhoff n = 5 to 100 and matchings at
+# t = 1 to 0.03, no sample left unconverged either way (benchmarks/sinkhorn_schedule.py).
+_CHECK_EVERY, _NEWTON_AFTER, _NEWTON_ITER = 10, 10, 30
+
+
+def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000, check_every: int = _CHECK_EVERY,
+             on_failure: str = "warn", return_error: bool = False, newton_after: int = _NEWTON_AFTER,
+             newton_iter: int = _NEWTON_ITER, forbidden: bool = False, at_most: bool = False):
     """Log-domain Sinkhorn: the doubly stochastic ``X = diag(a) exp(θ) diag(b)``, ``θ: (B, n, n)``.
 
     ``at_most=True``: ``θ: (B, n, m)``, rows sum to 1 and columns to at most 1 (the entropic
@@ -876,8 +883,9 @@ def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000
     return (X, bad) if return_error else X
 
 
-def _sinkhorn_duals(theta: torch.Tensor, tol: float | None, max_iter: int, on_failure: str, check_every: int = 10,
-                    newton_after: int = 50, newton_iter: int = 30, forbidden: bool = False, at_most: bool = False):
+def _sinkhorn_duals(theta: torch.Tensor, tol: float | None, max_iter: int, on_failure: str,
+                    check_every: int = _CHECK_EVERY, newton_after: int = _NEWTON_AFTER, newton_iter: int = _NEWTON_ITER,
+                    forbidden: bool = False, at_most: bool = False):
     """:func:`sinkhorn`'s iterations and report: ``(X, bad, log_b)``."""
     B, n, m = theta.shape
     eps = torch.finfo(theta.dtype).eps
@@ -985,7 +993,6 @@ class _Sinkhorn(torch.autograd.Function):
 
 
 _SINKHORN_FLOAT32_FLOOR = 1e-4  # coarsest row/column-sum accuracy accepted in float32
-_SINKHORN_FLOAT32_TOL = 1e-7    # default tolerance of float32 inputs computed in float64
 
 
 @register_fast_path("birkhoff", "entropy")
@@ -1033,7 +1040,9 @@ def _sinkhorn_path(theta: torch.Tensor, polytope: Polytope, tol: float | None, m
         th = theta.detach() if zeros is None else theta.detach().masked_fill(zeros, 0.0)
         floor = 100 * torch.finfo(theta.dtype).eps * float(th.abs().max())
         if floor > _SINKHORN_FLOAT32_FLOOR:
-            tol = _SINKHORN_FLOAT32_TOL if tol is None else tol  # the result is rounded to float32
+            # float64's default tolerance too: the result is rounded to float32, but the backward
+            # amplifies the error of X near a permutation (n = 50, t = 1e-3: at 1e-7 the gradient
+            # was off by 1.2 %, at 1e-12 by 2e-5, in the same time)
             return _sinkhorn_path(theta.double(), polytope, tol, max_iter, on_failure, forbidden,
                                   at_most).to(theta.dtype)
     if zeros is not None:

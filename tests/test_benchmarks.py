@@ -79,3 +79,11 @@ def test_matching_benchmark_runs_and_its_solvers_agree():
     out = _run("matching.py", "--sizes", "3:5", "--temperatures", "1", "--batch", "4", "--repeats", "1")
     rows = _rows(out, "| 3, 5")
     assert len(rows) == 1 and float(rows[0][5]) < 1e-6, rows
+
+
+def test_sinkhorn_schedule_benchmark_runs_and_its_settings_agree():
+    out = _run("sinkhorn_schedule.py", "--sizes", "4:3", "3:5:2", "--temperatures", "1", "--repeats", "1")
+    rows = _rows(out, "| ")[1:]
+    assert [r[:3] for r in rows] == [["4 × 4", "3", "1"], ["3 × 5", "2", "1"]]
+    for row in rows:
+        assert row[-2] == "0, 0" and float(row[-1]) < 1e-10, row
