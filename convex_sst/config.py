@@ -109,6 +109,28 @@ class _Layers(Mapping[str, Any]):
         return len(dict.fromkeys(k for m in self.maps for k in m))
 
 
+class _Restricted(Mapping[str, Any]):
+    """The entries ``keys`` of ``data`` only."""
+
+    def __init__(self, data: Mapping[str, Any], keys: list[str]):
+        self._data = data
+        self._keys = keys
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._data[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class DataEntries(Mapping[str, Any]):
     """A config's ``data:`` entries for given parameters, each evaluated when first read (with
     the entries it names) and kept. Built-in graph structures declare dense (n², n²)
@@ -124,8 +146,13 @@ class DataEntries(Mapping[str, Any]):
         if key not in self._values:
             if key not in self._config.data:
                 raise KeyError(key)
-            self._values[key] = self._config._data_entry(key, self._params, self)
+            keys = list(self._config.data)
+            earlier = _Restricted(self, keys[: keys.index(key)])  # an entry names only those above it
+            self._values[key] = self._config._data_entry(key, self._params, earlier)
         return self._values[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._config.data
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._config.data)
@@ -292,7 +319,7 @@ class PolytopeConfig:
         scope = Evaluator(_Layers(params, data), CONFIG_FUNCTIONS)
         return self._shape_of(scope, ("output", "shape"), self.output_shape, False), data
 
-    def _data_entry(self, key: str, params: Mapping[str, Any], data: DataEntries) -> Any:
+    def _data_entry(self, key: str, params: Mapping[str, Any], data: Mapping[str, Any]) -> Any:
         try:
             value = Evaluator(_Layers(params, data), CONFIG_FUNCTIONS).evaluate(self.data[key])
         except ExprError as exc:

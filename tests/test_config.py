@@ -296,3 +296,13 @@ def test_regularizer_domains_narrower_than_the_unit_box_are_checked_against_the_
     with pytest.raises(cs.PolytopeError, match=r"defined on \[0.5, 1.5\].*x\[0\] ranging over \[0, 1\]"):
         P.check_regularizer(reg)
     assert P.check_regularizer("entropy").name == "entropy"
+
+
+@pytest.mark.parametrize("entries", ["  A: B + 1\n  B: 2\n", "  A: B + 1\n  B: A + 1\n"])
+def test_a_data_entry_names_only_the_entries_above_it(tmp_path, entries):
+    # entries are evaluated when first read (built-in polytopes read only what they use); a
+    # forward reference stays an error, and a cycle is not a RecursionError
+    with pytest.raises(cs.ConfigError, match=r"p\.yaml:\d+: data\.A: unknown name 'B'; available: n"):
+        cs.load_polytope(write(tmp_path, GOOD + "data:\n" + entries))
+    P = cs.load_polytope(write(tmp_path, GOOD + "data:\n  A: n + 1\n  B: A * 2\n", name="q.yaml"))
+    assert dict(P.data) == {"A": 4, "B": 8}
