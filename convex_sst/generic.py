@@ -193,13 +193,16 @@ def generic_layer(polytope: Polytope, reg: Regularizer) -> GenericLayer:
     return layer
 
 
-def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, **options: Any) -> torch.Tensor:
-    """Generic backend: ``theta: (B, *shape)`` any float dtype/device -> same dtype/device."""
+def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, forbidden: torch.Tensor | None = None,
+                  **options: Any) -> torch.Tensor:
+    """Generic backend: ``theta: (B, *shape)`` any float dtype/device -> same dtype/device
+    (``forbidden``, the mask of ``-inf`` entries, comes from ``relax``, not from users)."""
     # relax() has checked the options' names and values (check_options)
     layer = generic_layer(polytope, reg)
     B = theta.shape[0]
-    flat = first_order_guard(theta.reshape(B, polytope.size).to(device="cpu", dtype=torch.float64),
-                             "the generic backend (cvxpylayers)")
+    mask = None if forbidden is None else forbidden.reshape(B, polytope.size).cpu()
+    flat = polytope._centered(theta.reshape(B, polytope.size).to(device="cpu", dtype=torch.float64), mask)
+    flat = first_order_guard(flat, "the generic backend (cvxpylayers)")
     # entries as far below the others as relax's stand-in for -inf (a manual mask: -1e9) carry
     # less than e^-40 at that level or below it; left as they are, they wreck the conic solver's
     # scaling (spanning trees of K5 at -1e9: x off by 0.6). Raised to the level, unless a row

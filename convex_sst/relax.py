@@ -217,7 +217,7 @@ def relax(
     if forbidden is not None:
         mask = forbidden.reshape(theta.shape)
         theta = fill_forbidden(theta, mask)
-        if _takes_forbidden(route[1] or fn):  # a fast path, or the torch backend, declaring it
+        if _takes_forbidden(route[1] or fn):  # a fast path, or a backend function, declaring it
             options = {**options, "forbidden": mask}
     with autocast_off(theta.device):
         x = fn(theta, P, reg, **options)

@@ -1130,9 +1130,9 @@ def solve_torch(theta: torch.Tensor, polytope: Polytope, regularizer: Regularize
         return (0.0 * theta + x.reshape(theta.shape[1:])), report
     # the normal equations of an interior-point method are too ill-conditioned for float32:
     # float32 inputs are solved in float64 and the result cast back
-    flat = theta.reshape(B, polytope.size).to(torch.float64)
-    holder: list[SolveReport] = []
     mask = None if forbidden is None else forbidden.reshape(B, polytope.size)
+    flat = polytope._centered(theta.reshape(B, polytope.size).to(torch.float64), mask)
+    holder: list[SolveReport] = []
     x = _TorchSST.apply(first_order_guard(flat, "the torch interior-point solver (backend='torch')"), sf, regularizer, tol,
                         max_iter, holder, mask)
     return x.to(theta.dtype).reshape(theta.shape), holder[0]
