@@ -435,7 +435,7 @@ class Evaluator:
     """Evaluate ASTs over a name table, a function table and the stacked variable size."""
 
     def __init__(self, names: Mapping[str, Any], functions: Mapping[str, Callable], num_z: int = 0):
-        self.names = names  # read only: a ChainMap of lazily evaluated entries stays lazy
+        self.names = names  # read only, not copied: a mapping of entries evaluated on demand stays lazy
         self.functions = {**LINEAR_FUNCTIONS, **functions}
         self.num_z = num_z
 

@@ -3,8 +3,8 @@
 ``load_polytope("k_subset", n=5, k=2)`` finds the built-in config (shipped as package data),
 validates the parameters, compiles the constraints to a :class:`CanonicalForm`, checks that
 the polytope is non-empty and bounded (a built-in one: by one hard structure, its constraints
-compiled only when a solver first needs them), and caches the instance, so compiled layers attached to
-it are reused by later calls with the same parameters. The cache holds the instances still in
+compiled only when a solver first needs them), and caches the instance, so compiled layers
+attached to it are reused by later calls with the same parameters. The cache holds the instances still in
 use (referenced elsewhere: by a layer, a model, a variable) and the :data:`RECENT_POLYTOPES`
 most recently loaded ones; others are freed, so a loop over many distinct graphs does not grow
 without bound (each instance with compiled solvers holds about 1.4 MB).
@@ -214,10 +214,10 @@ class Polytope:
         self.regularizers = config.regularizers
         self.argmax_name = config.argmax
         # built-in structures are bounded 0/1 vectors and their argmax is tested against the LP:
-        # one hard structure shows P is not empty, and the data the constraints alone use and
-        # the constraints are evaluated when first needed (a solver, the LP argmax). Arborescences
-        # on 160 vertices took 72 s and 5 GB to load that way; their fast paths and argmax
-        # never need it.
+        # one hard structure shows that P is not empty, and the constraints (with the data
+        # entries only they read) are evaluated when first needed (a solver, the LP argmax).
+        # Arborescences on 160 vertices took 72 s and 5 GB to load with them; their fast paths
+        # and argmax never need them.
         lazy = builtin and self.argmax_name is not None
         self.shape, self.data = config.evaluate(self.params, lazy=lazy)
         self.size = int(np.prod(self.shape, dtype=np.int64))
