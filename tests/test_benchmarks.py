@@ -87,3 +87,11 @@ def test_sinkhorn_schedule_benchmark_runs_and_its_settings_agree():
     assert [r[:3] for r in rows] == [["4 × 4", "3", "1"], ["3 × 5", "2", "1"]]
     for row in rows:
         assert row[-2] == "0, 0" and float(row[-1]) < 1e-10, row
+
+
+def test_load_benchmark_runs():
+    out = _run("load.py", "--cases", "arborescence:5", "spanning_tree:4")
+    rows = _rows(out, "| ")[1:]
+    assert [r[:2] for r in rows] == [["arborescence", "5"], ["spanning_tree", "4"]]
+    for row in rows:
+        assert all(float(cell) >= 0 for cell in row[2:]), row
