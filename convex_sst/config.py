@@ -134,7 +134,7 @@ class _Restricted(Mapping[str, Any]):
 class DataEntries(Mapping[str, Any]):
     """A config's ``data:`` entries for given parameters, each evaluated when first read (with
     the entries it names) and kept. Built-in graph structures declare dense (n², n²)
-    incidence-like matrices for their constraints (5 GB for arborescences on 160 vertices)
+    incidence-like matrices for their constraints (for arborescences on 160 vertices, one of 5 GB)
     that their fast paths and argmax never read."""
 
     def __init__(self, config: PolytopeConfig, params: Mapping[str, Any]):
