@@ -81,6 +81,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     params = _parse_params(args.param)
     P = load_polytope(args.file, **params)
     form = P.form
+    P._check_nonempty_bounded()  # the LPs (built-in polytopes skip them at load)
     print(f"{P.name}: {P.description.splitlines()[0] if P.description else ''}")
     print(f"  source       {P.config.source}")
     print(f"  parameters   {', '.join(f'{k}={v}' for k, v in P.params.items()) or '-'}")
