@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ._autograd import graph_break
-from ._forbidden import clear_forbidden, far_below, fill_forbidden, is_forbidden
+from ._forbidden import clear_forbidden, fill_forbidden, is_forbidden
 from ._scalars import as_real, positive_int
 from .canonical import CanonicalForm
 from .config import PolytopeConfig, load_config_file
@@ -284,41 +284,44 @@ class Polytope:
             )
 
     def _centered(self, theta: torch.Tensor, forbidden: torch.Tensor | None = None) -> torch.Tensor:
-        """``θ − c`` for ``theta: (B, size)``, one constant per row, where Σx is the same at every
-        point of P (simplex, k-subsets, permutations, matchings, trees): ``c·Σx`` is then constant
-        on P, so the relaxation is the same for every c, and c carries no gradient. c is the
-        midpoint of the row's range, leaving out ``forbidden`` (relax's stand-ins for ``-inf``)
-        and the entries far below the others (manual masks), in rows offset by more than their
-        range (0 in the others). The solvers' tolerances are relative to max|θ|: a common
-        offset cost them accuracy (torch solver, θ = u + 1000 at t = 0.5: x off by up to 1.6e-6
-        instead of 2e-9), and below about −40·(size + 1) they took every entry for a mask (raised
-        all of them to the stand-in level, found the row tied and solved it again)."""
-        if not self._constant_total():
+        """``θ − c`` for ``theta: (B, size)``, one constant per row, where Σx is the same value K
+        at every point of P (simplex, k-subsets, permutations, matchings, trees): ``c·Σx`` is then
+        constant on P, so the relaxation is the same for every c, and c carries no gradient.
+
+        c is the row's K-th largest entry (leaving out ``forbidden``, relax's stand-ins for
+        ``-inf``): the level of the entries that compete for the last unit of mass, which the
+        solution is most sensitive to. Rows are centred only where that level lies further from
+        0 than twice (1 + the median distance of the entries to it); the others keep their
+        rounding. (The midpoint of the range, used before, moved a +1e9 entry's magnitude onto
+        all the others: θ = (1e9, u) became (0, u − 1e9).) The solvers' tolerances and rounding
+        are relative to the magnitudes of the entries: a common offset cost them accuracy (torch
+        solver, θ = u + 1000 at t = 0.5: x off by up to 1.6e-6 instead of 2e-9), and below about
+        −40·(size + 1) they took every entry for a mask (raised all of them to the stand-in
+        level, found the row tied and solved it again)."""
+        total = self._constant_total()
+        if total is None or theta.shape[0] == 0:
             return theta
         d = theta.detach()
-        top = d.amax(1, keepdim=True) if d.shape[0] else d[:, :1]
-        below = d - top
-        # far below as the row is, or below its maximum (a row offset by -1000 is far below 0
-        # as a whole: then c is the maximum)
-        low = far_below(d)[0] | far_below(below)[0]
+        k = min(max(int(round(total)), 1), d.shape[1])
+        masked = d if forbidden is None else d.masked_fill(forbidden, -math.inf)
+        level = masked.topk(k, dim=1).values[:, -1:]
+        level = torch.where(torch.isfinite(level), level, torch.zeros_like(level))  # fewer than K allowed
+        dist = (d - level).abs()
         if forbidden is not None:
-            low = low | forbidden
-        half = -0.5 * below.masked_fill(low, 0.0).amin(1, keepdim=True)  # half the range
-        c = top - half
-        # rows offset by more than their range only: the others keep their rounding (rows that
-        # stall near the tolerance are judged as before; spanning trees n = 8, quadratic: one
-        # row of 128 centred by 0.44 stalled at 1.1e-8, just above the 1e-8 accepted, x right)
-        return theta - torch.where(c.abs() > 2.0 * half, c, torch.zeros_like(c))
+            dist = dist.masked_fill(forbidden, math.nan)
+        spread = dist.nanmedian(1, keepdim=True).values
+        return theta - torch.where(level.abs() > 2.0 * (1.0 + spread), level, torch.zeros_like(level))
 
-    def _constant_total(self) -> bool:
-        """Whether Σx takes one value on P (two LPs, once per polytope)."""
+    def _constant_total(self) -> float | None:
+        """Σx where it takes one value on P, else None (two LPs, once per polytope)."""
         if "constant total" not in self.cache:
             ones = np.ones(self.size)
             totals = []
             for sign in (1.0, -1.0):
                 z = self.lp.maximize(sign * ones)[1]
                 totals.append(math.nan if z is None else float(z[: self.size].sum()))
-            self.cache["constant total"] = abs(totals[0] - totals[1]) <= 1e-9 * (1.0 + abs(totals[0]))  # NaN: False
+            same = abs(totals[0] - totals[1]) <= 1e-9 * (1.0 + abs(totals[0]))  # NaN: False
+            self.cache["constant total"] = totals[0] if same else None
         return self.cache["constant total"]
 
     def x_range(self) -> tuple[np.ndarray, np.ndarray]:

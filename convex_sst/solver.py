@@ -26,7 +26,8 @@ sums of a Birkhoff polytope) give a diagonal block of S and are eliminated in cl
 rest is Cholesky-factored with a relative ridge (and refined against the exact operator in the
 backward pass). A row has converged when its KKT residual is below ``tol``: the dual residual
 relative to ``1 + max|θ|`` (over the allowed coordinates: forbidden ones, ``-inf`` in ``u``,
-reach the solver as a huge negative stand-in with their mask, and start near 0), the primal
+reach the solver as a huge negative stand-in with their mask, and start near 0; in rows with
+entries far above the others, per coordinate, relative to the terms of its own residual), the primal
 residuals, 1000× the mean complementarity and, once those are within ``accept``, 100× the
 largest complementarity pair whose slack and multiplier are still within 1e4 of each other
 (unresolved: neither active nor inactive yet). A best-iterate safeguard and a stall test end
@@ -387,6 +388,7 @@ def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict
         sf.cache[key] = {
             "b": t(sf.b), "h": t(sf.h),
             "Aop": _LinOp(sf.A, dtype, device), "Gop": _LinOp(sf.G, dtype, device),
+            "Aabs": _LinOp(np.abs(sf.A), dtype, device), "Gabs": _LinOp(np.abs(sf.G), dtype, device),
             "L": t(np.where(np.isfinite(sf.L), sf.L, 0.0)), "U": t(np.where(np.isfinite(sf.U), sf.U, 0.0)),
             "hasL": torch.as_tensor(np.isfinite(sf.L), device=device),
             "hasU": torch.as_tensor(np.isfinite(sf.U), device=device),
@@ -664,8 +666,21 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # (thousands) would loosen them as much (x off by up to 1e-4 on rows reported converged)
     if forbidden is None:
         forbidden = torch.zeros_like(theta, dtype=torch.bool)
-    scale = 1.0 + theta.abs().masked_fill(forbidden, 0.0).amax(1)
+    mag = theta.abs().masked_fill(forbidden, 0.0)
+    scale = 1.0 + mag.amax(1)
+    # ... except in rows with entries far above the others (θ_j = +1e9 to force a choice): one
+    # scale from those let the other coordinates off by tol·1e9 (x off by up to 0.2 in rows
+    # reported converged). There each coordinate (and each complementarity pair) is judged
+    # relative to the magnitudes of the terms in its own dual residual, its rounding floor
+    # (:func:`_coordinate_scales`), between the scale of the row without those entries and the
+    # scale with them.
+    typical = 1.0 + theta.abs().masked_fill(forbidden, math.nan).nanmedian(1).values.nan_to_num(0.0)
+    lower = 1.0 + mag.masked_fill(mag > _FAR_ABOVE * typical[:, None], 0.0).amax(1)
+    outliers = bool((lower < scale).any())
+    scales = torch.stack([lower, scale], 1)
     dlo, dhi = sf.domain
+    inside_lo = float(np.nextafter(dlo, math.inf)) if math.isfinite(dlo) else None
+    inside_hi = float(np.nextafter(dhi, -math.inf)) if math.isfinite(dhi) else None
     lo = torch.where(hasL, Lb, torch.full_like(Lb, -math.inf))
     hi = torch.where(hasU, Ub, torch.full_like(Ub, math.inf))
     fl, fh = torch.isfinite(lo), torch.isfinite(hi)
@@ -697,7 +712,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     zero1 = torch.zeros((), dtype=dtype, device=device)
     tiny = torch.finfo(dtype).tiny
 
-    def state(th, sc, z, y, s, lam, zl, zu):
+    def state(th, scs, z, y, s, lam, zl, zu):
         x = z[:, :d]
         g = eps_aux * z
         g[:, :d] = grad(x) - th
@@ -719,14 +734,21 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         pl, pu, ps = gl * zl, gu * zu, s * lam
         mu = (pl.sum(1) + pu.sum(1) + ps.sum(1)) / ncomp
         D = hh + zl * rgl + zu * rgu
-        r = (rd.abs() / D.clamp_min(1.0)).amax(1) / sc
+        # complementarity 1000x tighter: a weakly active bound's gap shrinks only like sqrt(mu);
+        # relative to the scale of θ, like the dual residual (the multipliers scale with θ)
+        if outliers:  # per coordinate and pair
+            c, cs = _coordinate_scales(th, g, y, lam, zl, zu, scs, T)
+            pl, pu, ps = pl / c, pu / c, ps / cs
+            r = (rd.abs() / (D.clamp_min(1.0) * c)).amax(1)
+            r = torch.maximum(r, 1e3 * (pl.sum(1) + pu.sum(1) + ps.sum(1)) / ncomp)
+            sc = torch.ones_like(r)
+        else:
+            sc = scs[:, 1]
+            r = torch.maximum((rd.abs() / D.clamp_min(1.0)).amax(1), 1e3 * mu) / sc
         if m:
             r = torch.maximum(r, rp.abs().amax(1))
         if p:
             r = torch.maximum(r, rs.abs().amax(1))
-        # complementarity 1000x tighter: a weakly active bound's gap shrinks only like sqrt(mu);
-        # relative to the scale of θ, like the dual residual (the multipliers scale with θ)
-        r = torch.maximum(r, 1e3 * mu / sc)
         # ... and, once that is within `accept`, the largest *unresolved* pair (slack and
         # multiplier within _RESOLVED of each other) 100x tighter: the mean over hundreds of
         # pairs let one lag at 5e-9 (a matching's column with true slack 1e-5 at slack 2e-5 and
@@ -750,9 +772,9 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             break
         # every row running: views instead of gathered copies
         ix: torch.Tensor | slice = slice(None) if running.numel() == B else running
-        th, sc = _rows(theta, ix), scale[ix]
+        th, scs = _rows(theta, ix), scales[ix]
         zz, yy, ss, ll, zlz, zuz = (_rows(v, ix) for v in (z, y, s, lam, zl, zu))
-        hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(th, sc, zz, yy, ss, ll, zlz, zuz)
+        hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(th, scs, zz, yy, ss, ll, zlz, zuz)
         # keep each row's best iterate: degenerate duals (dependent active constraints) can drift
         # once the primal has converged, and a drifting row is stopped and rolled back (the
         # tests below only look at iterates within 1e4·accept, so only those are kept)
@@ -875,10 +897,15 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             else:
                 full[ix] = torch.addcmul(part, a, step)
         iters[ix] += finite.long()
-    hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scale, z, y, s, lam, zl, zu)
+        # an entropy's gradient is infinite at the ends of its domain: a coordinate that the
+        # step rounds onto an end (θ far above the others, 1 − x below float resolution) stays
+        # on the last float inside
+        if math.isfinite(dlo) or math.isfinite(dhi):
+            z[:, :d].clamp_(min=inside_lo, max=inside_hi)
+    hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scales, z, y, s, lam, zl, zu)
     better = torch.isfinite(resid) & (resid < best_res)
     z, y, s, lam, zl, zu = [torch.where(better[:, None], v, bv) for v, bv in zip((z, y, s, lam, zl, zu), best)]
-    hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scale, z, y, s, lam, zl, zu)
+    hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scales, z, y, s, lam, zl, zu)
     # Rows that stalled above `accept`: degenerate problems, whose weakly active constraints (slack
     # and multiplier both ~sqrt(μ)) need μ far below where the strongly active slacks reach the
     # rounding floor (arborescences with nearly uniform utilities: every row stalled, x off by
@@ -890,7 +917,8 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # Newton factorizations however few rows it works on.
     need = (torch.isfinite(resid) & (resid > accept)).nonzero()[:, 0]
     if need.numel():
-        th, sc = _rows(theta, need), scale[need]
+        th, scs = _rows(theta, need), scales[need]
+        sc = scs[:, 1]
         start = [v[need] for v in (z, y, s, lam, zl, zu)]
         held = _held_constraints(start, mu[need], T)
         # A bound whose gap has reached the rounding floor (x = 1 exactly, where float64 cannot
@@ -903,7 +931,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             cand = _polish(th, start, held, T, sf, grad, hess, eps_aux)
             viol = _violation(cand, T) / sc
             clamped = cand[:3] + [v.clamp_min(0.0) for v in cand[3:]]
-            cres = state(th, sc, *clamped)[-1]
+            cres = state(th, scs, *clamped)[-1]
             cres = torch.where(torch.isfinite(viol), torch.maximum(cres, viol), math.inf)
             take = torch.isfinite(cres) & (cres < keep_res)
             keep_res = torch.where(take, cres, keep_res)
@@ -921,7 +949,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             z, y, s, lam, zl, zu = [v.clone() for v in (z, y, s, lam, zl, zu)]
             for v, kv in zip((z, y, s, lam, zl, zu), keep):
                 v[rows] = kv[better]
-            hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scale, z, y, s, lam, zl, zu)
+            hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scales, z, y, s, lam, zl, zu)
             resid[rows] = torch.maximum(resid[rows], keep_res[better])
     # The backward solves the reduced KKT system of the limit problem: constraints whose slack is
     # (numerically) zero, or whose multiplier exceeds their slack _RESOLVED times, are active
@@ -956,6 +984,42 @@ _RESOLVED = 1e4
 # active-set rounds of the polish: sparse-graph spanning trees (entropy, t = 1) needed 4 on a
 # row where 3 left x off by 1.2e-4; the loop ends early once the held set stops changing
 _POLISH_ROUNDS = 8
+
+
+# entries of θ more than this many times the row's median magnitude (plus 1) are far above the
+# others: the tolerances of their row are then per coordinate (:func:`_coordinate_scales`)
+_FAR_ABOVE = 10.0
+# a coordinate's scale is 1 + this times the magnitudes of its terms. Flow formulations
+# (spanning trees, arborescences) with θ_j = u_j + 1e6, whose path multipliers carry the 1e6 into
+# the auxiliary variables: at 1, rows reported converged had x off by up to 8e-6; at 0.1, by up
+# to 8e-7 (rows that stall below the accepted 1e-8, reported 'inaccurate' without a warning, by
+# up to 2e-5; at u_j + 1e9 every row stalls above it and is reported). At 1e-3, matchings with
+# the quadratic stalled at 1.5e-7 on 5 rows of 16 at u_j + 1e9, with x right to 1e-9
+_TERM_WEIGHT = 0.1
+
+
+def _coordinate_scales(th: torch.Tensor, g: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, zl: torch.Tensor,
+                       zu: torch.Tensor, scs: torch.Tensor, T: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per variable ``(B, n)`` and per inequality row ``(B, p)``, the scale its dual residual and
+    complementarity are judged against: 1 + a tenth of the magnitudes of the terms of its dual
+    residual ``∇f(x) − θ + Aᵀy + Gᵀλ − z_L + z_U`` (its rounding floor is eps times those), clamped
+    to ``[lower, upper] = scs.T`` (the scale of θ without and with its entries far above the
+    others). An inequality row's scale is ``Σ_j |G_rj| c_j`` over its variables.
+
+    With θ_j = +1e9, x_j is pinned at its bound by a multiplier near 1e9, and that
+    coordinate is judged relative to 1e9; the others, whose terms are O(1), relative to 1.
+    Including the multiplier in the scale makes a pinned pair's complementarity a test of its gap
+    (``gap·z / (1 + 0.1 z) ≈ 10 gap``), which rounding allows down to 1e-16."""
+    c = g.abs() + zl + zu
+    c[:, : th.shape[1]] += th.abs()
+    if T["Aop"].shape[0]:
+        c = c + T["Aabs"].adj(y.abs())
+    if T["Gop"].shape[0]:
+        c = c + T["Gabs"].adj(lam)
+    lower, upper = scs[:, :1], scs[:, 1:]
+    c = torch.minimum(torch.maximum(1.0 + _TERM_WEIGHT * c, lower), upper)
+    cs = torch.minimum(torch.maximum(T["Gabs"].fwd(c), lower), upper) if T["Gop"].shape[0] else c[:, :0]
+    return c, cs
 
 
 def _unresolved(product: torch.Tensor, slack: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
