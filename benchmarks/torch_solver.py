@@ -8,6 +8,7 @@ the two (the reference for those is the fast path where one exists, which is exa
     python benchmarks/torch_solver.py
     python benchmarks/torch_solver.py --targets      # only the issue's three target problems
     python benchmarks/torch_solver.py --convergence  # only the table of per-row convergence
+    python benchmarks/torch_solver.py --far-above    # only the table of one entry far above the others
 
 The last table counts, per problem and temperature, the rows of a batch of 128 (3 seeds) that
 the solver reports as converged (KKT residual ≤ 10·tol), inaccurate (stalled below 1e-8) or
@@ -63,7 +64,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--targets", action="store_true", help="only the three target problems, batch 128")
     ap.add_argument("--convergence", action="store_true", help="only the per-row convergence table")
+    ap.add_argument("--far-above", action="store_true", help="only the table of an entry far above the others")
     args = ap.parse_args()
+    if args.far_above:
+        far_above_table()
+        return
     warnings.simplefilter("ignore")
     if args.convergence:
         convergence_table()
@@ -135,6 +140,43 @@ def convergence_table(seeds: int = 3, batch: int = 128) -> None:
                       f"{statistics.mean(its):.1f}, {max(its)}"]
         ps = ", ".join(f"{k}={v}" for k, v in P.params.items() if v is not None and not hasattr(v, "shape"))
         print(f"| {name} | {ps} | {reg} | " + " | ".join(cells) + " |", flush=True)
+
+
+FAR_ABOVE = [("simplex", {"n": 6}), ("k_subset", {"n": 6, "k": 2}), ("hypercube", {"n": 6}), ("birkhoff", {"n": 4}),
+             ("matching", {"n": 3, "m": 4}), ("dag_path", {"n": 5}), ("spanning_tree", {"n": 4}),
+             ("arborescence", {"n": 4})]
+
+
+def far_above_table(batch: int = 16) -> None:
+    """θ_j = u_j + c (one entry forced, t = 1): max |Δx| over the batch against the same problem at
+    c = 200 (the same solution to e^-100), and how many rows ``relax`` warned about."""
+    print(f"\nOne entry far above the others (torch solver, float64, t = 1, B = {batch}): max |Δx| against "
+          "c = 200, and the rows warned about (of the batch)\n")
+    offsets = (1e3, 1e6, 1e9)
+    print("| polytope | regularizer | " + " | ".join(f"c = {c:.0e}" for c in offsets) + " |")
+    print("|---|---|" + "---|" * len(offsets))
+    for name, params in FAR_ABOVE:
+        P = cs.load_polytope(name, **params)
+        for reg in ("entropy", "binary_entropy", "quadratic"):
+            g = torch.Generator().manual_seed(0)
+            u = torch.randn(batch, P.size, generator=g, dtype=torch.float64)
+
+            def relax(c: float) -> tuple[torch.Tensor, int]:
+                uu = u.clone()
+                uu[:, 1] += c
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", cs.SolverWarning)
+                    x = cs.relax(uu.reshape((batch,) + P.shape), P, reg, 1.0, backend="torch")
+                warned = [w for w in caught if issubclass(w.category, cs.SolverWarning)]
+                rows = int(str(warned[0].message).split("element(s) [")[1].count(",") + 1) if warned else 0
+                return x.reshape(batch, -1), rows
+
+            ref, _ = relax(200.0)
+            cells = []
+            for c in offsets:
+                x, rows = relax(c)
+                cells.append(f"{(x - ref).abs().max().item():.1e}" + (f" ({rows} warned)" if rows else ""))
+            print(f"| {name} | {reg} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
