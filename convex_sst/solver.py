@@ -669,7 +669,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     mag = theta.abs().masked_fill(forbidden, 0.0)
     scale = 1.0 + mag.amax(1)
     # ... except in rows with entries far above the others (θ_j = +1e9 to force a choice): one
-    # scale from those let the other coordinates off by tol·1e9 (x off by up to 0.2 in rows
+    # scale from those let the other coordinates off by tol·1e9 (x off by up to 2e-2 in rows
     # reported converged). There each coordinate (and each complementarity pair) is judged
     # relative to the magnitudes of the terms in its own dual residual, its rounding floor
     # (:func:`_coordinate_scales`), between the scale of the row without those entries and the
