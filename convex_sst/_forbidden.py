@@ -20,6 +20,10 @@ where an entropy's slope is ``log(1/δ)``) and the loss at least ``δ · 40 (d +
 with a single permutation left, a margin of 64 leaked 1.2e-5 with the binary entropy, the
 mass spread around a cycle of six entries.) The quadratic's projection puts exactly 0 there.
 Each row is checked.
+
+The same argument turned around covers entries far *above* the others (``u_j + 1e9`` to force a
+choice): :func:`lower_far_above` brings them down to where they are only just far above, which
+leaves the relaxation unchanged to ``e⁻⁴⁰`` and spares the solvers magnitudes of 1e9.
 """
 
 from __future__ import annotations
@@ -79,6 +83,41 @@ def raise_far_below(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     :func:`rows_on` and solves the rows it names again as given."""
     low, level = far_below(theta)
     return torch.where(low, level[:, None], theta), low
+
+
+def lower_far_above(theta: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """``theta: (B, d)`` with its entries far above the others (``u_j + 1e9`` to force a choice)
+    lowered, per row, by one constant (no gradient), to where they are only just far above.
+
+    The top k entries F of a row, with spread ``s = max_F θ − min_F θ``, are far above the rest R
+    when ``min_F θ > L = 2 Σ_R |θ| + d·s + SLACK (d + 1)`` (``exclude``: forbidden entries and
+    entries far below the others, left out of the sum and never in F). By the argument of the
+    module docstring, turned around, a 0/1 vertex with fewer coordinates in F than the most any
+    vertex has then scores at least ``SLACK (d + 1)`` below one with the most (F's entries beat
+    R's by more than ``2 Σ_R |θ|``, their spread costs at most ``(d − 1)·s``), so a relaxation
+    puts less than ``e⁻⁴⁰`` on it, at min_F θ = L or anywhere above; and vertices with equally
+    many keep their differences. So F is lowered until ``min_F θ = L``, for the k (if any)
+    that leaves the smallest max θ. Left at 1e9, the entries cost the interior-point solver x to
+    rounding: its flow formulations lost x by up to 0.4 (spanning trees, arborescences)."""
+    B, d = theta.shape
+    th = theta.detach()
+    if d < 2 or not bool((th >= SLACK * (d + 1)).any()):  # L is at least that: the common case
+        return theta
+    vals = th if exclude is None else th.masked_fill(exclude, -torch.inf)
+    srt, order = vals.sort(dim=1, descending=True)
+    mags = torch.where(torch.isfinite(srt), srt.abs(), 0.0)
+    rest = mags.sum(1, keepdim=True) - mags.cumsum(1)[:, :-1]        # Σ_R |θ| for F = top k, k = 1..d-1
+    low = srt[:, :-1]                                               # min_F θ
+    spread = srt[:, :1] - low
+    level = 2.0 * rest + d * spread + SLACK * (d + 1)
+    ok = torch.isfinite(low) & (low > level)
+    if not bool(ok.any()):
+        return theta
+    top = torch.where(ok, spread + level, torch.inf).argmin(1, keepdim=True)   # k − 1
+    shift = torch.where(ok.gather(1, top), (low - level).gather(1, top), 0.0)  # (B, 1)
+    in_f = torch.zeros_like(th, dtype=torch.bool).scatter(
+        1, order, torch.arange(d, device=th.device).expand(B, d) <= top)
+    return theta - torch.where(in_f, shift, 0.0)
 
 
 def rows_on(x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:

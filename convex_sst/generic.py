@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ._autograd import first_order_guard
-from ._forbidden import raise_far_below, rows_on
+from ._forbidden import lower_far_above, raise_far_below, rows_on
 from .errors import SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -206,10 +206,12 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, for
     # entries as far below the others as relax's stand-in for -inf (a manual mask: -1e9) carry
     # less than e^-40 at that level or below it; left as they are, they wreck the conic solver's
     # scaling (spanning trees of K5 at -1e9: x off by 0.6). Raised to the level, unless a row
-    # puts mass on them (every structure uses one), which is solved again as given.
+    # puts mass on them (every structure uses one), which is solved again as given. Entries far
+    # above the others (u = 1e9 to force a choice) are lowered to where they are only just far
+    # above (x moves by less than e^-40).
     raised, low = raise_far_below(flat)
-    x = layer(raised, **options)
+    x = layer(lower_far_above(raised, low if mask is None else mask | low), **options)
     redo = rows_on(x, low)
     if redo.numel():
-        x = x.index_put((redo,), layer(flat[redo], **options))
+        x = x.index_put((redo,), layer(lower_far_above(flat[redo], None if mask is None else mask[redo]), **options))
     return x.to(device=theta.device, dtype=theta.dtype).reshape(theta.shape)

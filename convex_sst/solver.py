@@ -58,7 +58,7 @@ import torch
 
 from ._autograd import first_order_guard
 from ._unionfind import UnionFind
-from ._forbidden import raise_far_below, rows_on
+from ._forbidden import lower_far_above, raise_far_below, rows_on
 from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -989,12 +989,11 @@ _POLISH_ROUNDS = 8
 # entries of θ more than this many times the row's median magnitude (plus 1) are far above the
 # others: the tolerances of their row are then per coordinate (:func:`_coordinate_scales`)
 _FAR_ABOVE = 10.0
-# a coordinate's scale is 1 + this times the magnitudes of its terms. Flow formulations
-# (spanning trees, arborescences) with θ_j = u_j + 1e6, whose path multipliers carry the 1e6 into
-# the auxiliary variables: at 1, rows reported converged had x off by up to 8e-6; at 0.1, by up
-# to 8e-7 (rows that stall below the accepted 1e-8, reported 'inaccurate' without a warning, by
-# up to 2e-5; at u_j + 1e9 every row stalls above it and is reported). At 1e-3, matchings with
-# the quadratic stalled at 1.5e-7 on 5 rows of 16 at u_j + 1e9, with x right to 1e-9
+# a coordinate's scale is 1 + this times the magnitudes of its terms. Measured on θ_j = u_j + c
+# as given (before such entries were lowered, _forbidden.lower_far_above): flow formulations
+# (spanning trees, arborescences) at c = 1e6, whose path multipliers carry c into the auxiliary
+# variables: at 1, rows reported converged had x off by up to 8e-6; at 0.1, by up to 8e-7. At
+# 1e-3, matchings with the quadratic stalled at 1.5e-7 on 5 rows of 16 at c = 1e9, x right
 _TERM_WEIGHT = 0.1
 
 
@@ -1129,11 +1128,16 @@ class _TorchSST(torch.autograd.Function):
         # forbidden in all but name: raised to its level (x moves by less than e^-40; at -1e9 the
         # Newton systems lost x to rounding, off by up to 0.25) and treated as forbidden. Rows
         # that put mass on them anyway (every structure uses one) are solved again as given.
+        # Entries far above the others (u = 1e9 to force a choice) are lowered to where they are
+        # only just far above (x moves by less than e^-40; at 1e9 the flow formulations lost x to
+        # rounding, off by up to 0.4).
         raised, low = raise_far_below(th)
-        z, (Dback, Sback), report = _ipm(raised, sf, reg, tol, max_iter, low if fb is None else fb | low)
+        out = low if fb is None else fb | low
+        z, (Dback, Sback), report = _ipm(lower_far_above(raised, out), sf, reg, tol, max_iter, out)
         redo = rows_on(z[:, : sf.d], low)
         if redo.numel():
-            z2, (D2, S2), rep2 = _ipm(th[redo], sf, reg, tol, max_iter, None if fb is None else fb[redo])
+            fr = None if fb is None else fb[redo]
+            z2, (D2, S2), rep2 = _ipm(lower_far_above(th[redo], fr), sf, reg, tol, max_iter, fr)
             z, Dback = z.index_put((redo,), z2), Dback.index_put((redo,), D2)
             Sback = None if Sback is None else Sback.index_put((redo,), S2)
             report = SolveReport(converged=report.converged.index_put((redo,), rep2.converged),

@@ -555,3 +555,36 @@ def test_generic_backend_with_a_manual_mask():
     v = torch.tensor([[-1e9, -2e9, -1e9 - 1.0]], dtype=torch.float64)
     # as given, cvxpylayers resolves -1e9 to 1e-5 only; raised, the two entries near -1e9 would tie (0.5 each)
     torch.testing.assert_close(cs.relax(v, S, "entropy", 1.0, backend="generic"), torch.softmax(v, -1), atol=1e-4, rtol=0)
+
+
+def test_lower_far_above_keeps_differences_within_the_forced_entries_and_leaves_other_rows():
+    from convex_sst._forbidden import SLACK, lower_far_above
+
+    th = torch.tensor([[1e9, 0.3, -0.2, 1.0],            # one forced entry
+                       [1e9 + 0.5, 1e9, 0.1, 0.2],       # two, 0.5 apart
+                       [1e9, 1e6, 0.0, 0.0],             # nested: only the top one comes down
+                       [1.0, 2.0, 3.0, 4.0],             # ordinary
+                       [-5e9, 3.0, 1e9, 2.0]], dtype=torch.float64)  # a stand-in for -inf: left out
+    exclude = torch.zeros_like(th, dtype=torch.bool)
+    exclude[4, 0] = True
+    out = lower_far_above(th, exclude)
+    d = 4
+    near = lambda a, b: abs(float(a) - b) < 1e-6  # noqa: E731 (1e9 − shift rounds)
+    assert near(out[0, 0], 2 * (0.3 + 0.2 + 1.0) + SLACK * (d + 1)) and torch.equal(out[0, 1:], th[0, 1:])
+    assert near(out[1, 0] - out[1, 1], 0.5) and near(out[1, 1], 2 * 0.3 + d * 0.5 + SLACK * (d + 1))
+    assert near(out[2, 0], 2 * 1e6 + SLACK * (d + 1)) and out[2, 1] == 1e6
+    assert torch.equal(out[3], th[3]) and out[4, 0] == -5e9 and near(out[4, 2], 2 * 5.0 + SLACK * (d + 1))
+    ordinary = torch.randn(8, 5, dtype=torch.float64)
+    assert lower_far_above(ordinary) is ordinary  # no entry reaches SLACK·(d + 1): no work
+
+
+@pytest.mark.parametrize("backend", ["torch", "generic"])
+def test_two_forced_entries_of_a_simplex_share_the_mass_by_their_difference(backend):
+    # both at u + 1e9: the relaxation is the two-way softmax of their difference (the others get
+    # e^-1e9); lowering them together keeps it
+    P = cs.load_polytope("simplex", n=5)
+    u = torch.tensor([[1e9 + 0.7, 0.2, 1e9, -0.4, 0.1]], dtype=torch.float64)
+    x = cs.relax(u, P, "entropy", 1.0, backend=backend)
+    p = 1.0 / (1.0 + math.exp(-0.7))
+    expected = torch.tensor([[p, 0.0, 1.0 - p, 0.0, 0.0]], dtype=torch.float64)
+    assert (x - expected).abs().max() < (1e-7 if backend == "torch" else 1e-6)
