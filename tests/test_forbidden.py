@@ -588,3 +588,28 @@ def test_two_forced_entries_of_a_simplex_share_the_mass_by_their_difference(back
     p = 1.0 / (1.0 + math.exp(-0.7))
     expected = torch.tensor([[p, 0.0, 1.0 - p, 0.0, 0.0]], dtype=torch.float64)
     assert (x - expected).abs().max() < (1e-7 if backend == "torch" else 1e-6)
+
+
+@pytest.mark.parametrize("name, params, reg", [("birkhoff", {"n": 4}, "entropy"), ("matching", {"n": 3, "m": 5}, "entropy"),
+                                               ("dag_path", {"n": 5}, "exp_family")])
+def test_fast_paths_lower_entries_far_above_the_others(name, params, reg, gen):
+    # Sinkhorn's log-domain sums and the DAG-path DP resolved x to 3e-8 and 6e-8 here at
+    # u_j + 1e9 (rounding of 1e9 in float64; up to 9e-7 elsewhere); lowered, the forced entry
+    # costs nothing (matchings were right here already, and stay so). Reference: u_j + 200 (not
+    # lowered; the same relaxation to e^-100)
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((6,) + P.shape, generator=gen, dtype=torch.float64)
+    w = torch.randn((6,) + P.shape, generator=gen, dtype=torch.float64)
+    idx = (slice(None),) + np.unravel_index(0, P.shape)
+
+    def relax(offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+        uu = u.clone()
+        uu[idx] += offset
+        uu.requires_grad_(True)
+        x = cs.relax(uu, P, reg, 1.0, backend="fast")
+        (g,) = torch.autograd.grad((x * w).sum(), uu)
+        return x.detach(), g
+
+    x200, g200 = relax(200.0)
+    x, g = relax(1e9)
+    assert (x - x200).abs().max() < 1e-11 and (g - g200).abs().max() < 1e-9
