@@ -387,8 +387,11 @@ class Polytope:
         lo_v, hi_v = lo.item(), hi.item()
         if not hi_v < math.inf:  # NaN or +inf
             d = u.detach()
-            bad = torch.isnan(d) | (d == math.inf)
-            raise self._non_finite(bad, batch, argname, "NaN or +inf", "finite or -inf (-inf forbids a coordinate)")
+            plus = d == math.inf
+            hint = ("; hint: to force a coordinate, add a large finite value such as 1e9 instead (entries that "
+                    "far above the others are handled like -inf masks, to e^-40)") if bool(plus.any()) else ""
+            raise self._non_finite(torch.isnan(d) | plus, batch, argname, "NaN or +inf",
+                                   "finite or -inf (-inf forbids a coordinate)" + hint)
         if lo_v > torch.finfo(u.dtype).min:
             return batch, None
         return batch, is_forbidden(u.detach())  # at least one: lo_v is -inf or finfo.min

@@ -90,6 +90,10 @@ def as_polytope(polytope: Polytope | str) -> Polytope:
         return polytope
     if isinstance(polytope, str):
         return load_polytope(polytope)
+    if isinstance(polytope, torch.Tensor):  # the utilities, most likely: arguments swapped
+        raise InputError("polytope must be a Polytope or a name, got a Tensor; hint: check the argument order: "
+                         "relax(u, polytope), sst(theta, polytope), log_partition(u, polytope), but "
+                         "smt_distribution(polytope, theta)")
     raise InputError(f"polytope must be a Polytope or a name, got {type(polytope).__name__}; "
                      "hint: convex_sst.load_polytope('k_subset', n=5, k=2)")
 

@@ -22,8 +22,11 @@ def test_nan_and_inf_in_u_name_the_batch_index(P):
     u[1, 2] = float("nan")
     with pytest.raises(cs.InputError, match=r"u contains NaN or \+inf at batch index \(1,\) \(1 of 3"):
         cs.relax(u, P, "entropy")
+    with pytest.raises(cs.InputError) as nan_only:
+        P.argmax(u)
+    assert "force" not in str(nan_only.value)  # the +inf hint is for +inf only
     u[1, 2] = float("inf")
-    with pytest.raises(cs.InputError, match=r"batch index \(1,\)"):
+    with pytest.raises(cs.InputError, match=r"batch index \(1,\).*hint: to force a coordinate, add a large finite"):
         P.argmax(u)
     with pytest.raises(cs.InputError, match="theta contains NaN or \\+inf.*theta must be finite or -inf"):
         cs.SST(P)(torch.full((4,), float("nan")))

@@ -94,6 +94,9 @@ def test_string_polytope_and_repr():
     assert "temperature=tensor of shape (8,)," in repr(per_sample)
     with pytest.raises(cs.InputError, match="polytope must be a Polytope or a name"):
         cs.relax(torch.zeros(3), 3)
+    P = cs.load_polytope("simplex", n=3)
+    with pytest.raises(cs.InputError, match="got a Tensor; hint: check the argument order.*smt_distribution"):
+        cs.smt_distribution(torch.zeros(3), P)  # (polytope, theta) the other way round
 
 
 @pytest.mark.skipif(torch.__version__ < "2.4", reason="torch 2.1's dynamo fails on this model with dynamic "
