@@ -85,7 +85,7 @@ def raise_far_below(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(low, level[:, None], theta), low
 
 
-def lower_far_above(theta: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def lower_far_above(theta: torch.Tensor, exclude: torch.Tensor | None = None, refill: bool = False) -> torch.Tensor:
     """``theta: (B, d)`` with its entries far above the others (``u_j + 1e9`` to force a choice)
     lowered, per row, by one constant (no gradient), to where they are only just far above.
 
@@ -98,7 +98,15 @@ def lower_far_above(theta: torch.Tensor, exclude: torch.Tensor | None = None) ->
     puts less than ``e⁻⁴⁰`` on it, at min_F θ = L or anywhere above; and vertices with equally
     many keep their differences. So F is lowered until ``min_F θ = L``, for the k (if any)
     that leaves the smallest max θ. Left at 1e9, the entries cost the interior-point solver x to
-    rounding: its flow formulations lost x by up to 0.4 (spanning trees, arborescences)."""
+    rounding: its flow formulations lost x by up to 0.4 (spanning trees, arborescences).
+
+    The argument needs the excluded entries to be negligible: a caller whose rows may need them
+    (every structure uses one) checks that afterwards and solves those rows again as given.
+    ``refill=True`` (excluded entries already set to one level by :func:`raise_far_below` or
+    :func:`fill_forbidden`) sets them, in the rows lowered, to that level for the lowered
+    values: computed from the entries at 1e9, they sat near −4e9, and the flow formulations
+    lost x to them the same way (spanning trees with masks and forced edges: 3 rows of 8 warned
+    about; arborescences: x off by 4.7e-8)."""
     B, d = theta.shape
     th = theta.detach()
     if d < 2 or not bool((th >= SLACK * (d + 1)).any()):  # L is at least that: the common case
@@ -117,7 +125,10 @@ def lower_far_above(theta: torch.Tensor, exclude: torch.Tensor | None = None) ->
     shift = torch.where(ok.gather(1, top), (low - level).gather(1, top), 0.0)  # (B, 1)
     in_f = torch.zeros_like(th, dtype=torch.bool).scatter(
         1, order, torch.arange(d, device=th.device).expand(B, d) <= top)
-    return theta - torch.where(in_f, shift, 0.0)
+    lowered = theta - torch.where(in_f, shift, 0.0)
+    if not refill or exclude is None:
+        return lowered
+    return torch.where(exclude & (shift > 0), fill_forbidden(lowered, exclude), lowered)
 
 
 def rows_on(x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:

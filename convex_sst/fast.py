@@ -1033,9 +1033,6 @@ def _sinkhorn_path(theta: torch.Tensor, polytope: Polytope, tol: float | None, m
     low = far_below(theta.detach().flatten(1))[0].reshape(theta.shape)
     if bool(low.any()):
         zeros = low if forbidden is None else forbidden | low
-    # entries far above the others (u = 1e9 to force a pair) come down to where they are only just
-    # far above (x moves by less than e^-40): at 1e9 the log-domain sums resolved x to 9e-7
-    theta = lower_far_above(theta.flatten(1), None if zeros is None else zeros.flatten(1)).reshape(theta.shape)
     if theta.dtype != torch.float64 and theta.numel():
         # the log-domain arithmetic resolves row/column sums to ~100·eps·max|θ| (the tolerance
         # floor in `sinkhorn`): in float32 that passes 1e-4 once max|θ| > 8 (t ≲ 0.3 at unit
@@ -1057,8 +1054,13 @@ def _sinkhorn_path(theta: torch.Tensor, polytope: Polytope, tol: float | None, m
             empty = empty | zeros.all(1).any(1)
         if bool(empty.any()):
             zeros = zeros & ~empty[:, None, None]
+    # entries far above the others (u = 1e9 to force a pair) come down to where they are only just
+    # far above (x moves by less than e^-40): at 1e9 the log-domain sums resolved x to 9e-7. (After
+    # the empty rows are restored: their far-below entries are needed, so not negligible. The
+    # fallback below solves the original θ.)
+    lowered = lower_far_above(theta.flatten(1), None if zeros is None else zeros.flatten(1)).reshape(theta.shape)
     holder: list[torch.Tensor] = []
-    X = _Sinkhorn.apply(theta, tol, max_iter, "silent" if on_failure == "fallback" else on_failure, holder,
+    X = _Sinkhorn.apply(lowered, tol, max_iter, "silent" if on_failure == "fallback" else on_failure, holder,
                         zeros, at_most)
     bad = holder[0]
     if on_failure == "fallback" and bool(bad.any()):
@@ -1440,20 +1442,22 @@ def log_partition_dag_paths(theta: torch.Tensor, polytope: Polytope) -> torch.Te
 
 
 @register_fast_path("dag_path", "exp_family")
-def dag_path_marginals(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+def dag_path_marginals(theta: torch.Tensor, polytope: Polytope, forbidden: torch.Tensor | None = None) -> torch.Tensor:
     """Arc marginals ``μ = ∇_θ log Σ_paths exp(θᵀx)`` of ``p(path) ∝ exp(θᵀx)`` over the
     source–target paths of a DAG: the forward pass :func:`log_partition_dag_paths` and its
     backward pass by autograd (the forward–backward algorithm), O(#arcs) per sample, exact
-    second derivatives. Computed in float64 whatever the input dtype. Path scores add up to
+    second derivatives. ``forbidden`` (from relax): the arcs whose θ is the stand-in for -inf.
+    Computed in float64 whatever the input dtype. Path scores add up to
     ``n − 1`` logits, so logits beyond ``1e300 / n`` (the hard limit, to float64's precision)
     are scaled down to that first."""
     if theta.dtype != torch.float64:
-        return dag_path_marginals(theta.double(), polytope).to(theta.dtype)
+        return dag_path_marginals(theta.double(), polytope, forbidden).to(theta.dtype)
     n = int(polytope.params["n"])
     # arcs far above the others (u = 1e9 to force one) come down to where they are only just far
-    # above (the marginals move by less than e^-40): at 1e9 the log-space sums resolved them to 6e-8
-    flat = theta.flatten(1)
-    theta = lower_far_above(flat, far_below(flat.detach())[0]).reshape(theta.shape)
+    # above (the marginals move by less than e^-40): at 1e9 the log-space sums resolved them to
+    # 6e-8. Forbidden arcs are left out of the rule (a row needing one is an error in relax); arcs
+    # far below the others are not (manual masks may be needed: every path uses one)
+    theta = lower_far_above(theta.flatten(1), None if forbidden is None else forbidden.flatten(1)).reshape(theta.shape)
     top = float(theta.detach().abs().max()) if theta.numel() else 0.0
     if top > 1e300 / n:
         theta = theta * ((1e300 / n) / top)  # in this order: top · n may overflow

@@ -210,8 +210,9 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, for
     # above the others (u = 1e9 to force a choice) are lowered to where they are only just far
     # above (x moves by less than e^-40).
     raised, low = raise_far_below(flat)
-    x = layer(lower_far_above(raised, low if mask is None else mask | low), **options)
+    x = layer(lower_far_above(raised, low if mask is None else mask | low, refill=True), **options)
     redo = rows_on(x, low)
     if redo.numel():
-        x = x.index_put((redo,), layer(lower_far_above(flat[redo], None if mask is None else mask[redo]), **options))
+        x = x.index_put((redo,), layer(lower_far_above(flat[redo], None if mask is None else mask[redo], refill=True),
+                                       **options))
     return x.to(device=theta.device, dtype=theta.dtype).reshape(theta.shape)

@@ -1133,11 +1133,11 @@ class _TorchSST(torch.autograd.Function):
         # rounding, off by up to 0.4).
         raised, low = raise_far_below(th)
         out = low if fb is None else fb | low
-        z, (Dback, Sback), report = _ipm(lower_far_above(raised, out), sf, reg, tol, max_iter, out)
+        z, (Dback, Sback), report = _ipm(lower_far_above(raised, out, refill=True), sf, reg, tol, max_iter, out)
         redo = rows_on(z[:, : sf.d], low)
         if redo.numel():
             fr = None if fb is None else fb[redo]
-            z2, (D2, S2), rep2 = _ipm(lower_far_above(th[redo], fr), sf, reg, tol, max_iter, fr)
+            z2, (D2, S2), rep2 = _ipm(lower_far_above(th[redo], fr, refill=True), sf, reg, tol, max_iter, fr)
             z, Dback = z.index_put((redo,), z2), Dback.index_put((redo,), D2)
             Sback = None if Sback is None else Sback.index_put((redo,), S2)
             report = SolveReport(converged=report.converged.index_put((redo,), rep2.converged),

@@ -574,6 +574,8 @@ def test_lower_far_above_keeps_differences_within_the_forced_entries_and_leaves_
     assert near(out[1, 0] - out[1, 1], 0.5) and near(out[1, 1], 2 * 0.3 + d * 0.5 + SLACK * (d + 1))
     assert near(out[2, 0], 2 * 1e6 + SLACK * (d + 1)) and out[2, 1] == 1e6
     assert torch.equal(out[3], th[3]) and out[4, 0] == -5e9 and near(out[4, 2], 2 * 5.0 + SLACK * (d + 1))
+    refilled = lower_far_above(th, exclude, refill=True)  # excluded entries at the new level, in lowered rows
+    assert near(refilled[4, 0], -(2 * (3.0 + 2.0 + refilled[4, 2].item()) + SLACK * (d + 1)))
     ordinary = torch.randn(8, 5, dtype=torch.float64)
     assert lower_far_above(ordinary) is ordinary  # no entry reaches SLACK·(d + 1): no work
 
@@ -613,3 +615,19 @@ def test_fast_paths_lower_entries_far_above_the_others(name, params, reg, gen):
     x200, g200 = relax(200.0)
     x, g = relax(1e9)
     assert (x - x200).abs().max() < 1e-11 and (g - g200).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("reg, backend", [("exp_family", "fast"), ("entropy", "torch"), ("quadratic", "torch"),
+                                          ("binary_entropy", "torch")])
+def test_forced_arc_is_not_lowered_past_manual_masks_every_path_needs(reg, backend):
+    # DAG paths 0→3 over arcs [01, 02, 12, 13, 23]: {02, 23}, {01, 13}, {01, 12, 23}. Arc 01 is
+    # forced (+1e9); the arcs into the target are manual masks every path needs (13 at -3e9,
+    # 23 at -2.5e9), 12 one no path needs (-1e10). Path {01, 13} wins by 5e8. Lowering arc 01
+    # while leaving the masks as they are would make {02, 23} win: masks a row needs are not
+    # negligible, so they count among the others (fast path) or the row is solved again as given.
+    # (cvxpylayers cannot solve this row as given: Clarabel's scaling fails at 1e10, a
+    # SolverError, before and after the lowering)
+    P = cs.load_polytope("dag_path", n=4)
+    u = torch.tensor([[1e9, 0.3, -1e10, -3e9, -2.5e9]], dtype=torch.float64)
+    x = cs.relax(u, P, reg, 1.0, backend=backend)
+    assert (x - torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)).abs().max() < 1e-6

@@ -552,3 +552,29 @@ def test_torch_solver_is_accurate_with_an_entry_far_above_the_others(name, param
         assert (x - x200).abs().max() < 1e-8 and (g - g200).abs().max() < 1e-7, offset
     if reg != "binary_entropy":  # (cvxpylayers' exponential cones: slow)
         assert (relax(1e9, "generic")[0] - xg).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("name, params, forced, masked", [
+    ("spanning_tree", {"n": 5}, [1, 2, 3, 6, 7, 8, 9, 1], [4, 5, 6, 2, 3, 4, 5, 7]),
+    # arcs (i, j), j ≠ 0, i ≠ j, as flat indices i·4 + j
+    ("arborescence", {"n": 4}, [1, 2, 3, 6, 7, 9, 11, 13], [6, 7, 9, 11, 13, 14, 1, 2])])
+def test_torch_solver_with_forced_and_forbidden_entries_together(name, params, forced, masked, gen):
+    # -inf entries reach the solver as stand-ins far below the others, computed from the entries
+    # as given: with one at u_j + 1e9 they sat near -4e9 after it was lowered, and the flow
+    # formulations lost x to them (spanning trees: 3 rows of 8 warned about, residuals up to
+    # 1.6e-7; arborescences: no warning, x off by 4.7e-8). They are now
+    # set to the level of the lowered entries. One forced entry per row (two would be compared
+    # through 1e9 + u, which float64 rounds to 1e-7).
+    P = cs.load_polytope(name, **params)
+    B = 8
+    u = torch.randn(B, P.size, generator=gen, dtype=torch.float64)
+    rows, forced, masked = torch.arange(B), torch.tensor(forced), torch.tensor(masked)  # one of each per row
+    u[rows, masked] = float("-inf")
+    for reg in ("entropy", "binary_entropy", "quadratic"):
+        def relax(offset: float) -> torch.Tensor:
+            uu = u.clone()
+            uu[rows, forced] += offset
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", cs.SolverWarning)
+                return cs.relax(uu.reshape((B,) + P.shape), P, reg, 1.0, backend="torch")
+        assert (relax(1e9) - relax(200.0)).abs().max() < 1e-8, reg
