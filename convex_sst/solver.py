@@ -739,10 +739,11 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         forbidden = torch.zeros_like(theta, dtype=torch.bool)
     mag = theta.abs().masked_fill(forbidden, 0.0)
     scale = 1.0 + mag.amax(1)
-    # ... except in rows with entries far above the others (θ_j = +1e9 to force a choice): one
-    # scale from those let the other coordinates off by tol·1e9 (x off by up to 2e-2 in rows
-    # reported converged). There each coordinate (and each complementarity pair) is judged
-    # relative to the magnitudes of the terms in its own dual residual, its rounding floor
+    # ... except in rows with entries far above the others (θ_j = u_j + c to force a choice): one
+    # scale from those let the other coordinates off by tol·c (x off by up to 2e-2 at c = 1e9 in
+    # rows reported converged; such entries now arrive lowered to a few hundred, where it was
+    # still 1.5e-7). There each coordinate (and each complementarity pair) is judged relative to
+    # the magnitudes of the terms in its own dual residual, its rounding floor
     # (:func:`_coordinate_scales`), between the scale of the row without those entries and the
     # scale with them.
     typical = 1.0 + theta.abs().masked_fill(forbidden, math.nan).nanmedian(1).values.nan_to_num(0.0)
@@ -1058,7 +1059,8 @@ _POLISH_ROUNDS = 8
 
 
 # entries of θ more than this many times the row's median magnitude (plus 1) are far above the
-# others: the tolerances of their row are then per coordinate (:func:`_coordinate_scales`)
+# others: the tolerances of their row are then per coordinate (:func:`_coordinate_scales`). At
+# 100, forced entries at u_j + 150 to 200 on the cube (not lowered) left x off by 2.2e-7
 _FAR_ABOVE = 10.0
 # a coordinate's scale is 1 + this times the magnitudes of its terms. Measured on θ_j = u_j + c
 # as given (before such entries were lowered, _forbidden.lower_far_above): flow formulations
