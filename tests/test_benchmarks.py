@@ -95,3 +95,11 @@ def test_load_benchmark_runs():
     assert [r[:2] for r in rows] == [["arborescence", "5"], ["spanning_tree", "4"]]
     for row in rows:
         assert all(float(cell) >= 0 for cell in row[2:]), row
+
+
+def test_torch_solver_far_above_table_runs_and_is_accurate():
+    out = _run("torch_solver.py", "--far-above")
+    rows = [r for r in _rows(out, "| ") if r[0] not in ("polytope", "---")]
+    assert len(rows) == 24
+    for row in rows:  # an entry forced by u_j + 1e3, 1e6, 1e9 against u_j + 200: no warning, x to 1e-8
+        assert all("warned" not in c and float(c) < 1e-8 for c in row[2:]), row
