@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ._autograd import first_order_guard
-from ._forbidden import lower_far_above, raise_far_below, rows_on
+from ._forbidden import lower_far_above, rows_on, tame_extremes
 from .errors import SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -203,14 +203,12 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, for
     mask = None if forbidden is None else forbidden.reshape(B, polytope.size).cpu()
     flat = polytope._centered(theta.reshape(B, polytope.size).to(device="cpu", dtype=torch.float64), mask)
     flat = first_order_guard(flat, "the generic backend (cvxpylayers)")
-    # entries as far below the others as relax's stand-in for -inf (a manual mask: -1e9) carry
-    # less than e^-40 at that level or below it; left as they are, they wreck the conic solver's
-    # scaling (spanning trees of K5 at -1e9: x off by 0.6). Raised to the level, unless a row
-    # puts mass on them (every structure uses one), which is solved again as given. Entries far
-    # above the others (u = 1e9 to force a choice) are lowered to where they are only just far
-    # above (x moves by less than e^-40).
-    raised, low = raise_far_below(flat)
-    x = layer(lower_far_above(raised, low if mask is None else mask | low, refill=True), **options)
+    # entries far below or far above the others (manual masks at -1e9, choices forced by +1e9)
+    # wreck the conic solver's scaling (spanning trees of K5 at -1e9: x off by 0.6): brought to
+    # their levels (tame_extremes); rows that put mass on the raised ones anyway (every
+    # structure uses one) are solved again as given
+    tamed, low, _ = tame_extremes(flat, mask)
+    x = layer(tamed, **options)
     redo = rows_on(x, low)
     if redo.numel():
         x = x.index_put((redo,), layer(lower_far_above(flat[redo], None if mask is None else mask[redo], refill=True),

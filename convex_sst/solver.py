@@ -59,7 +59,7 @@ import torch
 from ._autograd import first_order_guard
 from .canonical import CanonicalForm
 from ._unionfind import UnionFind
-from ._forbidden import lower_far_above, raise_far_below, rows_on
+from ._forbidden import lower_far_above, rows_on, tame_extremes
 from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -1197,19 +1197,13 @@ class _TorchSST(torch.autograd.Function):
     def forward(ctx, theta, sf, reg, tol, max_iter, holder, forbidden=None):
         free = torch.as_tensor(sf.free, device=theta.device)
         th, fb = theta.detach()[:, free], None if forbidden is None else forbidden[:, free]
-        # entries as far below the others as the stand-in for -inf (a manual mask, u = -1e9) are
-        # forbidden in all but name: raised to its level (x moves by less than e^-40; at -1e9 the
-        # Newton systems lost x to rounding, off by up to 0.25) and treated as forbidden. Rows
-        # that put mass on them anyway (every structure uses one) are solved again as given.
-        # Entries far above the others (u = 1e9 to force a choice) are lowered to where they are
-        # only just far above (x moves by less than e^-40; at 1e9 the flow formulations lost x to
-        # rounding, off by up to 0.4).
-        raised, low = raise_far_below(th)
-        out = low if fb is None else fb | low
-        # Offsets along equality rows (θ_ij + r_i on a Birkhoff polytope) are removed too
-        # (:func:`_remove_offsets`).
-        prepared = _remove_offsets(lower_far_above(raised, out, refill=True), sf, out)
-        z, (Dback, Sback), report = _ipm(prepared, sf, reg, tol, max_iter, out)
+        # entries far below the others (a manual mask, u = -1e9) are raised and treated as
+        # forbidden, entries far above them (u + 1e9) lowered (tame_extremes; at -1e9 the Newton
+        # systems lost x to rounding, off by up to 0.25, at +1e9 by up to 0.4); rows that put mass
+        # on the raised ones anyway (every structure uses one) are solved again as given. Offsets
+        # along equality rows (θ_ij + r_i on a Birkhoff polytope) are removed too (_remove_offsets).
+        tamed, low, out = tame_extremes(th, fb)
+        z, (Dback, Sback), report = _ipm(_remove_offsets(tamed, sf, out), sf, reg, tol, max_iter, out)
         redo = rows_on(z[:, : sf.d], low)
         if redo.numel():
             fr = None if fb is None else fb[redo]
