@@ -117,17 +117,20 @@ def check_temperature(temperature: Any, batch: tuple[int, ...], like: torch.Tens
     if not isinstance(temperature, torch.Tensor):
         raise InputError(f"temperature must be a positive float or tensor, got {type(temperature).__name__}")
     t = torch.as_tensor(temperature, dtype=like.dtype, device=like.device)
-    if t.dim() > len(batch):
-        raise InputError(
-            f"temperature has shape {tuple(t.shape)}; expected a scalar or a shape broadcastable to the batch shape {batch}"
-        )
     try:
-        ok = torch.broadcast_shapes(tuple(t.shape), batch) == torch.Size(batch)
+        ok = t.dim() <= len(batch) and torch.broadcast_shapes(tuple(t.shape), batch) == torch.Size(batch)
     except RuntimeError:
         ok = False
     if not ok:
+        hint = ""
+        if t.numel() == math.prod(batch) and t.numel() > 1:
+            hint = (
+                f"; hint: one temperature per sample has the batch shape, without trailing dimensions "
+                f"for the structure's: temperature.reshape{batch}"
+            )
         raise InputError(
-            f"temperature has shape {tuple(t.shape)}, not broadcastable to the batch shape {batch}"
+            f"temperature has shape {tuple(t.shape)}; expected a scalar or a shape broadcastable to the "
+            f"batch shape {batch}{hint}"
         )
     td = t.detach()
     if not bool(torch.isfinite(td).all()) or not bool((td > 0).all()):

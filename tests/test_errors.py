@@ -82,6 +82,10 @@ def test_bad_temperature(P, t):
 def test_bad_temperature_shape_and_type(P):
     with pytest.raises(cs.InputError, match=r"temperature has shape \(3,\).*batch shape \(2,\)"):
         cs.relax(torch.zeros(2, 4), P, "entropy", torch.ones(3))
+    with pytest.raises(cs.InputError, match=r"shape \(2, 1\).*hint: one temperature per sample .*reshape\(2,\)"):
+        cs.relax(torch.zeros(2, 4), P, "entropy", torch.ones(2, 1))  # the u / t habit
+    with pytest.raises(cs.InputError, match=r"shape \(2, 3\).*batch shape \(2,\)$"):
+        cs.relax(torch.zeros(2, 4), P, "entropy", torch.ones(2, 3))
     with pytest.raises(cs.InputError, match="temperature must be a positive float or tensor, got str"):
         cs.relax(torch.zeros(4), P, "entropy", "hot")
     with pytest.raises(cs.InputError, match="temperature must be finite and > 0"):
