@@ -784,6 +784,29 @@ def test_spanning_tree_marginals_route_ill_conditioned_rows_to_elimination():
     assert (gkept[~bad] - gref[~bad]).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("gap", [700.0, 705.0, 710.0])
+def test_spanning_tree_marginals_exact_with_weights_on_both_sides_of_the_underflow_cut(gap):
+    # one or two edges `gap` above the rest: the others' weights straddle e^-708 (float64's
+    # tiny) relative to the largest, where the Cholesky route drops them. Before the straddle
+    # check such rows passed the condition test and were off by up to 0.7 against enumeration
+    from convex_sst import fast
+
+    P = cs.load_polytope("spanning_tree", n=6)
+    g = torch.Generator().manual_seed(0)
+    u = 3.0 * torch.randn(64, 15, generator=g, dtype=torch.float64)
+    rows = torch.arange(64)
+    u[rows, torch.randint(15, (64,), generator=g)] += gap
+    u[rows[:32], torch.randint(15, (32,), generator=g)] += gap
+    ref = brute_force_marginals(u, P)
+    _, bad = fast._EdgeMarginals.apply(u, fast._edge_index(P, u.device), 6, 1e5)
+    assert bool(bad.any())
+    if not bool(bad.all()):  # at 710 every row straddles
+        kept = fast.spanning_tree_marginals(u[~bad], P, method="inverse")
+        assert (kept - ref[~bad]).abs().max() < 1e-10
+    assert (fast.spanning_tree_marginals(u, P) - ref).abs().max() < 1e-10
+    assert (cs.relax(u, P, "exp_family") - ref).abs().max() < 1e-10
+
+
 @pytest.fixture
 def explicit_threads():
     """``torch.set_num_threads(2)`` for the test (torch's batched LU on the CPU is wrong after an
