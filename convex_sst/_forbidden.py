@@ -28,6 +28,8 @@ leaves the relaxation unchanged to ``e⁻⁴⁰`` and spares the solvers magnitu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -131,7 +133,93 @@ def lower_far_above(theta: torch.Tensor, exclude: torch.Tensor | None = None, re
     return torch.where(exclude & (shift > 0), fill_forbidden(lowered, exclude), lowered)
 
 
-def tame_extremes(theta: torch.Tensor, forbidden: torch.Tensor | None = None
+def far_apart(theta: torch.Tensor, forbidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(low, high)``: entries of ``theta: (B, d)`` far below and far above the rest together
+    (a choice forced by ``+1e9`` and a manual mask at ``-1e9`` in one row), or None when no row
+    has both. :func:`far_below` and :func:`lower_far_above` each measure their entries against
+    all the others, so each misses them there: neither -1e9 is far below a row holding 1e9, nor
+    the reverse.
+
+    The rest M are the entries of smallest magnitude; the others E (``forbidden`` left out) are
+    far apart from M when each ``|θ_j| > T = 2 Σ_M |θ| + d·s + SLACK (d + 1)`` (``s``: the spread
+    of E's positive entries), for the largest M that leaves E both signs. With ``low`` (E's
+    negative entries) and ``high`` (its positive ones) and a vertex v* that has the most
+    coordinates in ``high`` any vertex has and none in ``low``: a vertex with fewer in ``high``
+    scores at least ``SLACK (d + 1)`` below v* (the argument of :func:`lower_far_above`; entries
+    of ``low`` only lower it), one with as many but some in ``low`` too (that of
+    :func:`far_below`, its loss in ``high`` at most ``d·s``). So the relaxation lives, to
+    ``e⁻⁴⁰``, on the vertices like v*, where ``low`` is not used and ``high`` adds a constant,
+    the same whatever the magnitudes beyond T; :func:`needed_apart` checks that v* exists.
+    Without it, the balance of ``high`` against ``low`` decides (``2e9`` forcing an arc that
+    needs one at ``-1e9``), and the entries are left as given."""
+    B, d = theta.shape
+    th = theta.detach()
+    big = SLACK * (d + 1)
+    if d < 2 or not bool((th >= big).any()):  # T is at least that: the common case
+        return None
+    mag = th.abs() if forbidden is None else th.abs().masked_fill(forbidden, torch.inf)
+    if not bool(((th <= -big) & torch.isfinite(mag)).any()):
+        return None
+    srt, order = mag.sort(dim=1)                                  # ascending; forbidden entries last
+    val = th.gather(1, order)
+    finite = torch.isfinite(srt)
+    csum = torch.where(finite, srt, 0.0).cumsum(1)
+    below = torch.cat([torch.zeros_like(csum[:, :1]), csum[:, :-1]], 1)   # Σ_M |θ| for M = the first m
+    pos, neg = finite & (val > 0), finite & (val < 0)
+    min_pos = torch.where(pos, val, torch.inf).flip(1).cummin(1).values.flip(1)   # E's smallest positive
+    max_pos = torch.where(pos, val, -torch.inf).amax(1, keepdim=True)
+    spread = torch.where(torch.isfinite(min_pos), max_pos - min_pos, 0.0)
+    level = 2.0 * below + d * spread + big
+    both = neg.flip(1).cummax(1).values.flip(1) & pos.flip(1).cummax(1).values.flip(1)
+    ok = finite & (srt > level) & both
+    if not bool(ok.any()):
+        return None
+    idx = torch.arange(d, device=th.device).expand(B, d)
+    first = torch.where(ok, idx, -1).amax(1, keepdim=True)       # the largest M: -1 where none
+    in_e = (first >= 0) & (idx >= first)
+    unsort = torch.empty_like(order).scatter_(1, order, idx)
+    return (in_e & neg).gather(1, unsort), (in_e & pos).gather(1, unsort)
+
+
+def needed_apart(theta: torch.Tensor, forbidden: torch.Tensor | None, argmax: Callable[[torch.Tensor], torch.Tensor],
+                 known: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The :func:`far_apart` ``low`` entries of ``theta: (B, d)``, in the rows where some are
+    not ``known`` (:func:`far_below`'s, for callers that handle those) and a vertex v* exists
+    (most coordinates in ``high``, none in ``low``, none forbidden): found with ``argmax`` (0/1
+    vertices ``(R, d)`` of scores ``(R, d)``) of small integer scores that rank the vertices in
+    that order. None when there are none; the callers treat them as far below
+    (:func:`tame_extremes`, :func:`lower_forced`, Sinkhorn's kernel zeros)."""
+    apart = far_apart(theta, forbidden)
+    if apart is None:
+        return None
+    low, high = apart
+    rows = (low if known is None else low & ~known).any(1).nonzero()[:, 0]
+    if not rows.numel():
+        return None
+    d = theta.shape[1]
+    score = (d + 1.0) * high[rows] - 1.0 * low[rows]
+    if forbidden is not None:
+        score = score - (d + 1.0) ** 2 * forbidden[rows]
+    v = argmax(score.to(torch.float64)).to(theta.device) > 0.5
+    rows = rows[~(v & low[rows]).any(1)]
+    if not rows.numel():
+        return None
+    return torch.zeros_like(low).index_put((rows,), low[rows])
+
+
+def lower_forced(theta: torch.Tensor, forbidden: torch.Tensor | None,
+                 argmax: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """:func:`lower_far_above` for the fast paths that take entries far below the others as they
+    are (exp-family marginals in log space: their weight underflows to 0, as it should):
+    ``forbidden`` stand-ins and the :func:`needed_apart` entries are left out of the rule."""
+    apart = needed_apart(theta.detach(), forbidden, argmax)
+    if apart is not None:
+        forbidden = apart if forbidden is None else forbidden | apart
+    return lower_far_above(theta, forbidden)
+
+
+def tame_extremes(theta: torch.Tensor, forbidden: torch.Tensor | None = None,
+                  argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(tamed, low, excluded)``: what the interior-point and generic solvers solve for
     ``theta: (B, d)`` (``forbidden``: the stand-ins for -inf). Entries far below the others
@@ -141,9 +229,16 @@ def tame_extremes(theta: torch.Tensor, forbidden: torch.Tensor | None = None
     solvers lost x to rounding (the torch solver's flow formulations by up to 0.4, cvxpylayers by
     up to 0.6). Exact while some structure avoids the ``low`` entries: the caller checks that
     with :func:`rows_on` and solves those rows again as given, with only the forbidden entries
-    excluded (``lower_far_above(theta, forbidden, refill=True)``)."""
+    excluded (``lower_far_above(theta, forbidden, refill=True)``). With ``argmax`` (the
+    polytope's, on rows ``(R, d)``), entries far below the others once those far above are left
+    out (:func:`needed_apart`) count in ``low`` too."""
     raised, low = raise_far_below(theta)
+    apart = None if argmax is None else needed_apart(theta, forbidden, argmax, known=low)
+    if apart is not None:
+        low = low | apart
     excluded = low if forbidden is None else forbidden | low
+    if apart is not None:  # to one level now; lower_far_above refills them for the lowered values
+        raised = torch.where(apart, fill_forbidden(raised, excluded), raised)
     return lower_far_above(raised, excluded, refill=True), low, excluded
 
 

@@ -46,7 +46,7 @@ import math
 import torch
 
 from . import _linalg
-from ._forbidden import far_below, lower_far_above
+from ._forbidden import far_below, lower_far_above, lower_forced, needed_apart
 from .errors import InputError, SolverError, warn_user
 from .graphs import topological_order
 from .polytope import Polytope
@@ -1031,6 +1031,12 @@ def _sinkhorn_path(theta: torch.Tensor, polytope: Polytope, tol: float | None, m
     # x off by 2e-5, 3x the time)
     zeros = forbidden
     low = far_below(theta.detach().flatten(1))[0].reshape(theta.shape)
+    # and so are entries far below the others once those far above are left out (a pair forced
+    # by +1e9 in a row masked by -1e9; needed_apart checks a permutation avoids them all)
+    apart = needed_apart(theta.detach().flatten(1), None if forbidden is None else forbidden.flatten(1),
+                         polytope._flat_argmax, known=low.flatten(1))
+    if apart is not None:
+        low = low | apart.reshape(theta.shape)
     if bool(low.any()):
         zeros = low if forbidden is None else forbidden | low
     if theta.dtype != torch.float64 and theta.numel():
@@ -1348,7 +1354,7 @@ def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_rang
 
 @register_fast_path("spanning_tree", "exp_family")
 def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: float | None = None,
-                            method: str = "auto") -> torch.Tensor:
+                            method: str = "auto", forbidden: torch.Tensor | None = None) -> torch.Tensor:
     """Edge marginals of ``p(x) ∝ exp(θᵀx)`` over spanning trees (matrix-tree theorem).
 
     ``μ_e = w_e b_eᵀ L⁺ b_e`` with ``L`` the Laplacian of ``w = exp θ`` and ``b_e = e_i − e_j``,
@@ -1361,21 +1367,26 @@ def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: 
     (no clipping needed; tested at t = 1e-3 with |u| ~ 1e3); ``"inverse"`` / ``"elimination"``
     force one. ``max_range`` optionally clips logits to within that distance of their max, as
     the paper's code does; default None. Cost O(n³) per sample. Computed in float64 whatever
-    the input dtype (see :data:`_COND_LIMIT`); the result has the input's dtype.
+    the input dtype (see :data:`_COND_LIMIT`); the result has the input's dtype. ``forbidden``
+    (from relax): the edges whose θ is the stand-in for -inf.
     """
     n = int(polytope.params["n"])
     if method not in ("auto", "inverse", "elimination"):
         raise InputError(f"method must be 'auto', 'inverse' or 'elimination', got {method!r}")
     if theta.dtype != torch.float64:
-        return spanning_tree_marginals(theta.double(), polytope, max_range, method).to(theta.dtype)
-    theta = _clip_range(theta, max_range)
+        return spanning_tree_marginals(theta.double(), polytope, max_range, method, forbidden).to(theta.dtype)
+    # edges far above the others (u = 1e9 to force one) come down to where they are only just
+    # far above (the marginals move by less than e^-40): at 1e9 the other weights underflowed
+    # next to theirs, and the elimination resolved the marginals to 1e-8
+    theta = _clip_range(lower_forced(theta, forbidden, polytope._flat_argmax), max_range)
     if method != "elimination":
         limit = _COND_LIMIT if method == "auto" else math.inf
         mu, bad = _EdgeMarginals.apply(theta, _edge_index(polytope, theta.device), n, limit)
         if not bool(bad.any()):
             return mu
         rows = bad.nonzero()[:, 0]
-        return mu.index_put((rows,), spanning_tree_marginals(theta[rows], polytope, method="elimination"))
+        return mu.index_put((rows,), spanning_tree_marginals(theta[rows], polytope, method="elimination",
+                                                             forbidden=None if forbidden is None else forbidden[rows]))
     E = torch.as_tensor(polytope.data["E"], device=theta.device)
     i, j = E[:, 0], E[:, 1]
     # log-space elimination on the symmetric digraph: spanning trees correspond one-to-one, with
@@ -1469,8 +1480,10 @@ def dag_path_marginals(theta: torch.Tensor, polytope: Polytope, forbidden: torch
     # arcs far above the others (u = 1e9 to force one) come down to where they are only just far
     # above (the marginals move by less than e^-40): at 1e9 the log-space sums resolved them to
     # 6e-8. Forbidden arcs are left out of the rule (a row needing one is an error in relax); arcs
-    # far below the others are not (manual masks may be needed: every path uses one)
-    theta = lower_far_above(theta.flatten(1), None if forbidden is None else forbidden.flatten(1)).reshape(theta.shape)
+    # far below the others are not (manual masks may be needed: every path uses one), except
+    # where needed_apart finds a path with the most forced arcs that avoids them all
+    theta = lower_forced(theta.flatten(1), None if forbidden is None else forbidden.flatten(1),
+                         polytope._flat_argmax).reshape(theta.shape)
     top = float(theta.detach().abs().max()) if theta.numel() else 0.0
     if top > 1e300 / n:
         theta = theta * ((1e300 / n) / top)  # in this order: top · n may overflow

@@ -445,6 +445,10 @@ class Polytope:
         """
         return self._solve_masked(u, self._argmax_rows)
 
+    def _flat_argmax(self, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`argmax` of rows ``u: (R, size)`` (flattened structures), as ``(R, size)``."""
+        return self.argmax(u.reshape((-1,) + self.shape)).reshape(u.shape)
+
     def lp_argmax(self, u: torch.Tensor) -> torch.Tensor:
         """The generic argmax: one HiGHS LP per structure, result verified integral."""
         return self._solve_masked(u, self._lp_argmax_rows)

@@ -1194,15 +1194,21 @@ def _violation(it: list[torch.Tensor], T: dict) -> torch.Tensor:
 
 class _TorchSST(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, theta, sf, reg, tol, max_iter, holder, forbidden=None):
+    def forward(ctx, theta, sf, reg, tol, max_iter, holder, forbidden, polytope):
         free = torch.as_tensor(sf.free, device=theta.device)
         th, fb = theta.detach()[:, free], None if forbidden is None else forbidden[:, free]
+
+        def vertex(scores: torch.Tensor) -> torch.Tensor:  # argmax over the free coordinates
+            full = scores.new_zeros(scores.shape[0], theta.shape[1])
+            full[:, free.to(scores.device)] = scores
+            return polytope._flat_argmax(full)[:, free.to(scores.device)]
+
         # entries far below the others (a manual mask, u = -1e9) are raised and treated as
         # forbidden, entries far above them (u + 1e9) lowered (tame_extremes; at -1e9 the Newton
         # systems lost x to rounding, off by up to 0.25, at +1e9 by up to 0.4); rows that put mass
         # on the raised ones anyway (every structure uses one) are solved again as given. Offsets
         # along equality rows (θ_ij + r_i on a Birkhoff polytope) are removed too (_remove_offsets).
-        tamed, low, out = tame_extremes(th, fb)
+        tamed, low, out = tame_extremes(th, fb, vertex)
         z, (Dback, Sback), report = _ipm(_remove_offsets(tamed, sf, out), sf, reg, tol, max_iter, out)
         redo = rows_on(z[:, : sf.d], low)
         if redo.numel():
@@ -1238,7 +1244,7 @@ class _TorchSST(torch.autograd.Function):
         dz, _ = newton.solve(rhs, torch.zeros(g.shape[0], m, dtype=g.dtype, device=g.device) if m else None)
         out = torch.zeros_like(g)
         out[:, free] = dz[:, : sf.d]
-        return out, None, None, None, None, None, None
+        return out, None, None, None, None, None, None, None
 
 
 def solve_torch(theta: torch.Tensor, polytope: Polytope, regularizer: Regularizer,
@@ -1273,7 +1279,7 @@ def solve_torch(theta: torch.Tensor, polytope: Polytope, regularizer: Regularize
     flat = polytope._centered(theta.reshape(B, polytope.size).to(torch.float64), mask)
     holder: list[SolveReport] = []
     x = _TorchSST.apply(first_order_guard(flat, "the torch interior-point solver (backend='torch')"), sf, regularizer, tol,
-                        max_iter, holder, mask)
+                        max_iter, holder, mask, polytope)
     return x.to(theta.dtype).reshape(theta.shape), holder[0]
 
 
