@@ -8,7 +8,7 @@ the two (the reference for those is the fast path where one exists, which is exa
     python benchmarks/torch_solver.py
     python benchmarks/torch_solver.py --targets      # only the issue's three target problems
     python benchmarks/torch_solver.py --convergence  # only the table of per-row convergence
-    python benchmarks/torch_solver.py --far-above    # only the table of one entry far above the others
+    python benchmarks/torch_solver.py --far-above    # only the tables of entries far above (and below) the others
 
 The last table counts, per problem and temperature, the rows of a batch of 128 (3 seeds) that
 the solver reports as converged (KKT residual ≤ 10·tol), inaccurate (stalled below 1e-8) or
@@ -26,6 +26,7 @@ import torch
 
 import convex_sst as cs
 from convex_sst.regularizers import get_regularizer
+from convex_sst.relax import available_fast_paths
 
 SMALL = {"simplex": {"n": 10}, "hypercube": {"n": 10}, "k_subset": {"n": 10, "k": 3}, "birkhoff": {"n": 5},
          "matching": {"n": 4, "m": 6}, "spanning_tree": {"n": 5}, "arborescence": {"n": 4}, "dag_path": {}}
@@ -64,10 +65,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--targets", action="store_true", help="only the three target problems, batch 128")
     ap.add_argument("--convergence", action="store_true", help="only the per-row convergence table")
-    ap.add_argument("--far-above", action="store_true", help="only the table of an entry far above the others")
+    ap.add_argument("--far-above", action="store_true", help="only the tables of an entry far above the others, alone and with one far below")
     args = ap.parse_args()
     if args.far_above:
         far_above_table()
+        forced_and_masked_table()
         return
     warnings.simplefilter("ignore")
     if args.convergence:
@@ -177,6 +179,49 @@ def far_above_table(batch: int = 16) -> None:
                 x, rows = relax(c)
                 cells.append(f"{(x - ref).abs().max().item():.1e}" + (f" ({rows} warned)" if rows else ""))
             print(f"| {name} | {reg} | " + " | ".join(cells) + " |", flush=True)
+
+
+def forced_and_masked_table(batch: int = 16) -> None:
+    """θ_j = u_j + c and θ_k = u_k − c in each row (j forced, k masked; a structure has j and
+    avoids k), every pair through ``backend="auto"`` (fast paths included): max |Δx| over the
+    batch against the same rows at u_j + 200, u_k − 300, and how many rows ``relax`` warned about."""
+    print(f"\nA forced and a masked entry in one row (backend auto, float64, t = 1, B = {batch}): max |Δx| "
+          "against u_j + 200, u_k - 300, and the rows warned about (of the batch)\n")
+    offsets = (1e3, 1e6, 1e9)
+    print("| polytope | regularizer | path | " + " | ".join(f"c = {c:.0e}" for c in offsets) + " |")
+    print("|---|---|---|" + "---|" * len(offsets))
+    fast_paths = set(available_fast_paths())
+    for name, params in FAR_ABOVE:
+        P = cs.load_polytope(name, **params)
+        g = torch.Generator().manual_seed(0)
+        u = torch.randn(batch, P.size, generator=g, dtype=torch.float64)
+        forced = torch.ones(batch, dtype=torch.long)
+        lifted = u.clone()
+        lifted[:, 1] += 200.0
+        best = P.argmax(lifted.reshape((batch,) + P.shape)).reshape(batch, -1)
+        # the last coordinate that row's best structure avoids (the cube's may use all of them)
+        masked = torch.tensor([([P.size - 1] + (best[b] == 0).nonzero()[:, 0].tolist())[-1] for b in range(batch)])
+        rows = torch.arange(batch)
+        for reg in P.regularizers:
+            path = "fast" if (name, reg) in fast_paths else "torch"
+
+            def relax(up: float, down: float) -> tuple[torch.Tensor, int]:
+                uu = u.clone()
+                uu[rows, forced] += up
+                uu[rows, masked] -= down
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", cs.SolverWarning)
+                    x = cs.relax(uu.reshape((batch,) + P.shape), P, reg, 1.0, backend="auto")
+                warned = [w for w in caught if issubclass(w.category, cs.SolverWarning)]
+                nwarned = int(str(warned[0].message).split("element(s) [")[1].count(",") + 1) if warned else 0
+                return x.reshape(batch, -1), nwarned
+
+            ref, _ = relax(200.0, 300.0)
+            cells = []
+            for c in offsets:
+                x, nwarned = relax(c, c)
+                cells.append(f"{(x - ref).abs().max().item():.1e}" + (f" ({nwarned} warned)" if nwarned else ""))
+            print(f"| {name} | {reg} | {path} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

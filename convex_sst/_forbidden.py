@@ -23,7 +23,10 @@ Each row is checked.
 
 The same argument turned around covers entries far *above* the others (``u_j + 1e9`` to force a
 choice): :func:`lower_far_above` brings them down to where they are only just far above, which
-leaves the relaxation unchanged to ``e⁻⁴⁰`` and spares the solvers magnitudes of 1e9.
+leaves the relaxation unchanged to ``e⁻⁴⁰`` and spares the solvers magnitudes of 1e9. Both in
+one row (a choice forced, another masked) hide each other from those two rules; :func:`far_apart`
+measures them against the rest instead, where :func:`needed_apart` finds a vertex that has the
+forced entries and avoids the masked ones.
 """
 
 from __future__ import annotations

@@ -100,6 +100,9 @@ def test_load_benchmark_runs():
 def test_torch_solver_far_above_table_runs_and_is_accurate():
     out = _run("torch_solver.py", "--far-above")
     rows = [r for r in _rows(out, "| ") if r[0] not in ("polytope", "---")]
-    assert len(rows) == 24
-    for row in rows:  # an entry forced by u_j + 1e3, 1e6, 1e9 against u_j + 200: no warning, x to 1e-8
+    alone, with_mask = [r for r in rows if len(r) == 5], [r for r in rows if len(r) == 6]
+    assert len(alone) == 24 and len(with_mask) == 29 and len(rows) == 53
+    for row in alone:  # an entry forced by u_j + 1e3, 1e6, 1e9 against u_j + 200: no warning, x to 1e-8
         assert all("warned" not in c and float(c) < 1e-8 for c in row[2:]), row
+    for row in with_mask:  # and one masked by u_k - c in the same row, against u_k - 300, through "auto"
+        assert row[2] in ("fast", "torch") and all("warned" not in c and float(c) < 1e-8 for c in row[3:]), row
