@@ -149,6 +149,21 @@ FAR_ABOVE = [("simplex", {"n": 6}), ("k_subset", {"n": 6, "k": 2}), ("hypercube"
              ("arborescence", {"n": 4})]
 
 
+def _relax_counting_warnings(u: torch.Tensor, P: cs.Polytope, reg: str, backend: str) -> tuple[torch.Tensor, int]:
+    """``relax`` of the rows ``u: (B, size)`` at t = 1, flattened, and how many rows it warned about."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", cs.SolverWarning)
+        x = cs.relax(u.reshape((u.shape[0],) + P.shape), P, reg, 1.0, backend=backend)
+    warned = [w for w in caught if issubclass(w.category, cs.SolverWarning)]
+    rows = int(str(warned[0].message).split("element(s) [")[1].count(",") + 1) if warned else 0
+    return x.reshape(u.shape[0], -1), rows
+
+
+def _cell(ref: torch.Tensor, x: torch.Tensor, warned: int) -> str:
+    """max |x − ref|, and the rows warned about."""
+    return f"{(x - ref).abs().max().item():.1e}" + (f" ({warned} warned)" if warned else "")
+
+
 def far_above_table(batch: int = 16) -> None:
     """θ_j = u_j + c (one entry forced, t = 1): max |Δx| over the batch against the same problem at
     c = 200 (the same solution to e^-100), and how many rows ``relax`` warned about."""
@@ -166,18 +181,10 @@ def far_above_table(batch: int = 16) -> None:
             def relax(c: float) -> tuple[torch.Tensor, int]:
                 uu = u.clone()
                 uu[:, 1] += c
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", cs.SolverWarning)
-                    x = cs.relax(uu.reshape((batch,) + P.shape), P, reg, 1.0, backend="torch")
-                warned = [w for w in caught if issubclass(w.category, cs.SolverWarning)]
-                rows = int(str(warned[0].message).split("element(s) [")[1].count(",") + 1) if warned else 0
-                return x.reshape(batch, -1), rows
+                return _relax_counting_warnings(uu, P, reg, "torch")
 
             ref, _ = relax(200.0)
-            cells = []
-            for c in offsets:
-                x, rows = relax(c)
-                cells.append(f"{(x - ref).abs().max().item():.1e}" + (f" ({rows} warned)" if rows else ""))
+            cells = [_cell(ref, *relax(c)) for c in offsets]
             print(f"| {name} | {reg} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -209,18 +216,10 @@ def forced_and_masked_table(batch: int = 16) -> None:
                 uu = u.clone()
                 uu[rows, forced] += up
                 uu[rows, masked] -= down
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", cs.SolverWarning)
-                    x = cs.relax(uu.reshape((batch,) + P.shape), P, reg, 1.0, backend="auto")
-                warned = [w for w in caught if issubclass(w.category, cs.SolverWarning)]
-                nwarned = int(str(warned[0].message).split("element(s) [")[1].count(",") + 1) if warned else 0
-                return x.reshape(batch, -1), nwarned
+                return _relax_counting_warnings(uu, P, reg, "auto")
 
             ref, _ = relax(200.0, 300.0)
-            cells = []
-            for c in offsets:
-                x, nwarned = relax(c, c)
-                cells.append(f"{(x - ref).abs().max().item():.1e}" + (f" ({nwarned} warned)" if nwarned else ""))
+            cells = [_cell(ref, *relax(c, c)) for c in offsets]
             print(f"| {name} | {reg} | {path} | " + " | ".join(cells) + " |", flush=True)
 
 
