@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -111,6 +112,11 @@ def _read_config(path: Path) -> PolytopeConfig:
 
 
 def _resolve(name_or_path: str | Path) -> tuple[Path, bool]:
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InputError(
+            f"load_polytope takes a polytope's name or the path of a .yaml config, got "
+            f"{type(name_or_path).__name__}; parameters go by keyword: load_polytope('simplex', n=5)"
+        )
     builtins = builtin_config_paths()
     s = str(name_or_path)
     if isinstance(name_or_path, str) and s in builtins:
@@ -398,7 +404,7 @@ class Polytope:
 
     def _check_shape(self, u: Any, argname: str) -> tuple[int, ...]:
         if not isinstance(u, torch.Tensor):
-            raise InputError(f"{argname} must be a torch.Tensor, got {type(u).__name__}")
+            raise InputError(f"{argname} must be a torch.Tensor, got {type(u).__name__}; hint: torch.as_tensor({argname})")
         if not u.is_floating_point():
             raise InputError(
                 f"{argname} must be a floating-point tensor (float32 or float64), got {u.dtype}; "

@@ -52,8 +52,10 @@ def test_wrong_shape_hints_at_loading_the_polytope_for_that_size(P):
 
 
 def test_non_tensor_and_integer_inputs(P):
-    with pytest.raises(cs.InputError, match="must be a torch.Tensor, got list"):
+    with pytest.raises(cs.InputError, match=r"must be a torch.Tensor, got list; hint: torch.as_tensor\(u\)"):
         cs.relax([0.0, 1.0, 2.0, 3.0], P)
+    with pytest.raises(cs.InputError, match=r"polytope's name or the path.*got int.*load_polytope\('simplex', n=5\)"):
+        cs.load_polytope(5)  # a size where the name goes (before: a TypeError from pathlib)
     with pytest.raises(cs.InputError, match=r"floating-point.*hint: u.double\(\)"):
         cs.relax(torch.zeros(4, dtype=torch.long), P)
     with pytest.raises(cs.InputError, match=r"must be a dense tensor, got layout torch.sparse_coo; hint: theta.to_dense\(\)"):
