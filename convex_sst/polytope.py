@@ -288,6 +288,13 @@ class Polytope:
                 f"{self._where()} is unbounded in x[{j}]; a polytope must be bounded "
                 "(add bounds such as '0 <= x <= 1')"
             )
+        outside = (lo < -1e-9) | (hi > 1.0 + 1e-9)
+        if outside.any():  # the hull of 0/1 structures lies in [0, 1]^n
+            j = int(np.flatnonzero(outside)[0])
+            raise PolytopeError(
+                f"{self._where()} reaches x[{j}] = {lo[j] if lo[j] < -1e-9 else hi[j]:.6g}: structures are 0/1 "
+                "vectors, so their convex hull lies in [0, 1] in every coordinate (add bounds '0 <= x <= 1')"
+            )
 
     def _centered(self, theta: torch.Tensor, forbidden: torch.Tensor | None = None) -> torch.Tensor:
         """``θ − c`` for ``theta: (B, size)``, one constant per row, where Σx is the same value K
@@ -498,9 +505,10 @@ class Polytope:
                 raise PolytopeError(f"LP argmax failed on batch element {b} with status {status!r} for {self!r}")
             x = z[: self.size]
             r = np.round(x)
-            if np.abs(x - r).max() > 1e-6:
+            if np.abs(x - r).max() > 1e-6 or not np.all((r == 0) | (r == 1)):
+                kind = "fractional vertex" if np.abs(x - r).max() > 1e-6 else "vertex that is not 0/1"
                 raise PolytopeError(
-                    f"LP argmax returned a fractional vertex for {self._where()} (batch element {b}, "
+                    f"LP argmax returned a {kind} for {self._where()} (batch element {b}, "
                     f"x = {np.array2string(x, precision=3)}): the constraints do not describe the "
                     "convex hull of 0/1 structures (the polytope is not integral)"
                 )

@@ -175,6 +175,13 @@ def test_unbounded_polytope_detected_at_load(tmp_path):
         cs.load_polytope(write(tmp_path, GOOD.replace("  - 0 <= x <= 1", "  - x >= 0").replace("sum(x) == 1", "x[0] - x[1] == 0")))
 
 
+def test_polytope_outside_the_unit_cube_detected_at_load(tmp_path):
+    # an integral polytope whose vertices are not 0/1 (here (2, 0, 0)): `check` used to report
+    # "integral: yes ... 0/1 vertices", count the 0/1 points as its vertices, and relax it
+    with pytest.raises(cs.PolytopeError, match=r"reaches x\[0\] = 2: structures are 0/1 vectors.*'0 <= x <= 1'"):
+        cs.load_polytope(write(tmp_path, GOOD.replace("  - 0 <= x <= 1", "  - 0 <= x <= 2").replace("sum(x) == 1", "sum(x) == 2")))
+
+
 def test_non_integral_polytope_reported_by_argmax(tmp_path):
     text = GOOD.replace("sum(x) == 1", "2 * sum(x) == 3")  # vertices like (1, 0.5, 0)
     P = cs.load_polytope(write(tmp_path, text))
