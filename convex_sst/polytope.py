@@ -506,11 +506,12 @@ class Polytope:
             x = z[: self.size]
             r = np.round(x)
             if np.abs(x - r).max() > 1e-6 or not np.all((r == 0) | (r == 1)):
-                kind = "fractional vertex" if np.abs(x - r).max() > 1e-6 else "vertex that is not 0/1"
+                kind = ("fractional vertex", "not integral") if np.abs(x - r).max() > 1e-6 else (
+                    "vertex that is not 0/1", "not inside [0, 1]")
                 raise PolytopeError(
-                    f"LP argmax returned a {kind} for {self._where()} (batch element {b}, "
+                    f"LP argmax returned a {kind[0]} for {self._where()} (batch element {b}, "
                     f"x = {np.array2string(x, precision=3)}): the constraints do not describe the "
-                    "convex hull of 0/1 structures (the polytope is not integral)"
+                    f"convex hull of 0/1 structures (the polytope is {kind[1]})"
                 )
             out[b] = r
         return torch.as_tensor(out, dtype=u.dtype, device=u.device).reshape(u.shape)
