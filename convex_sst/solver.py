@@ -33,9 +33,11 @@ largest complementarity pair whose slack and multiplier are still within 1e4 of 
 (unresolved: neither active nor inactive yet). A best-iterate safeguard and a stall test end
 each row. A row that stalls above the accepted residual (a degenerate problem: weakly active
 constraints, whose slacks fall only like sqrt(μ)) gets an active-set Newton polish from its
-best iterate, kept if its KKT residual is smaller; so does a converged row, under a regularizer
-whose domain has no ends (the quadratic), with a bound of x whose slack and multiplier are
-still about equal and above 1e-8 (tied utilities: x on the bound, with a zero multiplier).
+best iterate, kept if its KKT residual is smaller; so does a converged row with a pair still
+unresolved whose slack and multiplier (relative to θ) both exceed 1e-8 (a constraint active with
+a small multiplier, or tied utilities under the quadratic: x on a bound with a zero multiplier),
+except in formulations with auxiliary variables (flows), where only the quadratic's tied bounds
+of x count.
 
 The backward pass is implicit differentiation of the active-set reduced KKT system at the
 solution (constraints classified by their slack, or by a multiplier 1e4× their slack, enforced
@@ -989,17 +991,34 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # violated is held, and the polish repeated (at most _POLISH_ROUNDS rounds; it stops when the
     # held set no longer changes). Rows within `accept` are left as they are: each round costs 6
     # Newton factorizations however few rows it works on.
-    # Rows within `accept` with a tied pair on a bound of x (slack and multiplier within _TIED of
-    # each other, both ~sqrt(μ)): degenerate problems that converged, where that slack is the error
-    # of x. With the quadratic, a projection, the solution sits on bounds with zero multipliers
-    # whenever utilities tie (small integers: x off by up to 1.7e-6, reported converged). Those
-    # rows are polished too, holding only the resolved active constraints: held, the tied ones'
-    # multipliers were not unique and came out negative. Only for regularizers whose domain has no
-    # ends: an entropy's solutions keep off its domain's ends, and the bounds that remain (x ≤ 1 on
-    # a tree, implied by the flow constraints) look tied without moving x (spanning trees at
-    # t = 0.1: a third of the rows, and the polish left their errors against Clarabel as they were)
+    # Rows within `accept` with an *ambiguous* pair: a bound or inequality row whose slack and
+    # multiplier are within _RESOLVED of each other and both above _DEGENERATE (the multiplier
+    # relative to the scale of θ). The convergence test bounds their product, not each: a
+    # constraint active with a small multiplier δ keeps a slack of similar size, and that slack is
+    # the error of x; the backward cannot tell whether to hold it. Measured: a k-subset's x_j ≤ 1
+    # with δ = 5e-5 (entropy) at slack 1.5e-7, gradient off by 0.52; a matching's column with
+    # δ = 4.4e-6 at slack 5e-6, x off by 3.3e-6 and the gradient by 0.037; with the quadratic,
+    # tied utilities (small integers: bounds active with zero multipliers), x off by up to 1.7e-6;
+    # all reported converged. Those rows are polished too, holding only the resolved active
+    # constraints (held, the tied ones' multipliers were not unique and came out negative; the
+    # polish then holds the ones its candidate violates). Only where P has no auxiliary variables:
+    # in the flow formulations (trees, arborescences) the flows are not unique, and pairs on their
+    # capacity rows and on the x ≤ 1 those rows imply stay ambiguous without moving x (over 9
+    # batches of 64 rows, the entropies would cost 0.6 to 1.7 polish rounds per row; at t = 0.1,
+    # polishing the trees' x ≤ 1 had left their errors against Clarabel as they were). There only
+    # the quadratic's tied bounds of x count (within _TIED, by sqrt(slack · multiplier / scale)).
     degen = torch.zeros_like(resid, dtype=torch.bool)
-    if not (math.isfinite(dlo) or math.isfinite(dhi)):
+    if n == d:
+        xl, xu, sc1 = T["hasL"] & ~T["domL"], T["hasU"] & ~T["domU"], scales[:, 1:]
+
+        def ambiguous(slack: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+            """min(slack, multiplier / scale) of the unresolved pairs, else 0."""
+            return torch.where(_unresolved(slack * mult, slack, mult) > 0, torch.minimum(slack, mult / sc1), 0.0)
+        amb = torch.maximum(torch.where(xl, ambiguous(gl, zl), 0.0).amax(1), torch.where(xu, ambiguous(gu, zu), 0.0).amax(1))
+        if p:
+            amb = torch.maximum(amb, ambiguous(s, lam).amax(1))
+        degen = torch.isfinite(resid) & (resid <= accept) & (amb > _DEGENERATE)
+    elif not (math.isfinite(dlo) or math.isfinite(dhi)):
         unres = torch.maximum(torch.where(T["hasL"][:d], _unresolved(gl * zl, gl, zl, _TIED)[:, :d], 0.0).amax(1),
                               torch.where(T["hasU"][:d], _unresolved(gu * zu, gu, zu, _TIED)[:, :d], 0.0).amax(1))
         degen = torch.isfinite(resid) & (resid <= accept) & ((unres / scales[:, 1]).sqrt() > _DEGENERATE)
@@ -1029,7 +1048,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
                 keep_res[ix] = torch.where(take, cres, keep_res[ix])
                 for kv, cv in zip(keep, clamped):
                     kv[ix[take]] = cv[take]
-                if bool((keep_res[ix] <= 10 * tol).all()):
+                if bool((cres <= 10 * tol).all()):  # this round's candidates (not the start: tied rows begin below)
                     break
                 new_held = _reclassify(held, cand, T)
                 if all(bool(torch.equal(a, b)) for a, b in zip(new_held, held)):
@@ -1083,9 +1102,10 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
 # of docs/benchmarks.md unchanged and every matching column of the benchmark resolved
 _RESOLVED = 1e4
 
-# a converged row with a bound of x whose slack and multiplier are within _TIED of each other and
-# sqrt(slack · multiplier / scale) above _DEGENERATE is polished (_ipm): both ~sqrt(μ), the bound
-# is degenerate (active with a zero multiplier) and its slack is the error of x
+# a converged row with an unresolved pair whose slack and multiplier / scale both exceed
+# _DEGENERATE is polished (_ipm): its slack may be the error of x. In formulations with auxiliary
+# variables: a bound of x with slack and multiplier within _TIED of each other and
+# sqrt(slack · multiplier / scale) above _DEGENERATE (the quadratic's tied utilities)
 _DEGENERATE = 1e-8
 _TIED = 100.0
 
@@ -1202,21 +1222,23 @@ def _polish(theta: torch.Tensor, it: list[torch.Tensor], held: tuple[torch.Tenso
                 g = g + Aop.adj(y)
             newton = _Newton(T, hh + rho * (act_l + act_u), rho * act_g if p else None)
             dz, dy = newton.solve(-g, (b - Aop.fwd(z)) if m else None)
-            a = torch.ones_like(z[:, 0])
-            dx = dz[:, :d]
+            # per coordinate, a Newton step that would leave the regularizer's open domain goes 99 %
+            # of the way to its end: one step length per row let the coordinates far below the
+            # others (an entropy's x ~ 1e-14 on the way to 1e-25) hold every other to 4 % steps
+            xn = x + dz[:, :d]
             if math.isfinite(dlo):
-                a = torch.minimum(a, torch.where(dx < 0, 0.99 * (x - dlo) / (-dx), math.inf).amin(1))
+                xn = torch.where(xn <= dlo, dlo + 0.01 * (x - dlo), xn)
             if math.isfinite(dhi):
-                a = torch.minimum(a, torch.where(dx > 0, 0.99 * (dhi - x) / dx, math.inf).amin(1))
-            z = z + a[:, None] * dz
+                xn = torch.where(xn >= dhi, dhi - 0.01 * (dhi - x), xn)
+            z = torch.cat([xn, z[:, d:] + dz[:, d:]], 1)
             if dy is not None:  # m > 0
-                y = y + a[:, None] * dy
+                y = y + dy
         zl = act_l * (zl + rho * (Lb - z))
         zu = act_u * (zu + rho * (z - Ub))
         if p:
             lam = act_g * (lam + rho * (Gop.fwd(z) - hv))
-    if p:
-        s = (hv - Gop.fwd(z)).clamp_min(0.0)
+    if p:  # held rows are equalities: their slack is 0 and what is left of G z − h a primal residual
+        s = torch.where(act_g > 0, 0.0, (hv - Gop.fwd(z)).clamp_min(0.0))
     return [z, y, s, lam, zl, zu]
 
 
