@@ -152,3 +152,43 @@ def hull_solve(V: np.ndarray, theta: np.ndarray, reg: str) -> np.ndarray:
         solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
     x_full[free] = V[:, free].T @ lam.value
     return x_full
+
+
+# x = clip(ψ(v), 0, 1) with ψ = (f')⁻¹ per regularizer (the entropy's f' = log x + 1)
+_PSI = {
+    "entropy": lambda v: np.minimum(1.0, np.exp(np.minimum(v - 1.0, 50.0))),
+    "binary_entropy": lambda v: 1.0 / (1.0 + np.exp(-v)),
+    "quadratic": lambda v: np.clip(v, 0.0, 1.0),
+}
+
+
+def _decreasing_root(h, lo: float, hi: float) -> float:
+    """The root of a nonincreasing h on [lo, hi] (h(lo) > 0 >= h(hi)) by bisection, to the last bit."""
+    while True:
+        mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            return mid
+        lo, hi = (mid, hi) if h(mid) > 0 else (lo, mid)
+
+
+def group_capped_subset(theta: np.ndarray, groups: list[int], cap: list[int], k: int, reg: str
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """argmax θᵀx − f(x) s.t. Σx = k, Σ_{i in g} x_i <= cap[g], 0 <= x <= 1 (one vector); returns
+    x and the caps' multipliers λ.
+
+    KKT: x_i = clip(ψ(θ_i − τ − λ_g), 0, 1) with λ_g >= 0 the multiplier of group g's cap: for a
+    given τ each group is either under its cap at λ_g = 0 or at it, λ_g by bisection; τ by an
+    outer bisection on Σx = k (both sums are nonincreasing in their argument)."""
+    psi, groups = _PSI[reg], np.asarray(groups)
+    span = 100.0 + np.abs(theta).max()
+
+    def at(tau: float) -> tuple[np.ndarray, np.ndarray]:
+        x, lams = np.empty_like(theta), np.zeros(len(cap))
+        for g, c in enumerate(cap):
+            v = theta[groups == g] - tau
+            if psi(v).sum() > c:
+                lams[g] = _decreasing_root(lambda lam: psi(v - lam).sum() - c, 0.0, 2 * span)
+            x[groups == g] = psi(v - lams[g])
+        return x, lams
+
+    return at(_decreasing_root(lambda tau: at(tau)[0].sum() - k, -2 * span, 2 * span))

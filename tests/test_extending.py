@@ -5,6 +5,7 @@ import importlib
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,3 +200,61 @@ def test_check_relaxation_catches_a_fast_path_that_misreads_the_forbidden_mask(t
     P = cs.load_polytope("test_misread_mask_simplex")
     with pytest.raises(cs.SolverError, match=r"puts mass .* on coordinates where u = -inf"):
         cs.testing.check_relaxation(P, "entropy")
+
+
+GROUP_CAPS = """
+name: test_group_capped_subset
+description: k items in total, at most cap[g] from each group g.
+params:
+  groups: {type: int_list, default: [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]}
+  cap: {type: int_list, default: [1, 2, 1]}
+  k: {type: int, default: 3}
+data:
+  G: group_indicator(groups)
+output: {name: x, shape: [len(groups)]}
+constraints:
+  - G @ x <= cap
+  - sum(x) == k
+  - 0 <= x <= 1
+regularizers: [entropy, binary_entropy, quadratic]
+"""
+
+
+@pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "quadratic"])
+def test_users_polytope_with_inequality_rows_matches_an_exact_oracle(tmp_path, reg):
+    # a structure declared only in a config, with inequality rows (group caps): the torch
+    # backend (the auto choice: no fast path) against nested bisection on its KKT conditions,
+    # values to 1e-8, gradients against central differences of the oracle. The rows include caps
+    # met with a small multiplier (θ of a capped group raised by 1e-5 to 1e-3 over the value
+    # where it just fills its cap), which the interior-point iterates leave ambiguous
+    from oracles import group_capped_subset
+    path = tmp_path / "group_caps.yaml"
+    path.write_text(GROUP_CAPS)
+    P = cs.load_polytope(path)
+    groups, cap, k = P.params["groups"], P.params["cap"], P.params["k"]
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.cat([5.0 * torch.randn(16, P.size, generator=gen, dtype=torch.float64),
+                       torch.randn(16, P.size, generator=gen, dtype=torch.float64)])
+    # group 0 (cap 1) full, its multiplier λ_0 brought down to δ (x stays as it is)
+    for i, delta in enumerate([1e-5, 1e-4, 1e-3] * 5 + [0.0]):
+        theta[16 + i, :3] += 3.0
+        lam0 = group_capped_subset(theta[16 + i].numpy(), groups, cap, k, reg)[1][0]
+        assert lam0 > 0.1  # the cap binds
+        theta[16 + i, :3] -= lam0 - delta
+    u = theta.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u, P, reg, 1.0)
+    ref = np.stack([group_capped_subset(r, groups, cap, k, reg)[0] for r in theta.numpy()])
+    assert np.abs(x.detach().numpy() - ref).max() < 1e-8
+    w = torch.linspace(-1.0, 1.0, P.size, dtype=torch.float64)
+    (x * w).sum().backward()
+    h = 1e-6
+    for i in (0, 16, 17, 18):  # one Gaussian row and the three weakly capped ones
+        fd = np.empty(P.size)
+        for j in range(P.size):
+            e = np.zeros(P.size)
+            e[j] = h
+            fd[j] = (group_capped_subset(theta[i].numpy() + e, groups, cap, k, reg)[0]
+                     - group_capped_subset(theta[i].numpy() - e, groups, cap, k, reg)[0]) @ w.numpy() / (2 * h)
+        assert np.abs(u.grad[i].numpy() - fd).max() < 1e-5, i
