@@ -36,8 +36,8 @@ constraints, whose slacks fall only like sqrt(μ)) gets an active-set Newton pol
 best iterate, kept if its KKT residual is smaller; so does a converged row with a pair still
 unresolved whose slack and multiplier (relative to θ) both exceed 1e-8 (a constraint active with
 a small multiplier, or tied utilities under the quadratic: x on a bound with a zero multiplier),
-except in formulations with auxiliary variables (flows), where only the quadratic's tied bounds
-of x count.
+except under an entropy in formulations with auxiliary variables (flows), whose flows are not
+unique.
 
 The backward pass is implicit differentiation of the active-set reduced KKT system at the
 solution (constraints classified by their slack, or by a multiplier 1e4× their slack, enforced
@@ -1001,14 +1001,17 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # tied utilities (small integers: bounds active with zero multipliers), x off by up to 1.7e-6;
     # all reported converged. Those rows are polished too, holding only the resolved active
     # constraints (held, the tied ones' multipliers were not unique and came out negative; the
-    # polish then holds the ones its candidate violates). Only where P has no auxiliary variables:
-    # in the flow formulations (trees, arborescences) the flows are not unique, and pairs on their
-    # capacity rows and on the x ≤ 1 those rows imply stay ambiguous without moving x (over 9
-    # batches of 64 rows, the entropies would cost 0.6 to 1.7 polish rounds per row; at t = 0.1,
-    # polishing the trees' x ≤ 1 had left their errors against Clarabel as they were). There only
-    # the quadratic's tied bounds of x count (within _TIED, by sqrt(slack · multiplier / scale)).
+    # polish then holds the ones its candidate violates). Not under a regularizer with domain ends
+    # (the entropies) where P has auxiliary variables: in the flow formulations (trees,
+    # arborescences) the flows are not unique, and pairs on their capacity rows and on the x ≤ 1
+    # those rows imply stay ambiguous without moving x (over 9 batches of 64 rows, the entropies
+    # would cost 0.6 to 1.7 polish rounds per row; at t = 0.1, polishing the trees' x ≤ 1 had left
+    # their errors against Clarabel as they were). With the quadratic they count there too: tied
+    # integer utilities on spanning trees (n = 5) left 2 rows of 256 reported converged with x off
+    # by 1.4e-5 and 6.4e-6 (ambiguous capacity rows; against OSQP on the subtour form), and
+    # Gaussian utilities flag 0 to 2 rows of 576.
     degen = torch.zeros_like(resid, dtype=torch.bool)
-    if n == d:
+    if n == d or not (math.isfinite(dlo) or math.isfinite(dhi)):
         xl, xu, sc1 = T["hasL"] & ~T["domL"], T["hasU"] & ~T["domU"], scales[:, 1:]
 
         def ambiguous(slack: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
@@ -1018,10 +1021,6 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         if p:
             amb = torch.maximum(amb, ambiguous(s, lam).amax(1))
         degen = torch.isfinite(resid) & (resid <= accept) & (amb > _DEGENERATE)
-    elif not (math.isfinite(dlo) or math.isfinite(dhi)):
-        unres = torch.maximum(torch.where(T["hasL"][:d], _unresolved(gl * zl, gl, zl, _TIED)[:, :d], 0.0).amax(1),
-                              torch.where(T["hasU"][:d], _unresolved(gu * zu, gu, zu, _TIED)[:, :d], 0.0).amax(1))
-        degen = torch.isfinite(resid) & (resid <= accept) & ((unres / scales[:, 1]).sqrt() > _DEGENERATE)
     need = (torch.isfinite(resid) & ((resid > accept) | degen)).nonzero()[:, 0]
     if need.numel():
         th, scs = _rows(theta, need), scales[need]
@@ -1103,11 +1102,8 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
 _RESOLVED = 1e4
 
 # a converged row with an unresolved pair whose slack and multiplier / scale both exceed
-# _DEGENERATE is polished (_ipm): its slack may be the error of x. In formulations with auxiliary
-# variables: a bound of x with slack and multiplier within _TIED of each other and
-# sqrt(slack · multiplier / scale) above _DEGENERATE (the quadratic's tied utilities)
+# _DEGENERATE is polished (_ipm): its slack may be the error of x
 _DEGENERATE = 1e-8
-_TIED = 100.0
 
 # active-set rounds of the polish: sparse-graph spanning trees (entropy, t = 1) needed 4 on a
 # row where 3 left x off by 1.2e-4; the loop ends early once the held set stops changing

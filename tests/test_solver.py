@@ -681,3 +681,19 @@ def test_torch_solver_resolves_a_nearly_full_column_next_to_tiny_entries():
         out.append((x.detach(), u.grad))
     assert (out[0][0] - out[1][0]).abs().max() < 1e-8
     assert (out[0][1] - out[1][1]).abs().max() < 1e-7
+
+
+def test_torch_solver_resolves_ambiguous_capacity_rows_of_flow_formulations():
+    # tied integer utilities with the quadratic on spanning trees (a flow formulation, auxiliary
+    # variables): capacity rows f <= y stopped with slack and multiplier both ~1e-5, and these
+    # rows were reported converged with x off by 1.4e-5 and 6.4e-6. Reference: OSQP with its
+    # active-set polish on the subtour form (exact halves here)
+    P = cs.load_polytope("spanning_tree", n=5)
+    u = torch.tensor([[2.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+                      [0.0, -1.0, -2.0, 2.0, 0.0, 2.0, -2.0, 0.0, 0.0, -1.0]], dtype=torch.float64)
+    ref = torch.tensor([[0.5, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+                        [0.5, 0.0, 0.0, 1.0, 0.5, 1.0, 0.0, 0.5, 0.5, 0.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u, P, "quadratic", 1.0, backend="torch")
+    assert (x - ref).abs().max() < 1e-9
