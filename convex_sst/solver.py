@@ -1003,13 +1003,15 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # constraints (held, the tied ones' multipliers were not unique and came out negative; the
     # polish then holds the ones its candidate violates). Not under a regularizer with domain ends
     # (the entropies) where P has auxiliary variables: in the flow formulations (trees,
-    # arborescences) the flows are not unique, and pairs on their capacity rows and on the x ≤ 1
-    # those rows imply stay ambiguous without moving x (over 9 batches of 64 rows, the entropies
-    # would cost 0.6 to 1.7 polish rounds per row; at t = 0.1, polishing the trees' x ≤ 1 had left
-    # their errors against Clarabel as they were). With the quadratic they count there too: tied
-    # integer utilities on spanning trees (n = 5) left 2 rows of 256 reported converged with x off
-    # by 1.4e-5 and 6.4e-6 (ambiguous capacity rows; against OSQP on the subtour form), and
-    # Gaussian utilities flag 0 to 2 rows of 576.
+    # arborescences) the flows are not unique, and pairs on the flows' bounds and capacity rows
+    # stay ambiguous in most rows (9 batches of 64 rows: 0.6 to 2.7 polish rounds per row, 35 to
+    # 70 % more time for spanning trees). Left so: on trees (n = 5) with the entropy at t = 0.3
+    # and integer utilities, 8 rows of 64 keep x off by up to 3.3e-7 (reported converged; against
+    # this solver on the subtour form, which has no auxiliary variables), which the polish would
+    # bring to 1.6e-8; Gaussian utilities agree to 1.2e-8. With the quadratic they count there
+    # too: tied integer utilities on spanning trees (n = 5) left 2 rows of 256 reported converged
+    # with x off by 1.4e-5 and 6.4e-6 (ambiguous capacity rows; against OSQP on the subtour form),
+    # and Gaussian utilities flag 0 to 2 rows of 576.
     degen = torch.zeros_like(resid, dtype=torch.bool)
     if n == d or not (math.isfinite(dlo) or math.isfinite(dhi)):
         xl, xu, sc1 = T["hasL"] & ~T["domL"], T["hasU"] & ~T["domU"], scales[:, 1:]
