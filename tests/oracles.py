@@ -192,3 +192,18 @@ def group_capped_subset(theta: np.ndarray, groups: list[int], cap: list[int], k:
         return x, lams
 
     return at(_decreasing_root(lambda tau: at(tau)[0].sum() - k, -2 * span, 2 * span))
+
+
+def quadratic_on_form(theta: np.ndarray, form) -> np.ndarray:
+    """argmax θᵀx − ½‖x‖² over ``form`` (a CanonicalForm without auxiliary variables) with plain
+    cvxpy and OSQP: its active-set polish makes the answer exact where the problem is degenerate
+    (tied utilities), where interior-point solvers stop at ~1e-7."""
+    x = cp.Variable(form.num_z)
+    cons = [x >= form.lb, x <= form.ub]
+    if form.num_eq:
+        cons.append(form.A_eq.toarray() @ x == form.b_eq)
+    if form.num_ub:
+        cons.append(form.A_ub.toarray() @ x <= form.b_ub)
+    cp.Problem(cp.Maximize(theta @ x - 0.5 * cp.sum_squares(x)), cons).solve(
+        solver=cp.OSQP, eps_abs=1e-12, eps_rel=1e-12, polishing=True, max_iter=400_000)
+    return np.asarray(x.value)
