@@ -1,5 +1,6 @@
 """The batched torch interior-point solver (backend="torch") against references."""
 
+import itertools
 import warnings
 
 import pytest
@@ -705,8 +706,6 @@ def test_torch_solver_flow_formulation_agrees_with_the_subtour_form(tmp_path, re
     # the same polytope in its subtour form (one row per vertex subset, written out as a user's
     # config, no auxiliary variables) is a second, independent formulation for the same solver,
     # sharper here than Clarabel (good to ~1e-6 with an entropy on these)
-    import itertools
-
     n = 5
     edges = list(itertools.combinations(range(n), 2))
     rows = [" + ".join(f"x[{e}]" for e, (a, b) in enumerate(edges) if a in S and b in S) + f" <= {size - 1}"
@@ -730,8 +729,6 @@ def test_torch_solver_arborescence_flows_agree_with_the_cut_form(tmp_path, reg):
     # arborescences rooted at 0 in Edmonds' cut form (in-degree 1 off the root, at least one arc
     # into every vertex set without the root; no auxiliary variables), written out as a user's
     # config, against the built-in flow formulation, in the same solver
-    import itertools
-
     n = 4
     lines = ["  - 0 <= x <= 1"] + [f"  - x[{v}, {v}] == 0\n  - x[{v}, 0] == 0" for v in range(n)]
     lines += ["  - " + " + ".join(f"x[{h}, {m}]" for h in range(n) if h != m) + " == 1" for m in range(1, n)]
