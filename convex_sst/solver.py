@@ -788,6 +788,8 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     zero1 = torch.zeros((), dtype=dtype, device=device)
     tiny = torch.finfo(dtype).tiny
 
+    xl, xu = hasL & ~T["domL"], hasU & ~T["domU"]
+
     def state(th, scs, z, y, s, lam, zl, zu):
         x = z[:, :d]
         g = eps_aux * z
@@ -835,6 +837,17 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         if p:
             pend = torch.maximum(pend, _unresolved(ps, s, lam).amax(1))
         return hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, torch.where(r <= accept, torch.maximum(r, 1e2 * pend / sc), r)
+
+    def ambiguity(scs: torch.Tensor, z: torch.Tensor, s: torch.Tensor, lam: torch.Tensor, zl: torch.Tensor,
+                  zu: torch.Tensor) -> torch.Tensor:
+        """Per row, the largest :func:`_ambiguity` of the bounds that are constraints (not an open
+        domain's ends) and of the inequality rows."""
+        sc1 = scs[:, 1:]
+        amb = torch.maximum(torch.where(xl, _ambiguity(z - Lb, zl, sc1), 0.0).amax(1),
+                            torch.where(xu, _ambiguity(Ub - z, zu, sc1), 0.0).amax(1))
+        if p:
+            amb = torch.maximum(amb, _ambiguity(s, lam, sc1).amax(1))
+        return amb
 
     best = [v.clone() for v in (z, y, s, lam, zl, zu)]
     best_res = torch.full((B,), math.inf, dtype=dtype, device=device)
@@ -978,10 +991,10 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         # on the last float inside
         if math.isfinite(dlo) or math.isfinite(dhi):
             z[:, :d].clamp_(min=inside_lo, max=inside_hi)
-    hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scales, z, y, s, lam, zl, zu)
+    resid = state(theta, scales, z, y, s, lam, zl, zu)[-1]
+    last, last_resid = [z, y, s, lam, zl, zu], resid
     better = torch.isfinite(resid) & (resid < best_res)
-    z, y, s, lam, zl, zu = [torch.where(better[:, None], v, bv) for v, bv in zip((z, y, s, lam, zl, zu), best)]
-    hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scales, z, y, s, lam, zl, zu)
+    z, y, s, lam, zl, zu = [torch.where(better[:, None], v, bv) for v, bv in zip(last, best)]
     # Rows that stalled above `accept`: degenerate problems, whose weakly active constraints (slack
     # and multiplier both ~sqrt(μ)) need μ far below where the strongly active slacks reach the
     # rounding floor (arborescences with nearly uniform utilities: every row stalled, x off by
@@ -1006,73 +1019,100 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # arborescences) the flows are not unique, and pairs on the flows' bounds and capacity rows
     # stay ambiguous in most rows (9 batches of 64 rows: 0.6 to 2.7 polish rounds per row, 35 to
     # 70 % more time for spanning trees). Left so: on trees (n = 5) with the entropy at t = 0.3
-    # and integer utilities, 8 rows of 64 keep x off by up to 3.3e-7 (reported converged; against
-    # this solver on the subtour form, which has no auxiliary variables), which the polish would
-    # bring to 1.6e-8; Gaussian utilities agree to 1.2e-8. With the quadratic they count there
+    # and integer utilities, 21 rows of 128 keep x off by up to 5.5e-7 (reported converged, at
+    # residuals below tol; against this solver on the subtour form, which has no auxiliary
+    # variables); Gaussian utilities agree to 1e-8. (Rows that stall are helped by the fallback
+    # to the last iterate below: on n = 6, 5.9e-5 → 5e-7.) With the quadratic they count there
     # too: tied integer utilities on spanning trees (n = 5) left 2 rows of 256 reported converged
     # with x off by 1.4e-5 and 6.4e-6 (ambiguous capacity rows; against OSQP on the subtour form),
     # and Gaussian utilities flag 0 to 2 rows of 576.
-    degen = torch.zeros_like(resid, dtype=torch.bool)
-    if n == d or not (math.isfinite(dlo) or math.isfinite(dhi)):
-        xl, xu, sc1 = T["hasL"] & ~T["domL"], T["hasU"] & ~T["domU"], scales[:, 1:]
+    def finish(it: list[torch.Tensor], only: torch.Tensor
+               ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The polish of the rows ``only`` (a mask) of the iterates ``it = [z, y, s, λ, zl, zu]``
+        that need one (below): returns the iterates, the residual to report, the ambiguity and
+        what the backward needs of the state (hh, gl, gu)."""
+        z, y, s, lam, zl, zu = it
+        hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scales, z, y, s, lam, zl, zu)
+        amb = ambiguity(scales, z, s, lam, zl, zu)
+        degen = torch.zeros_like(resid, dtype=torch.bool)
+        if n == d or not (math.isfinite(dlo) or math.isfinite(dhi)):
+            degen = only & torch.isfinite(resid) & (resid <= accept) & (amb > _DEGENERATE)
+        need = (only & torch.isfinite(resid) & ((resid > accept) | degen)).nonzero()[:, 0]
+        if need.numel():
+            th, scs = _rows(theta, need), scales[need]
+            sc = scs[:, 1]
+            start = [v[need] for v in (z, y, s, lam, zl, zu)]
+            held = _held_constraints(start, mu[need], T, strict=degen[need])
+            # A bound whose gap has reached the rounding floor (x = 1 exactly, where float64 cannot
+            # represent gaps below 1.1e-16) leaves its multiplier at mu / tiny, up to 1e290, which the
+            # residual hides (it divides by the diagonal zu / gap). The polish's augmented Lagrangian
+            # would start from it: such multipliers start at 0 instead (true ones are O(|θ| + |∇f|)).
+            start[3:] = [torch.where(v.abs() <= 1e6 * sc[:, None], v, 0.0) for v in start[3:]]
+            keep_res, keep = resid[need].clone(), [v.clone() for v in start]
 
-        def ambiguous(slack: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
-            """min(slack, multiplier / scale) of the unresolved pairs, else 0."""
-            return torch.where(_unresolved(slack * mult, slack, mult) > 0, torch.minimum(slack, mult / sc1), 0.0)
-        amb = torch.maximum(torch.where(xl, ambiguous(gl, zl), 0.0).amax(1), torch.where(xu, ambiguous(gu, zu), 0.0).amax(1))
-        if p:
-            amb = torch.maximum(amb, ambiguous(s, lam).amax(1))
-        degen = torch.isfinite(resid) & (resid <= accept) & (amb > _DEGENERATE)
-    need = (torch.isfinite(resid) & ((resid > accept) | degen)).nonzero()[:, 0]
-    if need.numel():
-        th, scs = _rows(theta, need), scales[need]
-        sc = scs[:, 1]
-        start = [v[need] for v in (z, y, s, lam, zl, zu)]
-        held = _held_constraints(start, mu[need], T, strict=degen[need])
-        # A bound whose gap has reached the rounding floor (x = 1 exactly, where float64 cannot
-        # represent gaps below 1.1e-16) leaves its multiplier at mu / tiny, up to 1e290, which the
-        # residual hides (it divides by the diagonal zu / gap). The polish's augmented Lagrangian
-        # would start from it: such multipliers start at 0 instead (true ones are O(|θ| + |∇f|)).
-        start[3:] = [torch.where(v.abs() <= 1e6 * sc[:, None], v, 0.0) for v in start[3:]]
-        keep_res, keep = resid[need].clone(), [v.clone() for v in start]
+            def rounds(ix: torch.Tensor, held: tuple[torch.Tensor, ...]) -> None:
+                """The polish rounds on the rows ``ix`` of ``need``, into keep_res and keep."""
+                th_i, scs_i, start_i = th[ix], scs[ix], [v[ix] for v in start]
+                for _ in range(_POLISH_ROUNDS):
+                    cand = _polish(th_i, start_i, held, T, sf, grad, hess, eps_aux)
+                    viol = _violation(cand, T) / scs_i[:, 1]
+                    clamped = cand[:3] + [v.clamp_min(0.0) for v in cand[3:]]
+                    cres = state(th_i, scs_i, *clamped)[-1]
+                    cres = torch.where(torch.isfinite(viol), torch.maximum(cres, viol), math.inf)
+                    take = torch.isfinite(cres) & (cres < keep_res[ix])
+                    keep_res[ix] = torch.where(take, cres, keep_res[ix])
+                    for kv, cv in zip(keep, clamped):
+                        kv[ix[take]] = cv[take]
+                    if bool((cres <= 10 * tol).all()):  # this round's candidates (not the start: tied rows begin below)
+                        break
+                    new_held = _reclassify(held, cand, T)
+                    if all(bool(torch.equal(a, b)) for a, b in zip(new_held, held)):
+                        break
+                    held = new_held
 
-        def rounds(ix: torch.Tensor, held: tuple[torch.Tensor, ...]) -> None:
-            """The polish rounds on the rows ``ix`` of ``need``, into keep_res and keep."""
-            th_i, scs_i, start_i = th[ix], scs[ix], [v[ix] for v in start]
-            for _ in range(_POLISH_ROUNDS):
-                cand = _polish(th_i, start_i, held, T, sf, grad, hess, eps_aux)
-                viol = _violation(cand, T) / scs_i[:, 1]
-                clamped = cand[:3] + [v.clamp_min(0.0) for v in cand[3:]]
-                cres = state(th_i, scs_i, *clamped)[-1]
-                cres = torch.where(torch.isfinite(viol), torch.maximum(cres, viol), math.inf)
-                take = torch.isfinite(cres) & (cres < keep_res[ix])
-                keep_res[ix] = torch.where(take, cres, keep_res[ix])
-                for kv, cv in zip(keep, clamped):
-                    kv[ix[take]] = cv[take]
-                if bool((cres <= 10 * tol).all()):  # this round's candidates (not the start: tied rows begin below)
-                    break
-                new_held = _reclassify(held, cand, T)
-                if all(bool(torch.equal(a, b)) for a, b in zip(new_held, held)):
-                    break
-                held = new_held
+            everyone = torch.arange(need.numel(), device=need.device)
+            rounds(everyone, held)
+            # stalled rows the polish left above `accept` try once more, holding only the resolved
+            # active constraints (spanning trees, the quadratic, tied utilities: 2 of 3 such rows went
+            # from 6e-5 to 4e-10)
+            again = everyone[(keep_res > accept) & ~degen[need]]
+            if again.numel():
+                rounds(again, _held_constraints([v[again] for v in start], mu[need][again], T,
+                                                strict=torch.ones_like(again, dtype=torch.bool)))
+            better = keep_res < resid[need]
+            if bool(better.any()):
+                rows = need[better]
+                z, y, s, lam, zl, zu = [v.clone() for v in (z, y, s, lam, zl, zu)]
+                for v, kv in zip((z, y, s, lam, zl, zu), keep):
+                    v[rows] = kv[better]
+                hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scales, z, y, s, lam, zl, zu)
+                amb = ambiguity(scales, z, s, lam, zl, zu)
+                resid[rows] = torch.maximum(resid[rows], keep_res[better])
+        return [z, y, s, lam, zl, zu], resid, amb, (hh, gl, gu)
 
-        everyone = torch.arange(need.numel(), device=need.device)
-        rounds(everyone, held)
-        # stalled rows the polish left above `accept` try once more, holding only the resolved
-        # active constraints (spanning trees, the quadratic, tied utilities: 2 of 3 such rows went
-        # from 6e-5 to 4e-10)
-        again = everyone[(keep_res > accept) & ~degen[need]]
-        if again.numel():
-            rounds(again, _held_constraints([v[again] for v in start], mu[need][again], T,
-                                            strict=torch.ones_like(again, dtype=torch.bool)))
-        better = keep_res < resid[need]
-        if bool(better.any()):
-            rows = need[better]
-            z, y, s, lam, zl, zu = [v.clone() for v in (z, y, s, lam, zl, zu)]
-            for v, kv in zip((z, y, s, lam, zl, zu), keep):
-                v[rows] = kv[better]
-            hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scales, z, y, s, lam, zl, zu)
-            resid[rows] = torch.maximum(resid[rows], keep_res[better])
+    everywhere = torch.ones(B, dtype=torch.bool, device=device)
+    (z, y, s, lam, zl, zu), resid, amb, (hh, gl, gu) = finish([z, y, s, lam, zl, zu], everywhere)
+    # Where the best iterate by residual is left unresolved, the last iterate (and its polish,
+    # where it needs one) replaces it if its _key is at least 2x smaller (rounding aside, the two
+    # are often one iterate). On flow formulations (auxiliary variables) the dual residual of
+    # the flows reaches its floor (~1e-8) while weakly active pairs are still ~1e-6 apart, and
+    # the polish does not always help (the entropies are not polished there; with the quadratic
+    # it cycles between dependent active sets): on spanning trees (n = 6, entropy, t = 0.3,
+    # integer utilities) a row was off by 5.9e-5 at residual 7.2e-9 and ambiguity 5e-7, reported
+    # converged, and eight iterations later by 3e-9 at residual 1.4e-8. The best by residual
+    # goes first because the polish, where it applies, does better from it (a matching's column
+    # whose multiplier falls through its slack: exact from there, 9e-8 from the later iterate
+    # whose residual has stalled). Stopping stays with the residual alone: the ambiguity of such
+    # a column rises as it falls through, and stopping on that left another matching row off by
+    # 7e-8 (5e-13 from the iterates that follow).
+    last_key = _key(last_resid, ambiguity(scales, last[0], *last[2:]), tol)
+    switch = torch.isfinite(last_key) & (last_key < 0.5 * _key(resid, amb, tol))
+    if bool(switch.any()):
+        cand, cres, camb, cst = finish(last, switch)
+        take = switch & torch.isfinite(cres) & (_key(cres, camb, tol) < _key(resid, amb, tol))
+        z, y, s, lam, zl, zu = [torch.where(take[:, None], v, w) for v, w in zip(cand, (z, y, s, lam, zl, zu))]
+        hh, gl, gu = [torch.where(take[:, None], v, w) for v, w in zip(cst, (hh, gl, gu))]
+        resid = torch.where(take, cres, resid)
     # The backward solves the reduced KKT system of the limit problem: constraints whose slack is
     # (numerically) zero, or whose multiplier exceeds their slack _RESOLVED times, are active
     # and enforced by a penalty, the others are dropped. The slack alone is robust to degenerate
@@ -1153,6 +1193,22 @@ def _unresolved(product: torch.Tensor, slack: torch.Tensor, mult: torch.Tensor, 
     """``slack · mult`` where neither is ``ratio`` times the other (the iterations have not yet
     told whether the constraint is active), else 0."""
     return torch.where((slack <= ratio * mult) & (mult <= ratio * slack), product, 0.0)
+
+
+def _ambiguity(slack: torch.Tensor, mult: torch.Tensor, scale: torch.Tensor, ratio: float = _RESOLVED
+               ) -> torch.Tensor:
+    """``min(slack, mult / scale)`` where neither is ``ratio`` times the other, else 0: how far
+    the pair is from complementarity (the natural residual ``min(s, λ)``: the change to the
+    slack or to the multiplier that makes it exact). The product ``slack · mult`` can be tiny
+    while both are not: an active constraint with a small multiplier δ keeps a slack of about δ,
+    which is then the error of x."""
+    return torch.where((slack <= ratio * mult) & (mult <= ratio * slack), torch.minimum(slack, mult / scale), 0.0)
+
+
+def _key(resid: torch.Tensor, amb: torch.Tensor, tol: float) -> torch.Tensor:
+    """How the solver ranks two iterates of a row: by the residual once it is within ``tol``,
+    else by the larger of the residual and the ambiguity (:func:`_ambiguity`)."""
+    return torch.where(resid <= tol, resid, torch.maximum(resid, amb))
 
 
 def _held_constraints(it: list[torch.Tensor], mu: torch.Tensor, T: dict, strict: torch.Tensor
