@@ -1098,7 +1098,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     # the flows reaches its floor (~1e-8) while weakly active pairs are still ~1e-6 apart, and
     # the polish does not always help (the entropies are not polished there; with the quadratic
     # it cycles between dependent active sets): on spanning trees (n = 6, entropy, t = 0.3,
-    # integer utilities) a row was off by 5.9e-5 at residual 7.2e-9 and ambiguity 5e-7, reported
+    # integer utilities) a row was off by 5.9e-5 at residual 7.2e-9 and ambiguity 3e-6, reported
     # converged, and eight iterations later by 3e-9 at residual 1.4e-8. The best by residual
     # goes first because the polish, where it applies, does better from it (a matching's column
     # whose multiplier falls through its slack: exact from there, 9e-8 from the later iterate
