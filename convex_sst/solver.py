@@ -1029,7 +1029,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     def finish(it: list[torch.Tensor], only: torch.Tensor
                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """The polish of the rows ``only`` (a mask) of the iterates ``it = [z, y, s, λ, zl, zu]``
-        that need one (below): returns the iterates, the residual to report, the ambiguity and
+        that need one (above): returns the iterates, the residual to report, the ambiguity and
         what the backward needs of the state (hh, gl, gu)."""
         z, y, s, lam, zl, zu = it
         hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scales, z, y, s, lam, zl, zu)
