@@ -851,6 +851,12 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
 
     best = [v.clone() for v in (z, y, s, lam, zl, zu)]
     best_res = torch.full((B,), math.inf, dtype=dtype, device=device)
+    # each row's latest iterate within 1e4·accept (the fallback after the loop: the last step
+    # can break down, residual 2e-7 to 8e260 on a tied spanning-tree row); copied only where it
+    # is not also the best (while the residual falls, it is)
+    recent = [v.clone() for v in (z, y, s, lam, zl, zu)]
+    recent_res = torch.full((B,), math.inf, dtype=dtype, device=device)
+    recent_is_best = torch.zeros(B, dtype=torch.bool, device=device)
     history = torch.full((max_iter, B), math.inf, dtype=dtype, device=device)
     work: dict = {}  # Schur buffers per batch size, reused across iterations
     for it in range(max_iter):
@@ -875,6 +881,13 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         bres = torch.where(better, resid, bres)
         best_res[ix] = bres
         history[it, ix] = resid
+        near = torch.isfinite(resid) & (resid <= 1e4 * accept)
+        own = near & ~better
+        if bool(own.any()):
+            for v, rv in zip((zz, yy, ss, ll, zlz, zuz), recent):
+                rv[ix] = torch.where(own[:, None], v, rv[ix])
+        recent_is_best[ix] = torch.where(near, better, recent_is_best[ix])
+        recent_res[ix] = torch.where(near, resid, recent_res[ix])
         done = resid <= tol
         # a row that stopped improving near its floating-point floor stops here: less than 2x in 3
         # steps once within 10·tol (counted as converged), in 8 steps once within 1e4·accept
@@ -1092,20 +1105,28 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
 
     everywhere = torch.ones(B, dtype=torch.bool, device=device)
     (z, y, s, lam, zl, zu), resid, amb, (hh, gl, gu) = finish([z, y, s, lam, zl, zu], everywhere)
-    # Where the best iterate by residual is left unresolved, the last iterate (and its polish,
-    # where it needs one) replaces it if its _key is at least 2x smaller (rounding aside, the two
-    # are often one iterate). On flow formulations (auxiliary variables) the dual residual of
-    # the flows reaches its floor (~1e-8) while weakly active pairs are still ~1e-6 apart, and
-    # the polish does not always help (the entropies are not polished there; with the quadratic
-    # it cycles between dependent active sets): on spanning trees (n = 6, entropy, t = 0.3,
-    # integer utilities) a row was off by 5.9e-5 at residual 7.2e-9 and ambiguity 3e-6, reported
-    # converged, and eight iterations later by 3e-9 at residual 1.4e-8. The best by residual
-    # goes first because the polish, where it applies, does better from it (a matching's column
-    # whose multiplier falls through its slack: exact from there, 9e-8 from the later iterate
-    # whose residual has stalled). Stopping stays with the residual alone: the ambiguity of such
-    # a column rises as it falls through, and stopping on that left another matching row off by
-    # 7e-8 (5e-13 from the iterates that follow).
+    # Where the best iterate by residual is left unresolved, a later one (and its polish, where it
+    # needs one) replaces it if its _key is at least 2x smaller (rounding aside, the two are often
+    # one iterate): the last iterate, or the latest within 1e4·accept where that ranks better
+    # (a last step can break down: a tied spanning-tree row went from residual 2e-7, x exact, to
+    # 8e260). On flow formulations (auxiliary variables) the dual residual of the flows reaches
+    # its floor (~1e-8) while weakly active pairs are still ~1e-6 apart, and the polish does not
+    # always help (the entropies are not polished there; with the quadratic it cycles between
+    # dependent active sets): on spanning trees (n = 6, entropy, t = 0.3, integer utilities) a
+    # row was off by 5.9e-5 at residual 7.2e-9 and ambiguity 3e-6, reported converged, and eight
+    # iterations later by 3e-9 at residual 1.4e-8. The best by residual goes first because the
+    # polish, where it applies, does better from it (a matching's column whose multiplier falls
+    # through its slack: exact from there, 9e-8 from the later iterate whose residual has
+    # stalled). Stopping stays with the residual alone: the ambiguity of such a column rises as
+    # it falls through, and stopping on that left another matching row off by 7e-8 (5e-13 from
+    # the iterates that follow). Tracking the best iterate by _key instead, inside the loop,
+    # cost 13 % on k-subsets (the ambiguity at every iteration).
     last_key = _key(last_resid, ambiguity(scales, last[0], *last[2:]), tol)
+    recent = [torch.where(recent_is_best[:, None], v, w) for v, w in zip(best, recent)]
+    recent_key = _key(recent_res, ambiguity(scales, recent[0], *recent[2:]), tol)
+    earlier = recent_key < last_key
+    last = [torch.where(earlier[:, None], v, w) for v, w in zip(recent, last)]
+    last_key = torch.where(earlier, recent_key, last_key)
     switch = torch.isfinite(last_key) & (last_key < 0.5 * _key(resid, amb, tol))
     if bool(switch.any()):
         cand, cres, camb, cst = finish(last, switch)

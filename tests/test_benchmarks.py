@@ -106,3 +106,14 @@ def test_torch_solver_far_above_table_runs_and_is_accurate():
         assert all("warned" not in c and float(c) < 1e-8 for c in row[2:]), row
     for row in with_mask:  # and one masked by u_k - c in the same row, against u_k - 300, through "auto"
         assert row[2] in ("fast", "torch") and all("warned" not in c and float(c) < 1e-8 for c in row[3:]), row
+
+
+def test_flow_formulations_benchmark_runs_and_agrees_on_gaussian_utilities():
+    out = _run("flow_formulations.py", "--rows", "8", "--sizes", "spanning_tree:4", "arborescence:3",
+               "--temperatures", "1")
+    rows = _rows(out, "| spanning_tree") + _rows(out, "| arborescence")
+    assert len(rows) == 12
+    for row in rows:
+        assert row[5] == "8 / 8", row  # the reference (second formulation) converged
+        if row[3] == "gauss":  # every row converged, within 1e-8 of the second formulation
+            assert row[6] == "0 (—)" and row[7].startswith("0 (") and float(row[7][3:-1]) < 1e-8, row

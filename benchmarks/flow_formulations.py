@@ -1,0 +1,109 @@
+"""Accuracy of the torch interior-point solver on the flow formulations against second formulations.
+
+The built-in spanning trees and arborescences are flow formulations: auxiliary variables (arcs
+and flows) that are not unique, whose bounds and capacity rows make the problems degenerate.
+The same polytopes have formulations without auxiliary variables, written here as users'
+configs: spanning trees of K_n in their subtour form (one row per vertex subset), arborescences
+rooted at 0 in Edmonds' cut form (in-degree 1 off the root, one arc into every vertex set
+without the root). The reference is the same solver on those, where its polish applies
+(it agrees with OSQP's active-set polish to 2e-11 with the quadratic on tied utilities).
+
+One markdown row per polytope, size, regularizer, kind of utilities (``gauss``: 3·N(0, 1);
+``int``: integers in [-2, 2], which tie) and temperature:
+
+* *reference*: rows of the reference that converged (the others are left out of the errors);
+* *warned*: rows the solver reports as not converged (``relax`` warns), and their largest
+  error in x;
+* *silent*: rows reported converged but off by more than 1e-8, and the largest error of the
+  rows reported converged;
+* *ms*: the solve (forward only, float64, one run: a rough cost, not a timing).
+
+    python benchmarks/flow_formulations.py
+    python benchmarks/flow_formulations.py --rows 32 --sizes spanning_tree:5 arborescence:4
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import convex_sst as cs
+from convex_sst.regularizers import get_regularizer
+from convex_sst.solver import solve_torch
+
+REGULARIZERS = ("entropy", "binary_entropy", "quadratic")
+
+
+def subtour_form(n: int, folder: Path) -> cs.Polytope:
+    """Spanning trees of K_n: Σx = n − 1, 0 ≤ x ≤ 1, at most |S| − 1 edges inside every S."""
+    edges = list(itertools.combinations(range(n), 2))
+    rows = [" + ".join(f"x[{e}]" for e, (a, b) in enumerate(edges) if a in S and b in S) + f" <= {size - 1}"
+            for size in range(2, n) for S in itertools.combinations(range(n), size)]
+    path = folder / f"subtour_{n}.yaml"
+    path.write_text(f"name: subtour_tree\noutput: {{name: x, shape: [{len(edges)}]}}\nconstraints:\n"
+                    f"  - sum(x) == {n - 1}\n  - 0 <= x <= 1\n" + "".join(f"  - {r}\n" for r in rows)
+                    + f"regularizers: [{', '.join(REGULARIZERS)}]\n")
+    return cs.load_polytope(path)
+
+
+def cut_form(n: int, folder: Path) -> cs.Polytope:
+    """Arborescences of K_n rooted at 0: in-degree 1 off the root, an arc into every vertex set
+    without the root."""
+    lines = ["  - 0 <= x <= 1"] + [f"  - x[{v}, {v}] == 0\n  - x[{v}, 0] == 0" for v in range(n)]
+    lines += ["  - " + " + ".join(f"x[{h}, {m}]" for h in range(n) if h != m) + " == 1" for m in range(1, n)]
+    lines += ["  - " + " + ".join(f"x[{h}, {m}]" for m in S for h in range(n) if h not in S) + " >= 1"
+              for size in range(2, n) for S in itertools.combinations(range(1, n), size)]
+    path = folder / f"cuts_{n}.yaml"
+    path.write_text(f"name: cut_arborescence\noutput: {{name: x, shape: [{n}, {n}]}}\nconstraints:\n"
+                    + "\n".join(lines) + f"\nregularizers: [{', '.join(REGULARIZERS)}]\n")
+    return cs.load_polytope(path)
+
+
+def largest(err: torch.Tensor, rows: torch.Tensor) -> str:
+    """The largest error of the rows ``rows`` (a mask), or — where there are none."""
+    return f"{err[rows].max().item():.1e}" if bool(rows.any()) else "—"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", nargs="+", default=["spanning_tree:5", "spanning_tree:6", "arborescence:4",
+                                                    "arborescence:5"], help="polytope:n")
+    ap.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS), choices=REGULARIZERS)
+    ap.add_argument("--kinds", nargs="+", default=["int", "gauss"], choices=["int", "gauss"])
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.3])
+    ap.add_argument("--rows", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=5)
+    args = ap.parse_args()
+    print("| polytope | n | regularizer | utilities | t | reference | warned (largest error) "
+          "| silent > 1e-8 (largest error) | ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.sizes:
+            name, n = spec.split(":")[0], int(spec.split(":")[1])
+            P = cs.load_polytope(name, n=n)
+            Q = subtour_form(n, Path(tmp)) if name == "spanning_tree" else cut_form(n, Path(tmp))
+            for reg, kind, t in itertools.product(args.regularizers, args.kinds, args.temperatures):
+                R = get_regularizer(reg)
+                gen = torch.Generator().manual_seed(args.seed)
+                shape = (args.rows,) + P.shape
+                u = (torch.randint(-2, 3, shape, generator=gen).to(torch.float64) if kind == "int"
+                     else 3.0 * torch.randn(shape, generator=gen, dtype=torch.float64))
+                start = time.perf_counter()
+                x, report = solve_torch(u / t, P, R)
+                ms = 1e3 * (time.perf_counter() - start)
+                ref, ref_report = solve_torch(u / t, Q, R)
+                err = (x - ref).flatten(1).abs().amax(1)
+                ok = ref_report.converged
+                warned, conv = ok & ~report.converged, ok & report.converged
+                print(f"| {name} | {n} | {reg} | {kind} | {t:g} | {int(ok.sum())} / {args.rows} "
+                      f"| {int(warned.sum())} ({largest(err, warned)}) "
+                      f"| {int((conv & (err > 1e-8)).sum())} ({largest(err, conv)}) | {ms:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
