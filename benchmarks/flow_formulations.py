@@ -2,10 +2,10 @@
 
 The built-in spanning trees and arborescences are flow formulations: auxiliary variables (arcs
 and flows) that are not unique, whose bounds and capacity rows make the problems degenerate.
-The same polytopes have formulations without auxiliary variables, written here as users'
-configs: spanning trees of K_n in their subtour form (one row per vertex subset), arborescences
-rooted at 0 in Edmonds' cut form (in-degree 1 off the root, one arc into every vertex set
-without the root). The reference is the same solver on those, where its polish applies
+The same polytopes have formulations without auxiliary variables, written as users' configs
+(the tests' builders, tests/oracles.py): spanning trees of K_n in their subtour form (one row
+per vertex subset), arborescences rooted at 0 in Edmonds' cut form (in-degree 1 off the root,
+one arc into every vertex set without the root). The reference is the same solver on those, where its polish applies
 (it agrees with OSQP's active-set polish to 2e-11 with the quadratic on tied utilities).
 
 One markdown row per polytope, size, regularizer, kind of utilities (``gauss``: 3·N(0, 1);
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,31 +37,18 @@ import convex_sst as cs
 from convex_sst.regularizers import get_regularizer
 from convex_sst.solver import solve_torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from oracles import cut_arborescence_config, subtour_tree_config  # noqa: E402  (the tests' second formulations)
+
 REGULARIZERS = ("entropy", "binary_entropy", "quadratic")
 
 
-def subtour_form(n: int, folder: Path) -> cs.Polytope:
-    """Spanning trees of K_n: Σx = n − 1, 0 ≤ x ≤ 1, at most |S| − 1 edges inside every S."""
-    edges = list(itertools.combinations(range(n), 2))
-    rows = [" + ".join(f"x[{e}]" for e, (a, b) in enumerate(edges) if a in S and b in S) + f" <= {size - 1}"
-            for size in range(2, n) for S in itertools.combinations(range(n), size)]
-    path = folder / f"subtour_{n}.yaml"
-    path.write_text(f"name: subtour_tree\noutput: {{name: x, shape: [{len(edges)}]}}\nconstraints:\n"
-                    f"  - sum(x) == {n - 1}\n  - 0 <= x <= 1\n" + "".join(f"  - {r}\n" for r in rows)
-                    + f"regularizers: [{', '.join(REGULARIZERS)}]\n")
-    return cs.load_polytope(path)
-
-
-def cut_form(n: int, folder: Path) -> cs.Polytope:
-    """Arborescences of K_n rooted at 0: in-degree 1 off the root, an arc into every vertex set
-    without the root."""
-    lines = ["  - 0 <= x <= 1"] + [f"  - x[{v}, {v}] == 0\n  - x[{v}, 0] == 0" for v in range(n)]
-    lines += ["  - " + " + ".join(f"x[{h}, {m}]" for h in range(n) if h != m) + " == 1" for m in range(1, n)]
-    lines += ["  - " + " + ".join(f"x[{h}, {m}]" for m in S for h in range(n) if h not in S) + " >= 1"
-              for size in range(2, n) for S in itertools.combinations(range(1, n), size)]
-    path = folder / f"cuts_{n}.yaml"
-    path.write_text(f"name: cut_arborescence\noutput: {{name: x, shape: [{n}, {n}]}}\nconstraints:\n"
-                    + "\n".join(lines) + f"\nregularizers: [{', '.join(REGULARIZERS)}]\n")
+def second_form(name: str, n: int, folder: Path) -> cs.Polytope:
+    """The subtour form (spanning trees) or the cut form (arborescences) of K_n, written and loaded
+    as a user's config (the builders are the tests' oracles)."""
+    text = subtour_tree_config(n) if name == "spanning_tree" else cut_arborescence_config(n)
+    path = folder / f"{name}_{n}.yaml"
+    path.write_text(text)
     return cs.load_polytope(path)
 
 
@@ -86,7 +74,7 @@ def main() -> None:
         for spec in args.sizes:
             name, n = spec.split(":")[0], int(spec.split(":")[1])
             P = cs.load_polytope(name, n=n)
-            Q = subtour_form(n, Path(tmp)) if name == "spanning_tree" else cut_form(n, Path(tmp))
+            Q = second_form(name, n, Path(tmp))
             for reg, kind, t in itertools.product(args.regularizers, args.kinds, args.temperatures):
                 R = get_regularizer(reg)
                 gen = torch.Generator().manual_seed(args.seed)

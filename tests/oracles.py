@@ -207,3 +207,28 @@ def quadratic_on_form(theta: np.ndarray, form) -> np.ndarray:
     cp.Problem(cp.Maximize(theta @ x - 0.5 * cp.sum_squares(x)), cons).solve(
         solver=cp.OSQP, eps_abs=1e-12, eps_rel=1e-12, polishing=True, max_iter=400_000)
     return np.asarray(x.value)
+
+
+def subtour_tree_config(n: int) -> str:
+    """The spanning trees of K_n in their subtour form, as a polytope config (YAML text): Σx = n − 1,
+    0 ≤ x ≤ 1, at most |S| − 1 edges inside every vertex subset S; edges i < j in lexicographic
+    order, as the built-in ``spanning_tree``. No auxiliary variables (the built-in is a flow
+    formulation), so a second, independent formulation of the same polytope."""
+    edges = list(itertools.combinations(range(n), 2))
+    rows = [" + ".join(f"x[{e}]" for e, (a, b) in enumerate(edges) if a in S and b in S) + f" <= {size - 1}"
+            for size in range(2, n) for S in itertools.combinations(range(n), size)]
+    return (f"name: subtour_tree\noutput: {{name: x, shape: [{len(edges)}]}}\nconstraints:\n"
+            f"  - sum(x) == {n - 1}\n  - 0 <= x <= 1\n" + "".join(f"  - {r}\n" for r in rows)
+            + "regularizers: [entropy, binary_entropy, quadratic]\n")
+
+
+def cut_arborescence_config(n: int) -> str:
+    """The arborescences of K_n rooted at 0 in Edmonds' cut form, as a polytope config (YAML
+    text): in-degree 1 off the root, at least one arc into every vertex set without the root;
+    ``x[h, m]`` for the arc h → m, as the built-in ``arborescence``. No auxiliary variables."""
+    lines = ["  - 0 <= x <= 1"] + [f"  - x[{v}, {v}] == 0\n  - x[{v}, 0] == 0" for v in range(n)]
+    lines += ["  - " + " + ".join(f"x[{h}, {m}]" for h in range(n) if h != m) + " == 1" for m in range(1, n)]
+    lines += ["  - " + " + ".join(f"x[{h}, {m}]" for m in S for h in range(n) if h not in S) + " >= 1"
+              for size in range(2, n) for S in itertools.combinations(range(1, n), size)]
+    return (f"name: cut_arborescence\noutput: {{name: x, shape: [{n}, {n}]}}\nconstraints:\n"
+            + "\n".join(lines) + "\nregularizers: [entropy, binary_entropy, quadratic]\n")

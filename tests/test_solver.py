@@ -1,6 +1,5 @@
 """The batched torch interior-point solver (backend="torch") against references."""
 
-import itertools
 import warnings
 
 import pytest
@@ -701,15 +700,11 @@ def test_torch_solver_resolves_ambiguous_capacity_rows_of_flow_formulations():
 
 
 def _subtour_tree(tmp_path, n):
-    """The spanning trees of K_n in their subtour form (one row per vertex subset, written out as
-    a user's config, no auxiliary variables)."""
-    edges = list(itertools.combinations(range(n), 2))
-    rows = [" + ".join(f"x[{e}]" for e, (a, b) in enumerate(edges) if a in S and b in S) + f" <= {size - 1}"
-            for size in range(2, n) for S in itertools.combinations(range(n), size)]
+    """The spanning trees of K_n in their subtour form (tests/oracles.py), loaded."""
+    from oracles import subtour_tree_config
+
     path = tmp_path / f"subtour{n}.yaml"
-    path.write_text(f"name: test_subtour_tree\noutput: {{name: x, shape: [{len(edges)}]}}\nconstraints:\n"
-                    f"  - sum(x) == {n - 1}\n  - 0 <= x <= 1\n" + "".join(f"  - {r}\n" for r in rows)
-                    + "regularizers: [entropy, binary_entropy, quadratic]\n")
+    path.write_text(subtour_tree_config(n))
     return cs.load_polytope(path)
 
 
@@ -733,8 +728,9 @@ def test_torch_solver_keeps_the_most_accurate_iterate_on_flow_formulations(tmp_p
     # tied integer utilities on spanning trees (flows: auxiliary variables). The dual residual of
     # the flows reaches its floor (~1e-8) while weakly active pairs are still ~1e-6 apart, and
     # the iterate with the smallest residual was kept: every row below was off by 1.3e-5 to
-    # 6.5e-5, most reported converged. Iterates are now compared by max(residual, ambiguity).
-    # References: the same solver on the subtour form; OSQP (exact here) for the quadratic
+    # 6.5e-5, most reported converged. A later iterate now replaces it where it ranks 2x better
+    # by max(residual, ambiguity). References: the same solver on the subtour form; OSQP (exact
+    # here) for the quadratic
     from oracles import quadratic_on_form
 
     u = torch.tensor([[1, 0, -2, 0, 1, 1, -1, -1, -1, 0, 0, -1, -2, 1, 2],
@@ -797,15 +793,12 @@ def test_torch_solver_backward_drops_constraints_the_polish_found_inactive():
 def test_torch_solver_arborescence_flows_agree_with_the_cut_form(tmp_path, reg):
     # arborescences rooted at 0 in Edmonds' cut form (in-degree 1 off the root, at least one arc
     # into every vertex set without the root; no auxiliary variables), written out as a user's
-    # config, against the built-in flow formulation, in the same solver
+    # config (tests/oracles.py), against the built-in flow formulation, in the same solver
+    from oracles import cut_arborescence_config
+
     n = 4
-    lines = ["  - 0 <= x <= 1"] + [f"  - x[{v}, {v}] == 0\n  - x[{v}, 0] == 0" for v in range(n)]
-    lines += ["  - " + " + ".join(f"x[{h}, {m}]" for h in range(n) if h != m) + " == 1" for m in range(1, n)]
-    lines += ["  - " + " + ".join(f"x[{h}, {m}]" for m in S for h in range(n) if h not in S) + " >= 1"
-              for size in range(2, n) for S in itertools.combinations(range(1, n), size)]
     path = tmp_path / "cuts.yaml"
-    path.write_text(f"name: test_arborescence_cuts\noutput: {{name: x, shape: [{n}, {n}]}}\nconstraints:\n"
-                    + "\n".join(lines) + "\nregularizers: [entropy, binary_entropy, quadratic]\n")
+    path.write_text(cut_arborescence_config(n))
     Q, P = cs.load_polytope(path), cs.load_polytope("arborescence", n=n)
     u = torch.randn(32, n, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with warnings.catch_warnings():
