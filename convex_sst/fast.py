@@ -1317,24 +1317,25 @@ class _EdgeMarginals(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _):
-        # Σ_e g_e (D̂_eᵀ D̂_f)² = D̂_fᵀ H D̂_f with H = Σ_e g_e D̂_e D̂_eᵀ (n × n); O(n² m)
         if torch.is_grad_enabled():  # create_graph=True: the same formula, recomputed differentiably from θ
             Y, sw, _ = _EdgeMarginals.factor(ctx.saved_tensors[-1], ctx.index, ctx.n, ctx.limit)
             Dh = _EdgeMarginals.rows(Y, sw, ctx.index, 0, sw.shape[1])
-            mu = Dh.square().sum(2)
-        elif not ctx.blocks:
+            return _EdgeMarginals.pullback(g, Dh.square().sum(2), lambda: (Dh,)), None, None, None
+        if not ctx.blocks:
             Dh, mu, _ = ctx.saved_tensors
-        else:  # by blocks of edges, each formed twice
-            Y, sw, mu, _ = ctx.saved_tensors
-            H = Y.new_zeros(Y.shape)
-            lo = 0
-            for Dh in _EdgeMarginals.chunks(Y, sw, ctx.index):
-                H += (Dh * g[:, lo:lo + Dh.shape[1], None]).mT @ Dh
-                lo += Dh.shape[1]
-            quad = torch.cat([((Dh @ H) * Dh).sum(2) for Dh in _EdgeMarginals.chunks(Y, sw, ctx.index)], 1)
-            return g * mu - quad, None, None, None
-        H = (Dh * g[:, :, None]).mT @ Dh
-        return g * mu - ((Dh @ H) * Dh).sum(2), None, None, None
+            return _EdgeMarginals.pullback(g, mu, lambda: (Dh,)), None, None, None
+        Y, sw, mu, _ = ctx.saved_tensors  # by blocks of edges, each formed twice
+        return _EdgeMarginals.pullback(g, mu, lambda: _EdgeMarginals.chunks(Y, sw, ctx.index)), None, None, None
+
+    @staticmethod
+    def pullback(g: torch.Tensor, mu: torch.Tensor, blocks) -> torch.Tensor:
+        """``gᵀJ = g ∘ μ − (D̂_fᵀ H D̂_f)_f`` with ``H = Σ_e g_e D̂_e D̂_eᵀ`` (n × n; O(n² m)), from
+        ``blocks()``: the rows D̂_e in consecutive blocks of edges (called twice)."""
+        H, lo = g.new_zeros(()), 0
+        for Dh in blocks():
+            H = H + (Dh * g[:, lo:lo + Dh.shape[1], None]).mT @ Dh
+            lo += Dh.shape[1]
+        return g * mu - torch.cat([((Dh @ H) * Dh).sum(2) for Dh in blocks()], 1)
 
 
 def _edge_index(polytope: Polytope, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1127,10 +1127,11 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     earlier = recent_key < last_key
     last = [torch.where(earlier[:, None], v, w) for v, w in zip(recent, last)]
     last_key = torch.where(earlier, recent_key, last_key)
-    switch = torch.isfinite(last_key) & (last_key < 0.5 * _key(resid, amb, tol))
+    best_key = _key(resid, amb, tol)
+    switch = torch.isfinite(last_key) & (last_key < 0.5 * best_key)
     if bool(switch.any()):
         cand, cres, camb, cst = finish(last, switch)
-        take = switch & torch.isfinite(cres) & (_key(cres, camb, tol) < _key(resid, amb, tol))
+        take = switch & torch.isfinite(cres) & (_key(cres, camb, tol) < best_key)
         z, y, s, lam, zl, zu = [torch.where(take[:, None], v, w) for v, w in zip(cand, (z, y, s, lam, zl, zu))]
         hh, gl, gu = [torch.where(take[:, None], v, w) for v, w in zip(cst, (hh, gl, gu))]
         resid = torch.where(take, cres, resid)
@@ -1221,21 +1222,24 @@ def _coordinate_scales(th: torch.Tensor, g: torch.Tensor, y: torch.Tensor, lam: 
     return c, cs
 
 
-def _unresolved(product: torch.Tensor, slack: torch.Tensor, mult: torch.Tensor, ratio: float = _RESOLVED
-                ) -> torch.Tensor:
-    """``slack · mult`` where neither is ``ratio`` times the other (the iterations have not yet
-    told whether the constraint is active), else 0."""
-    return torch.where((slack <= ratio * mult) & (mult <= ratio * slack), product, 0.0)
+def _pending(slack: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    """Where neither the slack nor the multiplier is _RESOLVED times the other: the iterations
+    have not yet told whether the constraint is active."""
+    return (slack <= _RESOLVED * mult) & (mult <= _RESOLVED * slack)
 
 
-def _ambiguity(slack: torch.Tensor, mult: torch.Tensor, scale: torch.Tensor, ratio: float = _RESOLVED
-               ) -> torch.Tensor:
-    """``min(slack, mult / scale)`` where neither is ``ratio`` times the other, else 0: how far
-    the pair is from complementarity (the natural residual ``min(s, λ)``: the change to the
-    slack or to the multiplier that makes it exact). The product ``slack · mult`` can be tiny
-    while both are not: an active constraint with a small multiplier δ keeps a slack of about δ,
-    which is then the error of x."""
-    return torch.where((slack <= ratio * mult) & (mult <= ratio * slack), torch.minimum(slack, mult / scale), 0.0)
+def _unresolved(product: torch.Tensor, slack: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    """``slack · mult`` of the :func:`_pending` pairs, else 0."""
+    return torch.where(_pending(slack, mult), product, 0.0)
+
+
+def _ambiguity(slack: torch.Tensor, mult: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``min(slack, mult / scale)`` of the :func:`_pending` pairs, else 0: how far the pair is
+    from complementarity (the natural residual ``min(s, λ)``: the change to the slack or to the
+    multiplier that makes it exact). The product ``slack · mult`` can be tiny while both are not:
+    an active constraint with a small multiplier δ keeps a slack of about δ, which is then the
+    error of x."""
+    return torch.where(_pending(slack, mult), torch.minimum(slack, mult / scale), 0.0)
 
 
 def _key(resid: torch.Tensor, amb: torch.Tensor, tol: float) -> torch.Tensor:
