@@ -807,6 +807,25 @@ def test_torch_solver_arborescence_flows_agree_with_the_cut_form(tmp_path, reg):
             assert (cs.relax(u, P, reg, t, backend="torch") - cs.relax(u, Q, reg, t, backend="torch")).abs().max() < 5e-8, t
 
 
+def test_torch_solver_keeps_the_primal_residual_of_flows_at_low_temperature(tmp_path):
+    # arborescences with the entropy at t = 0.1 (Gaussian plus Gumbel utilities): arcs pressed
+    # against their bounds next to flows with curvature 1e-10 made the normal equations lose the
+    # primal residual, which stalled at ~5e-8: 4 rows of 32 were reported not converged and
+    # the batch was off by up to 1.2e-7 against the cut form (no auxiliary variables). Rows whose
+    # primal residual stalls now get _AUX_PROX on the flows' curvature in their Newton matrix
+    from oracles import cut_arborescence_config
+
+    n = 5
+    path = tmp_path / "cuts.yaml"
+    path.write_text(cut_arborescence_config(n))
+    Q, P = cs.load_polytope(path), cs.load_polytope("arborescence", n=n)
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(32, n, n, generator=g, dtype=torch.float64) + cs.Gumbel().sample((32, n, n), g, torch.float64)
+    x = cs.relax(u, P, "entropy", 0.1, backend="torch", on_failure="raise")
+    ref = cs.relax(u, Q, "entropy", 0.1, backend="torch", on_failure="raise")
+    assert (x - ref).abs().max() < 1e-8
+
+
 def test_torch_solver_is_exact_on_tied_matchings_with_the_quadratic():
     # tied integer utilities on a matching (inequality rows: columns at most once): 5 rows of 32
     # were reported converged with x off by up to 8e-7 before ambiguous pairs were polished.
