@@ -9,13 +9,16 @@ one arc into every vertex set without the root). The reference is the same solve
 (it agrees with OSQP's active-set polish to 2e-11 with the quadratic on tied utilities).
 
 One markdown row per polytope, size, regularizer, kind of utilities (``gauss``: 3·N(0, 1);
-``int``: integers in [-2, 2], which tie) and temperature:
+``gumbel``: N(0, 1) plus Gumbel noise, an SST's perturbed utilities; ``int``: integers in
+[-2, 2], which tie) and temperature:
 
 * *reference*: rows of the reference that converged (the others are left out of the errors);
 * *warned*: rows the solver reports as not converged (``relax`` warns), and their largest
   error in x;
 * *silent*: rows reported converged but off by more than 1e-8, and the largest error of the
   rows reported converged;
+* *grad*: rows whose vector-Jacobian product (a random cotangent, with respect to u/t, that is
+  t·∂/∂u) differs from the reference's by more than 1e-6, and the largest difference;
 * *ms*: the solve (forward only, float64, one run: a rough cost, not a timing).
 
     python benchmarks/flow_formulations.py
@@ -62,14 +65,14 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["spanning_tree:5", "spanning_tree:6", "arborescence:4",
                                                     "arborescence:5"], help="polytope:n")
     ap.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS), choices=REGULARIZERS)
-    ap.add_argument("--kinds", nargs="+", default=["int", "gauss"], choices=["int", "gauss"])
+    ap.add_argument("--kinds", nargs="+", default=["int", "gauss"], choices=["int", "gauss", "gumbel"])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.3])
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--seed", type=int, default=5)
     args = ap.parse_args()
     print("| polytope | n | regularizer | utilities | t | reference | warned (largest error) "
-          "| silent > 1e-8 (largest error) | ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| silent > 1e-8 (largest error) | grad > 1e-6 (largest) | ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.sizes:
             name, n = spec.split(":")[0], int(spec.split(":")[1])
@@ -79,18 +82,30 @@ def main() -> None:
                 R = get_regularizer(reg)
                 gen = torch.Generator().manual_seed(args.seed)
                 shape = (args.rows,) + P.shape
-                u = (torch.randint(-2, 3, shape, generator=gen).to(torch.float64) if kind == "int"
-                     else 3.0 * torch.randn(shape, generator=gen, dtype=torch.float64))
+                if kind == "int":
+                    u = torch.randint(-2, 3, shape, generator=gen).to(torch.float64)
+                elif kind == "gauss":
+                    u = 3.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
+                else:
+                    u = torch.randn(shape, generator=gen, dtype=torch.float64) + cs.Gumbel().sample(shape, gen, torch.float64)
+                w = torch.randn(shape, generator=gen, dtype=torch.float64)
+                theta = (u / t).requires_grad_()
                 start = time.perf_counter()
-                x, report = solve_torch(u / t, P, R)
+                x, report = solve_torch(theta, P, R)
                 ms = 1e3 * (time.perf_counter() - start)
-                ref, ref_report = solve_torch(u / t, Q, R)
+                grad = torch.autograd.grad((x * w).sum(), theta)[0]
+                theta_q = (u / t).requires_grad_()
+                ref, ref_report = solve_torch(theta_q, Q, R)
+                ref_grad = torch.autograd.grad((ref * w).sum(), theta_q)[0]
+                x, ref = x.detach(), ref.detach()
                 err = (x - ref).flatten(1).abs().amax(1)
+                gerr = (grad - ref_grad).flatten(1).abs().amax(1)
                 ok = ref_report.converged
                 warned, conv = ok & ~report.converged, ok & report.converged
                 print(f"| {name} | {n} | {reg} | {kind} | {t:g} | {int(ok.sum())} / {args.rows} "
                       f"| {int(warned.sum())} ({largest(err, warned)}) "
-                      f"| {int((conv & (err > 1e-8)).sum())} ({largest(err, conv)}) | {ms:.0f} |", flush=True)
+                      f"| {int((conv & (err > 1e-8)).sum())} ({largest(err, conv)}) "
+                      f"| {int((ok & (gerr > 1e-6)).sum())} ({largest(gerr, ok)}) | {ms:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -708,6 +708,15 @@ def _subtour_tree(tmp_path, n):
     return cs.load_polytope(path)
 
 
+def _cut_arborescence(tmp_path, n):
+    """The arborescences of K_n rooted at 0 in Edmonds' cut form (tests/oracles.py), loaded."""
+    from oracles import cut_arborescence_config
+
+    path = tmp_path / f"cuts{n}.yaml"
+    path.write_text(cut_arborescence_config(n))
+    return cs.load_polytope(path)
+
+
 @pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "quadratic"])
 def test_torch_solver_flow_formulation_agrees_with_the_subtour_form(tmp_path, reg):
     # the built-in spanning trees are a flow formulation (auxiliary variables, non-unique flows);
@@ -794,12 +803,8 @@ def test_torch_solver_arborescence_flows_agree_with_the_cut_form(tmp_path, reg):
     # arborescences rooted at 0 in Edmonds' cut form (in-degree 1 off the root, at least one arc
     # into every vertex set without the root; no auxiliary variables), written out as a user's
     # config (tests/oracles.py), against the built-in flow formulation, in the same solver
-    from oracles import cut_arborescence_config
-
     n = 4
-    path = tmp_path / "cuts.yaml"
-    path.write_text(cut_arborescence_config(n))
-    Q, P = cs.load_polytope(path), cs.load_polytope("arborescence", n=n)
+    Q, P = _cut_arborescence(tmp_path, n), cs.load_polytope("arborescence", n=n)
     u = torch.randn(32, n, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", cs.SolverWarning)
@@ -813,17 +818,36 @@ def test_torch_solver_keeps_the_primal_residual_of_flows_at_low_temperature(tmp_
     # primal residual, which stalled at ~5e-8: 4 rows of 32 were reported not converged and
     # the batch was off by up to 1.2e-7 against the cut form (no auxiliary variables). Rows whose
     # primal residual stalls now get _AUX_PROX on the flows' curvature in their Newton matrix
-    from oracles import cut_arborescence_config
-
     n = 5
-    path = tmp_path / "cuts.yaml"
-    path.write_text(cut_arborescence_config(n))
-    Q, P = cs.load_polytope(path), cs.load_polytope("arborescence", n=n)
+    Q, P = _cut_arborescence(tmp_path, n), cs.load_polytope("arborescence", n=n)
     g = torch.Generator().manual_seed(0)
     u = torch.randn(32, n, n, generator=g, dtype=torch.float64) + cs.Gumbel().sample((32, n, n), g, torch.float64)
     x = cs.relax(u, P, "entropy", 0.1, backend="torch", on_failure="raise")
     ref = cs.relax(u, Q, "entropy", 0.1, backend="torch", on_failure="raise")
     assert (x - ref).abs().max() < 1e-8
+
+
+def test_torch_solver_backward_on_flows_at_low_temperature(tmp_path):
+    # an arborescence with the entropy at t = 0.3 (Gaussian plus Gumbel utilities): with only
+    # ε = 1e-10 on the flows' curvature, the backward's system next to the 1e8 penalties left
+    # t·grad off by 8e-6 on arcs with x ~ 2e-5 (30 % of their gradient), against the cut form
+    # and finite differences of the flow form, which agree (_AUX_BACKWARD)
+    u = torch.tensor([[1.34766389, 0.37175909, -0.00192640, 2.50424523, 2.14457694],
+                      [1.81043806, 1.76407358, 0.80519880, 0.08986617, -0.86183071],
+                      [1.65912754, 5.57748081, -0.59452641, 1.41100817, -0.67971016],
+                      [-0.41614942, -1.20977555, -0.14119370, -0.59603588, 0.16466283],
+                      [1.44783244, 4.19845106, 3.63581366, 4.16656180, -1.36622301]], dtype=torch.float64)
+    w = torch.tensor([[-1.33604530, -0.10366874, -0.27648597, -0.77767628, -1.34172435],
+                      [1.30203377, 1.00442192, 1.16276070, -1.78335479, -0.15639731],
+                      [1.59262789, -0.08489148, 0.88966068, -0.10442488, 1.87984328],
+                      [1.35886391, 0.34184281, 0.26987628, -1.55462113, 1.28912015],
+                      [-0.90519634, -0.24749891, 0.42794815, -1.16683493, -0.33210144]], dtype=torch.float64)
+    grads = []
+    for P in (cs.load_polytope("arborescence", n=5), _cut_arborescence(tmp_path, 5)):
+        uu = u.clone().requires_grad_()
+        x = cs.relax(uu, P, "entropy", 0.3, backend="torch", on_failure="raise")
+        grads.append(torch.autograd.grad((x * w).sum(), uu)[0])
+    assert (0.3 * (grads[0] - grads[1])).abs().max() < 1e-6
 
 
 def test_torch_solver_is_exact_on_tied_matchings_with_the_quadratic():
