@@ -33,6 +33,7 @@ SIZES = {
     "spanning_tree": {"n": 10},
     "arborescence": {"n": 10},
     "dag_path": {"n": 10, "edges": [[i, j] for i in range(10) for j in range(i + 1, 10)], "source": 0, "target": 9},
+    "correlated_k_subset": {"n": 45, "k": 9},
 }
 
 

@@ -14,6 +14,7 @@ name                   polytope                    algorithm, cost per sample
 ``kruskal``            spanning_tree               Kruskal with union–find, O(m log m)
 ``chu_liu_edmonds``    arborescence                Chu–Liu/Edmonds (own), O(n³)
 ``dag_longest_path``   dag_path                    DP in topological order, O(n + m)
+``subset_chain_dp``    correlated_k_subset         DP over (count, last item chosen), O(n k)
 =====================  ==========================  =================================
 """
 
@@ -184,6 +185,40 @@ def dag_longest_path(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
         return x
 
     return _apply(u, one)
+
+
+@register_argmax("subset_chain_dp")
+def subset_chain_dp(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+    """Best k-subset of a sequence under item utilities ``u[:, :n]`` and adjacent-pair utilities
+    ``u[:, n:]`` (``correlated_k_subset``): a max-plus dynamic program over the items with states
+    (count so far, whether the last item is chosen), batched over the rows, O(n k) per row."""
+    n, k = int(polytope.params["n"]), int(polytope.params["k"])
+    w = u.detach().cpu().double().numpy().reshape(len(u), 2 * n - 1)
+    items, pairs = w[:, :n], w[:, n:]
+    B = len(w)
+    off = np.full((B, k + 1), -np.inf)   # best score so far with c items chosen, the last one not
+    on = np.full((B, k + 1), -np.inf)    # ... the last one chosen
+    off[:, 0] = 0.0
+    off_via_on = np.zeros((n, B, k + 1), dtype=bool)   # the state before item i was "on"
+    on_via_on = np.zeros((n, B, k + 1), dtype=bool)
+    for i in range(n):
+        prev_on = on + pairs[:, i - 1, None] if i else on
+        off_via_on[i] = on > off
+        on_via_on[i, :, 1:] = prev_on[:, :-1] > off[:, :-1]
+        new_on = np.full_like(on, -np.inf)
+        new_on[:, 1:] = np.maximum(off[:, :-1], prev_on[:, :-1]) + items[:, i, None]
+        off, on = np.maximum(off, on), new_on
+    rows = np.arange(B)
+    c = np.full(B, k)
+    chosen = on[:, k] > off[:, k]
+    x = np.zeros((B, n))
+    for i in range(n - 1, -1, -1):   # backtrack: item i chosen, then the state before it
+        x[:, i] = chosen
+        before_on = np.where(chosen, on_via_on[i, rows, c], off_via_on[i, rows, c])
+        c = c - chosen
+        chosen = before_on
+    out = np.concatenate([x, x[:, :-1] * x[:, 1:]], 1)
+    return torch.as_tensor(out, dtype=u.dtype, device=u.device).reshape(u.shape)
 
 
 def _topological_order(n: int, A: np.ndarray) -> list[int]:

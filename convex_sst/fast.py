@@ -36,6 +36,9 @@ spanning_tree       exp_family          matrix-tree theorem: μ from one batched
                                         log-space elimination (GTH), μ = ∇ log Z by autograd;
                                         exact at any temperature
 arborescence        exp_family          directed matrix-tree theorem (Koo et al. 2007), same
+dag_path            exp_family          forward pass in topological order, backward by autograd
+correlated_k_subset exp_family          forward pass over the items with states (count, last
+                                        item chosen), O(n k); backward by autograd
 ==================  ==================  ===================================================
 """
 
@@ -1516,18 +1519,74 @@ def dag_path_marginals(theta: torch.Tensor, polytope: Polytope, forbidden: torch
     Computed in float64 whatever the input dtype. Path scores add up to
     ``n − 1`` logits, so logits beyond ``1e300 / n`` (the hard limit, to float64's precision)
     are scaled down to that first."""
+    return _dp_marginals(log_partition_dag_paths, theta, polytope, forbidden, int(polytope.params["n"]))
+
+
+def _dp_marginals(log_partition, theta: torch.Tensor, polytope: Polytope, forbidden: torch.Tensor | None,
+                  terms: int) -> torch.Tensor:
+    """``∇_θ log_partition(θ, polytope)`` by autograd through a log-space dynamic program
+    (differentiable twice), in float64 whatever the input dtype. A structure's score adds up
+    ``terms`` logits, so logits beyond ``1e300 / terms`` (the hard limit, to float64's
+    precision) are scaled down to that first."""
     if theta.dtype != torch.float64:
-        return dag_path_marginals(theta.double(), polytope, forbidden).to(theta.dtype)
-    n = int(polytope.params["n"])
-    # arcs far above the others (u = 1e9 to force one) come down to where they are only just far
-    # above (the marginals move by less than e^-40): at 1e9 the log-space sums resolved them to
-    # 6e-8. Forbidden arcs are left out of the rule (a row needing one is an error in relax); arcs
-    # far below the others are not (manual masks may be needed: every path uses one), except
-    # where needed_apart finds a path with the most forced arcs that avoids them all
+        return _dp_marginals(log_partition, theta.double(), polytope, forbidden, terms).to(theta.dtype)
+    # entries far above the others (u = 1e9 to force one) come down to where they are only just
+    # far above (the marginals move by less than e^-40): at 1e9 the log-space sums resolved them
+    # to 6e-8. Forbidden entries are left out of the rule (a row needing one is an error in
+    # relax); entries far below the others are not (manual masks may be needed: every structure
+    # uses one), except where needed_apart finds a structure with the most forced entries that
+    # avoids them all
     theta = lower_forced(theta.flatten(1), None if forbidden is None else forbidden.flatten(1),
                          polytope._flat_argmax).reshape(theta.shape)
     top = float(theta.detach().abs().max()) if theta.numel() else 0.0
-    if top > 1e300 / n:
-        theta = theta * ((1e300 / n) / top)  # in this order: top · n may overflow
-    return _autograd_gradient(lambda x: log_partition_dag_paths(x, polytope), theta)
+    terms = max(terms, 1)
+    if top > 1e300 / terms:
+        theta = theta * ((1e300 / terms) / top)  # in this order: top · terms may overflow
+    return _autograd_gradient(lambda x: log_partition(x, polytope), theta)
 
+
+# ------------------------------------------------------------------------------------------
+# Correlated k-subsets (k items of a sequence and their adjacent pairs): dynamic programming
+# ------------------------------------------------------------------------------------------
+
+
+def log_partition_subset_chain(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+    """``log Σ_x exp(θᵀx)`` over the correlated k-subsets, ``theta: (B, 2n − 1)`` (items
+    ``θ[:, :n]``, adjacent pairs ``θ[:, n:]``): the forward pass over the items with states
+    (count c = 0..k, last item chosen or not),
+
+        off_i[c] = logaddexp(off_{i−1}[c], on_{i−1}[c])
+        on_i[c]  = θ_i + logaddexp(off_{i−1}[c − 1], on_{i−1}[c − 1] + θ_{n+i−1}),
+
+    O(n k) per sample, differentiable twice by autograd; its gradient is the marginals of the
+    items and pairs (the forward–backward algorithm)."""
+    n, k = int(polytope.params["n"]), int(polytope.params["k"])
+    B = theta.shape[0]
+    neg = _neg(theta.dtype)
+    items, pairs = theta[:, :n], theta[:, n:]
+    off = torch.full((B, k + 1), neg, dtype=theta.dtype, device=theta.device)
+    off[:, 0] = 0.0
+    on = torch.full_like(off, neg)
+    none = on[:, :1]
+    for i in range(n):
+        prev_on = on + pairs[:, i - 1:i] if i else on
+        new_on = _logaddexp(off[:, :-1], prev_on[:, :-1]) + items[:, i:i + 1]
+        off, on = _logaddexp(off, on), torch.cat([none, new_on], 1)
+    return _logaddexp(off[:, k], on[:, k])
+
+
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(e^a + e^b)`` with finite derivatives of every order at "log 0" (``torch.logaddexp``'s
+    second derivative is NaN where both are ``_neg``)."""
+    return torch.logsumexp(torch.stack([a, b]), 0)
+
+
+@register_fast_path("correlated_k_subset", "exp_family")
+def correlated_k_subset_marginals(theta: torch.Tensor, polytope: Polytope,
+                                  forbidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Marginals ``μ = ∇_θ log Σ_x exp(θᵀx)`` of ``p(x) ∝ exp(θᵀx)`` over the k-subsets of a
+    sequence with their adjacent pairs, ``theta: (B, 2n − 1)``: ``μ[:, i]`` is the probability
+    that item i is chosen, ``μ[:, n + i]`` that items i and i + 1 both are. The forward pass
+    :func:`log_partition_subset_chain` and its backward pass by autograd, O(n k) per sample,
+    exact second derivatives; computed in float64 whatever the input dtype."""
+    return _dp_marginals(log_partition_subset_chain, theta, polytope, forbidden, 2 * int(polytope.params["n"]) - 1)

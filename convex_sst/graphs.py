@@ -160,6 +160,54 @@ def group_indicator(labels: Any) -> np.ndarray:
     return m
 
 
+def num_vertices(arcs: Any) -> int:
+    """``1 + max`` vertex index of an arc list ``(a, 2)``: the vertex count of a built graph."""
+    a = np.asarray(arcs, dtype=np.int64).reshape(-1, 2)
+    return int(a.max()) + 1 if a.size else 0
+
+
+def subset_chain(n: Any, k: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The dynamic program of k-subsets of a sequence as a layered DAG: ``(arcs, embedding)``.
+
+    A vertex after item ``i`` is a state ``(count so far c, last bit b)``; vertex 0 is the
+    source (no item decided), the last vertex the sink (after all ``n`` items, ``c = k``). Only
+    states on some source–sink path are kept. An arc from a state after item ``i − 1`` decides
+    item ``i`` (``b' = 1``: chosen). Source–sink paths are one-to-one with the k-subsets, and
+    ``embedding (2n − 1, a)`` maps a path's arc indicator to the structure: the chosen items
+    ``x[:n]``, then the chosen adjacent pairs ``x[n + i] = x[i] · x[i + 1]``.
+    """
+    n, k = _int(n, "n"), _int(k, "k")
+    if not 1 <= k <= n:
+        raise ExprError(f"subset_chain needs 1 <= k <= n, got n = {n}, k = {k}")
+    ids: dict[tuple[int, int, int], int] = {(0, 0, 0): 0}   # (items decided, c, b) -> vertex
+
+    def alive(i: int, c: int, b: int) -> bool:   # reachable from the source and can reach the sink
+        return c <= min(i, k) and k - c <= n - i and (c >= 1 if b else c <= i - 1)
+
+    arcs, rows = [], []   # rows: the output coordinates an arc adds to (item, pair)
+    for i in range(1, n + 1):
+        for c in range(k + 1):
+            for b in (0, 1):
+                if not alive(i, c, b):
+                    continue
+                ids[(i, c, b)] = len(ids)
+                for pb in (0, 1):   # the previous state: (i - 1, c - b, pb)
+                    tail = ids.get((i - 1, c - b, pb))
+                    if tail is None:
+                        continue
+                    arcs.append((tail, ids[(i, c, b)]))
+                    rows.append(([i - 1] if b else []) + ([n + i - 2] if b and pb and i >= 2 else []))
+    sink = len(ids)
+    for b in (0, 1):
+        if (n, k, b) in ids:
+            arcs.append((ids[(n, k, b)], sink))
+            rows.append([])
+    M = np.zeros((2 * n - 1, len(arcs)))
+    for a, r in enumerate(rows):
+        M[r, a] = 1.0
+    return np.asarray(arcs, dtype=np.int64), M
+
+
 def _shape(args: tuple) -> tuple[int, ...]:
     return tuple(_int(a, "shape") for a in args)
 
@@ -189,4 +237,7 @@ CONFIG_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "orientation_sum": orientation_sum,
     "arc_scatter": arc_scatter,
     "group_indicator": group_indicator,
+    "num_vertices": num_vertices,
+    "subset_chain_arcs": lambda n, k: subset_chain(n, k)[0],
+    "subset_chain_embedding": lambda n, k: subset_chain(n, k)[1],
 }

@@ -9,7 +9,8 @@ Gibbs distribution's entropy.
 Exact algorithms per built-in structure (all in log space, differentiable twice by autograd):
 logsumexp (simplex), softplus (cube), the elementary symmetric polynomial (k-subsets), the
 matrix-tree theorem by log-space elimination (spanning trees, arborescences), a forward pass in
-topological order (DAG paths). Other polytopes (Birkhoff: the permanent, #P-hard; matchings;
+topological order (DAG paths), a forward pass over the items with states (count, last item
+chosen) (correlated k-subsets). Other polytopes (Birkhoff: the permanent, #P-hard; matchings;
 user configs) are enumerated when they have at most ``limit`` structures.
 """
 
@@ -24,7 +25,8 @@ from ._autograd import graph_break
 from ._forbidden import empty_face_error, fill_forbidden, lower_forced
 from ._scalars import positive_int
 from .errors import NotSupportedError, PolytopeError
-from .fast import _neg, k_subset_marginals, log1p_exp, log_e_k, log_partition_arborescences, log_partition_dag_paths
+from .fast import (_neg, k_subset_marginals, log1p_exp, log_e_k, log_partition_arborescences, log_partition_dag_paths,
+                   log_partition_subset_chain)
 from .polytope import Polytope
 from .relax import as_polytope, check_temperature
 
@@ -94,10 +96,11 @@ _ALGORITHMS: dict[str, _Algorithm] = {
     "spanning_tree": _spanning_tree,
     "arborescence": _arborescence,
     "dag_path": log_partition_dag_paths,
+    "correlated_k_subset": log_partition_subset_chain,
 }
 
 # algorithms whose scores at 1e9 lose their differences to rounding (forced entries come down first)
-_LOWER_FORCED = {"spanning_tree", "arborescence", "dag_path"}
+_LOWER_FORCED = {"spanning_tree", "arborescence", "dag_path", "correlated_k_subset"}
 
 
 def _enumerate(theta: torch.Tensor, P: Polytope, limit: int) -> torch.Tensor:

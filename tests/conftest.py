@@ -21,6 +21,8 @@ SMALL_CASES = {
     "arborescence": [({"n": 3}, 3), ({"n": 4}, 16), ({"n": 4, "root": 3}, 16), ({"n": 5}, 125)],
     "dag_path": [({}, 3), ({"n": 5, "edges": [[0, 1], [0, 2], [1, 3], [2, 3], [3, 4], [1, 4]],
                          "source": 0, "target": 4}, 3)],
+    "correlated_k_subset": [({"n": 5, "k": 2}, 10), ({"n": 6, "k": 3}, 20), ({"n": 4, "k": 4}, 1),
+                            ({"n": 3, "k": 1}, 3)],
 }
 
 # One small instance per built-in for the (slower) relaxation tests.
@@ -33,6 +35,7 @@ RELAX_CASES = {
     "spanning_tree": {"n": 4},
     "arborescence": {"n": 3},
     "dag_path": {},
+    "correlated_k_subset": {"n": 4, "k": 2},
 }
 
 

@@ -13,7 +13,8 @@ import convex_sst as cs
 
 _FAST = importlib.import_module("convex_sst.relax")._FAST
 SMALL = {"simplex": dict(n=4), "hypercube": dict(n=4), "k_subset": dict(n=5, k=2), "birkhoff": dict(n=3),
-         "spanning_tree": dict(n=4), "arborescence": dict(n=3), "dag_path": {}}
+         "spanning_tree": dict(n=4), "arborescence": dict(n=3), "dag_path": {},
+         "correlated_k_subset": dict(n=5, k=2)}
 
 
 @pytest.mark.parametrize("name, reg", sorted(_FAST))

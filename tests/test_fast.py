@@ -52,7 +52,8 @@ def test_exp_family_equals_brute_force(name, reg, gen):
              "simplex": [{"n": 5}], "hypercube": [{"n": 4}],
              "dag_path": [{}, {"n": 6, "edges": [[0, 1], [0, 2], [1, 2], [1, 3], [2, 3], [3, 4], [2, 4], [4, 5], [3, 5],
                                                  [0, 5], [1, 4]], "source": 0, "target": 5},
-                          {"n": 5, "edges": [[0, 1], [1, 2], [3, 1], [2, 4], [3, 4]], "source": 0, "target": 4}]}[name]
+                          {"n": 5, "edges": [[0, 1], [1, 2], [3, 1], [2, 4], [3, 4]], "source": 0, "target": 4}],
+             "correlated_k_subset": [{"n": 6, "k": 3}, {"n": 5, "k": 1}, {"n": 7, "k": 5}, {"n": 4, "k": 4}]}[name]
     for params in cases:
         P = cs.load_polytope(name, **params)
         u = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -678,12 +679,52 @@ def test_exp_family_has_no_generic_path():
 @pytest.mark.parametrize("name,params", [
     ("arborescence", {"n": 7, "root": 2}), ("spanning_tree", {"n": 8}), ("birkhoff", {"n": 6}),
     ("matching", {"n": 3, "m": 6}), ("dag_path", {"n": 6, "edges": [[0, 1], [0, 2], [1, 2], [1, 3], [2, 4], [3, 4], [3, 5], [4, 5], [0, 5]], "target": 5}),
+    ("correlated_k_subset", {"n": 12, "k": 5}), ("correlated_k_subset", {"n": 9, "k": 8}),
 ])
 def test_combinatorial_argmax_equals_lp_on_larger_instances(name, params, gen):
     P = cs.load_polytope(name, **params)
     assert P.argmax_name is not None
     u = torch.randn((40,) + P.shape, generator=gen, dtype=torch.float64)
     assert torch.equal(P.argmax(u), P.lp_argmax(u))
+
+
+@pytest.mark.parametrize("n,k", [(30, 8), (17, 1), (12, 11)])
+def test_correlated_k_subset_is_the_image_of_dag_paths_of_its_program(n, k, gen):
+    # independent oracle beyond enumeration: the same structures as source-sink paths of the
+    # layered DAG its config builds, through the dag_path polytope's own fast path, argmax and
+    # log-partition (a forward pass in topological order over ~2nk vertices): x = M f
+    P = cs.load_polytope("correlated_k_subset", n=n, k=k)
+    A, M = torch.as_tensor(P.data["A"]), torch.as_tensor(P.data["M"])
+    D = cs.load_polytope("dag_path", n=int(A.max()) + 1, edges=A.tolist(), source=0, target=int(A.max()))
+    u = (3 * torch.randn((6,) + P.shape, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    w = torch.randn((6,) + P.shape, generator=gen, dtype=torch.float64)
+    for t in (1.0, 0.2):
+        x = cs.relax(u, P, "exp_family", t)
+        ref = cs.relax(u @ M, D, "exp_family", t) @ M.T
+        assert (x - ref).abs().max() < 1e-11
+        (g,) = torch.autograd.grad((x * w).sum(), u)
+        (gr,) = torch.autograd.grad((ref * w).sum(), u)
+        assert (g - gr).abs().max() < 1e-9
+        assert (cs.log_partition(u, P, t) - cs.log_partition(u @ M, D, t)).abs().max() < 1e-10
+    hard = P.argmax(u.detach())
+    assert torch.equal(hard, D.argmax(u.detach() @ M) @ M.T)
+    assert torch.equal(hard[:, n:], hard[:, :n - 1] * hard[:, 1:n])
+
+
+@pytest.mark.parametrize("a", [0.0, 0.7, -1.3])
+def test_correlated_k_subset_log_partition_counts_runs(a):
+    # with utility a on every adjacent pair and 0 on the items, Z = Σ_x e^{a · #pairs}; a k-subset
+    # in r runs has k - r adjacent pairs, and C(k - 1, r - 1) C(n - k + 1, r) subsets have r runs
+    n, k = 40, 12
+    P = cs.load_polytope("correlated_k_subset", n=n, k=k)
+    u = torch.cat([torch.zeros(n, dtype=torch.float64), torch.full((n - 1,), a, dtype=torch.float64)])
+    Z = sum(math.comb(k - 1, r - 1) * math.comb(n - k + 1, r) * math.exp(a * (k - r)) for r in range(1, k + 1))
+    assert abs(cs.log_partition(u, P).item() - math.log(Z)) < 1e-11
+    x = cs.relax(u, P, "exp_family")
+    assert abs(x[:n].sum().item() - k) < 1e-11
+    pairs = sum((k - r) * math.comb(k - 1, r - 1) * math.comb(n - k + 1, r) * math.exp(a * (k - r))
+                for r in range(1, k + 1)) / Z
+    assert abs(x[n:].sum().item() - pairs) < 1e-10   # expected number of adjacent pairs
 
 
 def test_argmax_limit_of_fast_relaxations(gen):

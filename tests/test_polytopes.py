@@ -46,6 +46,9 @@ def _is_structure(name, params, v):
         return _connected(n, arcs)
     if name == "dag_path":
         return True  # counted below
+    if name == "correlated_k_subset":
+        n, items = params["n"], v[: params["n"]]
+        return items.sum() == params["k"] and bool((v[n:] == items[:-1] * items[1:]).all())
     raise KeyError(name)
 
 

@@ -21,7 +21,7 @@ def _blocks(lang):
 
 def test_readme_usage_snippet_runs():
     (usage,) = [b for b in _blocks("python") if "cs.SST" in b and "register_regularizer" not in b
-                and "masked_fill" not in b and "log_partition" not in b]
+                and "masked_fill" not in b and "log_partition" not in b and "correlated_k_subset" not in b]
     env = {}
     exec(compile(usage, str(README), "exec"), env)
     assert env["x"].shape == (8, 10)
@@ -40,6 +40,18 @@ def test_readme_padding_snippet_runs():
     assert torch.allclose(x.sum(1)[:, 1:], torch.ones(3, 5))       # one parent per non-root token
     assert torch.allclose(x[:, 0][~real], torch.ones(int((~real).sum())))  # padding hangs off the root
     assert bool(torch.isfinite(grad).all()) and bool((grad[~allowed] == 0).all())
+
+
+def test_readme_correlated_k_subset_snippet_runs():
+    (snippet,) = [b for b in _blocks("python") if "correlated_k_subset" in b]
+    env = {}
+    torch.manual_seed(0)
+    exec(compile(snippet, str(README), "exec"), env)
+    x, chosen, n = env["x"], env["chosen"], env["n"]
+    assert x.shape == (4, 15) and torch.allclose(x[:, :n].sum(-1), torch.full((4,), 3.0), atol=1e-6)
+    assert torch.allclose(x[:, n:], x[:, n:].clamp(0, 1)) and bool((x[:, n:] <= x[:, :n - 1] + 1e-9).all())
+    assert env["items"].grad is not None and env["pairs"].grad is not None
+    assert torch.equal(chosen.sum(-1), torch.full((4,), 3.0))
 
 
 def test_readme_log_partition_snippet_runs():

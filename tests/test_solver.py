@@ -503,7 +503,7 @@ def test_torch_solver_ignores_a_common_offset_where_the_total_is_fixed(name, reg
     w = torch.randn((8,) + P.shape, generator=gen, dtype=torch.float64)
     x = cs.relax(u, P, reg, 0.5, backend="torch")
     (g,) = torch.autograd.grad((x * w).sum(), u)
-    fixed_total = name not in ("hypercube", "dag_path")
+    fixed_total = name not in ("hypercube", "dag_path", "correlated_k_subset")  # pairs vary
     for c in (-1000.0, 1000.0):
         xc = cs.relax(u + c, P, reg, 0.5, backend="torch")
         (gc,) = torch.autograd.grad((xc * w).sum(), u)
