@@ -850,6 +850,25 @@ def test_torch_solver_backward_on_flows_at_low_temperature(tmp_path):
     assert (0.3 * (grads[0] - grads[1])).abs().max() < 1e-6
 
 
+def test_torch_solver_backward_on_degenerate_flows_refines_its_preconditioned_solve():
+    # correlated k-subsets (flows through the states of a dynamic program, not unique) with the
+    # binary entropy at t = 0.1: with ε + 1e-9 on the flows' curvature, the backward's normal
+    # equations next to the 1e8 penalties and the entropy's 1/x were too ill-conditioned for
+    # float64, t·grad off by up to 5.8e-5 against central differences of tightly solved
+    # forwards (which two formulations agree on to 1e-9). _AUX_PRECONDITION: within 1e-6
+    P = cs.load_polytope("correlated_k_subset", n=7, k=2)
+    gen = torch.Generator().manual_seed(4)
+    u = torch.randn(16, 13, generator=gen, dtype=torch.float64) + cs.Gumbel().sample((16, 13), generator=gen).double()
+    w, d = torch.randn(2, 16, 13, generator=gen, dtype=torch.float64)
+    uu = u.clone().requires_grad_()
+    x = cs.relax(uu, P, "binary_entropy", 0.1, backend="torch", on_failure="raise")
+    (g,) = torch.autograd.grad((x * w).sum(), uu)
+    h = 1e-4
+    xp, xm = (cs.relax(u + s * h * d, P, "binary_entropy", 0.1, backend="torch", tol=1e-13, max_iter=200) for s in (1, -1))
+    fd = ((xp - xm) * w).sum(1) / (2 * h)
+    assert (0.1 * ((g * d).sum(1) - fd)).abs().max() < 1e-6
+
+
 def test_torch_solver_is_exact_on_tied_matchings_with_the_quadratic():
     # tied integer utilities on a matching (inequality rows: columns at most once): 5 rows of 32
     # were reported converged with x off by up to 8e-7 before ambiguous pairs were polished.
