@@ -19,6 +19,15 @@ def _blocks(lang):
     return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def _run_snippet(marker):
+    """Run the one README python block containing ``marker`` (seeded); return its namespace."""
+    (snippet,) = [b for b in _blocks("python") if marker in b]
+    env = {}
+    torch.manual_seed(0)
+    exec(compile(snippet, str(README), "exec"), env)
+    return env
+
+
 def test_readme_usage_snippet_runs():
     (usage,) = [b for b in _blocks("python") if "cs.SST" in b and "register_regularizer" not in b
                 and "masked_fill" not in b and "log_partition" not in b and "correlated_k_subset" not in b]
@@ -31,10 +40,7 @@ def test_readme_usage_snippet_runs():
 
 
 def test_readme_padding_snippet_runs():
-    (snippet,) = [b for b in _blocks("python") if "masked_fill" in b]
-    env = {}
-    torch.manual_seed(0)
-    exec(compile(snippet, str(README), "exec"), env)
+    env = _run_snippet("masked_fill")
     x, allowed, real, grad = env["x"], env["allowed"], env["real"], env["scores"].grad
     assert x.shape == (3, 6, 6) and bool((x[~allowed] == 0).all())
     assert torch.allclose(x.sum(1)[:, 1:], torch.ones(3, 5))       # one parent per non-root token
@@ -43,10 +49,7 @@ def test_readme_padding_snippet_runs():
 
 
 def test_readme_correlated_k_subset_snippet_runs():
-    (snippet,) = [b for b in _blocks("python") if "correlated_k_subset" in b]
-    env = {}
-    torch.manual_seed(0)
-    exec(compile(snippet, str(README), "exec"), env)
+    env = _run_snippet("correlated_k_subset")
     x, chosen, n = env["x"], env["chosen"], env["n"]
     assert x.shape == (4, 15) and torch.allclose(x[:, :n].sum(-1), torch.full((4,), 3.0), atol=1e-6)
     assert torch.allclose(x[:, n:], x[:, n:].clamp(0, 1)) and bool((x[:, n:] <= x[:, :n - 1] + 1e-9).all())
@@ -55,20 +58,14 @@ def test_readme_correlated_k_subset_snippet_runs():
 
 
 def test_readme_log_partition_snippet_runs():
-    (snippet,) = [b for b in _blocks("python") if "log_partition" in b]
-    env = {}
-    torch.manual_seed(0)
-    exec(compile(snippet, str(README), "exec"), env)
+    env = _run_snippet("log_partition")
     scores, gold, P = env["scores"], env["gold"], env["P"]
     marginals = cs.relax(scores.detach(), P, "exp_family")
     assert torch.allclose(scores.grad, (marginals - gold) / 4, atol=1e-6)  # the mean over 4 sentences
 
 
 def test_readme_regularizer_snippet_runs():
-    (snippet,) = [b for b in _blocks("python") if "register_regularizer" in b]
-    env = {}
-    torch.manual_seed(0)
-    exec(compile(snippet, str(README), "exec"), env)
+    env = _run_snippet("register_regularizer")
     x = env["x"]
     assert x.shape == (4, 6) and torch.allclose(x.sum(-1), torch.ones(4), atol=1e-5)
     assert int((x < 1e-9).sum()) > 0  # entmax is sparse: interior-point zeros are below 1e-9
