@@ -209,6 +209,25 @@ def quadratic_on_form(theta: np.ndarray, form) -> np.ndarray:
     return np.asarray(x.value)
 
 
+def projection_vjp(z: np.ndarray, w: np.ndarray, form, tol: float = 1e-9) -> np.ndarray:
+    """``Jᵀw`` of the quadratic's relaxation ``x = proj_P(θ)`` at its solution ``z`` over ``form``
+    (a CanonicalForm without auxiliary variables): away from ties J is the orthogonal projection
+    onto the null space of the constraints active at z (the equalities, and the inequality rows
+    and bounds within ``tol``), computed by an SVD, so dependent active rows (degenerate
+    faces, as on the spanning-tree polytope) are no difficulty. Independent of any solver's
+    backward."""
+    rows = [form.A_eq.toarray()] if form.num_eq else []
+    if form.num_ub:
+        G = form.A_ub.toarray()
+        rows.append(G[form.b_ub - G @ z < tol])
+    eye = np.eye(len(z))
+    rows += [eye[z - form.lb < tol], eye[form.ub - z < tol]]
+    C = np.concatenate([r for r in rows if r.size], 0)
+    _, sv, Vt = np.linalg.svd(C)
+    N = Vt[int((sv > 1e-10 * sv[0]).sum()):].T
+    return N @ (N.T @ w)
+
+
 def subtour_tree_config(n: int) -> str:
     """The spanning trees of K_n in their subtour form, as a polytope config (YAML text): Σx = n − 1,
     0 ≤ x ≤ 1, at most |S| − 1 edges inside every vertex subset S; edges i < j in lexicographic
