@@ -209,23 +209,26 @@ def quadratic_on_form(theta: np.ndarray, form) -> np.ndarray:
     return np.asarray(x.value)
 
 
-def projection_vjp(z: np.ndarray, w: np.ndarray, form, tol: float = 1e-9) -> np.ndarray:
-    """``Jᵀw`` of the quadratic's relaxation ``x = proj_P(θ)`` at its solution ``z`` over ``form``
-    (a CanonicalForm without auxiliary variables): away from ties J is the orthogonal projection
-    onto the null space of the constraints active at z (the equalities, and the inequality rows
-    and bounds within ``tol``), computed by an SVD, so dependent active rows (degenerate
+def face_vjp(z: np.ndarray, w: np.ndarray, form, hinv: np.ndarray | None = None, tol: float = 1e-9) -> np.ndarray:
+    """``Jᵀw`` of ``x = argmax θᵀx − f(x)`` over ``form`` (a CanonicalForm without auxiliary
+    variables) at its solution ``z``, for a separable f with ``1 / f''(z) = hinv`` (None: the
+    quadratic, ``x = proj_P(θ)``): away from ties, ``J = H^{-1/2} Π H^{-1/2}`` with Π the
+    orthogonal projection onto the null space of ``C H^{-1/2}``, C the constraints active at z
+    (the equalities, and the inequality rows and bounds within ``tol``; a bound where ``hinv``
+    is 0, an entropy's domain end, never), by an SVD, so dependent active rows (degenerate
     faces, as on the spanning-tree polytope) are no difficulty. Independent of any solver's
     backward."""
+    h = np.ones_like(z) if hinv is None else hinv
     rows = [form.A_eq.toarray()] if form.num_eq else []
     if form.num_ub:
         G = form.A_ub.toarray()
         rows.append(G[form.b_ub - G @ z < tol])
     eye = np.eye(len(z))
-    rows += [eye[z - form.lb < tol], eye[form.ub - z < tol]]
-    C = np.concatenate([r for r in rows if r.size], 0)
+    rows += [eye[(z - form.lb < tol) & (h > 0)], eye[(form.ub - z < tol) & (h > 0)]]
+    C = np.concatenate([r for r in rows if r.size], 0) * np.sqrt(h)[None, :]
     _, sv, Vt = np.linalg.svd(C)
-    N = Vt[int((sv > 1e-10 * sv[0]).sum()):].T
-    return N @ (N.T @ w)
+    N = Vt[int((sv > 1e-12 * sv[0]).sum()):].T
+    return np.sqrt(h) * (N @ (N.T @ (np.sqrt(h) * w)))
 
 
 def subtour_tree_config(n: int) -> str:
