@@ -445,7 +445,7 @@ def test_generic_gradients_next_to_forbidden_coordinates_are_refused_and_auto_ta
         cs.relax(u.requires_grad_(True), P, "quadratic", backend="generic")
     with torch.no_grad():
         assert bool((cs.relax(u, P, "quadratic", backend="generic")[:, 1] == 0).all())  # values are fine
-    n = 11
+    n = 15
     T = cs.load_polytope("spanning_tree", n=n)
     assert T.form.num_eq > TORCH_AUTO_MAX_ROWS  # "auto" means the generic path here
     edges = torch.triu_indices(n, n, 1).T.tolist()

@@ -113,7 +113,7 @@ def test_auto_picks_torch_for_small_equality_systems():
     assert select_backend(cs.load_polytope("birkhoff", n=4), reg, "auto") is relax_torch
     assert select_backend(cs.load_polytope("matching", n=2, m=3), reg, "auto") is relax_torch
     assert select_backend(cs.load_polytope("spanning_tree", n=8), reg, "auto") is relax_torch
-    big = cs.load_polytope("spanning_tree", n=13)
+    big = cs.load_polytope("spanning_tree", n=15)
     assert big.form.num_eq > TORCH_AUTO_MAX_ROWS
     assert select_backend(big, reg, "auto") is not relax_torch
     # a fast path always wins; a regularizer without elementwise derivatives goes to cvxpylayers
