@@ -898,6 +898,20 @@ def test_batched_lu_is_correct_with_explicit_threads(explicit_threads, gen):
         assert (info == 0).all() and (A @ K - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-10
 
 
+def test_torch_solver_past_150_equality_rows_with_explicit_threads(explicit_threads, gen):
+    # "auto" takes the torch solver up to 300 equality rows: its Schur complements are factored
+    # by batched Cholesky, which the threading bug of batched LU does not affect (convex_sst._linalg)
+    P = cs.load_polytope("spanning_tree", n=14)   # 287 equality rows
+    u = torch.randn(4, P.size, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(P.size, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "entropy", 0.3)
+    (g,) = torch.autograd.grad((x * w).sum(), u)
+    torch.set_num_threads(1)
+    x1 = cs.relax(u, P, "entropy", 0.3)
+    (g1,) = torch.autograd.grad((x1 * w).sum(), u)
+    assert (x - x1).abs().max() < 1e-8 and (g - g1).abs().max() < 1e-8
+
+
 @pytest.mark.parametrize("name, params, reg", [("birkhoff", {"n": 160}, "entropy"),
                                                ("matching", {"n": 150, "m": 160}, "entropy"),
                                                ("arborescence", {"n": 160}, "exp_family")])
