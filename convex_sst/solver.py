@@ -704,6 +704,12 @@ class _Newton:
         return self.minv(r1 - A.adj(dy)), dy
 
 
+def _plus_aux(D: torch.Tensor, d: int, extra: float | torch.Tensor) -> torch.Tensor:
+    """``D (B, n)`` with ``extra`` (a number, or per row ``(B, 1)``) added to the auxiliary
+    variables' entries ``D[:, d:]``: the curvature the Newton systems give them beyond ε."""
+    return D if D.shape[1] == d else torch.cat([D[:, :d], D[:, d:] + extra], 1)
+
+
 def _batch_last(v: torch.Tensor) -> torch.Tensor:
     """``v: (B, k)`` as a view of a contiguous ``(k, B)`` array (same values)."""
     return v.T.contiguous().T
@@ -922,7 +928,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             rss = ss.clamp_min(tiny).reciprocal()
             Sig = ll * rss
         if stiff is not None:
-            D = torch.cat([D[:, :d], D[:, d:] + _AUX_PROX * stiff[ix][:, None].to(dtype)], 1)
+            D = _plus_aux(D, d, _AUX_PROX * stiff[ix][:, None].to(dtype))
         newton = _Newton(T, D, Sig, work)
         # reciprocals of the other positive quantities, for the step lengths (entries without a
         # bound: 0, so they never limit the step)
@@ -1178,8 +1184,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     act = ((hasL & ~T["domL"] & (((gl <= thr) & live_l) | (zl >= ratio * gl)))
            | (hasU & ~T["domU"] & (((gu <= thr) & live_u) | (zu >= ratio * gu))))
     Dback = hh + torch.where(act, torch.full_like(z, big), torch.zeros_like(z))
-    if n > d:  # the auxiliary variables' curvature in the backward: at least _AUX_BACKWARD
-        Dback = torch.cat([Dback[:, :d], Dback[:, d:] + _AUX_BACKWARD], 1)
+    Dback = _plus_aux(Dback, d, _AUX_BACKWARD)  # the auxiliary variables' curvature in the backward
     Sback = (torch.where(((s <= thr) & ((lam > 0) if dropped else True)) | (lam >= ratio * s), big, 0.0).to(dtype)
              if p else None)
     report = SolveReport(converged=(resid <= accept) & torch.isfinite(resid), iterations=iters, kkt_residual=resid, tol=tol)
@@ -1472,15 +1477,14 @@ class _TorchSST(torch.autograd.Function):
         zero = torch.zeros(g.shape[0], m, dtype=g.dtype, device=g.device) if m else None
         # factor (with _AUX_PRECONDITION more curvature on auxiliary variables), then one step of
         # iterative refinement against the system with Dback itself (_AUX_PRECONDITION)
-        D1 = Dback if Dback.shape[1] == sf.d else torch.cat([Dback[:, : sf.d], Dback[:, sf.d:] + _AUX_PRECONDITION], 1)
-        newton = _Newton(T, D1, Sig)
+        newton = _Newton(T, _plus_aux(Dback, sf.d, _AUX_PRECONDITION), Sig)
         dz, dy = newton.solve(rhs, zero)
-        Mdz = Dback * dz if Sig is None else Dback * dz + T["Gop"].adj(Sig * T["Gop"].fwd(dz))
+        r1 = rhs - Dback * dz  # the residual of [[M, Aᵀ], [A, 0]] [dz; dy] = [rhs; 0], M = D + Gᵀ Σ G
+        if Sig is not None:
+            r1 = r1 - T["Gop"].adj(Sig * T["Gop"].fwd(dz))
         if m:
-            ddz, _ = newton.solve(rhs - Mdz - T["Aop"].adj(dy), -T["Aop"].fwd(dz))
-        else:
-            ddz, _ = newton.solve(rhs - Mdz, None)
-        dz = dz + ddz
+            r1 = r1 - T["Aop"].adj(dy)
+        dz = dz + newton.solve(r1, -T["Aop"].fwd(dz) if m else None)[0]
         out = torch.zeros_like(g)
         out[:, free] = dz[:, : sf.d]
         return out, None, None, None, None, None, None, None

@@ -869,6 +869,25 @@ def test_torch_solver_backward_on_degenerate_flows_refines_its_preconditioned_so
     assert (0.1 * ((g * d).sum(1) - fd)).abs().max() < 1e-6
 
 
+def _tree_gradients_and_face_oracle(tmp_path, u, w, reg, t):
+    """``(ref, {name: ∂(w·x)/∂u})`` for the spanning trees of K_6, ``u, w: (B, 15)``: ref from the
+    exact face Jacobian (tests/oracles.py face_vjp, the subtour form's active rows at a tightly
+    solved x), the gradients from the torch solver on the built-in flow form and the subtour form."""
+    from oracles import face_vjp
+
+    S = _subtour_tree(tmp_path, 6)
+    z = cs.relax(u, S, reg, t, backend="torch", tol=1e-13, max_iter=300).numpy()
+    hinv = None if reg == "quadratic" else z if reg == "entropy" else z * (1 - z)
+    ref = torch.stack([torch.as_tensor(face_vjp(z[r], w[r].numpy(), S.form, None if hinv is None else hinv[r]))
+                       for r in range(len(z))]) / t
+    grads = {}
+    for P in (cs.load_polytope("spanning_tree", n=6), S):
+        uu = u.clone().requires_grad_()
+        x = cs.relax(uu, P, reg, t, backend="torch", on_failure="raise")
+        grads[P.name] = torch.autograd.grad((x * w).sum(), uu)[0]
+    return ref, grads
+
+
 def test_torch_solver_backward_is_the_projection_jacobian_on_spanning_trees(tmp_path):
     # the quadratic's relaxation is the Euclidean projection onto P, whose Jacobian (away from
     # ties) projects onto the null space of the active constraints: an exact oracle, from the
@@ -876,19 +895,12 @@ def test_torch_solver_backward_is_the_projection_jacobian_on_spanning_trees(tmp_
     # to the 1e8 penalties left t·grad off by more than 1e-7 on 76 of 128 rows of the subtour form
     # and 81 of the flow form (up to 3.3e-6); a refinement step in the backward (factored with
     # _AUX_PRECONDITION on auxiliary variables): within 1e-7
-    from oracles import face_vjp
-
-    S = _subtour_tree(tmp_path, 6)
     gen = torch.Generator().manual_seed(3)
     u = 3 * torch.randn(32, 15, generator=gen, dtype=torch.float64)
     w = torch.randn(32, 15, generator=gen, dtype=torch.float64)
-    z = cs.relax(u, S, "quadratic", 1.0, backend="torch", tol=1e-13, max_iter=300)
-    ref = torch.stack([torch.as_tensor(face_vjp(z[r].numpy(), w[r].numpy(), S.form)) for r in range(32)])
-    for P in (cs.load_polytope("spanning_tree", n=6), S):
-        uu = u.clone().requires_grad_()
-        x = cs.relax(uu, P, "quadratic", 1.0, backend="torch", on_failure="raise")
-        (g,) = torch.autograd.grad((x * w).sum(), uu)
-        assert (g - ref).abs().max() < 1e-7, P.name
+    ref, grads = _tree_gradients_and_face_oracle(tmp_path, u, w, "quadratic", 1.0)
+    for name, g in grads.items():
+        assert (g - ref).abs().max() < 1e-7, name
 
 
 @pytest.mark.parametrize("reg", ["entropy", "binary_entropy"])
@@ -898,20 +910,12 @@ def test_torch_solver_backward_is_the_face_jacobian_with_entropies_on_spanning_t
     # the others bring inactive flow constraints within 1e-7 of their bounds; held, they left
     # t·grad off by up to 6.6e-7 (entropy) and 1.1e-6 (binary entropy) on the flow form, while
     # the subtour form was exact. Held only within 1e-8 under the entropies: within 1.5e-7
-    from oracles import face_vjp
-
-    S = _subtour_tree(tmp_path, 6)
     gen = torch.Generator().manual_seed(7)
     u = torch.randn(64, 15, generator=gen, dtype=torch.float64) + cs.Gumbel().sample((64, 15), generator=gen).double()
     w = torch.randn(64, 15, generator=gen, dtype=torch.float64)
-    z = cs.relax(u, S, reg, 0.1, backend="torch", tol=1e-13, max_iter=300).numpy()
-    hinv = z if reg == "entropy" else z * (1 - z)
-    ref = torch.stack([torch.as_tensor(face_vjp(z[r], w[r].numpy(), S.form, hinv[r])) for r in range(64)]) / 0.1
-    for P in (cs.load_polytope("spanning_tree", n=6), S):
-        uu = u.clone().requires_grad_()
-        x = cs.relax(uu, P, reg, 0.1, backend="torch", on_failure="raise")
-        (g,) = torch.autograd.grad((x * w).sum(), uu)
-        assert 0.1 * (g - ref).abs().max() < 1.5e-7, P.name
+    ref, grads = _tree_gradients_and_face_oracle(tmp_path, u, w, reg, 0.1)
+    for name, g in grads.items():
+        assert 0.1 * (g - ref).abs().max() < 1.5e-7, name
 
 
 def test_torch_solver_is_exact_on_tied_matchings_with_the_quadratic():
