@@ -4,7 +4,10 @@ Config files are data, never Python: expressions such as ``f @ Inc.T == outer(on
 are tokenized and parsed here into a tiny AST and evaluated over a fixed table of names and
 functions. Two kinds of values flow through the evaluator:
 
-* constants: numpy arrays (and Python ints/floats), e.g. parameters and graph index sets;
+* constants: numpy arrays (and Python ints/floats), e.g. parameters and graph index sets, and
+  scipy sparse matrices (the incidence-like matrices of :mod:`convex_sst.graphs`): they stay
+  sparse through ``@`` with a variable expression, ``.T`` and negation, and are converted to
+  arrays by any other operation (:func:`_as_array`), so they behave as the arrays they stand for;
 * :class:`Affine` expressions in the stacked decision vector ``z = (x, aux...)``: a sparse
   coefficient matrix and a constant vector, one row per element of the expression (row-major).
 
@@ -81,7 +84,7 @@ class Affine:
 
     @staticmethod
     def constant(value: Any, num_z: int) -> Affine:
-        arr = np.asarray(value, dtype=float)
+        arr = _as_array(value).astype(float)
         return Affine(arr.shape, sp.csr_matrix((arr.size, num_z)), arr.reshape(-1))
 
     def take(self, index: np.ndarray, shape: tuple[int, ...]) -> Affine:
@@ -100,9 +103,10 @@ class Affine:
         f = np.asarray(factor, dtype=float).reshape(-1)
         return Affine(self.shape, sp.diags(f) @ self.coef, f * self.const)
 
-    def left_matmul(self, mat: np.ndarray) -> Affine:
-        """``mat @ self`` for a constant ``mat`` (numpy semantics for 1-D and 2-D operands)."""
-        mat = np.asarray(mat, dtype=float)
+    def left_matmul(self, mat: Any) -> Affine:
+        """``mat @ self`` for a constant ``mat`` (numpy semantics for 1-D and 2-D operands; a
+        scipy sparse ``mat`` is used as it is)."""
+        mat = sp.csr_matrix(mat, dtype=float) if sp.issparse(mat) else np.asarray(mat, dtype=float)
         if mat.ndim not in (1, 2) or len(self.shape) not in (1, 2):
             raise ExprError(
                 f"'@' supports 1-D and 2-D operands, got {mat.shape} @ {self.shape}"
@@ -168,7 +172,13 @@ def _is_affine(v: Any) -> bool:
 
 
 def _as_array(v: Any) -> np.ndarray:
-    return np.asarray(v)
+    """A constant as a numpy array (a scipy sparse matrix densified)."""
+    return v.toarray() if sp.issparse(v) else np.asarray(v)
+
+
+def _constant(v: Any) -> Any:
+    """A constant operand of ``@``: a scipy sparse matrix kept sparse, anything else an array."""
+    return v if sp.issparse(v) else np.asarray(v)
 
 
 def _binary(op: str, a: Any, b: Any, num_z: int) -> Any:
@@ -207,9 +217,9 @@ def _binary(op: str, a: Any, b: Any, num_z: int) -> Any:
         if _is_affine(a) and _is_affine(b):
             raise ExprError("matrix product of two variable expressions is not linear")
         if _is_affine(b):
-            return b.left_matmul(_as_array(a))
+            return b.left_matmul(_constant(a))
         # a @ M == (M.T @ a.T).T
-        m = _as_array(b)
+        m = _constant(b)
         if m.ndim == 1:  # a @ v == v @ a.T (a.T is a itself for 1-D a)
             return a.transpose().left_matmul(m)
         if len(a.shape) == 1:
@@ -221,7 +231,7 @@ def _binary(op: str, a: Any, b: Any, num_z: int) -> Any:
 def _compare(op: str, a: Any, b: Any, num_z: int) -> list[Constraint] | bool:
     diff = _binary("-", a, b, num_z) if op != ">=" else _binary("-", b, a, num_z)
     if not _is_affine(diff):
-        arr = np.asarray(diff, dtype=float)
+        arr = _as_array(diff).astype(float)
         return bool(np.all(arr == 0) if op == "==" else np.all(arr <= 0))
     return [Constraint("eq" if op == "==" else "le", diff)]
 
@@ -407,20 +417,20 @@ def _sum(value: Any, axis: Any = None) -> Any:
         axis = int(axis)
     if _is_affine(value):
         return value.sum(axis)
-    return np.sum(np.asarray(value), axis=axis)
+    return np.sum(_as_array(value), axis=axis)
 
 
 def _reshape(value: Any, shape: Any) -> Any:
     shape = tuple(int(s) for s in np.atleast_1d(np.asarray(shape)))
     if _is_affine(value):
         return value.reshape(shape)
-    return np.reshape(np.asarray(value), shape)
+    return np.reshape(_as_array(value), shape)
 
 
 def _vec(value: Any) -> Any:
     if _is_affine(value):
         return value.reshape((value.size,))
-    return np.asarray(value).reshape(-1)
+    return _as_array(value).reshape(-1)
 
 
 #: Functions that work on both constants and variable expressions.
@@ -454,15 +464,15 @@ class Evaluator:
             items = [self.evaluate(n) for n in node[1]]
             if any(_is_affine(v) for v in items):
                 raise ExprError("list literals may only hold constants")
-            return np.asarray(items)
+            return np.asarray([_as_array(v) for v in items])
         if tag == "neg":
             v = self.evaluate(node[1])
-            return -v if _is_affine(v) else -np.asarray(v)
+            return -v if _is_affine(v) or sp.issparse(v) else -np.asarray(v)
         if tag == "bin":
             return _binary(node[1], self.evaluate(node[2]), self.evaluate(node[3]), self.num_z)
         if tag == "T":
             v = self.evaluate(node[1])
-            return v.transpose() if _is_affine(v) else np.asarray(v).T
+            return v.transpose() if _is_affine(v) or sp.issparse(v) else np.asarray(v).T
         if tag == "index":
             return self._index(self.evaluate(node[1]), node[2])
         if tag == "call":
@@ -471,8 +481,10 @@ class Evaluator:
                 from .errors import unknown_name
 
                 raise ExprError(str(unknown_name("function", name, self.functions)))
-            vals = [self.evaluate(a) for a in args]
-            kw = {k: self.evaluate(v) for k, v in kwargs}
+            # functions get arrays (a sparse matrix densified), except ``len``, which reads a shape
+            keep = name == "len"
+            vals = [v if keep or not sp.issparse(v) else v.toarray() for v in map(self.evaluate, args)]
+            kw = {k: (v.toarray() if sp.issparse(v) else v) for k, v in ((k, self.evaluate(n)) for k, n in kwargs)}
             try:
                 return self.functions[name](*vals, **kw)
             except ConfigError:
@@ -495,7 +507,7 @@ class Evaluator:
         key: list[Any] = []
         for s in subs:
             if s[0] == "sub":
-                v = np.asarray(self.evaluate(s[1]))
+                v = _as_array(self.evaluate(s[1]))
                 if v.dtype.kind == "f" and np.all(v == np.round(v)):
                     v = v.astype(np.int64)
                 key.append(v if v.ndim else int(v))
@@ -507,14 +519,14 @@ class Evaluator:
             if _is_affine(value):
                 idx = np.arange(value.size).reshape(value.shape)[key_t]
                 return value.take(idx, np.shape(idx))
-            return np.asarray(value)[key_t]
+            return _as_array(value)[key_t]
         except IndexError as exc:
             raise ExprError(f"index error: {exc}") from None
 
 
 def to_int(value: Any, what: str) -> int:
     """Convert an evaluated constant to an int, or raise :class:`ExprError` naming ``what``."""
-    arr = np.asarray(value)
+    arr = _as_array(value)
     if arr.ndim != 0 or not np.isfinite(arr) or float(arr) != math.floor(float(arr)):
         raise ExprError(f"{what} must evaluate to an integer, got {value!r}")
     return int(arr)

@@ -208,7 +208,9 @@ class Polytope:
             constraints when a solver or the LP first needs them).
         regularizers: the regularizers this structure declares (and the tests cover).
         data: the ``data:`` entries of the config (e.g. the edge list ``E``), a read-only
-            mapping (a built-in polytope evaluates an entry when it is first read).
+            mapping (a built-in polytope evaluates an entry when it is first read): numpy arrays,
+            and scipy sparse arrays for the incidence-like matrices of the config functions
+            (``incidence``, ``arc_scatter``, ...; ``.toarray()`` gives the dense array).
     """
 
     def __init__(self, config: PolytopeConfig, params: dict[str, Any], builtin: bool = False):
@@ -326,13 +328,22 @@ class Polytope:
         return theta - torch.where(level.abs() > 2.0 * (1.0 + spread), level, torch.zeros_like(level))
 
     def _constant_total(self) -> float | None:
-        """Σx where it takes one value on P, else None (two LPs, once per polytope)."""
+        """Σx where it takes one value on P, else None (once per polytope): its largest and
+        smallest value, from the config's registered argmax (a structure maximizing ±Σx) or,
+        without one, two LPs (on large flow formulations the LPs take seconds: correlated
+        k-subsets n = 120, k = 20, 4.9 s; the dynamic program, milliseconds)."""
         if "constant total" not in self.cache:
-            ones = np.ones(self.size)
             totals = []
-            for sign in (1.0, -1.0):
-                z = self.lp.maximize(sign * ones)[1]
-                totals.append(math.nan if z is None else float(z[: self.size].sum()))
+            if self.argmax_name is not None:
+                u = torch.ones((2,) + self.shape, dtype=torch.float64)
+                u[1] = -1.0
+                X = self._argmax_rows(u)  # a structure with the largest Σx, one with the smallest
+                totals = [float(X[0].sum()), float(X[1].sum())]
+            else:
+                ones = np.ones(self.size)
+                for sign in (1.0, -1.0):
+                    z = self.lp.maximize(sign * ones)[1]
+                    totals.append(math.nan if z is None else float(z[: self.size].sum()))
             same = abs(totals[0] - totals[1]) <= 1e-9 * (1.0 + abs(totals[0]))  # NaN: False
             self.cache["constant total"] = totals[0] if same else None
         return self.cache["constant total"]

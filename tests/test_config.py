@@ -313,3 +313,62 @@ def test_a_data_entry_names_only_the_entries_above_it(tmp_path, entries):
         cs.load_polytope(write(tmp_path, GOOD + "data:\n" + entries))
     P = cs.load_polytope(write(tmp_path, GOOD + "data:\n  A: n + 1\n  B: A * 2\n", name="q.yaml"))
     assert dict(P.data) == {"A": 4, "B": 8}
+
+
+def test_sparse_constants_behave_as_the_arrays_they_stand_for():
+    # the incidence-like config functions return scipy sparse arrays: every expression gives what
+    # the dense array gives (kept sparse through '@' with variables, '.T' and '-', densified
+    # elsewhere)
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(1)
+    K = rng.normal(size=(3, 4)) * (rng.random((3, 4)) < 0.5)
+    num_z = 4 + 8 + 3
+    variables = {"y": Affine.variable((4,), 0, num_z), "X": Affine.variable((4, 2), 4, num_z),
+                 "w": Affine.variable((3,), 12, num_z)}
+    z = rng.normal(size=num_z)
+    functions = {"delete": lambda a, i, ax: np.delete(np.asarray(a), int(i), axis=int(ax)),
+                 "len": lambda a: int(np.shape(a)[0])}
+    dense = Evaluator({**variables, "K": K, "v": np.arange(4.0)}, functions, num_z)
+    sparse = Evaluator({**variables, "K": sp.csr_array(K), "v": np.arange(4.0)}, functions, num_z)
+    cases = ["K @ y", "K @ X", "w @ K", "X.T @ K.T", "-K @ y", "K.T @ w", "(2 * K) @ y", "K[1] @ y",
+             "K.T", "-K", "2 * K", "K + 1", "K[1]", "K[:, 2]", "K[0, 1]", "sum(K, 0)", "sum(K)", "len(K)",
+             "delete(K, 0, 0)", "K @ v", "v @ K.T", "[K, K]", "reshape(K, [4, 3])", "vec(K)", "K * y",
+             "y + K[2]"]
+    for text in cases:
+        a, b = dense.evaluate(parse(text)), sparse.evaluate(parse(text))
+        if isinstance(a, Affine):
+            assert isinstance(b, Affine) and a.shape == b.shape, text
+            assert np.allclose(a.coef @ z + a.const, b.coef @ z + b.const), text
+        else:
+            b = b.toarray() if sp.issparse(b) else b
+            assert np.shape(a) == np.shape(b) and np.allclose(a, b), text
+    rows_d, rows_s = (ev.evaluate(parse("K @ y <= 1")) for ev in (dense, sparse))
+    assert (abs(rows_d[0].expr.coef - rows_s[0].expr.coef)).max() == 0
+
+
+def test_incidence_like_config_functions_are_sparse_and_exact():
+    import scipy.sparse as sp
+
+    from convex_sst import graphs
+
+    arcs = np.array([[0, 1], [1, 2], [2, 0], [0, 2], [3, 1]])
+    n = 4
+    inc, inn, out = (np.zeros((n, len(arcs))) for _ in range(3))
+    scat = np.zeros((n * n, len(arcs)))
+    for a, (h, m) in enumerate(arcs):
+        out[h, a], inn[m, a], inc[h, a], inc[m, a] = 1, 1, 1, -1
+        scat[h * n + m, a] = 1
+    for got, want in [(graphs.incidence(arcs, n), inc), (graphs.in_incidence(arcs, n), inn),
+                      (graphs.out_incidence(arcs, n), out), (graphs.arc_scatter(arcs, n), scat)]:
+        assert sp.issparse(got) and got.shape == want.shape and (got.toarray() == want).all()
+    edges = np.array([[0, 1], [1, 2], [0, 3]])
+    both = graphs.both_orientations(edges)
+    C = graphs.orientation_sum(edges, both)
+    want = np.zeros((3, 6))
+    want[[0, 1, 2, 0, 1, 2], range(6)] = 1
+    assert sp.issparse(C) and (C.toarray() == want).all()
+    G = graphs.group_indicator(np.array([1, 0, 1, 2]))
+    assert sp.issparse(G) and (G.toarray() == [[0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]]).all()
+    with pytest.raises(ExprError, match="out of range 0..3"):
+        graphs.incidence(np.array([[0, 4]]), n)

@@ -694,7 +694,7 @@ def test_correlated_k_subset_is_the_image_of_dag_paths_of_its_program(n, k, gen)
     # layered DAG its config builds, through the dag_path polytope's own fast path, argmax and
     # log-partition (a forward pass in topological order over ~2nk vertices): x = M f
     P = cs.load_polytope("correlated_k_subset", n=n, k=k)
-    A, M = torch.as_tensor(P.data["A"]), torch.as_tensor(P.data["M"])
+    A, M = torch.as_tensor(P.data["A"]), torch.as_tensor(P.data["M"].toarray())
     D = cs.load_polytope("dag_path", n=int(A.max()) + 1, edges=A.tolist(), source=0, target=int(A.max()))
     u = (3 * torch.randn((6,) + P.shape, generator=gen, dtype=torch.float64)).requires_grad_(True)
     w = torch.randn((6,) + P.shape, generator=gen, dtype=torch.float64)

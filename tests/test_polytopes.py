@@ -153,3 +153,40 @@ def test_extended_formulations_compile_fast():
     cs.load_polytope("spanning_tree", n=10)
     cs.load_polytope("arborescence", n=10)
     assert time.perf_counter() - t0 < 5.0  # measured ~0.06 s; generous bound for slow CI
+
+
+@pytest.mark.parametrize("name,params,count", CASES)
+def test_constant_total_from_the_argmax_matches_the_lp(name, params, count, monkeypatch):
+    # Σx constant on P (the centring of θ) comes from the registered argmax when there is one:
+    # the same answer as the two LPs it replaces (None where Σx varies)
+    P = cs.load_polytope(name, **params)
+    expected = None
+    lp_totals = [float(P.lp.maximize(s * np.ones(P.size))[1][: P.size].sum()) for s in (1.0, -1.0)]
+    if abs(lp_totals[0] - lp_totals[1]) < 1e-9:
+        expected = lp_totals[0]
+    P.cache.pop("constant total", None)
+    if P.argmax_name is not None:  # no LP then
+        monkeypatch.setattr(type(P.lp), "maximize", lambda *a: pytest.fail("an LP was solved"))
+    got = P._constant_total()
+    assert (got is None) == (expected is None)
+    assert got is None or abs(got - expected) < 1e-9
+
+
+def test_large_dynamic_program_flows_compile_sparse_and_solve_without_lps(monkeypatch):
+    # correlated k-subsets of 200 items: their DP's DAG has 10 400 states and 20 402 arcs. Its
+    # incidence and embedding matrices were dense (2.5 GB each, 45 s and 3.6 GB for a generic
+    # relax of 2 rows, 34 s of it in two LPs for the centring); now sparse, and no LP
+    import scipy.sparse as sp
+    from convex_sst.lp import LinearProgram
+
+    monkeypatch.setattr(LinearProgram, "maximize", lambda *a: pytest.fail("an LP was solved"))
+    n, k = 200, 30
+    P = cs.load_polytope("correlated_k_subset", n=n, k=k)
+    assert sp.issparse(P.data["Inc"]) and sp.issparse(P.data["M"])
+    assert P.form.num_eq > 10_000 and P._constant_total() is None
+    u = torch.randn(1, P.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = cs.relax(u, P, "quadratic", 1.0, backend="generic")[0]
+    items, pairs = x[:n], x[n:]
+    assert abs(float(items.sum()) - k) < 1e-5
+    assert bool((pairs <= torch.minimum(items[:-1], items[1:]) + 1e-5).all())
+    assert bool((pairs >= items[:-1] + items[1:] - 1 - 1e-5).all())
