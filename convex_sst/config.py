@@ -133,9 +133,9 @@ class _Restricted(Mapping[str, Any]):
 
 class DataEntries(Mapping[str, Any]):
     """A config's ``data:`` entries for given parameters, each evaluated when first read (with
-    the entries it names) and kept. Built-in graph structures declare dense (n², n²)
-    incidence-like matrices for their constraints (for arborescences on 160 vertices, one of 5 GB)
-    that their fast paths and argmax never read."""
+    the entries it names) and kept. Built-in graph structures declare incidence-like matrices for
+    their constraints (arborescences on n vertices: (n², n²), sparse; dense, on 160 vertices,
+    one of 5 GB) that their fast paths and argmax never read."""
 
     def __init__(self, config: PolytopeConfig, params: Mapping[str, Any]):
         self._config = config
