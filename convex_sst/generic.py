@@ -207,7 +207,7 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, for
     # wreck the conic solver's scaling (spanning trees of K5 at -1e9: x off by 0.6): brought to
     # their levels (tame_extremes); rows that put mass on the raised ones anyway (every
     # structure uses one) are solved again as given
-    tamed, low, _ = tame_extremes(flat, mask, polytope._flat_argmax)
+    tamed, low, _ = tame_extremes(flat, mask, polytope._support_argmax)
     x = layer(tamed, **options)
     redo = rows_on(x, low)
     if redo.numel():

@@ -507,7 +507,20 @@ class Polytope:
                                 "an argmax returns structures (vertices), not scores or marginals")
         return out
 
-    def _lp_argmax_rows(self, u: torch.Tensor) -> torch.Tensor:
+    def _support_argmax(self, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`_flat_argmax` for the solvers' handling of extreme utilities
+        (:func:`~convex_sst._forbidden.tame_extremes`, which asks whether a maximizer avoids
+        given entries): the registered argmax, or without one the support (entries above 1e-7)
+        of an optimal vertex of the LP, 0/1 or not. ``relax`` solves over the declared
+        constraints, integral or not; only hard samples need a 0/1 vertex (:meth:`argmax` raises
+        where the LP's is fractional). Through the exact argmax, ``relax`` raised that error at
+        low temperatures on configs that are not integral."""
+        if self.argmax_name is not None:
+            return self._flat_argmax(u)
+        return self._lp_argmax_rows(u, integral=False)
+
+    def _lp_argmax_rows(self, u: torch.Tensor, integral: bool = True) -> torch.Tensor:
+        """An LP vertex per row of ``u``, checked to be 0/1 (``integral=False``: its support)."""
         flat = u.reshape(-1, self.size).cpu().double().numpy()
         out = np.empty_like(flat)
         for b in range(flat.shape[0]):
@@ -515,6 +528,9 @@ class Polytope:
             if z is None:  # not optimal
                 raise PolytopeError(f"LP argmax failed on batch element {b} with status {status!r} for {self!r}")
             x = z[: self.size]
+            if not integral:
+                out[b] = np.abs(x) > 1e-7
+                continue
             r = np.round(x)
             if np.abs(x - r).max() > 1e-6 or not np.all((r == 0) | (r == 1)):
                 kind = ("fractional vertex", "not integral") if np.abs(x - r).max() > 1e-6 else (

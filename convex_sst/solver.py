@@ -1434,7 +1434,7 @@ class _TorchSST(torch.autograd.Function):
         def vertex(scores: torch.Tensor) -> torch.Tensor:  # argmax over the free coordinates
             full = scores.new_zeros(scores.shape[0], theta.shape[1])
             full[:, free] = scores
-            return polytope._flat_argmax(full)[:, free]
+            return polytope._support_argmax(full)[:, free]
 
         # entries far below the others (a manual mask, u = -1e9) are raised and treated as
         # forbidden, entries far above them (u + 1e9) lowered (tame_extremes; at -1e9 the Newton

@@ -254,3 +254,94 @@ def cut_arborescence_config(n: int) -> str:
               for size in range(2, n) for S in itertools.combinations(range(1, n), size)]
     return (f"name: cut_arborescence\noutput: {{name: x, shape: [{n}, {n}]}}\nconstraints:\n"
             + "\n".join(lines) + "\nregularizers: [entropy, binary_entropy, quadratic]\n")
+
+
+def _box_maximizer(s: np.ndarray, reg: str, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """argmax over lo <= x <= hi of sᵀx − f(x), per coordinate, and its derivative in s
+    (1/f''(x) inside the box, 0 where clipped)."""
+    with np.errstate(over="ignore"):
+        if reg == "entropy":
+            x = np.exp(np.minimum(s - 1.0, 700.0))
+            dx = x
+        elif reg == "binary_entropy":
+            x = 0.5 * (1.0 + np.tanh(0.5 * s))
+            dx = x * (1.0 - x)
+        else:
+            x, dx = s.copy(), np.ones_like(s)
+    inside = (x > lo) & (x < hi)
+    return np.clip(x, lo, hi), np.where(inside, dx, 0.0)
+
+
+def dual_solve(theta: np.ndarray, form, reg: str) -> tuple[np.ndarray, float]:
+    """argmax θᵀx − f(x) over ``form`` (a CanonicalForm without auxiliary variables, any
+    equality and inequality rows ``C x (=, ≤) c`` and bounds) for a separable f, through its
+    dual: ``min g(λ) = Σ_i φ_i((θ − Cᵀλ)_i) + λᵀc`` with λ ≥ 0 on the inequality rows and φ_i
+    the conjugate of f on the box of x_i, in closed form, ``∇g = c − C x(λ)`` with x(λ) the
+    box maximizer. L-BFGS-B, then Newton steps on the rows it found active, solved to rounding.
+    Returns x and its certificate: the largest primal violation or complementarity product
+    (|λ_j| · slack_j, relative to 1 + max|θ|), ~1e-15 where the solve succeeded."""
+    if form.num_z != form.out_size:
+        raise ValueError("dual_solve takes forms without auxiliary variables")
+    from scipy.optimize import minimize
+
+    C = np.vstack([form.A_eq.toarray(), form.A_ub.toarray()])
+    c = np.concatenate([form.b_eq, form.b_ub])
+    eq = np.arange(len(c)) < form.num_eq
+    lo, hi = form.lb, form.ub
+
+    def x_of(lam):
+        return _box_maximizer(theta - C.T @ lam, reg, lo, hi)
+
+    def g(lam):
+        s = theta - C.T @ lam
+        x, _ = _box_maximizer(s, reg, lo, hi)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if reg == "entropy":
+                f = np.where(x > 0, x * np.log(x), 0.0)
+            elif reg == "binary_entropy":
+                f = np.where(x > 0, x * np.log(x), 0.0) + np.where(x < 1, (1 - x) * np.log(1 - x), 0.0)
+            else:
+                f = 0.5 * x * x
+        return float(s @ x - f.sum() + lam @ c), c - C @ x
+
+    lam = np.zeros(len(c))
+    if len(c):
+        bounds = [(None, None) if e else (0.0, None) for e in eq]
+        lam = minimize(g, lam, jac=True, method="L-BFGS-B", bounds=bounds,
+                       options=dict(ftol=1e-16, gtol=1e-14, maxiter=10_000)).x
+        for _ in range(50):
+            x, dx = x_of(lam)
+            res = C @ x - c
+            act = eq | (lam > 0) | (np.abs(res) < 1e-8)
+            if not act.any():
+                break
+            J = C[act] @ (dx[:, None] * C[act].T)
+            new = lam.copy()
+            new[act] += np.linalg.lstsq(J, res[act], rcond=1e-13)[0]
+            new = np.where(eq, new, np.maximum(new, 0.0))
+            if np.array_equal(new, lam):
+                break
+            lam = new
+    x, _ = x_of(lam)
+    slack = c - C @ x
+    viol = np.where(eq, np.abs(slack), np.maximum(-slack, 0.0))
+    comp = np.where(eq, 0.0, np.abs(lam * slack)) / (1.0 + np.abs(theta).max())
+    return x, float(max(viol.max(initial=0.0), comp.max(initial=0.0)))
+
+
+def random_constraint_config(rng: np.random.Generator, name: str) -> str:
+    """A user config (YAML text) of a random polytope in [0, 1]^d without auxiliary variables:
+    a few equality and inequality rows with small integer coefficients through a random interior
+    point (a third of the inequalities tight there). Not integral in general: a relaxation is
+    defined over any such P, a hard sample is not."""
+    d = int(rng.integers(3, 8))
+    x0 = rng.uniform(0.1, 0.9, d)
+    rows = []
+    for kind in ["=="] * int(rng.integers(0, 3)) + ["<="] * int(rng.integers(1, 5)):
+        a = rng.integers(-2, 3, d) * (rng.random(d) < 0.6)
+        if not a.any():
+            continue
+        rhs = a @ x0 + (0.0 if kind == "==" or rng.random() < 0.3 else rng.uniform(0.0, 0.5))
+        rows.append(" + ".join(f"{int(v)} * x[{i}]" for i, v in enumerate(a) if v) + f" {kind} {rhs:.15g}")
+    return (f"name: {name}\noutput: {{name: x, shape: [{d}]}}\nconstraints:\n  - 0 <= x <= 1\n"
+            + "".join(f"  - {r}\n" for r in rows))
