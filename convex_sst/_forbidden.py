@@ -90,6 +90,35 @@ def raise_far_below(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(low, level[:, None], theta), low
 
 
+def shift_far_below(theta: torch.Tensor, low: torch.Tensor, forbidden: torch.Tensor | None = None) -> torch.Tensor:
+    """``theta: (B, d)`` with its ``low`` entries (far below the others) raised together, by one
+    constant per row (no gradient), to where the highest of them is only just far below the
+    rest R: ``max_low θ = −(2 Σ_R |θ| + d·s + SLACK (d + 1))``, s the spread of the low entries;
+    ``forbidden`` entries (stand-ins, left out of R) refilled for the new values.
+
+    For the rows where every structure needs some low entries (a manual mask at -1e9 that leaves
+    no structure; :func:`raise_far_below`'s level is exact only where one avoids them all): the
+    relaxation lives, to ``e⁻⁴⁰``, on the vertices with the fewest low entries (by the argument
+    of :func:`lower_far_above`: one more costs at least ``SLACK (d + 1)``), and a common shift
+    moves all of their scores by the same amount, so it leaves it unchanged. Solved as given, at
+    -1e9, the interior-point solver did not converge (Birkhoff n = 3, quadratic, t = 0.05:
+    residual 4e2) and cvxpylayers returned infeasible points or x off by up to 0.7 (matchings).
+    Low entries that are far apart among themselves (-1e9 and -2e9) keep their spread."""
+    B, d = theta.shape
+    th = theta.detach()
+    rest = ~low if forbidden is None else ~(low | forbidden)
+    mag = torch.where(rest, th.abs(), 0.0).sum(1)
+    top = torch.where(low, th, -torch.inf).amax(1)
+    bottom = torch.where(low, th, torch.inf).amin(1)
+    spread = torch.where(low.any(1), top - bottom, 0.0)
+    level = -(2.0 * mag + d * spread + SLACK * (d + 1))
+    shift = torch.where(low.any(1) & (top < level), level - top, 0.0)
+    raised = theta + torch.where(low, shift[:, None], 0.0)
+    if forbidden is None or not bool(forbidden.any()):
+        return raised
+    return fill_forbidden(raised, forbidden)
+
+
 def lower_far_above(theta: torch.Tensor, exclude: torch.Tensor | None = None, refill: bool = False) -> torch.Tensor:
     """``theta: (B, d)`` with its entries far above the others (``u_j + 1e9`` to force a choice)
     lowered, per row, by one constant (no gradient), to where they are only just far above.

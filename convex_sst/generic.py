@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ._autograd import first_order_guard
-from ._forbidden import lower_far_above, rows_on, tame_extremes
+from ._forbidden import lower_far_above, rows_on, shift_far_below, tame_extremes
 from .errors import SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -111,11 +111,20 @@ class GenericLayer:
         return {**SOLVER_DEFAULTS[solver], **(solver_args or {})}
 
     def __call__(self, theta: torch.Tensor, solver: str = "clarabel", solver_args: dict | None = None) -> torch.Tensor:
-        """Solve for ``theta: (B, d)`` float64 on the CPU; returns ``x: (B, d)``."""
+        """Solve for ``theta: (B, d)`` float64 on the CPU; returns ``x: (B, d)``, every row
+        checked (:meth:`check`)."""
+        x, residual = self.solve(theta, solver, solver_args)
+        self.check(residual, solver)
+        return x
+
+    def solve(self, theta: torch.Tensor, solver: str = "clarabel", solver_args: dict | None = None
+              ) -> tuple[torch.Tensor, np.ndarray]:
+        """``(x, residual)`` for ``theta: (B, d)``: the solutions, unchecked, and each row's
+        constraint violation (``inf`` for NaN)."""
         args = self.solver_args(solver, solver_args)
         B = theta.shape[0]
         if B == 0:
-            return theta * 0.0
+            return theta * 0.0, np.zeros(0)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -137,15 +146,23 @@ class GenericLayer:
                 f"({self.polytope!r}, {self.reg.name!r}); loosen the tolerances in solver_args, raise "
                 "the iteration limit, or use the default solver='clarabel'",
             )
-        x = sol[0]
         z = torch.cat([s.detach() for s in sol], dim=1).numpy()
-        bad_nan = np.flatnonzero(~np.isfinite(z).all(1))
+        finite = np.isfinite(z).all(1)
+        res = np.full(B, np.inf)
+        if finite.any():
+            res[finite] = self.polytope.form.residual(z[finite])
+        return sol[0], res
+
+    def check(self, res: np.ndarray, solver: str = "clarabel") -> None:
+        """Raise :class:`SolverError` for rows that are NaN or violate the constraints by more
+        than ``ERROR_RESIDUAL``; warn for those above ``WARN_RESIDUAL``."""
+        B = res.shape[0]
+        bad_nan = np.flatnonzero(~np.isfinite(res))
         if bad_nan.size:
             raise SolverError(
                 f"generic solver ({solver}) returned NaN/inf for batch element(s) {bad_nan[:10].tolist()} "
                 f"of {B} ({self.polytope!r}, {self.reg.name!r})"
             )
-        res = self.polytope.form.residual(z)
         bad = np.flatnonzero(res > ERROR_RESIDUAL)
         if bad.size:
             raise SolverError(
@@ -161,7 +178,6 @@ class GenericLayer:
                 f"generic solver ({solver}) is inaccurate for batch element(s) {inacc[:10].tolist()} of {B}: "
                 f"constraint violation up to {res.max():.2e} ({self.polytope!r}, {self.reg.name!r})",
             )
-        return x
 
     def _diagnose(self, theta: torch.Tensor, args: dict, exc: Exception) -> SolverError:
         """Find which batch elements fail by solving them one at a time (error path only)."""
@@ -206,11 +222,18 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, for
     # entries far below or far above the others (manual masks at -1e9, choices forced by +1e9)
     # wreck the conic solver's scaling (spanning trees of K5 at -1e9: x off by 0.6): brought to
     # their levels (tame_extremes); rows that put mass on the raised ones anyway (every
-    # structure uses one) are solved again as given
+    # structure uses one) are solved again with them shifted together (shift_far_below)
     tamed, low, _ = tame_extremes(flat, mask, polytope._support_argmax)
-    x = layer(tamed, **options)
-    redo = rows_on(x, low)
+    x, residual = layer.solve(tamed, **options)
+    # (and rows with such entries that failed: where every structure needs one, the raised
+    # entries make the problem hard for the conic solver, which returned infeasible points)
+    failed = torch.as_tensor(~(residual <= ERROR_RESIDUAL))
+    redo = torch.unique(torch.cat([rows_on(x, low), (failed & low.any(1)).nonzero()[:, 0]]))
     if redo.numel():
-        x = x.index_put((redo,), layer(lower_far_above(flat[redo], None if mask is None else mask[redo], refill=True),
-                                       **options))
+        fr = None if mask is None else mask[redo]
+        given = shift_far_below(lower_far_above(flat[redo], fr, refill=True), low[redo], fr)
+        x2, res2 = layer.solve(given, **options)
+        x, residual = x.index_put((redo,), x2), residual.copy()
+        residual[redo.numpy()] = res2
+    layer.check(residual, options.get("solver", "clarabel"))
     return x.to(device=theta.device, dtype=theta.dtype).reshape(theta.shape)

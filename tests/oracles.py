@@ -345,3 +345,35 @@ def random_constraint_config(rng: np.random.Generator, name: str) -> str:
         rows.append(" + ".join(f"{int(v)} * x[{i}]" for i, v in enumerate(a) if v) + f" {kind} {rhs:.15g}")
     return (f"name: {name}\noutput: {{name: x, shape: [{d}]}}\nconstraints:\n  - 0 <= x <= 1\n"
             + "".join(f"  - {r}\n" for r in rows))
+
+
+def masked_face_solve(theta: np.ndarray, form, low: np.ndarray, reg: str) -> tuple[np.ndarray, float]:
+    """The relaxation when the entries ``low`` of θ are so far below the others (a manual mask at
+    -1e9) that they act lexicographically, for a form without auxiliary variables: the face of
+    P with the least mass m* on them, ``Σ_low x = m*`` (an LP, scipy's HiGHS), the coordinates
+    constant on that face fixed (LPs), then :func:`dual_solve` there with the low entries at
+    their differences from the highest of them (all 0 for one mask value). Returns ``(x, certificate)``."""
+    import dataclasses
+
+    import scipy.sparse as sp
+    from scipy.optimize import linprog
+
+    eq = dict(A_eq=form.A_eq.toarray(), b_eq=form.b_eq) if form.num_eq else {}
+    ub = dict(A_ub=form.A_ub.toarray(), b_ub=form.b_ub) if form.num_ub else {}
+    w = low.astype(float)
+    m_star = linprog(w, **eq, **ub, bounds=list(zip(form.lb, form.ub)), method="highs").fun
+    face = dataclasses.replace(form, A_eq=sp.vstack([form.A_eq, sp.csr_matrix(w[None, :])]).tocsr(),
+                               b_eq=np.append(form.b_eq, m_star))
+    lb, hi = face.lb.copy(), face.ub.copy()
+    feq = dict(A_eq=face.A_eq.toarray(), b_eq=face.b_eq)
+    for j in range(form.num_z):
+        e = np.eye(form.num_z)[j]
+        top = -linprog(-e, **feq, **ub, bounds=list(zip(form.lb, form.ub)), method="highs").fun
+        bottom = linprog(e, **feq, **ub, bounds=list(zip(form.lb, form.ub)), method="highs").fun
+        if top - bottom < 1e-9:
+            lb[j] = hi[j] = round(top, 9)
+    face = dataclasses.replace(face, lb=lb, ub=hi)
+    th = theta.copy()
+    if low.any():
+        th[low] = theta[low] - theta[low].max()
+    return dual_solve(th, face, reg)
