@@ -1,5 +1,6 @@
 """The batched torch interior-point solver (backend="torch") against references."""
 
+import math
 import warnings
 
 import pytest
@@ -994,3 +995,20 @@ def test_relax_over_a_config_that_is_not_integral_at_low_temperature(backend, re
             assert np.abs(x[b].numpy() - ref).max() < (1e-9 if backend == "torch" else 1e-6)
     with pytest.raises(cs.PolytopeError, match="not integral"):
         P.argmax(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "generic"])
+def test_forbidding_a_coordinate_a_config_that_is_not_integral_needs_is_an_input_error(backend, tmp_path):
+    # every point of this P has x[0] >= 0.25: -inf there leaves the face empty, as an integral
+    # P's 'every structure uses it' does, but the solution puts 0.25 there, not >= 1/2, and
+    # that was reported as a solver failure (SolverError, 'use a larger temperature')
+    path = tmp_path / "fractional_face.yaml"
+    path.write_text(FRACTIONAL_FACE)
+    P = cs.load_polytope(path)
+    u = torch.tensor([[-math.inf, 0.3, -0.2, 0.1], [0.5, -math.inf, 0.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(cs.InputError, match=r"no structure .* at batch index \(0,\) \(1 of 2"):
+        with torch.no_grad():
+            cs.relax(u, P, "quadratic", 1.0, backend=backend)
+    with torch.no_grad():
+        x = cs.relax(u[1:], P, "quadratic", 1.0, backend=backend)
+    assert x[0, 1] == 0.0 and abs(float(x[0, 3]) - 0.25) < 1e-6 and float(x[0, 0] + x[0, 3]) > 0.5 - 1e-6
