@@ -98,9 +98,16 @@ class LinearProgram:
         return np.asarray(self._h.getSolution().col_value, dtype=float)
 
     def maximize(self, c: np.ndarray) -> tuple[str, np.ndarray | None]:
-        """Solve ``max cᵀx``; returns ``(status, z)`` (z is None unless optimal)."""
+        """Solve ``max cᵀx``; returns ``(status, z)`` (z is None unless optimal).
+
+        Warm-started from the previous solve; a status other than optimal, infeasible or
+        unbounded is retried once from scratch (after a solve with costs of 1e9, the warm start
+        ended in 'Unknown' on a problem that alone solves in one iteration)."""
         self._set_cost(c)
         status = self._run()
+        if status not in ("optimal", "infeasible", "unbounded"):
+            self._h.clearSolver()
+            status = self._run()
         return status, (self.solution() if status == "optimal" else None)
 
     def z_range(self, j: int) -> tuple[float, float]:

@@ -545,7 +545,7 @@ class Polytope:
                     f"x = {np.array2string(x, precision=3)}): the constraints do not describe the "
                     f"convex hull of 0/1 structures (the polytope is {kind[1]})"
                 )
-            out[b] = r
+            out[b] = r + 0.0  # no -0.0 (an LP value of -1e-12 rounded)
         return torch.as_tensor(out, dtype=u.dtype, device=u.device).reshape(u.shape)
 
     def vertices(self, limit: int = 10_000, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -815,3 +815,38 @@ def test_manual_masks_that_leave_no_structure_on_flow_formulations(name, params,
         theta = np.where(low, 0.0, u[b].reshape(-1).numpy())  # one mask value: no differences among them
         ref = oracles.hull_solve(V[count == count.min()], theta, reg)
         assert np.abs(x[b].numpy() - ref).max() < (1e-6 if reg == "quadratic" else 1e-4), b
+
+
+GROUP_SUBSET = """name: group_subset_lp
+params:
+  labels: {type: int_list, default: [0, 0, 1, 1, 2, 2, 2]}
+data:
+  G: group_indicator(labels)
+output: {name: x, shape: [7]}
+constraints:
+  - sum(x) == 3
+  - G @ x <= [1, 2, 1]
+  - 0 <= x <= 1
+"""
+
+
+def test_lp_argmax_with_manual_masks_and_forced_entries(tmp_path):
+    """A user's config without a registered argmax takes HiGHS: warm-started from the previous
+    row, a row with costs of ±1e9 ended in status 'Unknown' (PolytopeError 'LP argmax failed'),
+    which alone it solves in one iteration; such a status is retried from scratch now. Against
+    enumeration: the structures with the fewest masked (most forced) entries, best by the rest."""
+    path = tmp_path / "group_subset_lp.yaml"
+    path.write_text(GROUP_SUBSET)
+    P = cs.load_polytope(path)
+    V = P.vertices().double()
+    g = torch.Generator().manual_seed(5)
+    for frac in (0.3, 0.7):
+        u = 2 * torch.randn((64, 7), generator=g, dtype=torch.float64)
+        mask = torch.rand((64, 7), generator=g) < frac
+        for fill in (-1e9, 1e9):
+            X = P.argmax(torch.where(mask, u + fill, u))
+            count = mask.double() @ V.T
+            target = count.min(1).values if fill < 0 else count.max(1).values
+            best = torch.where(count == target[:, None], u @ V.T, -torch.inf).max(1).values
+            assert torch.equal((X * mask).sum(1), target)
+            assert ((X * u).sum(1) - best).abs().max() < 1e-9
