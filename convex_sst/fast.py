@@ -49,7 +49,7 @@ import math
 import torch
 
 from . import _linalg
-from ._forbidden import far_below, lower_far_above, lower_forced, needed_apart, shift_far_below
+from ._forbidden import SLACK, far_below, lower_far_above, lower_forced, needed_apart, shift_far_below
 from .errors import InputError, SolverError, warn_user
 from .graphs import topological_order
 from .polytope import Polytope
@@ -1372,6 +1372,21 @@ def _clip_range(theta: torch.Tensor, max_range: float | None) -> torch.Tensor:
     return theta.clamp_min((top - float(max_range)).reshape((-1,) + (1,) * (theta.dim() - 1)))
 
 
+def _shift_masks(flat: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+    """``flat: (B, d)`` with its manual masks (entries far below the others; ``exclude``:
+    forbidden stand-ins and coordinates unused on P, left out and refilled) raised together to
+    just below the others (:func:`~convex_sst._forbidden.shift_far_below`; no gradient). Where
+    every structure needs some, log Z sat near -1e9/t and the log-space marginals kept only
+    ulp(1e10) = 2e-6 (t = 0.1: correlated k-subsets off by 1.3e-6, arborescences by 4.8e-7,
+    spanning trees by 2.4e-7; now ~1e-12); elsewhere their weight stays below e^-40."""
+    if not bool((flat.detach() <= -SLACK * (flat.shape[1] + 1)).any()):  # no entry that low: the common case
+        return flat
+    probe = flat.detach() if exclude is None else flat.detach().masked_fill(exclude, 0.0)
+    low = far_below(probe)[0]
+    low = low if exclude is None else low & ~exclude
+    return shift_far_below(flat, low, exclude) if bool(low.any()) else flat
+
+
 def _tree_marginals(theta: torch.Tensor, mask: torch.Tensor, root: int, max_range: float | None,
                     pack, method: str) -> torch.Tensor:
     """Arc marginals ``μ = ∇_θ log Z(θ)`` (exact autograd; double backward when θ requires grad).
@@ -1423,7 +1438,7 @@ def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: 
     # edges far above the others (u = 1e9 to force one) come down to where they are only just
     # far above (the marginals move by less than e^-40): at 1e9 the other weights underflowed
     # next to theirs, and the elimination resolved the marginals to 1e-8
-    theta = _clip_range(lower_forced(theta, forbidden, polytope._flat_argmax), max_range)
+    theta = _clip_range(_shift_masks(lower_forced(theta, forbidden, polytope._flat_argmax), forbidden), max_range)
     if method != "elimination":
         limit = _COND_LIMIT if method == "auto" else math.inf
         mu, bad = _EdgeMarginals.apply(theta, _edge_index(polytope, theta.device), n, limit)
@@ -1467,6 +1482,8 @@ def arborescence_marginals(theta: torch.Tensor, polytope: Polytope, max_range: f
     mask = torch.ones(n, n, dtype=torch.bool, device=theta.device)
     mask.fill_diagonal_(False)
     mask[:, r] = False  # no arcs into the root
+    B = theta.shape[0]
+    theta = _shift_masks(theta.reshape(B, n * n), (~mask).reshape(1, -1).expand(B, -1)).reshape(theta.shape)
     return _tree_marginals(theta, mask, r, max_range, lambda t: t, method)
 
 
@@ -1537,16 +1554,7 @@ def _dp_marginals(log_partition, theta: torch.Tensor, polytope: Polytope, forbid
     # uses one), except where needed_apart finds a structure with the most forced entries that
     # avoids them all
     fb = None if forbidden is None else forbidden.flatten(1)
-    flat = lower_forced(theta.flatten(1), fb, polytope._flat_argmax)
-    # and entries far below the others come up to where they are only just far below, together
-    # (shift_far_below): where every structure needs some, log Z sat near -1e9/t and the
-    # marginals kept ulp(1e10) = 2e-6 (correlated k-subsets at t = 0.1: off by 1.3e-6); elsewhere
-    # their weight stays below e^-40
-    low = far_below(flat.detach())[0]
-    low = low if fb is None else low & ~fb
-    if bool(low.any()):
-        flat = shift_far_below(flat, low, fb)
-    theta = flat.reshape(theta.shape)
+    theta = _shift_masks(lower_forced(theta.flatten(1), fb, polytope._flat_argmax), fb).reshape(theta.shape)
     top = float(theta.detach().abs().max()) if theta.numel() else 0.0
     terms = max(terms, 1)
     if top > 1e300 / terms:
