@@ -119,6 +119,14 @@ def shift_far_below(theta: torch.Tensor, low: torch.Tensor, forbidden: torch.Ten
     return fill_forbidden(raised, forbidden)
 
 
+def solve_again(theta: torch.Tensor, low: torch.Tensor, forbidden: torch.Tensor | None) -> torch.Tensor:
+    """What the interior-point and generic solvers solve for the rows of ``theta: (B, d)`` that
+    put mass on :func:`tame_extremes`'s ``low`` entries anyway (every structure uses one): the
+    entries far above the others lowered (:func:`lower_far_above`, forbidden ones refilled), the
+    ``low`` ones shifted together (:func:`shift_far_below`)."""
+    return shift_far_below(lower_far_above(theta, forbidden, refill=True), low, forbidden)
+
+
 def lower_far_above(theta: torch.Tensor, exclude: torch.Tensor | None = None, refill: bool = False) -> torch.Tensor:
     """``theta: (B, d)`` with its entries far above the others (``u_j + 1e9`` to force a choice)
     lowered, per row, by one constant (no gradient), to where they are only just far above.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ._autograd import first_order_guard
-from ._forbidden import lower_far_above, rows_on, shift_far_below, tame_extremes
+from ._forbidden import rows_on, solve_again, tame_extremes
 from .errors import SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -110,17 +110,10 @@ class GenericLayer:
             raise unknown_name("generic solver", solver, SOLVER_DEFAULTS)
         return {**SOLVER_DEFAULTS[solver], **(solver_args or {})}
 
-    def __call__(self, theta: torch.Tensor, solver: str = "clarabel", solver_args: dict | None = None) -> torch.Tensor:
-        """Solve for ``theta: (B, d)`` float64 on the CPU; returns ``x: (B, d)``, every row
-        checked (:meth:`check`)."""
-        x, residual = self.solve(theta, solver, solver_args)
-        self.check(residual, solver)
-        return x
-
     def solve(self, theta: torch.Tensor, solver: str = "clarabel", solver_args: dict | None = None
               ) -> tuple[torch.Tensor, np.ndarray]:
-        """``(x, residual)`` for ``theta: (B, d)``: the solutions, unchecked, and each row's
-        constraint violation (``inf`` for NaN)."""
+        """``(x, residual)`` for ``theta: (B, d)`` float64 on the CPU: the solutions, unchecked
+        (:meth:`check` them), and each row's constraint violation (``inf`` for NaN)."""
         args = self.solver_args(solver, solver_args)
         B = theta.shape[0]
         if B == 0:
@@ -222,7 +215,7 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, for
     # entries far below or far above the others (manual masks at -1e9, choices forced by +1e9)
     # wreck the conic solver's scaling (spanning trees of K5 at -1e9: x off by 0.6): brought to
     # their levels (tame_extremes); rows that put mass on the raised ones anyway (every
-    # structure uses one) are solved again with them shifted together (shift_far_below)
+    # structure uses one) are solved again with them shifted together (solve_again)
     tamed, low, _ = tame_extremes(flat, mask, polytope._support_argmax)
     x, residual = layer.solve(tamed, **options)
     # (and rows with such entries that failed: where every structure needs one, the raised
@@ -230,9 +223,7 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, for
     failed = torch.as_tensor(~(residual <= ERROR_RESIDUAL))
     redo = torch.unique(torch.cat([rows_on(x, low), (failed & low.any(1)).nonzero()[:, 0]]))
     if redo.numel():
-        fr = None if mask is None else mask[redo]
-        given = shift_far_below(lower_far_above(flat[redo], fr, refill=True), low[redo], fr)
-        x2, res2 = layer.solve(given, **options)
+        x2, res2 = layer.solve(solve_again(flat[redo], low[redo], None if mask is None else mask[redo]), **options)
         x, residual = x.index_put((redo,), x2), residual.copy()
         residual[redo.numpy()] = res2
     layer.check(residual, options.get("solver", "clarabel"))

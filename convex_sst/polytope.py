@@ -322,8 +322,7 @@ class Polytope:
         # as the level, -1e9 / t moved onto the others cost them their low digits (Birkhoff n = 3
         # with seven entries masked at -2e10: x off by 1e-6 with the quadratic, ulp(2e10) = 4e-6)
         # (measured from the row's largest entry: a common offset, θ = u − 1000, is not a mask)
-        flat = d.flatten(1)
-        low = far_below(flat - flat.amax(1, keepdim=True))[0].reshape(d.shape)
+        low = far_below(d - d.amax(1, keepdim=True))[0]
         skip = low if forbidden is None else low | forbidden
         masked = d.masked_fill(skip, -math.inf)
         level = masked.topk(k, dim=1).values[:, -1:]

@@ -63,7 +63,7 @@ import torch
 from ._autograd import first_order_guard
 from .canonical import CanonicalForm
 from ._unionfind import UnionFind
-from ._forbidden import lower_far_above, rows_on, shift_far_below, tame_extremes
+from ._forbidden import rows_on, solve_again, tame_extremes
 from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
@@ -1440,7 +1440,7 @@ class _TorchSST(torch.autograd.Function):
         # forbidden, entries far above them (u + 1e9) lowered (tame_extremes; at -1e9 the Newton
         # systems lost x to rounding, off by up to 0.25, at +1e9 by up to 0.4); rows that put mass
         # on the raised ones anyway (every structure uses one) are solved again with them shifted
-        # together (shift_far_below; as given, at -1e9, they did not converge). Offsets
+        # together (solve_again; as given, at -1e9, they did not converge). Offsets
         # along equality rows (θ_ij + r_i on a Birkhoff polytope) are removed too (_remove_offsets).
         tamed, low, out = tame_extremes(th, fb, vertex)
         z, (Dback, Sback), report = _ipm(_remove_offsets(tamed, sf, out), sf, reg, tol, max_iter, out)
@@ -1451,8 +1451,7 @@ class _TorchSST(torch.autograd.Function):
                                        (~report.converged & low.any(1)).nonzero()[:, 0]]))
         if redo.numel():
             fr = None if fb is None else fb[redo]
-            given = shift_far_below(lower_far_above(th[redo], fr, refill=True), low[redo], fr)
-            z2, (D2, S2), rep2 = _ipm(_remove_offsets(given, sf, fr),
+            z2, (D2, S2), rep2 = _ipm(_remove_offsets(solve_again(th[redo], low[redo], fr), sf, fr),
                                       sf, reg, tol, max_iter, fr)
             z, Dback = z.index_put((redo,), z2), Dback.index_put((redo,), D2)
             Sback = None if Sback is None else Sback.index_put((redo,), S2)
