@@ -109,10 +109,7 @@ class StandardForm:
 def _constant_variables(P: Polytope) -> tuple[np.ndarray, np.ndarray]:
     """Which variables of the canonical form are constant on P, and their values (LPs, once per
     polytope)."""
-    key = ("constant_variables",)
-    if key not in P.cache:
-        P.cache[key] = P.lp.constant_variables()
-    return P.cache[key]
+    return P.lp.constant_variables()
 
 
 def _block_structure(G: np.ndarray, groups: list[list[int]]) -> tuple[str, list[list[int]], list[list[int]]]:

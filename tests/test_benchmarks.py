@@ -118,3 +118,12 @@ def test_flow_formulations_benchmark_runs_and_agrees_on_gaussian_utilities():
         if row[3] == "gauss":  # every row converged, within 1e-8 of the second formulation (its gradient 1e-6)
             assert row[6] == "0 (—)" and row[7].startswith("0 (") and float(row[7][3:-1]) < 1e-8, row
             assert row[8].startswith("0 (") and float(row[8][3:-1]) < 1e-6, row
+
+
+def test_setup_lps_benchmark_runs_and_agrees_with_the_two_lps():
+    # the script asserts that Σx constant on P, decided without LPs where it can, is the two
+    # LPs' answer; here: one user config where Σx varies and one where it is constant
+    out = _run("setup_lps.py", "--cases", "correlated_k_subset:8:3", "arborescence:5", "--repeats", "1")
+    rows = {r[0]: r for r in _rows(out, "| ") if r[0].startswith(("correlated", "arborescence"))}
+    assert rows["correlated_k_subset n = 8, k = 3"][4] == "varies"
+    assert rows["arborescence n = 5"][4] == "4" and int(rows["arborescence n = 5"][2]) > 0

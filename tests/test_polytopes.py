@@ -172,6 +172,108 @@ def test_constant_total_from_the_argmax_matches_the_lp(name, params, count, monk
     assert got is None or abs(got - expected) < 1e-9
 
 
+def _user_copy(tmp_path, name):
+    """A built-in config saved as a user's file without its registered argmax (so every
+    question about P goes to the LPs)."""
+    from convex_sst.polytope import builtin_config_paths
+
+    text = builtin_config_paths()[name].read_text()
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("argmax:"))
+    path = tmp_path / f"my_{name}.yaml"
+    path.write_text(text.replace(f"name: {name}", f"name: my_{name}", 1))
+    return path
+
+
+def _sum_constraint_configs(rng, tmp_path, count):
+    """Random user polytopes (tests/oracles.py) with Σx made constant three ways: one equality
+    row, two rows that add up to it, or two inequalities (an implicit equality, which only LPs
+    see); yields ``(P, how)`` for the non-empty ones."""
+    from oracles import random_constraint_config
+
+    for i in range(count):
+        text = random_constraint_config(rng, f"sum_{i}")
+        d = int(text.split("shape: [")[1].split("]")[0])
+        x0 = rng.uniform(0.1, 0.9, d)
+        how = ("row", "rows", "inequalities")[i % 3]
+        if how == "row":
+            text += f"  - sum(x) == {x0.sum():.15g}\n"
+        elif how == "rows":
+            text += f"  - x[0] + x[1] == {x0[:2].sum():.15g}\n  - sum(x) - x[0] - x[1] == {x0[2:].sum():.15g}\n"
+        else:
+            text += f"  - sum(x) <= {x0.sum():.15g}\n  - sum(x) >= {x0.sum():.15g}\n"
+        path = tmp_path / f"sum_{i}.yaml"
+        path.write_text(text)
+        try:
+            yield cs.load_polytope(path), how
+        except cs.PolytopeError:  # empty, or a single point
+            continue
+
+
+def _lp_total(P):
+    from convex_sst.lp import LinearProgram
+
+    lp = LinearProgram(P.form)  # a fresh model: no state shared with the code under test
+    hi, lo = (float(lp.maximize(s * np.ones(P.size))[1][: P.size].sum()) for s in (1.0, -1.0))
+    return hi if abs(hi - lo) < 1e-9 else None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_constant_total_without_an_argmax_matches_the_lps(seed, tmp_path, monkeypatch):
+    # user configs without an argmax: Σx constant on P is decided by known points (it varies)
+    # or by the span of the equality rows (a certified constant) before any LP; the answers
+    # are the LPs' (which took 4.7 s on a user's copy of correlated k-subsets, n = 120)
+    from oracles import random_constraint_config
+
+    from convex_sst.lp import LinearProgram
+
+    rng = np.random.default_rng(seed)
+    polytopes = list(_sum_constraint_configs(rng, tmp_path, 30))
+    for i in range(10):
+        path = tmp_path / f"plain_{i}.yaml"
+        path.write_text(random_constraint_config(rng, f"plain_{i}"))
+        try:
+            polytopes.append((cs.load_polytope(path), "plain"))
+        except cs.PolytopeError:
+            pass
+    if seed == 0:
+        for name, params in [("k_subset", {"n": 6, "k": 2}), ("arborescence", {"n": 4}),
+                             ("correlated_k_subset", {"n": 6, "k": 3}), ("matching", {"n": 2, "m": 3})]:
+            polytopes.append((cs.load_polytope(_user_copy(tmp_path, name), **params), "flow"))
+    without_lp = {"row": 0, "rows": 0, "flow": 0}
+    for P, how in polytopes:
+        expected = _lp_total(P)
+        P.lp.constant_variables()
+        solved = []
+        real_run = LinearProgram._run
+        with monkeypatch.context() as m:
+            m.setattr(LinearProgram, "_run", lambda self: solved.append(1) or real_run(self))
+            got = P._constant_total()
+        assert (got is None) == (expected is None), (how, P)
+        assert got is None or abs(got - expected) < 1e-9
+        if how in without_lp:
+            without_lp[how] += not solved
+            if how != "flow":
+                assert expected is not None
+    assert without_lp["row"] >= 3 and without_lp["rows"] >= 3
+    assert without_lp["flow"] == (4 if seed == 0 else 0)
+
+
+def test_constant_variables_of_a_user_flow_formulation_take_a_few_lps(tmp_path, monkeypatch):
+    # the variables constant on P (presolve of the torch solver) on a user's copy of correlated
+    # k-subsets (n = 40, k = 8: 1 241 flow variables, none constant): a maximum of Σ z over
+    # those at a bound moved one path per LP (227 LPs, 35 s at n = 90); the capped LP moves
+    # all of them at once
+    import highspy
+
+    P = cs.load_polytope(_user_copy(tmp_path, "correlated_k_subset"), n=40, k=8)
+    runs = []
+    real_run = highspy.Highs.run
+    monkeypatch.setattr(highspy.Highs, "run", lambda h: runs.append(1) or real_run(h))
+    mask, _ = P.lp.constant_variables()
+    assert not mask.any() and P.form.num_z > 1000
+    assert len(runs) <= 4, len(runs)
+
+
 def test_large_dynamic_program_flows_compile_sparse_and_solve_without_lps(monkeypatch):
     # correlated k-subsets of 200 items: their DP's DAG has 10 400 states and 20 402 arcs. Its
     # incidence and embedding matrices were dense (2.5 GB each, 45 s and 3.6 GB for a generic

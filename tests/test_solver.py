@@ -323,10 +323,12 @@ def test_arborescences_with_nearly_uniform_utilities_converge_exactly(n, reg, ge
             assert err < (1e-10 if delta <= 1e-6 else 5e-8), (delta, sign, err)
 
 
-@pytest.mark.parametrize("name, params", [("spanning_tree", {"n": 5}), ("arborescence", {"n": 4}), ("birkhoff", {"n": 3})])
+@pytest.mark.parametrize("name, params", [("spanning_tree", {"n": 5}), ("arborescence", {"n": 4}), ("birkhoff", {"n": 3}),
+                                          ("correlated_k_subset", {"n": 4, "k": 4}), ("dag_path", {})])
 def test_constant_variables_match_range_lps(name, params):
-    """The shortcut (random vertices, then one LP per group at a bound) finds exactly the
-    variables whose range over P is a point, with their values."""
+    """The shortcut (a feasible point, LPs that move the variables at a bound off it together,
+    two LPs for any others) finds exactly the variables whose range over P is a point, with
+    their values."""
     import numpy as np
 
     P = cs.load_polytope(name, **params)
@@ -334,7 +336,32 @@ def test_constant_variables_match_range_lps(name, params):
     ranges = np.array([P.lp.z_range(j) for j in range(P.form.num_z)])
     expect = np.abs(ranges[:, 1] - ranges[:, 0]) <= 1e-9
     assert (mask == expect).all() and np.allclose(values[mask], ranges[mask, 0])
-    assert mask.any() == (name != "birkhoff")
+    assert mask.any() == (name not in ("birkhoff", "dag_path"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_constant_variables_of_random_user_polytopes_match_range_lps(seed, tmp_path):
+    # user configs of random polytopes (not integral; some coordinates pinned at an interior
+    # value by tight rows, which only the range LPs test): exactly the variables whose range is
+    # a point (the first version also pinned interior ones the capped LP could not move)
+    import numpy as np
+    from oracles import random_constraint_config
+
+    rng = np.random.default_rng(seed)
+    pinned = 0
+    for i in range(40):
+        path = tmp_path / f"random_{i}.yaml"
+        path.write_text(random_constraint_config(rng, f"random_{seed}_{i}"))
+        try:
+            P = cs.load_polytope(path)
+        except cs.PolytopeError:
+            continue
+        mask, values = P.lp.constant_variables()
+        ranges = np.array([P.lp.z_range(j) for j in range(P.form.num_z)])
+        expect = np.abs(ranges[:, 1] - ranges[:, 0]) <= 1e-9
+        assert (mask == expect).all() and np.allclose(values[mask], ranges[mask, 0]), path.read_text()
+        pinned += int(mask.any())
+    assert pinned >= 3
 
 
 @pytest.mark.parametrize("name, params", [("k_subset", {"n": 3, "k": 3}), ("spanning_tree", {"n": 2}),
