@@ -8,9 +8,11 @@ branches with an LP; the model is built once and only column bounds change).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -124,8 +126,26 @@ class LinearProgram:
             status = self._run()
         return status, (self.solution() if status == "optimal" else None)
 
+    @contextlib.contextmanager
+    def _primal_simplex(self) -> Iterator[None]:
+        """Primal simplex for a series of LPs that differ in their costs only, each warm-started
+        from the last vertex, which stays feasible (HiGHS's default, dual simplex, starts such a
+        solve from a dual-infeasible basis: the 238 range LPs of a user's copy of correlated
+        k-subsets n = 60 without declared bounds on x took 4.6 s, with primal simplex 0.3 s).
+        Not for random costs: there primal simplex was slower (LP argmax of 64 rows,
+        arborescences n = 14: 1.1 s with dual simplex, 20 s with primal)."""
+        self._h.setOptionValue("simplex_strategy", 4)
+        try:
+            yield
+        finally:
+            self._h.setOptionValue("simplex_strategy", 1)  # HiGHS's default: choose
+
     def z_range(self, j: int) -> tuple[float, float]:
         """Min and max of the stacked variable ``z[j]`` over Q (``±inf`` when unbounded)."""
+        with self._primal_simplex():
+            return self._z_range(j)
+
+    def _z_range(self, j: int) -> tuple[float, float]:
         idx = np.arange(self.form.num_z, dtype=np.int32)
         out = []
         for sign in (-1.0, 1.0):
@@ -297,6 +317,10 @@ class LinearProgram:
 
     def x_range(self) -> tuple[np.ndarray, np.ndarray]:
         """Coordinate-wise min and max of x over P (LPs only where bounds are not declared)."""
+        with self._primal_simplex():
+            return self._x_range()
+
+    def _x_range(self) -> tuple[np.ndarray, np.ndarray]:
         n = self.form.out_size
         lo = self.form.lb[:n].copy()
         hi = self.form.ub[:n].copy()
