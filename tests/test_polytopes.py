@@ -75,6 +75,51 @@ def test_vertices_are_exactly_the_structures(name, params, count):
     assert bool(P.contains(V).all())
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_vertices_of_random_user_polytopes_match_a_scan_of_the_cube(seed, tmp_path):
+    # the enumeration (depth-first, LPs pruning, witness points and a probe that fixes the
+    # coordinates a face forces) against all 2^d 0/1 vectors checked against the constraints
+    # directly, on random user polytopes (not integral: the 0/1 points of P), some with a
+    # cardinality row so that faces force coordinates
+    import itertools
+
+    from oracles import random_constraint_config
+
+    rng = np.random.default_rng(seed)
+    checked = 0
+    for i in range(30):
+        text = random_constraint_config(rng, f"scan_{i}")
+        d = int(text.split("shape: [")[1].split("]")[0])
+        if i % 2:
+            text += f"  - sum(x) <= {int(rng.integers(1, d))}\n"
+        path = tmp_path / f"scan_{i}.yaml"
+        path.write_text(text)
+        try:
+            P = cs.load_polytope(path)
+        except cs.PolytopeError:
+            continue
+        cube = np.array(list(itertools.product((0.0, 1.0), repeat=d)))  # lexicographic
+        expected = cube[P.form.residual(cube) <= 1e-9]
+        V = P.vertices().numpy()
+        assert V.shape == expected.shape and (V == expected).all(), text
+        checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize("name, params, count", [("correlated_k_subset", {"n": 7, "k": 3}, 35), ("arborescence", {"n": 5}, 125),
+                                                 ("birkhoff", {"n": 5}, 120), ("k_subset", {"n": 9, "k": 4}, 126)])
+def test_vertices_of_user_copies_of_flow_formulations(name, params, count, tmp_path):
+    # the same structures through a user's copy (no argmax, LPs only) as through the built-in
+    # argmax's brute force: the probe fixes a face's forced coordinates (the pairs of a chosen
+    # subset, the arcs of a finished tree) without branching on them
+    P = cs.load_polytope(_user_copy(tmp_path, name), **params)
+    V = P.vertices()
+    assert V.shape[0] == count
+    builtin = cs.load_polytope(name, **params)
+    assert torch.equal(V, builtin.vertices())
+    assert bool(P.contains(V).all())
+
+
 def test_theory_counts():
     # Cayley: n^(n-2) spanning trees of K_n and arborescences of K_n with a fixed root
     assert cs.load_polytope("spanning_tree", n=5).vertices().shape[0] == 5 ** 3
