@@ -109,13 +109,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  vertices     {V.shape[0]}")
     except ConvexSSTError:
         print(f"  vertices     more than {args.max_vertices} (not enumerated)")
+    from .relax import _route
+
+    paths = {"fast": "fast path", "torch": "torch solver", "generic": "generic path (cvxpylayers)"}
+    failed = []
     for r in P.regularizers:
-        try:
-            P.check_regularizer(r)
-            status = "ok"
+        try:  # its domain contains P, and relax has a way to solve it (a copied config may list
+            # exp_family, which needs a fast path registered for its own name)
+            status = f"ok, {paths[_route(P, P.check_regularizer(r), 'auto')[0]]}"
         except ConvexSSTError as exc:
             status = f"NOT OK: {exc}"
+            failed.append(r)
         print(f"  regularizer  {r}: {status}")
+    if failed:
+        print(f"NOT OK: relax cannot use {', '.join(map(repr, failed))} with this polytope (see above)", file=sys.stderr)
+        return 1
     print("OK")
     return 0
 

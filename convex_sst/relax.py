@@ -326,8 +326,9 @@ def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath |
         raise UnknownNameError(
             f"no fast path for polytope {P.name!r} with regularizer {reg.name!r}, {reg.name!r} has no "
             f"cvxpy form for the generic path, and {torch_note}; {reg.name!r} has fast paths for: "
-            f"{', '.join(have) or '(none)'}. "
-            "For small instances, convex_sst.testing.brute_force_marginals computes it by enumeration."
+            f"{', '.join(have) or '(none)'}. Register one for this polytope with "
+            f"@convex_sst.register_fast_path({P.name!r}, {reg.name!r}), or, for small instances, "
+            "compute it by enumeration with convex_sst.testing.brute_force_marginals."
         )
     if backend == "fast" or (backend == "auto" and fast is not None):
         if fast is None:
