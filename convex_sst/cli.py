@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import yaml
 
-from .errors import ConvexSSTError, PolytopeError
+from .errors import ConvexSSTError, NotSupportedError, PolytopeError
 
 
 def _at_least(lo: int):
@@ -109,14 +109,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  vertices     {V.shape[0]}")
     except ConvexSSTError:
         print(f"  vertices     more than {args.max_vertices} (not enumerated)")
-    from .relax import _route
+    from .relax import ENUMERATION_LIMIT, _route, exp_family_by_enumeration
 
     paths = {"fast": "fast path", "torch": "torch solver", "generic": "generic path (cvxpylayers)"}
     failed = []
     for r in P.regularizers:
-        try:  # its domain contains P, and relax has a way to solve it (a copied config may list
-            # exp_family, which needs a fast path registered for its own name)
-            status = f"ok, {paths[_route(P, P.check_regularizer(r), 'auto')[0]]}"
+        try:  # its domain contains P, and relax has a way to solve it (exp_family without a
+            # fast path: enumeration, up to a limit)
+            kind, fn = _route(P, P.check_regularizer(r), "auto")
+            if fn is exp_family_by_enumeration:
+                try:
+                    count = P.vertices(limit=ENUMERATION_LIMIT).shape[0]
+                except ConvexSSTError as exc:
+                    raise NotSupportedError(f"no fast path for {P.name!r} with {r!r}, and more than "
+                                            f"{ENUMERATION_LIMIT} structures to enumerate; register one with "
+                                            f"@convex_sst.register_fast_path({P.name!r}, {r!r})") from exc
+                status = f"ok, enumeration of its {count} structures (no fast path)"
+            else:
+                status = f"ok, {paths[kind]}"
         except ConvexSSTError as exc:
             status = f"NOT OK: {exc}"
             failed.append(r)

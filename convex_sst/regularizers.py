@@ -16,8 +16,9 @@ name                      f(x)                                    domain
 ========================  ======================================  ===============
 
 ``exp_family`` has no cvxpy form: its relaxed sample is the mean parameter ``∇A(u/t)`` of the
-exponential family on the structures, available as fast paths only (see
-:mod:`convex_sst.fast`); its oracle for small instances is
+exponential family on the structures, computed by fast paths (see :mod:`convex_sst.fast`) or,
+for polytopes without one, by enumerating at most 10 000 structures
+(:func:`convex_sst.relax.exp_family_by_enumeration`); its oracle for small instances is
 :func:`convex_sst.testing.brute_force_marginals`.
 """
 
@@ -240,7 +241,7 @@ register_regularizer(Regularizer(
 ))
 register_regularizer(Regularizer(
     name="exp_family",
-    description="exponential-family entropy: X_t = marginals of p(x) ∝ exp(uᵀx/t) (fast paths only)",
+    description="exponential-family entropy: X_t = marginals of p(x) ∝ exp(uᵀx/t) (fast paths; else enumeration)",
     cvxpy=None,
     value=None,
     domain=(0.0, 1.0),

@@ -672,7 +672,81 @@ def test_exp_family_has_no_generic_path():
     with pytest.raises(cs.ConvexSSTError, match="no cvxpy form"):
         cs.relax(torch.zeros(4), P, "exp_family", backend="generic")
     M = cs.load_polytope("birkhoff", n=3)
-    with pytest.raises(cs.UnknownNameError, match="no fast path for polytope 'birkhoff' with regularizer 'exp_family'"):
+    with pytest.raises(cs.ConvexSSTError, match="no cvxpy form"):
+        cs.relax(torch.zeros(3, 3), M, "exp_family", backend="generic")
+
+
+def _explicit_structures(name, n, m):
+    """Permutation matrices (Birkhoff) or matchings of every row into distinct columns, listed
+    with itertools: an oracle independent of the LPs that enumerate vertices."""
+    import itertools
+
+    rows = []
+    for cols in itertools.permutations(range(m), n):
+        X = torch.zeros(n, m, dtype=torch.float64)
+        X[torch.arange(n), torch.tensor(cols)] = 1.0
+        rows.append(X)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name, params", [("birkhoff", {"n": 4}), ("matching", {"n": 2, "m": 4})])
+def test_exp_family_without_an_exact_algorithm_is_computed_by_enumeration(name, params, gen):
+    # Birkhoff and matchings have no exp_family fast path (a permanent): relax enumerates the
+    # structures (it raised UnknownNameError, while log_partition enumerated them); against the
+    # Gibbs marginals over structures listed with itertools, its gradient against log_partition's,
+    # masks and forced entries against the same oracle on the face, gradcheck and gradgradcheck
+    P = cs.load_polytope(name, **params)
+    n, m = P.shape
+    S = _explicit_structures(name, n, m)
+    u = torch.randn((5,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = 0.7
+    x = cs.relax(u, P, "exp_family", t)
+    w = torch.softmax((u.detach()[:, None] * S).sum((2, 3)) / t, dim=1)
+    assert (x - torch.einsum("bs,sij->bij", w, S)).abs().max() < 1e-12
+    g = torch.autograd.grad(cs.log_partition(u, P, t).sum(), u)[0]
+    assert (g - x.detach() / t).abs().max() < 1e-12
+    assert torch.autograd.gradcheck(lambda v: cs.relax(v, P, "exp_family", t), (u[:2],))
+    assert torch.autograd.gradgradcheck(lambda v: cs.relax(v, P, "exp_family", t), (u[:2],))
+    # -inf forbids entry (0, 0) of row 0, +1e9 forces entry (1, 1) of row 1; float32 too
+    v = u.detach().clone()
+    v[0, 0, 0] = float("-inf")
+    v[1, 1, 1] = 1e9
+    for dtype in (torch.float64, torch.float32):
+        y = cs.relax(v.to(dtype), P, "exp_family", t)
+        assert y.dtype == dtype and float(y[0, 0, 0]) == 0.0
+        for b, keep in ((0, S[:, 0, 0] == 0), (1, S[:, 1, 1] == 1)):
+            scores = (v[b].masked_fill(~torch.isfinite(v[b]) | (v[b] > 1e8), 0.0) * S[keep]).sum((1, 2)) / t
+            ref = torch.einsum("s,sij->ij", torch.softmax(scores, 0), S[keep])
+            assert (y[b].double() - ref).abs().max() < (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_exp_family_by_enumeration_on_a_users_config_and_its_limit(tmp_path, monkeypatch):
+    # a user's copy of arborescences (no fast path under its name) against the built-in's
+    # matrix-tree path, values and gradients; above the limit a NotSupportedError that says how
+    # to register a fast path
+    from convex_sst.polytope import builtin_config_paths
+
+    text = builtin_config_paths()["arborescence"].read_text().replace("name: arborescence", "name: enum_arbs", 1)
+    path = tmp_path / "enum_arbs.yaml"
+    path.write_text(text)
+    P, B = cs.load_polytope(path, n=4), cs.load_polytope("arborescence", n=4)
+    u = torch.randn(6, 4, 4, dtype=torch.float64, requires_grad=True)
+    x, ref = cs.relax(u, P, "exp_family", 0.5), cs.relax(u, B, "exp_family", 0.5)
+    assert (x - ref).abs().max() < 1e-12
+    c = torch.randn(6, 4, 4, dtype=torch.float64)
+    gx, gr = (torch.autograd.grad((y * c).sum(), u)[0] for y in (x, ref))
+    assert (gx - gr).abs().max() < 1e-12
+    sst = cs.SST(P, "exp_family", temperature=0.5)(u)
+    assert sst.shape == u.shape and bool(torch.allclose(sst.sum((1, 2)), torch.full((6,), 3.0, dtype=torch.float64)))
+    import importlib
+
+    relax_module = importlib.import_module("convex_sst.relax")  # the module (cs.relax is the function)
+
+    monkeypatch.setattr(relax_module, "ENUMERATION_LIMIT", 5)
+    small = cs.load_polytope(path, n=3)  # 3 structures: fine
+    assert cs.relax(torch.zeros(3, 3), small, "exp_family").shape == (3, 3)
+    M = cs.load_polytope("birkhoff", n=3)  # 6 permutations
+    with pytest.raises(cs.NotSupportedError, match=r"more than 5 structures.*register_fast_path\('birkhoff', 'exp_family'\)"):
         cs.relax(torch.zeros(3, 3), M, "exp_family")
 
 

@@ -666,7 +666,7 @@ FORCED_AND_MASKED_CASES = [
                          ("spanning_tree", {"n": 5}), ("arborescence", {"n": 4}))
     for reg in ("entropy", "binary_entropy", "quadratic", "exp_family")
     for backend in ("auto", "torch")
-    if not (reg == "exp_family" and (backend == "torch" or name in ("birkhoff", "matching")))
+    if not (reg == "exp_family" and backend == "torch")
     and not (name == "hypercube" and reg == "entropy")]
 
 

@@ -142,19 +142,27 @@ def test_cli_check_reports_errors(tmp_path, capsys):
     assert "fractional vertex" in capsys.readouterr().err
 
 
-def test_cli_check_says_how_each_regularizer_is_solved(tmp_path, capsys):
-    # a user's copy of a built-in keeps its `regularizers` list; exp_family there needs a fast
-    # path registered under the copy's own name. `check` said "ok" (its domain contains P) and
-    # relax then raised; now it names the path of each and fails where there is none
+def test_cli_check_says_how_each_regularizer_is_solved(tmp_path, capsys, monkeypatch):
+    # a user's copy of a built-in keeps its `regularizers` list; exp_family there has no fast
+    # path under the copy's own name, so relax enumerates its structures, up to a limit. `check`
+    # said "ok" (the domain contains P) whatever relax would do; now it names the path of each
+    # and fails where there is none
+    import importlib
+
+    relax_module = importlib.import_module("convex_sst.relax")  # the module (cs.relax is the function)
     from convex_sst.polytope import builtin_config_paths
 
     text = builtin_config_paths()["arborescence"].read_text().replace("name: arborescence", "name: my_arbs", 1)
     path = tmp_path / "my_arbs.yaml"
     path.write_text("\n".join(line for line in text.splitlines() if not line.startswith("argmax:")))
+    assert main(["check", str(path), "--param", "n=3"]) == 0
+    out = capsys.readouterr().out
+    assert "regularizer  entropy: ok, torch solver" in out
+    assert "regularizer  exp_family: ok, enumeration of its 3 structures (no fast path)" in out
+    monkeypatch.setattr(relax_module, "ENUMERATION_LIMIT", 2)
     assert main(["check", str(path), "--param", "n=3"]) == 1
     captured = capsys.readouterr()
-    assert "regularizer  entropy: ok, torch solver" in captured.out
-    assert "regularizer  exp_family: NOT OK: no fast path for polytope 'my_arbs'" in captured.out
+    assert "regularizer  exp_family: NOT OK: no fast path for 'my_arbs' with 'exp_family', and more than 2" in captured.out
     assert "register_fast_path('my_arbs', 'exp_family')" in captured.out
     assert "NOT OK: relax cannot use 'exp_family'" in captured.err
     assert main(["check", "arborescence", "--param", "n=3"]) == 0
