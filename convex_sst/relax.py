@@ -313,8 +313,9 @@ def exp_family_by_enumeration(theta: torch.Tensor, polytope: Polytope,
     :func:`~convex_sst.log_partition` (x moves by less than e⁻⁴⁰; at 1e9 the scores would keep
     only 1e-7 of their differences)."""
     P = polytope
+    key = ("exp_family structures", ENUMERATION_LIMIT, theta.device)
     try:
-        V = P.vertices(limit=ENUMERATION_LIMIT)
+        V = P.cache[key] if key in P.cache else P.vertices(limit=ENUMERATION_LIMIT)
     except PolytopeError as exc:
         raise NotSupportedError(
             f"no exact algorithm for the exp_family relaxation of {P!r}, and it has more than "
@@ -325,7 +326,7 @@ def exp_family_by_enumeration(theta: torch.Tensor, polytope: Polytope,
     flat = theta.reshape(theta.shape[0], P.size).double()
     mask = None if forbidden is None else forbidden.reshape(flat.shape)
     flat = lower_forced(flat, mask, P._flat_argmax)
-    V = V.to(flat.device).reshape(-1, P.size)
+    V = P.cache[key] = V.to(flat.device).reshape(-1, P.size)  # kept on the device
     x = torch.softmax(flat @ V.T, dim=1) @ V
     return x.to(theta.dtype).reshape(theta.shape)
 
