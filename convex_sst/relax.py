@@ -362,8 +362,8 @@ def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath |
             f"no fast path for polytope {P.name!r} with regularizer {reg.name!r}, {reg.name!r} has no "
             f"cvxpy form for the generic path, and {torch_note}; {reg.name!r} has fast paths for: "
             f"{', '.join(have) or '(none)'}. Register one for this polytope with "
-            f"@convex_sst.register_fast_path({P.name!r}, {reg.name!r}), or, for small instances, "
-            "compute it by enumeration with convex_sst.testing.brute_force_marginals."
+            f"@convex_sst.register_fast_path({P.name!r}, {reg.name!r}), or give the regularizer "
+            "elementwise grad and hess (the torch solver) or a cvxpy form (the generic path)."
         )
     if backend == "fast" or (backend == "auto" and fast is not None):
         if fast is None:

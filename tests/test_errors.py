@@ -196,6 +196,17 @@ def test_fast_backend_without_fast_path_raises():
         cs.relax(torch.zeros(2, 3), M, "quadratic", backend="fast")
 
 
+def test_a_regularizer_with_no_way_to_solve_it_names_the_ways():
+    # no fast path, no cvxpy form, no elementwise grad and hess: the error says what to add
+    # (exp_family, the built-in such regularizer, is enumerated instead)
+    reg = cs.Regularizer("test_opaque", "no form at all", None, None, (0.0, 1.0))
+    M = cs.load_polytope("matching", n=2, m=3)
+    with pytest.raises(cs.UnknownNameError, match=r"register_fast_path\('matching', 'test_opaque'\), or give the "
+                                                  r"regularizer elementwise grad and hess"):
+        cs.relax(torch.zeros(2, 3), M, reg)
+    assert cs.relax(torch.zeros(2, 3), M, "exp_family").sum().item() == pytest.approx(2.0)
+
+
 def test_regularizer_domain_must_contain_polytope(tmp_path):
     # a regularizer defined on [0.25, inf) per coordinate does not cover the simplex's [0, 1]
     shifted = cs.Regularizer(
