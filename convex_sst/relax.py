@@ -225,6 +225,8 @@ def relax(
     if forbidden is not None and route[0] == "generic" and theta.requires_grad:
         route = _generic_with_forbidden(P, reg, backend, options)
     options = _check_options(P, reg, route, options)
+    if route[0] == "generic" and backend == "auto" and reg.separable and not options:
+        options = {"torch_fallback": True}  # rows the conic solver fails on (see relax_generic)
     fn = _backend_fn(route)
     if forbidden is not None:
         mask = forbidden.reshape(theta.shape)

@@ -170,3 +170,34 @@ def test_scs_solver_option(gen):
     u = torch.randn(2, 4, generator=gen, dtype=torch.float64)
     x = cs.relax(u, P, "entropy", 1.0, backend="generic", solver="scs")
     assert (x - torch.softmax(u, -1)).abs().max() < 1e-3
+
+
+def test_auto_solves_the_rows_cvxpylayers_leaves_inaccurate_again_with_the_torch_solver(tmp_path):
+    # a user's flow formulation with more equality rows (379) than auto gives the torch solver:
+    # at t = 0.02 with the entropy, Clarabel's exponential cones leave rows inaccurate (warned;
+    # at n = 40, 633 rows, "infeasible solutions", a SolverError). auto solves those rows again
+    # with the torch solver: no warning, values and their gradients as the torch backend's
+    import warnings
+
+    from convex_sst.polytope import builtin_config_paths
+
+    text = builtin_config_paths()["correlated_k_subset"].read_text()
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("argmax:"))
+    path = tmp_path / "my_chain.yaml"
+    path.write_text(text.replace("name: correlated_k_subset", "name: my_chain", 1))
+    P = cs.load_polytope(path, n=30, k=6)
+    assert P.form.num_eq > 300
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(8, P.size, generator=g, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(cs.SolverWarning, match="inaccurate"):
+        cs.relax(u.detach(), P, "entropy", 0.02, backend="generic")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u, P, "entropy", 0.02)
+    ref = cs.relax(u, P, "entropy", 0.02, backend="torch")
+    assert (x - ref).abs().max() < 1e-6
+    c = torch.randn(8, P.size, generator=g, dtype=torch.float64)
+    gx, gr = (torch.autograd.grad((y * c).sum(), u)[0] for y in (x, ref))
+    assert bool(torch.isfinite(gx).all())
+    exact = (gx - gr).abs().amax(1) < 1e-9  # the rows solved again
+    assert 1 <= int(exact.sum()) < 8
