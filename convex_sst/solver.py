@@ -1492,6 +1492,9 @@ class _TorchSST(torch.autograd.Function):
         return out, None, None, None, None, None, None, None
 
 
+CHUNK_BYTES = 256 * 2**20  # one dense Schur complement of a batch (equality rows² · 8 bytes · rows of the batch)
+
+
 def solve_torch(theta: torch.Tensor, polytope: Polytope, regularizer: Regularizer,
                 tol: float | None = None, max_iter: int = 100,
                 forbidden: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveReport]:
@@ -1518,6 +1521,16 @@ def solve_torch(theta: torch.Tensor, polytope: Polytope, regularizer: Regularize
                              iterations=torch.zeros(B, dtype=torch.long, device=theta.device), kkt_residual=zero,
                              tol=0.0 if tol is None else tol)
         return (0.0 * theta + x.reshape(theta.shape[1:])), report
+    # the batch's dense Schur complements are held at once (several copies: 951 rows at B = 128
+    # took 7.2 GB): a large batch of a large system is solved in chunks of bounded memory
+    per = max(1, CHUNK_BYTES // (8 * max(1, sf.A.shape[0]) ** 2))
+    if B > per:
+        parts = [solve_torch(theta[i:i + per], polytope, regularizer, tol, max_iter,
+                             None if forbidden is None else forbidden[i:i + per]) for i in range(0, B, per)]
+        reports = [r for _, r in parts]
+        return torch.cat([x for x, _ in parts]), SolveReport(
+            converged=torch.cat([r.converged for r in reports]), iterations=torch.cat([r.iterations for r in reports]),
+            kkt_residual=torch.cat([r.kkt_residual for r in reports]), tol=reports[0].tol)
     # the normal equations of an interior-point method are too ill-conditioned for float32:
     # float32 inputs are solved in float64 and the result cast back
     mask = None if forbidden is None else forbidden.reshape(B, polytope.size)
