@@ -28,7 +28,7 @@ import torch
 
 from ._autograd import first_order_guard
 from ._forbidden import rows_on, solve_again, tame_extremes
-from .errors import SolverError, unknown_name, warn_user
+from .errors import ConvexSSTError, SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
 
@@ -239,9 +239,13 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, for
             from .solver import relax_torch
 
             rows = torch.as_tensor(bad, device=theta.device)
-            x_rows = relax_torch(theta[rows], polytope, reg, forbidden=None if forbidden is None else forbidden[rows])
-            x = x.index_put((torch.as_tensor(bad),), x_rows.reshape(bad.size, polytope.size).to("cpu", torch.float64))
-            residual = residual.copy()
-            residual[bad] = 0.0  # the torch solver warns itself about rows it does not converge on
+            try:
+                x_rows = relax_torch(theta[rows], polytope, reg, forbidden=None if forbidden is None else forbidden[rows])
+            except ConvexSSTError:  # no standard form (an unbounded auxiliary variable): as before
+                x_rows = None
+            if x_rows is not None:
+                x = x.index_put((torch.as_tensor(bad),), x_rows.reshape(bad.size, polytope.size).to("cpu", torch.float64))
+                residual = residual.copy()
+                residual[bad] = 0.0  # the torch solver warns itself about rows it does not converge on
     layer.check(residual, options.get("solver", "clarabel"))
     return x.to(device=theta.device, dtype=theta.dtype).reshape(theta.shape)

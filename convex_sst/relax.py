@@ -333,6 +333,22 @@ def exp_family_by_enumeration(theta: torch.Tensor, polytope: Polytope,
     return x.to(theta.dtype).reshape(theta.shape)
 
 
+def _torch_form_exists(P: Polytope, reg: Regularizer) -> bool:
+    """Whether the torch solver can take P: it needs bounds on every auxiliary variable (a
+    config with a free one, ``x[0] == z[0] - z[1]``, raised PolytopeError under ``"auto"``,
+    which now takes the generic path for it). Builds the solver's standard form, once."""
+    from .solver import standard_form
+
+    key = ("torch form exists", reg)
+    if key not in P.cache:
+        try:
+            standard_form(P, reg)
+            P.cache[key] = True
+        except PolytopeError:
+            P.cache[key] = False
+    return bool(P.cache[key])
+
+
 def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath | None]:
     """Which backend :func:`relax` uses: ``("fast", fn)``, ``("torch", None)`` or ``("generic", None)``."""
     if backend not in BACKENDS:
@@ -351,7 +367,7 @@ def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath |
     # the inequality rows block by block: it beats cvxpylayers in speed and accuracy on the
     # built-in formulations (benchmarks/torch_solver.py) while the equality system stays small
     if backend == "torch" or (backend == "auto" and fast is None and reg.separable
-                              and P.form.num_eq <= TORCH_AUTO_MAX_ROWS):
+                              and P.form.num_eq <= TORCH_AUTO_MAX_ROWS and _torch_form_exists(P, reg)):
         return "torch", None
     if fast is None and reg.name == "exp_family" and backend in ("auto", "fast"):
         return "fast", exp_family_by_enumeration

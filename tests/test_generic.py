@@ -201,3 +201,22 @@ def test_auto_solves_the_rows_cvxpylayers_leaves_inaccurate_again_with_the_torch
     assert bool(torch.isfinite(gx).all())
     exact = (gx - gr).abs().amax(1) < 1e-9  # the rows solved again
     assert 1 <= int(exact.sum()) < 8
+
+
+def test_auto_takes_the_generic_path_where_the_torch_solver_cannot_go(tmp_path, monkeypatch):
+    # an auxiliary variable without bounds (x[0] = z[0] - z[1], z free): the torch solver needs
+    # bounds on auxiliaries and raised PolytopeError under backend="auto", although the generic
+    # path solves it; auto now takes the generic path (and finds that out once per polytope)
+    path = tmp_path / "free_aux.yaml"
+    path.write_text("name: free_aux\noutput: {name: x, shape: [3]}\nvariables:\n  z: [2]\nconstraints:\n"
+                    "  - x[0] == z[0] - z[1]\n  - sum(x) == 1\n  - 0 <= x <= 1\n")
+    P = cs.load_polytope(path)
+    u = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(cs.PolytopeError, match="auxiliary variable z.* is unbounded"):
+        cs.relax(u, P, "entropy", backend="torch")
+    x = cs.relax(u, P, "entropy")
+    assert (x - torch.softmax(u, -1)).abs().max() < 1e-6  # P is the simplex
+    import convex_sst.solver as solver_module
+
+    monkeypatch.setattr(solver_module, "standard_form", lambda *a: pytest.fail("built again"))
+    cs.relax(u, P, "entropy")
