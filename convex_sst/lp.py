@@ -372,9 +372,11 @@ class LinearProgram:
                 stuck = self._forced(j0, w, lower, upper)
                 lower[j0:][stuck] = upper[j0:][stuck] = np.round(w[j0:][stuck])
             j = j0
-            while j < n and lower[j] == upper[j]:
+            while j < n and lower[j] == upper[j] and lower[j] in (0.0, 1.0):
                 j += 1
-            if j == n:
+            if j < n and lower[j] == upper[j]:  # fixed at a value other than 0 and 1: no 0/1 point
+                pass
+            elif j == n:
                 found.append(lower.copy())
                 if len(found) > limit:
                     raise PolytopeError(

@@ -92,6 +92,9 @@ def test_vertices_of_random_user_polytopes_match_a_scan_of_the_cube(seed, tmp_pa
         d = int(text.split("shape: [")[1].split("]")[0])
         if i % 2:
             text += f"  - sum(x) <= {int(rng.integers(1, d))}\n"
+        if i % 5 == 0:  # a coordinate fixed by its bounds, at 1 or at a value no 0/1 point has
+            value = (1.0, 0.25)[i % 10 // 5]
+            text += f"  - {value} <= x[{d - 1}] <= {value}\n"
         path = tmp_path / f"scan_{i}.yaml"
         path.write_text(text)
         try:
