@@ -9,8 +9,9 @@ Backends:
 * ``"generic"``: the cvxpylayers program of :mod:`convex_sst.generic` (any pair with a cvxpy
   regularizer; the reference implementation);
 * ``"auto"``: ``"fast"`` where registered, else ``"torch"`` where the regularizer allows it and
-  the polytope has at most ``TORCH_AUTO_MAX_ROWS`` equality rows (the solver factors a dense
-  Schur complement of that size per sample), else ``"generic"``.
+  the polytope has at most ``TORCH_AUTO_MAX_ROWS`` equality rows (800 for the entropies,
+  ``TORCH_AUTO_MAX_ROWS_BY_REGULARIZER``; the solver factors a dense Schur complement of that
+  size per sample), else ``"generic"``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ BACKENDS = ("auto", "fast", "torch", "generic")
 # Jacobian, ~100x more accurate; at B = 1 with the quadratic, 0.2x to 0.4x (hundreds of ms). At
 # 379 rows (correlated, n = 30, k = 6) 0.9x to 2.6x, at 721 rows 0.5x to 3.4x
 TORCH_AUTO_MAX_ROWS = 300
+# the entropies' cvxpy forms are exponential cones, which cvxpylayers solves slowly and, at low
+# temperature, inaccurately (values off by 2e-5 and infeasible rows at t = 0.02, gradients 0.5 %
+# off at t = 0.1, a user's flow config of 633 rows); the torch solver, its batches chunked to
+# bounded memory, was faster there: 633 rows 2.0x at B = 32 and 5.8x at B = 1, spanning trees
+# n = 20 (590 rows) 1.2x at t = 1 and 16x at t = 0.1, even at 951 rows, 0.9x at 1 333
+TORCH_AUTO_MAX_ROWS_BY_REGULARIZER = {"entropy": 800, "binary_entropy": 800}
+
+
+def torch_auto_max_rows(reg: Regularizer) -> int:
+    """The most equality rows for which ``backend="auto"`` takes the torch solver with ``reg``."""
+    return TORCH_AUTO_MAX_ROWS_BY_REGULARIZER.get(reg.name, TORCH_AUTO_MAX_ROWS)
 
 
 def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], FastPath]:
@@ -367,13 +379,13 @@ def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath |
     # the inequality rows block by block: it beats cvxpylayers in speed and accuracy on the
     # built-in formulations (benchmarks/torch_solver.py) while the equality system stays small
     if backend == "torch" or (backend == "auto" and fast is None and reg.separable
-                              and P.form.num_eq <= TORCH_AUTO_MAX_ROWS and _torch_form_exists(P, reg)):
+                              and P.form.num_eq <= torch_auto_max_rows(reg) and _torch_form_exists(P, reg)):
         return "torch", None
     if fast is None and reg.name == "exp_family" and backend in ("auto", "fast"):
         return "fast", exp_family_by_enumeration
     if backend == "auto" and fast is None and reg.cvxpy is None:
         have = sorted(p for (p, r) in _FAST if r == reg.name)
-        torch_note = (f"the torch solver is used automatically only up to {TORCH_AUTO_MAX_ROWS} equality rows "
+        torch_note = (f"the torch solver is used automatically only up to {torch_auto_max_rows(reg)} equality rows "
                       f"(this polytope has {P.form.num_eq}; backend='torch' forces it)" if reg.separable else
                       f"{reg.name!r} gives no elementwise grad and hess for the torch solver")
         raise UnknownNameError(

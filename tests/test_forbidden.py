@@ -447,7 +447,7 @@ def test_generic_gradients_next_to_forbidden_coordinates_are_refused_and_auto_ta
         assert bool((cs.relax(u, P, "quadratic", backend="generic")[:, 1] == 0).all())  # values are fine
     n = 15
     T = cs.load_polytope("spanning_tree", n=n)
-    assert T.form.num_eq > TORCH_AUTO_MAX_ROWS  # "auto" means the generic path here
+    assert T.form.num_eq > TORCH_AUTO_MAX_ROWS  # "auto" meant the generic path here (the quadratic still does)
     edges = torch.triu_indices(n, n, 1).T.tolist()
     mask = torch.tensor([(i > 0 and (i + j) % 2 == 0) for i, j in edges])
     R = cs.load_polytope("spanning_tree", n=n, edges=[e for e, m in zip(edges, mask.tolist()) if not m])

@@ -172,14 +172,19 @@ def test_scs_solver_option(gen):
     assert (x - torch.softmax(u, -1)).abs().max() < 1e-3
 
 
-def test_auto_solves_the_rows_cvxpylayers_leaves_inaccurate_again_with_the_torch_solver(tmp_path):
-    # a user's flow formulation with more equality rows (379) than auto gives the torch solver:
-    # at t = 0.02 with the entropy, Clarabel's exponential cones leave rows inaccurate (warned;
-    # at n = 40, 633 rows, "infeasible solutions", a SolverError). auto solves those rows again
-    # with the torch solver: no warning, values and their gradients as the torch backend's
+def test_auto_solves_the_rows_cvxpylayers_leaves_inaccurate_again_with_the_torch_solver(tmp_path, monkeypatch):
+    # a user's flow formulation with more equality rows (379) than auto gives the torch solver
+    # (here made 300 for the entropy too, the bound before it became 800, so that a small
+    # config shows it): at t = 0.02 with the entropy, Clarabel's exponential cones leave rows
+    # inaccurate (warned; at n = 40, 633 rows, "infeasible solutions", a SolverError). auto
+    # solves those rows again with the torch solver: no warning, values and their gradients as
+    # the torch backend's
+    import importlib
     import warnings
 
     from convex_sst.polytope import builtin_config_paths
+
+    monkeypatch.setattr(importlib.import_module("convex_sst.relax"), "TORCH_AUTO_MAX_ROWS_BY_REGULARIZER", {})
 
     text = builtin_config_paths()["correlated_k_subset"].read_text()
     text = "\n".join(line for line in text.splitlines() if not line.startswith("argmax:"))

@@ -117,6 +117,15 @@ def test_auto_picks_torch_for_small_equality_systems():
     big = cs.load_polytope("spanning_tree", n=15)
     assert big.form.num_eq > TORCH_AUTO_MAX_ROWS
     assert select_backend(big, reg, "auto") is not relax_torch
+    # the entropies (exponential cones in cvxpylayers: slower, and inaccurate at low
+    # temperature) take the torch solver up to 800 rows (spanning trees up to n = 23, whose
+    # standard form alone takes 45 s to build: correlated k-subsets here)
+    mid, large = cs.load_polytope("correlated_k_subset", n=30, k=6), cs.load_polytope("correlated_k_subset", n=50, k=8)
+    assert TORCH_AUTO_MAX_ROWS < mid.form.num_eq <= 800 < large.form.num_eq
+    for name in ("entropy", "binary_entropy"):
+        assert select_backend(mid, get_regularizer(name), "auto") is relax_torch
+        assert select_backend(large, get_regularizer(name), "auto") is not relax_torch
+    assert select_backend(mid, reg, "auto") is not relax_torch  # the quadratic keeps 300
     # a fast path always wins; a regularizer without elementwise derivatives goes to cvxpylayers
     assert select_backend(cs.load_polytope("birkhoff", n=4), get_regularizer("entropy"), "auto") is not relax_torch
 
