@@ -106,12 +106,6 @@ class StandardForm:
     lines: list[np.ndarray] = field(default_factory=list)  # (rows, size) free outputs of 0/1 equality rows, padded with d
 
 
-def _constant_variables(P: Polytope) -> tuple[np.ndarray, np.ndarray]:
-    """Which variables of the canonical form are constant on P, and their values (LPs, once per
-    polytope)."""
-    return P.lp.constant_variables()
-
-
 def _block_structure(G: np.ndarray, groups: list[list[int]]) -> tuple[str, list[list[int]], list[list[int]]]:
     """Classify the blocks of ``D + Gᵀ Σ G`` for a closed-form inverse.
 
@@ -180,7 +174,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     # of 476 variables for spanning trees on 8 vertices), and variables with equal bounds. Left in,
     # a constant variable at a bound is a degenerate complementarity pair (slack and multiplier
     # both tending to 0), the worst-conditioned part of the Newton system
-    cmask, cval = _constant_variables(P)
+    cmask, cval = P.lp.constant_variables()  # LPs, once per polytope
     const = np.flatnonzero(cmask)
     fixed_x = const[const < d]
     fixed = np.union1d(const, np.flatnonzero(np.abs(U - L) <= 1e-12))
