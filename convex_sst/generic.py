@@ -28,7 +28,7 @@ import torch
 
 from ._autograd import first_order_guard
 from ._forbidden import rows_on, solve_again, tame_extremes
-from .errors import ConvexSSTError, SolverError, unknown_name, warn_user
+from .errors import PolytopeError, SolverError, unknown_name, warn_user
 from .polytope import Polytope
 from .regularizers import Regularizer
 
@@ -241,7 +241,7 @@ def relax_generic(theta: torch.Tensor, polytope: Polytope, reg: Regularizer, for
             rows = torch.as_tensor(bad, device=theta.device)
             try:
                 x_rows = relax_torch(theta[rows], polytope, reg, forbidden=None if forbidden is None else forbidden[rows])
-            except ConvexSSTError:  # no standard form (an unbounded auxiliary variable): as before
+            except PolytopeError:  # no standard form (an unbounded auxiliary variable): as before
                 x_rows = None
             if x_rows is not None:
                 x = x.index_put((torch.as_tensor(bad),), x_rows.reshape(bad.size, polytope.size).to("cpu", torch.float64))

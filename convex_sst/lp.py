@@ -76,6 +76,30 @@ def _highs_model(A: sp.sparray, cost: np.ndarray, col_lower: np.ndarray, col_upp
     return h
 
 
+def _capped_moves(h: "highspy.Highs", num_z: int, eps: np.ndarray | float, cols: np.ndarray, sign: np.ndarray,
+                  ref: np.ndarray, left: np.ndarray) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """The loop of the capped LP (:meth:`LinearProgram._stuck_at_bounds`): ``h`` holds
+    ``max Σ s_k`` over Q with ``s_k ≤ sign_k (z[cols_k] − ref_k)``, the s after the ``num_z``
+    variables of Q. Only the entries still ``left`` (not moved yet) may have ``s_k`` up to ``eps``;
+    each round drops those it moves, until one moves none. Returns what is left (None where
+    HiGHS fails) and the points of Q the rounds found."""
+    m = left.size
+    s_idx = np.arange(num_z, num_z + m, dtype=np.int32)
+    points: list[np.ndarray] = []
+    while left.any():
+        h.changeColsBounds(m, s_idx, np.zeros(m), np.where(left, eps, 0.0))
+        h.run()
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return None, points
+        z = np.asarray(h.getSolution().col_value, dtype=float)[:num_z]
+        points.append(z)
+        moved = left & (sign * (z[cols] - ref) > 1e-9)
+        if not moved.any():
+            break
+        left = left & ~moved
+    return left, points
+
+
 class LinearProgram:
     """A HiGHS model of ``max cᵀx s.t. z in Q`` kept alive for repeated solves."""
 
@@ -242,18 +266,10 @@ class LinearProgram:
                              np.concatenate([f.lb, np.zeros(m)]), np.concatenate([f.ub, eps]),
                              np.concatenate([f.b_eq, np.full(f.num_ub + m, -highspy.kHighsInf)]),
                              np.concatenate([f.b_eq, f.b_ub, -sign * bound]))
-            s_idx = np.arange(f.num_z, f.num_z + m, dtype=np.int32)
-            while left.any():
-                h.run()
-                if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-                    return None, points
-                z = np.asarray(h.getSolution().col_value, dtype=float)[: f.num_z]
-                points.append(z)
-                moved = left & (sign * (z[cols] - bound) > 1e-9)
-                if not moved.any():
-                    break
-                left &= ~moved
-                h.changeColsBounds(m, s_idx, np.zeros(m), np.where(left, eps, 0.0))  # moved: s = 0
+            still, points = _capped_moves(h, f.num_z, eps, cols, sign, bound, left)
+            if still is None:
+                return None, points
+            left = still
         stuck = np.zeros(f.num_z, dtype=bool)
         stuck[cols[left]] = True
         return stuck, points
@@ -444,23 +460,11 @@ class LinearProgram:
         sign = np.where(up, 1.0, -1.0)
         # row k: s_k - sign_k x_k <= -sign_k w_k, i.e. s_k <= x_k (w_k = 0) or s_k <= 1 - x_k (w_k = 1)
         x_idx = np.arange(n, dtype=np.int32)
-        s_idx = np.arange(f.num_z, f.num_z + n, dtype=np.int32)
         for k in np.flatnonzero(sign != self._forced_sign):  # rows whose direction changed
             h.changeCoeff(int(m0 + k), int(k), float(-sign[k]))
             h.changeRowBounds(int(m0 + k), -highspy.kHighsInf, 0.0 if up[k] else 1.0)
         self._forced_sign = sign
         h.changeColsBounds(n, x_idx, lower.astype(float), upper.astype(float))
         eps = 1.0 / (int(cand.sum()) + 1)
-        left = cand.copy()
-        while True:
-            h.changeColsBounds(n, s_idx, np.zeros(n), np.where(left, eps, 0.0))
-            h.run()
-            if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-                return np.zeros(n - j, dtype=bool)
-            x = np.asarray(h.getSolution().col_value, dtype=float)[:n]
-            moved = left & (sign * (x - w) > 1e-9)
-            if not moved.any():
-                return left[rest]
-            left &= ~moved
-            if not left.any():
-                return left[rest]
+        left = _capped_moves(h, f.num_z, eps, np.arange(n), sign, w, cand.copy())[0]
+        return np.zeros(n - j, dtype=bool) if left is None else left[rest]
