@@ -71,6 +71,40 @@ class CanonicalForm:
         viol = np.maximum(viol, (z - self.ub).max(1))
         return viol
 
+    def implied_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds on every entry of ``z`` implied by the rows one at a time: ``(lo, hi)``, each
+        at least as tight as ``lb``, ``ub``, valid on all of Q (weaker than the range over Q).
+
+        Activity-based bound propagation (as in LP presolve): a row ``Σ_k a_k z_k ≤ c`` bounds
+        ``a_j z_j ≤ c − Σ_{k≠j} min(a_k z_k)`` when the other terms' minima are finite; an
+        equality is two such rows. Repeated while it makes an infinite bound finite (finite
+        bounds are not tightened further, so it ends: the flow formulations need two to
+        three rounds, y ≥ 0 from 0 ≤ f ≤ y, then y ≤ 1 from Σ_in y = 1).
+        """
+        M = sp.vstack([self.A_ub, self.A_eq, -self.A_eq], format="coo")
+        c = np.concatenate([self.b_ub, self.b_eq, -self.b_eq])
+        row, j, a = M.row, M.col, M.data
+        keep = a != 0
+        row, j, a = row[keep], j[keep], a[keep]
+        lo, hi = self.lb.astype(float).copy(), self.ub.astype(float).copy()
+        rows = c.size
+        while row.size:
+            low = np.where(a > 0, a * lo[j], a * hi[j])  # the smallest value of each term
+            inf = ~np.isfinite(low)
+            total = np.bincount(row, np.where(inf, 0.0, low), minlength=rows)
+            count = np.bincount(row, inf, minlength=rows)
+            others_inf = count[row] - inf
+            rest = total[row] - np.where(inf, 0.0, low)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                bound = np.where(others_inf == 0, (c[row] - rest) / a, np.nan)
+            new_hi = (a > 0) & np.isfinite(bound) & ~np.isfinite(hi[j])
+            new_lo = (a < 0) & np.isfinite(bound) & ~np.isfinite(lo[j])
+            if not (new_hi.any() or new_lo.any()):
+                break
+            np.minimum.at(hi, j[new_hi], bound[new_hi])
+            np.maximum.at(lo, j[new_lo], bound[new_lo])
+        return lo, hi
+
     @staticmethod
     def build(
         constraints: Sequence[Constraint],

@@ -9,7 +9,7 @@ as an arborescence's diagonal, auxiliary flows on arcs into a flow formulation's
 would be degenerate complementarity pairs, the worst-conditioned part of the Newton system),
 inequality rows left with one variable become bounds, dependent equalities are removed, the
 finite ends of an entropy's domain kept as barrier bounds, free auxiliary variables given their
-implied bounds (LPs, once), and a tiny proximal term ε on
+implied bounds (bound propagation, two LPs where it leaves a side open; once), and a tiny proximal term ε on
 the auxiliary variables selects a unique aux among optimal ones in degenerate formulations
 (it moves x by O(ε) = 1e-10).
 
@@ -58,11 +58,11 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
+import scipy.sparse.csgraph
 import torch
 
 from ._autograd import first_order_guard
 from .canonical import CanonicalForm
-from ._unionfind import UnionFind
 from ._forbidden import rows_on, solve_again, tame_extremes
 from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
@@ -71,7 +71,9 @@ from .regularizers import Regularizer
 
 @dataclass
 class StandardForm:
-    """``A z = b, G z ≤ h, L ≤ z ≤ U`` in numpy, with the block structure of ``Gᵀ Σ G``.
+    """``A z = b, G z ≤ h, L ≤ z ≤ U`` in numpy (A and G sparse, CSR: the flow formulations have
+    two or three nonzeros a row; dense, G of spanning trees on 23 vertices took 1.06 GB), with the
+    block structure of ``Gᵀ Σ G``.
 
     ``z`` holds the free output coordinates first (``x[free] = z[:, :d]``), then auxiliary
     variables; variables that are constant on P (``x_j`` = 0 on the diagonal of an
@@ -82,9 +84,9 @@ class StandardForm:
     per arc), so it is inverted block by block.
     """
 
-    A: np.ndarray          # (m, n) independent equality rows
+    A: sp.csr_matrix       # (m, n) independent equality rows
     b: np.ndarray
-    G: np.ndarray          # (p, n) inequality rows with more than one variable
+    G: sp.csr_matrix       # (p, n) inequality rows with more than one variable
     h: np.ndarray
     L: np.ndarray          # (n,)
     U: np.ndarray
@@ -106,7 +108,19 @@ class StandardForm:
     lines: list[np.ndarray] = field(default_factory=list)  # (rows, size) free outputs of 0/1 equality rows, padded with d
 
 
-def _block_structure(G: np.ndarray, groups: list[list[int]]) -> tuple[str, list[list[int]], list[list[int]]]:
+def _sparse_rows(M: sp.spmatrix) -> sp.csr_matrix:
+    """``M`` as CSR without explicit zeros, column indices sorted within each row."""
+    M = sp.csr_matrix(M, dtype=float, copy=True)
+    M.eliminate_zeros()
+    M.sort_indices()
+    return M
+
+
+def _row_cols(M: sp.csr_matrix, r: int) -> np.ndarray:
+    return M.indices[M.indptr[r]: M.indptr[r + 1]]
+
+
+def _block_structure(G: sp.csr_matrix, groups: list[list[int]]) -> tuple[str, list[list[int]], list[list[int]]]:
     """Classify the blocks of ``D + Gᵀ Σ G`` for a closed-form inverse.
 
     * ``'diagonal'``: no inequality rows;
@@ -120,11 +134,11 @@ def _block_structure(G: np.ndarray, groups: list[list[int]]) -> tuple[str, list[
     """
     if G.shape[0] == 0:
         return "diagonal", groups, [[] for _ in groups]
-    nz = [np.flatnonzero(G[r]) for r in range(G.shape[0])]
+    nz = [_row_cols(G, r) for r in range(G.shape[0])]
     rows_of: dict[int, list[int]] = {}
     for r, cols in enumerate(nz):
-        for c in cols:
-            rows_of.setdefault(int(c), []).append(r)
+        for c in cols.tolist():
+            rows_of.setdefault(c, []).append(r)
     block_rows = [sorted({r for j in g for r in rows_of.get(j, [])}) for g in groups]
     star_groups: list[list[int]] = []
     leaf_rows: list[list[int]] = []
@@ -147,6 +161,23 @@ def _block_structure(G: np.ndarray, groups: list[list[int]]) -> tuple[str, list[
     return "star", star_groups, leaf_rows
 
 
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    """``[0, 1, ..., counts[0] − 1, 0, 1, ..., counts[1] − 1, ...]``."""
+    counts = np.asarray(counts, dtype=np.int64)
+    starts = np.cumsum(counts) - counts
+    return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
+
+
+def _pairs_within(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All ordered pairs within consecutive segments of the given lengths (the nonzeros of
+    each row of a CSR matrix, say), segment by segment, first element major: ``(segment, i1,
+    i2)``, with ``i1, i2`` positions in the concatenation of the segments."""
+    counts = np.asarray(counts, dtype=np.int64)
+    seg = np.repeat(np.arange(counts.size, dtype=np.int64), counts * counts)
+    q, k, start = _offsets(counts * counts), counts[seg], (np.cumsum(counts) - counts)[seg]
+    return seg, start + q // k, start + q % k
+
+
 def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     """Build (once per polytope and regularizer) the solver's standard form."""
     key = ("torch_form", reg)
@@ -154,9 +185,9 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         return P.cache[key]
     form = P.form
     d, N = form.out_size, form.num_z
-    A = form.A_eq.toarray()
+    A = _sparse_rows(form.A_eq)
     b = form.b_eq.copy()
-    G = form.A_ub.toarray()
+    G = _sparse_rows(form.A_ub)
     h = form.b_ub.copy()
     L, U = form.lb.copy(), form.ub.copy()
     # the ends of the regularizer's domain become barrier bounds too (entropies' gradients alone
@@ -184,51 +215,63 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     b = b - A[:, fixed] @ vals
     h = h - G[:, fixed] @ vals
     keep = np.setdiff1d(np.arange(N), fixed)
-    A, G, L, U, domL, domU = A[:, keep], G[:, keep], L[keep], U[keep], domL[keep], domU[keep]
+    A, G = _sparse_rows(A[:, keep]), _sparse_rows(G[:, keep])
+    L, U, domL, domU = L[keep], U[keep], domL[keep], domU[keep]
     free = np.setdiff1d(np.arange(d), fixed_x)
     dfree, n = free.size, keep.size
-    nz_a = np.abs(A).sum(1) > 0
+    nz_a = np.diff(A.indptr) > 0
     if np.any(~nz_a & (np.abs(b) > 1e-9)):  # pragma: no cover - P is non-empty
         raise PolytopeError(f"{P!r}: inconsistent equalities after eliminating fixed variables")
     A, b = A[nz_a], b[nz_a]
     if A.shape[0]:
-        _, R, piv = scipy.linalg.qr(A.T, mode="economic", pivoting=True)
+        _, R, piv = scipy.linalg.qr(A.toarray().T, mode="economic", pivoting=True)
         dg = np.abs(np.diag(R))
         rank = int((dg > 1e-9 * max(1.0, dg.max())).sum())
         sel = np.sort(piv[:rank])
         A, b = A[sel], b[sel]
-    nz_g = np.abs(G).sum(1) > 0
+    nz_g = np.diff(G.indptr) > 0
     G, h = G[nz_g], h[nz_g]
     # rows left with one variable (a capacity f ≤ y whose flow is constant) are bounds
-    single = np.count_nonzero(G, axis=1) == 1
-    for r in np.flatnonzero(single).tolist():
-        j = int(np.flatnonzero(G[r])[0])
-        bound = h[r] / G[r, j]
-        if G[r, j] > 0 and bound < U[j]:
-            U[j], domU[j] = bound, False
-        elif G[r, j] < 0 and bound > L[j]:
-            L[j], domL[j] = bound, False
+    single = np.diff(G.indptr) == 1
+    if single.any():
+        at = G.indptr[:-1][single]
+        j, a = G.indices[at], G.data[at]
+        bound = h[single] / a
+        upper, lower = np.full(n, np.inf), np.full(n, -np.inf)
+        np.minimum.at(upper, j[a > 0], bound[a > 0])
+        np.maximum.at(lower, j[a < 0], bound[a < 0])
+        domU[upper < U], domL[lower > L] = False, False
+        U, L = np.minimum(U, upper), np.maximum(L, lower)
     G, h = G[~single], h[~single]
-    # every variable needs curvature or a bound: give free auxiliary variables their implied bounds
+    # every variable needs curvature or a bound: give free auxiliary variables their implied
+    # bounds, from bound propagation (y ≥ 0 from 0 ≤ f ≤ y, then y ≤ 1 from Σ_in y = 1, in
+    # milliseconds) or, where that leaves a side open, from their range over P (two LPs: 0.37 s
+    # each for the 38 such arcs of spanning trees on 20 vertices)
+    implied = None
     for jj in range(dfree, n):
         if not (np.isfinite(L[jj]) or np.isfinite(U[jj])):
-            lo, hi = P.lp.z_range(int(keep[jj]))
+            if implied is None:
+                implied = form.implied_bounds()
+            lo, hi = implied[0][keep[jj]], implied[1][keep[jj]]
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                lo, hi = P.lp.z_range(int(keep[jj]))
             if not (np.isfinite(lo) or np.isfinite(hi)):
                 raise PolytopeError(
                     f"auxiliary variable z[{keep[jj]}] of {P!r} is unbounded; the torch solver needs bounds "
                     "on auxiliary variables (add them to the config), or use backend='generic'"
                 )
             L[jj], U[jj] = lo - 1.0, hi + 1.0  # strictly redundant: never active at the solution
-    # blocks: connected components of the variables through the inequality rows
-    sets = UnionFind(n)
-    for r in range(G.shape[0]):
-        cols = np.flatnonzero(G[r])
-        for c in cols[1:]:
-            sets.union(int(c), int(cols[0]))
-    comps: dict[int, list[int]] = {}
-    for j in range(n):
-        comps.setdefault(sets.find(j), []).append(j)
-    groups = list(comps.values())
+    # blocks: connected components of the variables through the inequality rows, in the order of
+    # their smallest variable
+    rnnz = np.diff(G.indptr)
+    first = np.repeat(G.indices[G.indptr[:-1][rnnz > 0]], rnnz[rnnz > 0])
+    link = sp.coo_matrix((np.ones(first.size), (first, G.indices)), shape=(n, n))
+    _, label = sp.csgraph.connected_components(link, directed=False)
+    _, lead = np.unique(label, return_index=True)
+    rank_of = np.empty(lead.size, dtype=np.int64)
+    rank_of[np.argsort(lead)] = np.arange(lead.size)
+    member = np.argsort(rank_of[label], kind="stable")
+    groups = [g.tolist() for g in np.split(member, np.cumsum(np.bincount(rank_of[label]))[:-1])] if n else []
     structure, groups, leaf_rows = _block_structure(G, groups)
     # Contiguous layout for stars whose outputs are all singletons (the flow formulations):
     # variables reordered as [singletons (x first), stars of the smallest size (hub, leaves), ...,
@@ -240,7 +283,8 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         stars = sorted(((g, r) for g, r in zip(groups, leaf_rows) if len(g) > 1), key=lambda gr: len(gr[0]))
         if stars and singles[:dfree] == list(range(dfree)):
             perm = np.asarray(singles + [j for g, _ in stars for j in g], dtype=np.int64)
-            A, G, L, U, domL, domU = A[:, perm], G[:, perm], L[perm], U[perm], domL[perm], domU[perm]
+            A, G = _sparse_rows(A[:, perm]), _sparse_rows(G[:, perm])
+            L, U, domL, domU = L[perm], U[perm], domL[perm], domU[perm]
             n0 = len(singles)
             groups, leaf_rows = [[i] for i in range(n0)], [[] for _ in range(n0)]
             segments: list[tuple[int, int]] = []  # (number of stars, star size), in order
@@ -266,7 +310,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     # (m1 of them) and are eliminated in closed form, so only the Schur complement of the other
     # m2 rows is factored. Greedy, rows touching the fewest other rows first.
     m = A.shape[0]
-    row_blocks = [set(where[np.flatnonzero(A[r]), 0].tolist()) for r in range(m)]
+    row_blocks = [set(where[_row_cols(A, r), 0].tolist()) for r in range(m)]
     rows_at: dict[int, set[int]] = {}
     for r, bs in enumerate(row_blocks):
         for bi in bs:
@@ -282,48 +326,49 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     A, b = A[order], b[order]
     m1 = len(diag_rows)
     m2 = m - m1
-    flat, rows, prod = [], [], []
-    for r in range(G.shape[0]):
-        cols = np.flatnonzero(G[r])
-        bi = where[cols[0], 0]
-        for c1 in cols:
-            for c2 in cols:
-                flat.append((bi * size + where[c1, 1]) * size + where[c2, 1])
-                rows.append(r)
-                prod.append(G[r, c1] * G[r, c2])
-    gpairs = (np.asarray(flat, dtype=np.int64), np.asarray(rows, dtype=np.int64), np.asarray(prod, dtype=float))
+    # the products G[r, c1] G[r, c2] of every row's nonzeros, at their place in the blocks (nb·s·s)
+    row, e1, e2 = _pairs_within(np.diff(G.indptr))
+    c1, c2 = G.indices[e1], G.indices[e2]
+    gblock = where[G.indices[G.indptr[row]], 0]
+    gpairs = ((gblock * size + where[c1, 1]) * size + where[c2, 1], row, G.data[e1] * G.data[e2])
     # S = A M⁻¹ Aᵀ = Σ_blocks A[:, block] M_b⁻¹ A[:, block]ᵀ, assembled from the nonzeros of A
     # into [S22 (m2·m2), S21 (m2·m1), diagonal of S11 (m1)] (S12 = S21ᵀ and the zero
-    # off-diagonal of S11 are not stored)
-    sflat, sidx, scoef = [], [], []
-    for bi, g in enumerate(groups):
-        ent = [(r, li, A[r, j]) for li, j in enumerate(g) for r in np.flatnonzero(A[:, j])]
-        for r1, i1, v1 in ent:
-            for r2, i2, v2 in ent:
-                if r1 >= m1 and r2 >= m1:
-                    pos = (r1 - m1) * m2 + (r2 - m1)
-                elif r1 >= m1:
-                    pos = m2 * m2 + (r1 - m1) * m1 + r2
-                elif r2 >= m1:
-                    continue
-                elif r1 == r2:
-                    pos = m2 * m2 + m2 * m1 + r1
-                else:  # pragma: no cover - the rows were chosen in disjoint blocks
-                    raise PolytopeError("internal error: rows of the diagonal block share a block")
-                sflat.append(pos)
-                sidx.append((bi * size + i1) * size + i2)
-                scoef.append(v1 * v2)
-    spairs = (np.asarray(sflat, dtype=np.int64), np.asarray(sidx, dtype=np.int64), np.asarray(scoef, dtype=float))
+    # off-diagonal of S11 are not stored); the entries of a block are its columns' nonzeros,
+    # column by column
+    Ac = sp.csc_matrix(A)
+    Ac.sort_indices()
+    col = blocks.ravel()
+    col = col[col < n]
+    cnt = np.diff(Ac.indptr)[col]
+    ent = np.repeat(Ac.indptr[col].astype(np.int64), cnt) + _offsets(cnt)
+    eblock, epos = where[np.repeat(col, cnt), 0], where[np.repeat(col, cnt), 1]
+    er, ev = Ac.indices[ent].astype(np.int64), Ac.data[ent]
+    _, i1, i2 = _pairs_within(np.bincount(eblock, minlength=len(groups)))
+    r1, r2 = er[i1], er[i2]
+    if np.any((r1 < m1) & (r2 < m1) & (r1 != r2)):  # pragma: no cover - the rows were chosen in disjoint blocks
+        raise PolytopeError("internal error: rows of the diagonal block share a block")
+    pos = np.where(r1 >= m1,
+                   np.where(r2 >= m1, (r1 - m1) * m2 + (r2 - m1), m2 * m2 + (r1 - m1) * m1 + r2),
+                   m2 * m2 + m2 * m1 + r1)
+    use = (r1 >= m1) | (r2 < m1)
+    sidx = (eblock[i1] * size + epos[i1]) * size + epos[i2]
+    spairs = (pos[use], sidx[use], (ev[i1] * ev[i2])[use])
     # per-block coefficients for the closed-form block inverses
     p_rows = G.shape[0]
     coef: tuple[np.ndarray, np.ndarray, np.ndarray]
     if structure == "star":  # leaf l of block b sits in row leaf_row[b, l] with the hub (position 0)
         lrow = np.full((len(groups), size - 1), p_rows, dtype=np.int64)
+        leaf = np.full((len(groups), size - 1), -1, dtype=np.int64)
+        for bi, g in enumerate(groups):
+            lrow[bi, : len(g) - 1] = leaf_rows[bi]
+            leaf[bi, : len(g) - 1] = g[1:]
         alpha = np.zeros((len(groups), size - 1))
         beta = np.zeros((len(groups), size - 1))
-        for bi, g in enumerate(groups):
-            for li, (j, r) in enumerate(zip(g[1:], leaf_rows[bi])):
-                lrow[bi, li], alpha[bi, li], beta[bi, li] = r, G[r, j], G[r, g[0]]
+        bi_, li_ = np.nonzero(leaf >= 0)
+        at = G.indptr[lrow[bi_, li_]]  # the row's two nonzeros: at and at + 1
+        leaf_first = G.indices[at] == leaf[bi_, li_]
+        alpha[bi_, li_] = np.where(leaf_first, G.data[at], G.data[at + 1])
+        beta[bi_, li_] = np.where(leaf_first, G.data[at + 1], G.data[at])
         coef = (lrow, alpha, beta)
     else:
         coef = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
@@ -423,15 +468,16 @@ class _LinOp:
     3.5× faster than the dense product at batch 128 on CPU), dense K as K and a contiguous Kᵀ.
     """
 
-    def __init__(self, K: np.ndarray, dtype: torch.dtype, device: torch.device):
+    def __init__(self, K: sp.csr_matrix, dtype: torch.dtype, device: torch.device):
         self.shape = K.shape
-        self.sparse = K.size > 0 and np.count_nonzero(K) <= 0.1 * K.size
+        cells = K.shape[0] * K.shape[1]
+        self.sparse = cells > 0 and K.nnz <= 0.1 * cells
         if self.sparse:
-            r, c = np.nonzero(K)
-            self.K = _csr(r, c, K[r, c], K.shape, dtype, device)
-            self.KT = _csr(c, r, K[r, c], K.shape[::-1], dtype, device)
+            C = sp.coo_matrix(K)
+            self.K = _csr(C.row, C.col, C.data, K.shape, dtype, device)
+            self.KT = _csr(C.col, C.row, C.data, K.shape[::-1], dtype, device)
         else:
-            self.K = torch.as_tensor(K, dtype=dtype, device=device)
+            self.K = torch.as_tensor(K.toarray(), dtype=dtype, device=device)
             self.KT = self.K.T.contiguous()
 
     def fwd(self, v: torch.Tensor) -> torch.Tensor:
@@ -454,7 +500,7 @@ def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict
         sf.cache[key] = {
             "b": t(sf.b), "h": t(sf.h),
             "Aop": _LinOp(sf.A, dtype, device), "Gop": _LinOp(sf.G, dtype, device),
-            "Aabs": _LinOp(np.abs(sf.A), dtype, device), "Gabs": _LinOp(np.abs(sf.G), dtype, device),
+            "Aabs": _LinOp(abs(sf.A), dtype, device), "Gabs": _LinOp(abs(sf.G), dtype, device),
             "L": t(np.where(np.isfinite(sf.L), sf.L, 0.0)), "U": t(np.where(np.isfinite(sf.U), sf.U, 0.0)),
             "hasL": torch.as_tensor(np.isfinite(sf.L), device=device),
             "hasU": torch.as_tensor(np.isfinite(sf.U), device=device),

@@ -127,3 +127,11 @@ def test_setup_lps_benchmark_runs_and_agrees_with_the_two_lps():
     rows = {r[0]: r for r in _rows(out, "| ") if r[0].startswith(("correlated", "arborescence"))}
     assert rows["correlated_k_subset n = 8, k = 3"][4] == "varies"
     assert rows["arborescence n = 5"][4] == "4" and int(rows["arborescence n = 5"][2]) > 0
+
+
+def test_standard_form_benchmark_runs_and_agrees_with_the_range_lps():
+    # the script asserts that propagated bounds give the same standard form as the range LPs,
+    # up to bounds that enclose the ranges
+    out = _run("standard_form.py", "--cases", "spanning_tree:6", "arborescence:5", "--repeats", "1")
+    rows = {r[0]: r for r in _rows(out, "| ") if r[0].startswith(("spanning", "arborescence"))}
+    assert rows["spanning_tree n = 6"][3] == "30" and rows["arborescence n = 5"][3] == "20"

@@ -3,13 +3,16 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import RELAX_CASES
 
 import convex_sst as cs
 from convex_sst.regularizers import get_regularizer
+from convex_sst import solver
 from convex_sst.solver import solve_torch
+
 
 def _equality_form(name):
     return cs.load_polytope(name, **RELAX_CASES[name]).form.num_ub == 0
@@ -119,7 +122,8 @@ def test_auto_picks_torch_for_small_equality_systems():
     assert select_backend(big, reg, "auto") is not relax_torch
     # the entropies (exponential cones in cvxpylayers: slower, and inaccurate at low
     # temperature) take the torch solver up to 800 rows (spanning trees up to n = 23, whose
-    # standard form alone takes 45 s to build: correlated k-subsets here)
+    # standard form takes 2.5 s to build, 45 s before it was sparse and propagated bounds:
+    # correlated k-subsets here)
     mid, large = cs.load_polytope("correlated_k_subset", n=30, k=6), cs.load_polytope("correlated_k_subset", n=50, k=8)
     assert TORCH_AUTO_MAX_ROWS < mid.form.num_eq <= 800 < large.form.num_eq
     for name in ("entropy", "binary_entropy"):
@@ -173,7 +177,7 @@ def test_star_blocks_invert_exactly(name, params, gen):
     n, p = sf.G.shape[1], sf.G.shape[0]
     D = torch.rand(3, n, generator=gen, dtype=torch.float64) * 10 ** (8 * torch.rand(3, n, generator=gen, dtype=torch.float64) - 4)
     Sig = torch.rand(3, p, generator=gen, dtype=torch.float64) * 10 ** (8 * torch.rand(3, p, generator=gen, dtype=torch.float64) - 4)
-    G = torch.as_tensor(sf.G)
+    G = torch.as_tensor(sf.G.toarray())
     M = torch.diag_embed(D) + G.T @ torch.diag_embed(Sig) @ G
     v = torch.randn(3, n, generator=gen, dtype=torch.float64)
     ref = torch.linalg.solve(M, v[..., None])[..., 0]
@@ -190,11 +194,11 @@ def test_star_blocks_invert_exactly(name, params, gen):
 
 def test_block_structure_falls_back_to_cholesky_without_a_shared_hub():
     # inequality rows in a chain (x0 - x1, x1 - x2, x2 - x3 <= .) share no variable: not a star
-    import numpy as np
+    import scipy.sparse as sp
 
     from convex_sst.solver import _block_structure
 
-    G = np.array([[1.0, -1.0, 0, 0], [0, 1.0, -1.0, 0], [0, 0, 1.0, -1.0]])
+    G = sp.csr_matrix(np.array([[1.0, -1.0, 0, 0], [0, 1.0, -1.0, 0], [0, 0, 1.0, -1.0]]))
     assert _block_structure(G, [[0, 1, 2, 3]])[0] == "dense"
     star, groups, rows = _block_structure(G[:2], [[0, 1, 2]])
     assert star == "star" and groups == [[1, 0, 2]] and rows == [[0, 1]]
@@ -203,13 +207,13 @@ def test_block_structure_falls_back_to_cholesky_without_a_shared_hub():
 @pytest.mark.parametrize("shape,density", [((40, 60), 0.03), ((7, 9), 0.8), ((0, 5), 0.0)])
 def test_constraint_products_sparse_and_dense(shape, density, gen):
     """The solver's ``v Kᵀ`` and ``w K`` equal the dense products whichever storage K gets."""
-    import numpy as np
+    import scipy.sparse as sp
 
     from convex_sst.solver import _LinOp
 
     rng = np.random.default_rng(0)
     K = rng.standard_normal(shape) * (rng.random(shape) < density)
-    op = _LinOp(K, torch.float64, torch.device("cpu"))
+    op = _LinOp(sp.csr_matrix(K), torch.float64, torch.device("cpu"))
     assert op.sparse == (0 < K.size and density < 0.1)
     v = torch.randn(5, shape[1], dtype=torch.float64, generator=gen)
     w = torch.randn(5, shape[0], dtype=torch.float64, generator=gen)
@@ -251,7 +255,7 @@ def test_newton_solve_with_eliminated_diagonal_rows(name, params, reg, m1, gen):
     (m, n), p = sf.A.shape, sf.G.shape[0]
     D = torch.rand(3, n, generator=gen, dtype=torch.float64) * 10 ** (6 * torch.rand(3, n, generator=gen, dtype=torch.float64) - 3)
     Sig = torch.rand(3, p, generator=gen, dtype=torch.float64) * 10 ** (6 * torch.rand(3, p, generator=gen, dtype=torch.float64) - 3)
-    A, G = torch.as_tensor(sf.A), torch.as_tensor(sf.G)
+    A, G = torch.as_tensor(sf.A.toarray()), torch.as_tensor(sf.G.toarray())
     M = torch.diag_embed(D) + G.T @ torch.diag_embed(Sig) @ G
     K = torch.cat([torch.cat([M, A.expand(3, m, n).mT], 2), torch.cat([A.expand(3, m, n), torch.zeros(3, m, m, dtype=torch.float64)], 2)], 1)
     r1 = torch.randn(3, n, generator=gen, dtype=torch.float64)
@@ -371,6 +375,85 @@ def test_constant_variables_of_random_user_polytopes_match_range_lps(seed, tmp_p
         assert (mask == expect).all() and np.allclose(values[mask], ranges[mask, 0]), path.read_text()
         pinned += int(mask.any())
     assert pinned >= 3
+
+
+def _aux_config(rng, name: str) -> str:
+    """A user config (YAML text) with auxiliary variables z, some declared in [0, 1], the others
+    bounded (if at all) only through the rows: k·x_r = Σ of some z, a few random rows through an
+    interior point, Σz ≤ len(z)."""
+    nx, nz = int(rng.integers(2, 6)), int(rng.integers(2, 7))
+    z0 = rng.uniform(0.1, 0.9, nz)
+    lines = [f"name: {name}", f"output: {{name: x, shape: [{nx}]}}", "variables:", f"  z: [{nz}]", "constraints:",
+             "  - 0 <= x <= 1", f"  - sum(z) <= {nz}"]
+    lines += [f"  - 0 <= z[{j}] <= 1" for j in range(nz) if rng.random() < 0.4]
+    for r in range(nx):
+        cols = np.flatnonzero(rng.random(nz) < 0.5)
+        cols = cols if cols.size else [int(rng.integers(0, nz))]
+        lines.append(f"  - {len(cols)} * x[{r}] == " + " + ".join(f"z[{c}]" for c in cols))
+    for kind in ["=="] * int(rng.integers(0, 2)) + ["<="] * int(rng.integers(0, 3)):
+        a = rng.integers(-2, 3, nz) * (rng.random(nz) < 0.6)
+        if a.any():
+            rhs = a @ z0 + (0.0 if kind == "==" or rng.random() < 0.3 else rng.uniform(0, 0.5))
+            lines.append("  - " + " + ".join(f"{int(v)} * z[{j}]" for j, v in enumerate(a) if v) + f" {kind} {rhs:.15g}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_implied_bounds_contain_the_ranges_over_P(seed, tmp_path):
+    # bound propagation must never cut into P: against the range LPs of every variable, on user
+    # configs whose auxiliary variables are bounded only through their rows
+    rng = np.random.default_rng(seed)
+    closed = 0
+    for i in range(40):
+        path = tmp_path / f"aux_{i}.yaml"
+        path.write_text(_aux_config(rng, f"aux_{seed}_{i}"))
+        P = cs.load_polytope(path)
+        lo, hi = P.form.implied_bounds()
+        ranges = np.array([P.lp.z_range(j) for j in range(P.form.num_z)])
+        assert (lo <= ranges[:, 0] + 1e-9).all() and (hi >= ranges[:, 1] - 1e-9).all(), path.read_text()
+        assert (lo >= P.form.lb).all() and (hi <= P.form.ub).all()
+        free = ~np.isfinite(P.form.lb) & ~np.isfinite(P.form.ub)
+        closed += int((free & np.isfinite(lo) & np.isfinite(hi)).sum())
+    assert closed >= 20
+
+
+@pytest.mark.parametrize("reg", ["entropy", "quadratic"])
+def test_standard_form_of_flow_formulations_needs_no_range_lps(reg, monkeypatch):
+    """The arc variables y of the flow formulations have no declared bounds; the torch solver's
+    standard form gave each free one its range over P, two LPs (38 arcs of spanning trees on 20
+    vertices: 14 s of a first call of 22 s). Bound propagation finds y ∈ [0, 1] (from
+    0 ≤ f ≤ y, then Σ_in y = 1), the ranges themselves."""
+    for name, params in [("spanning_tree", {"n": 7}), ("arborescence", {"n": 6})]:
+        P = cs.load_polytope(name, **params)
+        lo, hi = P.form.implied_bounds()
+        aux = slice(P.form.out_size, None)
+        assert np.isfinite(lo).all() and np.isfinite(hi).all()
+        assert (lo[aux] == 0).all() and np.isin(hi[aux], [0.0, 1.0]).all()  # 0: arcs into the root
+        P.cache.pop(("torch_form", get_regularizer(reg)), None)
+        P.lp.constant_variables()  # (its own LPs: a few; any variable they leave undecided gets its range)
+        monkeypatch.setattr(P.lp, "z_range", lambda j: pytest.fail(f"range LP for z[{j}]"))
+        sf = solver.standard_form(P, get_regularizer(reg))
+        assert (np.isfinite(sf.L[sf.d:]) | np.isfinite(sf.U[sf.d:])).all()
+        u = torch.randn((4,) + P.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        _, report = solve_torch(u, P, get_regularizer(reg))
+        assert bool(report.converged.all())
+
+
+def test_auxiliary_variables_that_propagation_cannot_bound_get_their_ranges(tmp_path):
+    # z[0] + z[1] = x[0] and z[0] − z[1] = x[1]: each row has two free variables, so propagation
+    # leaves z unbounded; the range LPs bound it (z[0] in [0, 1/2], z[1] in [-1/2, 1/2]), and the
+    # torch solver agrees with the generic path
+    path = tmp_path / "rotated.yaml"
+    path.write_text("name: rotated\noutput: {name: x, shape: [3]}\nvariables:\n  z: [2]\nconstraints:\n"
+                    "  - z[0] + z[1] == x[0]\n  - z[0] - z[1] == x[1]\n  - sum(x) == 1\n  - 0 <= x <= 1\n")
+    P = cs.load_polytope(path)
+    lo, hi = P.form.implied_bounds()
+    assert not np.isfinite(lo[3:]).any() and not np.isfinite(hi[3:]).any()
+    sf = solver.standard_form(P, get_regularizer("entropy"))
+    assert np.allclose(sf.L[sf.d:], [-1.0, -1.5]) and np.allclose(sf.U[sf.d:], [1.5, 1.5])
+    u = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = cs.relax(u, P, "entropy", backend="torch", on_failure="raise")
+    assert (x - torch.softmax(u, -1)).abs().max() < 1e-8  # P is the simplex
 
 
 @pytest.mark.parametrize("name, params", [("k_subset", {"n": 3, "k": 3}), ("spanning_tree", {"n": 2}),
@@ -1054,9 +1137,6 @@ def test_large_batches_are_solved_in_chunks_with_the_same_results(monkeypatch, g
     # the dense Schur complements of a whole batch were held at once (a user's flow formulation
     # with 951 rows at B = 128: 7.2 GB peak, 2.2 GB in chunks); chunks give the same values,
     # reports and gradients, -inf masks included
-    import importlib
-
-    solver = importlib.import_module("convex_sst.solver")
     P = cs.load_polytope("spanning_tree", n=5)
     u = torch.randn(10, P.size, generator=gen, dtype=torch.float64)
     u[3, 2] = float("-inf")
