@@ -9,7 +9,7 @@ Backends:
 * ``"generic"``: the cvxpylayers program of :mod:`convex_sst.generic` (any pair with a cvxpy
   regularizer; the reference implementation);
 * ``"auto"``: ``"fast"`` where registered, else ``"torch"`` where the regularizer allows it and
-  the polytope has at most ``TORCH_AUTO_MAX_ROWS`` equality rows (800 for the entropies,
+  the polytope has at most ``TORCH_AUTO_MAX_ROWS`` equality rows (1 600 for the entropies,
   ``TORCH_AUTO_MAX_ROWS_BY_REGULARIZER``; the solver factors a dense Schur complement of that
   size per sample), else ``"generic"``.
 """
@@ -45,8 +45,16 @@ TORCH_AUTO_MAX_ROWS = 300
 # temperature, inaccurately (values off by 2e-5 and infeasible rows at t = 0.02, gradients 0.5 %
 # off at t = 0.1, a user's flow config of 633 rows); the torch solver, its batches chunked to
 # bounded memory, was faster there: 633 rows 2.0x at B = 32 and 5.8x at B = 1, spanning trees
-# n = 20 (590 rows) 1.2x at t = 1 and 16x at t = 0.1, even at 951 rows, 0.9x at 1 333
-TORCH_AUTO_MAX_ROWS_BY_REGULARIZER = {"entropy": 800, "binary_entropy": 800}
+# n = 20 (590 rows) 1.2x at t = 1 and 16x at t = 0.1, even at 951 rows, 0.9x at 1 333. Above
+# 1 000 rows cvxpylayers returned infeasible rows even at t = 1 (spanning trees n = 26 and 30),
+# its gradients 0.02-0.3 % off; with its standard form built in seconds (2026-12-05), the torch
+# solver (forward + backward, B = 16, t = 1, first call) took 14 s against 50 s at spanning
+# trees n = 26 (1 001 rows), 38 s against 93 s at n = 30 (1 335), 8.5 s against 77 s at
+# arborescences n = 24 (1 152), 34 s against 67 s at n = 32 (2 048, B = 8), but 6.2 s against
+# 8.9 s and 16.4 s against 13.4 s at correlated k-subsets of 1 181 and 1 603 rows (sparser
+# rows, where cvxpylayers' sparse factorization gains on the dense Schur complement): the bound
+# sits there
+TORCH_AUTO_MAX_ROWS_BY_REGULARIZER = {"entropy": 1600, "binary_entropy": 1600}
 
 
 def torch_auto_max_rows(reg: Regularizer) -> int:

@@ -120,12 +120,11 @@ def test_auto_picks_torch_for_small_equality_systems():
     big = cs.load_polytope("spanning_tree", n=15)
     assert big.form.num_eq > TORCH_AUTO_MAX_ROWS
     assert select_backend(big, reg, "auto") is not relax_torch
-    # the entropies (exponential cones in cvxpylayers: slower, and inaccurate at low
-    # temperature) take the torch solver up to 800 rows (spanning trees up to n = 23, whose
-    # standard form takes 2.5 s to build, 45 s before it was sparse and propagated bounds:
-    # correlated k-subsets here)
-    mid, large = cs.load_polytope("correlated_k_subset", n=30, k=6), cs.load_polytope("correlated_k_subset", n=50, k=8)
-    assert TORCH_AUTO_MAX_ROWS < mid.form.num_eq <= 800 < large.form.num_eq
+    # the entropies (exponential cones in cvxpylayers: slower, and inaccurate) take the torch
+    # solver up to 1 600 rows (spanning trees up to n = 32, whose standard form takes seconds
+    # to build, minutes before it was sparse and propagated bounds: correlated k-subsets here)
+    mid, large = cs.load_polytope("correlated_k_subset", n=50, k=8), cs.load_polytope("correlated_k_subset", n=70, k=12)
+    assert TORCH_AUTO_MAX_ROWS < 800 < mid.form.num_eq <= 1600 < large.form.num_eq
     for name in ("entropy", "binary_entropy"):
         assert select_backend(mid, get_regularizer(name), "auto") is relax_torch
         assert select_backend(large, get_regularizer(name), "auto") is not relax_torch
