@@ -178,6 +178,28 @@ def _pairs_within(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return seg, start + q // k, start + q % k
 
 
+def _independent_rows(A: sp.csr_matrix) -> np.ndarray:
+    """The rows of ``A`` that column-pivoted QR of ``Aᵀ`` keeps (pivots above 1e-9 of the largest),
+    sorted. Rows that share no column with each other's component are orthogonal, so the QR is
+    done per connected component of rows (through shared columns), on dense blocks that small:
+    the same pivots as one QR of all of Aᵀ, but the flow formulations split into one component
+    per commodity (spanning trees on 32 vertices: 33 blocks, 1 s, where the QR of the dense
+    30 318 × 1 488 Aᵀ took 11.7 s)."""
+    m = A.shape[0]
+    pattern = sp.csr_matrix((np.ones(A.nnz), A.indices, A.indptr), shape=A.shape)
+    _, label = sp.csgraph.connected_components(pattern @ pattern.T, directed=False)
+    pivots: list[tuple[np.ndarray, np.ndarray]] = []  # per component: its rows in pivot order, |R_ii|
+    for c in range(int(label.max()) + 1 if m else 0):
+        rows = np.flatnonzero(label == c)
+        block = A[rows]
+        cols = np.unique(block.indices)
+        R, piv = scipy.linalg.qr(block[:, cols].toarray().T, mode="r", pivoting=True)
+        pivots.append((rows[piv], np.abs(np.diag(R))))
+    largest = max((float(dg.max()) for _, dg in pivots if dg.size), default=0.0)
+    keep = [rows[: int((dg > 1e-9 * max(1.0, largest)).sum())] for rows, dg in pivots]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
 def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     """Build (once per polytope and regularizer) the solver's standard form."""
     key = ("torch_form", reg)
@@ -224,10 +246,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         raise PolytopeError(f"{P!r}: inconsistent equalities after eliminating fixed variables")
     A, b = A[nz_a], b[nz_a]
     if A.shape[0]:
-        _, R, piv = scipy.linalg.qr(A.toarray().T, mode="economic", pivoting=True)
-        dg = np.abs(np.diag(R))
-        rank = int((dg > 1e-9 * max(1.0, dg.max())).sum())
-        sel = np.sort(piv[:rank])
+        sel = _independent_rows(A)
         A, b = A[sel], b[sel]
     nz_g = np.diff(G.indptr) > 0
     G, h = G[nz_g], h[nz_g]
