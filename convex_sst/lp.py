@@ -192,10 +192,11 @@ class LinearProgram:
         """Which stacked variables ``z[j]`` are constant over Q, and their values: ``(mask, values)``
         (computed once per LP and arguments).
 
-        The variables at a bound in a feasible point are tested together (``_stuck_at_bounds``,
-        a few LPs), with the bounds the rows imply (:meth:`CanonicalForm.implied_bounds`); the
-        points those LPs find rule out most others, and any left get two LPs each (``z_range``). ``samples`` vertices for random costs may rule out more first; on
-        flow formulations each costs more than all the rest (arborescences n = 16: 1.2 s each,
+        The variables at a bound in a feasible point (declared bounds, or those the rows imply:
+        :meth:`CanonicalForm.implied_bounds`) are tested together (``_stuck_at_bounds``, a few
+        LPs); the points those LPs find rule out most others, and any left get two LPs each
+        (``z_range``). ``samples`` vertices for random costs may rule out more first; on flow
+        formulations each costs more than all the rest (arborescences n = 16: 1.2 s each,
         against 0.14 s for the whole test), so the default is none.
         """
         if (samples, seed) not in self._constant:
@@ -241,8 +242,9 @@ class LinearProgram:
     def _stuck_at_bounds(self, at_lb: np.ndarray, at_ub: np.ndarray, lb: np.ndarray, ub: np.ndarray
                          ) -> tuple[np.ndarray | None, list[np.ndarray]]:
         """Of the variables at their lower bound (``at_lb``) or upper bound (``at_ub``) in some
-        point of Q (bounds ``lb``, ``ub`` valid on Q, declared or implied), the mask of those that no point of Q moves off it, and the points the LPs
-        found (``None`` for the mask where HiGHS failed; the caller then tests them one by one).
+        point of Q (bounds ``lb``, ``ub`` valid on Q, declared or implied), the mask of those
+        that no point of Q moves off it, and the points the LPs found (``None`` for the mask
+        where HiGHS failed; the caller then tests them one by one).
 
         One LP moves as many of them as it can at once: ``max Σ s_j`` with ``0 ≤ s_j ≤ ε`` and
         ``s_j ≤ z_j − lb_j`` (or ``ub_j − z_j``) on the constraints of Q. The mean of m points
