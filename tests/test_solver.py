@@ -365,21 +365,27 @@ def test_constant_variables_of_random_user_polytopes_match_range_lps(seed, tmp_p
     import numpy as np
     from oracles import random_constraint_config
 
-    rng = np.random.default_rng(seed)
     pinned = 0
-    for i in range(40):
-        path = tmp_path / f"random_{i}.yaml"
-        path.write_text(random_constraint_config(rng, f"random_{seed}_{i}"))
+    for P, ranges in _random_polytopes(random_constraint_config, seed, tmp_path):
+        mask, values = P.lp.constant_variables()
+        expect = np.abs(ranges[:, 1] - ranges[:, 0]) <= 1e-9
+        assert (mask == expect).all() and np.allclose(values[mask], ranges[mask, 0]), P
+        pinned += int(mask.any())
+    assert pinned >= 3
+
+
+def _random_polytopes(make_config, seed: int, folder, count: int = 40):
+    """``(P, ranges)`` for the loadable ones of ``count`` random user configs
+    (``make_config(rng, name)``), ``ranges: (num_z, 2)`` each variable's range LPs."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        path = folder / f"random_{i}.yaml"
+        path.write_text(make_config(rng, f"random_{make_config.__name__}_{seed}_{i}"))
         try:
             P = cs.load_polytope(path)
         except cs.PolytopeError:
             continue
-        mask, values = P.lp.constant_variables()
-        ranges = np.array([P.lp.z_range(j) for j in range(P.form.num_z)])
-        expect = np.abs(ranges[:, 1] - ranges[:, 0]) <= 1e-9
-        assert (mask == expect).all() and np.allclose(values[mask], ranges[mask, 0]), path.read_text()
-        pinned += int(mask.any())
-    assert pinned >= 3
+        yield P, np.array([P.lp.z_range(j) for j in range(P.form.num_z)])
 
 
 def _aux_config(rng, name: str) -> str:
@@ -406,20 +412,20 @@ def _aux_config(rng, name: str) -> str:
 @pytest.mark.parametrize("seed", range(2))
 def test_implied_bounds_contain_the_ranges_over_P(seed, tmp_path):
     # bound propagation must never cut into P: against the range LPs of every variable, on user
-    # configs whose auxiliary variables are bounded only through their rows
-    rng = np.random.default_rng(seed)
-    closed = 0
-    for i in range(40):
-        path = tmp_path / f"aux_{i}.yaml"
-        path.write_text(_aux_config(rng, f"aux_{seed}_{i}"))
-        P = cs.load_polytope(path)
+    # configs whose auxiliary variables are bounded only through their rows; the search for
+    # constant variables, which uses these bounds, against the same ranges
+    closed = pinned = 0
+    for P, ranges in _random_polytopes(_aux_config, seed, tmp_path):
         lo, hi = P.form.implied_bounds()
-        ranges = np.array([P.lp.z_range(j) for j in range(P.form.num_z)])
-        assert (lo <= ranges[:, 0] + 1e-9).all() and (hi >= ranges[:, 1] - 1e-9).all(), path.read_text()
+        assert (lo <= ranges[:, 0] + 1e-9).all() and (hi >= ranges[:, 1] - 1e-9).all(), P
         assert (lo >= P.form.lb).all() and (hi <= P.form.ub).all()
         free = ~np.isfinite(P.form.lb) & ~np.isfinite(P.form.ub)
         closed += int((free & np.isfinite(lo) & np.isfinite(hi)).sum())
-    assert closed >= 20
+        mask, values = P.lp.constant_variables()
+        expect = np.abs(ranges[:, 1] - ranges[:, 0]) <= 1e-9
+        assert (mask == expect).all() and np.allclose(values[mask], ranges[mask, 0]), P
+        pinned += int((mask & free).any())
+    assert closed >= 20 and pinned >= 1
 
 
 @pytest.mark.parametrize("seed", range(2))
