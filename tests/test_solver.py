@@ -476,8 +476,8 @@ def test_standard_form_of_flow_formulations_needs_no_range_lps(reg, monkeypatch)
         assert np.isfinite(lo).all() and np.isfinite(hi).all()
         assert (lo[aux] == 0).all() and np.isin(hi[aux], [0.0, 1.0]).all()  # 0: arcs into the root
         P.cache.pop(("torch_form", get_regularizer(reg)), None)
-        P._lp = LinearProgram(P.form)  # constant variables found afresh: the arcs into the root are
-        monkeypatch.setattr(P._lp, "z_range", lambda j: pytest.fail(f"range LP for z[{j}]"))  # pinned too
+        monkeypatch.setattr(P, "_lp", LinearProgram(P.form))  # constant variables found afresh: the
+        monkeypatch.setattr(P._lp, "z_range", lambda j: pytest.fail(f"range LP for z[{j}]"))  # root's arcs too
         sf = solver.standard_form(P, get_regularizer(reg))
         assert (np.isfinite(sf.L[sf.d:]) | np.isfinite(sf.U[sf.d:])).all()
         u = torch.randn((4,) + P.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
