@@ -1137,24 +1137,31 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
             keep_res, keep = resid[need].clone(), [v.clone() for v in start]
 
             def rounds(ix: torch.Tensor, held: tuple[torch.Tensor, ...]) -> None:
-                """The polish rounds on the rows ``ix`` of ``need``, into keep_res and keep."""
-                th_i, scs_i, start_i = th[ix], scs[ix], [v[ix] for v in start]
+                """The polish rounds on the rows ``ix`` of ``need``, into keep_res and keep. A row
+                leaves once its candidate converged or its active set stopped changing (another
+                round would repeat its candidate): each round factors the Newton systems of the
+                rows left six times, and rows polished until the last was done cost time on large
+                trees (spanning trees n = 26, entropy, t = 0.5, 8 rows: 13.5 s of which the polish
+                10.4; with rows leaving 10.3 and 7.8 s, the same residuals, x within 1e-14)."""
                 for _ in range(_POLISH_ROUNDS):
-                    cand = _polish(th_i, start_i, held, T, sf, grad, hess, eps_aux)
-                    viol = _violation(cand, T) / scs_i[:, 1]
+                    cand = _polish(th[ix], [v[ix] for v in start], held, T, sf, grad, hess, eps_aux)
+                    viol = _violation(cand, T) / scs[ix, 1]
                     clamped = cand[:3] + [v.clamp_min(0.0) for v in cand[3:]]
-                    cres = state(th_i, scs_i, *clamped)[-1]
+                    cres = state(th[ix], scs[ix], *clamped)[-1]
                     cres = torch.where(torch.isfinite(viol), torch.maximum(cres, viol), math.inf)
                     take = torch.isfinite(cres) & (cres < keep_res[ix])
                     keep_res[ix] = torch.where(take, cres, keep_res[ix])
                     for kv, cv in zip(keep, clamped):
                         kv[ix[take]] = cv[take]
-                    if bool((cres <= 10 * tol).all()):  # this round's candidates (not the start: tied rows begin below)
-                        break
                     new_held = _reclassify(held, cand, T)
-                    if all(bool(torch.equal(a, b)) for a, b in zip(new_held, held)):
+                    changed = torch.zeros_like(cres, dtype=torch.bool)
+                    for a, b in zip(new_held, held):
+                        changed |= (a != b).any(1)
+                    # this round's candidates decide (not the start: tied rows begin below)
+                    go = changed & ~(cres <= 10 * tol)
+                    if not bool(go.any()):
                         break
-                    held = new_held
+                    ix, held = ix[go], tuple(a[go] for a in new_held)
 
             everyone = torch.arange(need.numel(), device=need.device)
             rounds(everyone, held)
