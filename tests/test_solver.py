@@ -9,8 +9,8 @@ import torch
 from conftest import RELAX_CASES
 
 import convex_sst as cs
-from convex_sst.regularizers import get_regularizer
 from convex_sst import solver
+from convex_sst.regularizers import get_regularizer
 from convex_sst.solver import solve_torch
 
 
