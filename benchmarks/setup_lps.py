@@ -30,6 +30,12 @@ PARAMS = {"correlated_k_subset": ("n", "k"), "arborescence": ("n",), "spanning_t
           "birkhoff": ("n",), "matching": ("n", "m"), "dag_path": ("n",)}
 
 
+def parse_case(case: str) -> tuple[str, dict[str, int]]:
+    """``"name:param[:param]"`` (parameters in the order of ``PARAMS[name]``) as ``(name, params)``."""
+    name, *values = case.split(":")
+    return name, dict(zip(PARAMS[name], map(int, values)))
+
+
 def user_copy(name: str, folder: Path) -> Path:
     text = builtin_config_paths()[name].read_text()
     text = "\n".join(line for line in text.splitlines() if not line.startswith("argmax:"))
@@ -59,8 +65,7 @@ def main() -> None:
     print("| user config (no argmax) | variables | constant variables | time | Σx constant | time | two LPs | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for case in args.cases:
-        name, *values = case.split(":")
-        params = dict(zip(PARAMS[name], map(int, values)))
+        name, params = parse_case(case)
         P = cs.load_polytope(user_copy(name, folder), **params)
         c = np.zeros(P.form.num_z)
         c[: P.size] = 1.0

@@ -29,10 +29,7 @@ import convex_sst as cs
 from convex_sst import solver
 from convex_sst.canonical import CanonicalForm
 from convex_sst.regularizers import get_regularizer
-
-PARAMS = {"correlated_k_subset": ("n", "k"), "arborescence": ("n",), "spanning_tree": ("n",), "k_subset": ("n", "k"),
-          "birkhoff": ("n",), "matching": ("n", "m"), "dag_path": ("n",)}
-
+from setup_lps import parse_case  # (this folder: the same case syntax)
 
 def build(P: cs.Polytope, reg, propagate: bool) -> tuple[float, solver.StandardForm]:
     P.cache.pop(("torch_form", reg), None)
@@ -57,8 +54,7 @@ def main() -> None:
     print("| polytope | variables | equality rows | auxiliary without bounds | standard form | with range LPs | ratio |")
     print("|---|---|---|---|---|---|---|")
     for case in args.cases:
-        name, *values = case.split(":")
-        params = dict(zip(PARAMS[name], map(int, values)))
+        name, params = parse_case(case)
         P = cs.load_polytope(name, **params)
         P.lp.constant_variables()  # shared by both, found once
         form = P.form
