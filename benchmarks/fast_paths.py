@@ -10,6 +10,7 @@ run, float64, this machine's CPU):
 
     python benchmarks/fast_paths.py
     python benchmarks/fast_paths.py --repeats 7 --skip-generic
+    python benchmarks/fast_paths.py --polytopes spanning_tree --official-repeats 5
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-generic", action="store_true")
+    ap.add_argument("--polytopes", nargs="+", default=None, help="only these polytopes' fast paths (default: all)")
     ap.add_argument("--official-repeats", type=int, default=31,
                     help="repeats (at least --repeats) of the comparison with the official strategies")
     args = ap.parse_args()
@@ -177,7 +179,7 @@ def main() -> None:
     print(f"| polytope | params | regularizer | {head} | generic fwd+bwd B={Bmax} | generic / fast |")
     print("|" + "---|" * (3 + 2 * len(args.batches) + 2))
     for name, reg in cs.available_fast_paths():
-        if name not in SIZES:
+        if name not in SIZES or (args.polytopes is not None and name not in args.polytopes):
             continue
         P = cs.load_polytope(name, **SIZES[name])
         cells = []

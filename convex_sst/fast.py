@@ -5,8 +5,9 @@ sample, batched, on any device, in float32 or float64, with an exact backward pa
 implicit differentiation, or autograd through a fixed number of vectorized steps; never
 finite differences, never autograd through solver iterations). The backward passes are
 themselves differentiable (second derivatives under ``create_graph=True``): functions of the
-output (capped simplex, Sinkhorn), recomputed differentiably (matrix-tree), or, for the k-subset
-exp family, autograd through the log-space product tree (slower; only when asked for).
+output (capped simplex, spanning-tree decomposition, Sinkhorn), recomputed differentiably
+(matrix-tree), or, for the k-subset exp family, autograd through the log-space product tree
+(slower; only when asked for).
 
 ==================  ==================  ===================================================
 polytope            regularizer         algorithm
@@ -35,6 +36,13 @@ spanning_tree       exp_family          matrix-tree theorem: μ from one batched
                                         ill-conditioned for it use a cancellation-free
                                         log-space elimination (GTH), μ = ∇ log Z by autograd;
                                         exact at any temperature
+spanning_tree       entropy, binary     the decomposition algorithm on the graphic matroid's
+                    entropy, quadratic  base polytope (Fujishige 1980; Groenevelt 1991): a
+                                        capped-simplex step, split where a minimum cut finds a
+                                        violated set of vertices (Cunningham 1985), exact;
+                                        block-diagonal Jacobian ``D − d dᵀ/Σd`` per block; on
+                                        the CPU in float64, row by row
+                                        (:mod:`convex_sst._graphic_matroid`)
 arborescence        exp_family          directed matrix-tree theorem (Koo et al. 2007), same
 dag_path            exp_family          forward pass in topological order, backward by autograd
 correlated_k_subset exp_family          forward pass over the items with states (count, last
@@ -49,6 +57,7 @@ import math
 import torch
 
 from . import _linalg
+from ._graphic_matroid import spanning_tree_separable
 from ._forbidden import SLACK, far_below, lower_far_above, lower_forced, needed_apart, shift_far_below
 from .errors import InputError, SolverError, warn_user
 from .graphs import topological_order
@@ -1470,6 +1479,22 @@ def spanning_tree_marginals(theta: torch.Tensor, polytope: Polytope, max_range: 
 
     mu = _tree_marginals(theta, mask, 0, None, pack, "elimination")
     return mu[:, i, j] + mu[:, j, i]
+
+
+def _spanning_tree_path(reg: str):
+    def fn(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:
+        n = int(polytope.params["n"])
+        return spanning_tree_separable(theta.flatten(1), polytope.data["E"], n, reg).reshape(theta.shape)
+
+    fn.__name__ = f"spanning_tree_{reg}"
+    fn.__doc__ = (f"Spanning-tree SST with {reg}, exactly: the decomposition algorithm on the graphic matroid's "
+                  "base polytope (capped-simplex roots and minimum cuts, see convex_sst._graphic_matroid), "
+                  "block-diagonal Jacobian diag(d) − d dᵀ/Σd. Runs on the CPU in float64, row by row.")
+    return fn
+
+
+for _reg in ("entropy", "binary_entropy", "quadratic"):
+    register_fast_path("spanning_tree", _reg)(_spanning_tree_path(_reg))
 
 
 @register_fast_path("arborescence", "exp_family")

@@ -135,3 +135,12 @@ def test_standard_form_benchmark_runs_and_agrees_with_the_range_lps():
     out = _run("standard_form.py", "--cases", "spanning_tree:6", "arborescence:5", "--repeats", "1")
     rows = {r[0]: r for r in _rows(out, "| ") if r[0].startswith(("spanning", "arborescence"))}
     assert rows["spanning_tree n = 6"][3] == "30" and rows["arborescence n = 5"][3] == "20"
+
+
+def test_spanning_tree_separable_benchmark_runs_and_agrees_with_the_torch_solver():
+    out = _run("spanning_tree_separable.py", "--n", "5", "--batch", "2", "--repeats", "1")
+    rows = _rows(out, "| n=5")
+    assert len(rows) == 6  # three regularizers, two temperatures
+    for row in rows:
+        assert re.fullmatch(r"[0-9.]+×", row[3])
+        assert float(row[4]) < 1e-7 and float(row[5]) < 1e-5, row

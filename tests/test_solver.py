@@ -116,8 +116,8 @@ def test_auto_picks_torch_for_small_equality_systems():
     reg = get_regularizer("quadratic")
     assert select_backend(cs.load_polytope("birkhoff", n=4), reg, "auto") is relax_torch
     assert select_backend(cs.load_polytope("matching", n=2, m=3), reg, "auto") is relax_torch
-    assert select_backend(cs.load_polytope("spanning_tree", n=8), reg, "auto") is relax_torch
-    big = cs.load_polytope("spanning_tree", n=15)
+    assert select_backend(cs.load_polytope("arborescence", n=8), reg, "auto") is relax_torch
+    big = cs.load_polytope("arborescence", n=14)
     assert big.form.num_eq > TORCH_AUTO_MAX_ROWS
     assert select_backend(big, reg, "auto") is not relax_torch
     # the entropies (exponential cones in cvxpylayers: slower, and inaccurate) take the torch
