@@ -88,7 +88,9 @@ def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
     partition on ``v + 1`` keeps the parts of ``Π`` and merges vertex ``v`` with the union of
     some of them, ``S``, maximizing ``W(v, S) + W(E(S)) − |S|`` (where merging parts without ``v``
     never gains, as ``Π`` is optimal): a minimum cut with ``v`` on the source side. A vertex whose
-    weight towards the others is at most 1 cannot gain and joins no part."""
+    weight towards the earlier vertices is at most 1 cannot gain and starts a part of its own.
+    (That the other parts stay whole is checked against enumeration of all partitions in
+    ``tests/test_graphic_matroid.py``.)"""
     k = W.shape[0]
     label = np.zeros(k, dtype=np.int64)
     q = 0  # number of parts so far

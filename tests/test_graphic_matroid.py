@@ -13,6 +13,7 @@ import convex_sst as cs
 from convex_sst import _graphic_matroid
 from convex_sst._graphic_matroid import _capped, _min_cut_source_side, min_partition, spanning_tree_row
 from convex_sst.fast import capped_simplex
+from convex_sst.regularizers import get_regularizer
 
 SEPARABLE = ["entropy", "binary_entropy", "quadratic"]
 
@@ -107,6 +108,9 @@ def _random_graph(rng, n):
 
 @pytest.mark.parametrize("reg", SEPARABLE)
 def test_equals_the_torch_solver_on_random_graphs(reg):
+    from convex_sst.relax import _route
+
+    assert _route(cs.load_polytope("spanning_tree", n=30), get_regularizer(reg), "auto")[0] == "fast"
     rng = np.random.default_rng(2)
     gen = torch.Generator().manual_seed(2)
     splits = 0
