@@ -45,8 +45,15 @@ def _min_cut_source_side(cap: np.ndarray, s: int, t: int) -> np.ndarray:
     N = cap.shape[0]
     scale = float(cap[np.isfinite(cap)].max(initial=0.0))
     eps = 1e-14 * max(scale, 1.0) * N
-    res = cap.tolist()
-    adj = [[b for b, linked in enumerate(row) if linked] for row in ((cap > 0) | (cap.T > 0)).tolist()]
+    linked = (cap > 0) | (cap.T > 0)
+    res: list
+    if N <= 64:  # small: dense lists
+        res = cap.tolist()
+        adj = [[b for b, on in enumerate(row) if on] for row in linked.tolist()]
+    else:  # the arcs present in either direction only: dense N × N lists cost more than the flow at N = 500
+        rows, cols = np.nonzero(linked)
+        adj = [a.tolist() for a in np.split(cols, np.cumsum(np.bincount(rows, minlength=N))[:-1])]
+        res = [dict(zip(nb, cap[a, nb].tolist())) for a, nb in enumerate(adj)]
     while True:
         level = [-1] * N
         level[s] = 0

@@ -78,6 +78,22 @@ def test_min_cut_matches_enumeration():
         assert cut(np.flatnonzero(side)) <= best + 1e-12
 
 
+def test_min_cut_of_large_sparse_graphs_matches_scipy_max_flow():
+    # above 64 vertices the residual graph is kept sparse; integer capacities, so that scipy's
+    # maximum flow (integers only) is an exact reference
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import maximum_flow
+
+    rng = np.random.default_rng(8)
+    for N in (65, 90, 140):
+        cap = rng.integers(1, 20, (N, N)) * (rng.random((N, N)) < 4 / N)
+        np.fill_diagonal(cap, 0)
+        side = _min_cut_source_side(cap.astype(float), 0, N - 1)
+        value = cap[np.ix_(side, ~side)].sum()
+        assert side[0] and not side[N - 1]
+        assert value == maximum_flow(csr_array(cap.astype(np.int32)), 0, N - 1).flow_value
+
+
 @pytest.mark.parametrize("reg", SEPARABLE)
 def test_capped_step_matches_the_root_finder(reg, monkeypatch):
     # step 1 in closed form (entropy, quadratic) or by NumPy Newton steps (binary entropy)
