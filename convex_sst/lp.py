@@ -27,6 +27,11 @@ except ImportError as exc:  # pragma: no cover - environment problem
     raise ImportError("convex_sst needs highspy (installed with cvxpy); pip install highspy") from exc
 
 
+def _too_many_vertices(limit: int) -> str:
+    return (f"more than {limit} vertices; vertices() is meant for small instances "
+            "(raise `limit` if you really want them all)")
+
+
 def _new_highs() -> "highspy.Highs":
     """A silent HiGHS instance (the first construction prints a banner to fd 1)."""
     global _BANNER_DONE
@@ -403,10 +408,7 @@ class LinearProgram:
             elif j == n:
                 found.append(lower.copy())
                 if len(found) > limit:
-                    raise PolytopeError(
-                        f"more than {limit} vertices; vertices() is meant for small instances "
-                        "(raise `limit` if you really want them all)"
-                    )
+                    raise PolytopeError(_too_many_vertices(limit))
             else:
                 children = []
                 for v in (0.0, 1.0):

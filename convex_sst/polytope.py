@@ -31,7 +31,7 @@ from ._scalars import as_real, positive_int
 from .canonical import CanonicalForm
 from .config import PolytopeConfig, load_config_file
 from .errors import ConfigError, InputError, PolytopeError, RegistrationError, unknown_name
-from .lp import LinearProgram
+from .lp import LinearProgram, _too_many_vertices
 from .regularizers import Regularizer, get_regularizer, regularizer_names
 
 ArgmaxFn = Callable[[torch.Tensor, "Polytope"], torch.Tensor]
@@ -551,14 +551,21 @@ class Polytope:
 
         Found by LP-pruned branch and bound over the coordinates of x, so it is independent of
         any combinatorial algorithm. Raises :class:`PolytopeError` if there are more than
-        ``limit``.
+        ``limit``; that outcome is remembered, so asking again with a limit as low raises at
+        once (finding it out took 16 s for Birkhoff n = 8 and ``exp_family`` asked at every call).
         """
         limit = positive_int(limit, "limit")
         if not isinstance(dtype, torch.dtype):
             raise InputError(f"dtype must be a torch.dtype such as torch.float64, got {dtype!r}")
         key = ("vertices", limit)
         if key not in self.cache:
-            self.cache[key] = self.lp.enumerate_binary(limit)
+            if limit <= self.cache.get("vertices exceed", 0):
+                raise PolytopeError(_too_many_vertices(limit))
+            try:
+                self.cache[key] = self.lp.enumerate_binary(limit)
+            except PolytopeError:
+                self.cache["vertices exceed"] = max(limit, self.cache.get("vertices exceed", 0))
+                raise
         v = self.cache[key]
         return torch.as_tensor(v, dtype=dtype).reshape((v.shape[0],) + self.shape)
 

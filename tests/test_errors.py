@@ -320,6 +320,22 @@ def test_vertices_too_many_is_a_clear_error():
         cs.load_polytope("hypercube", n=8).vertices(limit=100)
 
 
+def test_too_many_vertices_is_found_out_once(monkeypatch):
+    # the exp_family by enumeration asked at every call: 16 s each time for Birkhoff n = 8
+    from convex_sst.lp import LinearProgram
+
+    calls = []
+    real = LinearProgram.enumerate_binary
+    monkeypatch.setattr(LinearProgram, "enumerate_binary", lambda self, limit: calls.append(limit) or real(self, limit))
+    P = cs.load_polytope("k_subset", n=7, k=3)  # 35 structures
+    P.cache.pop("vertices exceed", None)
+    for limit in (20, 20, 10):
+        with pytest.raises(cs.PolytopeError, match=f"more than {limit} vertices"):
+            P.vertices(limit=limit)
+    assert calls == [20]  # a lower limit is exceeded too
+    assert P.vertices(limit=40).shape == (35, 7) and calls == [20, 40]
+
+
 def test_no_warnings_on_normal_use(P):
     with warnings.catch_warnings():
         warnings.simplefilter("error", cs.SolverWarning)
