@@ -14,13 +14,12 @@ not converged (warned).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 
 import convex_sst as cs
+from setup_lps import median_time  # (this folder)
 
 
 def run(u: torch.Tensor, w: torch.Tensor, P: cs.Polytope, reg: str, t: float, backend: str):
@@ -31,13 +30,8 @@ def run(u: torch.Tensor, w: torch.Tensor, P: cs.Polytope, reg: str, t: float, ba
 
 
 def timed(fn, repeats: int) -> tuple[float, tuple]:
-    out = fn()  # warm-up (the torch solver builds its standard form once per polytope)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    fn()  # warm-up (the torch solver builds its standard form once per polytope)
+    return median_time(fn, repeats)
 
 
 def main() -> None:
