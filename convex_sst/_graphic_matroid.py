@@ -216,12 +216,10 @@ def _capped(theta: np.ndarray, k: int, reg: str) -> np.ndarray:
     return xt[0].numpy()
 
 
-def spanning_tree_row(theta: np.ndarray, edges: np.ndarray, n: int, reg: str,
-                      first: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def spanning_tree_row(theta: np.ndarray, edges: np.ndarray, n: int, reg: str) -> tuple[np.ndarray, np.ndarray]:
     """``argmax_{x∈B} θᵀx − f(x)`` for one row: ``theta (m,)`` float64, ``edges (m, 2)`` of a
-    connected graph on ``n`` vertices (``first``: step 1 on the whole graph, if computed
-    already). Returns ``x (m,)`` and the block of each edge ``(m,) int64`` (−1 for edges fixed at
-    1 with zero derivative: bridges of a subproblem)."""
+    connected graph on ``n`` vertices. Returns ``x (m,)`` and the block of each edge
+    ``(m,) int64`` (−1 for edges fixed at 1 with zero derivative: bridges of a subproblem)."""
     m = len(theta)
     x = np.zeros(m)
     block = np.full(m, -1, dtype=np.int64)
@@ -235,12 +233,15 @@ def spanning_tree_row(theta: np.ndarray, edges: np.ndarray, n: int, reg: str,
         if len(idx) == k - 1:  # a tree: every edge is a bridge
             x[idx] = 1.0
             continue
-        y = first if first is not None and len(idx) == m else _capped(theta[idx], k - 1, reg)
+        y = _capped(theta[idx], k - 1, reg)
         W = np.zeros((k, k))
         np.add.at(W, (uv[:, 0], uv[:, 1]), y)
         W = W + W.T
+        # an exact minimizer (merges on any gain above rounding), split only on a violation
+        # above the roots' tolerance: a near-minimizer found with 1.6e-11 for both put a block of
+        # 1e-12 masses on the wrong side of a split (levels out of order; x off by ~1e-12 only)
+        parts, value = min_partition(W, 1e-14 * k)
         tol = 4e-12 * k
-        parts, value = min_partition(W, tol)
         if value >= -tol or len(parts) == 1:
             x[idx] = y
             block[idx] = blocks
@@ -273,15 +274,9 @@ def _slope(x: torch.Tensor, block: torch.Tensor, reg: str) -> torch.Tensor:
 class _SpanningTreeSeparable(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, edges, n, reg):
-        from .fast import capped_simplex
-
-        th = theta.detach().to("cpu", torch.float64)
+        th = theta.detach().to("cpu", torch.float64).numpy()
         m = theta.shape[1]
-        # step 1 on the whole graph for all rows at once; the rows' splits then go one by one
-        first = capped_simplex(th, n - 1, reg, on_failure="raise")[0].numpy() if len(th) and m > n - 1 else None
-        th = th.numpy()
-        xs, blocks = zip(*(spanning_tree_row(row, edges, n, reg, None if first is None else first[i])
-                           for i, row in enumerate(th))) if len(th) else ((), ())
+        xs, blocks = zip(*(spanning_tree_row(row, edges, n, reg) for row in th)) if len(th) else ((), ())
         x = torch.from_numpy(np.stack(xs)) if xs else torch.zeros(0, m, dtype=torch.float64)
         block = torch.from_numpy(np.stack(blocks)) if blocks else torch.zeros(0, m, dtype=torch.int64)
         x = x.to(theta.device, theta.dtype)
