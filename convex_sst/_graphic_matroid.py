@@ -22,7 +22,8 @@ holds every ``e`` with ``x_e < y_e`` and no ``e`` with ``x_e > y_e``, so for eve
 For the graphic matroid, ``min_A r(A) − y(A)`` (``y ≥ 0``) is a minimum over partitions ``Π`` of
 ``V``, with ``A`` the edges inside the parts: ``min_Π Σ_{P∈Π} (|P| − 1 − y(E(P)))``. It is found
 by adding the vertices one at a time (Cunningham 1985, "Optimal attack and reinforcement of a
-network"): the new vertex joins a union of current parts chosen by one minimum cut.
+network"): the new vertex joins a union of current parts chosen by one minimum cut (or, among
+few parts, by trying every union).
 
 The solution is a union of blocks, each with ``x_e = clamp(ψ(θ_e − τ_j), 0, 1)`` and an integer
 sum, so its Jacobian is block diagonal: ``diag(d) − d dᵀ/Σd`` in each block, as for the capped
@@ -86,6 +87,34 @@ def _min_cut_source_side(cap: np.ndarray, s: int, t: int) -> np.ndarray:
             pass
 
 
+# with at most this many parts, every union of them is tried at once (2^q rows) instead of a flow:
+# spanning trees n = 10, B = 64, 0.18 -> 0.09 s; n = 20, 0.56-0.84 -> 0.33-0.44 s (8: less gain, 12: slower)
+_ENUMERATE_PARTS = 10
+_SUBSETS: dict[int, np.ndarray] = {}
+
+
+def _subsets(q: int) -> np.ndarray:
+    """``(2^q, q)`` 0/1 rows: every subset of q items."""
+    if q not in _SUBSETS:
+        _SUBSETS[q] = ((np.arange(1 << q)[:, None] >> np.arange(q)) & 1).astype(float)
+    return _SUBSETS[q]
+
+
+def _best_union(Wp: np.ndarray, wv: np.ndarray) -> np.ndarray:
+    """The parts S maximizing ``wv(S) + Wp(E(S)) − |S|`` (``Wp (q, q)`` between parts, ``wv (q,)``
+    from the new vertex): a minimum cut with the new vertex on the source side. Returns S's indices."""
+    q = len(wv)
+    c = 1.0 - 0.5 * (Wp.sum(1) + wv)  # cost of a part on v's side, less half its cut
+    s, t = q + 1, q + 2
+    cap = np.zeros((q + 3, q + 3))
+    cap[:q, :q] = 0.5 * Wp
+    cap[:q, q] = cap[q, :q] = 0.5 * wv
+    cap[s, q] = math.inf
+    cap[:q, t] = np.maximum(c, 0.0)
+    cap[s, :q] = np.maximum(-c, 0.0)
+    return np.flatnonzero(_min_cut_source_side(cap, s, t)[:q])
+
+
 def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
     """``min_Π Σ_{P∈Π} (|P| − 1 − W(E(P)))`` over the partitions Π of the vertices of a graph
     with symmetric nonnegative edge weights ``W (k, k)`` (zero diagonal); returns the parts and
@@ -94,7 +123,8 @@ def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
     Vertices are added in order. With ``Π`` optimal on the first ``v`` vertices, an optimal
     partition on ``v + 1`` keeps the parts of ``Π`` and merges vertex ``v`` with the union of
     some of them, ``S``, maximizing ``W(v, S) + W(E(S)) − |S|`` (where merging parts without ``v``
-    never gains, as ``Π`` is optimal): a minimum cut with ``v`` on the source side. A vertex whose
+    never gains, as ``Π`` is optimal): a minimum cut with ``v`` on the source side, or with at most
+    :data:`_ENUMERATE_PARTS` parts, the best of all their unions. A vertex whose
     weight towards the earlier vertices is at most 1 cannot gain and starts a part of its own.
     (That the other parts stay whole is checked against enumeration of all partitions in
     ``tests/test_graphic_matroid.py``.)"""
@@ -109,17 +139,14 @@ def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
         if wv.sum() > 1.0 + tol:
             Wp = M.T @ W[:v, :v] @ M
             np.fill_diagonal(Wp, 0.0)
-            c = 1.0 - 0.5 * (Wp.sum(1) + wv)  # cost of a part on v's side, less half its cut
-            s, t = q + 1, q + 2
-            cap = np.zeros((q + 3, q + 3))
-            cap[:q, :q] = 0.5 * Wp
-            cap[:q, q] = cap[q, :q] = 0.5 * wv
-            cap[s, q] = math.inf
-            cap[:q, t] = np.maximum(c, 0.0)
-            cap[s, :q] = np.maximum(-c, 0.0)
-            side = _min_cut_source_side(cap, s, t)[:q]
-            S = np.flatnonzero(side)
-            gain = 0.5 * Wp[np.ix_(S, S)].sum() + wv[S].sum() - len(S)
+            if q <= _ENUMERATE_PARTS:  # few parts: every union of them at once beats a flow
+                subsets = _subsets(q)
+                gains = subsets @ wv + 0.5 * ((subsets @ Wp) * subsets).sum(1) - subsets.sum(1)
+                best = int(np.argmax(gains))
+                S, gain = np.flatnonzero(subsets[best]), float(gains[best])
+            else:
+                S = _best_union(Wp, wv)
+                gain = 0.5 * Wp[np.ix_(S, S)].sum() + wv[S].sum() - len(S)
             if gain > tol:
                 merge = S.tolist()
         if merge:

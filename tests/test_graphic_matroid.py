@@ -41,7 +41,11 @@ def _random_weights(rng, k):
     return W + W.T
 
 
-def test_min_partition_matches_enumeration():
+@pytest.mark.parametrize("enumerate_parts", [0, 10])
+def test_min_partition_matches_enumeration(enumerate_parts, monkeypatch):
+    # the union of parts a new vertex joins: by a minimum cut (0), or by trying every union
+    # where there are at most 10 parts (the default)
+    monkeypatch.setattr(_graphic_matroid, "_ENUMERATE_PARTS", enumerate_parts)
     rng = np.random.default_rng(0)
     nontrivial = 0
     for _ in range(400):
@@ -54,6 +58,17 @@ def test_min_partition_matches_enumeration():
         assert value <= best + 1e-12, (W, parts, value, best)
         nontrivial += 1 < len(parts) < k and value < -1e-9  # some parts merged, not all
     assert nontrivial > 50  # the incremental merges are exercised, not only the two extremes
+
+
+def test_min_partition_by_cuts_and_by_unions_agree_on_larger_graphs(monkeypatch):
+    rng = np.random.default_rng(9)
+    for _ in range(30):
+        k = int(rng.integers(9, 25))
+        W = _random_weights(rng, k)
+        value = min_partition(W, 1e-12)[1]
+        monkeypatch.setattr(_graphic_matroid, "_ENUMERATE_PARTS", 0)
+        assert abs(min_partition(W, 1e-12)[1] - value) < 1e-12
+        monkeypatch.setattr(_graphic_matroid, "_ENUMERATE_PARTS", 10)
 
 
 def test_min_cut_matches_enumeration():
