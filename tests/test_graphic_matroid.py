@@ -49,7 +49,7 @@ def test_min_partition_matches_enumeration(enumerate_parts, monkeypatch):
     rng = np.random.default_rng(0)
     nontrivial = 0
     for _ in range(400):
-        k = int(rng.integers(2, 7))
+        k = int(rng.integers(2, 8))
         W = _random_weights(rng, k)
         best = min(_partition_value(W, p) for p in _set_partitions(list(range(k))))
         parts, value = min_partition(W, 1e-12)
