@@ -113,14 +113,14 @@ def _cle(W: np.ndarray, root: int) -> np.ndarray:
     m = c + 1
     W2 = np.full((m, m), -np.inf)
     rest_a = np.asarray(rest, dtype=np.intp)
-    W2[:c, :c] = W[np.ix_(rest_a, rest_a)]
+    W2[:c, :c] = W[rest_a[:, None], rest_a]  # (not np.ix_: its dtype checks cost more than the copy)
     cyc = np.array(cycle)
     # arcs into the cycle: gain of replacing the cycle arc into v by h -> v
-    into = W[np.ix_(rest_a, cyc)] - W[parent[cyc], cyc][None, :]
+    into = W[rest_a[:, None], cyc] - W[parent[cyc], cyc][None, :]
     best_in = into.argmax(1)
     W2[:c, c] = into[np.arange(c), best_in]
     # arcs out of the cycle: the best cycle node as tail
-    out = W[np.ix_(cyc, rest_a)]
+    out = W[cyc[:, None], rest_a]
     best_out = out.argmax(0)
     W2[c, :c] = out[best_out, np.arange(c)]
     sub = _cle(W2, index[root])

@@ -144,3 +144,14 @@ def test_spanning_tree_separable_benchmark_runs_and_agrees_with_the_torch_solver
     for row in rows:
         assert re.fullmatch(r"[0-9.]+×", row[3])
         assert float(row[4]) < 1e-7 and float(row[5]) < 1e-5, row
+
+
+def test_quadratic_by_argmax_benchmark_runs_and_agrees_with_the_torch_solver():
+    out = _run("quadratic_by_argmax.py", "--cases", "arborescence:4", "correlated_k_subset:6:2", "birkhoff:3",
+               "--temperatures", "0.5", "--batch", "2", "--repeats", "1")
+    rows = _rows(out, "| ")[1:]
+    assert [r[0] for r in rows] == ["arborescence:4", "correlated_k_subset:6:2", "birkhoff:3"]
+    for row in rows:
+        assert re.fullmatch(r"[0-9.]+×", row[4])
+        assert float(row[5]) < 1e-7 and float(row[6]) < 1e-5, row
+        assert float(row[7].split("/")[0]) < 1e-6, row  # ours against differences

@@ -9,6 +9,7 @@ import torch
 from conftest import RELAX_CASES
 
 import convex_sst as cs
+import oracles
 from convex_sst import solver
 from convex_sst.regularizers import get_regularizer
 from convex_sst.solver import solve_torch
@@ -109,15 +110,17 @@ def test_degenerate_polytope_with_redundant_rows_and_free_aux(tmp_path, gen):
     assert cs.relax(u, P, "entropy", 0.5).shape == (5, 4)  # auto picks the torch solver here
 
 
-def test_auto_picks_torch_for_small_equality_systems():
+def test_auto_picks_torch_for_small_equality_systems(tmp_path):
     from convex_sst.relax import TORCH_AUTO_MAX_ROWS, select_backend
     from convex_sst.solver import relax_torch
 
     reg = get_regularizer("quadratic")
     assert select_backend(cs.load_polytope("birkhoff", n=4), reg, "auto") is relax_torch
     assert select_backend(cs.load_polytope("matching", n=2, m=3), reg, "auto") is relax_torch
-    assert select_backend(cs.load_polytope("arborescence", n=8), reg, "auto") is relax_torch
-    big = cs.load_polytope("arborescence", n=14)
+    # arborescences with the quadratic have a fast path; a user's copy of them does not
+    mine = oracles.user_copy(tmp_path, "arborescence")
+    assert select_backend(cs.load_polytope(mine, n=8), reg, "auto") is relax_torch
+    big = cs.load_polytope(mine, n=14)
     assert big.form.num_eq > TORCH_AUTO_MAX_ROWS
     assert select_backend(big, reg, "auto") is not relax_torch
     # the entropies (exponential cones in cvxpylayers: slower, and inaccurate) take the torch
@@ -128,7 +131,8 @@ def test_auto_picks_torch_for_small_equality_systems():
     for name in ("entropy", "binary_entropy"):
         assert select_backend(mid, get_regularizer(name), "auto") is relax_torch
         assert select_backend(large, get_regularizer(name), "auto") is not relax_torch
-    assert select_backend(mid, reg, "auto") is not relax_torch  # the quadratic keeps 300
+    mid_copy = cs.load_polytope(oracles.user_copy(tmp_path, "correlated_k_subset"), n=50, k=8)
+    assert select_backend(mid_copy, reg, "auto") is not relax_torch  # the quadratic keeps 300
     # a fast path always wins; a regularizer without elementwise derivatives goes to cvxpylayers
     assert select_backend(cs.load_polytope("birkhoff", n=4), get_regularizer("entropy"), "auto") is not relax_torch
 
