@@ -6,8 +6,9 @@ implicit differentiation, or autograd through a fixed number of vectorized steps
 finite differences, never autograd through solver iterations). The backward passes are
 themselves differentiable (second derivatives under ``create_graph=True``): functions of the
 output (capped simplex, spanning-tree decomposition, Sinkhorn), recomputed differentiably
-(matrix-tree), or, for the k-subset exp family, autograd through the log-space product tree
-(slower; only when asked for).
+(matrix-tree), linear with constant factors (the minimum-norm point: x is piecewise affine, its
+second derivatives 0), or, for the k-subset exp family, autograd through the log-space product
+tree (slower; only when asked for).
 
 ==================  ==================  ===================================================
 polytope            regularizer         algorithm
@@ -44,6 +45,12 @@ spanning_tree       entropy, binary     the decomposition algorithm on the graph
                                         the CPU in float64, row by row
                                         (:mod:`convex_sst._graphic_matroid`)
 arborescence        exp_family          directed matrix-tree theorem (Koo et al. 2007), same
+arborescence,       quadratic           Wolfe's minimum-norm-point algorithm (SparseMAP's
+correlated_k_subset                     active set): the projection onto conv(𝒳) from the
+                                        argmax alone, a few structures mixed, exact; Jacobian
+                                        = projector onto the optimal face's affine hull; on
+                                        the CPU in float64, row by row
+                                        (:mod:`convex_sst._min_norm_point`)
 dag_path            exp_family          forward pass in topological order, backward by autograd
 correlated_k_subset exp_family          forward pass over the items with states (count, last
                                         item chosen), O(n k); backward by autograd
