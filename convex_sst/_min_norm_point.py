@@ -190,14 +190,10 @@ def _span_the_face(theta: np.ndarray, x: np.ndarray, corrals: list[_Corral],
     B, d = theta.shape
     rng = np.random.default_rng(0)
     r = np.zeros((B, d))
-    eps = np.zeros(B)
+    eps = 1e-9 * np.maximum(1.0, np.abs(theta - x).max(1))
     sign = np.ones(B)
-    todo = []
-    for i, c in enumerate(corrals):
-        g = theta[i] - x[i]
-        eps[i] = 1e-9 * max(1.0, float(np.abs(g).max()))
-        todo.append(i)
-    fresh = np.ones(B, dtype=bool)
+    fresh = np.ones(B, dtype=bool)  # rows whose direction r is to be drawn (again)
+    todo = list(range(B))
     for _ in range(2 * d + 8):  # per row: one pass per new vertex, a sign flip, a few smaller tilts
         if not todo:
             return
@@ -242,7 +238,8 @@ class _MinNormPoint(torch.autograd.Function):
         B, d = th.shape
         x, corrals, gaps, failed = min_norm_point(th, argmax, tol, max_iter)
         if failed.any():
-            report(torch.from_numpy(failed), B, f"gap up to {gaps[failed].max():.1e} after {max_iter} major cycles")
+            report(torch.from_numpy(failed), B, f"optimality gap up to {gaps[failed].max():.1e} "
+                   f"(stalled, or still open after max_iter = {max_iter} major cycles)")
         factors = [c.jacobian_factors(d) for c in corrals]
         K = max((len(D) for D, _ in factors), default=0)
         Dp = np.zeros((B, K, d))
