@@ -249,8 +249,9 @@ def test_builtin_configs_ship_as_package_data():
 
 def test_docs_worked_example(tmp_path, monkeypatch):
     (yaml_text,) = _blocks(DOC, "yaml")
-    (py_text, reg_text, fast_text) = _blocks(DOC, "python")
-    for template in (reg_text, fast_text):  # templates with `...` bodies: they must at least parse
+    (py_text, reg_text, fast_text, quadratic_text) = _blocks(DOC, "python")
+    for template in (reg_text, fast_text, quadratic_text):  # templates (`...` bodies; a registration
+        # that needs the one before it; test_extending runs it on a config of its own): they must parse
         compile(template, str(DOC), "exec")
     write(tmp_path, yaml_text, "group_subset.yaml")
     monkeypatch.chdir(tmp_path)

@@ -259,3 +259,45 @@ def test_users_polytope_with_inequality_rows_matches_an_exact_oracle(tmp_path, r
             fd[j] = (group_capped_subset(theta[i].numpy() + e, groups, cap, k, reg)[0]
                      - group_capped_subset(theta[i].numpy() - e, groups, cap, k, reg)[0]) @ w.numpy() / (2 * h)
         assert np.abs(u.grad[i].numpy() - fd).max() < 1e-5, i
+
+
+GROUPS = """\
+name: test_group_subset
+params:
+  n: {type: int, min: 1, default: 6}
+  k: {type: int, min: 1, max: n, default: 2}
+  groups: {type: int_list, default: [0, 0, 1, 1, 2, 2]}
+data:
+  G: group_indicator(groups)
+output: {name: x, shape: [n]}
+constraints:
+  - sum(x) == k
+  - G @ x <= 1
+  - 0 <= x <= 1
+argmax: test_best_per_group
+"""
+
+
+def test_a_users_argmax_gives_the_quadratic_by_the_minimum_norm_point(tmp_path):
+    # docs/polytope-config.md: with an argmax registered, the quadratic needs no algorithm of the
+    # user's own; the minimum-norm-point path is checked against the torch solver on the config
+    from convex_sst.fast import projection_by_argmax
+
+    @cs.register_argmax("test_best_per_group")
+    def best_per_group(u, polytope):  # the best item of each group, then the k best groups
+        groups = torch.as_tensor(polytope.params["groups"])
+        scores = torch.stack([torch.where(groups == j, u, -torch.inf) for j in range(int(groups.max()) + 1)])
+        best, item = scores.max(-1)                                                  # (groups, B)
+        top = best.topk(int(polytope.params["k"]), dim=0).indices                   # (k, B)
+        items = item.gather(0, top)                                                 # (k, B)
+        return torch.zeros_like(u).scatter(-1, items.T, 1.0)
+
+    path = tmp_path / "test_group_subset.yaml"
+    path.write_text(GROUPS)
+    cs.register_polytope(path)
+    cs.register_fast_path("test_group_subset", "quadratic")(projection_by_argmax)
+    P = cs.load_polytope("test_group_subset", k=2)
+    assert cs.relax(torch.zeros(6), P, "quadratic", 1.0, backend="fast").sum().item() == pytest.approx(2.0)
+    rows = cs.testing.check_relaxation(P, "quadratic")
+    assert all(r["value_error"] < 1e-6 and r["grad_error"] < 1e-6 and r["forbidden_error"] < 1e-6 and r["gradcheck"]
+               and r["in_polytope"] for r in rows)
