@@ -73,7 +73,7 @@ class _Corral:
         h = sv[1:] - G[1:, 0] - sv[0] + G[0, 0]  # H's new column D (v − s_0), and ‖v − s_0‖²
         hkk = vv - 2.0 * sv[0] + G[0, 0]
         if self.L is None:  # H singular to rounding (a failed factorization after a drop)
-            H = self.directions()[0]
+            H = self.directions()
             low = np.linalg.lstsq(H, h, rcond=None)[0] if k > 1 else h[:0]
             pivot = hkk - h @ low
         else:
@@ -104,29 +104,28 @@ class _Corral:
         self.lam = self.lam[keep]
         self.lam = self.lam / self.lam.sum()
         try:
-            self.L = np.linalg.cholesky(self.directions()[0])
+            self.L = np.linalg.cholesky(self.directions())
         except np.linalg.LinAlgError:
             self.L = None
 
-    def directions(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(H, r)``: ``H = DDᵀ`` and ``r = D(θ − s_0)`` for ``D = [s_i − s_0]``, from the Gram matrix."""
+    def directions(self) -> np.ndarray:
+        """``H = DDᵀ`` for ``D = [s_i − s_0]``, from the Gram matrix."""
         G = self.gram
-        H = G[1:, 1:] - G[1:, :1] - G[:1, 1:] + G[0, 0]
-        r = self.s_theta[1:] - self.s_theta[0] - G[1:, 0] + G[0, 0]
-        return H, r
+        return G[1:, 1:] - G[1:, :1] - G[:1, 1:] + G[0, 0]
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """``H⁻¹ rhs`` (rhs ``(k−1,)`` or ``(k−1, m)``): two triangular solves with the factor,
         least squares where H is singular to rounding."""
         if self.L is not None:
             return _lower_solve(self.L, _lower_solve(self.L, rhs), transposed=True)
-        return np.linalg.lstsq(self.directions()[0], rhs, rcond=None)[0]
+        return np.linalg.lstsq(self.directions(), rhs, rcond=None)[0]
 
     def affine_weights(self) -> np.ndarray:
         """The affine weights (summing to 1) of the point of ``aff(S)`` nearest to θ."""
         if len(self.lam) == 1:
             return np.ones(1)
-        beta = self.solve(self.directions()[1])
+        G = self.gram  # D(θ − s_0), from the Gram matrix and S θ
+        beta = self.solve(self.s_theta[1:] - self.s_theta[0] - G[1:, 0] + G[0, 0])
         return np.concatenate([[1.0 - beta.sum()], beta])
 
     def point(self) -> np.ndarray:
