@@ -38,6 +38,10 @@ from ._autograd import autocast_off
 
 _ZERO = 1e-14
 """Affine weights at or below this count as not positive (the vertex leaves the corral)."""
+TOL = 1e-12
+"""Default stopping gap, relative to its rounding scale: at 1e-14, corrals of hundreds of
+structures (near-zero logits) ran to max_iter on gaps of 4e-14 that rounding kept from
+closing; a corral that ends short of its face is completed for the Jacobian anyway."""
 
 
 def _lower_solve(L: np.ndarray, b: np.ndarray, transposed: bool = False) -> np.ndarray:
@@ -158,7 +162,7 @@ class _Corral:
         return D, self.solve(D)
 
 
-def min_norm_point(theta: np.ndarray, argmax: Callable[[np.ndarray], np.ndarray], tol: float = 1e-14,
+def min_norm_point(theta: np.ndarray, argmax: Callable[[np.ndarray], np.ndarray], tol: float = TOL,
                    max_iter: int = 1000) -> tuple[np.ndarray, list[_Corral], np.ndarray, np.ndarray]:
     """Wolfe's algorithm on every row of ``theta (B, d)``: ``argmin_{x∈P} ½‖x − θ‖²``.
 

@@ -65,7 +65,7 @@ import torch
 
 from . import _linalg
 from ._graphic_matroid import spanning_tree_separable
-from ._min_norm_point import project_onto_hull
+from ._min_norm_point import TOL, project_onto_hull
 from ._forbidden import SLACK, far_below, lower_far_above, lower_forced, needed_apart, shift_far_below
 from .errors import InputError, SolverError, warn_user
 from .graphs import topological_order
@@ -1515,7 +1515,7 @@ def projection_by_argmax(theta: torch.Tensor, polytope: Polytope, tol: float | N
     Wolfe's minimum-norm-point algorithm (an active set of vertices; SparseMAP's solver), exact,
     with the Jacobian ``Dᵀ(DDᵀ)⁻¹D`` of the final vertices' affine hull. On the CPU in float64,
     row by row, one batched argmax per cycle (:mod:`convex_sst._min_norm_point`). Options: tol
-    (the gap relative to its rounding scale, default 1e-14), max_iter (major cycles), on_failure
+    (the gap relative to its rounding scale, default 1e-12), max_iter (major cycles), on_failure
     ('warn'|'raise')."""
     B = theta.shape[0]
     shape = tuple(polytope.shape)
@@ -1533,7 +1533,7 @@ def projection_by_argmax(theta: torch.Tensor, polytope: Polytope, tol: float | N
     def report(bad: torch.Tensor, total: int, detail: str) -> None:
         _report("Wolfe's minimum-norm-point algorithm", bad, total, detail, on_failure)
 
-    x = project_onto_hull(flat, argmax, 1e-14 if tol is None else float(tol), int(max_iter), report)
+    x = project_onto_hull(flat, argmax, TOL if tol is None else float(tol), int(max_iter), report)
     return x.reshape((B,) + shape)
 
 

@@ -11,7 +11,7 @@ import torch
 
 import convex_sst as cs
 import oracles
-from convex_sst._min_norm_point import min_norm_point, project_onto_hull
+from convex_sst._min_norm_point import TOL, min_norm_point, project_onto_hull
 from convex_sst.fast import projection_by_argmax
 
 CASES = [("arborescence", {"n": 4}), ("arborescence", {"n": 5, "root": 2}), ("correlated_k_subset", {"n": 7, "k": 3})]
@@ -86,7 +86,7 @@ def test_the_jacobian_spans_the_optimal_face_when_the_vertices_do_not():
     D = corrals[0].S[1:] - corrals[0].S[0]
     assert np.linalg.matrix_rank(D) == (n - 1) ** 2
     theta.requires_grad_(True)
-    x = project_onto_hull(theta, argmax, 1e-14, 100, lambda *a: None)
+    x = project_onto_hull(theta, argmax, TOL, 100, lambda *a: None)
     J = torch.stack([torch.autograd.grad(x[0, j], theta, retain_graph=True)[0][0] for j in range(n * n)])
     c = torch.eye(n, dtype=torch.float64) - 1 / n
     assert (J - torch.kron(c, c)).abs().max() < 1e-12
@@ -101,12 +101,12 @@ def test_large_corrals_on_birkhoff_match_differences(gen):
     theta = torch.randn(24, n * n, generator=gen, dtype=torch.float64) / 12.0
     v = torch.randn(theta.shape, generator=gen, dtype=torch.float64)
     th = theta.clone().requires_grad_(True)
-    x = project_onto_hull(th, argmax, 1e-14, 1000, lambda *a: None)
+    x = project_onto_hull(th, argmax, TOL, 1000, lambda *a: None)
     (jv,) = torch.autograd.grad((x * v).sum(), th)
     h = 1e-6
     with torch.no_grad():
-        fd = (project_onto_hull(theta + h * v, argmax, 1e-14, 1000, lambda *a: None)
-              - project_onto_hull(theta - h * v, argmax, 1e-14, 1000, lambda *a: None)) / (2 * h)
+        fd = (project_onto_hull(theta + h * v, argmax, TOL, 1000, lambda *a: None)
+              - project_onto_hull(theta - h * v, argmax, TOL, 1000, lambda *a: None)) / (2 * h)
     assert (jv - fd).abs().max() < 1e-6
 
 
