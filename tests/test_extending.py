@@ -3,7 +3,9 @@ convex_sst.testing.check_relaxation."""
 
 import importlib
 import math
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,21 +263,6 @@ def test_users_polytope_with_inequality_rows_matches_an_exact_oracle(tmp_path, r
         assert np.abs(u.grad[i].numpy() - fd).max() < 1e-5, i
 
 
-GROUPS = """\
-name: test_group_subset
-params:
-  n: {type: int, min: 1, default: 6}
-  k: {type: int, min: 1, max: n, default: 2}
-  groups: {type: int_list, default: [0, 0, 1, 1, 2, 2]}
-data:
-  G: group_indicator(groups)
-output: {name: x, shape: [n]}
-constraints:
-  - sum(x) == k
-  - G @ x <= 1
-  - 0 <= x <= 1
-argmax: test_best_per_group
-"""
 
 
 def test_a_users_argmax_gives_the_quadratic_by_the_minimum_norm_point(tmp_path):
@@ -292,8 +279,11 @@ def test_a_users_argmax_gives_the_quadratic_by_the_minimum_norm_point(tmp_path):
         items = item.gather(0, top)                                                 # (k, B)
         return torch.zeros_like(u).scatter(-1, items.T, 1.0)
 
+    # the worked example's config (docs/polytope-config.md) under a name of its own, with the argmax
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "polytope-config.md").read_text()
+    (config,) = re.findall(r"```yaml\n(.*?)```", doc, flags=re.S)
     path = tmp_path / "test_group_subset.yaml"
-    path.write_text(GROUPS)
+    path.write_text(config.replace("name: group_subset", "name: test_group_subset") + "argmax: test_best_per_group\n")
     cs.register_polytope(path)
     cs.register_fast_path("test_group_subset", "quadratic")(projection_by_argmax)
     P = cs.load_polytope("test_group_subset", k=2)
