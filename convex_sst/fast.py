@@ -1513,10 +1513,12 @@ def projection_by_argmax(theta: torch.Tensor, polytope: Polytope, tol: float | N
                          on_failure: str = "warn", forbidden: torch.Tensor | None = None) -> torch.Tensor:
     """Quadratic SST ``argmin_{x∈P} ½‖x − θ‖²`` with the polytope's argmax as the only oracle:
     Wolfe's minimum-norm-point algorithm (an active set of vertices; SparseMAP's solver), exact,
-    with the Jacobian ``Dᵀ(DDᵀ)⁻¹D`` of the final vertices' affine hull. On the CPU in float64,
-    row by row, one batched argmax per cycle (:mod:`convex_sst._min_norm_point`). Options: tol
-    (the gap relative to its rounding scale, default 1e-12), max_iter (major cycles), on_failure
-    ('warn'|'raise')."""
+    with the Jacobian ``Dᵀ(DDᵀ)⁻¹D``, the projector onto the optimal face's affine hull (``D``:
+    the final vertices' directions, completed to span that face). On the CPU in float64, row by
+    row, one batched argmax per cycle (:mod:`convex_sst._min_norm_point`). Any polytope with a
+    registered argmax can use it: ``register_fast_path(name, "quadratic")(projection_by_argmax)``.
+    Options: tol (the gap relative to its rounding scale, default 1e-12), max_iter (major
+    cycles), on_failure ('warn'|'raise')."""
     B = theta.shape[0]
     shape = tuple(polytope.shape)
     fb = None if forbidden is None else forbidden.flatten(1)
