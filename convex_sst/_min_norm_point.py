@@ -54,63 +54,119 @@ def _lower_solve(L: np.ndarray, b: np.ndarray, transposed: bool = False) -> np.n
     return x
 
 
+def _rank_one_update(L: np.ndarray, v: np.ndarray) -> None:
+    """In place: the lower Cholesky factor of ``L Lᵀ + v vᵀ`` (Givens-like sweep, O(m²))."""
+    for k in range(len(v)):
+        r = np.hypot(L[k, k], v[k])
+        c, s = r / L[k, k], v[k] / L[k, k]
+        L[k, k] = r
+        L[k + 1:, k] = (L[k + 1:, k] + s * v[k + 1:]) / c
+        v[k + 1:] = c * v[k + 1:] - s * L[k + 1:, k]
+
+
 class _Corral:
     """Vertices ``S (k, d)`` with their Gram matrix ``S Sᵀ``, the products ``S θ``, weights λ, and
     the Cholesky factor ``L`` of ``H = DDᵀ`` (``D = [s_i − s_0]``): a new vertex extends it in
-    O(k²); dropping one (rarer: 3 % of the steps on arborescences n = 16) factors H anew."""
+    O(k²). S and the Gram matrix live in buffers that double when full (at k ≈ 1 000,
+    arborescences n = 32 near zero logits, copying S at every vertex took a fifth of the time);
+    L is a Fortran-ordered array of its own size, which LAPACK takes without a copy (a view of
+    a larger buffer was copied at every solve: 3.4 s against 1.0 s there)."""
 
     def __init__(self, v: np.ndarray, theta: np.ndarray) -> None:
-        self.S = v[None, :]
-        self.gram = np.array([[v @ v]])
-        self.s_theta = np.array([v @ theta])
+        cap = 8
+        self._S = np.zeros((cap, len(v)))
+        self._G = np.zeros((cap, cap))
+        self._st = np.zeros(cap)
+        self._L = np.zeros((0, 0), order="F")
+        self.k = 1
+        self._S[0] = v
+        self._G[0, 0] = v @ v
+        self._st[0] = v @ theta
         self.lam = np.ones(1)
-        self.L: np.ndarray | None = np.zeros((0, 0))  # None: H singular to rounding (least squares)
+        self.factored = True  # False: H singular to rounding (least squares instead of L)
+
+    @property
+    def S(self) -> np.ndarray:
+        return self._S[: self.k]
+
+    @property
+    def gram(self) -> np.ndarray:
+        return self._G[: self.k, : self.k]
+
+    @property
+    def s_theta(self) -> np.ndarray:
+        return self._st[: self.k]
+
+    def _grow(self) -> None:
+        cap = 2 * len(self._st)
+        for name in ("_S", "_G", "_st"):
+            old = getattr(self, name)
+            new = np.zeros((cap,) + ((old.shape[1],) if name == "_S" else (cap,) * (old.ndim - 1)))
+            new[tuple(slice(0, n) for n in old.shape)] = old
+            setattr(self, name, new)
 
     def add(self, v: np.ndarray, theta: np.ndarray) -> bool:
         """Add the vertex v with weight 0, unless it lies in the corral's affine hull to rounding
         (its squared distance from it, the new pivot of L, below 1e-10 of ``‖v − s_0‖²``): it
         could not move x, and H would be singular. Returns whether v was added."""
-        k = len(self.lam)
+        k = self.k
         sv = self.S @ v
         vv = v @ v
         G = self.gram
         h = sv[1:] - G[1:, 0] - sv[0] + G[0, 0]  # H's new column D (v − s_0), and ‖v − s_0‖²
         hkk = vv - 2.0 * sv[0] + G[0, 0]
-        if self.L is None:  # H singular to rounding (a failed factorization after a drop)
-            H = self.directions()
-            low = np.linalg.lstsq(H, h, rcond=None)[0] if k > 1 else h[:0]
+        if not self.factored:  # H singular to rounding (a failed factorization after a drop)
+            low = np.linalg.lstsq(self.directions(), h, rcond=None)[0] if k > 1 else h[:0]
             pivot = hkk - h @ low
         else:
-            low = _lower_solve(self.L, h) if k > 1 else h[:0]
+            low = _lower_solve(self._L, h) if k > 1 else h[:0]
             pivot = hkk - low @ low
         if not pivot > 1e-10 * max(hkk, 1.0):
             return False
-        gram = np.empty((k + 1, k + 1))
-        gram[:k, :k] = G
-        gram[k, :k] = gram[:k, k] = sv
-        gram[k, k] = vv
-        self.gram = gram
-        self.S = np.vstack([self.S, v])
-        self.s_theta = np.append(self.s_theta, v @ theta)
-        self.lam = np.append(self.lam, 0.0)
-        if self.L is not None:
-            L = np.zeros((k, k))
-            L[: k - 1, : k - 1] = self.L
+        if k == len(self._st):
+            self._grow()
+        self._S[k] = v
+        self._G[k, :k] = self._G[:k, k] = sv
+        self._G[k, k] = vv
+        self._st[k] = v @ theta
+        if self.factored:  # L with a new row
+            L = np.zeros((k, k), order="F")
+            L[: k - 1, : k - 1] = self._L
             L[k - 1, : k - 1] = low
             L[k - 1, k - 1] = np.sqrt(pivot)
-            self.L = L
+            self._L = L
+        self.lam = np.append(self.lam, 0.0)
+        self.k = k + 1
         return True
 
     def keep(self, keep: np.ndarray) -> None:
-        self.S = self.S[keep]
-        self.gram = self.gram[np.ix_(keep, keep)]
-        self.s_theta = self.s_theta[keep]
-        self.lam = self.lam[keep]
+        """Drop the vertices not in ``keep``. L loses the rows and columns of their directions,
+        each by a rank-one update of the trailing block (O(k²)); dropping s_0 changes every
+        direction, and H is factored anew (O(k³), as it was for every drop: at k ≈ 1 000,
+        arborescences n = 32 near zero logits, those took most of the time)."""
+        gone = np.flatnonzero(~keep)
+        idx = np.flatnonzero(keep)
+        m = len(idx)
+        refactor = not self.factored or (len(gone) > 0 and gone[0] == 0)
+        if not refactor and len(gone):
+            L = self._L
+            for j in gone[::-1] - 1:  # H's indices, highest first
+                tail = L[j + 1:, j + 1:].copy()
+                _rank_one_update(tail, L[j + 1:, j].copy())
+                L = np.block([[L[:j, :j], np.zeros((j, len(tail)))], [L[j + 1:, :j], tail]])
+            self._L = np.asfortranarray(L)
+        self._S[:m] = self._S[idx]
+        self._G[:m, :m] = self._G[np.ix_(idx, idx)]
+        self._st[:m] = self._st[idx]
+        self.k = m
+        self.lam = self.lam[idx]
         self.lam = self.lam / self.lam.sum()
-        try:
-            self.L = np.linalg.cholesky(self.directions())
-        except np.linalg.LinAlgError:
-            self.L = None
+        if refactor:
+            try:
+                self._L = np.asfortranarray(np.linalg.cholesky(self.directions()))
+                self.factored = True
+            except np.linalg.LinAlgError:
+                self.factored = False
 
     def directions(self) -> np.ndarray:
         """``H = DDᵀ`` for ``D = [s_i − s_0]``, from the Gram matrix."""
@@ -120,8 +176,8 @@ class _Corral:
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """``H⁻¹ rhs`` (rhs ``(k−1,)`` or ``(k−1, m)``): two triangular solves with the factor,
         least squares where H is singular to rounding."""
-        if self.L is not None:
-            return _lower_solve(self.L, _lower_solve(self.L, rhs), transposed=True)
+        if self.factored:
+            return _lower_solve(self._L, _lower_solve(self._L, rhs), transposed=True)
         return np.linalg.lstsq(self.directions(), rhs, rcond=None)[0]
 
     def affine_weights(self) -> np.ndarray:
@@ -246,9 +302,10 @@ def _span_the_face(theta: np.ndarray, x: np.ndarray, corrals: list[_Corral],
             if fresh[i]:
                 c = corrals[i]
                 z = rng.standard_normal(d)
-                if len(c.lam) > 1:
-                    D = c.S[1:] - c.S[0]
-                    z = z - D.T @ c.solve(D @ z)
+                if len(c.lam) > 1:  # z minus its projection on the directions D = S[1:] − s_0
+                    S = c.S
+                    w = c.solve(S[1:] @ z - S[0] @ z)
+                    z = z - (w @ S[1:] - w.sum() * S[0])
                 r[i] = z / max(float(np.abs(z).max()), 1e-300)
                 fresh[i] = False
         rows = np.asarray(todo)

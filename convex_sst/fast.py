@@ -1509,8 +1509,9 @@ for _reg in ("entropy", "binary_entropy", "quadratic"):
 # The quadratic on polytopes with a combinatorial argmax: Wolfe's minimum-norm-point algorithm
 # ------------------------------------------------------------------------------------------
 
-def projection_by_argmax(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 1000,
-                         on_failure: str = "warn", forbidden: torch.Tensor | None = None) -> torch.Tensor:
+def projection_by_argmax(theta: torch.Tensor, polytope: Polytope, tol: float | None = None,
+                         max_iter: int | None = None, on_failure: str = "warn",
+                         forbidden: torch.Tensor | None = None) -> torch.Tensor:
     """Quadratic SST ``argmin_{x∈P} ½‖x − θ‖²`` with the polytope's argmax as the only oracle:
     Wolfe's minimum-norm-point algorithm (an active set of vertices; SparseMAP's solver), exact,
     with the Jacobian ``Dᵀ(DDᵀ)⁻¹D``, the projector onto the optimal face's affine hull (``D``:
@@ -1518,7 +1519,8 @@ def projection_by_argmax(theta: torch.Tensor, polytope: Polytope, tol: float | N
     row, one batched argmax per cycle (:mod:`convex_sst._min_norm_point`). Any polytope with a
     registered argmax can use it: ``register_fast_path(name, "quadratic")(projection_by_argmax)``.
     Options: tol (the gap relative to its rounding scale, default 1e-12), max_iter (major
-    cycles), on_failure ('warn'|'raise')."""
+    cycles; default 1000 or 3 per coordinate, whichever is more: near zero logits the solution
+    mixes as many structures as P has dimensions, one cycle each), on_failure ('warn'|'raise')."""
     B = theta.shape[0]
     shape = tuple(polytope.shape)
     fb = None if forbidden is None else forbidden.flatten(1)
@@ -1535,7 +1537,8 @@ def projection_by_argmax(theta: torch.Tensor, polytope: Polytope, tol: float | N
     def report(bad: torch.Tensor, total: int, detail: str) -> None:
         _report("Wolfe's minimum-norm-point algorithm", bad, total, detail, on_failure)
 
-    x = project_onto_hull(flat, argmax, TOL if tol is None else float(tol), int(max_iter), report)
+    cycles = max(1000, 3 * polytope.size) if max_iter is None else int(max_iter)
+    x = project_onto_hull(flat, argmax, TOL if tol is None else float(tol), cycles, report)
     return x.reshape((B,) + shape)
 
 

@@ -128,3 +128,27 @@ def test_fast_path_is_registered_for_the_flow_formulations():
     P = cs.load_polytope("arborescence", n=4)
     x = projection_by_argmax(torch.zeros((0,) + P.shape, dtype=torch.float64), P)
     assert x.shape == (0,) + P.shape
+
+
+def test_the_corrals_factor_after_drops_equals_a_fresh_factorization():
+    # vertices leave the corral by rank-one updates of its Cholesky factor (s_0 by a fresh one)
+    from convex_sst._min_norm_point import _Corral
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(200):
+        d = int(rng.integers(5, 40))
+        theta = rng.standard_normal(d)
+        c = _Corral((rng.random(d) < 0.5).astype(float), theta)
+        for _ in range(int(rng.integers(2, 25))):
+            c.add((rng.random(d) < 0.5).astype(float), theta)  # refused where affinely dependent
+        c.lam = rng.random(c.k) + 0.1
+        keep = rng.random(c.k) < 0.7
+        keep[int(rng.integers(c.k))] = True
+        keep[0] |= trial % 3 == 0  # s_0 kept in every third trial, at random in the others
+        c.keep(keep)
+        if c.k > 1:
+            fresh = np.linalg.cholesky(c.directions())
+            assert c.factored and np.abs(np.tril(c._L) - fresh).max() < 1e-12 * max(1.0, np.abs(fresh).max())
+            checked += 1
+    assert checked > 150
