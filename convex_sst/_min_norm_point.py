@@ -14,14 +14,17 @@ is also the nearest point of their affine hull.
   ``λ = μ``; else step from λ towards μ until a weight reaches 0, drop that vertex, repeat.
 
 It ends after finitely many cycles with the exact solution, a convex combination of at most
-``dim P + 1`` structures (typically few: the relaxation is sparse). The weights are found in
-the Gram matrix of the corral (0/1 vertices: integer entries), so a cycle costs one argmax
-and an O(k³) solve of order k.
+``dim P + 1`` structures (typically few: the relaxation is sparse). The weights are found
+from the Gram matrix of the corral (0/1 vertices: integer entries) and a Cholesky factor of its
+directions' Gram matrix, updated as vertices come and go, so a cycle costs one argmax and
+O(k²) (O(k³) when s_0 leaves).
 
-Around the solution x is the projection onto ``aff(S)``, so the Jacobian is the orthogonal
-projector onto the directions ``D = [s_i − s_0]``: ``∂x/∂θ = Dᵀ(DDᵀ)⁻¹D``, symmetric, exact,
-constant between the (measure-zero) places where the corral changes. The backward pass is that
-linear map in torch ops, so second derivatives work (they are 0: x is piecewise affine in θ).
+Around the solution x is the projection onto the affine hull of the optimal face F, so the
+Jacobian is the orthogonal projector ``∂x/∂θ = Dᵀ(DDᵀ)⁻¹D`` onto its directions, symmetric,
+exact, constant between the (measure-zero) places where F changes. ``D = [s_i − s_0]`` are the
+corral's directions once it spans F: Wolfe's algorithm can stop short of that, and the corral is
+completed with further vertices of F (:func:`_span_the_face`). The backward pass is that linear
+map in torch ops, so second derivatives work (they are 0: x is piecewise affine in θ).
 Sequential: the argmax of all unfinished rows is one call per major cycle, the rest runs row by
 row in NumPy, on the CPU in float64.
 """
