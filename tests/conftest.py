@@ -57,3 +57,15 @@ def relax_pairs():
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+def user_copy(tmp_path, name):
+    """A built-in config saved as a user's file without its registered argmax (so every
+    question about P goes to the LPs)."""
+    from convex_sst.polytope import builtin_config_paths
+
+    text = builtin_config_paths()[name].read_text()
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("argmax:"))
+    path = tmp_path / f"my_{name}.yaml"
+    path.write_text(text.replace(f"name: {name}", f"name: my_{name}", 1))
+    return path

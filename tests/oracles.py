@@ -404,14 +404,3 @@ def masked_face_solve(theta: np.ndarray, form, low: np.ndarray, reg: str) -> tup
         th[low] = theta[low] - theta[low].max()
     return dual_solve(th, face, reg)
 
-
-def user_copy(tmp_path, name):
-    """A built-in config saved as a user's file without its registered argmax (so every
-    question about P goes to the LPs)."""
-    from convex_sst.polytope import builtin_config_paths
-
-    text = builtin_config_paths()[name].read_text()
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("argmax:"))
-    path = tmp_path / f"my_{name}.yaml"
-    path.write_text(text.replace(f"name: {name}", f"name: my_{name}", 1))
-    return path

@@ -6,10 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_CASES
+from conftest import SMALL_CASES, user_copy
 
 import convex_sst as cs
-import oracles
 
 CASES = [(name, params, count) for name, cases in SMALL_CASES.items() for params, count in cases]
 
@@ -116,7 +115,7 @@ def test_vertices_of_user_copies_of_flow_formulations(name, params, count, tmp_p
     # the same structures through a user's copy (no argmax, LPs only) as through the built-in
     # argmax's brute force: the probe fixes a face's forced coordinates (the pairs of a chosen
     # subset, the arcs of a finished tree) without branching on them
-    P = cs.load_polytope(oracles.user_copy(tmp_path, name), **params)
+    P = cs.load_polytope(user_copy(tmp_path, name), **params)
     V = P.vertices()
     assert V.shape[0] == count
     builtin = cs.load_polytope(name, **params)
@@ -275,7 +274,7 @@ def test_constant_total_without_an_argmax_matches_the_lps(seed, tmp_path, monkey
     if seed == 0:
         for name, params in [("k_subset", {"n": 6, "k": 2}), ("arborescence", {"n": 4}),
                              ("correlated_k_subset", {"n": 6, "k": 3}), ("matching", {"n": 2, "m": 3})]:
-            polytopes.append((cs.load_polytope(oracles.user_copy(tmp_path, name), **params), "flow"))
+            polytopes.append((cs.load_polytope(user_copy(tmp_path, name), **params), "flow"))
     without_lp = {"row": 0, "rows": 0, "flow": 0}
     for P, how in polytopes:
         expected = _lp_total(P)
@@ -302,7 +301,7 @@ def test_constant_variables_of_a_user_flow_formulation_take_a_few_lps(tmp_path, 
     # all of them at once
     import highspy
 
-    P = cs.load_polytope(oracles.user_copy(tmp_path, "correlated_k_subset"), n=40, k=8)
+    P = cs.load_polytope(user_copy(tmp_path, "correlated_k_subset"), n=40, k=8)
     runs = []
     real_run = highspy.Highs.run
     monkeypatch.setattr(highspy.Highs, "run", lambda h: runs.append(1) or real_run(h))
@@ -318,7 +317,7 @@ def test_coordinate_ranges_of_a_config_without_bounds_on_x(tmp_path):
     # and the dual simplex is back for the LP argmax afterwards
     from scipy.optimize import linprog
 
-    text = oracles.user_copy(tmp_path, "correlated_k_subset").read_text()
+    text = user_copy(tmp_path, "correlated_k_subset").read_text()
     path = tmp_path / "unbounded_x.yaml"
     path.write_text(text.replace("  - 0 <= x <= 1\n", "").replace("name: my_correlated_k_subset", "name: unbounded_x"))
     P = cs.load_polytope(path, n=7, k=3)

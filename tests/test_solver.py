@@ -6,10 +6,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import RELAX_CASES
+from conftest import RELAX_CASES, user_copy
 
 import convex_sst as cs
-import oracles
 from convex_sst import solver
 from convex_sst.regularizers import get_regularizer
 from convex_sst.solver import solve_torch
@@ -118,7 +117,7 @@ def test_auto_picks_torch_for_small_equality_systems(tmp_path):
     assert select_backend(cs.load_polytope("birkhoff", n=4), reg, "auto") is relax_torch
     assert select_backend(cs.load_polytope("matching", n=2, m=3), reg, "auto") is relax_torch
     # arborescences with the quadratic have a fast path; a user's copy of them does not
-    mine = oracles.user_copy(tmp_path, "arborescence")
+    mine = user_copy(tmp_path, "arborescence")
     assert select_backend(cs.load_polytope(mine, n=8), reg, "auto") is relax_torch
     big = cs.load_polytope(mine, n=14)
     assert big.form.num_eq > TORCH_AUTO_MAX_ROWS
@@ -131,7 +130,7 @@ def test_auto_picks_torch_for_small_equality_systems(tmp_path):
     for name in ("entropy", "binary_entropy"):
         assert select_backend(mid, get_regularizer(name), "auto") is relax_torch
         assert select_backend(large, get_regularizer(name), "auto") is not relax_torch
-    mid_copy = cs.load_polytope(oracles.user_copy(tmp_path, "correlated_k_subset"), n=50, k=8)
+    mid_copy = cs.load_polytope(user_copy(tmp_path, "correlated_k_subset"), n=50, k=8)
     assert select_backend(mid_copy, reg, "auto") is not relax_torch  # the quadratic keeps 300
     # a fast path always wins; a regularizer without elementwise derivatives goes to cvxpylayers
     assert select_backend(cs.load_polytope("birkhoff", n=4), get_regularizer("entropy"), "auto") is not relax_torch
