@@ -81,12 +81,16 @@ class _Corral:
         self._G = np.zeros((cap, cap))
         self._st = np.zeros(cap)
         self._L = np.zeros((0, 0), order="F")
-        self.k = 1
         self._S[0] = v
         self._G[0, 0] = v @ v
         self._st[0] = v @ theta
         self.lam = np.ones(1)
         self.factored = True  # False: H singular to rounding (least squares instead of L)
+
+    @property
+    def k(self) -> int:
+        """The number of vertices (the buffers hold more rows)."""
+        return len(self.lam)
 
     @property
     def S(self) -> np.ndarray:
@@ -139,7 +143,6 @@ class _Corral:
             L[k - 1, k - 1] = np.sqrt(pivot)
             self._L = L
         self.lam = np.append(self.lam, 0.0)
-        self.k = k + 1
         return True
 
     def keep(self, keep: np.ndarray) -> None:
@@ -161,7 +164,6 @@ class _Corral:
         self._S[:m] = self._S[idx]
         self._G[:m, :m] = self._G[np.ix_(idx, idx)]
         self._st[:m] = self._st[idx]
-        self.k = m
         self.lam = self.lam[idx]
         self.lam = self.lam / self.lam.sum()
         if refactor:
