@@ -224,7 +224,8 @@ class _Corral:
 
 
 def min_norm_point(theta: np.ndarray, argmax: Callable[[np.ndarray], np.ndarray], tol: float = TOL,
-                   max_iter: int = 1000) -> tuple[np.ndarray, list[_Corral], np.ndarray, np.ndarray]:
+                   max_iter: int = 1000, span: bool = True
+                   ) -> tuple[np.ndarray, list[_Corral], np.ndarray, np.ndarray]:
     """Wolfe's algorithm on every row of ``theta (B, d)``: ``argmin_{x∈P} ½‖x − θ‖²``.
 
     ``argmax`` maps scores ``(R, d)`` to maximizing vertices ``(R, d)`` (0/1). A row stops when
@@ -234,7 +235,8 @@ def min_norm_point(theta: np.ndarray, argmax: Callable[[np.ndarray], np.ndarray]
 
     Returns ``(x (B, d), corrals, gaps (B,), failed (B,) bool)``: rows still above ``tol`` after
     ``max_iter`` major cycles, and rows stuck with a gap above ``1e-9`` times that scale, are
-    ``failed``.
+    ``failed``. With ``span`` (for the Jacobian only; x is the same without) each corral is
+    completed to span the optimal face (:func:`_span_the_face`).
     """
     B, d = theta.shape
     x = np.zeros((B, d))
@@ -276,7 +278,8 @@ def min_norm_point(theta: np.ndarray, argmax: Callable[[np.ndarray], np.ndarray]
             break
     failed = stalled
     failed[active] = True
-    _span_the_face(theta, x, corrals, argmax)
+    if span:
+        _span_the_face(theta, x, corrals, argmax)
     return x, corrals, gaps, failed
 
 
@@ -341,11 +344,14 @@ class _MinNormPoint(torch.autograd.Function):
     def forward(ctx, theta, argmax, tol, max_iter, report):
         th = theta.detach().to("cpu", torch.float64).numpy()
         B, d = th.shape
-        x, corrals, gaps, failed = min_norm_point(th, argmax, tol, max_iter)
+        # the face completion and the Jacobian's factors only where a gradient is wanted (not in
+        # evaluation under no_grad: at logits near 0 the completion was half of a forward pass)
+        grad = bool(ctx.needs_input_grad[0])
+        x, corrals, gaps, failed = min_norm_point(th, argmax, tol, max_iter, span=grad)
         if failed.any():
             report(torch.from_numpy(failed), B, f"optimality gap up to {gaps[failed].max():.1e} "
                    f"(stalled, or still open after max_iter = {max_iter} major cycles)")
-        factors = [c.jacobian_factors(d) for c in corrals]
+        factors = [c.jacobian_factors(d) for c in corrals] if grad else []
         K = max((len(D) for D, _ in factors), default=0)
         Dp = np.zeros((B, K, d))
         Ap = np.zeros((B, K, d))
