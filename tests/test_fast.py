@@ -2,6 +2,7 @@
 
 import math
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -801,12 +802,15 @@ def test_correlated_k_subset_log_partition_counts_runs(a):
     assert abs(x[n:].sum().item() - pairs) < 1e-10   # expected number of adjacent pairs
 
 
-def test_argmax_limit_of_fast_relaxations(gen):
+def test_argmax_limit_of_fast_relaxations():
     for name, reg in FAST:
         P = small(name)
+        # a generator per pair (draws that do not change when a pair is registered), and down to
+        # t = 1e-6: at 1e-3 a random near-tie of two structures (a gap of 2e-3, seen) kept x mixed
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{reg}".encode()))
         u = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64)
         errs = []
-        for t in (0.1, 0.01, 0.001):
+        for t in (0.1, 0.01, 0.001, 1e-6):
             opts = {"max_range": None} if reg == "exp_family" and name in ("spanning_tree", "arborescence") else {}
             errs.append((cs.relax(u, P, reg, t, backend="fast", **opts) - P.argmax(u)).abs().max().item())
         assert errs[-1] < 1e-3 and errs[0] >= errs[-1], (name, reg, errs)

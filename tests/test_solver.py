@@ -114,9 +114,9 @@ def test_auto_picks_torch_for_small_equality_systems(tmp_path):
     from convex_sst.solver import relax_torch
 
     reg = get_regularizer("quadratic")
-    assert select_backend(cs.load_polytope("birkhoff", n=4), reg, "auto") is relax_torch
-    assert select_backend(cs.load_polytope("matching", n=2, m=3), reg, "auto") is relax_torch
-    # arborescences with the quadratic have a fast path; a user's copy of them does not
+    # Birkhoff, matchings and arborescences with the quadratic have fast paths; users' copies do not
+    assert select_backend(cs.load_polytope(user_copy(tmp_path, "birkhoff"), n=4), reg, "auto") is relax_torch
+    assert select_backend(cs.load_polytope(user_copy(tmp_path, "matching"), n=2, m=3), reg, "auto") is relax_torch
     mine = user_copy(tmp_path, "arborescence")
     assert select_backend(cs.load_polytope(mine, n=8), reg, "auto") is relax_torch
     big = cs.load_polytope(mine, n=14)

@@ -1,0 +1,178 @@
+"""The quadratic on Birkhoff polytopes and matchings by Newton's method on the dual (their fast
+path): against OSQP with its active-set polish, the projection onto the hull of the enumerated
+permutations, the face Jacobian of the active constraints, central differences, low and extreme
+temperatures, and the failure modes."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import convex_sst as cs
+import oracles
+from convex_sst._assignment_projection import _null_blocks, project_assignments
+
+CASES = [("birkhoff", {"n": 3}), ("birkhoff", {"n": 5}), ("matching", {"n": 3, "m": 5}), ("matching", {"n": 4, "m": 6})]
+
+
+def _theta(P, B, gen, ties):
+    if ties:  # small integers: tied utilities, degenerate optimal faces
+        return torch.randint(-2, 3, (B,) + P.shape, generator=gen).double()
+    return torch.randn((B,) + P.shape, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+@pytest.mark.parametrize("t", [0.1, 0.5, 3.0])
+@pytest.mark.parametrize("ties", [False, True])
+def test_equals_the_polished_qp_solution(name, params, t, ties, gen):
+    P = cs.load_polytope(name, **params)
+    B = 8
+    u = _theta(P, B, gen, ties)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u, P, "quadratic", t, backend="fast").reshape(B, -1)
+    for i in range(B):
+        ref = oracles.quadratic_on_form((u[i] / t).reshape(-1).numpy(), P.form)
+        assert np.abs(x[i].numpy() - ref).max() < 1e-9
+
+
+@pytest.mark.parametrize("t", [0.2, 1.0])
+def test_equals_the_projection_onto_the_hull_of_the_permutations(t, gen):
+    P = cs.load_polytope("birkhoff", n=4)
+    V = P.vertices().reshape(-1, 16).numpy()
+    u = torch.randn(6, 4, 4, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "quadratic", t, backend="fast").reshape(6, -1).numpy()
+    for i in range(6):
+        theta = (u[i] / t).reshape(-1).numpy()
+        assert np.abs(x[i] - oracles.hull_projection(V, theta)).max() < 1e-12
+        g = theta - x[i]
+        assert (V @ g).max() - g @ x[i] < 1e-12 * (1 + np.abs(g).sum())  # optimal over every permutation
+
+
+@pytest.mark.parametrize("name,params", CASES)
+@pytest.mark.parametrize("t", [0.3, 2.0])
+def test_gradient_is_the_face_jacobian(name, params, t, gen):
+    P = cs.load_polytope(name, **params)
+    B = 6
+    u = torch.randn((B,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "quadratic", t, backend="fast")
+    (g,) = torch.autograd.grad((x * w).sum(), u)
+    for i in range(B):
+        ref = oracles.face_vjp(x[i].detach().reshape(-1).numpy(), w[i].reshape(-1).numpy(), P.form) / t
+        assert np.abs(g[i].reshape(-1).numpy() - ref).max() < 1e-9
+
+
+@pytest.mark.parametrize("name,params", [("birkhoff", {"n": 12}), ("matching", {"n": 8, "m": 13})])
+@pytest.mark.parametrize("t", [0.3, 3.0])
+def test_directional_derivatives_match_differences_on_every_row(name, params, t, gen):
+    # x is piecewise affine in u: central differences are exact up to rounding away from the
+    # (measure-zero) places where the support changes, so every row must agree
+    P = cs.load_polytope(name, **params)
+    B = 16
+    u = torch.randn((B,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "quadratic", t, backend="fast")
+    (jv,) = torch.autograd.grad((x * v).sum(), u)  # the Jacobian is symmetric: Jᵀv = Jv
+    h = 1e-6
+    with torch.no_grad():
+        fd = (cs.relax(u + h * v, P, "quadratic", t) - cs.relax(u - h * v, P, "quadratic", t)) / (2 * h)
+    assert (jv - fd).abs().amax((1, 2)).max() < 1e-7
+
+
+def test_jacobian_is_an_orthogonal_projector(gen):
+    P = cs.load_polytope("matching", n=4, m=6)
+    u = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    t = 0.7  # dx/du = Π / t
+    J = t * torch.autograd.functional.jacobian(lambda z: cs.relax(z, P, "quadratic", t).reshape(-1), u).reshape(24, 24)
+    assert (J - J.T).abs().max() < 1e-12
+    assert (J @ J - J).abs().max() < 1e-12
+    assert 0 < torch.linalg.matrix_rank(J) < 24
+
+
+def test_null_blocks_are_the_connected_components_without_free_columns(gen):
+    # label propagation against scipy's connected components on random supports
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n, m = 6, 9
+    S = torch.rand(20, n, m, generator=gen) < 0.2
+    T = torch.rand(20, m, generator=gen) < 0.7
+    E = _null_blocks(S, T)
+    for i in range(20):
+        ST = (S[i] & T[i][None, :]).numpy()
+        adj = np.zeros((n + m, n + m), dtype=bool)
+        adj[:n, n:] = ST
+        _, label = connected_components(csr_matrix(adj | adj.T), directed=False)
+        slack = (S[i] & ~T[i][None, :]).any(1).numpy()
+        bad_labels = set(label[:n][slack])
+        sing = T[i].numpy() & np.array([label[n + j] not in bad_labels for j in range(m)])
+        ref = sing[:, None] & sing[None, :] & (label[n:, None] == label[None, n:])
+        assert (E[i].numpy() == ref).all()
+
+
+@pytest.mark.parametrize("t", [1e-3, 1e-6])
+def test_low_temperatures_converge_to_the_hard_assignment(t, gen):
+    # most rows project onto a permutation (found by two argmax calls); the others are solved with
+    # the duals warm-started along λθ, λ = 50 / span, 16λ, ... (without it, n = 100 at t = 1e-3 took
+    # 127 Newton steps, at 1e-4 more than 200)
+    P = cs.load_polytope("birkhoff", n=30)
+    u = torch.randn(16, 30, 30, generator=gen, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u, P, "quadratic", t)
+    (g,) = torch.autograd.grad((x * torch.randn(x.shape, generator=gen, dtype=torch.float64)).sum(), u)
+    assert torch.isfinite(g).all()
+    x = x.detach()
+    hard = P.argmax(u.detach())
+    assert int(((x - hard).abs().amax((1, 2)) == 0).sum()) >= 8
+    assert bool(P.contains(x, atol=1e-10).all())
+    # optimal: no permutation v improves (θ − x)ᵀ(v − x), by the Hungarian algorithm on θ − x
+    g = u.detach() / t - x
+    best = P.argmax(g)
+    assert ((g * best).sum((1, 2)) - (g * x).sum((1, 2)) <= 1e-12 * g.abs().sum((1, 2))).all()
+    # the Newton iterations themselves, without the vertex shortcut
+    X, _, err, bad, steps = project_assignments((u.detach() / t), False, 1e-12, 100)
+    assert not bool(bad.any()) and steps <= 80
+    # to its resolution, eps |θ| per entry (exact on the rows the shortcut finds on a vertex)
+    assert (X - x).abs().max() < max(1e-9, 1e3 * torch.finfo(X.dtype).eps * float(u.detach().abs().max()) / t)
+
+
+def test_rows_on_a_vertex_have_zero_jacobian_and_others_do_not(gen):
+    P = cs.load_polytope("birkhoff", n=4)
+    u = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64)
+    u[0] = 10 * torch.eye(4, dtype=torch.float64)       # far inside the identity's normal cone
+    u.requires_grad_()
+    x = cs.relax(u, P, "quadratic", 1.0)
+    assert torch.equal(x[0].detach(), torch.eye(4, dtype=torch.float64))
+    (g,) = torch.autograd.grad((x * torch.randn(x.shape, generator=gen, dtype=torch.float64)).sum(), u)
+    assert torch.equal(g[0], torch.zeros(4, 4, dtype=torch.float64)) and g[1].abs().max() > 0
+
+
+def test_unconverged_rows_fall_back_warn_or_raise(gen):
+    P = cs.load_polytope("birkhoff", n=6)
+    u = torch.randn(4, 6, 6, generator=gen, dtype=torch.float64)
+    exact = cs.relax(u, P, "quadratic", 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        fallback = cs.relax(u, P, "quadratic", 0.5, max_iter=1)  # the interior-point solver
+    assert (fallback - exact).abs().max() < 1e-7
+    with pytest.warns(cs.SolverWarning, match=r"assignment duals did not converge for batch element"):
+        cs.relax(u, P, "quadratic", 0.5, max_iter=1, on_failure="warn")
+    with pytest.raises(cs.SolverError, match=r"row/column sums not within the tolerance after max_iter = 1"):
+        cs.relax(u, P, "quadratic", 0.5, max_iter=1, on_failure="raise")
+    with pytest.raises(cs.InputError, match=r"on_failure must be 'fallback', 'warn' or 'raise'"):
+        cs.relax(u, P, "quadratic", 0.5, on_failure="ignore")
+
+
+def test_float32_and_mixed_temperatures(gen):
+    P = cs.load_polytope("matching", n=5, m=7)
+    u = torch.randn(6, 5, 7, generator=gen, dtype=torch.float64)
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0, 5.0, 50.0], dtype=torch.float64)
+    x64 = cs.relax(u, P, "quadratic", t)
+    x32 = cs.relax(u.float(), P, "quadratic", t.float())
+    assert x32.dtype == torch.float32 and (x32.double() - x64).abs().max() < 1e-6
+    for i in range(6):
+        ref = oracles.quadratic_on_form((u[i] / t[i]).reshape(-1).numpy(), P.form)
+        assert np.abs(x64[i].reshape(-1).numpy() - ref).max() < 1e-9
