@@ -1,8 +1,9 @@
 """The quadratic relaxation by Wolfe's minimum-norm-point algorithm (``convex_sst._min_norm_point``,
 the fast path of arborescences and correlated k-subsets since 2026-12-06) against the torch
 interior-point solver, which ``auto`` used for them up to 300 equality rows (above: cvxpylayers).
-Birkhoff and matchings are measured too, through the same function called directly: they keep
-the torch solver, and these numbers are why.
+Birkhoff and matchings are measured too, through the same function called directly: they kept
+the torch solver, and these numbers are why (they now have Newton's method on the dual,
+``benchmarks/assignment_quadratic.py``).
 
 For each case: forward + backward of a batch of utilities ``u ~ N(0, 1)``, float64, median of
 ``--repeats`` runs after one warm-up, both in the same process; the largest difference in x and

@@ -1,0 +1,86 @@
+"""The quadratic on Birkhoff polytopes and matchings: Newton's method on the dual (their fast path
+since 2026-12-06, ``convex_sst._assignment_projection``) against the torch interior-point solver,
+which ``auto`` used before, and Wolfe's minimum-norm-point algorithm over Hungarian argmaxes
+(``projection_by_argmax``, the fast path of arborescences), called directly.
+
+For each case: forward + backward of a batch of utilities ``u ~ N(0, 1)``, float64, median of
+``--repeats`` interleaved rounds (each timed call after an untimed one), all in the same
+process; the largest difference of the torch solver's x and vector-Jacobian product from
+Newton's, and each method's directional derivative against central differences of Newton's
+forward pass (exact on a piece of this piecewise-affine map).
+
+    python benchmarks/assignment_quadratic.py
+    python benchmarks/assignment_quadratic.py --cases birkhoff:100 --temperatures 1 --batch 32 --skip-argmax
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+import convex_sst as cs
+from convex_sst.fast import projection_by_argmax
+from fast_paths import interleaved  # (this folder)
+
+CASES = ["birkhoff:5", "birkhoff:10", "birkhoff:30", "birkhoff:100", "matching:10:15", "matching:30:50"]
+
+
+def load(case: str) -> cs.Polytope:
+    name, *sizes = case.split(":")
+    return cs.load_polytope(name, **dict(zip(("n", "m"), map(int, sizes))))
+
+
+def run(u: torch.Tensor, w: torch.Tensor, P: cs.Polytope, t: float, method: str):
+    uu = u.clone().requires_grad_()
+    if method == "argmax":
+        x = projection_by_argmax(uu / t, P)
+    else:
+        x = cs.relax(uu, P, "quadratic", t, backend=method)
+    (g,) = torch.autograd.grad((x * w).sum(), uu)
+    return x.detach(), g
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=CASES, help="birkhoff:n or matching:n:m")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-argmax", action="store_true", help="leave out the minimum-norm-point algorithm")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    gen = torch.Generator().manual_seed(args.seed)
+    methods = ["fast", "torch"] + ([] if args.skip_argmax else ["argmax"])
+    print(f"forward + backward, B = {args.batch}, float64, median of {args.repeats} interleaved rounds (ms; "
+          f"threads = {torch.get_num_threads()})\n")
+    print("| case | t | Newton | torch solver | torch / Newton | min-norm point | min-norm / Newton "
+          "| torch: max abs Δx, Δ VJP | Jv − differences: Newton / torch | torch rows warned |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for case in args.cases:
+        P = load(case)
+        for t in args.temperatures:
+            u = torch.randn((args.batch,) + P.shape, generator=gen, dtype=torch.float64)
+            w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", cs.SolverWarning)
+                out = {m: run(u, w, P, t, m) for m in methods}
+                ms = interleaved({m: (lambda m=m: run(u, w, P, t, m)) for m in methods}, args.repeats)
+            warned = max((len(str(c.message).split("[")[1].split("]")[0].split(","))
+                          for c in caught if "did not converge" in str(c.message)), default=0)
+            h = 1e-6 * t  # the Jacobian is symmetric, so the VJP with w is also J w
+            with torch.no_grad():
+                fd = (cs.relax(u + h * w, P, "quadratic", t) - cs.relax(u - h * w, P, "quadratic", t)) / (2 * h)
+            (xf, gf), (xt, gt) = out["fast"], out["torch"]
+            argmax = "— | —" if args.skip_argmax else f"{ms['argmax']:.1f} | {ms['argmax'] / ms['fast']:.1f}×"
+            print(f"| {case} | {t:g} | {ms['fast']:.1f} | {ms['torch']:.1f} | {ms['torch'] / ms['fast']:.1f}× | "
+                  f"{argmax} | {(xf - xt).abs().max():.1e}, "
+                  f"{t * (gf - gt).abs().max():.1e} | {t * (gf - fd).abs().max():.1e} / {t * (gt - fd).abs().max():.1e} | "
+                  f"{warned} of {args.batch} |", flush=True)
+    print("\nΔ VJP and the differences are scaled by t (the gradient scales with 1 / t).")
+
+
+if __name__ == "__main__":
+    main()
