@@ -176,3 +176,32 @@ def test_float32_and_mixed_temperatures(gen):
     for i in range(6):
         ref = oracles.quadratic_on_form((u[i] / t[i]).reshape(-1).numpy(), P.form)
         assert np.abs(x64[i].reshape(-1).numpy() - ref).max() < 1e-9
+
+
+@pytest.mark.parametrize("name,params", [("birkhoff", {"n": 3}), ("birkhoff", {"n": 5}), ("matching", {"n": 3, "m": 4})])
+def test_manual_masks_and_forced_entries(name, params):
+    # -1e9 on 60 % of the entries often leaves no structure that avoids them all: the relaxation
+    # lives on the face with the least masked mass (oracles.masked_face_solve); +1e9 forces entries
+    g = torch.Generator().manual_seed(3)
+    P = cs.load_polytope(name, **params)
+    for t in (1.0, 0.05):
+        u = 2 * torch.randn((8,) + P.shape, generator=g, dtype=torch.float64)
+        mask = torch.rand((8,) + P.shape, generator=g) < 0.6
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", cs.SolverWarning)
+            x = cs.relax(u.masked_fill(mask, -1e9), P, "quadratic", t).reshape(8, -1)
+        for b in range(8):
+            low = mask[b].reshape(-1).numpy()
+            theta = (u[b].reshape(-1) / t).numpy()
+            ref, certificate = oracles.masked_face_solve(np.where(low, -1e9 / t, theta), P.form, low, "quadratic")
+            assert certificate < 1e-11
+            assert np.abs(x[b].numpy() - ref).max() < 1e-9, (t, b)
+    # one forced entry per row: the same as forcing it by +200 (x moves by less than e^-40)
+    u = torch.randn((8,) + P.shape, generator=g, dtype=torch.float64)
+    best = P.argmax(u).reshape(8, -1).argmax(1)
+    xs = []
+    for up in (1e9, 200.0):
+        uu = u.reshape(8, -1).clone()
+        uu[torch.arange(8), best] += up
+        xs.append(cs.relax(uu.reshape(u.shape), P, "quadratic", 0.5))
+    assert (xs[0] - xs[1]).abs().max() < 1e-9
