@@ -1,6 +1,6 @@
-"""The quadratic on Birkhoff polytopes and matchings: semismooth Newton on the dual.
+"""Separable regularizers on Birkhoff polytopes and matchings: Newton's method on the dual.
 
-For ``θ: (B, n, m)``, ``n ≤ m``, the relaxation is the Euclidean projection
+For ``θ: (B, n, m)``, ``n ≤ m``, and the quadratic, the relaxation is the Euclidean projection
 
     X = argmin ½‖X − θ‖²   s.t.   X ≥ 0,   X1 = 1 (rows),   Xᵀ1 = 1 (m = n) or ≤ 1 (m > n).
 
@@ -17,15 +17,20 @@ on the columns (one ``m × m`` Cholesky factorization per step), with an Armijo 
 for capped columns, a projection on ``b ≥ 0`` (projected Newton: a column at ``b = 0`` with room
 left stays there). Once the support is right a step is exact, so the convergence is quadratic
 and ends at the arithmetic's resolution: the rows and columns sum to 1 (or less, capped) within
-``tol``.
+``tol``. Any separable f works the same way with its conjugate in place of ``½[v]₊²``
+(:data:`SEPARABLE`): the binary entropy gives ``X = σ(θ − a1ᵀ − 1bᵀ)``, a smooth dual with
+Hessian weights ``X(1 − X)`` in place of the support. (The entropy is Sinkhorn's, in fast.py.)
 
 The Jacobian of X is the projector onto ``{Z : Z = 0 off the support S, Z1 = 0, Z_T ᵀ1 = 0}``
 (``T``: the columns at capacity, all of them for Birkhoff): ``dX = dθ_S − (Aᵀ w)`` with
-``A Aᵀ w = A dθ_S``, ``A`` the row and tight-column sums on S. ``A Aᵀ`` is singular along one
-vector per connected block of the support whose rows put no mass on free columns; those blocks
-are found by label propagation, and ``1 1ᵀ`` on their columns makes the column Schur complement
-positive definite without changing ``Aᵀ w``. The backward pass is linear in the incoming
-gradient with constant factors, so second derivatives work (and are 0: X is piecewise affine).
+``A Aᵀ w = A dθ_S``, ``A`` the row and tight-column sums on S; with weights ``W``,
+``dX = W ⊙ (dθ − Aᵀw)``, ``A diag(W) Aᵀ w = A (W ⊙ dθ)``. That system is singular along one
+vector per connected block of the weights whose rows put no weight on free columns; those
+blocks are found by label propagation, and ``1 1ᵀ`` on their columns makes the column Schur
+complement positive definite without changing ``Aᵀ w``. For the quadratic the backward pass is
+linear in the incoming gradient with constant factors (second derivatives are 0: X is
+piecewise affine); for the binary entropy it is computed from the output X, so second
+derivatives flow through X.
 
 Everything runs in torch on the input's device, in float64.
 """
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,6 +54,28 @@ _HALVINGS = 40
 # time than (0.01, 4, 50), fewer line-search halvings; the spread between choices was within 40 %
 _SPAN, _STAGE_TOL, _STAGE_ITER = 50.0, 1e-6, 30
 _MU, _GROWTH = 0.1, 16.0
+# Hessian weights below this are dropped from the Jacobian (binary entropy at saturated entries,
+# x(1 − x) < 1e-12): kept, blocks joined only through them made the Schur complement singular to
+# rounding (NaN gradients on matchings 6 × 9 at t = 1e-3); dropped, the Jacobian moves by about
+# that much
+_WEIGHT_FLOOR = 1e-12
+
+
+def _softplus(v: torch.Tensor) -> torch.Tensor:
+    """``log(1 + e^v)`` to full precision everywhere (torch's is linear beyond 20: 2e-9 off)."""
+    return v.clamp_min(0.0) + torch.log1p(torch.exp(-v.abs()))
+
+
+class Separable(NamedTuple):
+    """A regularizer ``f`` for the dual: ``D = Σ conj(θ − a − b) + Σa + Σb`` with ``conj = f*``,
+    ``X = conj'(V)`` and the Hessian weights ``conj''(V)``; ``init(θ)``: row multipliers that
+    start the iteration; ``vertices``: whether X can be a permutation (the quadratic)."""
+
+    conj: Callable[[torch.Tensor], torch.Tensor]
+    x: Callable[[torch.Tensor], torch.Tensor]
+    weight: Callable[[torch.Tensor], torch.Tensor]
+    init: Callable[[torch.Tensor], torch.Tensor]
+    vertices: bool
 
 
 def _row_sparsemax_threshold(theta: torch.Tensor) -> torch.Tensor:
@@ -60,11 +87,22 @@ def _row_sparsemax_threshold(theta: torch.Tensor) -> torch.Tensor:
     return (cs.gather(-1, support - 1) / support.to(theta.dtype))[..., 0]
 
 
-def _dual(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(D(a, b), X, rounding scale of D)`` per sample."""
-    X = (theta - a[:, :, None] - b[:, None, :]).clamp_min(0.0)
-    half = 0.5 * (X * X).sum((1, 2))
-    return half + a.sum(1) + b.sum(1), X, half + a.abs().sum(1) + b.abs().sum(1)
+SEPARABLE = {
+    # ½‖x‖²: f*(v) = ½[v]₊², x = [v]₊, weights 1 on the support
+    "quadratic": Separable(lambda v: 0.5 * v.clamp_min(0.0) ** 2, lambda v: v.clamp_min(0.0),
+                           lambda v: (v > 0).to(v.dtype), _row_sparsemax_threshold, True),
+    # Σ x log x + (1 − x) log(1 − x): f*(v) = log(1 + e^v), x = σ(v), weights σ(v) σ(−v)
+    "binary_entropy": Separable(_softplus, torch.sigmoid, lambda v: torch.sigmoid(v) * torch.sigmoid(-v),
+                                lambda th: torch.logsumexp(th, dim=-1), False),
+}
+
+
+def _dual(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: Separable
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(D(a, b), X, V = θ − a − b, rounding scale of D)`` per sample."""
+    V = theta - a[:, :, None] - b[:, None, :]
+    conj = reg.conj(V).sum((1, 2))
+    return conj + a.sum(1) + b.sum(1), reg.x(V), V, conj.abs() + a.abs().sum(1) + b.abs().sum(1)
 
 
 def _residual(X: torch.Tensor, b: torch.Tensor, at_most: bool) -> torch.Tensor:
@@ -82,8 +120,8 @@ def _chol_solve(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def project_assignments(theta: torch.Tensor, at_most: bool, tol: float, max_iter: int,
-                        low: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+                        low: torch.Tensor | None = None, reg: Separable = SEPARABLE["quadratic"]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Newton's method on the dual (module docstring) for ``theta: (B, n, m)`` in float64.
 
     When the logits span more than ``_SPAN`` (``low``: entries left out of the span, such as
@@ -91,9 +129,10 @@ def project_assignments(theta: torch.Tensor, at_most: bool, tol: float, max_iter
     ``λ = _SPAN / span, 16λ, 256λ, ...`` (continuation: at low temperature a cold start crosses
     many pieces of D one Newton step at a time; Birkhoff n = 100 at t = 1e-3 took 127 steps).
 
-    Returns ``(X, b, residual, bad, steps)``: the projection, the column multipliers, the final
-    KKT residual per sample, the samples whose residual stayed above ``tol`` (floored at the
-    arithmetic's resolution ``100 eps max(1, |θ|)``), and the number of Newton steps taken."""
+    Returns ``(X, W, b, residual, bad, steps)``: the relaxation, the Hessian weights at the
+    solution, the column multipliers, the final KKT residual per sample, the samples whose
+    residual stayed above ``tol`` (floored at the arithmetic's resolution ``100 eps max(1,
+    |θ|)``), and the number of Newton steps taken."""
     B, n, m = theta.shape
     eps = torch.finfo(theta.dtype).eps
     kept = theta if low is None else theta.masked_fill(low, math.nan)
@@ -103,29 +142,29 @@ def project_assignments(theta: torch.Tensor, at_most: bool, tol: float, max_iter
     scale = float(torch.maximum(top.abs(), bottom.abs()).max()) if B else 0.0
     tol = max(tol, 100 * eps * max(1.0, scale))
     lam = 1.0 if not span > _SPAN else _SPAN / span
-    a = _row_sparsemax_threshold(theta * lam)
+    a = reg.init(theta * lam)
     b = torch.zeros(B, m, dtype=theta.dtype, device=theta.device)
     total = 0
     while True:
         final = lam >= 1.0
         th = theta if final else theta * lam
-        a, b, X, err, steps = _newton(th, a, b, at_most, tol if final else _STAGE_TOL, max_iter if final else
-                                      min(max_iter, _STAGE_ITER))
+        a, b, X, V, err, steps = _newton(th, a, b, at_most, tol if final else _STAGE_TOL,
+                                         max_iter if final else min(max_iter, _STAGE_ITER), reg)
         total += steps
         if final:
-            return X, b, err, ~(err <= tol), total
+            return X, reg.weight(V), b, err, ~(err <= tol), total
         new = min(1.0, _GROWTH * lam)
         a, b, lam = a * (new / lam), b * (new / lam), new
 
 
-def _newton(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, at_most: bool, tol: float, max_iter: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _newton(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, at_most: bool, tol: float, max_iter: int,
+            reg: Separable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Damped, regularized Newton steps from ``(a, b)`` until the residual is within ``tol``:
-    ``(a, b, X, residual, steps)``."""
+    ``(a, b, X, V, residual, steps)``."""
     B, n, m = theta.shape
     eps = torch.finfo(theta.dtype).eps
     eye = torch.eye(m, dtype=theta.dtype, device=theta.device)
-    D, X, Dscale = _dual(theta, a, b)
+    D, X, V, Dscale = _dual(theta, a, b, reg)
     err = _residual(X, b, at_most)
     active = err > tol
     steps = 0
@@ -133,12 +172,12 @@ def _newton(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, at_most: bool
         steps += 1
         ga = 1.0 - X.sum(2)
         gb = 1.0 - X.sum(1)
-        S = (X > 0).to(theta.dtype)
+        W = reg.weight(V)
         free = torch.ones_like(b, dtype=torch.bool) if not at_most else (b > 0) | (gb < 0)
-        M = S * free[:, None, :]
+        M = W * free[:, None, :]
         mu = _MU * err
-        ra = S.sum(2) + mu[:, None]
-        schur = torch.diag_embed(S.sum(1) + mu[:, None]) - M.transpose(1, 2) @ (M / ra[:, :, None])
+        ra = W.sum(2) + mu[:, None]
+        schur = torch.diag_embed(W.sum(1) + mu[:, None]) - M.transpose(1, 2) @ (M / ra[:, :, None])
         schur = torch.where(free[:, :, None] & free[:, None, :], schur, eye)
         rhs = (-gb + (M.transpose(1, 2) @ (ga / ra)[..., None])[..., 0]) * free
         db = _chol_solve(schur, rhs)
@@ -149,7 +188,7 @@ def _newton(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, at_most: bool
             b1 = b + step * db
             if at_most:
                 b1 = b1.clamp_min(0.0)
-            D1, X1, _ = _dual(theta, a1, b1)
+            D1, X1, V1, _ = _dual(theta, a1, b1, reg)
             err1 = _residual(X1, b1, at_most)
             decrease = (ga * (a1 - a)).sum(1) + (gb * (b1 - b)).sum(1)
             # Armijo, or, where D's change is below its rounding, a smaller residual
@@ -161,11 +200,12 @@ def _newton(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, at_most: bool
         a = torch.where(keep[:, None], a1, a)
         b = torch.where(keep[:, None], b1, b)
         X = torch.where(keep[:, None, None], X1, X)
+        V = torch.where(keep[:, None, None], V1, V)
         D = torch.where(keep, D1, D)
         err = torch.where(keep, err1, err)
-        Dscale = torch.where(keep, 0.5 * (X * X).sum((1, 2)) + a.abs().sum(1) + b.abs().sum(1), Dscale)
+        Dscale = torch.where(keep, reg.conj(V).sum((1, 2)).abs() + a.abs().sum(1) + b.abs().sum(1), Dscale)
         active = keep & (err > tol)  # no step accepted: at the arithmetic's resolution, stop
-    return a, b, X, err, steps
+    return a, b, X, V, err, steps
 
 
 def _null_blocks(S: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
@@ -189,63 +229,80 @@ def _null_blocks(S: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     return singular[:, :, None] & singular[:, None, :] & (cols[:, :, None] == cols[:, None, :])
 
 
-def jacobian_factors(X: torch.Tensor, b: torch.Tensor, at_most: bool) -> tuple[torch.Tensor, ...]:
-    """``(S, T, r, L)`` for :func:`assignment_vjp`: the support, the tight columns, the row
-    counts and the Cholesky factor of the column Schur complement of ``A Aᵀ`` (made definite
-    on its null blocks)."""
-    Sb = X > 0
-    S = Sb.to(X.dtype)
-    T = b > 0 if at_most else torch.ones_like(b, dtype=torch.bool)
-    M = S * T[:, None, :]
-    r = S.sum(2).clamp_min(1.0)
+def jacobian_factors(W: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(W, T, r, L)`` for :func:`assignment_vjp`, from the Hessian weights ``W`` at the
+    solution (the support, for the quadratic) and the tight columns ``T`` (bool): the weights
+    with those below ``_WEIGHT_FLOOR`` dropped, T as a float mask, the row sums of W and the
+    Cholesky factor of the column Schur complement of ``A diag(W) Aᵀ`` (made definite on its
+    null blocks). Differentiable in W (torch operations)."""
+    W = torch.where(W > _WEIGHT_FLOOR, W, 0.0)
+    M = W * T[:, None, :]
+    r = W.sum(2).clamp_min(torch.finfo(W.dtype).tiny)  # a row without weights has a zero Jacobian
     schur = torch.diag_embed(M.sum(1)) - M.transpose(1, 2) @ (M / r[:, :, None])
-    schur = schur + _null_blocks(Sb, T).to(X.dtype)
-    eye = torch.eye(X.shape[2], dtype=X.dtype, device=X.device)
+    schur = schur + _null_blocks(W > 0, T).to(W.dtype)
+    eye = torch.eye(W.shape[2], dtype=W.dtype, device=W.device)
     schur = torch.where(T[:, :, None] & T[:, None, :], schur, eye)
     L, _ = torch.linalg.cholesky_ex(schur)
-    return S, T.to(X.dtype), r, L
+    return W, T.to(W.dtype), r, L
 
 
-def assignment_vjp(G: torch.Tensor, S: torch.Tensor, T: torch.Tensor, r: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """``J G`` (J symmetric) for ``G: (B, n, m)``: ``S ⊙ (G − wa 1ᵀ − 1 wbᵀ)``, ``A Aᵀ w = A (S ⊙ G)``."""
-    v = G * S
+def assignment_vjp(G: torch.Tensor, W: torch.Tensor, T: torch.Tensor, r: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """``J G`` (J symmetric) for ``G: (B, n, m)``: ``W ⊙ (G − wa 1ᵀ − 1 wbᵀ)`` with
+    ``A diag(W) Aᵀ w = A (W ⊙ G)`` (A: the row and tight-column sums)."""
+    v = G * W
     pa = v.sum(2)
-    M = S * T[:, None, :]
+    M = W * T[:, None, :]
     rhs = v.sum(1) * T - (M.transpose(1, 2) @ (pa / r)[..., None])[..., 0]
     wb = torch.cholesky_solve(rhs[..., None], L)[..., 0] * T
     wa = (pa - (M @ wb[..., None])[..., 0]) / r
-    return S * (G - wa[:, :, None] - wb[:, None, :])
+    return W * (G - wa[:, :, None] - wb[:, None, :])
 
 
 class AssignmentProjection(torch.autograd.Function):
-    """``X(θ)`` of :func:`project_assignments` with the exact Jacobian. ``vertex: (B, n, m)`` and
-    ``at_vertex: (B,)``: rows known to project onto a vertex (X = vertex, Jacobian 0) are not
-    solved; ``low``: entries left out of the continuation's span; ``holder`` receives the
-    unconverged samples' mask."""
+    """``X(θ)`` of :func:`project_assignments` with the exact Jacobian, for the regularizer
+    ``SEPARABLE[reg]``. ``vertex: (B, n, m)`` and ``at_vertex: (B,)``: rows known to project
+    onto a vertex (X = vertex, Jacobian 0; the quadratic) are not solved; ``low``: entries left
+    out of the continuation's span; ``holder`` receives the unconverged samples' mask."""
 
     @staticmethod
-    def forward(ctx: Any, theta: torch.Tensor, at_most: bool, tol: float, max_iter: int, holder: list[torch.Tensor],
-                low: torch.Tensor | None, vertex: torch.Tensor, at_vertex: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, theta: torch.Tensor, reg: str, at_most: bool, tol: float, max_iter: int,
+                holder: list[torch.Tensor], low: torch.Tensor | None, vertex: torch.Tensor,
+                at_vertex: torch.Tensor) -> torch.Tensor:
         th = theta.detach().double()
         X = vertex.double().clone()
+        W = X.clone()  # a vertex's weights: its support (a zero Jacobian either way)
         b = torch.zeros_like(X[:, 0])
         bad = torch.zeros_like(at_vertex)
         rows = (~at_vertex).nonzero()[:, 0]
         if rows.numel():
-            Xr, br, _, badr, _ = project_assignments(th[rows], at_most, tol, max_iter,
-                                                     None if low is None else low[rows])
-            X[rows], b[rows], bad[rows] = Xr, br, badr
+            Xr, Wr, br, _, badr, _ = project_assignments(th[rows], at_most, tol, max_iter,
+                                                         None if low is None else low[rows], SEPARABLE[reg])
+            X[rows], W[rows], b[rows], bad[rows] = Xr, Wr, br, badr
         holder.append(bad)
+        out = X.to(theta.dtype)
+        ctx.smooth = not SEPARABLE[reg].vertices
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(*jacobian_factors(X, b, at_most))
-        return X.to(theta.dtype)
+            T = b > 0 if at_most else torch.ones_like(b, dtype=torch.bool)
+            if ctx.smooth:
+                # J is a function of the output (w = X(1 − X)), so the backward computes it from
+                # X: second derivatives by autograd through X, as for Sinkhorn
+                ctx.save_for_backward(out, T)
+            else:
+                # x is piecewise affine: J is constant on a piece (second derivatives 0)
+                ctx.save_for_backward(*jacobian_factors(W, T))
+        return out
 
     @staticmethod
     def backward(ctx: Any, G: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        S, T, r, L = ctx.saved_tensors
         with autocast_off(G.device):  # backward runs under the caller's autocast state
-            out = assignment_vjp(G.double(), S, T, r, L).to(G.dtype)
-        return out, None, None, None, None, None, None, None
+            if ctx.smooth:
+                X, T = ctx.saved_tensors
+                Xd = X.double()
+                W, Tf, r, L = jacobian_factors(Xd * (1.0 - Xd), T)
+            else:
+                W, Tf, r, L = ctx.saved_tensors
+            out = assignment_vjp(G.double(), W, Tf, r, L).to(G.dtype)
+        return out, None, None, None, None, None, None, None, None
 
 
 def at_a_vertex(theta: torch.Tensor, argmax: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

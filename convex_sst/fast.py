@@ -38,6 +38,8 @@ birkhoff, matching  quadratic           semismooth Newton on the dual multiplier
                                         calls; Jacobian = projector onto the matrices on X's
                                         support with zero row and (tight) column sums
                                         (:mod:`convex_sst._assignment_projection`)
+birkhoff, matching  binary_entropy      Newton on the same dual, ``X = σ(θ − a1ᵀ − 1bᵀ)``;
+                                        implicit backward from X, weights X(1 − X)
 spanning_tree       exp_family          matrix-tree theorem: μ from one batched Cholesky
                                         factorization of the Laplacian with its heaviest vertex
                                         grounded, closed-form backward; samples too
@@ -72,7 +74,7 @@ import torch
 
 from . import _linalg
 from ._graphic_matroid import spanning_tree_separable
-from ._assignment_projection import AssignmentProjection as _AssignmentProjection, at_a_vertex
+from ._assignment_projection import SEPARABLE, AssignmentProjection as _AssignmentProjection, at_a_vertex
 from ._min_norm_point import TOL, project_onto_hull
 from ._forbidden import SLACK, far_below, lower_far_above, lower_forced, needed_apart, shift_far_below
 from .errors import InputError, SolverError, warn_user
@@ -1116,7 +1118,7 @@ def _sinkhorn_path(theta: torch.Tensor, polytope: Polytope, tol: float | None, m
 
 
 # ------------------------------------------------------------------------------------------
-# Birkhoff polytope and matchings with the quadratic: Newton's method on the dual
+# Birkhoff polytope and matchings with the quadratic and the binary entropy: Newton on the dual
 # ------------------------------------------------------------------------------------------
 
 
@@ -1130,9 +1132,9 @@ def birkhoff_projection(theta: torch.Tensor, polytope: Polytope, tol: float | No
     :mod:`convex_sst._assignment_projection`). Exact Jacobian: the projector onto the matrices
     supported on X's support whose rows and columns sum to 0. Batched, any device, computed in
     float64. Options: tol, max_iter (Newton steps per continuation stage), on_failure: rows not
-    converged after ``max_iter`` are by default (``"fallback"``) solved again by the interior-point solver;
-    ``"warn"`` keeps them with a warning, ``"raise"`` raises."""
-    return _assignment_projection(theta, polytope, tol, max_iter, on_failure, forbidden, at_most=False)
+    converged after ``max_iter`` are by default (``"fallback"``) solved again by the
+    interior-point solver; ``"warn"`` keeps them with a warning, ``"raise"`` raises."""
+    return _assignment_dual_newton(theta, polytope, "quadratic", tol, max_iter, on_failure, forbidden)
 
 
 @register_fast_path("matching", "quadratic")
@@ -1142,32 +1144,44 @@ def matching_projection(theta: torch.Tensor, polytope: Polytope, tol: float | No
     ``m ≥ n``): :func:`birkhoff_projection` with the column multipliers kept ``≥ 0`` (projected
     Newton: a column with room left keeps ``b = 0``); the Jacobian's column constraints are
     those at capacity. Options as for :func:`birkhoff_projection`."""
-    return _assignment_projection(theta, polytope, tol, max_iter, on_failure, forbidden,
-                                  at_most=theta.shape[2] > theta.shape[1])
+    return _assignment_dual_newton(theta, polytope, "quadratic", tol, max_iter, on_failure, forbidden)
 
 
-def _assignment_projection(theta: torch.Tensor, polytope: Polytope, tol: float | None, max_iter: int,
-                           on_failure: str, forbidden: torch.Tensor | None, at_most: bool) -> torch.Tensor:
+@register_fast_path("birkhoff", "binary_entropy")
+@register_fast_path("matching", "binary_entropy")
+def assignment_binary_entropy(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 100,
+                              on_failure: str = "fallback", forbidden: torch.Tensor | None = None) -> torch.Tensor:
+    """``argmax ⟨θ, X⟩ − Σ X log X + (1 − X) log(1 − X)`` over the doubly stochastic matrices or
+    the n × m assignments: Newton's method on the same dual as :func:`birkhoff_projection`, with
+    ``X = σ(θ − a1ᵀ − 1bᵀ)`` (a smooth dual, log(1 + e^v) per entry); implicit Jacobian
+    ``diag(w) − diag(w) Aᵀ (A diag(w) Aᵀ)⁺ A diag(w)``, ``w = X(1 − X)``. Batched, any device,
+    computed in float64. Options as for :func:`birkhoff_projection`."""
+    return _assignment_dual_newton(theta, polytope, "binary_entropy", tol, max_iter, on_failure, forbidden)
+
+
+def _assignment_dual_newton(theta: torch.Tensor, polytope: Polytope, reg: str, tol: float | None, max_iter: int,
+                            on_failure: str, forbidden: torch.Tensor | None) -> torch.Tensor:
     if on_failure not in ("fallback", "warn", "raise"):
         raise InputError(f"on_failure must be 'fallback', 'warn' or 'raise', got {on_failure!r}")
     if theta.shape[0] == 0:
         return theta * 0.0
+    at_most = theta.shape[2] > theta.shape[1]  # a matching with more columns than rows: capped columns
     fb = None if forbidden is None else forbidden.flatten(1)
     # forced entries (+1e9) down to just far above, manual masks that every structure needs up to
     # just below the others (as for projection_by_argmax): the multipliers then stay moderate
-    # numbers, which x = θ − a − b needs for its digits
+    # numbers, which X = ψ(θ − a − b) needs for its digits
     flat = _shift_masks(lower_forced(theta.flatten(1), fb, polytope._flat_argmax), fb)
-    # rows that project onto a structure (most of them at low temperature) by two argmax calls,
-    # exact at any scale of θ (at 1e10 and beyond, x = θ − a − b keeps no digits); a vertex
-    # needs logits at least 1 apart
     th = flat.detach().double()
-    if theta.numel() and float((th.amax(1) - th.amin(1)).max()) >= 1.0:
+    # the quadratic: rows that project onto a structure (most of them at low temperature) by two
+    # argmax calls, exact at any scale of θ (at 1e10 and beyond, x = θ − a − b keeps no digits); a
+    # vertex needs logits at least 1 apart
+    if SEPARABLE[reg].vertices and float((th.amax(1) - th.amin(1)).max()) >= 1.0:
         vertex, at_vertex = at_a_vertex(th, polytope._flat_argmax)
     else:
         vertex, at_vertex = torch.zeros_like(th), torch.zeros_like(th[:, 0], dtype=torch.bool)
     low = far_below(th)[0] if fb is None else far_below(th.masked_fill(fb, 0.0))[0] | fb
     holder: list[torch.Tensor] = []
-    X = _AssignmentProjection.apply(flat.reshape(theta.shape), at_most,
+    X = _AssignmentProjection.apply(flat.reshape(theta.shape), reg, at_most,
                                     _default_tol(torch.float64) if tol is None else float(tol), int(max_iter), holder,
                                     low.reshape(theta.shape), vertex.reshape(theta.shape), at_vertex)
     bad = holder[0]
@@ -1177,7 +1191,7 @@ def _assignment_projection(theta: torch.Tensor, polytope: Polytope, tol: float |
             from .solver import relax_torch
 
             idx = bad.nonzero().reshape(-1)
-            return X.index_put((idx,), relax_torch(theta[idx], polytope, get_regularizer("quadratic"),
+            return X.index_put((idx,), relax_torch(theta[idx], polytope, get_regularizer(reg),
                                                    forbidden=None if forbidden is None else forbidden[idx]))
         _report("Newton's method on the assignment duals", bad, theta.shape[0],
                 f"row/column sums not within the tolerance after max_iter = {max_iter} steps", on_failure)

@@ -1,7 +1,7 @@
-"""The quadratic on Birkhoff polytopes and matchings by Newton's method on the dual (their fast
-path): against OSQP with its active-set polish, the projection onto the hull of the enumerated
-permutations, the face Jacobian of the active constraints, central differences, low and extreme
-temperatures, and the failure modes."""
+"""The quadratic and the binary entropy on Birkhoff polytopes and matchings by Newton's method on
+the dual (their fast path): against OSQP with its active-set polish and a certified dual solve,
+the projection onto the hull of the enumerated permutations, the face Jacobian of the active
+constraints, central differences, low and extreme temperatures, and the failure modes."""
 
 import warnings
 
@@ -37,6 +37,26 @@ def test_equals_the_polished_qp_solution(name, params, t, ties, gen):
         assert np.abs(x[i].numpy() - ref).max() < 1e-9
 
 
+@pytest.mark.parametrize("name,params", CASES)
+@pytest.mark.parametrize("t", [0.05, 0.5, 3.0])
+@pytest.mark.parametrize("ties", [False, True])
+def test_binary_entropy_equals_the_certified_dual_solve(name, params, t, ties, gen):
+    P = cs.load_polytope(name, **params)
+    B = 6
+    u = _theta(P, B, gen, ties)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u, P, "binary_entropy", t, backend="fast").reshape(B, -1)
+    checked = 0
+    for i in range(B):
+        ref, certificate = oracles.dual_solve((u[i] / t).reshape(-1).numpy(), P.form, "binary_entropy")
+        if certificate > 1e-11:  # the oracle's own failure (L-BFGS-B at low temperature): skip the row
+            continue
+        checked += 1
+        assert np.abs(x[i].numpy() - ref).max() < 1e-10
+    assert checked >= B // 2
+
+
 @pytest.mark.parametrize("t", [0.2, 1.0])
 def test_equals_the_projection_onto_the_hull_of_the_permutations(t, gen):
     P = cs.load_polytope("birkhoff", n=4)
@@ -50,34 +70,38 @@ def test_equals_the_projection_onto_the_hull_of_the_permutations(t, gen):
         assert (V @ g).max() - g @ x[i] < 1e-12 * (1 + np.abs(g).sum())  # optimal over every permutation
 
 
+@pytest.mark.parametrize("reg", ["quadratic", "binary_entropy"])
 @pytest.mark.parametrize("name,params", CASES)
 @pytest.mark.parametrize("t", [0.3, 2.0])
-def test_gradient_is_the_face_jacobian(name, params, t, gen):
+def test_gradient_is_the_face_jacobian(name, params, t, reg, gen):
     P = cs.load_polytope(name, **params)
     B = 6
     u = torch.randn((B,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
-    x = cs.relax(u, P, "quadratic", t, backend="fast")
+    x = cs.relax(u, P, reg, t, backend="fast")
     (g,) = torch.autograd.grad((x * w).sum(), u)
     for i in range(B):
-        ref = oracles.face_vjp(x[i].detach().reshape(-1).numpy(), w[i].reshape(-1).numpy(), P.form) / t
+        z = x[i].detach().reshape(-1).numpy()
+        hinv = None if reg == "quadratic" else z * (1 - z)  # 1 / f''(z)
+        ref = oracles.face_vjp(z, w[i].reshape(-1).numpy(), P.form, hinv) / t
         assert np.abs(g[i].reshape(-1).numpy() - ref).max() < 1e-9
 
 
+@pytest.mark.parametrize("reg", ["quadratic", "binary_entropy"])
 @pytest.mark.parametrize("name,params", [("birkhoff", {"n": 12}), ("matching", {"n": 8, "m": 13})])
 @pytest.mark.parametrize("t", [0.3, 3.0])
-def test_directional_derivatives_match_differences_on_every_row(name, params, t, gen):
+def test_directional_derivatives_match_differences_on_every_row(name, params, t, reg, gen):
     # x is piecewise affine in u: central differences are exact up to rounding away from the
     # (measure-zero) places where the support changes, so every row must agree
     P = cs.load_polytope(name, **params)
     B = 16
     u = torch.randn((B,) + P.shape, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(u.shape, generator=gen, dtype=torch.float64)
-    x = cs.relax(u, P, "quadratic", t, backend="fast")
+    x = cs.relax(u, P, reg, t, backend="fast")
     (jv,) = torch.autograd.grad((x * v).sum(), u)  # the Jacobian is symmetric: Jᵀv = Jv
     h = 1e-6
     with torch.no_grad():
-        fd = (cs.relax(u + h * v, P, "quadratic", t) - cs.relax(u - h * v, P, "quadratic", t)) / (2 * h)
+        fd = (cs.relax(u + h * v, P, reg, t) - cs.relax(u - h * v, P, reg, t)) / (2 * h)
     assert (jv - fd).abs().amax((1, 2)).max() < 1e-7
 
 
@@ -133,7 +157,7 @@ def test_low_temperatures_converge_to_the_hard_assignment(t, gen):
     best = P.argmax(g)
     assert ((g * best).sum((1, 2)) - (g * x).sum((1, 2)) <= 1e-12 * g.abs().sum((1, 2))).all()
     # the Newton iterations themselves, without the vertex shortcut
-    X, _, err, bad, steps = project_assignments((u.detach() / t), False, 1e-12, 100)
+    X, _, _, err, bad, steps = project_assignments((u.detach() / t), False, 1e-12, 100)
     assert not bool(bad.any()) and steps <= 80
     # to its resolution, eps |θ| per entry (exact on the rows the shortcut finds on a vertex)
     assert (X - x).abs().max() < max(1e-9, 1e3 * torch.finfo(X.dtype).eps * float(u.detach().abs().max()) / t)
@@ -178,8 +202,9 @@ def test_float32_and_mixed_temperatures(gen):
         assert np.abs(x64[i].reshape(-1).numpy() - ref).max() < 1e-9
 
 
+@pytest.mark.parametrize("reg", ["quadratic", "binary_entropy"])
 @pytest.mark.parametrize("name,params", [("birkhoff", {"n": 3}), ("birkhoff", {"n": 5}), ("matching", {"n": 3, "m": 4})])
-def test_manual_masks_and_forced_entries(name, params):
+def test_manual_masks_and_forced_entries(name, params, reg):
     # -1e9 on 60 % of the entries often leaves no structure that avoids them all: the relaxation
     # lives on the face with the least masked mass (oracles.masked_face_solve); +1e9 forces entries
     g = torch.Generator().manual_seed(3)
@@ -189,11 +214,11 @@ def test_manual_masks_and_forced_entries(name, params):
         mask = torch.rand((8,) + P.shape, generator=g) < 0.6
         with warnings.catch_warnings():
             warnings.simplefilter("error", cs.SolverWarning)
-            x = cs.relax(u.masked_fill(mask, -1e9), P, "quadratic", t).reshape(8, -1)
+            x = cs.relax(u.masked_fill(mask, -1e9), P, reg, t).reshape(8, -1)
         for b in range(8):
             low = mask[b].reshape(-1).numpy()
             theta = (u[b].reshape(-1) / t).numpy()
-            ref, certificate = oracles.masked_face_solve(np.where(low, -1e9 / t, theta), P.form, low, "quadratic")
+            ref, certificate = oracles.masked_face_solve(np.where(low, -1e9 / t, theta), P.form, low, reg)
             assert certificate < 1e-11
             assert np.abs(x[b].numpy() - ref).max() < 1e-9, (t, b)
     # one forced entry per row: the same as forcing it by +200 (x moves by less than e^-40)
@@ -203,5 +228,26 @@ def test_manual_masks_and_forced_entries(name, params):
     for up in (1e9, 200.0):
         uu = u.reshape(8, -1).clone()
         uu[torch.arange(8), best] += up
-        xs.append(cs.relax(uu.reshape(u.shape), P, "quadratic", 0.5))
+        xs.append(cs.relax(uu.reshape(u.shape), P, reg, 0.5))
     assert (xs[0] - xs[1]).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("t", [1e-2, 1e-3])
+def test_binary_entropy_at_low_temperature(t, gen):
+    # saturated entries (x(1 − x) below 1e-12) leave the Jacobian; the rest against differences
+    P = cs.load_polytope("matching", n=6, m=9)
+    u = torch.randn(8, 6, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u, P, "binary_entropy", t)
+    (jv,) = torch.autograd.grad((x * v).sum(), u)
+    assert torch.isfinite(jv).all()
+    for i in range(8):
+        ref, certificate = oracles.dual_solve((u[i] / t).detach().reshape(-1).numpy(), P.form, "binary_entropy")
+        if certificate < 1e-11:
+            assert np.abs(x[i].detach().reshape(-1).numpy() - ref).max() < 1e-9
+    h = 1e-4 * t
+    with torch.no_grad():
+        fd = (cs.relax(u + h * v, P, "binary_entropy", t) - cs.relax(u - h * v, P, "binary_entropy", t)) / (2 * h)
+    assert t * (jv - fd).abs().max() < 1e-6

@@ -191,9 +191,9 @@ def test_unknown_names_list_available_and_suggest(P):
 
 
 def test_fast_backend_without_fast_path_raises():
-    M = cs.load_polytope("matching", n=2, m=3)
-    with pytest.raises(cs.UnknownNameError, match=r"no fast path for polytope 'matching' with regularizer 'binary_entropy'"):
-        cs.relax(torch.zeros(2, 3), M, "binary_entropy", backend="fast")
+    D = cs.load_polytope("dag_path")
+    with pytest.raises(cs.UnknownNameError, match=r"no fast path for polytope 'dag_path' with regularizer 'quadratic'"):
+        cs.relax(torch.zeros(D.shape), D, "quadratic", backend="fast")
 
 
 def test_a_regularizer_with_no_way_to_solve_it_names_the_ways():
