@@ -1,7 +1,8 @@
-"""The quadratic on Birkhoff polytopes and matchings: Newton's method on the dual (their fast path
-since 2026-12-06, ``convex_sst._assignment_projection``) against the torch interior-point solver,
-which ``auto`` used before, and Wolfe's minimum-norm-point algorithm over Hungarian argmaxes
-(``projection_by_argmax``, the fast path of arborescences), called directly.
+"""The quadratic and the binary entropy on Birkhoff polytopes and matchings: Newton's method on the
+dual (their fast path since 2026-12-06, ``convex_sst._assignment_projection``) against the torch
+interior-point solver, which ``auto`` used before, and, for the quadratic, Wolfe's
+minimum-norm-point algorithm over Hungarian argmaxes (``projection_by_argmax``, the fast path of
+arborescences), called directly.
 
 For each case: forward + backward of a batch of utilities ``u ~ N(0, 1)``, float64, median of
 ``--repeats`` interleaved rounds (each timed call after an untimed one), all in the same
@@ -11,6 +12,7 @@ forward pass (exact on a piece of this piecewise-affine map).
 
     python benchmarks/assignment_quadratic.py
     python benchmarks/assignment_quadratic.py --cases birkhoff:100 --temperatures 1 --batch 32 --skip-argmax
+    python benchmarks/assignment_quadratic.py --regularizers binary_entropy
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ def load(case: str) -> cs.Polytope:
     return cs.load_polytope(name, **dict(zip(("n", "m"), map(int, sizes))))
 
 
-def run(u: torch.Tensor, w: torch.Tensor, P: cs.Polytope, t: float, method: str):
+def run(u: torch.Tensor, w: torch.Tensor, P: cs.Polytope, t: float, method: str, reg: str):
     uu = u.clone().requires_grad_()
     if method == "argmax":
         x = projection_by_argmax(uu / t, P)
     else:
-        x = cs.relax(uu, P, "quadratic", t, backend=method)
+        x = cs.relax(uu, P, reg, t, backend=method)
     (g,) = torch.autograd.grad((x * w).sum(), uu)
     return x.detach(), g
 
@@ -48,37 +50,39 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--regularizers", nargs="+", default=["quadratic"], choices=["quadratic", "binary_entropy"])
     ap.add_argument("--skip-argmax", action="store_true", help="leave out the minimum-norm-point algorithm")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     gen = torch.Generator().manual_seed(args.seed)
-    methods = ["fast", "torch"] + ([] if args.skip_argmax else ["argmax"])
     print(f"forward + backward, B = {args.batch}, float64, median of {args.repeats} interleaved rounds (ms; "
           f"threads = {torch.get_num_threads()})\n")
-    print("| case | t | Newton | torch solver | torch / Newton | min-norm point | min-norm / Newton "
+    print("| case | regularizer | t | Newton | torch solver | torch / Newton | min-norm point | min-norm / Newton "
           "| torch: max abs Δx, Δ VJP | Jv − differences: Newton / torch | torch rows warned |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for case in args.cases:
         P = load(case)
-        for t in args.temperatures:
-            u = torch.randn((args.batch,) + P.shape, generator=gen, dtype=torch.float64)
-            w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", cs.SolverWarning)
-                out = {m: run(u, w, P, t, m) for m in methods}
-                ms = interleaved({m: (lambda m=m: run(u, w, P, t, m)) for m in methods}, args.repeats)
-            warned = max((len(str(c.message).split("[")[1].split("]")[0].split(","))
-                          for c in caught if "did not converge" in str(c.message)), default=0)
-            h = 1e-6 * t  # the Jacobian is symmetric, so the VJP with w is also J w
-            with torch.no_grad():
-                fd = (cs.relax(u + h * w, P, "quadratic", t) - cs.relax(u - h * w, P, "quadratic", t)) / (2 * h)
-            (xf, gf), (xt, gt) = out["fast"], out["torch"]
-            argmax = "— | —" if args.skip_argmax else f"{ms['argmax']:.1f} | {ms['argmax'] / ms['fast']:.1f}×"
-            print(f"| {case} | {t:g} | {ms['fast']:.1f} | {ms['torch']:.1f} | {ms['torch'] / ms['fast']:.1f}× | "
-                  f"{argmax} | {(xf - xt).abs().max():.1e}, "
-                  f"{t * (gf - gt).abs().max():.1e} | {t * (gf - fd).abs().max():.1e} / {t * (gt - fd).abs().max():.1e} | "
-                  f"{warned} of {args.batch} |", flush=True)
+        for reg in args.regularizers:
+            methods = ["fast", "torch"] + ([] if args.skip_argmax or reg != "quadratic" else ["argmax"])
+            for t in args.temperatures:
+                u = torch.randn((args.batch,) + P.shape, generator=gen, dtype=torch.float64)
+                w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", cs.SolverWarning)
+                    out = {m: run(u, w, P, t, m, reg) for m in methods}
+                    ms = interleaved({m: (lambda m=m: run(u, w, P, t, m, reg)) for m in methods}, args.repeats)
+                warned = max((len(str(c.message).split("[")[1].split("]")[0].split(","))
+                              for c in caught if "did not converge" in str(c.message)), default=0)
+                h = 1e-6 * t  # the Jacobian is symmetric, so the VJP with w is also J w
+                with torch.no_grad():
+                    fd = (cs.relax(u + h * w, P, reg, t) - cs.relax(u - h * w, P, reg, t)) / (2 * h)
+                (xf, gf), (xt, gt) = out["fast"], out["torch"]
+                argmax = f"{ms['argmax']:.1f} | {ms['argmax'] / ms['fast']:.1f}×" if "argmax" in ms else "— | —"
+                print(f"| {case} | {reg} | {t:g} | {ms['fast']:.1f} | {ms['torch']:.1f} | {ms['torch'] / ms['fast']:.1f}× | "
+                      f"{argmax} | {(xf - xt).abs().max():.1e}, {t * (gf - gt).abs().max():.1e} | "
+                      f"{t * (gf - fd).abs().max():.1e} / {t * (gt - fd).abs().max():.1e} | {warned} of {args.batch} |",
+                      flush=True)
     print("\nΔ VJP and the differences are scaled by t (the gradient scales with 1 / t).")
 
 

@@ -148,14 +148,15 @@ def test_spanning_tree_separable_benchmark_runs_and_agrees_with_the_torch_solver
 
 def test_assignment_quadratic_benchmark_runs_and_agrees_with_the_torch_solver():
     out = _run("assignment_quadratic.py", "--cases", "birkhoff:3", "matching:2:4", "--temperatures", "0.5",
-               "--batch", "2", "--repeats", "1")
+               "--regularizers", "quadratic", "binary_entropy", "--batch", "2", "--repeats", "1")
     rows = _rows(out, "| ")[1:]
-    assert [r[0] for r in rows] == ["birkhoff:3", "matching:2:4"]
+    assert [r[:2] for r in rows] == [[c, r] for c in ("birkhoff:3", "matching:2:4") for r in ("quadratic", "binary_entropy")]
     for row in rows:
-        assert re.fullmatch(r"[0-9.]+×", row[4]) and re.fullmatch(r"[0-9.]+×", row[6])
-        dx, dg = (float(v) for v in row[7].split(","))
+        assert re.fullmatch(r"[0-9.]+×", row[5])
+        assert re.fullmatch(r"[0-9.]+×", row[7]) if row[1] == "quadratic" else row[7] == "—"
+        dx, dg = (float(v) for v in row[8].split(","))
         assert dx < 1e-7 and dg < 1e-5, row
-        assert float(row[8].split("/")[0]) < 1e-6, row  # Newton's against differences
+        assert float(row[9].split("/")[0]) < 1e-6, row  # Newton's against differences
 
 
 def test_quadratic_by_argmax_benchmark_runs_and_agrees_with_the_torch_solver():
