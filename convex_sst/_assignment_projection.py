@@ -188,7 +188,7 @@ def _newton(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, at_most: bool
             b1 = b + step * db
             if at_most:
                 b1 = b1.clamp_min(0.0)
-            D1, X1, V1, _ = _dual(theta, a1, b1, reg)
+            D1, X1, V1, Ds1 = _dual(theta, a1, b1, reg)
             err1 = _residual(X1, b1, at_most)
             decrease = (ga * (a1 - a)).sum(1) + (gb * (b1 - b)).sum(1)
             # Armijo, or, where D's change is below its rounding, a smaller residual
@@ -203,7 +203,7 @@ def _newton(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, at_most: bool
         V = torch.where(keep[:, None, None], V1, V)
         D = torch.where(keep, D1, D)
         err = torch.where(keep, err1, err)
-        Dscale = torch.where(keep, reg.conj(V).sum((1, 2)).abs() + a.abs().sum(1) + b.abs().sum(1), Dscale)
+        Dscale = torch.where(keep, Ds1, Dscale)
         active = keep & (err > tol)  # no step accepted: at the arithmetic's resolution, stop
     return a, b, X, V, err, steps
 
