@@ -69,11 +69,13 @@ def _softplus(v: torch.Tensor) -> torch.Tensor:
 class Separable(NamedTuple):
     """A regularizer ``f`` for the dual: ``D = Σ conj(θ − a − b) + Σa + Σb`` with ``conj = f*``,
     ``X = conj'(V)`` and the Hessian weights ``conj''(V)``; ``init(θ)``: row multipliers that
-    start the iteration; ``vertices``: whether X can be a permutation (the quadratic)."""
+    start the iteration; ``vertices``: whether X can be a structure (the quadratic);
+    ``weight_of_x``: the weights as a function of X (the backward pass of the smooth ones)."""
 
     conj: Callable[[torch.Tensor], torch.Tensor]
     x: Callable[[torch.Tensor], torch.Tensor]
     weight: Callable[[torch.Tensor], torch.Tensor]
+    weight_of_x: Callable[[torch.Tensor], torch.Tensor]
     init: Callable[[torch.Tensor], torch.Tensor]
     vertices: bool
 
@@ -90,10 +92,11 @@ def _row_sparsemax_threshold(theta: torch.Tensor) -> torch.Tensor:
 SEPARABLE = {
     # ½‖x‖²: f*(v) = ½[v]₊², x = [v]₊, weights 1 on the support
     "quadratic": Separable(lambda v: 0.5 * v.clamp_min(0.0) ** 2, lambda v: v.clamp_min(0.0),
-                           lambda v: (v > 0).to(v.dtype), _row_sparsemax_threshold, True),
+                           lambda v: (v > 0).to(v.dtype), lambda x: (x > 0).to(x.dtype), _row_sparsemax_threshold,
+                           True),
     # Σ x log x + (1 − x) log(1 − x): f*(v) = log(1 + e^v), x = σ(v), weights σ(v) σ(−v)
     "binary_entropy": Separable(_softplus, torch.sigmoid, lambda v: torch.sigmoid(v) * torch.sigmoid(-v),
-                                lambda th: torch.logsumexp(th, dim=-1), False),
+                                lambda x: x * (1.0 - x), lambda th: torch.logsumexp(th, dim=-1), False),
 }
 
 
@@ -235,7 +238,7 @@ def jacobian_factors(W: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, ..
     with those below ``_WEIGHT_FLOOR`` dropped, T as a float mask, the row sums of W and the
     Cholesky factor of the column Schur complement of ``A diag(W) Aᵀ`` (made definite on its
     null blocks). Differentiable in W (torch operations)."""
-    W = torch.where(W > _WEIGHT_FLOOR, W, 0.0)
+    W = torch.where((W > _WEIGHT_FLOOR) & torch.isfinite(W), W, 0.0)  # (rows a fallback replaced may be inf)
     M = W * T[:, None, :]
     r = W.sum(2).clamp_min(torch.finfo(W.dtype).tiny)  # a row without weights has a zero Jacobian
     schur = torch.diag_embed(M.sum(1)) - M.transpose(1, 2) @ (M / r[:, :, None])
@@ -280,7 +283,7 @@ class AssignmentProjection(torch.autograd.Function):
             X[rows], W[rows], b[rows], bad[rows] = Xr, Wr, br, badr
         holder.append(bad)
         out = X.to(theta.dtype)
-        ctx.smooth = not SEPARABLE[reg].vertices
+        ctx.smooth, ctx.reg = not SEPARABLE[reg].vertices, reg
         if ctx.needs_input_grad[0]:
             T = b > 0 if at_most else torch.ones_like(b, dtype=torch.bool)
             if ctx.smooth:
@@ -298,7 +301,7 @@ class AssignmentProjection(torch.autograd.Function):
             if ctx.smooth:
                 X, T = ctx.saved_tensors
                 Xd = X.double()
-                W, Tf, r, L = jacobian_factors(Xd * (1.0 - Xd), T)
+                W, Tf, r, L = jacobian_factors(SEPARABLE[ctx.reg].weight_of_x(Xd), T)
             else:
                 W, Tf, r, L = ctx.saved_tensors
             out = assignment_vjp(G.double(), W, Tf, r, L).to(G.dtype)

@@ -1,0 +1,244 @@
+"""The quadratic and the binary entropy on DAG paths (unit s–t flows): Newton on vertex potentials.
+
+The polytope is ``P = {x ∈ [0, 1]^E : out_v(x) − in_v(x) = [v = s] − [v = t]}`` over the arcs
+``e = (u → v)`` of a DAG (``x ≤ 1`` is implied: a unit flow in a DAG is a mix of s–t paths).
+With a separable f, the dual is a convex function of one potential per vertex::
+
+    D(π) = Σ_e f*(θ_e − π_u + π_v) + π_s − π_t,      x_e = f*'(θ_e − π_u + π_v),
+
+i.e. ``x = ψ(θ − Aᵀπ)`` for the incidence matrix A (+1 at an arc's tail, −1 at its head), with
+gradient ``b − A x`` and Hessian ``A diag(w) Aᵀ``, a graph Laplacian with weights ``w = f*''``.
+``π_t = 0`` grounds it (D is invariant to a common shift). Arcs on no s–t path are 0 on P and
+are left out first (their potentials would run off to infinity), and so are the vertices they
+leave without arcs. The iteration is the one of :mod:`convex_sst._assignment_projection`:
+Newton steps regularized by ``0.1 ×`` the residual, Armijo line search, continuation at low
+temperature, with a dense ``(k × k)`` Cholesky factorization per step (k: the vertices on an
+s–t path, less t). The Jacobian is ``W ⊙ (G − Aᵀw)`` with ``A diag(W) Aᵀ w = A (W ⊙ G)``;
+blocks of the weights cut off from t (isolated vertices, once weights below 1e-12 are left out)
+get ``1 1ᵀ``. For the quadratic it has constant factors (x is piecewise affine); for the
+binary entropy it is computed from the output x in the backward pass, so second derivatives
+flow through x. (The entropy is not served: fast.py says why.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ._assignment_projection import _ARMIJO, _GROWTH, _HALVINGS, _MU, _SPAN, _STAGE_ITER, _STAGE_TOL, _WEIGHT_FLOOR, \
+    SEPARABLE, Separable, _chol_solve
+from ._autograd import autocast_off
+
+
+class FlowPlan(NamedTuple):
+    """The usable arcs (on some s–t path) and their ends as potential indices (``k`` = t,
+    whose potential is 0), the incidence rows of the other vertices ``A (k, E')`` and the
+    supplies ``b (k,)``."""
+
+    arcs: torch.Tensor
+    tail: torch.Tensor
+    head: torch.Tensor
+    A: torch.Tensor
+    b: torch.Tensor
+
+
+def flow_plan(n: int, arcs: np.ndarray, s: int, t: int, device: torch.device) -> FlowPlan:
+    """:class:`FlowPlan` of the DAG with arcs ``(E, 2)`` from ``s`` to ``t``."""
+    reach_s = {s}
+    reach_t = {t}
+    changed = True
+    while changed:  # fixed points (n is small; no topological order needed)
+        changed = False
+        for u, v in arcs.tolist():
+            if u in reach_s and v not in reach_s:
+                reach_s.add(v)
+                changed = True
+            if v in reach_t and u not in reach_t:
+                reach_t.add(u)
+                changed = True
+    usable = [e for e, (u, v) in enumerate(arcs.tolist()) if u in reach_s and v in reach_t]
+    on_path = sorted({int(w) for e in usable for w in arcs[e]} - {t})
+    index = {v: i for i, v in enumerate(on_path)}
+    k = len(on_path)
+    index[t] = k
+    tail = [index[int(arcs[e, 0])] for e in usable]
+    head = [index[int(arcs[e, 1])] for e in usable]
+    A = np.zeros((k, len(usable)))
+    for j, (u, v) in enumerate(zip(tail, head)):
+        if u < k:
+            A[u, j] += 1.0
+        if v < k:
+            A[v, j] -= 1.0
+    b = np.zeros(k)
+    if s in index and index[s] < k:
+        b[index[s]] = 1.0
+    def as_index(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return FlowPlan(as_index(usable), as_index(tail), as_index(head), torch.tensor(A, dtype=torch.float64, device=device),
+                    torch.tensor(b, dtype=torch.float64, device=device))
+
+
+def _laplacian(W: torch.Tensor, plan: FlowPlan) -> torch.Tensor:
+    """``A diag(W) Aᵀ (B, k, k)`` by scattering each arc's weight to its four entries (O(B E),
+    where the product ``(A W) Aᵀ`` costs O(B k² E))."""
+    B = W.shape[0]
+    k = plan.A.shape[0]
+    u, v = plan.tail, plan.head  # index k is t: its row and column are cut off below
+    n1 = k + 1
+    flat = torch.cat([u * n1 + u, v * n1 + v, u * n1 + v, v * n1 + u]).expand(B, -1)
+    H = W.new_zeros(B, n1 * n1).scatter_add_(1, flat, torch.cat([W, W, -W, -W], 1))
+    return H.reshape(B, n1, n1)[:, :k, :k]
+
+
+def _potentials(p: torch.Tensor) -> torch.Tensor:
+    return torch.cat([p, torch.zeros_like(p[:, :1])], 1)  # π_t = 0
+
+
+def _dual(theta: torch.Tensor, p: torch.Tensor, plan: FlowPlan, reg: Separable) -> tuple[torch.Tensor, ...]:
+    """``(D, x, V, rounding scale of D)`` per sample for potentials ``p (B, k)``."""
+    pz = _potentials(p)
+    V = theta - pz[:, plan.tail] + pz[:, plan.head]
+    conj = reg.conj(V).sum(1)
+    pb = p @ plan.b
+    return conj + pb, reg.x(V), V, conj.abs() + pb.abs()
+
+
+def _residual(x: torch.Tensor, plan: FlowPlan) -> torch.Tensor:
+    """Largest violation of flow conservation per sample (t's row is implied by the others)."""
+    return (x @ plan.A.T - plan.b).abs().amax(1) if plan.A.shape[0] else x.new_zeros(x.shape[0])
+
+
+def solve_flows(theta: torch.Tensor, plan: FlowPlan, reg: Separable, tol: float, max_iter: int,
+                low: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Newton's method on the potentials for ``theta: (B, E')`` (the usable arcs), float64:
+    ``(x, weights, bad, steps)``; continuation as in
+    :func:`convex_sst._assignment_projection.project_assignments`."""
+    B = theta.shape[0]
+    k = plan.A.shape[0]
+    eps = torch.finfo(theta.dtype).eps
+    kept = theta if low is None else theta.masked_fill(low, math.nan)
+    top = kept.nan_to_num(-math.inf).amax(1)
+    bottom = kept.nan_to_num(math.inf).amin(1)
+    span = float((top - bottom).max()) if B else 0.0
+    scale = float(torch.maximum(top.abs(), bottom.abs()).max()) if B else 0.0
+    tol = max(tol, 100 * eps * max(1.0, scale))
+    lam = 1.0 if not span > _SPAN else _SPAN / span
+    p = theta.new_zeros(B, k)
+    eye = torch.eye(k, dtype=theta.dtype, device=theta.device)
+    total = 0
+    while True:
+        final = lam >= 1.0
+        th = theta if final else theta * lam
+        stage_tol = tol if final else _STAGE_TOL
+        D, x, V, Dscale = _dual(th, p, plan, reg)
+        err = _residual(x, plan)
+        active = err > stage_tol
+        steps = 0
+        while steps < (max_iter if final else min(max_iter, _STAGE_ITER)) and bool(active.any()):
+            steps += 1
+            g = plan.b - x @ plan.A.T
+            W = reg.weight(V)
+            H = _laplacian(W, plan) + (_MU * err)[:, None, None] * eye
+            dp = -_chol_solve(H, g)
+            step = torch.ones(B, 1, dtype=theta.dtype, device=theta.device)
+            for _ in range(_HALVINGS):
+                p1 = p + step * dp
+                D1, x1, V1, Ds1 = _dual(th, p1, plan, reg)
+                err1 = _residual(x1, plan)
+                decrease = (g * (p1 - p)).sum(1)
+                ok = (D1 <= D + _ARMIJO * decrease) | ((err1 < err) & (D1 <= D + 1e3 * eps * Dscale))
+                if bool((ok | ~active).all()):
+                    break
+                step = torch.where(ok[:, None], step, step / 2)
+            keep = ok & active
+            p = torch.where(keep[:, None], p1, p)
+            x = torch.where(keep[:, None], x1, x)
+            V = torch.where(keep[:, None], V1, V)
+            D = torch.where(keep, D1, D)
+            Dscale = torch.where(keep, Ds1, Dscale)
+            err = torch.where(keep, err1, err)
+            active = keep & (err > stage_tol)
+        total += steps
+        if final:
+            return x, reg.weight(V), ~(err <= tol), total
+        new = min(1.0, _GROWTH * lam)
+        p, lam = p * (new / lam), new
+
+
+def _cut_off_blocks(W: torch.Tensor, plan: FlowPlan) -> torch.Tensor:
+    """``(B, k, k)`` boolean: vertices in the same block of the weighted arcs, for the blocks
+    without t (where ``A diag(W) Aᵀ`` is singular along the block's indicator)."""
+    B = W.shape[0]
+    k = plan.A.shape[0]
+    on = W > 0
+    big = k + 1
+    label = torch.arange(k + 1, device=W.device).expand(B, k + 1).clone()
+    while True:  # label propagation: the smallest label of each block
+        lt = torch.where(on, label[:, plan.tail], big)
+        lh = torch.where(on, label[:, plan.head], big)
+        new = label.scatter_reduce(1, plan.tail.expand(B, -1), lh, "amin")
+        new = new.scatter_reduce(1, plan.head.expand(B, -1), lt, "amin")
+        if torch.equal(new, label):
+            break
+        label = new
+    free = label[:, :k] != label[:, k:]  # not in t's block
+    lab = label[:, :k]
+    return free[:, :, None] & free[:, None, :] & (lab[:, :, None] == lab[:, None, :])
+
+
+def flow_factors(W: torch.Tensor, plan: FlowPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, L)``: the weights with those below ``_WEIGHT_FLOOR`` left out and the Cholesky factor
+    of ``A diag(W) Aᵀ`` made definite on the blocks cut off from t (differentiable in W)."""
+    W = torch.where((W > _WEIGHT_FLOOR) & torch.isfinite(W), W, 0.0)  # (rows a fallback replaced may be inf)
+    H = _laplacian(W, plan) + _cut_off_blocks(W, plan).to(W.dtype)
+    L, _ = torch.linalg.cholesky_ex(H)
+    return W, L
+
+
+def flow_vjp(G: torch.Tensor, W: torch.Tensor, L: torch.Tensor, plan: FlowPlan) -> torch.Tensor:
+    """``J G = W ⊙ (G − Aᵀw)`` with ``A diag(W) Aᵀ w = A (W ⊙ G)``, ``G: (B, E')``."""
+    w = torch.cholesky_solve(((G * W) @ plan.A.T)[..., None], L)[..., 0]
+    return W * (G - w @ plan.A)
+
+
+class FlowRelaxation(torch.autograd.Function):
+    """x over the usable arcs, ``theta: (B, E')``; rows with ``at_vertex`` return ``vertex``."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: torch.Tensor, plan: FlowPlan, reg: str, tol: float, max_iter: int,
+                holder: list[torch.Tensor], low: torch.Tensor | None, vertex: torch.Tensor,
+                at_vertex: torch.Tensor) -> torch.Tensor:
+        th = theta.detach().double()
+        x = vertex.double().clone()
+        W = x.clone()
+        bad = torch.zeros_like(at_vertex)
+        rows = (~at_vertex).nonzero()[:, 0]
+        if rows.numel():
+            xr, Wr, badr, _ = solve_flows(th[rows], plan, SEPARABLE[reg], tol, max_iter,
+                                          None if low is None else low[rows])
+            x[rows], W[rows], bad[rows] = xr, Wr, badr
+        holder.append(bad)
+        out = x.to(theta.dtype)
+        ctx.plan, ctx.reg = plan, reg
+        ctx.smooth = not SEPARABLE[reg].vertices
+        if ctx.needs_input_grad[0]:
+            if ctx.smooth:  # J from the output: second derivatives through x
+                ctx.save_for_backward(out)
+            else:
+                ctx.save_for_backward(*flow_factors(W, plan))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, G: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with autocast_off(G.device):
+            if ctx.smooth:
+                (x,) = ctx.saved_tensors
+                W, L = flow_factors(SEPARABLE[ctx.reg].weight_of_x(x.double()), ctx.plan)
+            else:
+                W, L = ctx.saved_tensors
+            out = flow_vjp(G.double(), W, L, ctx.plan).to(G.dtype)
+        return out, None, None, None, None, None, None, None, None
