@@ -1,8 +1,8 @@
-"""The quadratic and the binary entropy on Birkhoff polytopes and matchings: Newton's method on the
-dual (their fast path since 2026-12-06, ``convex_sst._assignment_projection``) against the torch
-interior-point solver, which ``auto`` used before, and, for the quadratic, Wolfe's
-minimum-norm-point algorithm over Hungarian argmaxes (``projection_by_argmax``, the fast path of
-arborescences), called directly.
+"""The quadratic and the binary entropy on Birkhoff polytopes, matchings and DAG paths: Newton's
+method on the dual (their fast path since 2026-12-06, ``convex_sst._assignment_projection`` and
+``convex_sst._flow_newton``) against the torch interior-point solver, which ``auto`` used
+before, and, for the quadratic, Wolfe's minimum-norm-point algorithm over the argmax (Hungarian,
+longest path; ``projection_by_argmax``, the fast path of arborescences), called directly.
 
 For each case: forward + backward of a batch of utilities ``u ~ N(0, 1)``, float64, median of
 ``--repeats`` interleaved rounds (each timed call after an untimed one), all in the same
@@ -13,6 +13,7 @@ forward pass (exact on a piece of this piecewise-affine map).
     python benchmarks/assignment_quadratic.py
     python benchmarks/assignment_quadratic.py --cases birkhoff:100 --temperatures 1 --batch 32 --skip-argmax
     python benchmarks/assignment_quadratic.py --regularizers binary_entropy
+    python benchmarks/assignment_quadratic.py --cases dag_path:10 dag_path:30 --regularizers quadratic binary_entropy
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ CASES = ["birkhoff:5", "birkhoff:10", "birkhoff:30", "birkhoff:100", "matching:1
 
 def load(case: str) -> cs.Polytope:
     name, *sizes = case.split(":")
+    if name == "dag_path":  # the complete DAG on n vertices, paths from 0 to n − 1
+        n = int(sizes[0])
+        return cs.load_polytope(name, n=n, edges=[[i, j] for i in range(n) for j in range(i + 1, n)], source=0,
+                                target=n - 1)
     return cs.load_polytope(name, **dict(zip(("n", "m"), map(int, sizes))))
 
 
@@ -46,7 +51,8 @@ def run(u: torch.Tensor, w: torch.Tensor, P: cs.Polytope, t: float, method: str,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=CASES, help="birkhoff:n or matching:n:m")
+    ap.add_argument("--cases", nargs="+", default=CASES,
+                    help="birkhoff:n, matching:n:m, or dag_path:n (the complete DAG on n vertices)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

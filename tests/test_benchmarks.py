@@ -147,10 +147,11 @@ def test_spanning_tree_separable_benchmark_runs_and_agrees_with_the_torch_solver
 
 
 def test_assignment_quadratic_benchmark_runs_and_agrees_with_the_torch_solver():
-    out = _run("assignment_quadratic.py", "--cases", "birkhoff:3", "matching:2:4", "--temperatures", "0.5",
+    cases = ("birkhoff:3", "matching:2:4", "dag_path:4")
+    out = _run("assignment_quadratic.py", "--cases", *cases, "--temperatures", "0.5",
                "--regularizers", "quadratic", "binary_entropy", "--batch", "2", "--repeats", "1")
     rows = _rows(out, "| ")[1:]
-    assert [r[:2] for r in rows] == [[c, r] for c in ("birkhoff:3", "matching:2:4") for r in ("quadratic", "binary_entropy")]
+    assert [r[:2] for r in rows] == [[c, r] for c in cases for r in ("quadratic", "binary_entropy")]
     for row in rows:
         assert re.fullmatch(r"[0-9.]+×", row[5])
         assert re.fullmatch(r"[0-9.]+×", row[7]) if row[1] == "quadratic" else row[7] == "—"
