@@ -137,46 +137,108 @@ def project_assignments(theta: torch.Tensor, at_most: bool, tol: float, max_iter
     residual stayed above ``tol`` (floored at the arithmetic's resolution ``100 eps max(1,
     |θ|)``), and the number of Newton steps taken."""
     B, n, m = theta.shape
+
+    def start(th: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return reg.init(th), th.new_zeros(B, m)
+
+    def solve(th: torch.Tensor, z: tuple[torch.Tensor, ...], tol: float, max_iter: int):
+        return damped_newton(z, *_assignment_newton(th, at_most, reg), tol, max_iter)
+
+    (a, b), X, V, err, bad, steps = continuation(theta, low, tol, max_iter, start, solve)
+    return X, reg.weight(V), b, err, bad, steps
+
+
+def continuation(theta: torch.Tensor, low: torch.Tensor | None, tol: float, max_iter: int,
+                 start: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], solve: Callable[..., Any]
+                 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``solve(λθ, z, tol, max_iter) → (z, X, V, residual, steps)`` for ``λ = _SPAN / span``,
+    ``_GROWTH`` times more per stage up to 1 (one stage when the span of θ, ``low`` entries left
+    out, is at most ``_SPAN``), each stage warm-started from the last one's multipliers scaled
+    along (``start(λθ)`` for the first), the stages to ``_STAGE_TOL`` in at most
+    ``_STAGE_ITER`` steps. ``tol`` is floored at the arithmetic's resolution ``100 eps max(1,
+    |θ|)``. Returns ``(z, X, V, residual, bad, steps)``."""
+    B = theta.shape[0]
     eps = torch.finfo(theta.dtype).eps
-    kept = theta if low is None else theta.masked_fill(low, math.nan)
-    top = kept.nan_to_num(-math.inf).amax((1, 2)) if B else theta.new_zeros(0)
-    bottom = kept.nan_to_num(math.inf).amin((1, 2)) if B else theta.new_zeros(0)
+    kept = (theta if low is None else theta.masked_fill(low, math.nan)).flatten(1)
+    top = kept.nan_to_num(-math.inf).amax(1)
+    bottom = kept.nan_to_num(math.inf).amin(1)
     span = float((top - bottom).max()) if B else 0.0
     scale = float(torch.maximum(top.abs(), bottom.abs()).max()) if B else 0.0
     tol = max(tol, 100 * eps * max(1.0, scale))
     lam = 1.0 if not span > _SPAN else _SPAN / span
-    a = reg.init(theta * lam)
-    b = torch.zeros(B, m, dtype=theta.dtype, device=theta.device)
+    z = start(theta * lam)
     total = 0
     while True:
         final = lam >= 1.0
-        th = theta if final else theta * lam
-        a, b, X, V, err, steps = _newton(th, a, b, at_most, tol if final else _STAGE_TOL,
-                                         max_iter if final else min(max_iter, _STAGE_ITER), reg)
+        z, X, V, err, steps = solve(theta if final else theta * lam, z, tol if final else _STAGE_TOL,
+                                    max_iter if final else min(max_iter, _STAGE_ITER))
         total += steps
         if final:
-            return X, reg.weight(V), b, err, ~(err <= tol), total
+            return z, X, V, err, ~(err <= tol), total
         new = min(1.0, _GROWTH * lam)
-        a, b, lam = a * (new / lam), b * (new / lam), new
+        z, lam = tuple(zi * (new / lam) for zi in z), new
 
 
-def _newton(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, at_most: bool, tol: float, max_iter: int,
-            reg: Separable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Damped, regularized Newton steps from ``(a, b)`` until the residual is within ``tol``:
-    ``(a, b, X, V, residual, steps)``."""
-    B, n, m = theta.shape
-    eps = torch.finfo(theta.dtype).eps
-    eye = torch.eye(m, dtype=theta.dtype, device=theta.device)
-    D, X, V, Dscale = _dual(theta, a, b, reg)
-    err = _residual(X, b, at_most)
+Evaluate = Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
+Direction = Callable[[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor],
+                     tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
+
+
+def damped_newton(z: tuple[torch.Tensor, ...], evaluate: Evaluate, direction: Direction,
+                  project: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]], tol: float, max_iter: int
+                  ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Minimize a dual D over multipliers ``z`` (a tuple of ``(B, ·)`` tensors) by damped Newton
+    steps, per sample, until its KKT residual is within ``tol``; shared by the assignment and
+    flow paths. ``evaluate(z) → (D, X, V, rounding scale of D, residual)``, ``direction(z, X, V,
+    residual) → (step, ∇D)``, ``project(z)`` the feasible multipliers. Armijo line search by
+    halving; where D's change is below its rounding, a smaller residual is accepted instead; a
+    sample with no accepted step stops (the arithmetic's resolution). Returns ``(z, X, V,
+    residual, steps)``."""
+    D, X, V, Dscale, err = evaluate(z)
+    eps = torch.finfo(D.dtype).eps
+    B = D.shape[0]
     active = err > tol
     steps = 0
+
+    def pick(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep.reshape((B,) + (1,) * (old.dim() - 1)), new, old)
+
     while steps < max_iter and bool(active.any()):
         steps += 1
+        dz, grad = direction(z, X, V, err)
+        step = torch.ones(B, 1, dtype=D.dtype, device=D.device)
+        for _ in range(_HALVINGS):
+            z1 = project(tuple(zi + step * di for zi, di in zip(z, dz)))
+            D1, X1, V1, Ds1, err1 = evaluate(z1)
+            decrease = sum((g * (new - old)).sum(1) for g, new, old in zip(grad, z1, z))
+            ok = (D1 <= D + _ARMIJO * decrease) | ((err1 < err) & (D1 <= D + 1e3 * eps * Dscale))
+            if bool((ok | ~active).all()):
+                break
+            step = torch.where(ok[:, None], step, step / 2)
+        keep = ok & active
+        z = tuple(pick(keep, new, old) for new, old in zip(z1, z))
+        X, V, D, Dscale, err = (pick(keep, new, old) for new, old in ((X1, X), (V1, V), (D1, D), (Ds1, Dscale),
+                                                                       (err1, err)))
+        active = keep & (err > tol)
+    return z, X, V, err, steps
+
+
+def _assignment_newton(theta: torch.Tensor, at_most: bool, reg: Separable) -> tuple[Evaluate, Direction, Any]:
+    """``(evaluate, direction, project)`` of :func:`damped_newton` for the row and column
+    multipliers ``z = (a, b)`` at ``theta``; the step through the Schur complement on the
+    columns, regularized by ``_MU`` times the residual."""
+    m = theta.shape[2]
+    eye = torch.eye(m, dtype=theta.dtype, device=theta.device)
+
+    def evaluate(z: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        D, X, V, Dscale = _dual(theta, z[0], z[1], reg)
+        return D, X, V, Dscale, _residual(X, z[1], at_most)
+
+    def direction(z: tuple[torch.Tensor, ...], X: torch.Tensor, V: torch.Tensor, err: torch.Tensor):
         ga = 1.0 - X.sum(2)
         gb = 1.0 - X.sum(1)
         W = reg.weight(V)
-        free = torch.ones_like(b, dtype=torch.bool) if not at_most else (b > 0) | (gb < 0)
+        free = torch.ones_like(gb, dtype=torch.bool) if not at_most else (z[1] > 0) | (gb < 0)
         M = W * free[:, None, :]
         mu = _MU * err
         ra = W.sum(2) + mu[:, None]
@@ -185,30 +247,12 @@ def _newton(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, at_most: bool
         rhs = (-gb + (M.transpose(1, 2) @ (ga / ra)[..., None])[..., 0]) * free
         db = _chol_solve(schur, rhs)
         da = (-ga - (M @ db[..., None])[..., 0]) / ra
-        step = torch.ones(B, 1, dtype=theta.dtype, device=theta.device)
-        for _ in range(_HALVINGS):
-            a1 = a + step * da
-            b1 = b + step * db
-            if at_most:
-                b1 = b1.clamp_min(0.0)
-            D1, X1, V1, Ds1 = _dual(theta, a1, b1, reg)
-            err1 = _residual(X1, b1, at_most)
-            decrease = (ga * (a1 - a)).sum(1) + (gb * (b1 - b)).sum(1)
-            # Armijo, or, where D's change is below its rounding, a smaller residual
-            ok = (D1 <= D + _ARMIJO * decrease) | ((err1 < err) & (D1 <= D + 1e3 * eps * Dscale))
-            if bool((ok | ~active).all()):
-                break
-            step = torch.where(ok[:, None], step, step / 2)
-        keep = ok & active
-        a = torch.where(keep[:, None], a1, a)
-        b = torch.where(keep[:, None], b1, b)
-        X = torch.where(keep[:, None, None], X1, X)
-        V = torch.where(keep[:, None, None], V1, V)
-        D = torch.where(keep, D1, D)
-        err = torch.where(keep, err1, err)
-        Dscale = torch.where(keep, Ds1, Dscale)
-        active = keep & (err > tol)  # no step accepted: at the arithmetic's resolution, stop
-    return a, b, X, V, err, steps
+        return (da, db), (ga, gb)
+
+    def project(z: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (z[0], z[1].clamp_min(0.0)) if at_most else z  # capped columns: b ≥ 0
+
+    return evaluate, direction, project
 
 
 def _null_blocks(S: torch.Tensor, T: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,12 @@ flow through x. (The entropy is not served: fast.py says why.)
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from ._assignment_projection import _ARMIJO, _GROWTH, _HALVINGS, _MU, _SPAN, _STAGE_ITER, _STAGE_TOL, _WEIGHT_FLOOR, \
-    SEPARABLE, Separable, _chol_solve
+from ._assignment_projection import _MU, _WEIGHT_FLOOR, SEPARABLE, Separable, _chol_solve, continuation, damped_newton
 from ._autograd import autocast_off
 
 
@@ -119,54 +117,22 @@ def solve_flows(theta: torch.Tensor, plan: FlowPlan, reg: Separable, tol: float,
     :func:`convex_sst._assignment_projection.project_assignments`."""
     B = theta.shape[0]
     k = plan.A.shape[0]
-    eps = torch.finfo(theta.dtype).eps
-    kept = theta if low is None else theta.masked_fill(low, math.nan)
-    top = kept.nan_to_num(-math.inf).amax(1)
-    bottom = kept.nan_to_num(math.inf).amin(1)
-    span = float((top - bottom).max()) if B else 0.0
-    scale = float(torch.maximum(top.abs(), bottom.abs()).max()) if B else 0.0
-    tol = max(tol, 100 * eps * max(1.0, scale))
-    lam = 1.0 if not span > _SPAN else _SPAN / span
-    p = theta.new_zeros(B, k)
     eye = torch.eye(k, dtype=theta.dtype, device=theta.device)
-    total = 0
-    while True:
-        final = lam >= 1.0
-        th = theta if final else theta * lam
-        stage_tol = tol if final else _STAGE_TOL
-        D, x, V, Dscale = _dual(th, p, plan, reg)
-        err = _residual(x, plan)
-        active = err > stage_tol
-        steps = 0
-        while steps < (max_iter if final else min(max_iter, _STAGE_ITER)) and bool(active.any()):
-            steps += 1
+
+    def solve(th: torch.Tensor, z: tuple[torch.Tensor, ...], tol: float, max_iter: int):
+        def evaluate(z: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            D, x, V, Dscale = _dual(th, z[0], plan, reg)
+            return D, x, V, Dscale, _residual(x, plan)
+
+        def direction(z: tuple[torch.Tensor, ...], x: torch.Tensor, V: torch.Tensor, err: torch.Tensor):
             g = plan.b - x @ plan.A.T
-            W = reg.weight(V)
-            H = _laplacian(W, plan) + (_MU * err)[:, None, None] * eye
-            dp = -_chol_solve(H, g)
-            step = torch.ones(B, 1, dtype=theta.dtype, device=theta.device)
-            for _ in range(_HALVINGS):
-                p1 = p + step * dp
-                D1, x1, V1, Ds1 = _dual(th, p1, plan, reg)
-                err1 = _residual(x1, plan)
-                decrease = (g * (p1 - p)).sum(1)
-                ok = (D1 <= D + _ARMIJO * decrease) | ((err1 < err) & (D1 <= D + 1e3 * eps * Dscale))
-                if bool((ok | ~active).all()):
-                    break
-                step = torch.where(ok[:, None], step, step / 2)
-            keep = ok & active
-            p = torch.where(keep[:, None], p1, p)
-            x = torch.where(keep[:, None], x1, x)
-            V = torch.where(keep[:, None], V1, V)
-            D = torch.where(keep, D1, D)
-            Dscale = torch.where(keep, Ds1, Dscale)
-            err = torch.where(keep, err1, err)
-            active = keep & (err > stage_tol)
-        total += steps
-        if final:
-            return x, reg.weight(V), ~(err <= tol), total
-        new = min(1.0, _GROWTH * lam)
-        p, lam = p * (new / lam), new
+            H = _laplacian(reg.weight(V), plan) + (_MU * err)[:, None, None] * eye
+            return (-_chol_solve(H, g),), (g,)
+
+        return damped_newton(z, evaluate, direction, lambda z: z, tol, max_iter)
+
+    _, x, V, _, bad, steps = continuation(theta, low, tol, max_iter, lambda th: (th.new_zeros(B, k),), solve)
+    return x, reg.weight(V), bad, steps
 
 
 def _cut_off_blocks(W: torch.Tensor, plan: FlowPlan) -> torch.Tensor:

@@ -1166,11 +1166,28 @@ def assignment_binary_entropy(theta: torch.Tensor, polytope: Polytope, tol: floa
 
 def _assignment_dual_newton(theta: torch.Tensor, polytope: Polytope, reg: str, tol: float | None, max_iter: int,
                             on_failure: str, forbidden: torch.Tensor | None) -> torch.Tensor:
+    at_most = theta.shape[2] > theta.shape[1]  # a matching with more columns than rows: capped columns
+
+    def solve(flat, tol, holder, low, vertex, at_vertex):
+        shape = theta.shape
+        return _AssignmentProjection.apply(flat.reshape(shape), reg, at_most, tol, int(max_iter), holder,
+                                           low.reshape(shape), vertex.reshape(shape), at_vertex)
+
+    return _dual_newton_path(theta, polytope, reg, tol, max_iter, on_failure, forbidden, solve,
+                             ("Newton's method on the assignment duals", "row/column sums"))
+
+
+def _dual_newton_path(theta: torch.Tensor, polytope: Polytope, reg: str, tol: float | None, max_iter: int,
+                      on_failure: str, forbidden: torch.Tensor | None, solve, names: tuple[str, str]) -> torch.Tensor:
+    """What the Newton paths on a dual (assignments, DAG paths) share around ``solve(flat, tol,
+    holder, low, vertex, at_vertex)``: the options, forced entries and manual masks brought to
+    moderate numbers, the quadratic's rows on a vertex, the entries left out of the
+    continuation's span, and the rows that did not converge (``names``: the method and what it
+    balances, for the report)."""
     if on_failure not in ("fallback", "warn", "raise"):
         raise InputError(f"on_failure must be 'fallback', 'warn' or 'raise', got {on_failure!r}")
     if theta.shape[0] == 0:
         return theta * 0.0
-    at_most = theta.shape[2] > theta.shape[1]  # a matching with more columns than rows: capped columns
     fb = None if forbidden is None else forbidden.flatten(1)
     # forced entries (+1e9) down to just far above, manual masks that every structure needs up to
     # just below the others (as for projection_by_argmax): the multipliers then stay moderate
@@ -1186,9 +1203,8 @@ def _assignment_dual_newton(theta: torch.Tensor, polytope: Polytope, reg: str, t
         vertex, at_vertex = torch.zeros_like(th), torch.zeros_like(th[:, 0], dtype=torch.bool)
     low = far_below(th)[0] if fb is None else far_below(th.masked_fill(fb, 0.0))[0] | fb
     holder: list[torch.Tensor] = []
-    X = _AssignmentProjection.apply(flat.reshape(theta.shape), reg, at_most,
-                                    _default_tol(torch.float64) if tol is None else float(tol), int(max_iter), holder,
-                                    low.reshape(theta.shape), vertex.reshape(theta.shape), at_vertex)
+    x = solve(flat, _default_tol(torch.float64) if tol is None else float(tol), holder, low, vertex, at_vertex)
+    x = x.reshape(theta.shape)
     bad = holder[0]
     if bool(bad.any()):
         if on_failure == "fallback":
@@ -1196,11 +1212,11 @@ def _assignment_dual_newton(theta: torch.Tensor, polytope: Polytope, reg: str, t
             from .solver import relax_torch
 
             idx = bad.nonzero().reshape(-1)
-            return X.index_put((idx,), relax_torch(theta[idx], polytope, get_regularizer(reg),
+            return x.index_put((idx,), relax_torch(theta[idx], polytope, get_regularizer(reg),
                                                    forbidden=None if forbidden is None else forbidden[idx]))
-        _report("Newton's method on the assignment duals", bad, theta.shape[0],
-                f"row/column sums not within the tolerance after max_iter = {max_iter} steps", on_failure)
-    return X
+        _report(names[0], bad, theta.shape[0], f"{names[1]} not within the tolerance after max_iter = {max_iter} steps",
+                on_failure)
+    return x
 
 
 # ------------------------------------------------------------------------------------------
@@ -1710,36 +1726,15 @@ def dag_path_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float | N
     project onto a path are found by two argmax calls, as for :func:`birkhoff_projection`.
     Implicit Jacobian; batched, any device, computed in float64. Options as for
     :func:`birkhoff_projection`."""
-    if on_failure not in ("fallback", "warn", "raise"):
-        raise InputError(f"on_failure must be 'fallback', 'warn' or 'raise', got {on_failure!r}")
-    B = theta.shape[0]
-    if B == 0:
-        return theta * 0.0
     plan = _dag_flow_plan(polytope, theta.device)
-    flat = _shift_masks(lower_forced(theta, forbidden, polytope._flat_argmax), forbidden)
-    th = flat.detach().double()
-    if SEPARABLE[reg].vertices and float((th.amax(1) - th.amin(1)).max()) >= 1.0:
-        vertex, at_vertex = at_a_vertex(th, polytope._flat_argmax)
-    else:
-        vertex, at_vertex = torch.zeros_like(th), torch.zeros_like(th[:, 0], dtype=torch.bool)
-    low = far_below(th)[0] if forbidden is None else far_below(th.masked_fill(forbidden, 0.0))[0] | forbidden
-    holder: list[torch.Tensor] = []
-    x_used = _FlowRelaxation.apply(flat[:, plan.arcs], plan, reg,
-                                   _default_tol(torch.float64) if tol is None else float(tol), int(max_iter), holder,
-                                   low[:, plan.arcs], vertex[:, plan.arcs], at_vertex)
-    x = torch.zeros_like(flat).index_copy(1, plan.arcs, x_used)  # arcs on no s–t path: 0
-    bad = holder[0]
-    if bool(bad.any()):
-        if on_failure == "fallback":
-            from .regularizers import get_regularizer
-            from .solver import relax_torch
 
-            idx = bad.nonzero().reshape(-1)
-            return x.index_put((idx,), relax_torch(theta[idx], polytope, get_regularizer(reg),
-                                                   forbidden=None if forbidden is None else forbidden[idx]))
-        _report("Newton's method on the flow potentials", bad, B,
-                f"flow conservation not within the tolerance after max_iter = {max_iter} steps", on_failure)
-    return x
+    def solve(flat, tol, holder, low, vertex, at_vertex):
+        x = _FlowRelaxation.apply(flat[:, plan.arcs], plan, reg, tol, int(max_iter), holder, low[:, plan.arcs],
+                                  vertex[:, plan.arcs], at_vertex)
+        return torch.zeros_like(flat).index_copy(1, plan.arcs, x)  # arcs on no s–t path: 0
+
+    return _dual_newton_path(theta, polytope, reg, tol, max_iter, on_failure, forbidden, solve,
+                             ("Newton's method on the flow potentials", "flow conservation"))
 
 
 def _dag_path_newton(reg: str):
