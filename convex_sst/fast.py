@@ -1654,9 +1654,8 @@ def projection_by_argmax(theta: torch.Tensor, polytope: Polytope, tol: float | N
     return x.reshape((B,) + shape)
 
 
-# where the torch solver's flow formulations are large. Birkhoff and matchings have Newton's method
-# on their duals (above), faster than this from t = 1 on; DAG paths keep the torch solver, which
-# batches their few rows and was on par with this there
+# where the torch solver's flow formulations are large. Birkhoff, matchings and DAG paths have
+# Newton's method on their duals (above and below), faster than this from t = 1 on
 for _name in ("arborescence", "correlated_k_subset"):
     register_fast_path(_name, "quadratic")(projection_by_argmax)
 
