@@ -54,6 +54,8 @@ _HALVINGS = 40
 # time than (0.01, 4, 50), fewer line-search halvings; the spread between choices was within 40 %
 _SPAN, _STAGE_TOL, _STAGE_ITER = 50.0, 1e-6, 30
 _MU, _GROWTH = 0.1, 16.0
+# steps past the floor 100 eps |θ| towards the tolerance itself (continuation's polish)
+_POLISH_STEPS = 5
 # Hessian weights below this are dropped from the Jacobian (binary entropy at saturated entries,
 # x(1 − x) < 1e-12): kept, blocks joined only through them made the Schur complement singular to
 # rounding (NaN gradients on matchings 6 × 9 at t = 1e-3); dropped, the Jacobian moves by about
@@ -80,6 +82,10 @@ class Separable(NamedTuple):
     vertices: bool
 
 
+def _exp1(v: torch.Tensor) -> torch.Tensor:
+    return torch.exp(v - 1.0)
+
+
 def _row_sparsemax_threshold(theta: torch.Tensor) -> torch.Tensor:
     """``τ: (B, n)`` with ``Σ_j [θ_ij − τ_i]₊ = 1`` (each row projected onto the simplex)."""
     z, _ = theta.sort(dim=-1, descending=True)
@@ -97,6 +103,8 @@ SEPARABLE = {
     # Σ x log x + (1 − x) log(1 − x): f*(v) = log(1 + e^v), x = σ(v), weights σ(v) σ(−v)
     "binary_entropy": Separable(_softplus, torch.sigmoid, lambda v: torch.sigmoid(v) * torch.sigmoid(-v),
                                 lambda x: x * (1.0 - x), lambda th: torch.logsumexp(th, dim=-1), False),
+    # Σ x log x: f*(v) = x = weights = e^(v − 1) (DAG paths; Birkhoff's and matchings' is Sinkhorn)
+    "entropy": Separable(_exp1, _exp1, _exp1, lambda x: x, lambda th: torch.logsumexp(th, dim=-1) - 1.0, False),
 }
 
 
@@ -149,23 +157,27 @@ def project_assignments(theta: torch.Tensor, at_most: bool, tol: float, max_iter
 
 
 def continuation(theta: torch.Tensor, low: torch.Tensor | None, tol: float, max_iter: int,
-                 start: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], solve: Callable[..., Any]
+                 start: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], solve: Callable[..., Any],
+                 span: float = _SPAN, polish: bool = False
                  ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """``solve(λθ, z, tol, max_iter) → (z, X, V, residual, steps)`` for ``λ = _SPAN / span``,
-    ``_GROWTH`` times more per stage up to 1 (one stage when the span of θ, ``low`` entries left
-    out, is at most ``_SPAN``), each stage warm-started from the last one's multipliers scaled
-    along (``start(λθ)`` for the first), the stages to ``_STAGE_TOL`` in at most
-    ``_STAGE_ITER`` steps. ``tol`` is floored at the arithmetic's resolution ``100 eps max(1,
-    |θ|)``. Returns ``(z, X, V, residual, bad, steps)``."""
+    """``solve(λθ, z, tol, max_iter) → (z, X, V, residual, steps)`` for ``λ = span / (the span of
+    θ)``, ``_GROWTH`` times more per stage up to 1 (one stage when the span of θ, ``low``
+    entries left out, is at most ``span``; always with ``span = inf``), each stage warm-started
+    from the last one's multipliers scaled along (``start(λθ)`` for the first), the stages to
+    ``_STAGE_TOL`` in at most ``_STAGE_ITER`` steps. ``tol`` is floored at the arithmetic's
+    resolution ``100 eps max(1, |θ|)``; with ``polish``, up to ``_POLISH_STEPS`` more steps go
+    on to ``tol`` itself where the arithmetic allows (the floor still decides the rows reported
+    unconverged). Returns ``(z, X, V, residual, bad, steps)``."""
     B = theta.shape[0]
     eps = torch.finfo(theta.dtype).eps
     kept = (theta if low is None else theta.masked_fill(low, math.nan)).flatten(1)
     top = kept.nan_to_num(-math.inf).amax(1)
     bottom = kept.nan_to_num(math.inf).amin(1)
-    span = float((top - bottom).max()) if B else 0.0
+    spread = float((top - bottom).max()) if B else 0.0
     scale = float(torch.maximum(top.abs(), bottom.abs()).max()) if B else 0.0
+    target = tol
     tol = max(tol, 100 * eps * max(1.0, scale))
-    lam = 1.0 if not span > _SPAN else _SPAN / span
+    lam = 1.0 if not spread > span else span / spread
     z = start(theta * lam)
     total = 0
     while True:
@@ -173,6 +185,12 @@ def continuation(theta: torch.Tensor, low: torch.Tensor | None, tol: float, max_
         z, X, V, err, steps = solve(theta if final else theta * lam, z, tol if final else _STAGE_TOL,
                                     max_iter if final else min(max_iter, _STAGE_ITER))
         total += steps
+        rows = ((err > target) & (err <= tol)).nonzero()[:, 0] if final and polish else None
+        if rows is not None and rows.numel():  # the converged rows, past the floor
+            zr, Xr, Vr, er, steps = solve(theta[rows], tuple(zi[rows] for zi in z), target, _POLISH_STEPS)
+            z = tuple(zi.index_put((rows,), zri) for zi, zri in zip(z, zr))
+            X, V, err = X.index_put((rows,), Xr), V.index_put((rows,), Vr), err.index_put((rows,), er)
+            total += steps
         if final:
             return z, X, V, err, ~(err <= tol), total
         new = min(1.0, _GROWTH * lam)

@@ -62,8 +62,10 @@ correlated_k_subset                     active set): the projection onto conv(�
                                         (:mod:`convex_sst._min_norm_point`)
 dag_path            exp_family          forward pass in topological order, backward by autograd
 dag_path            quadratic, binary   Newton on the vertex potentials, ``x = ψ(θ − Aᵀπ)``
-                    entropy             (A: incidence; a graph Laplacian per step), arcs on no
-                                        s–t path fixed at 0; as for Birkhoff otherwise
+                    entropy, entropy    (A: incidence; a graph Laplacian per step), arcs on no
+                                        s–t path fixed at 0; the smooth ones from the reduced
+                                        costs ``θ_e + d(u) − d(v)`` (d: longest-path lengths),
+                                        the quadratic as for Birkhoff
                                         (:mod:`convex_sst._flow_newton`)
 correlated_k_subset exp_family          forward pass over the items with states (count, last
                                         item chosen), O(n k); backward by autograd
@@ -1722,9 +1724,10 @@ def dag_path_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float | N
     method on the vertex potentials, ``x = ψ(θ − Aᵀπ)`` with A the incidence matrix, one
     (k × k) Cholesky factorization of a weighted graph Laplacian per step
     (:mod:`convex_sst._flow_newton`); arcs on no s–t path are 0. The quadratic's rows that
-    project onto a path are found by two argmax calls, as for :func:`birkhoff_projection`.
-    Implicit Jacobian; batched, any device, computed in float64. Options as for
-    :func:`birkhoff_projection`."""
+    project onto a path are found by two argmax calls, as for :func:`birkhoff_projection`; the
+    entropy and the binary entropy solve the reduced costs ``θ_e + d(u) − d(v)`` (d: the
+    longest-path lengths from s; the same x), exact at any scale of θ. Implicit Jacobian;
+    batched, any device, computed in float64. Options as for :func:`birkhoff_projection`."""
     plan = _dag_flow_plan(polytope, theta.device)
 
     def solve(flat, tol, holder, low, vertex, at_vertex):
@@ -1746,9 +1749,7 @@ def _dag_path_newton(reg: str):
     return path
 
 
-# not the entropy: its x = e^(v − 1) needs v to 1e-12 on the path's arcs, which potentials of
-# size |θ| give only to eps |θ| (logits of 1e10: x off by 2e-4), and no row is exactly a path
-for _reg in ("binary_entropy", "quadratic"):
+for _reg in ("entropy", "binary_entropy", "quadratic"):
     register_fast_path("dag_path", _reg)(_dag_path_newton(_reg))
 
 

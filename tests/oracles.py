@@ -303,7 +303,8 @@ def dual_solve(theta: np.ndarray, form, reg: str) -> tuple[np.ndarray, float]:
     equality and inequality rows ``C x (=, ≤) c`` and bounds) for a separable f, through its
     dual: ``min g(λ) = Σ_i φ_i((θ − Cᵀλ)_i) + λᵀc`` with λ ≥ 0 on the inequality rows and φ_i
     the conjugate of f on the box of x_i, in closed form, ``∇g = c − C x(λ)`` with x(λ) the
-    box maximizer. L-BFGS-B, then Newton steps on the rows it found active, solved to rounding.
+    box maximizer. L-BFGS-B, then Newton steps on the rows it found active, solved to rounding
+    (the entropy at |θ| > 16: L-BFGS-B by continuation in the scale of θ, the Newton steps damped).
     Returns x and its certificate: the largest primal violation or complementarity product
     (|λ_j| · slack_j, relative to 1 + max|θ|), ~1e-15 where the solve succeeded."""
     if form.num_z != form.out_size:
@@ -330,11 +331,28 @@ def dual_solve(theta: np.ndarray, form, reg: str) -> tuple[np.ndarray, float]:
                 f = 0.5 * x * x
         return float(s @ x - f.sum() + lam @ c), c - C @ x
 
+    def certify(lam):  # the largest primal violation or complementarity product
+        slack = c - C @ x_of(lam)[0]
+        viol = np.where(eq, np.abs(slack), np.maximum(-slack, 0.0))
+        comp = np.where(eq, 0.0, np.abs(lam * slack)) / (1.0 + np.abs(theta).max())
+        return float(max(viol.max(initial=0.0), comp.max(initial=0.0)))
+
     lam = np.zeros(len(c))
     if len(c):
         bounds = [(None, None) if e else (0.0, None) for e in eq]
-        lam = minimize(g, lam, jac=True, method="L-BFGS-B", bounds=bounds,
-                       options=dict(ftol=1e-16, gtol=1e-14, maxiter=10_000)).x
+        # the entropy at large |θ| (its conjugate e^(s − 1) at e^40 and beyond) by continuation:
+        # L-BFGS-B at θ scaled to |θ| ≤ 16 first, then twice that, ..., each from the last
+        # multipliers scaled along (the binary entropy's log(1 + e^s) grows linearly: not needed)
+        top = float(np.abs(theta).max(initial=0.0))
+        scale = 1.0 if reg != "entropy" or top <= 16.0 else 16.0 / top
+        full = theta
+        while True:
+            theta = full * scale
+            lam = minimize(g, lam, jac=True, method="L-BFGS-B", bounds=bounds,
+                           options=dict(ftol=1e-16, gtol=1e-14, maxiter=10_000)).x
+            if scale == 1.0:
+                break
+            lam, scale = lam * min(1.0, 2.0 * scale) / scale, min(1.0, 2.0 * scale)
         for _ in range(50):
             x, dx = x_of(lam)
             res = C @ x - c
@@ -342,17 +360,21 @@ def dual_solve(theta: np.ndarray, form, reg: str) -> tuple[np.ndarray, float]:
             if not act.any():
                 break
             J = C[act] @ (dx[:, None] * C[act].T)
-            new = lam.copy()
-            new[act] += np.linalg.lstsq(J, res[act], rcond=1e-13)[0]
-            new = np.where(eq, new, np.maximum(new, 0.0))
+            step = np.zeros_like(lam)
+            step[act] = np.linalg.lstsq(J, res[act], rcond=1e-13)[0]
+            new = np.where(eq, lam + step, np.maximum(lam + step, 0.0))  # lands on the active set exactly
+            if reg == "entropy":  # damped: full steps from flows of e^-40 went astray (certificates of 2)
+                g0, r0 = g(lam)[0], certify(lam)
+                for alpha in 0.5 ** np.arange(40):  # the largest that lowers the certificate or the dual
+                    new = np.where(eq, lam + alpha * step, np.maximum(lam + alpha * step, 0.0))
+                    if certify(new) < r0 or g(new)[0] < g0 - 1e-4 * alpha * (res @ step):
+                        break
+                else:
+                    break
             if np.array_equal(new, lam):
                 break
             lam = new
-    x, _ = x_of(lam)
-    slack = c - C @ x
-    viol = np.where(eq, np.abs(slack), np.maximum(-slack, 0.0))
-    comp = np.where(eq, 0.0, np.abs(lam * slack)) / (1.0 + np.abs(theta).max())
-    return x, float(max(viol.max(initial=0.0), comp.max(initial=0.0)))
+    return x_of(lam)[0], certify(lam)
 
 
 def random_constraint_config(rng: np.random.Generator, name: str) -> str:
