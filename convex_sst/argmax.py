@@ -13,7 +13,7 @@ name                   polytope                    algorithm, cost per sample
 ``hungarian``          birkhoff, matching          Jonker–Volgenant (scipy), O(n³)
 ``kruskal``            spanning_tree               Kruskal with union–find, O(m log m)
 ``chu_liu_edmonds``    arborescence                Chu–Liu/Edmonds (own), O(n³)
-``dag_longest_path``   dag_path                    DP in topological order, O(n + m)
+``dag_longest_path``   dag_path                    DP in topological order over all rows, O(n + m)
 ``subset_chain_dp``    correlated_k_subset         DP over (count, last item chosen), O(n k)
 =====================  ==========================  =================================
 """
@@ -25,6 +25,7 @@ import torch
 
 from ._unionfind import UnionFind
 from .errors import PolytopeError
+from .graphs import topological_order
 from .polytope import Polytope, register_argmax
 
 
@@ -157,34 +158,45 @@ def chu_liu_edmonds(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
 
 @register_argmax("dag_longest_path")
 def dag_longest_path(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
-    """Maximum-weight source → target path in the DAG (dynamic programming in topological order)."""
+    """Maximum-weight source → target path in the DAG: dynamic programming in topological order,
+    each vertex's step vectorized over the rows (ties: the first of its incoming arcs), then the
+    backtrack from the target, also over the rows."""
     n = int(polytope.params["n"])
     s, t = int(polytope.params["source"]), int(polytope.params["target"])
     A = np.asarray(polytope.data["A"])
-    order = _topological_order(n, A)
-    incoming: list[list[tuple[int, int]]] = [[] for _ in range(n)]
-    for a, (h, m) in enumerate(A):
-        incoming[m].append((a, h))
-
-    def one(w: np.ndarray) -> np.ndarray:
-        best = np.full(n, -np.inf)
-        via = np.full(n, -1)
-        best[s] = 0.0
-        for v in order:
-            for a, h in incoming[v]:
-                if best[h] + w[a] > best[v]:
-                    best[v], via[v] = best[h] + w[a], a
-        x = np.zeros_like(w)
-        v = t
-        while v != s:
-            a = via[v]
-            if a < 0:
-                raise PolytopeError(f"no path from {s} to {t}")
-            x[a] = 1.0
-            v = int(A[a, 0])
-        return x
-
-    return _apply(u, one)
+    steps = polytope.cache.get("dag_argmax_steps")
+    if steps is None:  # (vertex, its incoming arcs in the order of A, their tails), topologically
+        steps = []
+        for v in topological_order(n, A):
+            arcs = np.flatnonzero(A[:, 1] == v)
+            if len(arcs):
+                steps.append((v, arcs, A[arcs, 0]))
+        polytope.cache["dag_argmax_steps"] = steps
+    w = u.detach().cpu().double().numpy().reshape(len(u), -1)
+    B = len(w)
+    best = np.full((B, n), -np.inf)
+    best[:, s] = 0.0
+    via = np.full((B, n), -1)
+    for v, arcs, tails in steps:
+        cand = best[:, tails] + w[:, arcs]
+        k = cand.argmax(1)
+        top = cand[np.arange(B), k]
+        better = top > best[:, v]
+        best[:, v] = np.where(better, top, best[:, v])
+        via[:, v] = np.where(better, arcs[k], via[:, v])
+    x = np.zeros_like(w)
+    rows = np.arange(B)
+    at = np.full(B, t)  # each row's vertex on the way back
+    for _ in range(n):
+        on = at != s
+        if not on.any():
+            break
+        a = via[rows[on], at[on]]
+        if (a < 0).any():
+            raise PolytopeError(f"no path from {s} to {t}")
+        x[rows[on], a] = 1.0
+        at[on] = A[a, 0]
+    return torch.as_tensor(x, dtype=u.dtype, device=u.device).reshape(u.shape)
 
 
 @register_argmax("subset_chain_dp")
@@ -219,19 +231,3 @@ def subset_chain_dp(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
         chosen = before_on
     out = np.concatenate([x, x[:, :-1] * x[:, 1:]], 1)
     return torch.as_tensor(out, dtype=u.dtype, device=u.device).reshape(u.shape)
-
-
-def _topological_order(n: int, A: np.ndarray) -> list[int]:
-    indeg = np.zeros(n, dtype=int)
-    for _, m in A:
-        indeg[m] += 1
-    order, stack = [], [v for v in range(n) if indeg[v] == 0]
-    while stack:
-        v = stack.pop()
-        order.append(v)
-        for h, m in A:
-            if h == v:
-                indeg[m] -= 1
-                if indeg[m] == 0:
-                    stack.append(int(m))
-    return order

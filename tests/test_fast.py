@@ -4,6 +4,7 @@ import math
 import warnings
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from conftest import RELAX_CASES
@@ -761,6 +762,22 @@ def test_combinatorial_argmax_equals_lp_on_larger_instances(name, params, gen):
     assert P.argmax_name is not None
     u = torch.randn((40,) + P.shape, generator=gen, dtype=torch.float64)
     assert torch.equal(P.argmax(u), P.lp_argmax(u))
+
+
+def test_dag_longest_path_on_random_dags_with_ties(gen):
+    # the DP runs over the rows at once, vertex by vertex in topological order: vertices
+    # numbered out of that order, unreachable ones, ties (integer utilities) and the LP's score
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        n = int(rng.integers(3, 11))
+        perm = rng.permutation(n)
+        edges = [[int(perm[i]), int(perm[j])] for i in range(n) for j in range(i + 1, n) if rng.random() < 0.5]
+        edges.append([int(perm[0]), int(perm[-1])])
+        P = cs.load_polytope("dag_path", n=n, edges=edges, source=int(perm[0]), target=int(perm[-1]))
+        u = torch.randint(-2, 3, (24, P.size), generator=gen).double()
+        x = P.argmax(u)
+        assert bool(P.contains(x).all()) and set(x.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal((x * u).sum(1), (P.lp_argmax(u) * u).sum(1))
 
 
 @pytest.mark.parametrize("n,k", [(30, 8), (17, 1), (12, 11)])
