@@ -156,6 +156,17 @@ def project_assignments(theta: torch.Tensor, at_most: bool, tol: float, max_iter
     return X, reg.weight(V), b, err, bad, steps
 
 
+def spread_and_scale(theta: torch.Tensor, low: torch.Tensor | None) -> tuple[float, float]:
+    """The largest span ``max θ − min θ`` and magnitude ``max |θ|`` over the samples of
+    ``theta (B, ...)``, the entries ``low`` left out."""
+    if theta.shape[0] == 0:
+        return 0.0, 0.0
+    kept = (theta if low is None else theta.masked_fill(low, math.nan)).flatten(1)
+    top = kept.nan_to_num(-math.inf).amax(1)
+    bottom = kept.nan_to_num(math.inf).amin(1)
+    return float((top - bottom).max()), float(torch.maximum(top.abs(), bottom.abs()).max())
+
+
 def continuation(theta: torch.Tensor, low: torch.Tensor | None, tol: float, max_iter: int,
                  start: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], solve: Callable[..., Any],
                  span: float = _SPAN, polish: bool = False
@@ -168,13 +179,8 @@ def continuation(theta: torch.Tensor, low: torch.Tensor | None, tol: float, max_
     resolution ``100 eps max(1, |θ|)``; with ``polish``, up to ``_POLISH_STEPS`` more steps go
     on to ``tol`` itself where the arithmetic allows (the floor still decides the rows reported
     unconverged). Returns ``(z, X, V, residual, bad, steps)``."""
-    B = theta.shape[0]
     eps = torch.finfo(theta.dtype).eps
-    kept = (theta if low is None else theta.masked_fill(low, math.nan)).flatten(1)
-    top = kept.nan_to_num(-math.inf).amax(1)
-    bottom = kept.nan_to_num(math.inf).amin(1)
-    spread = float((top - bottom).max()) if B else 0.0
-    scale = float(torch.maximum(top.abs(), bottom.abs()).max()) if B else 0.0
+    spread, scale = spread_and_scale(theta, low)
     target = tol
     tol = max(tol, 100 * eps * max(1.0, scale))
     lam = 1.0 if not spread > span else span / spread

@@ -11,14 +11,14 @@ gradient ``b − A x`` and Hessian ``A diag(w) Aᵀ``, a graph Laplacian with we
 ``π_t = 0`` grounds it (D is invariant to a common shift). Arcs on no s–t path are 0 on P and
 are left out first (their potentials would run off to infinity), and so are the vertices they
 leave without arcs. The iteration is the one of :mod:`convex_sst._assignment_projection`:
-Newton steps regularized by ``0.1 ×`` the residual, Armijo line search, continuation at low
-temperature (for the quadratic; the smooth regularizers start from the LP dual's potentials
-instead, :func:`solve_flows`), with a dense ``(k × k)`` Cholesky factorization per step (k: the
-vertices on an s–t path, less t). The Jacobian is ``W ⊙ (G − Aᵀw)`` with
-``A diag(W) Aᵀ w = A (W ⊙ G)``; blocks of the weights cut off from t (isolated vertices, once weights below 1e-12 are left out)
-get ``1 1ᵀ``. For the quadratic it has constant factors (x is piecewise affine); for the
-binary entropy and the entropy (``x = σ(v)``, ``e^(v − 1)``) it is computed from the output x
-in the backward pass, so second derivatives flow through x.
+Newton steps regularized by ``0.1 ×`` the residual, Armijo line search, a start from the LP
+dual's potentials (the smooth regularizers, and the quadratic at low temperature; else the
+continuation; :func:`solve_flows`), with a dense ``(k × k)`` Cholesky factorization per step
+(k: the vertices on an s–t path, less t). The Jacobian is ``W ⊙ (G − Aᵀw)`` with
+``A diag(W) Aᵀ w = A (W ⊙ G)``; blocks of the weights cut off from t (isolated vertices, once
+weights below 1e-12 are left out) get ``1 1ᵀ``. For the quadratic it has constant factors (x
+is piecewise affine); for the binary entropy and the entropy (``x = σ(v)``, ``e^(v − 1)``) it
+is computed from the output x in the backward pass, so second derivatives flow through x.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ._assignment_projection import (_MU, _SPAN, _WEIGHT_FLOOR, SEPARABLE, Separable, _chol_solve, continuation,
-                                     damped_newton)
+                                     damped_newton, spread_and_scale)
 from ._autograd import autocast_off
 from ._forbidden import far_below
 
@@ -141,27 +141,38 @@ def _residual(x: torch.Tensor, plan: FlowPlan) -> torch.Tensor:
     return (x @ plan.A.T - plan.b).abs().amax(1) if plan.A.shape[0] else x.new_zeros(x.shape[0])
 
 
+# the quadratic starts from the reduced costs, without the continuation, where θ spans more than
+# this: on complete DAGs (n = 30, 60; t = 1e-3 and 1e-2) 1.3-3.1× faster, and the continuation left
+# rows unconverged at n = 60 (1 of 32 at t = 1e-3, 4 at 1e-2); at t = 1 (a span of about 7) the
+# reduced costs took 27 steps where the continuation took 19 (n = 30): x = [θ' − Aᵀπ]₊ starts at
+# 0 on every arc, with no weights, and at t = 0.1 (a span of 60-70) they gained nothing
+_REDUCED_SPAN = 200.0
+
+
 def solve_flows(theta: torch.Tensor, plan: FlowPlan, reg: Separable, tol: float, max_iter: int,
                 low: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Newton's method on the potentials for ``theta: (B, E')`` (the usable arcs), float64:
     ``(x, weights, bad, steps)``.
 
-    The quadratic starts from ``π = 0`` with the continuation of
-    :func:`convex_sst._assignment_projection.project_assignments`. The smooth regularizers
-    start from the LP dual's potentials instead, which the continuation approaches: θ becomes
-    its :func:`reduced_costs` (the same x, and the same Jacobian, which is 0 along the shift),
-    and ``π = 0``. This keeps the entropy's digits: ``x = e^(v − 1)`` needs v to 1e-12 on the
-    path's arcs, which potentials of size |θ| gave only to eps |θ| (x off by 2e-4 at logits of
-    1e10); arcs whose reduced cost ends far below the others' (:func:`far_below`) leave the
-    tolerance's floor. It also takes fewer steps at low temperature: at t = 0.01 (B = 128,
-    complete DAGs n = 10 and 30) the entropy took 40 and 43 where the continuation took 69 and
-    83, the binary entropy 50 and 76 against 49 and 130. Up to 5 more steps go on to ``tol``
-    itself where the arithmetic allows (the continuation's ``polish``): stopped at the floor
-    ``100 eps |θ|``, x was off by up to 7e-11 at t = 0.01, against 3e-12 now."""
+    The smooth regularizers start from the LP dual's potentials, which the continuation of
+    :func:`convex_sst._assignment_projection.project_assignments` approaches: θ becomes its
+    :func:`reduced_costs` (the same x, and the same Jacobian, which is 0 along the shift), and
+    ``π = 0``. So does the quadratic where θ spans more than ``_REDUCED_SPAN`` (low
+    temperature); below that it starts from ``π = 0`` with the continuation.
+
+    This keeps the entropy's digits: ``x = e^(v − 1)`` needs v to 1e-12 on the path's arcs,
+    which potentials of size |θ| gave only to eps |θ| (x off by 2e-4 at logits of 1e10); arcs
+    whose reduced cost ends far below the others' (:func:`far_below`) leave the tolerance's
+    floor. It also takes fewer steps at low temperature: at t = 0.01 (B = 128, complete DAGs
+    n = 10 and 30) the entropy took 40 and 43 where the continuation took 69 and 83, the binary
+    entropy 50 and 76 against 49 and 130. For the smooth ones, up to 5 more steps go on to
+    ``tol`` itself where the arithmetic allows (the continuation's ``polish``): stopped at the
+    floor ``100 eps |θ|``, x was off by up to 7e-11 at t = 0.01, against 3e-12 now."""
     B = theta.shape[0]
     k = plan.A.shape[0]
     smooth = not reg.vertices
-    if smooth:
+    reduce = smooth or spread_and_scale(theta, low)[0] > _REDUCED_SPAN
+    if reduce:
         theta = reduced_costs(theta, plan)
         low = far_below(theta)[0] if low is None else far_below(theta)[0] | low
     eye = torch.eye(k, dtype=theta.dtype, device=theta.device)
@@ -179,7 +190,7 @@ def solve_flows(theta: torch.Tensor, plan: FlowPlan, reg: Separable, tol: float,
         return damped_newton(z, evaluate, direction, lambda z: z, tol, max_iter)
 
     _, x, V, _, bad, steps = continuation(theta, low, tol, max_iter, lambda th: (th.new_zeros(B, k),), solve,
-                                          span=math.inf if smooth else _SPAN, polish=smooth)
+                                          span=math.inf if reduce else _SPAN, polish=smooth)
     return x, reg.weight(V), bad, steps
 
 

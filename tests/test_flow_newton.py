@@ -149,6 +149,20 @@ def test_low_temperatures(t, reg, gen):
         assert ((d * best).sum(1) - (d * x.detach()).sum(1) <= 1e-12 * d.abs().sum(1)).all()
 
 
+def test_quadratic_on_a_larger_dag_at_low_temperature_converges(gen):
+    # from the reduced costs where θ spans more than 200: the continuation left rows of the
+    # complete DAG on 60 vertices unconverged at t = 0.01 (they went to the torch solver)
+    P = cs.load_polytope("dag_path", n=60, edges=[[i, j] for i in range(60) for j in range(i + 1, 60)],
+                         source=0, target=59)
+    u = torch.randn(16, P.size, generator=gen, dtype=torch.float64)
+    t = 0.01
+    x = cs.relax(u, P, "quadratic", t, on_failure="raise")
+    assert bool(P.contains(x, atol=1e-9).all())
+    d = u / t - x  # optimal: no path improves (θ − x)ᵀ(v − x), to rounding (|θ| ~ 300 over 1 770 arcs)
+    best = P.argmax(d)
+    assert ((d * best).sum(1) - (d * x).sum(1) <= 1e-10 * d.abs().sum(1)).all()
+
+
 @pytest.mark.parametrize("reg", ["binary_entropy", "entropy"])
 def test_smooth_solutions_are_exact_to_rounding_at_low_temperature(reg, gen):
     # the last Newton steps go on past the floor 100 eps |θ| where they can: stopped there, x was
