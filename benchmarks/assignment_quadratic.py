@@ -1,8 +1,9 @@
 """The quadratic and the binary entropy on Birkhoff polytopes, matchings and DAG paths, and the
 entropy on DAG paths: Newton's method on the dual (their fast path since 2026-12-06,
-``convex_sst._assignment_projection`` and ``convex_sst._flow_newton``) against the torch interior-point solver, which ``auto`` used
-before, and, for the quadratic, Wolfe's minimum-norm-point algorithm over the argmax (Hungarian,
-longest path; ``projection_by_argmax``, the fast path of arborescences), called directly.
+``convex_sst._assignment_projection`` and ``convex_sst._flow_newton``) against the torch
+interior-point solver, which ``auto`` used before, and, for the quadratic, Wolfe's
+minimum-norm-point algorithm over the argmax (Hungarian, longest path; ``projection_by_argmax``,
+the fast path of arborescences), called directly.
 
 For each case: forward + backward of a batch of utilities ``u ~ N(0, 1)``, float64, median of
 ``--repeats`` interleaved rounds (each timed call after an untimed one), all in the same

@@ -63,9 +63,10 @@ correlated_k_subset                     active set): the projection onto conv(�
 dag_path            exp_family          forward pass in topological order, backward by autograd
 dag_path            quadratic, binary   Newton on the vertex potentials, ``x = ψ(θ − Aᵀπ)``
                     entropy, entropy    (A: incidence; a graph Laplacian per step), arcs on no
-                                        s–t path fixed at 0; the smooth ones from the reduced
-                                        costs ``θ_e + d(u) − d(v)`` (d: longest-path lengths),
-                                        the quadratic as for Birkhoff
+                                        s–t path fixed at 0; from the reduced costs
+                                        ``θ_e + d(u) − d(v)`` (d: longest-path lengths): the
+                                        smooth ones, and the quadratic at low temperature (else
+                                        its continuation); its rows on a path as for Birkhoff
                                         (:mod:`convex_sst._flow_newton`)
 correlated_k_subset exp_family          forward pass over the items with states (count, last
                                         item chosen), O(n k); backward by autograd
@@ -1726,8 +1727,9 @@ def dag_path_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float | N
     (:mod:`convex_sst._flow_newton`); arcs on no s–t path are 0. The quadratic's rows that
     project onto a path are found by two argmax calls, as for :func:`birkhoff_projection`; the
     entropy and the binary entropy solve the reduced costs ``θ_e + d(u) − d(v)`` (d: the
-    longest-path lengths from s; the same x), exact at any scale of θ. Implicit Jacobian;
-    batched, any device, computed in float64. Options as for :func:`birkhoff_projection`."""
+    longest-path lengths from s; the same x), exact at any scale of θ, and so does the
+    quadratic where θ spans more than 200 (low temperature). Implicit Jacobian; batched, any
+    device, computed in float64. Options as for :func:`birkhoff_projection`."""
     plan = _dag_flow_plan(polytope, theta.device)
 
     def solve(flat, tol, holder, low, vertex, at_vertex):

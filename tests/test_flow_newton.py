@@ -1,7 +1,7 @@
 """The quadratic, the binary entropy and the entropy on DAG paths by Newton's method on the vertex
-potentials (their fast path): against OSQP with its active-set polish and a certified dual solve, on graphs
-with arcs on no source–target path, the face Jacobian, central differences, low temperatures,
-masks, and the failure modes."""
+potentials (their fast path): against OSQP with its active-set polish and a certified dual
+solve, on graphs with arcs on no source–target path, the face Jacobian, central differences,
+reduced costs, low temperatures and larger graphs, masks, and the failure modes."""
 
 import dataclasses
 import warnings
@@ -149,18 +149,21 @@ def test_low_temperatures(t, reg, gen):
         assert ((d * best).sum(1) - (d * x.detach()).sum(1) <= 1e-12 * d.abs().sum(1)).all()
 
 
-def test_quadratic_on_a_larger_dag_at_low_temperature_converges(gen):
-    # from the reduced costs where θ spans more than 200: the continuation left rows of the
-    # complete DAG on 60 vertices unconverged at t = 0.01 (they went to the torch solver)
+@pytest.mark.parametrize("reg", REGS)
+def test_a_larger_dag_at_low_temperature_converges(reg, gen):
+    # the complete DAG on 60 vertices at t = 0.01: the quadratic's continuation left rows
+    # unconverged (they went to the torch solver), now it starts from the reduced costs there;
+    # the binary entropy ran past max_iter = 100 with the regularization 0.1 × residual
     P = cs.load_polytope("dag_path", n=60, edges=[[i, j] for i in range(60) for j in range(i + 1, 60)],
                          source=0, target=59)
     u = torch.randn(16, P.size, generator=gen, dtype=torch.float64)
     t = 0.01
-    x = cs.relax(u, P, "quadratic", t, on_failure="raise")
+    x = cs.relax(u, P, reg, t, on_failure="raise")
     assert bool(P.contains(x, atol=1e-9).all())
-    d = u / t - x  # optimal: no path improves (θ − x)ᵀ(v − x), to rounding (|θ| ~ 300 over 1 770 arcs)
-    best = P.argmax(d)
-    assert ((d * best).sum(1) - (d * x).sum(1) <= 1e-10 * d.abs().sum(1)).all()
+    if reg == "quadratic":
+        d = u / t - x  # optimal: no path improves (θ − x)ᵀ(v − x), to rounding (|θ| ~ 300 over 1 770 arcs)
+        best = P.argmax(d)
+        assert ((d * best).sum(1) - (d * x).sum(1) <= 1e-10 * d.abs().sum(1)).all()
 
 
 @pytest.mark.parametrize("reg", ["binary_entropy", "entropy"])
