@@ -33,6 +33,7 @@ from ._assignment_projection import (_SPAN, _WEIGHT_FLOOR, SEPARABLE, Separable,
                                      damped_newton, spread_and_scale)
 from ._autograd import autocast_off
 from ._forbidden import far_below
+from .graphs import topological_order
 
 
 class FlowPlan(NamedTuple):
@@ -86,16 +87,8 @@ def flow_plan(n: int, arcs: np.ndarray, s: int, t: int, device: torch.device) ->
     into: dict[int, list[int]] = {v: [] for v in range(k + 1)}
     for j, v in enumerate(head):
         into[v].append(j)
-    done = {index[s]} if s in index else set()
-    order = []
-    grew = True
-    while grew:  # topological order: every vertex here is on an s–t path, so s reaches it
-        grew = False
-        for v, js in into.items():
-            if v not in done and js and all(tail[j] in done for j in js):
-                done.add(v)
-                order.append((v, as_index(js), as_index([tail[j] for j in js])))
-                grew = True
+    order = [(v, as_index(into[v]), as_index([tail[j] for j in into[v]]))
+             for v in topological_order(k + 1, np.array([tail, head], dtype=np.int64).T) if into[v]]
     return FlowPlan(as_index(usable), as_index(tail), as_index(head), torch.tensor(A, dtype=torch.float64, device=device),
                     torch.tensor(b, dtype=torch.float64, device=device), tuple(order))
 

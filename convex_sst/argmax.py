@@ -156,6 +156,26 @@ def chu_liu_edmonds(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     return _apply(u, one)
 
 
+def dag_plan(polytope: Polytope) -> tuple[int, list[tuple[int, list[int], list[int]]]]:
+    """``(source, [(v, arcs into v, their tails), ...])`` for a ``dag_path`` polytope, in
+    topological order from the source, cached on the polytope; vertices the source does not
+    reach, and arcs out of them, are left out (the longest-path and log-partition passes)."""
+    plan = polytope.cache.get("dag_plan")
+    if plan is None:
+        n, s = int(polytope.params["n"]), int(polytope.params["source"])
+        A = polytope.data["A"]
+        reached = {s}
+        steps = []
+        for v in topological_order(n, A):
+            arcs = [a for a in range(len(A)) if int(A[a, 1]) == v and int(A[a, 0]) in reached]
+            if v != s and arcs:
+                reached.add(v)
+                steps.append((v, arcs, [int(A[a, 0]) for a in arcs]))
+        plan = (s, steps)
+        polytope.cache["dag_plan"] = plan
+    return plan
+
+
 @register_argmax("dag_longest_path")
 def dag_longest_path(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     """Maximum-weight source → target path in the DAG: dynamic programming in topological order,
@@ -164,14 +184,7 @@ def dag_longest_path(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     n = int(polytope.params["n"])
     s, t = int(polytope.params["source"]), int(polytope.params["target"])
     A = np.asarray(polytope.data["A"])
-    steps = polytope.cache.get("dag_argmax_steps")
-    if steps is None:  # (vertex, its incoming arcs in the order of A, their tails), topologically
-        steps = []
-        for v in topological_order(n, A):
-            arcs = np.flatnonzero(A[:, 1] == v)
-            if len(arcs):
-                steps.append((v, arcs, A[arcs, 0]))
-        polytope.cache["dag_argmax_steps"] = steps
+    _, steps = dag_plan(polytope)
     w = u.detach().cpu().double().numpy().reshape(len(u), -1)
     B = len(w)
     best = np.full((B, n), -np.inf)
@@ -183,7 +196,7 @@ def dag_longest_path(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
         top = cand[np.arange(B), k]
         better = top > best[:, v]
         best[:, v] = np.where(better, top, best[:, v])
-        via[:, v] = np.where(better, arcs[k], via[:, v])
+        via[:, v] = np.where(better, np.asarray(arcs)[k], via[:, v])
     x = np.zeros_like(w)
     rows = np.arange(B)
     at = np.full(B, t)  # each row's vertex on the way back

@@ -85,8 +85,8 @@ from ._assignment_projection import SEPARABLE, AssignmentProjection as _Assignme
 from ._flow_newton import FlowRelaxation as _FlowRelaxation, flow_plan
 from ._min_norm_point import TOL, project_onto_hull
 from ._forbidden import SLACK, far_below, lower_far_above, lower_forced, needed_apart, shift_far_below
+from .argmax import dag_plan as _dag_plan
 from .errors import InputError, SolverError, warn_user
-from .graphs import topological_order
 from .polytope import Polytope
 from ._autograd import _differentiates, autocast_off
 from .relax import register_fast_path
@@ -1689,25 +1689,6 @@ def arborescence_marginals(theta: torch.Tensor, polytope: Polytope, max_range: f
 # ------------------------------------------------------------------------------------------
 # Paths in a DAG: dynamic programming
 # ------------------------------------------------------------------------------------------
-
-
-def _dag_plan(polytope: Polytope) -> tuple[int, list[tuple[int, list[int], list[int]]]]:
-    """``(source, [(v, arcs into v, their tails), ...])`` in topological order from the source,
-    cached on the polytope; vertices the source does not reach are left out."""
-    plan = polytope.cache.get("dag_plan")
-    if plan is None:
-        n, s = int(polytope.params["n"]), int(polytope.params["source"])
-        A = polytope.data["A"]
-        reached = {s}
-        steps = []
-        for v in topological_order(n, A):
-            arcs = [a for a in range(len(A)) if int(A[a, 1]) == v and int(A[a, 0]) in reached]
-            if v != s and arcs:
-                reached.add(v)
-                steps.append((v, arcs, [int(A[a, 0]) for a in arcs]))
-        plan = (s, steps)
-        polytope.cache["dag_plan"] = plan
-    return plan
 
 
 def _dag_flow_plan(polytope: Polytope, device: torch.device):
