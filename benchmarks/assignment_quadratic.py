@@ -1,6 +1,7 @@
 """The quadratic and the binary entropy on Birkhoff polytopes, matchings and DAG paths, and the
-entropy on DAG paths: Newton's method on the dual (their fast path since 2026-12-06,
-``convex_sst._assignment_projection`` and ``convex_sst._flow_newton``) against the torch
+entropy on DAG paths; both entropies on arborescences: Newton's method on the dual (their fast
+path since 2026-12-06, ``convex_sst._assignment_projection``, ``convex_sst._flow_newton`` and
+``convex_sst._arborescence_newton``) against the torch
 interior-point solver, which ``auto`` used before, and, for the quadratic, Wolfe's
 minimum-norm-point algorithm over the argmax (Hungarian, longest path; ``projection_by_argmax``,
 the fast path of arborescences), called directly.
@@ -16,6 +17,7 @@ forward pass (exact on a piece of this piecewise-affine map).
     python benchmarks/assignment_quadratic.py --regularizers binary_entropy
     python benchmarks/assignment_quadratic.py --cases dag_path:10 dag_path:30 --regularizers quadratic binary_entropy
     python benchmarks/assignment_quadratic.py --cases dag_path:10 dag_path:30 --regularizers entropy
+    python benchmarks/assignment_quadratic.py --cases arborescence:10 --regularizers entropy binary_entropy
 """
 
 from __future__ import annotations
@@ -54,18 +56,19 @@ def run(u: torch.Tensor, w: torch.Tensor, P: cs.Polytope, t: float, method: str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=CASES,
-                    help="birkhoff:n, matching:n:m, or dag_path:n (the complete DAG on n vertices)")
+                    help="birkhoff:n, matching:n:m, dag_path:n (the complete DAG on n vertices) or arborescence:n")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--regularizers", nargs="+", default=["quadratic"], choices=["quadratic", "binary_entropy", "entropy"],
-                    help="entropy: DAG paths only (Birkhoff's and matchings' is Sinkhorn, benchmarks/sinkhorn_schedule.py)")
+                    help="entropy: DAG paths and arborescences only (Birkhoff's and matchings' is Sinkhorn, "
+                         "benchmarks/sinkhorn_schedule.py)")
     ap.add_argument("--skip-argmax", action="store_true", help="leave out the minimum-norm-point algorithm")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    if "entropy" in args.regularizers and any(not c.startswith("dag_path") for c in args.cases):
-        ap.error("--regularizers entropy takes dag_path cases only")
+    if "entropy" in args.regularizers and any(not c.startswith(("dag_path", "arborescence")) for c in args.cases):
+        ap.error("--regularizers entropy takes dag_path and arborescence cases only")
     gen = torch.Generator().manual_seed(args.seed)
     print(f"forward + backward, B = {args.batch}, float64, median of {args.repeats} interleaved rounds (ms; "
           f"threads = {torch.get_num_threads()})\n")

@@ -54,6 +54,12 @@ spanning_tree       entropy, binary     the decomposition algorithm on the graph
                                         the CPU in float64, row by row
                                         (:mod:`convex_sst._graphic_matroid`)
 arborescence        exp_family          directed matrix-tree theorem (Koo et al. 2007), same
+arborescence        entropy, binary     Newton on a dual with the in-degrees and a working set
+                    entropy             of forest constraints ``x(E[S]) ≤ |S| − 1`` as
+                                        equalities, violated sets added by Cunningham's minimum
+                                        partition, sets with negative multipliers dropped;
+                                        implicit Jacobian on the active ones; separation on the
+                                        CPU row by row (:mod:`convex_sst._arborescence_newton`)
 arborescence,       quadratic           Wolfe's minimum-norm-point algorithm (SparseMAP's
 correlated_k_subset                     active set): the projection onto conv(𝒳) from the
                                         argmax alone, a few structures mixed, exact; Jacobian
@@ -77,12 +83,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import _linalg
 from ._graphic_matroid import spanning_tree_separable
 from ._assignment_projection import SEPARABLE, AssignmentProjection as _AssignmentProjection, at_a_vertex
 from ._flow_newton import FlowRelaxation as _FlowRelaxation, flow_plan
+from ._arborescence_newton import ArborescenceRelaxation as _ArborescenceRelaxation
 from ._min_norm_point import TOL, project_onto_hull
 from ._forbidden import SLACK, far_below, lower_far_above, lower_forced, needed_apart, shift_far_below
 from .argmax import dag_plan as _dag_plan
@@ -1734,6 +1742,85 @@ def _dag_path_newton(reg: str):
 
 for _reg in ("entropy", "binary_entropy", "quadratic"):
     register_fast_path("dag_path", _reg)(_dag_path_newton(_reg))
+
+
+def arborescence_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 100,
+                             on_failure: str = "fallback", forbidden: torch.Tensor | None = None, *,
+                             reg: str = "entropy") -> torch.Tensor:
+    """The entropy and the binary entropy on arborescences (``argmax ⟨θ, x⟩ − f(x)`` over their
+    convex hull): Newton's method on a dual with one multiplier per in-degree and one per set
+    ``S`` of a working set of constraints ``x(E[S]) ≤ |S| − 1``, the violated sets found by
+    Cunningham's minimum partition and added, those with a negative multiplier dropped, until x
+    is in the polytope and optimal (:mod:`convex_sst._arborescence_newton`). Implicit Jacobian
+    on the in-degrees and the active sets; the Newton steps batched (any device), the separation
+    row by row on the CPU; computed in float64. Options as for :func:`birkhoff_projection`."""
+    root = int(polytope.params["root"])
+    n = int(polytope.params["n"])
+
+    def solve(flat, tol, holder, low, vertex, at_vertex):
+        th = flat.detach().double().reshape(-1, n, n)
+        vertex, at_vertex = _arborescence_limit(th, root)
+        x = _ArborescenceRelaxation.apply(flat.reshape(-1, n, n), root, reg, tol, int(max_iter), holder,
+                                          low.reshape(-1, n, n), vertex, at_vertex)
+        return x.reshape(flat.shape)
+
+    return _dual_newton_path(theta, polytope, reg, tol, max_iter, on_failure, forbidden, solve,
+                             ("Newton's method on the arborescence duals", "in-degrees and forest constraints"))
+
+
+# logits spanning more than this are checked for rows that are the best tree to rounding
+_LIMIT_SPAN = 1e12
+
+
+def _arborescence_limit(theta: torch.Tensor, root: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tree, at_tree)`` for ``theta: (B, n, n)``: rows whose smooth relaxation is the best tree
+    to rounding. Writing x ∈ P as a mix of trees with weight μ on the best one,
+    ``⟨θ, tree − x⟩ ≥ Δ (1 − μ)`` (Δ: the best score less the second best) and
+    ``|x − tree| ≤ 1 − μ``; optimality bounds ``⟨θ, tree − x⟩`` by f's range on P (below 2n²
+    for both entropies), so ``|x − tree| ≤ 2n² / Δ``. Where that is below 1e-17 the tree is the
+    answer in float64 (with a zero Jacobian): at logits of 1e25 and beyond ``x = ψ(θ − a − Λ)``
+    would keep no digits. The second best is the best tree without one of the best one's arcs
+    (n − 1 more Chu–Liu/Edmonds calls, on the rows whose logits span more than _LIMIT_SPAN)."""
+    B, n, _ = theta.shape
+    tree = torch.zeros_like(theta)
+    at = torch.zeros(B, dtype=torch.bool, device=theta.device)
+    span = theta.flatten(1).amax(1) - theta.flatten(1).amin(1)
+    rows = (span > _LIMIT_SPAN).nonzero()[:, 0].tolist()
+    if not rows:
+        return tree, at
+    from .argmax import chu_liu_edmonds_tree
+
+    def best(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        parent = chu_liu_edmonds_tree(scores, root)
+        m = np.flatnonzero(parent >= 0)
+        return parent[m], m, float(scores[parent[m], m].sum())  # -inf where the tree needs a removed arc
+
+    W = theta.cpu().numpy()
+    for i in rows:
+        heads, mods, top = best(W[i])
+        second = -math.inf
+        for h, m in zip(heads, mods):
+            without = W[i].copy()
+            without[h, m] = -math.inf
+            second = max(second, best(without)[2])
+        if top - second > 2e17 * n ** 2:
+            tree[i, torch.as_tensor(heads), torch.as_tensor(mods)] = 1.0
+            at[i] = True
+    return tree, at
+
+
+def _arborescence_newton(reg: str):
+    def path(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 100,
+             on_failure: str = "fallback", forbidden: torch.Tensor | None = None) -> torch.Tensor:
+        return arborescence_dual_newton(theta, polytope, tol, max_iter, on_failure, forbidden, reg=reg)
+
+    path.__name__ = f"arborescence_{reg}"
+    path.__doc__ = arborescence_dual_newton.__doc__
+    return path
+
+
+for _reg in ("entropy", "binary_entropy"):
+    register_fast_path("arborescence", _reg)(_arborescence_newton(_reg))
 
 
 def log_partition_dag_paths(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:

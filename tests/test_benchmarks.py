@@ -160,14 +160,15 @@ def test_assignment_quadratic_benchmark_runs_and_agrees_with_the_torch_solver():
         assert float(row[9].split("/")[0]) < 1e-6, row  # Newton's against differences
 
 
-def test_assignment_benchmark_takes_the_entropy_on_dag_paths_only():
-    out = _run("assignment_quadratic.py", "--cases", "dag_path:4", "--temperatures", "0.5", "--regularizers", "entropy",
-               "--batch", "2", "--repeats", "1")
-    (row,) = _rows(out, "| ")[1:]
-    assert row[:2] == ["dag_path:4", "entropy"] and float(row[8].split(",")[0]) < 1e-7, row
+def test_assignment_benchmark_takes_the_entropy_on_dag_paths_and_arborescences_only():
+    out = _run("assignment_quadratic.py", "--cases", "dag_path:4", "arborescence:4", "--temperatures", "0.5",
+               "--regularizers", "entropy", "--batch", "2", "--repeats", "1")
+    rows = _rows(out, "| ")[1:]
+    assert [r[:2] for r in rows] == [["dag_path:4", "entropy"], ["arborescence:4", "entropy"]], rows
+    assert all(float(r[8].split(",")[0]) < 1e-7 for r in rows), rows
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "assignment_quadratic.py"), "--cases", "birkhoff:3",
                            "--regularizers", "entropy"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 2 and "--regularizers entropy takes dag_path cases only" in proc.stderr
+    assert proc.returncode == 2 and "--regularizers entropy takes dag_path and arborescence cases only" in proc.stderr
 
 
 def test_quadratic_by_argmax_benchmark_runs_and_agrees_with_the_torch_solver():

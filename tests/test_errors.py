@@ -191,8 +191,8 @@ def test_unknown_names_list_available_and_suggest(P):
 
 
 def test_fast_backend_without_fast_path_raises():
-    D = cs.load_polytope("arborescence")
-    with pytest.raises(cs.UnknownNameError, match=r"no fast path for polytope 'arborescence' with regularizer 'entropy'"):
+    D = cs.load_polytope("correlated_k_subset")
+    with pytest.raises(cs.UnknownNameError, match=r"no fast path for polytope 'correlated_k_subset' with regularizer 'entropy'"):
         cs.relax(torch.zeros(D.shape), D, "entropy", backend="fast")
 
 

@@ -1,0 +1,139 @@
+"""The entropy and the binary entropy on arborescences by Newton's method on a dual whose sets are
+added as needed (their fast path): against a certified dual solve of Edmonds' cut form, the
+face Jacobian, KKT certificates over every vertex set, the interior-point solver on larger trees
+and low temperatures, and the failure modes."""
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import convex_sst as cs
+import oracles
+from convex_sst._arborescence_newton import solve_arborescences
+from convex_sst._assignment_projection import SEPARABLE
+
+REGS = ["entropy", "binary_entropy"]
+
+
+@pytest.fixture(scope="module")
+def cut_form(tmp_path_factory):
+    """The arborescences of K5 rooted at 0 in Edmonds' cut form (no auxiliary variables)."""
+    path = tmp_path_factory.mktemp("cut") / "cut_arborescence.yaml"
+    path.write_text(oracles.cut_arborescence_config(5))
+    return cs.load_polytope(str(path)).form
+
+
+def forest_violation(x: np.ndarray) -> float:
+    """The largest ``x(E[S]) − (|S| − 1)`` over all vertex sets S of ``x (n, n)``, by enumeration."""
+    n = x.shape[0]
+    S = np.array(list(itertools.product([0.0, 1.0], repeat=n)))[1:]
+    return float((np.einsum("sh,hm,sm->s", S, x, S) - (S.sum(1) - 1)).max())
+
+
+@pytest.mark.parametrize("reg", REGS)
+@pytest.mark.parametrize("t", [0.05, 0.5, 3.0])
+@pytest.mark.parametrize("ties", [False, True])
+def test_equals_a_certified_dual_solve(t, ties, reg, cut_form, gen):
+    P = cs.load_polytope("arborescence", n=5)
+    B = 6
+    if ties:
+        u = torch.randint(-2, 3, (B, 5, 5), generator=gen).double()
+    else:
+        u = torch.randn(B, 5, 5, generator=gen, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        x = cs.relax(u, P, reg, t, backend="fast", on_failure="raise")
+    checked = 0
+    for i in range(B):
+        ref, certificate = oracles.dual_solve((u[i] / t).numpy().ravel(), cut_form, reg)
+        if certificate > 1e-11:  # the oracle's own failure: skip the row
+            continue
+        checked += 1
+        assert np.abs(x[i].numpy().ravel() - ref).max() < 1e-10
+    assert checked >= B // 2
+
+
+@pytest.mark.parametrize("reg", REGS)
+@pytest.mark.parametrize("t", [0.2, 2.0])
+def test_gradient_is_the_face_jacobian_and_matches_differences(t, reg, cut_form, gen):
+    P = cs.load_polytope("arborescence", n=5)
+    B = 6
+    u = torch.randn(B, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, reg, t, backend="fast")
+    (g,) = torch.autograd.grad((x * w).sum(), u)
+    for i in range(B):
+        z = x[i].detach().numpy().ravel()
+        hinv = z if reg == "entropy" else z * (1 - z)
+        ref = oracles.face_vjp(z, w[i].numpy().ravel(), cut_form, hinv) / t
+        assert np.abs(g[i].numpy().ravel() - ref).max() < 1e-9
+    h = 1e-6
+    d = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        diff = (cs.relax(u + h * d, P, reg, t) - cs.relax(u - h * d, P, reg, t)) / (2 * h)
+    jvp = torch.autograd.functional.jvp(lambda v: cs.relax(v, P, reg, t), u.detach(), d)[1]
+    assert (jvp - diff).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("reg", REGS)
+@pytest.mark.parametrize("t", [0.01, 0.1, 1.0])
+def test_kkt_certificate_over_every_vertex_set(t, reg, gen):
+    """Stationarity holds by construction (x = ψ(θ − a − Σ λ_S 1_S 1_Sᵀ)); the rest is checked
+    here: in-degrees 1, every one of the 2ⁿ sets within its bound, λ ≥ 0, and λ_S > 0 only on
+    tight sets."""
+    n, B = 8, 16
+    theta = torch.randn(B, n, n, generator=gen, dtype=torch.float64) / t
+    x, S, lam, bad, _ = solve_arborescences(theta, 0, SEPARABLE[reg], 1e-12, 100)
+    assert not bad.any()
+    assert (lam >= 0).all()
+    tol = 1e-10 * max(1.0, float(theta.abs().max()))
+    assert (x.sum(1)[:, 1:] - 1).abs().max() < tol
+    assert (x[:, :, 0] == 0).all() and (torch.diagonal(x, dim1=1, dim2=2) == 0).all()
+    slack = S.sum(2) - 1 - ((S @ x) * S).sum(2)
+    used = S.sum(2) > 0
+    assert (slack.abs() * lam * used).max() < tol
+    for i in range(B):
+        assert forest_violation(x[i].numpy()) < tol
+
+
+@pytest.mark.parametrize("reg", REGS)
+@pytest.mark.parametrize("t", [0.05, 1.0])
+def test_larger_trees_match_the_interior_point_solver(t, reg, gen):
+    P = cs.load_polytope("arborescence", n=11)
+    u = torch.randn(6, 11, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, reg, t, backend="fast", on_failure="raise")
+    ref = cs.relax(u, P, reg, t, backend="torch")
+    assert (x - ref).abs().max() < 1e-7
+    (g,) = torch.autograd.grad((x * w).sum(), u)
+    (gr,) = torch.autograd.grad((ref * w).sum(), u)
+    assert (g - gr).abs().max() < 1e-5 * max(1.0, float(gr.abs().max()))
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_low_temperature_on_twenty_vertices_converges(reg, gen):
+    P = cs.load_polytope("arborescence", n=20)
+    u = torch.randn(4, 20, 20, generator=gen, dtype=torch.float64)
+    t = 0.01
+    x = cs.relax(u, P, reg, t, on_failure="raise")
+    assert (x.sum(1)[:, 1:] - 1).abs().max() < 1e-9
+    # the best tree scores at least as much, and no more than t times f's range on P (≤ n² log 2)
+    gap = (u * P.argmax(u)).sum((1, 2)) - (u * x).sum((1, 2))
+    assert (gap > -1e-9).all() and (gap < t * 400 * np.log(2)).all()
+
+
+def test_unconverged_rows_fall_back_warn_or_raise(gen):
+    P = cs.load_polytope("arborescence", n=6)
+    u = torch.randn(4, 6, 6, generator=gen, dtype=torch.float64)
+    exact = cs.relax(u, P, "binary_entropy", 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        fallback = cs.relax(u, P, "binary_entropy", 0.2, max_iter=1)  # the interior-point solver
+    assert (fallback - exact).abs().max() < 1e-7
+    with pytest.warns(cs.SolverWarning, match=r"arborescence duals did not converge for batch element"):
+        cs.relax(u, P, "binary_entropy", 0.2, max_iter=1, on_failure="warn")
+    with pytest.raises(cs.SolverError, match=r"forest constraints not within the tolerance after max_iter = 1"):
+        cs.relax(u, P, "binary_entropy", 0.2, max_iter=1, on_failure="raise")
