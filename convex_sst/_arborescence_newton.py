@@ -25,8 +25,8 @@ certify it. (Keeping ``λ ≥ 0`` inside Newton's method instead, by projected s
 nested sets that are nearly dependent.) Logits that span more than 50 start with a continuation
 in their scale, as for Birkhoff polytopes, the working sets carried from stage to stage.
 
-The Jacobian is that of the equality-constrained problem on the in-degrees and the sets with
-``λ_S > 0``: ``√W ⊙ Π(√W ⊙ G)``, Π the projector onto the null space of ``A diag(√W)``, by the
+The Jacobian is that of the equality-constrained problem on the in-degrees and the final
+working set (all tight, with ``λ_S ≥ 0``): ``√W ⊙ Π(√W ⊙ G)``, Π the projector onto the null space of ``A diag(√W)``, by the
 pseudo-inverse of ``diag(√W) Aᵀ`` (:func:`arborescence_vjp`), computed from the output x
 (``W = x`` for the entropy, ``x(1 − x)`` for the binary entropy), so second derivatives flow
 through x. Separation runs row by row on the CPU (NumPy); the Newton steps are batched torch
@@ -49,6 +49,8 @@ from ._graphic_matroid import min_partition
 
 # the Newton system's regularization, times the residual (as for DAG paths' smooth regularizers)
 _MU = 1e-3
+# the largest KKT residual (in x) accepted where the arithmetic cannot resolve the tolerance
+_RESIDUAL_CAP = 1e-6
 # singular values of the backward pass's M below this times the largest count as 0
 _PINV_RTOL = 1e-12
 # rounds of separation per stage at most (each changes the working set of the rows solved again)
@@ -101,10 +103,10 @@ def _system(W: torch.Tensor, cuts: _Cuts) -> tuple[torch.Tensor, torch.Tensor, t
     return W.sum(1), cross, sets
 
 
-def _solve_system(W: torch.Tensor, cuts: _Cuts, free_a: torch.Tensor, free_l: torch.Tensor, rhs_a: torch.Tensor,
-                  rhs_l: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A diag(W) Aᵀ + μ I) v = rhs`` on the free multipliers (v = 0 on the others), with
-    identity rows where a multiplier has no weight (a singular direction)."""
+def _solve_system(W: torch.Tensor, cuts: _Cuts, cols: torch.Tensor, rhs_a: torch.Tensor, rhs_l: torch.Tensor,
+                  mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A diag(W) Aᵀ + μ I) v = rhs`` for the multipliers of the non-root columns and the used
+    sets (v = 0 on the others, and on any without weight: a singular direction)."""
     diag_a, cross, sets = _system(W, cuts)
     B, n = diag_a.shape
     J = sets.shape[1]
@@ -113,7 +115,7 @@ def _solve_system(W: torch.Tensor, cuts: _Cuts, free_a: torch.Tensor, free_l: to
     H[:, :n, n:] = cross
     H[:, n:, :n] = cross.mT
     H[:, n:, n:] = sets
-    free = torch.cat([free_a, free_l], 1)
+    free = torch.cat([cols > 0, cuts.used], 1)
     dg = torch.diagonal(H, dim1=1, dim2=2)
     free = free & (dg > 0)
     H = H + mu[:, None, None] * torch.eye(n + J, dtype=W.dtype, device=W.device)
@@ -135,7 +137,7 @@ def _newton(theta: torch.Tensor, valid: torch.Tensor, cols: torch.Tensor, cuts: 
         ga = (1.0 - x.sum(1)) * cols
         gl = torch.where(cuts.used, cuts.b - cuts.inside(x), 0.0)
         W = torch.where(valid, reg.weight(V), 0.0)
-        da, dl = _solve_system(W, cuts, cols > 0, cuts.used, -ga, -gl, _MU * err)
+        da, dl = _solve_system(W, cuts, cols, -ga, -gl, _MU * err)
         return (da, dl), (ga, gl)
 
     return evaluate, direction, lambda z: z
@@ -187,7 +189,8 @@ def solve_arborescences(theta: torch.Tensor, root: int, reg: Separable, tol: flo
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """``theta: (B, n, n)`` float64 (``theta[h, m]``: arc h → m) → ``(x, S, λ, bad, steps)``: the
     relaxation, the working sets ``(B, J, n)`` with their multipliers ``(B, J)``, the rows whose
-    KKT residual stayed above ``tol`` (floored at ``100 eps |θ|``), and the Newton steps taken."""
+    KKT residual stayed above ``tol`` (floored at ``100 eps |θ|``, but at most _RESIDUAL_CAP) or
+    whose working set still changed after _MAX_ROUNDS, and the Newton steps taken."""
     B, n, _ = theta.shape
     dev, dt = theta.device, theta.dtype
     valid = ~torch.eye(n, dtype=torch.bool, device=dev)
@@ -199,7 +202,9 @@ def solve_arborescences(theta: torch.Tensor, root: int, reg: Separable, tol: flo
     vlow = ~valid if low is None else low | ~valid
     spread, scale = spread_and_scale(theta, vlow.expand(B, n, n))
     target = tol
-    tol = max(tol, 100 * eps * max(1.0, scale))
+    # the arithmetic's resolution, but a residual in x above _RESIDUAL_CAP is a failure whatever
+    # the scale (at logits of 1e300 the floor would otherwise accept any x)
+    tol = min(max(tol, 100 * eps * max(1.0, scale)), max(tol, _RESIDUAL_CAP))
     th = theta.masked_fill(~valid, 0.0)
     lam_scale = 1.0 if not spread > _SPAN else _SPAN / spread
     a = torch.where(cols > 0, reg.init((th * lam_scale).masked_fill(~valid, -math.inf).mT), 0.0)
@@ -239,6 +244,7 @@ def solve_arborescences(theta: torch.Tensor, root: int, reg: Separable, tol: flo
                 Sr, lr = S[rows], lam[rows]
                 S = S.index_put((rows,), Sr.masked_fill(neg[:, :, None], 0.0))
                 lam = lam.index_put((rows,), lr.masked_fill(neg, 0.0))
+            # violated by more than n × the tolerance (the rounding of x over a set's arcs)
             sets = _separate(xr[ok & ~dropped], S[rows][ok & ~dropped], max(stol, 1e-12) * n)
             idx = rows[ok & ~dropped].tolist()
             more = [(r, s) for r, s in zip(idx, sets) if s]
@@ -295,10 +301,10 @@ class ArborescenceRelaxation(torch.autograd.Function):
         S = th.new_zeros(th.shape[0], 0, th.shape[1])
         rows = (~at_vertex).nonzero()[:, 0]
         if rows.numel():
-            xr, Sr, lam, badr, _ = solve_arborescences(th[rows], root, SEPARABLE[reg], tol, max_iter,
+            xr, Sr, _, badr, _ = solve_arborescences(th[rows], root, SEPARABLE[reg], tol, max_iter,
                                                        None if low is None else low[rows])
             S = th.new_zeros(th.shape[0], Sr.shape[1], th.shape[1])
-            x[rows], S[rows], bad[rows] = xr, Sr * (lam > 0)[:, :, None], badr
+            x[rows], S[rows], bad[rows] = xr, Sr, badr
         holder.append(bad)
         out = x.to(theta.dtype)
         ctx.reg, ctx.root = reg, root

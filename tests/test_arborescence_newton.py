@@ -137,3 +137,24 @@ def test_unconverged_rows_fall_back_warn_or_raise(gen):
         cs.relax(u, P, "binary_entropy", 0.2, max_iter=1, on_failure="warn")
     with pytest.raises(cs.SolverError, match=r"forest constraints not within the tolerance after max_iter = 1"):
         cs.relax(u, P, "binary_entropy", 0.2, max_iter=1, on_failure="raise")
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_huge_logits_give_the_best_tree_by_its_proven_gap(reg, gen):
+    """At logits of 1e25 and beyond ``x = ψ(θ − a − Λ)`` keeps no digits; rows whose best tree
+    beats the second best by more than 2e17 n² are that tree (|x − tree| ≤ 2n² / gap); the others
+    cannot be resolved and are reported (a residual above 1e-6 is a failure at any scale; the
+    default falls back to the interior-point solver)."""
+    n = 6
+    P = cs.load_polytope("arborescence", n=n)
+    u = torch.randn(4, n, n, generator=gen, dtype=torch.float64)
+    u = (u / u.abs().max()).requires_grad_()
+    for t in (1e-25, 1e-100, 1e-300):
+        x = cs.relax(u, P, reg, t, on_failure="raise")
+        assert torch.equal(x.detach(), P.argmax(u.detach()))
+        (g,) = torch.autograd.grad(x.sum(), u)
+        assert torch.equal(g, torch.zeros_like(g))
+    tied = u.detach().clone()
+    tied[:, 1, 2] = tied[:, 3, 2] = tied[:, :, 2].max() + 1  # two best parents for vertex 2: no gap
+    with pytest.raises(cs.SolverError, match="arborescence duals did not converge"):  # reported, not silent
+        cs.relax(tied, P, reg, 1e-300, on_failure="raise")
