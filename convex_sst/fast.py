@@ -58,7 +58,7 @@ arborescence        entropy, binary     Newton on a dual with the in-degrees and
                     entropy             of forest constraints ``x(E[S]) ≤ |S| − 1`` as
                                         equalities, violated sets added by Cunningham's minimum
                                         partition, sets with negative multipliers dropped;
-                                        implicit Jacobian on the active ones; separation on the
+                                        implicit Jacobian on the final sets; separation on the
                                         CPU row by row (:mod:`convex_sst._arborescence_newton`)
 arborescence,       quadratic           Wolfe's minimum-norm-point algorithm (SparseMAP's
 correlated_k_subset                     active set): the projection onto conv(𝒳) from the
@@ -93,7 +93,7 @@ from ._flow_newton import FlowRelaxation as _FlowRelaxation, flow_plan
 from ._arborescence_newton import ArborescenceRelaxation as _ArborescenceRelaxation
 from ._min_norm_point import TOL, project_onto_hull
 from ._forbidden import SLACK, far_below, lower_far_above, lower_forced, needed_apart, shift_far_below
-from .argmax import dag_plan as _dag_plan
+from .argmax import chu_liu_edmonds_tree as _chu_liu_edmonds_tree, dag_plan as _dag_plan
 from .errors import InputError, SolverError, warn_user
 from .polytope import Polytope
 from ._autograd import _differentiates, autocast_off
@@ -1730,18 +1730,20 @@ def dag_path_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float | N
                              ("Newton's method on the flow potentials", "flow conservation"))
 
 
-def _dag_path_newton(reg: str):
+def _for_regularizer(solver, polytope_name: str, reg: str):
+    """``solver(..., reg=reg)`` as a fast path of ``(polytope_name, reg)`` (its options in the
+    signature, where relax validates them)."""
     def path(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 100,
              on_failure: str = "fallback", forbidden: torch.Tensor | None = None) -> torch.Tensor:
-        return dag_path_dual_newton(theta, polytope, tol, max_iter, on_failure, forbidden, reg=reg)
+        return solver(theta, polytope, tol, max_iter, on_failure, forbidden, reg=reg)
 
-    path.__name__ = f"dag_path_{reg}"
-    path.__doc__ = dag_path_dual_newton.__doc__
-    return path
+    path.__name__ = f"{polytope_name}_{reg}"
+    path.__doc__ = solver.__doc__
+    return register_fast_path(polytope_name, reg)(path)
 
 
 for _reg in ("entropy", "binary_entropy", "quadratic"):
-    register_fast_path("dag_path", _reg)(_dag_path_newton(_reg))
+    _for_regularizer(dag_path_dual_newton, "dag_path", _reg)
 
 
 def arborescence_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 100,
@@ -1759,7 +1761,7 @@ def arborescence_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float
     root = int(polytope.params["root"])
     n = int(polytope.params["n"])
 
-    def solve(flat, tol, holder, low, vertex, at_vertex):
+    def solve(flat, tol, holder, low, vertex, at_vertex):  # (vertex, at_vertex: the quadratic's, unused)
         th = flat.detach().double().reshape(-1, n, n)
         vertex, at_vertex = _arborescence_limit(th, root)
         x = _ArborescenceRelaxation.apply(flat.reshape(-1, n, n), root, reg, tol, int(max_iter), holder,
@@ -1790,10 +1792,9 @@ def _arborescence_limit(theta: torch.Tensor, root: int) -> tuple[torch.Tensor, t
     rows = (span > _LIMIT_SPAN).nonzero()[:, 0].tolist()
     if not rows:
         return tree, at
-    from .argmax import chu_liu_edmonds_tree
 
     def best(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        parent = chu_liu_edmonds_tree(scores, root)
+        parent = _chu_liu_edmonds_tree(scores, root)
         m = np.flatnonzero(parent >= 0)
         return parent[m], m, float(scores[parent[m], m].sum())  # -inf where the tree needs a removed arc
 
@@ -1811,18 +1812,8 @@ def _arborescence_limit(theta: torch.Tensor, root: int) -> tuple[torch.Tensor, t
     return tree, at
 
 
-def _arborescence_newton(reg: str):
-    def path(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 100,
-             on_failure: str = "fallback", forbidden: torch.Tensor | None = None) -> torch.Tensor:
-        return arborescence_dual_newton(theta, polytope, tol, max_iter, on_failure, forbidden, reg=reg)
-
-    path.__name__ = f"arborescence_{reg}"
-    path.__doc__ = arborescence_dual_newton.__doc__
-    return path
-
-
 for _reg in ("entropy", "binary_entropy"):
-    register_fast_path("arborescence", _reg)(_arborescence_newton(_reg))
+    _for_regularizer(arborescence_dual_newton, "arborescence", _reg)
 
 
 def log_partition_dag_paths(theta: torch.Tensor, polytope: Polytope) -> torch.Tensor:

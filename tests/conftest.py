@@ -1,5 +1,6 @@
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -69,3 +70,19 @@ def user_copy(tmp_path, name):
     path = tmp_path / f"my_{name}.yaml"
     path.write_text(text.replace(f"name: {name}", f"name: my_{name}", 1))
     return path
+
+
+def check_unconverged_rows(P, u, reg: str, t: float, method: str, balance: str) -> None:
+    """A Newton dual path stopped after one step (``max_iter=1``): by default its rows fall back
+    to the interior-point solver silently and agree with the converged result; with
+    ``on_failure="warn"`` / ``"raise"`` the message names the ``method`` and what did not
+    ``balance``."""
+    exact = cs.relax(u, P, reg, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        fallback = cs.relax(u, P, reg, t, max_iter=1)  # the interior-point solver
+    assert (fallback - exact).abs().max() < 1e-7
+    with pytest.warns(cs.SolverWarning, match=rf"{method} did not converge for batch element"):
+        cs.relax(u, P, reg, t, max_iter=1, on_failure="warn")
+    with pytest.raises(cs.SolverError, match=rf"{balance} not within the tolerance after max_iter = 1"):
+        cs.relax(u, P, reg, t, max_iter=1, on_failure="raise")

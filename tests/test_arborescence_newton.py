@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import convex_sst as cs
+from conftest import check_unconverged_rows
 import oracles
 from convex_sst._arborescence_newton import solve_arborescences
 from convex_sst._assignment_projection import SEPARABLE
@@ -128,15 +129,7 @@ def test_low_temperature_on_twenty_vertices_converges(reg, gen):
 def test_unconverged_rows_fall_back_warn_or_raise(gen):
     P = cs.load_polytope("arborescence", n=6)
     u = torch.randn(4, 6, 6, generator=gen, dtype=torch.float64)
-    exact = cs.relax(u, P, "binary_entropy", 0.2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", cs.SolverWarning)
-        fallback = cs.relax(u, P, "binary_entropy", 0.2, max_iter=1)  # the interior-point solver
-    assert (fallback - exact).abs().max() < 1e-7
-    with pytest.warns(cs.SolverWarning, match=r"arborescence duals did not converge for batch element"):
-        cs.relax(u, P, "binary_entropy", 0.2, max_iter=1, on_failure="warn")
-    with pytest.raises(cs.SolverError, match=r"forest constraints not within the tolerance after max_iter = 1"):
-        cs.relax(u, P, "binary_entropy", 0.2, max_iter=1, on_failure="raise")
+    check_unconverged_rows(P, u, "binary_entropy", 0.2, "arborescence duals", "forest constraints")
 
 
 @pytest.mark.parametrize("reg", REGS)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import convex_sst as cs
+from conftest import check_unconverged_rows
 import oracles
 from convex_sst._assignment_projection import _null_blocks, project_assignments
 
@@ -171,15 +172,7 @@ def test_rows_on_a_vertex_have_zero_jacobian_and_others_do_not(gen):
 def test_unconverged_rows_fall_back_warn_or_raise(gen):
     P = cs.load_polytope("birkhoff", n=6)
     u = torch.randn(4, 6, 6, generator=gen, dtype=torch.float64)
-    exact = cs.relax(u, P, "quadratic", 0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", cs.SolverWarning)
-        fallback = cs.relax(u, P, "quadratic", 0.5, max_iter=1)  # the interior-point solver
-    assert (fallback - exact).abs().max() < 1e-7
-    with pytest.warns(cs.SolverWarning, match=r"assignment duals did not converge for batch element"):
-        cs.relax(u, P, "quadratic", 0.5, max_iter=1, on_failure="warn")
-    with pytest.raises(cs.SolverError, match=r"row/column sums not within the tolerance after max_iter = 1"):
-        cs.relax(u, P, "quadratic", 0.5, max_iter=1, on_failure="raise")
+    check_unconverged_rows(P, u, "quadratic", 0.5, "assignment duals", "row/column sums")
     with pytest.raises(cs.InputError, match=r"on_failure must be 'fallback', 'warn' or 'raise'"):
         cs.relax(u, P, "quadratic", 0.5, on_failure="ignore")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import convex_sst as cs
+from conftest import check_unconverged_rows
 import oracles
 from convex_sst._flow_newton import _cut_off_blocks, flow_plan, reduced_costs
 
@@ -204,12 +205,4 @@ def test_manual_masks(reg):
 def test_unconverged_rows_fall_back_warn_or_raise(gen):
     P = cs.load_polytope("dag_path", **FULL)
     u = torch.randn(4, P.size, generator=gen, dtype=torch.float64)
-    exact = cs.relax(u, P, "binary_entropy", 0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", cs.SolverWarning)
-        fallback = cs.relax(u, P, "binary_entropy", 0.5, max_iter=1)  # the interior-point solver
-    assert (fallback - exact).abs().max() < 1e-7
-    with pytest.warns(cs.SolverWarning, match=r"flow potentials did not converge for batch element"):
-        cs.relax(u, P, "binary_entropy", 0.5, max_iter=1, on_failure="warn")
-    with pytest.raises(cs.SolverError, match=r"flow conservation not within the tolerance after max_iter = 1"):
-        cs.relax(u, P, "binary_entropy", 0.5, max_iter=1, on_failure="raise")
+    check_unconverged_rows(P, u, "binary_entropy", 0.5, "flow potentials", "flow conservation")
