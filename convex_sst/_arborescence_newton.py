@@ -26,11 +26,12 @@ nested sets that are nearly dependent.) Logits that span more than 50 start with
 in their scale, as for Birkhoff polytopes, the working sets carried from stage to stage.
 
 The Jacobian is that of the equality-constrained problem on the in-degrees and the final
-working set (all tight, with ``λ_S ≥ 0``): ``√W ⊙ Π(√W ⊙ G)``, Π the projector onto the null space of ``A diag(√W)``, by the
-pseudo-inverse of ``diag(√W) Aᵀ`` (:func:`arborescence_vjp`), computed from the output x
-(``W = x`` for the entropy, ``x(1 − x)`` for the binary entropy), so second derivatives flow
-through x. Separation runs row by row on the CPU (NumPy); the Newton steps are batched torch
-operations, in float64.
+working set (all tight, with ``λ_S ≥ 0``): ``√W ⊙ Π(√W ⊙ G)``, Π the projector onto the null
+space of ``A diag(√W)``, by the pseudo-inverse of ``diag(√W) Aᵀ`` (:func:`arborescence_vjp`),
+computed from the output x (``W = x`` for the entropy, ``x(1 − x)`` for the binary entropy), so
+second derivatives flow through x. Separation runs row by row on the CPU (NumPy); the Newton
+steps are batched torch operations, in float64. (Rows at logits of 1e25 and beyond, where x
+keeps no digits, are handled before: :func:`convex_sst.fast._arborescence_limit`.)
 """
 
 from __future__ import annotations
