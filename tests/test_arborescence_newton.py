@@ -82,9 +82,9 @@ def test_gradient_is_the_face_jacobian_and_matches_differences(t, reg, cut_form,
 @pytest.mark.parametrize("reg", REGS)
 @pytest.mark.parametrize("t", [0.01, 0.1, 1.0])
 def test_kkt_certificate_over_every_vertex_set(t, reg, gen):
-    """Stationarity holds by construction (x = ψ(θ − a − Σ λ_S 1_S 1_Sᵀ)); the rest is checked
-    here: in-degrees 1, every one of the 2ⁿ sets within its bound, λ ≥ 0, and λ_S > 0 only on
-    tight sets."""
+    """Stationarity (``ψ⁻¹(x) = θ − a_m − Σ_S λ_S 1[h, m ∈ S]``: the same ``a_m`` down every
+    column), in-degrees 1, every one of the 2ⁿ sets within its bound, λ ≥ 0, and λ_S > 0 only
+    on tight sets: x is optimal."""
     n, B = 8, 16
     theta = torch.randn(B, n, n, generator=gen, dtype=torch.float64) / t
     x, S, lam, bad, _ = solve_arborescences(theta, 0, SEPARABLE[reg], 1e-12, 100)
@@ -98,6 +98,14 @@ def test_kkt_certificate_over_every_vertex_set(t, reg, gen):
     assert (slack.abs() * lam * used).max() < tol
     for i in range(B):
         assert forest_violation(x[i].numpy()) < tol
+    Lam = (S * lam[:, :, None]).mT @ S
+    inv = torch.log(x) + 1 if reg == "entropy" else torch.log(x) - torch.log1p(-x)
+    a = theta - Lam - inv  # a_m wherever ψ⁻¹ is well conditioned (x not 0, not near 1 for σ)
+    ok = (x > 1e-200) & (x < (1.0 if reg == "entropy" else 0.999))
+    top = torch.where(ok, a, -torch.inf).amax(1)
+    bottom = torch.where(ok, a, torch.inf).amin(1)
+    spread = torch.where(torch.isfinite(top - bottom), top - bottom, 0.0)
+    assert spread[:, 1:].max() < 1e-8 * max(1.0, float(theta.abs().max()))
 
 
 @pytest.mark.parametrize("reg", REGS)
