@@ -54,6 +54,8 @@ _MU = 1e-3
 _RESIDUAL_CAP = 1e-6
 # singular values of the backward pass's M below this times the largest count as 0
 _PINV_RTOL = 1e-12
+# the backward pass forms diag(√W) Aᵀ for at most this many bytes of rows at a time
+_VJP_BYTES = 1 << 26
 # rounds of separation per stage at most (each changes the working set of the rows solved again)
 _MAX_ROUNDS = 100
 
@@ -270,8 +272,13 @@ def arborescence_vjp(G: torch.Tensor, x: torch.Tensor, S: torch.Tensor, reg: str
     ``M = diag(√W) Aᵀ`` (an SVD of M, not a solve with ``A diag(W) Aᵀ``: at low temperature the
     weights are 1 on a tree and ~1e-10 elsewhere, and a set's row is then nearly the sum of
     in-degree rows; the normal equations square that conditioning, and their solve left
-    columns of J G off zero sum by 9e-8)."""
+    columns of J G off zero sum by 9e-8). In chunks of rows of at most _VJP_BYTES."""
     B, n, _ = x.shape
+    per_row = n * n * (n + S.shape[1]) * x.element_size()
+    step = max(1, _VJP_BYTES // per_row)
+    if B > step:  # in chunks of rows: M holds B·n²·(n − 1 + J) numbers
+        return torch.cat([arborescence_vjp(G[i:i + step], x[i:i + step], S[i:i + step], reg, root)
+                          for i in range(0, B, step)])
     W = SEPARABLE[reg].weight_of_x(x)
     valid = ~torch.eye(n, dtype=torch.bool, device=x.device)
     valid[:, root] = False

@@ -159,3 +159,16 @@ def test_huge_logits_give_the_best_tree_by_its_proven_gap(reg, gen):
     tied[:, 1, 2] = tied[:, 3, 2] = tied[:, :, 2].max() + 1  # two best parents for vertex 2: no gap
     with pytest.raises(cs.SolverError, match="arborescence duals did not converge"):  # reported, not silent
         cs.relax(tied, P, reg, 1e-300, on_failure="raise")
+
+
+def test_backward_in_chunks_of_rows_is_the_same(gen, monkeypatch):
+    import convex_sst._arborescence_newton as module
+
+    P = cs.load_polytope("arborescence", n=5)
+    u = torch.randn(7, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    (whole,) = torch.autograd.grad((cs.relax(u, P, "entropy", 0.5) * w).sum(), u)
+    monkeypatch.setattr(module, "_VJP_BYTES", 1)  # one row at a time
+    (chunked,) = torch.autograd.grad((cs.relax(u, P, "entropy", 0.5) * w).sum(), u)
+    assert (chunked - whole).abs().max() < 1e-12
+    assert torch.autograd.gradgradcheck(lambda v: cs.relax(v, P, "entropy", 0.5), (u[:3].detach().requires_grad_(),))
