@@ -7,7 +7,8 @@ arcs than a forest can (with the in-degrees fixed, ``x(E[S]) ≤ |S| − 1`` for
 Edmonds' cut ``x(δ⁻(S)) ≥ 1``; for ``r ∈ S`` it is implied). The second family says that
 ``y = x + xᵀ`` lies in the forest polytope of Kₙ, so the most violated sets are found exactly by
 :func:`convex_sst._graphic_matroid.min_partition` (Cunningham's minimum partition), the
-separation that the spanning trees' decomposition algorithm uses.
+separation that the spanning trees' decomposition algorithm uses, here for all rows at once
+(:func:`~convex_sst._graphic_matroid.min_partitions`).
 
 For a smooth separable regularizer (entropy, binary entropy: x > 0 on every arc, so no bound of
 x is active) ``argmax ⟨θ, x⟩ − f(x)`` over P is found by an active-set method. Each row keeps a
@@ -46,7 +47,7 @@ import torch
 from ._assignment_projection import (_GROWTH, _POLISH_STEPS, _SPAN, _STAGE_ITER, _STAGE_TOL, _WEIGHT_FLOOR,
                                      SEPARABLE, Direction, Evaluate, Separable, damped_newton, spread_and_scale)
 from ._autograd import autocast_off
-from ._graphic_matroid import min_partition
+from ._graphic_matroid import min_partition, min_partitions
 
 # the Newton system's regularization, times the residual (as for DAG paths' smooth regularizers)
 _MU = 1e-3
@@ -56,6 +57,8 @@ _RESIDUAL_CAP = 1e-6
 _PINV_RTOL = 1e-12
 # the backward pass forms diag(√W) Aᵀ for at most this many bytes of rows at a time
 _VJP_BYTES = 1 << 26
+# rounds with at least this many rows to separate take the batched minimum partition
+_BATCHED_ROWS = 16
 # rounds of separation per stage at most (each changes the working set of the rows solved again)
 _MAX_ROUNDS = 100
 
@@ -147,23 +150,29 @@ def _newton(theta: torch.Tensor, valid: torch.Tensor, cols: torch.Tensor, cuts: 
 
 
 def _separate(x: torch.Tensor, S: torch.Tensor, tol: float) -> list[list[np.ndarray]]:
-    """The violated sets of each row not already in its working set ``S (B, J, n)``."""
-    y = (x + x.mT).cpu().numpy()
+    """The violated sets of each row not already in its working set ``S (B, J, n)``: the parts of
+    its minimum partition (:func:`min_partitions`, all rows at once) that hold more than a forest."""
+    Y = (x + x.mT).cpu().numpy()
+    n = Y.shape[1]
+    Y[:, np.arange(n), np.arange(n)] = 0.0
     have = S.bool().cpu().numpy()
+    if Y.shape[0] >= _BATCHED_ROWS:
+        labels, values = min_partitions(Y, tol)
+    else:  # few rows (the later rounds): one by one costs less than the batch's fixed steps
+        labels = np.zeros(Y.shape[:2], dtype=np.int64)
+        values = np.zeros(Y.shape[0])
+        for i in range(Y.shape[0]):
+            parts, values[i] = min_partition(Y[i], tol)
+            for c, part in enumerate(parts):
+                labels[i, part] = c
     found = []
-    for i in range(y.shape[0]):
-        Y = y[i].copy()
-        np.fill_diagonal(Y, 0.0)
-        parts, value = min_partition(Y, tol)
+    for i in range(Y.shape[0]):
         new = []
-        if value < -tol:
-            for p in parts:
-                if len(p) < 2:
-                    continue
-                inside = 0.5 * Y[np.ix_(p, p)].sum()
-                if inside - (len(p) - 1) > tol:
-                    mask = np.zeros(y.shape[1], dtype=bool)
-                    mask[p] = True
+        if values[i] < -tol:
+            for c in np.unique(labels[i]):
+                mask = labels[i] == c
+                size = int(mask.sum())
+                if size >= 2 and 0.5 * Y[i][np.ix_(mask, mask)].sum() - (size - 1) > tol:
                     if not (have[i] == mask).all(1).any():
                         new.append(mask)
         found.append(new)

@@ -166,6 +166,58 @@ def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
     return parts, value
 
 
+def min_partitions(W: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`min_partition` of a batch ``W (B, k, k)`` at once: ``(labels (B, k), values (B,))``,
+    the part of each vertex and the minimum. The same algorithm, its vertices added in step
+    across the rows: a row whose new vertex may gain tries every union of its parts in one
+    batched product while it has at most :data:`_ENUMERATE_PARTS` of them, else a minimum cut
+    (row by row). Ties may be broken otherwise than :func:`min_partition` does; the values agree
+    (tested)."""
+    B, k, _ = W.shape
+    label = np.zeros((B, k), dtype=np.int64)
+    q = np.zeros(B, dtype=np.int64)
+    for v in range(k):
+        Q = int(q.max(initial=0))
+        merge = np.zeros((B, Q), dtype=bool)
+        if v and Q:
+            M = (label[:, :v, None] == np.arange(Q)).astype(float)  # (B, v, Q) one-hot
+            wv = np.einsum("bu,buq->bq", W[:, v, :v], M)
+            need = np.flatnonzero(wv.sum(1) > 1.0 + tol)
+            if need.size:
+                Wp = M[need].transpose(0, 2, 1) @ W[need][:, :v, :v] @ M[need]
+                Wp[:, np.arange(Q), np.arange(Q)] = 0.0
+                few = q[need] <= _ENUMERATE_PARTS
+                if few.any():
+                    e = need[few]
+                    Qe = int(q[e].max())
+                    sub = _subsets(Qe)  # (2^Qe, Qe)
+                    We, we = Wp[few][:, :Qe, :Qe], wv[e][:, :Qe]
+                    # (parts a row does not have carry no weight: each costs 1, so no best union holds one)
+                    gains = we @ sub.T + 0.5 * ((sub @ We) * sub).sum(2) - sub.sum(1)
+                    best = gains.argmax(1)
+                    ok = gains[np.arange(len(e)), best] > tol
+                    merge[e[ok], :Qe] = sub[best[ok]] > 0
+                for j in np.flatnonzero(~few):
+                    b = need[j]
+                    qb = int(q[b])
+                    S = _best_union(Wp[j][:qb, :qb], wv[b, :qb])
+                    if 0.5 * Wp[j][np.ix_(S, S)].sum() + wv[b, S].sum() - len(S) > tol:
+                        merge[b, S] = True
+        merged = merge.any(1)
+        keep = ~merge & (np.arange(Q) < q[:, None])
+        renumber = np.cumsum(keep, 1) - 1
+        new = keep.sum(1)
+        if v and merged.any():
+            old = label[merged, :v]
+            kept = np.take_along_axis(keep[merged], old, 1)
+            label[merged, :v] = np.where(kept, np.take_along_axis(renumber[merged], old, 1), new[merged, None])
+        label[:, v] = np.where(merged, new, q)
+        q = np.where(merged, new + 1, q + 1)
+    same = label[:, :, None] == label[:, None, :]
+    values = k - q - 0.5 * (W * same).sum((1, 2))
+    return label, values
+
+
 def _capped_entropy(theta: np.ndarray, k: int) -> np.ndarray:
     """``x = min(1, exp(θ − τ − 1))`` with ``Σx = k`` in closed form: with the j largest entries
     at 1, ``τ = log Σ_{rest} exp(θ − 1) − log(k − j)``; j is the smallest count for which the

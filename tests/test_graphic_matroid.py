@@ -11,7 +11,7 @@ import torch
 
 import convex_sst as cs
 from convex_sst import _graphic_matroid
-from convex_sst._graphic_matroid import _capped, _min_cut_source_side, min_partition, spanning_tree_row
+from convex_sst._graphic_matroid import _capped, _min_cut_source_side, min_partition, min_partitions, spanning_tree_row
 from convex_sst.fast import capped_simplex
 from convex_sst.regularizers import get_regularizer
 
@@ -69,6 +69,22 @@ def test_min_partition_by_cuts_and_by_unions_agree_on_larger_graphs(monkeypatch)
         monkeypatch.setattr(_graphic_matroid, "_ENUMERATE_PARTS", 0)
         assert abs(min_partition(W, 1e-12)[1] - value) < 1e-12
         monkeypatch.setattr(_graphic_matroid, "_ENUMERATE_PARTS", 10)
+
+
+def test_min_partitions_of_a_batch_match_the_rows_one_by_one():
+    """The batched minimum partition (the arborescences' separation) against min_partition row by
+    row: the same value, and labels that attain it; up to 14 vertices, so that rows with more than
+    _ENUMERATE_PARTS parts take the minimum cut; ties included."""
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        k, B = int(rng.integers(1, 15)), int(rng.integers(1, 7))
+        W = np.stack([_random_weights(rng, k) for _ in range(B)])
+        labels, values = min_partitions(W, 1e-12)
+        for b in range(B):
+            _, value = min_partition(W[b], 1e-12)
+            parts = [np.flatnonzero(labels[b] == c).tolist() for c in np.unique(labels[b])]
+            assert abs(values[b] - value) < 1e-9
+            assert abs(_partition_value(W[b], parts) - value) < 1e-9
 
 
 def test_min_cut_matches_enumeration():
