@@ -59,7 +59,7 @@ arborescence        entropy, binary     Newton on a dual with the in-degrees and
                                         equalities, violated sets added by Cunningham's minimum
                                         partition, sets with negative multipliers dropped;
                                         implicit Jacobian on the final sets; separation on the
-                                        CPU row by row (:mod:`convex_sst._arborescence_newton`)
+                                        CPU (NumPy) (:mod:`convex_sst._arborescence_newton`)
 arborescence,       quadratic           Wolfe's minimum-norm-point algorithm (SparseMAP's
 correlated_k_subset                     active set): the projection onto conv(𝒳) from the
                                         argmax alone, a few structures mixed, exact; Jacobian
@@ -1755,7 +1755,7 @@ def arborescence_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float
     Cunningham's minimum partition and added, those with a negative multiplier dropped, until x
     is in the polytope and optimal (:mod:`convex_sst._arborescence_newton`). Implicit Jacobian
     on the in-degrees and the final sets; the Newton steps batched (any device), the separation
-    row by row on the CPU; computed in float64. Rows whose best tree beats the second best by
+    on the CPU (NumPy); computed in float64. Rows whose best tree beats the second best by
     more than 2e17 n² (logits of 1e25 and beyond) are that tree, proven to rounding
     (:func:`_arborescence_limit`). Options as for :func:`birkhoff_projection`."""
     root = int(polytope.params["root"])
