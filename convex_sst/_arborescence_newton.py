@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from ._assignment_projection import (_GROWTH, _POLISH_STEPS, _SPAN, _STAGE_ITER, _STAGE_TOL, _WEIGHT_FLOOR,
-                                     SEPARABLE, Direction, Evaluate, Separable, damped_newton, spread_and_scale)
+                                     SEPARABLE, Direction, Evaluate, Separable, _chol_solve, damped_newton,
+                                     spread_and_scale)
 from ._autograd import autocast_off
 from ._graphic_matroid import min_partition, min_partitions
 
@@ -129,8 +130,7 @@ def _solve_system(W: torch.Tensor, cuts: _Cuts, cols: torch.Tensor, rhs_a: torch
     rhs = torch.cat([rhs_a, rhs_l], 1)
     pair = free[:, :, None] & free[:, None, :]
     H = torch.where(pair, H, torch.eye(n + J, dtype=W.dtype, device=W.device).expand_as(H))
-    L, _ = torch.linalg.cholesky_ex(H)
-    v = torch.cholesky_solve((rhs * free)[..., None], L)[..., 0] * free
+    v = _chol_solve(H, rhs * free) * free
     return v[:, :n], v[:, n:]
 
 
