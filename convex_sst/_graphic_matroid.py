@@ -23,7 +23,7 @@ For the graphic matroid, ``min_A r(A) − y(A)`` (``y ≥ 0``) is a minimum over
 ``V``, with ``A`` the edges inside the parts: ``min_Π Σ_{P∈Π} (|P| − 1 − y(E(P)))``. It is found
 by adding the vertices one at a time (Cunningham 1985, "Optimal attack and reinforcement of a
 network"): the new vertex joins a union of current parts chosen by one minimum cut (or, among
-few parts, by trying every union).
+few parts, by trying every union), over the parts that two rules of supermodularity leave open.
 
 The solution is a union of blocks, each with ``x_e = clamp(ψ(θ_e − τ_j), 0, 1)`` and an integer
 sum, so its Jacobian is block diagonal: ``diag(d) − d dᵀ/Σd`` in each block, as for the capped
@@ -100,19 +100,53 @@ def _subsets(q: int) -> np.ndarray:
     return _SUBSETS[q]
 
 
+def _union_gains(Wp: np.ndarray, wv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every subset S of the q parts (``(2^q, q)`` rows) and its gain ``wv(S) + Wp(E(S)) − |S|``."""
+    sub = _subsets(len(wv))
+    return sub, sub @ wv + 0.5 * ((sub @ Wp) * sub).sum(1) - sub.sum(1)
+
+
 def _best_union(Wp: np.ndarray, wv: np.ndarray) -> np.ndarray:
-    """The parts S maximizing ``wv(S) + Wp(E(S)) − |S|`` (``Wp (q, q)`` between parts, ``wv (q,)``
-    from the new vertex): a minimum cut with the new vertex on the source side. Returns S's indices."""
+    """The parts S maximizing ``g(S) = wv(S) + Wp(E(S)) − |S|`` (``Wp (q, q)`` between parts,
+    ``wv (q,)`` from the new vertex). Returns S's indices.
+
+    g is supermodular (Wp ≥ 0), so a part's marginal gain only grows with the set it joins:
+    a part whose gain on joining all parts still possible is ≤ 0 can be left out, and one whose
+    gain on joining the parts already in is > 0 belongs to every maximizer. Both rules are
+    applied until nothing changes (at n = 30 they settle a quarter of these calls outright and
+    leave at most _ENUMERATE_PARTS parts in another quarter); the parts left are decided by
+    trying all their unions, or by a minimum cut with the new vertex and the parts in on the
+    source side."""
     q = len(wv)
-    c = 1.0 - 0.5 * (Wp.sum(1) + wv)  # cost of a part on v's side, less half its cut
-    s, t = q + 1, q + 2
-    cap = np.zeros((q + 3, q + 3))
-    cap[:q, :q] = 0.5 * Wp
-    cap[:q, q] = cap[q, :q] = 0.5 * wv
-    cap[s, q] = math.inf
-    cap[:q, t] = np.maximum(c, 0.0)
-    cap[s, :q] = np.maximum(-c, 0.0)
-    return np.flatnonzero(_min_cut_source_side(cap, s, t)[:q])
+    open_ = np.ones(q, dtype=bool)  # not decided yet
+    inside = np.zeros(q, dtype=bool)  # in every maximizer
+    while True:
+        out = open_ & (wv + Wp @ (open_ | inside) - 1.0 <= 0.0)
+        open_ &= ~out
+        into = open_ & (wv + Wp @ inside - 1.0 > 0.0)
+        open_ &= ~into
+        inside |= into
+        if not (out.any() or into.any()):
+            break
+    R = np.flatnonzero(open_)
+    if len(R):
+        Wr = Wp[np.ix_(R, R)]
+        wr = wv[R] + Wp[np.ix_(R, np.flatnonzero(inside))].sum(1)  # from v and the parts already in
+        if len(R) <= _ENUMERATE_PARTS:
+            sub, gains = _union_gains(Wr, wr)
+            inside[R[sub[int(np.argmax(gains))] > 0]] = True
+        else:
+            c = 1.0 - 0.5 * (Wr.sum(1) + wr)  # cost of a part on v's side, less half its cut
+            r = len(R)
+            s, t = r + 1, r + 2
+            cap = np.zeros((r + 3, r + 3))
+            cap[:r, :r] = 0.5 * Wr
+            cap[:r, r] = cap[r, :r] = 0.5 * wr
+            cap[s, r] = math.inf
+            cap[:r, t] = np.maximum(c, 0.0)
+            cap[s, :r] = np.maximum(-c, 0.0)
+            inside[R[_min_cut_source_side(cap, s, t)[:r]]] = True
+    return np.flatnonzero(inside)
 
 
 def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
@@ -140,8 +174,7 @@ def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
             Wp = M.T @ W[:v, :v] @ M
             np.fill_diagonal(Wp, 0.0)
             if q <= _ENUMERATE_PARTS:  # few parts: every union of them at once beats a flow
-                subsets = _subsets(q)
-                gains = subsets @ wv + 0.5 * ((subsets @ Wp) * subsets).sum(1) - subsets.sum(1)
+                subsets, gains = _union_gains(Wp, wv)
                 best = int(np.argmax(gains))
                 S, gain = np.flatnonzero(subsets[best]), float(gains[best])
             else:

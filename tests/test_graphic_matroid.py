@@ -11,7 +11,7 @@ import torch
 
 import convex_sst as cs
 from convex_sst import _graphic_matroid
-from convex_sst._graphic_matroid import _capped, _min_cut_source_side, min_partition, min_partitions, spanning_tree_row
+from convex_sst._graphic_matroid import _best_union, _capped, _min_cut_source_side, min_partition, min_partitions, spanning_tree_row
 from convex_sst.fast import capped_simplex
 from convex_sst.regularizers import get_regularizer
 
@@ -69,6 +69,31 @@ def test_min_partition_by_cuts_and_by_unions_agree_on_larger_graphs(monkeypatch)
         monkeypatch.setattr(_graphic_matroid, "_ENUMERATE_PARTS", 0)
         assert abs(min_partition(W, 1e-12)[1] - value) < 1e-12
         monkeypatch.setattr(_graphic_matroid, "_ENUMERATE_PARTS", 10)
+
+
+@pytest.mark.parametrize("enumerate_parts", [0, 10])
+def test_best_union_matches_enumeration(enumerate_parts, monkeypatch):
+    """The union of parts a new vertex joins, after the rules that leave parts out or take them
+    in, by a minimum cut (0) or by trying the unions of the parts left (10), against all 2^q
+    unions; ties and weights near the rules' thresholds included."""
+    monkeypatch.setattr(_graphic_matroid, "_ENUMERATE_PARTS", enumerate_parts)
+    cuts = []
+    monkeypatch.setattr(_graphic_matroid, "_min_cut_source_side", lambda *a: cuts.append(1) or _min_cut_source_side(*a))
+    rng = np.random.default_rng(11)
+    decided = 0
+    for _ in range(400):
+        q = int(rng.integers(1, 13))
+        Wp = _random_weights(rng, q) * rng.choice([1.0, 2.0, 4.0]) / q  # marginals near 1
+        wv = rng.random(q) * rng.choice([0.5, 1.0, 1.5])
+        if rng.random() < 0.3:
+            wv = np.round(wv * 4) / 4  # gains of exactly 0 and marginals at the thresholds
+        subsets = np.array(list(itertools.product([0.0, 1.0], repeat=q)))
+        best = (subsets @ wv + 0.5 * ((subsets @ Wp) * subsets).sum(1) - subsets.sum(1)).max()
+        S = _best_union(Wp, wv)
+        assert abs(wv[S].sum() + 0.5 * Wp[np.ix_(S, S)].sum() - len(S) - best) < 1e-12
+        decided += 0 < len(S) < q
+    assert decided > 60  # proper unions, not only none or all of the parts
+    assert len(cuts) > (100 if enumerate_parts == 0 else 0)  # parts the rules leave open, by a cut
 
 
 def test_min_partitions_of_a_batch_match_the_rows_one_by_one():
