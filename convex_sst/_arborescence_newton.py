@@ -49,7 +49,7 @@ from ._assignment_projection import (_GROWTH, _POLISH_STEPS, _SPAN, _STAGE_ITER,
                                      SEPARABLE, Direction, Evaluate, Separable, _chol_solve, damped_newton,
                                      spread_and_scale)
 from ._autograd import autocast_off
-from ._graphic_matroid import min_partition, min_partitions
+from ._graphic_matroid import min_partitions
 
 # the Newton system's regularization, times the residual (as for DAG paths' smooth regularizers)
 _MU = 1e-3
@@ -59,8 +59,6 @@ _RESIDUAL_CAP = 1e-6
 _PINV_RTOL = 1e-12
 # the backward pass forms diag(√W) Aᵀ for at most this many bytes of rows at a time
 _VJP_BYTES = 1 << 26
-# rounds with at least this many rows to separate take the batched minimum partition
-_BATCHED_ROWS = 16
 # rounds of separation per stage at most (each changes the working set of the rows solved again)
 _MAX_ROUNDS = 100
 
@@ -157,15 +155,7 @@ def _separate(x: torch.Tensor, S: torch.Tensor, tol: float) -> list[list[np.ndar
     n = Y.shape[1]
     Y[:, np.arange(n), np.arange(n)] = 0.0
     have = S.bool().cpu().numpy()
-    if Y.shape[0] >= _BATCHED_ROWS:
-        labels, values = min_partitions(Y, tol)
-    else:  # few rows (the later rounds): one by one costs less than the batch's fixed steps
-        labels = np.zeros(Y.shape[:2], dtype=np.int64)
-        values = np.zeros(Y.shape[0])
-        for i in range(Y.shape[0]):
-            parts, values[i] = min_partition(Y[i], tol)
-            for c, part in enumerate(parts):
-                labels[i, part] = c
+    labels, values = min_partitions(Y, tol)
     found = []
     for i in range(Y.shape[0]):
         new = []

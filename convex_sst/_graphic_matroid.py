@@ -27,7 +27,8 @@ few parts, by trying every union), over the parts that two rules of supermodular
 
 The solution is a union of blocks, each with ``x_e = clamp(ψ(θ_e − τ_j), 0, 1)`` and an integer
 sum, so its Jacobian is block diagonal: ``diag(d) − d dᵀ/Σd`` in each block, as for the capped
-simplex. Combinatorial and sequential: it runs on the CPU in float64, row by row.
+simplex. Combinatorial: it runs on the CPU in float64, the subproblems of all rows level by
+level (each level's capped simplices and minimum partitions batched).
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def _min_cut_source_side(cap: np.ndarray, s: int, t: int) -> np.ndarray:
             pass
 
 
+# batches of fewer rows take min_partition row by row (arborescences n = 10, t = 0.1: batching
+# every round of separation, most with few rows, was 0.91-0.95x)
+_BATCHED_ROWS = 16
 # with at most this many parts, every union of them is tried at once (2^q rows) instead of a flow:
 # spanning trees n = 10, B = 64, 0.18 -> 0.09 s; n = 20, 0.56-0.84 -> 0.33-0.44 s (8: less gain, 12: slower)
 _ENUMERATE_PARTS = 10
@@ -199,14 +203,25 @@ def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
     return parts, value
 
 
-def min_partitions(W: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`min_partition` of a batch ``W (B, k, k)`` at once: ``(labels (B, k), values (B,))``,
-    the part of each vertex and the minimum. The same algorithm, its vertices added in step
-    across the rows: a row whose new vertex may gain tries every union of its parts in one
-    batched product while it has at most :data:`_ENUMERATE_PARTS` of them, else a minimum cut
-    (row by row). Ties may be broken otherwise than :func:`min_partition` does; the values agree
-    (tested)."""
+def min_partitions(W: np.ndarray, tol: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`min_partition` of a batch ``W (B, k, k)``: ``(labels (B, k), values (B,))``, the
+    part of each vertex (``0 .. q − 1`` for q parts) and the minimum; ``tol`` a float or one
+    per row. With at least :data:`_BATCHED_ROWS` rows, the same algorithm for all rows at once,
+    its vertices added in step: a row whose new vertex may gain tries every union of its parts
+    in one batched product while it has at most :data:`_ENUMERATE_PARTS` of them, else a minimum
+    cut (row by row). Ties may be broken otherwise than :func:`min_partition` does; the values
+    agree (tested). A row padded with isolated vertices (zero weights) keeps its partition,
+    each padding vertex a part of its own after it."""
     B, k, _ = W.shape
+    tol = np.broadcast_to(np.asarray(tol, dtype=float), (B,))
+    if B < _BATCHED_ROWS:  # few rows: one by one costs less than the batch's fixed steps
+        label = np.zeros((B, k), dtype=np.int64)
+        values = np.zeros(B)
+        for b in range(B):
+            parts, values[b] = min_partition(W[b], float(tol[b]))
+            for c, part in enumerate(parts):
+                label[b, part] = c
+        return label, values
     label = np.zeros((B, k), dtype=np.int64)
     q = np.zeros(B, dtype=np.int64)
     for v in range(k):
@@ -228,13 +243,13 @@ def min_partitions(W: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
                     # (parts a row does not have carry no weight: each costs 1, so no best union holds one)
                     gains = we @ sub.T + 0.5 * ((sub @ We) * sub).sum(2) - sub.sum(1)
                     best = gains.argmax(1)
-                    ok = gains[np.arange(len(e)), best] > tol
+                    ok = gains[np.arange(len(e)), best] > tol[e]
                     merge[e[ok], :Qe] = sub[best[ok]] > 0
                 for j in np.flatnonzero(~few):
                     b = need[j]
                     qb = int(q[b])
                     S = _best_union(Wp[j][:qb, :qb], wv[b, :qb])
-                    if 0.5 * Wp[j][np.ix_(S, S)].sum() + wv[b, S].sum() - len(S) > tol:
+                    if 0.5 * Wp[j][np.ix_(S, S)].sum() + wv[b, S].sum() - len(S) > tol[b]:
                         merge[b, S] = True
         merged = merge.any(1)
         keep = ~merge & (np.arange(Q) < q[:, None])
@@ -251,127 +266,172 @@ def min_partitions(W: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
     return label, values
 
 
-def _capped_entropy(theta: np.ndarray, k: int) -> np.ndarray:
-    """``x = min(1, exp(θ − τ − 1))`` with ``Σx = k`` in closed form: with the j largest entries
-    at 1, ``τ = log Σ_{rest} exp(θ − 1) − log(k − j)``; j is the smallest count for which the
-    rest stay below 1 (exact to rounding, tiny entries to relative precision). Computed as
-    differences from the log-sums, so that at |θ| ~ 1e25, where ``log(k − j)`` vanishes next to
-    θ, the j largest entries still come out at 1 (the top k)."""
-    order = np.argsort(-theta, kind="stable")
-    s = theta[order]
-    suffix = np.logaddexp.accumulate(s[::-1])[::-1][:k]      # log Σ_{i ≥ j} exp(θ_(i)), j < k
-    logs = np.log(k - np.arange(k))
-    j = int(np.argmax(s[:k] - suffix + logs <= 0.0))         # the largest remaining entry ≤ 1
+def _capped_entropy(theta: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``x = min(1, exp(θ − τ − 1))`` with ``Σx = k`` in closed form, for each row of ``theta
+    (S, m)`` (``-inf`` padding allowed, at least k + 1 finite entries) and its ``k (S,)``: with
+    the j largest entries at 1, ``τ = log Σ_{rest} exp(θ − 1) − log(k − j)``; j is the smallest
+    count for which the rest stay below 1 (exact to rounding, tiny entries to relative
+    precision). Computed as differences from the log-sums, so that at |θ| ~ 1e25, where
+    ``log(k − j)`` vanishes next to θ, the j largest entries still come out at 1 (the top k)."""
+    S, m = theta.shape
+    r = np.arange(S)
+    order = np.argsort(-theta, axis=1, kind="stable")
+    s = np.take_along_axis(theta, order, 1)
+    suffix = np.logaddexp.accumulate(s[:, ::-1], axis=1)[:, ::-1]  # log Σ_{i ≥ j} exp(θ_(i))
+    left = k[:, None] - np.arange(m)                               # k − j, used for j < k only
+    logs = np.log(np.maximum(left, 1))
+    with np.errstate(invalid="ignore"):                            # (−inf − −inf in the padding)
+        j = np.argmax((s - suffix + logs <= 0.0) & (left > 0), 1)  # the largest remaining entry ≤ 1
+    xs = np.exp(np.minimum((s - suffix[r, j][:, None]) + logs[r, j][:, None], 0.0))  # min(1, ·) without overflow
+    xs[np.arange(m) < j[:, None]] = 1.0
     x = np.empty_like(theta)
-    x[order] = np.exp(np.minimum((s - suffix[j]) + logs[j], 0.0))   # min(1, ·) without overflow
-    x[order[:j]] = 1.0
+    np.put_along_axis(x, order, xs, 1)
     return x
 
 
-def _capped_quadratic(theta: np.ndarray, k: int) -> np.ndarray:
-    """``x = clamp(θ − τ, 0, 1)`` with ``Σx = k``: τ between two consecutive breakpoints
-    (``θ_i``, ``θ_i − 1``) found by bisection, then exactly from the entries strictly between 0 and 1."""
-    b = np.unique(np.concatenate([theta, theta - 1.0]))
+def _capped_quadratic(theta: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``x = clamp(θ − τ, 0, 1)`` with ``Σx = k``, for each row as in :func:`_capped_entropy`: τ
+    between two consecutive breakpoints (``θ_i``, ``θ_i − 1``) found by bisection, then exactly
+    from the entries strictly between 0 and 1. (Padding sits below every breakpoint: x = 0.)"""
+    S, m = theta.shape
+    r = np.arange(S)
+    finite = np.isfinite(theta)
+    floor = np.where(finite, theta, np.inf).min(1) - 2.0
+    th = np.where(finite, theta, floor[:, None])
 
-    def h(tau: float) -> float:
-        return float(np.clip(theta - tau, 0.0, 1.0).sum()) - k
+    def h(tau: np.ndarray) -> np.ndarray:
+        return np.clip(th - tau[:, None], 0.0, 1.0).sum(1) - k
 
-    lo, hi = 0, len(b) - 1                                   # h(b[0]) ≥ 0 ≥ h(b[-1]) (k ≤ m)
-    while hi - lo > 1:
+    b = np.sort(np.concatenate([th, th - 1.0], 1), 1)
+    lo, hi = np.zeros(S, dtype=np.int64), np.full(S, 2 * m - 1)  # h(b[lo]) ≥ 0 > h(b[hi]) (k < m)
+    while True:
+        open_ = hi - lo > 1
+        if not open_.any():
+            break
         mid = (lo + hi) // 2
-        if h(b[mid]) >= 0:
-            lo = mid
-        else:
-            hi = mid
-    mid = 0.5 * (b[lo] + b[hi])
-    free = (theta - mid > 0) & (theta - mid < 1)
-    ones = int((theta - mid >= 1).sum())
-    tau = (theta[free].sum() + ones - k) / free.sum() if free.any() else mid
-    return np.clip(theta - tau, 0.0, 1.0)
+        up = h(b[r, mid]) >= 0
+        lo = np.where(open_ & up, mid, lo)
+        hi = np.where(open_ & ~up, mid, hi)
+    mid = 0.5 * (b[r, lo] + b[r, hi])
+    free = (th - mid[:, None] > 0) & (th - mid[:, None] < 1)
+    ones = (th - mid[:, None] >= 1).sum(1)
+    count = free.sum(1)
+    tau = np.where(count > 0, ((th * free).sum(1) + ones - k) / np.maximum(count, 1), mid)
+    return np.clip(th - tau[:, None], 0.0, 1.0)
 
 
-def _capped_binary_entropy(theta: np.ndarray, k: int, max_iter: int = 60) -> np.ndarray | None:
-    """``x = sigmoid(θ − τ)`` with ``Σx = k`` by Newton steps on τ kept inside a bracket
-    (bisection where a step leaves it); None where that does not reach ``|Σx − k| ≤ 1e-13 k``."""
-    logit = math.log(k / (len(theta) - k))
-    lo, hi = float(theta.min()) - logit, float(theta.max()) - logit  # Σx ≥ k at lo, ≤ k at hi
+def _capped_binary_entropy(theta: np.ndarray, k: np.ndarray, max_iter: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """``x = sigmoid(θ − τ)`` with ``Σx = k``, for each row as in :func:`_capped_entropy`, by Newton
+    steps on τ kept inside a bracket (bisection where a step leaves it); returns x and the rows
+    that reached ``|Σx − k| ≤ 1e-13 k``."""
+    finite = np.isfinite(theta)
+    logit = np.log(k / (finite.sum(1) - k))
+    lo = np.where(finite, theta, np.inf).min(1) - logit   # Σx ≥ k here
+    hi = np.where(finite, theta, -np.inf).max(1) - logit  # Σx ≤ k here
     tau = 0.5 * (lo + hi)
+    x = np.zeros_like(theta)
+    done = np.zeros(len(k), dtype=bool)
     for _ in range(max_iter):
-        x = 0.5 * (1.0 + np.tanh(0.5 * (theta - tau)))  # sigmoid without overflow
-        h = float(x.sum()) - k
-        if abs(h) <= 1e-13 * k:
-            return x
-        if h > 0:
-            lo = tau
-        else:
-            hi = tau
-        slope = float((x * (1.0 - x)).sum())
-        step = tau + h / slope if slope > 0 else math.nan
-        tau = step if lo < step < hi else 0.5 * (lo + hi)
-    return None
+        live = ~done
+        xl = 0.5 * (1.0 + np.tanh(0.5 * (theta[live] - tau[live, None])))  # sigmoid without overflow
+        x[live] = xl
+        h = xl.sum(1) - k[live]
+        ok = np.abs(h) <= 1e-13 * k[live]
+        done[live] = ok
+        if done.all():
+            break
+        lo[live] = np.where(h > 0, tau[live], lo[live])
+        hi[live] = np.where(h > 0, hi[live], tau[live])
+        slope = (xl * (1.0 - xl)).sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = np.where(slope > 0, tau[live] + h / slope, np.nan)
+        inside = (lo[live] < step) & (step < hi[live])
+        tau[live] = np.where(inside, step, 0.5 * (lo[live] + hi[live]))
+    return x, done
 
 
-def _capped(theta: np.ndarray, k: int, reg: str) -> np.ndarray:
-    """Step 1: ``argmax θᵀx − f(x)`` over ``{Σx = k, 0 ≤ x ≤ 1}`` (``1 ≤ k < len(θ)``): closed
-    forms for the entropy and the quadratic, Newton steps for the binary entropy, and where
-    those do not converge the capped simplex's root finder (which resolves τ at any |θ|)."""
+def _capped(theta: np.ndarray, k: np.ndarray, reg: str) -> np.ndarray:
+    """Step 1 for each row of ``theta (S, m)`` (``-inf`` padding allowed) and its ``k (S,)``
+    (``1 ≤ k <`` the row's finite entries): ``argmax θᵀx − f(x)`` over ``{Σx = k, 0 ≤ x ≤ 1}``.
+    Closed forms for the entropy and the quadratic, Newton steps for the binary entropy, and
+    where those do not converge the capped simplex's root finder (which resolves τ at any |θ|)."""
     if reg == "entropy":
         return _capped_entropy(theta, k)
     if reg == "quadratic":
         return _capped_quadratic(theta, k)
-    x = _capped_binary_entropy(theta, k)
-    if x is not None:
-        return x
-    from .fast import capped_simplex
+    x, done = _capped_binary_entropy(theta, k)
+    if not done.all():
+        from .fast import capped_simplex
 
-    xt, _ = capped_simplex(torch.from_numpy(theta)[None], k, reg, on_failure="raise")
-    return xt[0].numpy()
+        for i in np.flatnonzero(~done):
+            row = np.isfinite(theta[i])
+            xt, _ = capped_simplex(torch.from_numpy(theta[i, row])[None], int(k[i]), reg, on_failure="raise")
+            x[i] = 0.0
+            x[i, row] = xt[0].numpy()
+    return x
 
 
-def spanning_tree_row(theta: np.ndarray, edges: np.ndarray, n: int, reg: str) -> tuple[np.ndarray, np.ndarray]:
-    """``argmax_{x∈B} θᵀx − f(x)`` for one row: ``theta (m,)`` float64, ``edges (m, 2)`` of a
-    connected graph on ``n`` vertices. Returns ``x (m,)`` and the block of each edge
-    ``(m,) int64`` (−1 for edges fixed at 1 with zero derivative: bridges of a subproblem)."""
-    m = len(theta)
-    x = np.zeros(m)
-    block = np.full(m, -1, dtype=np.int64)
-    blocks = 0
-    stack = [(n, np.asarray(edges, dtype=np.int64), np.arange(m))]
-    while stack:
-        k, uv, idx = stack.pop()
-        if len(idx) < k - 1:
-            raise SolverError(f"the spanning-tree decomposition reached a disconnected subgraph ({k} vertices, "
-                              f"{len(idx)} edges); the graph must be connected")
-        if len(idx) == k - 1:  # a tree: every edge is a bridge
-            x[idx] = 1.0
-            continue
-        y = _capped(theta[idx], k - 1, reg)
-        W = np.zeros((k, k))
-        np.add.at(W, (uv[:, 0], uv[:, 1]), y)
-        W = W + W.T
+def spanning_tree_rows(theta: np.ndarray, edges: np.ndarray, n: int, reg: str) -> tuple[np.ndarray, np.ndarray]:
+    """``argmax_{x∈B} θᵀx − f(x)`` for each row of ``theta (B, m)`` float64, ``edges (m, 2)`` of
+    a connected graph on ``n`` vertices. Returns ``x (B, m)`` and the block of each edge
+    ``(B, m) int64`` (−1 for edges fixed at 1 with zero derivative: bridges of a subproblem).
+
+    The subproblems of all rows are solved level by level: each level's capped simplices and
+    minimum partitions together (:func:`_capped`, :func:`min_partitions`; the smaller problems
+    padded), then each one split into its restriction and contraction."""
+    B, m = theta.shape
+    x = np.zeros((B, m))
+    block = np.full((B, m), -1, dtype=np.int64)
+    blocks = np.zeros(B, dtype=np.int64)
+    uv0 = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    level = [(b, n, uv0, np.arange(m)) for b in range(B)]
+    while level:
+        todo = []
+        for b, k, uv, idx in level:
+            if len(idx) < k - 1:
+                raise SolverError(f"the spanning-tree decomposition reached a disconnected subgraph ({k} vertices, "
+                                  f"{len(idx)} edges); the graph must be connected")
+            if len(idx) == k - 1:  # a tree: every edge is a bridge
+                x[b, idx] = 1.0
+            else:
+                todo.append((b, k, uv, idx))
+        if not todo:
+            break
+        ks = np.array([k for _, k, _, _ in todo])
+        sizes = np.array([len(idx) for *_, idx in todo])
+        cols = np.concatenate([np.arange(c) for c in sizes])
+        rows = np.repeat(np.arange(len(todo)), sizes)
+        th = np.full((len(todo), int(sizes.max())), -math.inf)
+        th[rows, cols] = theta[np.repeat([b for b, *_ in todo], sizes), np.concatenate([idx for *_, idx in todo])]
+        ys = _capped(th, ks - 1, reg)
+        W = np.zeros((len(todo), int(ks.max()), int(ks.max())))
+        uv = np.concatenate([u for _, _, u, _ in todo])
+        np.add.at(W, (rows, uv[:, 0], uv[:, 1]), ys[rows, cols])
+        W = W + W.transpose(0, 2, 1)
         # an exact minimizer (merges on any gain above rounding), split only on a violation
         # above the roots' tolerance: a near-minimizer found with 1.6e-11 for both put a block of
         # 1e-12 masses on the wrong side of a split (levels out of order; x off by ~1e-12 only)
-        parts, value = min_partition(W, 1e-14 * k)
-        tol = 4e-12 * k
-        if value >= -tol or len(parts) == 1:
-            x[idx] = y
-            block[idx] = blocks
-            blocks += 1
-            continue
-        label = np.empty(k, dtype=np.int64)
-        for p, P in enumerate(parts):
-            label[P] = p
-        lu, lv = label[uv[:, 0]], label[uv[:, 1]]
-        inside = lu == lv
-        local = np.empty(k, dtype=np.int64)
-        for p, P in enumerate(parts):  # restriction: the edges inside each part
-            if len(P) > 1:
-                local[P] = np.arange(len(P))
-                sel = inside & (lu == p)
-                stack.append((len(P), local[uv[sel]], idx[sel]))
-        cross = ~inside  # contraction: the parts become vertices
-        stack.append((len(parts), np.stack([lu[cross], lv[cross]], 1), idx[cross]))
+        labels, values = min_partitions(W, 1e-14 * ks)
+        level = []
+        for (b, k, uv, idx), y, label, value in zip(todo, ys, labels, values):
+            y, label = y[:len(idx)], label[:k]  # (the padding's parts come after the graph's)
+            q = int(label.max()) + 1
+            if value >= -4e-12 * k or q == 1:
+                x[b, idx] = y
+                block[b, idx] = blocks[b]
+                blocks[b] += 1
+                continue
+            lu, lv = label[uv[:, 0]], label[uv[:, 1]]
+            inside = lu == lv
+            local = np.empty(k, dtype=np.int64)
+            for p in range(q):  # restriction: the edges inside each part
+                P = np.flatnonzero(label == p)
+                if len(P) > 1:
+                    local[P] = np.arange(len(P))
+                    sel = inside & (lu == p)
+                    level.append((b, len(P), local[uv[sel]], idx[sel]))
+            cross = ~inside  # contraction: the parts become vertices
+            level.append((b, q, np.stack([lu[cross], lv[cross]], 1), idx[cross]))
     return x, block
 
 
@@ -387,12 +447,9 @@ class _SpanningTreeSeparable(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, edges, n, reg):
         th = theta.detach().to("cpu", torch.float64).numpy()
-        m = theta.shape[1]
-        xs, blocks = zip(*(spanning_tree_row(row, edges, n, reg) for row in th)) if len(th) else ((), ())
-        x = torch.from_numpy(np.stack(xs)) if xs else torch.zeros(0, m, dtype=torch.float64)
-        block = torch.from_numpy(np.stack(blocks)) if blocks else torch.zeros(0, m, dtype=torch.int64)
-        x = x.to(theta.device, theta.dtype)
-        block = block.to(theta.device)
+        xs, blocks = spanning_tree_rows(th, edges, n, reg)
+        x = torch.from_numpy(xs).to(theta.device, theta.dtype)
+        block = torch.from_numpy(blocks).to(theta.device)
         ctx.reg = reg
         ctx.save_for_backward(x, block)
         ctx.mark_non_differentiable(block)
@@ -413,7 +470,7 @@ class _SpanningTreeSeparable(torch.autograd.Function):
 
 
 def spanning_tree_separable(theta: torch.Tensor, edges: np.ndarray, n: int, reg: str) -> torch.Tensor:
-    """``(B, m)``: the rows of ``theta (B, m)`` solved by :func:`spanning_tree_row` (on the CPU in
+    """``(B, m)``: the rows of ``theta (B, m)`` solved by :func:`spanning_tree_rows` (on the CPU in
     float64; the result in ``theta``'s dtype and device), with the block-diagonal Jacobian."""
     x, _ = _SpanningTreeSeparable.apply(theta, edges, n, reg)
     return x

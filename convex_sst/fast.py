@@ -51,8 +51,8 @@ spanning_tree       entropy, binary     the decomposition algorithm on the graph
                                         capped-simplex step, split where a minimum cut finds a
                                         violated set of vertices (Cunningham 1985), exact;
                                         block-diagonal Jacobian ``D − d dᵀ/Σd`` per block; on
-                                        the CPU in float64, row by row
-                                        (:mod:`convex_sst._graphic_matroid`)
+                                        the CPU in float64, the rows' subproblems level by
+                                        level (:mod:`convex_sst._graphic_matroid`)
 arborescence        exp_family          directed matrix-tree theorem (Koo et al. 2007), same
 arborescence        entropy, binary     Newton on a dual with the in-degrees and a working set
                     entropy             of forest constraints ``x(E[S]) ≤ |S| − 1`` as
@@ -1620,7 +1620,8 @@ def _spanning_tree_path(reg: str):
     fn.__name__ = f"spanning_tree_{reg}"
     fn.__doc__ = (f"Spanning-tree SST with {reg}, exactly: the decomposition algorithm on the graphic matroid's "
                   "base polytope (capped-simplex roots and minimum cuts, see convex_sst._graphic_matroid), "
-                  "block-diagonal Jacobian diag(d) − d dᵀ/Σd. Runs on the CPU in float64, row by row.")
+                  "block-diagonal Jacobian diag(d) − d dᵀ/Σd. Runs on the CPU in float64, the rows' "
+                  "subproblems level by level.")
     return fn
 
 
