@@ -12,7 +12,8 @@ name                   polytope                    algorithm, cost per sample
 ``top_k``              k_subset                    top-k, O(n log n)
 ``hungarian``          birkhoff, matching          Jonker–Volgenant (scipy), O(n³)
 ``kruskal``            spanning_tree               Kruskal with union–find, O(m log m)
-``chu_liu_edmonds``    arborescence                Chu–Liu/Edmonds (own), O(n³)
+``chu_liu_edmonds``    arborescence                Chu–Liu/Edmonds (own; 16 rows or more
+                                                   at once, dense contraction), O(n³)
 ``dag_longest_path``   dag_path                    DP in topological order over all rows, O(n + m)
 ``subset_chain_dp``    correlated_k_subset         DP over (count, last item chosen), O(n k)
 =====================  ==========================  =================================
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from ._unionfind import UnionFind
-from .errors import PolytopeError
+from .errors import PolytopeError, SolverError
 from .graphs import topological_order
 from .polytope import Polytope, register_argmax
 
@@ -73,6 +74,114 @@ def kruskal(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
     return _apply(u, lambda a: kruskal_tree(n, E, a))
 
 
+# batches of at least this many score matrices take the batched Chu–Liu/Edmonds (below: one by
+# one, whose fixed cost per row is less; even at 16 rows for n = 10, 1.2x at n = 30, 3.7x and
+# 2.6x at 128 rows)
+_CLE_BATCHED = 16
+
+
+def chu_liu_edmonds_trees(W: np.ndarray, root: int) -> np.ndarray:
+    """Maximum-weight spanning arborescences rooted at ``root`` of a batch: ``W (B, n, n)``,
+    ``W[b, h, m]`` scores arc h → m. Returns the parents ``(B, n)`` int64 (``-1`` at the root):
+    :func:`_chu_liu_edmonds_batched` for :data:`_CLE_BATCHED` rows or more, else
+    :func:`chu_liu_edmonds_tree` row by row (the two may break ties between best trees
+    differently)."""
+    W = np.asarray(W, dtype=float)
+    if W.shape[0] >= _CLE_BATCHED:
+        return _chu_liu_edmonds_batched(W, root)
+    return np.array([chu_liu_edmonds_tree(w, root) for w in W], dtype=np.int64).reshape(W.shape[:2])
+
+
+def _chu_liu_edmonds_batched(W: np.ndarray, root: int) -> np.ndarray:
+    """:func:`chu_liu_edmonds_trees` for all rows at once, contracting in place (the dense O(n²)
+    form of Chu–Liu/Edmonds): every vertex keeps its best in-arc; at each step the cycles these
+    arcs form (found by pointer jumping) are contracted into their smallest vertex, an arc into a
+    cycle vertex m scored ``W[h, m] − W[parent(m), m]``, and only a contracted vertex needs a new
+    best in-arc. Each entry of W keeps the original arc it stands for. Undone last step first: a
+    contracted vertex's in-arc enters the cycle vertex that holds its head, which drops its cycle
+    arc; the others keep theirs. The steps are the contraction depth (about n/2 for random scores
+    at n = 50), each a few dozen array operations over the rows."""
+    W = np.array(W, dtype=float)
+    B, n, _ = W.shape
+    if n == 1 or B == 0:
+        return np.full((B, n), -1, dtype=np.int64)
+    nodes = np.arange(n)
+    W[:, nodes, nodes] = -np.inf
+    W[:, :, root] = -np.inf
+    arc = np.broadcast_to(nodes[:, None] * n + nodes, (B, n, n)).copy()  # the original arc h·n + m
+    # vertices by global index b·n + v
+    base = np.repeat(np.arange(B) * n, n)
+    ids = np.arange(B * n)
+    free = np.ones(B * n, dtype=bool)  # alive and not a root
+    free[base[::n] + root] = False
+    parent = _best_in_arcs(W, root).reshape(-1) + base
+    label = ids  # the vertex that holds each original one
+    bits = (n - 1).bit_length()
+    steps = []
+    for _ in range(n):  # each step removes a vertex at least
+        jump = np.where(free, parent, ids)  # dead vertices and the roots map to themselves
+        low = ids
+        for _ in range(bits):  # jump = parent^(2^bits): on a cycle or fixed; low: a cycle's smallest
+            low = np.minimum(low, low[jump])
+            jump = jump[jump]
+        cyc = np.zeros(B * n, dtype=bool)
+        cyc[jump] = True
+        cyc &= free
+        if not cyc.any():
+            break
+        group = np.where(cyc, low, ids)
+        u = np.flatnonzero(cyc)
+        u = u[np.argsort(group[u], kind="stable")]  # by cycle
+        ub, uv = u // n, u % n
+        steps.append((group, u, arc[ub, parent[u] % n, uv], label))
+        W[ub, :, uv] -= W[ub, parent[u] % n, uv][:, None]  # an arc into a cycle vertex replaces its cycle arc
+        # each cycle's vertices side by side (C cycles, up to L vertices), to fold into its smallest
+        g, first, size = np.unique(group[u], return_index=True, return_counts=True)
+        rank = np.arange(len(u)) - np.repeat(first, size)
+        slot = np.full((len(g), size.max()), -1)
+        slot[np.repeat(np.arange(len(g)), size), rank] = uv
+        gb, gv = g // n, g % n
+        member = np.maximum(slot, 0)
+        for axis in (2, 1):  # its columns (arcs in), then its rows (arcs out)
+            take = (gb[:, None], slice(None), member) if axis == 2 else (gb[:, None], member)
+            vals = np.where(slot[:, :, None] >= 0, W[take], -np.inf)  # (C, L, n)
+            best = vals.argmax(1)
+            pick = np.take_along_axis(slot, best, 1)  # the member each entry comes from
+            if axis == 2:
+                W[gb[:, None], nodes, gv[:, None]] = vals.max(1)
+                arc[gb[:, None], nodes, gv[:, None]] = arc[gb[:, None], nodes, pick]
+            else:
+                W[gb[:, None], gv[:, None], nodes] = vals.max(1)
+                arc[gb[:, None], gv[:, None], nodes] = arc[gb[:, None], pick, nodes]
+        f = u[group[u] != u]  # the cycles' other vertices: gone
+        W[f // n, f % n, :] = -np.inf
+        W[f // n, :, f % n] = -np.inf
+        free[f] = False
+        W[gb, gv, gv] = -np.inf
+        parent = group[parent]
+        # only the contracted vertices need a new best in-arc
+        parent[g] = _best_in_arcs(W[gb, :, gv][:, :, None], root)[:, 0] + gb * n
+        label = group[label]
+    else:
+        raise SolverError(f"Chu–Liu/Edmonds still found cycles after {n} contraction steps (n = {n}); "
+                          "each step removes a vertex, so this is a bug: please report it")
+    a = arc[ids // n, parent % n, ids % n]  # each vertex's in-arc as an original arc
+    for group, u, cycle_arc, label in reversed(steps):
+        ga = a[group]  # a cycle's in-arc, from its vertex
+        entry = label[base + ga % n] == ids  # the cycle vertex that holds its head takes it
+        own = a.copy()
+        own[u] = np.where(entry[u], ga[u], cycle_arc)  # the others keep their cycle arcs
+        a = own
+    return np.where(ids % n == root, -1, a // n).reshape(B, n)
+
+
+def _best_in_arcs(W: np.ndarray, root: int) -> np.ndarray:
+    """``W (B, N, M)`` → ``(B, M)``: the best tail of each column, the root where every arc in
+    is ``-inf`` (no tree avoids them all; the root then ends the walk instead of a cycle of
+    ``-inf`` arcs, whose differences would be NaN)."""
+    return np.where(W.max(1) > -np.inf, W.argmax(1), root)
+
+
 def chu_liu_edmonds_tree(W: np.ndarray, root: int) -> np.ndarray:
     """Maximum-weight spanning arborescence rooted at ``root``: ``W[h, m]`` scores arc h → m.
 
@@ -86,7 +195,7 @@ def chu_liu_edmonds_tree(W: np.ndarray, root: int) -> np.ndarray:
 
 def _cle(W: np.ndarray, root: int) -> np.ndarray:
     n = W.shape[0]
-    parent = W.argmax(0)
+    parent = _best_in_arcs(W[None], root)[0]
     parent[root] = -1
     # find a cycle among the chosen in-arcs
     color = np.zeros(n, dtype=int)  # 0 unvisited, 1 on stack, 2 done
@@ -142,18 +251,16 @@ def _cle(W: np.ndarray, root: int) -> np.ndarray:
 
 @register_argmax("chu_liu_edmonds")
 def chu_liu_edmonds(u: torch.Tensor, polytope: Polytope) -> torch.Tensor:
-    """Maximum-weight arborescence rooted at ``polytope.params['root']`` (own implementation)."""
+    """Maximum-weight arborescence rooted at ``polytope.params['root']`` (own implementation,
+    :func:`chu_liu_edmonds_trees`)."""
     root = int(polytope.params["root"])
-
-    def one(a: np.ndarray) -> np.ndarray:
-        parent = chu_liu_edmonds_tree(a, root)
-        x = np.zeros_like(a)
-        for m, h in enumerate(parent):
-            if h >= 0:
-                x[h, m] = 1.0
-        return x
-
-    return _apply(u, one)
+    W = u.detach().cpu().double().numpy()
+    x = np.zeros_like(W)
+    if len(W):
+        parent = chu_liu_edmonds_trees(W, root)
+        b, m = np.nonzero(parent >= 0)
+        x[b, parent[b, m], m] = 1.0
+    return torch.as_tensor(x, dtype=u.dtype, device=u.device)
 
 
 def dag_plan(polytope: Polytope) -> tuple[int, list[tuple[int, list[int], list[int]]]]:

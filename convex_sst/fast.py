@@ -93,7 +93,7 @@ from ._flow_newton import FlowRelaxation as _FlowRelaxation, flow_plan
 from ._arborescence_newton import ArborescenceRelaxation as _ArborescenceRelaxation
 from ._min_norm_point import TOL, project_onto_hull
 from ._forbidden import SLACK, far_below, lower_far_above, lower_forced, needed_apart, shift_far_below
-from .argmax import chu_liu_edmonds_tree as _chu_liu_edmonds_tree, dag_plan as _dag_plan
+from .argmax import chu_liu_edmonds_trees as _chu_liu_edmonds_trees, dag_plan as _dag_plan
 from .errors import InputError, SolverError, warn_user
 from .polytope import Polytope
 from ._autograd import _differentiates, autocast_off
@@ -1785,7 +1785,8 @@ def _arborescence_limit(theta: torch.Tensor, root: int) -> tuple[torch.Tensor, t
     for both entropies), so ``|x − tree| ≤ 2n² / Δ``. Where that is below 1e-17 the tree is the
     answer in float64 (with a zero Jacobian): at logits of 1e25 and beyond ``x = ψ(θ − a − Λ)``
     would keep no digits. The second best is the best tree without one of the best one's arcs
-    (n − 1 more Chu–Liu/Edmonds calls, on the rows whose logits span more than _LIMIT_SPAN)."""
+    (n − 1 more trees, in one batched Chu–Liu/Edmonds call per row whose logits span more than
+    _LIMIT_SPAN)."""
     B, n, _ = theta.shape
     tree = torch.zeros_like(theta)
     at = torch.zeros(B, dtype=torch.bool, device=theta.device)
@@ -1794,19 +1795,19 @@ def _arborescence_limit(theta: torch.Tensor, root: int) -> tuple[torch.Tensor, t
     if not rows:
         return tree, at
 
-    def best(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        parent = _chu_liu_edmonds_tree(scores, root)
-        m = np.flatnonzero(parent >= 0)
-        return parent[m], m, float(scores[parent[m], m].sum())  # -inf where the tree needs a removed arc
+    def score(W: np.ndarray, parent: np.ndarray) -> np.ndarray:  # -inf where a tree needs a removed arc
+        b, m = np.nonzero(parent >= 0)
+        return np.bincount(b, W[b, parent[b, m], m], minlength=len(W))
 
-    W = theta.cpu().numpy()
-    for i in rows:
-        heads, mods, top = best(W[i])
-        second = -math.inf
-        for h, m in zip(heads, mods):
-            without = W[i].copy()
-            without[h, m] = -math.inf
-            second = max(second, best(without)[2])
+    W = theta.cpu().numpy()[rows]
+    best = _chu_liu_edmonds_trees(W, root)
+    for i, Wi, parent in zip(rows, W, best):
+        mods = np.flatnonzero(parent >= 0)
+        heads = parent[mods]
+        top = float(Wi[heads, mods].sum())
+        without = np.repeat(Wi[None], len(mods), 0)  # the best tree without one of its arcs, each
+        without[np.arange(len(mods)), heads, mods] = -math.inf
+        second = float(score(without, _chu_liu_edmonds_trees(without, root)).max())
         if top - second > 2e17 * n ** 2:
             tree[i, torch.as_tensor(heads), torch.as_tensor(mods)] = 1.0
             at[i] = True

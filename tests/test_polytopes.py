@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -148,6 +149,50 @@ def test_argmax_equals_brute_force(name, params, count, gen):
     for batch in [(0,), (2, 0)]:
         empty = torch.zeros(batch + P.shape, dtype=torch.float64)
         assert P.argmax(empty).shape == P.lp_argmax(empty).shape == batch + P.shape
+
+
+def test_batched_chu_liu_edmonds_finds_best_arborescences():
+    """The batched Chu–Liu/Edmonds (batches of 16 rows or more) against brute force over every
+    arborescence up to n = 5 and against the row-by-row recursion up to n = 20 (which the
+    brute-force test above checks): the same best score, a valid arborescence; any root, tied
+    and huge scores (ties may be broken differently)."""
+    from convex_sst.argmax import _chu_liu_edmonds_batched, chu_liu_edmonds_tree
+
+    rng = np.random.default_rng(3)
+    trees = {}
+    for trial in range(120):
+        n = int(rng.integers(2, 21)) if trial >= 40 else int(rng.integers(2, 6))
+        root = int(rng.integers(0, n))
+        W = rng.normal(size=(int(rng.integers(1, 24)), n, n)) * rng.choice([1.0, 1e6])
+        if rng.random() < 0.5:
+            W = np.round(W * rng.choice([0.5, 2.0]))  # ties
+        parent = _chu_liu_edmonds_batched(W, root)
+        for Wb, p in zip(W, parent):
+            assert p[root] == -1 and (np.delete(p, root) >= 0).all()
+            for v in range(n):  # every vertex reaches the root
+                for _ in range(n):
+                    v = p[v] if v != root else v
+                assert v == root
+            got = sum(Wb[p[m], m] for m in range(n) if m != root)
+            if n <= 5:
+                if (n, root) not in trees:
+                    trees[n, root] = cs.load_polytope("arborescence", n=n, root=root).vertices().numpy()
+                best = (trees[n, root] * Wb).sum((1, 2)).max()
+            else:
+                q = chu_liu_edmonds_tree(Wb, root)
+                best = sum(Wb[q[m], m] for m in range(n) if m != root)
+            assert abs(got - best) <= 1e-9 * max(1.0, np.abs(Wb).max())
+    for n in (2, 3, 6):  # a vertex with every arc in at -inf: no finite tree, but still a tree, no NaN
+        for root in range(n):
+            W = rng.normal(size=(20, n, n))
+            W[:, :, (root + 1) % n] = -np.inf
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                parent = _chu_liu_edmonds_batched(W, root)
+            assert (parent[:, root] == -1).all() and (np.delete(parent, root, 1) >= 0).all()
+    u = torch.randn(32, 9, 9, dtype=torch.float64)  # the registered argmax on 16 rows or more
+    P = cs.load_polytope("arborescence", n=9, root=4)
+    assert torch.equal(P.argmax(u), torch.cat([P.argmax(u[i:i + 8]) for i in range(0, 32, 8)]))
 
 
 def test_spanning_tree_edge_order_matches_triu_indices():
