@@ -71,9 +71,10 @@ dag_path            quadratic, binary   Newton on the vertex potentials, ``x = �
                     entropy, entropy    (A: incidence; a graph Laplacian per step), arcs on no
                                         s–t path fixed at 0; from the reduced costs
                                         ``θ_e + d(u) − d(v)`` (d: longest-path lengths): the
-                                        smooth ones, and the quadratic at low temperature (else
-                                        its continuation); its rows on a path as for Birkhoff
-                                        (:mod:`convex_sst._flow_newton`)
+                                        smooth ones; the quadratic's rows on a path as for
+                                        Birkhoff, and where θ spans more than 50 (low
+                                        temperature) Wolfe's minimum-norm point over longest
+                                        paths (:mod:`convex_sst._flow_newton`)
 correlated_k_subset exp_family          forward pass over the items with states (count, last
                                         item chosen), O(n k); backward by autograd
 ==================  ==================  ===================================================
@@ -1708,6 +1709,12 @@ def _dag_flow_plan(polytope: Polytope, device: torch.device):
     return polytope.cache[key]
 
 
+# the quadratic's rows (not at a vertex) whose logits span more than this go to Wolfe's algorithm,
+# where Newton would need its continuation: complete DAGs, B = 128, fwd+bwd, 1.7-7.9x faster at
+# t <= 0.03 (n = 10, 30, 60) and 5.5x at t = 0.1 for n = 60; 0.87-1.0x at t = 0.1 for n = 10 and 30
+_DAG_HULL_SPAN = 50.0
+
+
 def dag_path_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 100,
                          on_failure: str = "fallback", forbidden: torch.Tensor | None = None, *,
                          reg: str = "quadratic") -> torch.Tensor:
@@ -1715,17 +1722,48 @@ def dag_path_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float | N
     method on the vertex potentials, ``x = ψ(θ − Aᵀπ)`` with A the incidence matrix, one
     (k × k) Cholesky factorization of a weighted graph Laplacian per step
     (:mod:`convex_sst._flow_newton`); arcs on no s–t path are 0. The quadratic's rows that
-    project onto a path are found by two argmax calls, as for :func:`birkhoff_projection`; the
-    entropy and the binary entropy solve the reduced costs ``θ_e + d(u) − d(v)`` (d: the
-    longest-path lengths from s; the same x), exact at any scale of θ, and so does the
-    quadratic where θ spans more than 200 (low temperature). Implicit Jacobian; batched, any
-    device, computed in float64. Options as for :func:`birkhoff_projection`."""
+    project onto a path are found by two argmax calls, as for :func:`birkhoff_projection`, and
+    its rows whose logits span more than 50 (low temperature, where Newton would need a
+    continuation) are projected by Wolfe's minimum-norm-point algorithm over longest paths
+    (:func:`projection_by_argmax`'s solver; exact, its own ``max(1000, 3·#arcs)`` major cycles);
+    the entropy and the binary entropy solve the reduced costs ``θ_e + d(u) − d(v)`` (d: the
+    longest-path lengths from s; the same x), exact at any scale of θ. Implicit Jacobian;
+    batched, any device, computed in float64. Options as for :func:`birkhoff_projection`."""
     plan = _dag_flow_plan(polytope, theta.device)
 
-    def solve(flat, tol, holder, low, vertex, at_vertex):
+    def newton(flat, tol, holder, low, vertex, at_vertex):
         x = _FlowRelaxation.apply(flat[:, plan.arcs], plan, reg, tol, int(max_iter), holder, low[:, plan.arcs],
                                   vertex[:, plan.arcs], at_vertex)
         return torch.zeros_like(flat).index_copy(1, plan.arcs, x)  # arcs on no s–t path: 0
+
+    def solve(flat, tol, holder, low, vertex, at_vertex):
+        hull = torch.zeros_like(at_vertex)
+        if reg == "quadratic":
+            th = flat.detach()[:, plan.arcs].masked_fill(low[:, plan.arcs], math.nan)
+            hull = ~at_vertex & (th.nan_to_num(-math.inf).amax(1) - th.nan_to_num(math.inf).amin(1) > _DAG_HULL_SPAN)
+        if not bool(hull.any()):
+            return newton(flat, tol, holder, low, vertex, at_vertex)
+        rows, rest = hull.nonzero()[:, 0], (~hull).nonzero()[:, 0]
+        bad = torch.zeros_like(at_vertex)
+        x = torch.zeros_like(flat)
+        if rest.numel():
+            inner: list[torch.Tensor] = []
+            x = x.index_put((rest,), newton(flat[rest], tol, inner, low[rest], vertex[rest], at_vertex[rest]))
+            bad = bad.index_put((rest,), inner[0])
+        failed: list[torch.Tensor] = []
+
+        def report(b: torch.Tensor, total: int, detail: str) -> None:  # rows of the batch, not of `rows`
+            if on_failure == "fallback":  # to the torch solver, with Newton's rows
+                failed.append(b.to(bad.device))
+            else:
+                _report("Wolfe's minimum-norm-point algorithm (the quadratic at low temperature)",
+                        torch.zeros_like(bad).index_put((rows,), b.to(bad.device)), len(bad), detail, on_failure)
+
+        xh = project_onto_hull(flat[rows], polytope._argmax_rows, TOL, max(1000, 3 * polytope.size), report)
+        if failed:
+            bad = bad.index_put((rows,), failed[0])
+        holder.append(bad)
+        return x.index_put((rows,), xh)
 
     return _dual_newton_path(theta, polytope, reg, tol, max_iter, on_failure, forbidden, solve,
                              ("Newton's method on the flow potentials", "flow conservation"))
