@@ -4,7 +4,6 @@ solve, on graphs with arcs on no source–target path, the face Jacobian, centra
 reduced costs, low temperatures and larger graphs, masks, and the failure modes."""
 
 import dataclasses
-import math
 import warnings
 
 import numpy as np
@@ -205,78 +204,6 @@ def test_manual_masks(reg):
             if certificate > 1e-11:
                 continue
             assert np.abs(x[b].numpy() - ref).max() < 1e-9, (t, b)
-
-
-def _rows_of_every_kind(gen):
-    """The complete DAG on 12 vertices, 24 rows at t = 1e-3 to 1, some with forbidden arcs."""
-    P = cs.load_polytope("dag_path", n=12, edges=[[i, j] for i in range(12) for j in range(i + 1, 12)],
-                         source=0, target=11)
-    t = torch.tensor([1e-3, 0.01, 0.03, 0.05, 0.2, 1.0], dtype=torch.float64).repeat(4)
-    u = torch.randn(24, P.size, generator=gen, dtype=torch.float64)
-    u[::5, [3, 17, 40]] = -torch.inf  # forbidden arcs
-    return P, u, t
-
-
-def test_quadratic_at_low_temperature_by_wolfe_equals_newton(gen, monkeypatch):
-    """The quadratic's rows whose logits span more than _DAG_HULL_SPAN (and that are not at a
-    vertex) go to Wolfe's algorithm: against Newton's method on every row (the dispatch off), on
-    rows at temperatures from 1e-3 to 1 (some at a vertex, some below the span) with forbidden
-    arcs; x, vector-Jacobian products, and gradcheck on rows of each kind."""
-    P, u, t = _rows_of_every_kind(gen)
-    w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
-    hulls = []
-    project = cs.fast.project_onto_hull
-    monkeypatch.setattr(cs.fast, "project_onto_hull", lambda theta, *a: hulls.append(len(theta)) or project(theta, *a))
-
-    def run(x_u):
-        x = cs.relax(x_u, P, "quadratic", t, on_failure="raise")
-        return x, torch.autograd.grad((x * w).sum(), x_u)[0]
-
-    x, g = run(u.clone().requires_grad_())
-    assert hulls and 3 <= hulls[0] < 24  # some rows by Wolfe's algorithm, not all
-    monkeypatch.setattr(cs.fast, "_DAG_HULL_SPAN", float("inf"))
-    x1, g1 = run(u.clone().requires_grad_())
-    assert len(hulls) == 1
-    assert (x - x1).abs().max() < 1e-9 and (g - g1).abs().max() < 1e-8
-    th = (u / t[:, None]).nan_to_num(neginf=math.nan)
-    span = th.nan_to_num(-math.inf).amax(1) - th.nan_to_num(math.inf).amin(1)
-    at_vertex = ((x1 == 0) | (x1 == 1)).all(1)
-    assert hulls[0] == int(((span > 50) & ~at_vertex).sum())  # exactly the rows not at a vertex
-    assert (x[::5, [3, 17, 40]] == 0).all()
-    monkeypatch.setattr(cs.fast, "_DAG_HULL_SPAN", 50.0)
-    fractional = ((x > 1e-6) & (x < 1 - 1e-6)).any(1)
-    for row in (fractional & (t <= 0.05)).nonzero()[:2, 0].tolist() + [4]:  # Wolfe's algorithm; Newton (t = 0.2)
-        assert torch.autograd.gradcheck(lambda v: cs.relax(v, P, "quadratic", t[row]), u[row:row + 1].clone().requires_grad_())
-
-
-def test_quadratic_at_low_temperature_unconverged_rows(gen, monkeypatch):
-    # rows Wolfe's algorithm reports: to the torch solver by default, else named in the warning
-    # or the error (not as Newton's)
-    P, u, t = _rows_of_every_kind(gen)
-    project = cs.fast.project_onto_hull
-
-    def failing(theta, argmax, tol, cycles, report):
-        x = project(theta, argmax, tol, cycles, report)
-        report(torch.ones(len(theta), dtype=torch.bool), len(theta), "gap open (forced)")
-        return x
-
-    monkeypatch.setattr(cs.fast, "project_onto_hull", failing)
-    with pytest.raises(cs.SolverError, match="minimum-norm-point.*gap open"):
-        cs.relax(u, P, "quadratic", t, on_failure="raise")
-    with pytest.warns(cs.SolverWarning, match="minimum-norm-point"):
-        x = cs.relax(u, P, "quadratic", t, on_failure="warn")
-    from convex_sst import solver
-
-    calls = []
-    torch_solver = solver.relax_torch
-    monkeypatch.setattr(solver, "relax_torch", lambda theta, *a, **k: calls.append(len(theta)) or torch_solver(theta, *a, **k))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", cs.SolverWarning)
-        fallback = cs.relax(u, P, "quadratic", t)
-    assert calls and (fallback - x).abs().max() < 1e-5  # the torch solver's answer
-    monkeypatch.setattr(cs.fast, "project_onto_hull", project)  # Newton's rows, beside Wolfe's
-    with pytest.raises(cs.SolverError, match="flow potentials"):
-        cs.relax(u, P, "quadratic", t, max_iter=1, on_failure="raise")
 
 
 def test_unconverged_rows_fall_back_warn_or_raise(gen):

@@ -3,6 +3,7 @@ and correlated k-subsets): against the projection onto the hull of the enumerate
 optimality certificate over every structure, derivatives against differences, and the Jacobian
 where the final vertices do not span the optimal face."""
 
+import math
 import warnings
 
 import numpy as np
@@ -152,3 +153,86 @@ def test_the_corrals_factor_after_drops_equals_a_fresh_factorization():
             assert c.factored and np.abs(np.tril(c._L) - fresh).max() < 1e-12 * max(1.0, np.abs(fresh).max())
             checked += 1
     assert checked > 150
+
+
+# the Newton paths whose quadratic sends rows at low temperature here: (polytope, the constant)
+LOW_TEMPERATURE = [
+    (("dag_path", {"n": 12, "edges": [[i, j] for i in range(12) for j in range(i + 1, 12)], "source": 0, "target": 11}),
+     "_DAG_HULL_SPAN"),
+    (("birkhoff", {"n": 6}), "_ASSIGNMENT_HULL_SPAN"),
+    (("matching", {"n": 4, "m": 6}), "_ASSIGNMENT_HULL_SPAN"),
+]
+
+
+def _rows_of_every_kind(case, gen):
+    """24 rows at t = 1e-3 to 1: close utilities (0.1 N(0, 1)) and one entry at -10, so that the
+    rows at t = 0.05 span far more than 100 without sitting at a vertex; those at t ≤ 0.01 mostly
+    do, those at t ≥ 0.5 span less than 50; some with forbidden entries."""
+    P = cs.load_polytope(case[0], **case[1])
+    t = torch.tensor([1e-3, 0.01, 0.05, 0.05, 0.5, 1.0], dtype=torch.float64).repeat(4)
+    u = 0.1 * torch.randn((24,) + P.shape, generator=gen, dtype=torch.float64)
+    u.reshape(24, -1)[:, 1] = -10.0
+    u.reshape(24, -1)[::5, [3, 17, 20]] = -torch.inf
+    return P, u, t
+
+
+@pytest.mark.parametrize("case,constant", LOW_TEMPERATURE, ids=["dag_path", "birkhoff", "matching"])
+def test_low_temperature_rows_by_wolfe_equal_newton(case, constant, gen, monkeypatch):
+    """The quadratic's rows not at a vertex whose logits span more than the path's constant go
+    to Wolfe's algorithm (fast._newton_or_hull): exactly those rows, and x and vector-Jacobian
+    products equal to Newton's on every row (the dispatch off); gradcheck on a row of each kind."""
+    P, u, t = _rows_of_every_kind(case, gen)
+    w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    hulls = []
+    project = cs.fast.project_onto_hull
+    monkeypatch.setattr(cs.fast, "project_onto_hull", lambda theta, *a: hulls.append(len(theta)) or project(theta, *a))
+
+    def run(x_u):
+        x = cs.relax(x_u, P, "quadratic", t, on_failure="raise")
+        return x, torch.autograd.grad((x * w).sum(), x_u)[0]
+
+    x, g = run(u.clone().requires_grad_())
+    span = getattr(cs.fast, constant)
+    monkeypatch.setattr(cs.fast, constant, math.inf)
+    x1, g1 = run(u.clone().requires_grad_())
+    assert len(hulls) == 1 and 3 <= hulls[0] < 24  # some rows by Wolfe's algorithm, not all
+    assert (x - x1).abs().max() < 1e-9 and (g - g1).abs().max() < 1e-8
+    assert (x.reshape(24, -1)[::5, [3, 17, 20]] == 0).all()
+    th = (u / t.reshape((-1,) + (1,) * len(P.shape))).reshape(24, -1).nan_to_num(neginf=math.nan)
+    wide = th.nan_to_num(-math.inf).amax(1) - th.nan_to_num(math.inf).amin(1) > span
+    at_vertex = ((x1 == 0) | (x1 == 1)).reshape(24, -1).all(1)
+    assert hulls[0] == int((wide & ~at_vertex).sum())  # exactly the rows not at a vertex
+    monkeypatch.setattr(cs.fast, constant, span)
+    for row in [int((wide & ~at_vertex).nonzero()[0, 0]), 4]:  # Wolfe's algorithm; Newton (t = 0.5)
+        assert torch.autograd.gradcheck(lambda v: cs.relax(v, P, "quadratic", t[row]), u[row:row + 1].clone().requires_grad_())
+
+
+@pytest.mark.parametrize("case,constant", LOW_TEMPERATURE[:2], ids=["dag_path", "birkhoff"])
+def test_low_temperature_rows_unconverged(case, constant, gen, monkeypatch):
+    """Rows Wolfe's algorithm reports go to the torch solver by default, with Newton's, else are
+    named in the warning or the error (not as Newton's)."""
+    from convex_sst import solver
+
+    P, u, t = _rows_of_every_kind(case, gen)
+    project = cs.fast.project_onto_hull
+
+    def failing(theta, argmax, tol, cycles, report):
+        x = project(theta, argmax, tol, cycles, report)
+        report(torch.ones(len(theta), dtype=torch.bool), len(theta), "gap open (forced)")
+        return x
+
+    monkeypatch.setattr(cs.fast, "project_onto_hull", failing)
+    with pytest.raises(cs.SolverError, match="minimum-norm-point.*gap open"):
+        cs.relax(u, P, "quadratic", t, on_failure="raise")
+    with pytest.warns(cs.SolverWarning, match="minimum-norm-point"):
+        x = cs.relax(u, P, "quadratic", t, on_failure="warn")
+    calls = []
+    torch_solver = solver.relax_torch
+    monkeypatch.setattr(solver, "relax_torch", lambda theta, *a, **k: calls.append(len(theta)) or torch_solver(theta, *a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cs.SolverWarning)
+        fallback = cs.relax(u, P, "quadratic", t)
+    assert calls and (fallback - x).abs().max() < 1e-5  # the torch solver's answer
+    monkeypatch.setattr(cs.fast, "project_onto_hull", project)  # Newton's rows, beside Wolfe's
+    with pytest.raises(cs.SolverError, match="Newton"):
+        cs.relax(u, P, "quadratic", t, max_iter=1, on_failure="raise")
