@@ -4,7 +4,10 @@ path since 2026-12-06, ``convex_sst._assignment_projection``, ``convex_sst._flow
 ``convex_sst._arborescence_newton``) against the torch
 interior-point solver, which ``auto`` used before, and, for the quadratic, Wolfe's
 minimum-norm-point algorithm over the argmax (Hungarian, longest path; ``projection_by_argmax``,
-the fast path of arborescences), called directly.
+the fast path of arborescences), called directly. (The "Newton" column is the fast path: for the
+quadratic it sends rows not at a vertex whose logits span more than ``fast._DAG_HULL_SPAN`` or
+``fast._ASSIGNMENT_HULL_SPAN`` to that algorithm too, since 2026-12-06; ``--newton-only`` turns
+that off.)
 
 For each case: forward + backward of a batch of utilities ``u ~ N(0, 1)``, float64, median of
 ``--repeats`` interleaved rounds (each timed call after an untimed one), all in the same
@@ -23,6 +26,7 @@ forward pass (exact on a piece of this piecewise-affine map).
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 
 import torch
@@ -64,11 +68,15 @@ def main() -> None:
                     help="entropy: DAG paths and arborescences only (Birkhoff's and matchings' is Sinkhorn, "
                          "benchmarks/sinkhorn_schedule.py)")
     ap.add_argument("--skip-argmax", action="store_true", help="leave out the minimum-norm-point algorithm")
+    ap.add_argument("--newton-only", action="store_true",
+                    help="the fast path without its low-temperature rows by the minimum-norm-point algorithm")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     if "entropy" in args.regularizers and any(not c.startswith(("dag_path", "arborescence")) for c in args.cases):
         ap.error("--regularizers entropy takes dag_path and arborescence cases only")
+    if args.newton_only:
+        cs.fast._DAG_HULL_SPAN = cs.fast._ASSIGNMENT_HULL_SPAN = math.inf
     gen = torch.Generator().manual_seed(args.seed)
     print(f"forward + backward, B = {args.batch}, float64, median of {args.repeats} interleaved rounds (ms; "
           f"threads = {torch.get_num_threads()})\n")

@@ -190,7 +190,7 @@ def test_batched_chu_liu_edmonds_finds_best_arborescences():
                 warnings.simplefilter("error")
                 parent = _chu_liu_edmonds_batched(W, root)
             assert (parent[:, root] == -1).all() and (np.delete(parent, root, 1) >= 0).all()
-    u = torch.randn(32, 9, 9, dtype=torch.float64)  # the registered argmax on 16 rows or more
+    u = torch.randn(32, 9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # 16 rows or more
     P = cs.load_polytope("arborescence", n=9, root=4)
     assert torch.equal(P.argmax(u), torch.cat([P.argmax(u[i:i + 8]) for i in range(0, 32, 8)]))
 
