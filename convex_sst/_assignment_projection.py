@@ -156,14 +156,18 @@ def project_assignments(theta: torch.Tensor, at_most: bool, tol: float, max_iter
     return X, reg.weight(V), b, err, bad, steps
 
 
+def row_extremes(theta: torch.Tensor, low: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max θ, min θ)`` of each sample of ``theta (B, ...)``, the entries ``low`` left out."""
+    kept = (theta if low is None else theta.masked_fill(low, math.nan)).flatten(1)
+    return kept.nan_to_num(-math.inf).amax(1), kept.nan_to_num(math.inf).amin(1)
+
+
 def spread_and_scale(theta: torch.Tensor, low: torch.Tensor | None) -> tuple[float, float]:
     """The largest span ``max θ − min θ`` and magnitude ``max |θ|`` over the samples of
     ``theta (B, ...)``, the entries ``low`` left out."""
     if theta.shape[0] == 0:
         return 0.0, 0.0
-    kept = (theta if low is None else theta.masked_fill(low, math.nan)).flatten(1)
-    top = kept.nan_to_num(-math.inf).amax(1)
-    bottom = kept.nan_to_num(math.inf).amin(1)
+    top, bottom = row_extremes(theta, low)
     return float((top - bottom).max()), float(torch.maximum(top.abs(), bottom.abs()).max())
 
 

@@ -90,7 +90,8 @@ import torch
 
 from . import _linalg
 from ._graphic_matroid import spanning_tree_separable
-from ._assignment_projection import SEPARABLE, AssignmentProjection as _AssignmentProjection, at_a_vertex
+from ._assignment_projection import (SEPARABLE, AssignmentProjection as _AssignmentProjection, at_a_vertex,
+                                     row_extremes as _row_extremes)
 from ._flow_newton import FlowRelaxation as _FlowRelaxation, flow_plan
 from ._arborescence_newton import ArborescenceRelaxation as _ArborescenceRelaxation
 from ._min_norm_point import TOL, project_onto_hull
@@ -1253,8 +1254,8 @@ def _newton_or_hull(flat: torch.Tensor, polytope: Polytope, solve, tol: float, l
     major cycles). Its failures join ``bad`` (for the fallback) or are reported under its name."""
     hull = torch.zeros_like(at_vertex)
     if hull_span is not None:
-        th = flat.detach().masked_fill(low, math.nan)
-        hull = ~at_vertex & (th.nan_to_num(-math.inf).amax(1) - th.nan_to_num(math.inf).amin(1) > hull_span)
+        top, bottom = _row_extremes(flat.detach(), low)
+        hull = ~at_vertex & (top - bottom > hull_span)
     holder: list[torch.Tensor] = []
     if not bool(hull.any()):
         x = solve(flat, tol, holder, low, vertex, at_vertex)
