@@ -82,6 +82,28 @@ def far_below(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(low).scatter(1, order, low), level
 
 
+def avoidable_below(theta: torch.Tensor, argmax: Callable[[torch.Tensor], torch.Tensor],
+                    exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`far_below`'s entries of ``theta: (B, d)`` (``exclude``: forbidden stand-ins, left
+    out of it) in the rows where some structure avoids them all, found with ``argmax`` (0/1
+    vertices ``(R, d)``): by the argument above, the argmax of such a row uses none of them.
+    Where every structure needs some, the relaxation puts mass on them: they are not negligible,
+    and none is returned. Logits far below zero at low temperature (``u − 1e4``, or
+    log-probabilities over t = 1e-3) make every entry "far below" in absolute terms, and the
+    Newton paths, which measured their span and tolerance without them, returned infeasible
+    points (Birkhoff, matchings, DAG paths: x off by up to 1.0)."""
+    probe = theta.detach() if exclude is None else theta.detach().masked_fill(exclude, 0.0)
+    low = far_below(probe)[0]
+    if exclude is not None:
+        low = low & ~exclude
+    rows = low.any(1).nonzero()[:, 0]
+    if rows.numel():
+        vertex = argmax(theta.detach()[rows].to(torch.float64)).to(low.device) > 0.5
+        needed = rows[(vertex & low[rows]).any(1)]
+        low = low.index_fill(0, needed, False)
+    return low
+
+
 def raise_far_below(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(raised, low)``: ``theta: (B, d)`` with its :func:`far_below` entries (``low``) raised to
     their row's level. Exact while some structure avoids them all; a solver checks that with

@@ -95,7 +95,8 @@ from ._assignment_projection import (SEPARABLE, AssignmentProjection as _Assignm
 from ._flow_newton import FlowRelaxation as _FlowRelaxation, flow_plan
 from ._arborescence_newton import ArborescenceRelaxation as _ArborescenceRelaxation
 from ._min_norm_point import TOL, project_onto_hull
-from ._forbidden import SLACK, far_below, lower_far_above, lower_forced, needed_apart, shift_far_below
+from ._forbidden import (SLACK, avoidable_below, far_below, lower_far_above, lower_forced, needed_apart,
+                         shift_far_below)
 from .argmax import chu_liu_edmonds_trees as _chu_liu_edmonds_trees, dag_plan as _dag_plan
 from .errors import InputError, SolverError, warn_user
 from .polytope import Polytope
@@ -1220,6 +1221,9 @@ def _dual_newton_path(theta: torch.Tensor, polytope: Polytope, reg: str, tol: fl
     # just below the others (as for projection_by_argmax): the multipliers then stay moderate
     # numbers, which X = ψ(θ − a − b) needs for its digits
     flat = _shift_masks(lower_forced(theta.flatten(1), fb, polytope._flat_argmax), fb)
+    # a common offset off (Σx constant on P): the tolerances are relative to |θ| (Birkhoff, the
+    # quadratic, θ = u + 1e7: x off by 6e-7)
+    flat = polytope._centered(flat, fb)
     th = flat.detach().double()
     # the quadratic: rows that project onto a structure (most of them at low temperature) by two
     # argmax calls, exact at any scale of θ (at 1e10 and beyond, x = θ − a − b keeps no digits); a
@@ -1228,7 +1232,8 @@ def _dual_newton_path(theta: torch.Tensor, polytope: Polytope, reg: str, tol: fl
         vertex, at_vertex = at_a_vertex(th, polytope._flat_argmax)
     else:
         vertex, at_vertex = torch.zeros_like(th), torch.zeros_like(th[:, 0], dtype=torch.bool)
-    low = far_below(th)[0] if fb is None else far_below(th.masked_fill(fb, 0.0))[0] | fb
+    low = avoidable_below(th, polytope._flat_argmax, fb)
+    low = low if fb is None else low | fb
     x, bad = _newton_or_hull(flat, polytope, solve, _default_tol(torch.float64) if tol is None else float(tol), low,
                              vertex, at_vertex, hull_span, on_failure)
     x = x.reshape(theta.shape)

@@ -327,6 +327,8 @@ class Polytope:
         masked = d.masked_fill(skip, -math.inf)
         level = masked.topk(k, dim=1).values[:, -1:]
         level = torch.where(torch.isfinite(level), level, torch.zeros_like(level))  # fewer than K allowed
+        if not bool((level.abs() > 2.0).any()):  # no row to centre (the rule below needs |level| > 2)
+            return theta
         dist = (d - level).abs().masked_fill(skip, math.nan)
         spread = dist.nanmedian(1, keepdim=True).values
         return theta - torch.where(level.abs() > 2.0 * (1.0 + spread), level, torch.zeros_like(level))

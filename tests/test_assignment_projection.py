@@ -51,6 +51,27 @@ def test_equals_an_independent_solve(name, params, t, ties, reg, gen):
     assert checked >= B // 2
 
 
+@pytest.mark.parametrize("reg", ["quadratic", "binary_entropy"])
+@pytest.mark.parametrize("name,params", CASES[::2])
+def test_a_common_offset_leaves_the_relaxation_and_its_digits(name, params, reg, gen):
+    """Σx is n on P, so ``u + c`` gives the same X and gradient. The path's tolerances are
+    relative to |θ|: at c = 1e7 X was off by 6e-7 (Birkhoff n = 5, the quadratic); now θ is
+    centred first (as for the torch solver) and X keeps the rounding of u + c itself (ulp(1e7)
+    = 2e-9)."""
+    P = cs.load_polytope(name, **params)
+    u = torch.randn((8,) + P.shape, generator=gen, dtype=torch.float64)
+    v = torch.randn_like(u)
+    def run(w):
+        w = w.clone().requires_grad_(True)
+        x = cs.relax(w, P, reg, 1.0, backend="fast", on_failure="raise")
+        return x.detach(), torch.autograd.grad((x * v).sum(), w)[0]
+    x0, g0 = run(u)
+    for c in (1e3, 1e7, -1e3, -1e7):
+        x, g = run(u + c)
+        tol = 1e-15 * abs(c) + 1e-12
+        assert (x - x0).abs().max() < tol and (g - g0).abs().max() < 10 * tol, c
+
+
 @pytest.mark.parametrize("t", [0.2, 1.0])
 def test_equals_the_projection_onto_the_hull_of_the_permutations(t, gen):
     P = cs.load_polytope("birkhoff", n=4)

@@ -899,3 +899,36 @@ def test_sinkhorn_with_manual_masks_that_leave_no_structure(name, params):
             checked += 1
             assert np.abs(x[b] - ref).max() < 1e-9, b
     assert checked >= 16
+
+
+@pytest.mark.filterwarnings("error::convex_sst.SolverWarning")
+@pytest.mark.parametrize("name, params, reg", [
+    ("birkhoff", {"n": 3}, "binary_entropy"), ("birkhoff", {"n": 3}, "quadratic"),
+    ("matching", {"n": 3, "m": 4}, "binary_entropy"), ("matching", {"n": 3, "m": 4}, "quadratic"),
+    ("dag_path", {}, "entropy"), ("dag_path", {}, "binary_entropy"), ("dag_path", {}, "quadratic")])
+def test_newton_paths_with_logits_far_below_zero(name, params, reg):
+    """Logits far below zero (``u − 1e4``; log-probabilities at t = 1e-3) look, in absolute
+    terms, like manual masks everywhere: ``far_below`` marks every entry. The Newton paths left
+    such entries out of their span and tolerance without checking that some structure avoids
+    them, measured the span of nothing (an infinite tolerance) and returned their starting point
+    as converged: infeasible x, off by up to 1.0 (Birkhoff, matchings; DAG paths by 2e-3). Now
+    entries count as masks only where the argmax avoids them all. Against the face with the least
+    mass on them solved on its own (oracles.masked_face_solve: the structures with the fewest
+    arcs, for DAG paths), with ``on_failure="raise"`` (no fallback hides the path's answer); also
+    masks at -1e9 that leave no structure."""
+    g = torch.Generator().manual_seed(3)
+    P = cs.load_polytope(name, **params)
+    checked = 0
+    for t, offset, share in ((1.0, 1e4, 1.0), (0.05, 1e3, 1.0), (0.1, 1e9, 0.6)):
+        u = 2 * torch.randn((8,) + P.shape, generator=g, dtype=torch.float64)
+        mask = torch.rand((8,) + P.shape, generator=g) < share
+        x = cs.relax(u - offset * mask, P, reg, t, on_failure="raise").reshape(8, -1).numpy()
+        for b in range(8):
+            low = mask[b].reshape(-1).numpy()
+            theta = (u[b].reshape(-1).numpy() - offset * low) / t
+            ref, certificate = oracles.masked_face_solve(theta, P.form, low, reg)
+            if certificate > 1e-11:   # the dual oracle's own failure (an entropy at a bound): skip the row
+                continue
+            checked += 1
+            assert np.abs(x[b] - ref).max() < 1e-9, (t, offset, b)
+    assert checked >= 16
