@@ -157,8 +157,12 @@ def project_assignments(theta: torch.Tensor, at_most: bool, tol: float, max_iter
 
 
 def row_extremes(theta: torch.Tensor, low: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(max θ, min θ)`` of each sample of ``theta (B, ...)``, the entries ``low`` left out."""
-    kept = (theta if low is None else theta.masked_fill(low, math.nan)).flatten(1)
+    """``(max θ, min θ)`` of each sample of ``theta (B, ...)``, the entries ``low`` left out (none
+    in a sample that has no other: its extremes stay finite, and so do the continuation's span
+    and tolerance)."""
+    if low is not None:
+        low = low.flatten(1) & ~low.flatten(1).all(1, keepdim=True)
+    kept = (theta.flatten(1) if low is None else theta.flatten(1).masked_fill(low, math.nan))
     return kept.nan_to_num(-math.inf).amax(1), kept.nan_to_num(math.inf).amin(1)
 
 

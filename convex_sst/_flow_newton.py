@@ -138,7 +138,9 @@ def _residual(x: torch.Tensor, plan: FlowPlan) -> torch.Tensor:
 # this: on complete DAGs (n = 30, 60; t = 1e-3 and 1e-2) 1.3-3.1× faster, and the continuation left
 # rows unconverged at n = 60 (1 of 32 at t = 1e-3, 4 at 1e-2); at t = 1 (a span of about 7) the
 # reduced costs took 27 steps where the continuation took 19 (n = 30): x = [θ' − Aᵀπ]₊ starts at
-# 0 on every arc, with no weights, and at t = 0.1 (a span of 60-70) they gained nothing
+# 0 on every arc, with no weights, and at t = 0.1 (a span of 60-70) they gained nothing. So does
+# θ of more than this magnitude (a common offset, u − 1e4: from π = 0 Newton moved the potentials
+# that far, 2x the time on the default DAG)
 _REDUCED_SPAN = 200.0
 # the Newton system's regularization, times the residual (Birkhoff's 0.1 was too strong here:
 # from the reduced costs most weights start near 0). Steps over a grid (complete DAGs n = 10, 30,
@@ -157,8 +159,8 @@ def solve_flows(theta: torch.Tensor, plan: FlowPlan, reg: Separable, tol: float,
     The smooth regularizers start from the LP dual's potentials, which the continuation of
     :func:`convex_sst._assignment_projection.project_assignments` approaches: θ becomes its
     :func:`reduced_costs` (the same x, and the same Jacobian, which is 0 along the shift), and
-    ``π = 0``. So does the quadratic where θ spans more than ``_REDUCED_SPAN`` (low
-    temperature); below that it starts from ``π = 0`` with the continuation.
+    ``π = 0``. So does the quadratic where θ spans or reaches more than ``_REDUCED_SPAN`` (low
+    temperature, an offset); below that it starts from ``π = 0`` with the continuation.
 
     This keeps the entropy's digits: ``x = e^(v − 1)`` needs v to 1e-12 on the path's arcs,
     which potentials of size |θ| gave only to eps |θ| (x off by 2e-4 at logits of 1e10); arcs
@@ -171,7 +173,7 @@ def solve_flows(theta: torch.Tensor, plan: FlowPlan, reg: Separable, tol: float,
     B = theta.shape[0]
     k = plan.A.shape[0]
     smooth = not reg.vertices
-    reduce = smooth or spread_and_scale(theta, low)[0] > _REDUCED_SPAN
+    reduce = smooth or max(spread_and_scale(theta, low)) > _REDUCED_SPAN
     if reduce:
         theta = reduced_costs(theta, plan)
         low = far_below(theta)[0] if low is None else far_below(theta)[0] | low

@@ -1075,6 +1075,9 @@ def _sinkhorn_path(theta: torch.Tensor, polytope: Polytope, tol: float | None, m
                    forbidden: torch.Tensor | None, at_most: bool) -> torch.Tensor:
     if on_failure not in ("fallback", "warn", "raise"):
         raise InputError(f"on_failure must be 'fallback', 'warn' or 'raise', got {on_failure!r}")
+    # a common offset off (Σx = n on P): the tolerance floor is relative to max |θ| (Birkhoff n = 5
+    # at u + 1e7: X off by 4e-8)
+    theta = polytope._centered(theta.flatten(1), None if forbidden is None else forbidden.flatten(1)).reshape(theta.shape)
     # entries as far below the others as relax's stand-in for -inf (a manual mask: -1e9) are
     # kernel zeros too: their weight is below e^-40 either way, and left in, they set the
     # tolerance floor and the ε-scaling's range (Birkhoff n = 8 at -1e9: sums resolved to 4e-5,

@@ -51,13 +51,25 @@ def test_equals_an_independent_solve(name, params, t, ties, reg, gen):
     assert checked >= B // 2
 
 
-@pytest.mark.parametrize("reg", ["quadratic", "binary_entropy"])
+def test_row_extremes_leave_out_no_entry_of_a_sample_with_no_other():
+    """The continuation's span and tolerance come from these extremes: a sample whose entries
+    were all left out had extremes (-inf, inf), an infinite tolerance, and its Newton path
+    stopped at the start (what test_newton_paths_with_logits_far_below_zero saw)."""
+    from convex_sst._assignment_projection import row_extremes, spread_and_scale
+    th = torch.tensor([[[1.0, -2.0], [3.0, 0.5]], [[-5.0, 0.0], [7.0, 2.0]]], dtype=torch.float64)
+    low = torch.tensor([[[True, True], [True, True]], [[True, False], [False, True]]])
+    top, bottom = row_extremes(th, low)
+    assert top.tolist() == [3.0, 7.0] and bottom.tolist() == [-2.0, 0.0]
+    assert spread_and_scale(th, low) == (7.0, 7.0)
+
+
+@pytest.mark.parametrize("reg", ["quadratic", "binary_entropy", "entropy"])
 @pytest.mark.parametrize("name,params", CASES[::2])
 def test_a_common_offset_leaves_the_relaxation_and_its_digits(name, params, reg, gen):
-    """Σx is n on P, so ``u + c`` gives the same X and gradient. The path's tolerances are
-    relative to |θ|: at c = 1e7 X was off by 6e-7 (Birkhoff n = 5, the quadratic); now θ is
-    centred first (as for the torch solver) and X keeps the rounding of u + c itself (ulp(1e7)
-    = 2e-9)."""
+    """Σx is n on P, so ``u + c`` gives the same X and gradient. The paths' tolerances are
+    relative to |θ|: at c = 1e7 X was off by 6e-7 (Birkhoff n = 5, the quadratic; Sinkhorn, the
+    entropy, by 4e-8); now θ is centred first (as for the torch solver) and X keeps the
+    rounding of u + c itself (ulp(1e7) = 2e-9)."""
     P = cs.load_polytope(name, **params)
     u = torch.randn((8,) + P.shape, generator=gen, dtype=torch.float64)
     v = torch.randn_like(u)

@@ -920,10 +920,12 @@ def test_newton_paths_with_logits_far_below_zero(name, params, reg):
     P = cs.load_polytope(name, **params)
     checked = 0
     for t, offset, share in ((1.0, 1e4, 1.0), (0.05, 1e3, 1.0), (0.1, 1e9, 0.6)):
-        u = 2 * torch.randn((8,) + P.shape, generator=g, dtype=torch.float64)
-        mask = torch.rand((8,) + P.shape, generator=g) < share
-        x = cs.relax(u - offset * mask, P, reg, t, on_failure="raise").reshape(8, -1).numpy()
-        for b in range(8):
+        # 64 rows: with such masks taken for negligible where the structures need them, the
+        # matchings' Newton path failed on some rows (a SolverError here)
+        u = 2 * torch.randn((64,) + P.shape, generator=g, dtype=torch.float64)
+        mask = torch.rand((64,) + P.shape, generator=g) < share
+        x = cs.relax(u - offset * mask, P, reg, t, on_failure="raise").reshape(64, -1).numpy()
+        for b in range(0, 64, 8):
             low = mask[b].reshape(-1).numpy()
             theta = (u[b].reshape(-1).numpy() - offset * low) / t
             ref, certificate = oracles.masked_face_solve(theta, P.form, low, reg)
