@@ -239,20 +239,11 @@ def test_torch_solver_accepts_an_empty_batch(name, reg):
     assert x.shape == u.shape and u.grad.shape == u.shape
 
 
-@pytest.mark.parametrize("name, params, reg, m1", [
-    ("spanning_tree", {"n": 5}, "binary_entropy", 10),  # the rows x = C y: one per edge
-    ("birkhoff", {"n": 4}, "entropy", 4),               # the row sums (disjoint variables)
-    ("k_subset", {"n": 6, "k": 2}, "quadratic", 1),      # one row: S is 1 x 1, no Cholesky
-    ("matching", {"n": 4, "m": 6}, "entropy", 1),        # dense blocks
-])
-def test_newton_solve_with_eliminated_diagonal_rows(name, params, reg, m1, gen):
-    """Equality rows in disjoint blocks are eliminated from S = A M⁻¹ Aᵀ in closed form; the
-    Newton solve must still equal a dense solve of [[M, Aᵀ], [A, 0]]."""
-    from convex_sst.solver import _Newton, _tensors, standard_form
+def _newton_and_kkt_solve(sf, gen):
+    """``(newton, r1, r2, ref)``: the solver's factorization of ``[[M, Aᵀ], [A, 0]]`` for three
+    random M (weights over six orders of magnitude) and right-hand sides, and a dense solve."""
+    from convex_sst.solver import _Newton, _tensors
 
-    P = cs.load_polytope(name, **params)
-    sf = standard_form(P, get_regularizer(reg))
-    assert sf.m1 == m1
     T = _tensors(sf, torch.float64, torch.device("cpu"))
     (m, n), p = sf.A.shape, sf.G.shape[0]
     D = torch.rand(3, n, generator=gen, dtype=torch.float64) * 10 ** (6 * torch.rand(3, n, generator=gen, dtype=torch.float64) - 3)
@@ -263,7 +254,24 @@ def test_newton_solve_with_eliminated_diagonal_rows(name, params, reg, m1, gen):
     r1 = torch.randn(3, n, generator=gen, dtype=torch.float64)
     r2 = torch.randn(3, m, generator=gen, dtype=torch.float64)
     ref = torch.linalg.solve(K, torch.cat([r1, r2], 1)[..., None])[..., 0]
-    newton = _Newton(T, D, Sig if p else None)
+    return _Newton(T, D, Sig if p else None), r1, r2, ref
+
+
+@pytest.mark.parametrize("name, params, reg, m1", [
+    ("spanning_tree", {"n": 5}, "binary_entropy", 10),  # the rows x = C y: one per edge
+    ("birkhoff", {"n": 4}, "entropy", 4),               # the row sums (disjoint variables)
+    ("k_subset", {"n": 6, "k": 2}, "quadratic", 1),      # one row: S is 1 x 1, no Cholesky
+    ("matching", {"n": 4, "m": 6}, "entropy", 1),        # dense blocks
+])
+def test_newton_solve_with_eliminated_diagonal_rows(name, params, reg, m1, gen):
+    """Equality rows in disjoint blocks are eliminated from S = A M⁻¹ Aᵀ in closed form; the
+    Newton solve must still equal a dense solve of [[M, Aᵀ], [A, 0]]."""
+    from convex_sst.solver import standard_form
+
+    P = cs.load_polytope(name, **params)
+    sf = standard_form(P, get_regularizer(reg))
+    assert sf.m1 == m1
+    newton, r1, r2, ref = _newton_and_kkt_solve(sf, gen)
     for refine in (False, True):  # without refinement: the elimination alone must be exact
         got = torch.cat(newton.solve(r1, r2, refine=refine), 1)
         assert ((got - ref).abs().amax(1) / ref.abs().amax(1)).max() < 1e-8
@@ -296,20 +304,8 @@ def test_newton_solve_with_a_banded_schur_complement(name, params, reg, gen, mon
     with weights spread over six orders of magnitude. Without the refinement step the dense
     factorization is off by up to 1.2e-6 on these draws (correlated k-subsets), the blocks by
     1.3e-6; with it, 1.3e-10 and 1.6e-10."""
-    from convex_sst.solver import _Newton, _tensors
-
     _, sf = _banded_copy(monkeypatch, tmp_path, name, params, reg)
-    T = _tensors(sf, torch.float64, torch.device("cpu"))
-    (m, n), p = sf.A.shape, sf.G.shape[0]
-    D = torch.rand(3, n, generator=gen, dtype=torch.float64) * 10 ** (6 * torch.rand(3, n, generator=gen, dtype=torch.float64) - 3)
-    Sig = torch.rand(3, p, generator=gen, dtype=torch.float64) * 10 ** (6 * torch.rand(3, p, generator=gen, dtype=torch.float64) - 3)
-    A, G = torch.as_tensor(sf.A.toarray()), torch.as_tensor(sf.G.toarray())
-    M = torch.diag_embed(D) + G.T @ torch.diag_embed(Sig) @ G
-    K = torch.cat([torch.cat([M, A.expand(3, m, n).mT], 2), torch.cat([A.expand(3, m, n), torch.zeros(3, m, m, dtype=torch.float64)], 2)], 1)
-    r1 = torch.randn(3, n, generator=gen, dtype=torch.float64)
-    r2 = torch.randn(3, m, generator=gen, dtype=torch.float64)
-    ref = torch.linalg.solve(K, torch.cat([r1, r2], 1)[..., None])[..., 0]
-    newton = _Newton(T, D, Sig if p else None)
+    newton, r1, r2, ref = _newton_and_kkt_solve(sf, gen)
     assert newton.band == sf.band
     for refine, tol in ((False, 1e-5), (True, 1e-8)):
         got = torch.cat(newton.solve(r1, r2, refine=refine), 1)
