@@ -107,6 +107,7 @@ class StandardForm:
     cache: dict
     lines: list[np.ndarray] = field(default_factory=list)  # (rows, size) free outputs of 0/1 equality rows, padded with d
     band: int = 0          # > 0: the reduced Schur complement is block tridiagonal in blocks of this size
+    band_cols: tuple[np.ndarray, np.ndarray] | None = None  # per block (pair) the diagonal rows it meets, padded with m1
 
 
 def _sparse_rows(M: sp.spmatrix) -> sp.csr_matrix:
@@ -408,7 +409,8 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         coef = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
     sf = StandardForm(A, b, G, h, L, U, dfree, free, fixed_x, cval[fixed_x],
                       reg.domain if reg.open_domain else (-math.inf, math.inf), blocks, gpairs, spairs,
-                      domL, domU, structure, coef, m1, layout, {}, _offset_lines(form, free), w)
+                      domL, domU, structure, coef, m1, layout, {}, _offset_lines(form, free), w,
+                      band[2] if band else None)
     P.cache[key] = sf
     return sf
 
@@ -524,17 +526,23 @@ class _LinOp:
 
 # the reduced Schur complement (the diagonal rows eliminated) is factored block by block where its
 # rows, in a reverse Cuthill-McKee order, are banded and that costs less than this share of the
-# dense factorization (flops: nk·(2.5 w³ + 4 w² m1) against m2³/3 + m2² m1), in at least
-# _BAND_MIN_BLOCKS blocks. Correlated k-subsets with the entropy, fwd+bwd, t = 1, B = 32: n = 20
-# (w = 31, share 0.72) 1.6x, n = 30 (0.66) 1.5x, n = 45 (0.41) 1.8x faster, the same steps
-_BAND_SHARE = 0.8
+# dense factorization (flops: nk·(2.5 w³ + 2 w² (c1 + c2)) against m2³/3 + m2² m1, c1 and c2 the
+# diagonal rows a block and a pair of neighbouring blocks meet), in at least
+# _BAND_MIN_BLOCKS blocks. Correlated k-subsets with the entropy, fwd+bwd, t = 1, B = 32: n = 15
+# (w = 25, share 0.57) 1.2x, n = 20 (0.32) 1.5x, n = 30 (0.31) 2.1x, n = 45 (0.15) 1.8x faster,
+# the same steps; n = 10 (0.65, four blocks of 14) 0.77x
+_BAND_SHARE = 0.6
 _BAND_MIN_BLOCKS = 3
 
 
-def _band(row_blocks: list[set[int]], diag_rows: list[int], rest: list[int], nb: int) -> tuple[int, list[int]] | None:
-    """``(w, order of rest)``: the rows ``rest`` reordered so that ``S22 − S21 S11⁻¹ S12``
-    (rows coupled where they share a block of variables, directly or through a diagonal row)
-    is block tridiagonal in blocks of w, where that pays (``_BAND_SHARE``); else None."""
+def _band(row_blocks: list[set[int]], diag_rows: list[int], rest: list[int], nb: int
+          ) -> tuple[int, list[int], tuple[np.ndarray, np.ndarray]] | None:
+    """``(w, order of rest, (c1, c2))``: the rows ``rest`` reordered so that ``S22 − S21 S11⁻¹
+    S12`` (rows coupled where they share a block of variables, directly or through a diagonal
+    row) is block tridiagonal in blocks of w, where that pays (``_BAND_SHARE``); else None.
+    ``c1 (nk, ·)``: the diagonal rows that each block of rows meets, ``c2 (nk − 1, ·)`` those
+    that a block and the one before it both meet (padded with m1): the only columns of W that
+    enter ``W Wᵀ`` on the blocks."""
     m1, m2 = len(diag_rows), len(rest)
     if m2 < 4 * _BAND_MIN_BLOCKS:
         return None
@@ -554,9 +562,22 @@ def _band(row_blocks: list[set[int]], diag_rows: list[int], rest: list[int], nb:
     C = pattern.tocoo()
     w = int(np.abs(where[C.row] - where[C.col]).max()) + 1
     nk = -(-m2 // w)
-    if nk < _BAND_MIN_BLOCKS or nk * (2.5 * w ** 3 + 4 * w * w * m1) > _BAND_SHARE * (m2 ** 3 / 3 + m2 * m2 * m1):
+    if nk < _BAND_MIN_BLOCKS:
         return None
-    return w, order.tolist()
+    met = sp.csr_matrix(P21)[order]
+    blocks = [set(met[k * w: (k + 1) * w].indices.tolist()) for k in range(nk)]
+    pairs = [blocks[k] & blocks[k - 1] for k in range(1, nk)]
+
+    def padded(sets: list[set[int]]) -> np.ndarray:
+        out = np.full((len(sets), max([len(c) for c in sets] + [1])), m1, dtype=np.int64)
+        for k, c in enumerate(sets):
+            out[k, : len(c)] = sorted(c)
+        return out
+
+    c1, c2 = padded(blocks), padded(pairs)
+    if nk * (2.5 * w ** 3 + 2 * w * w * (c1.shape[1] + c2.shape[1])) > _BAND_SHARE * (m2 ** 3 / 3 + m2 * m2 * m1):
+        return None
+    return w, order.tolist(), (c1, c2)
 
 
 def _schur_size(m: int, m1: int, band: int = 0) -> int:
@@ -588,6 +609,7 @@ def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict
                          (_schur_size(sf.A.shape[0], sf.m1, sf.band), sf.blocks.size * sf.blocks.shape[1]), dtype, device),
             "m1": sf.m1,
             "band": sf.band,
+            "band_cols": None if sf.band_cols is None else tuple(torch.as_tensor(c, device=device) for c in sf.band_cols),
             "layout": sf.layout,
             "structure": sf.structure,
             "crow": torch.as_tensor(sf.coef[0], device=device),
@@ -787,13 +809,20 @@ class _Newton:
             self.sd1 = Sall[K - m1:].clamp_min(tiny).mul(1.0 + ridge).sqrt().T  # (B, m1)
             S21 = Sall[s22: s22 + m2 * m1].view(m2, m1, B).permute(2, 0, 1)
             self.W = torch.div(S21, self.sd1[:, None, :], out=self._buffer("W", (B, m2, m1), D))
-            Wk = torch.zeros(nk * w, B, m1, dtype=D.dtype, device=D.device)
-            Wk[:m2] = self.W.transpose(0, 1)
-            Wk = Wk.view(nk, w, B, m1).transpose(1, 2)                        # (nk, B, w, m1)
-            Rd = torch.baddbmm(Rd.view(nk * B, w, w), Wk.reshape(nk * B, w, m1), Wk.reshape(nk * B, w, m1).mT,
-                               alpha=-1.0).view(nk, B, w, w)
+            # W by blocks of rows, with a zero column m1 for the padding of the column lists:
+            # only the diagonal rows a block meets enter its products
+            Wk = torch.zeros(nk * w, B, m1 + 1, dtype=D.dtype, device=D.device)
+            Wk[:m2, :, :m1] = self.W.transpose(0, 1)
+            Wk = Wk.view(nk, w, B, m1 + 1).transpose(1, 2)                    # (nk, B, w, m1 + 1)
+            c1, c2 = T["band_cols"]
+
+            def cols(W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+                return torch.take_along_dim(W, c[:, None, None, :].expand(-1, B, w, -1), 3).reshape(-1, w, c.shape[1])
+
+            Wd = cols(Wk, c1)
+            Rd = torch.baddbmm(Rd.view(nk * B, w, w), Wd, Wd.mT, alpha=-1.0).view(nk, B, w, w)
             if nk > 1:
-                Rs = torch.baddbmm(Rs.view(-1, w, w), Wk[1:].reshape(-1, w, m1), Wk[:-1].reshape(-1, w, m1).mT,
+                Rs = torch.baddbmm(Rs.view(-1, w, w), cols(Wk[1:], c2), cols(Wk[:-1], c2).mT,
                                    alpha=-1.0).view(nk - 1, B, w, w)
         Rd = Rd * sc[..., :, None] * sc[..., None, :]
         Rs = Rs * sc[1:, :, :, None] * sc[:-1, :, None, :]
