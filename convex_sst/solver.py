@@ -764,11 +764,8 @@ class _Newton:
         # degenerate flow problems lost rows to bad directions.)
         self.scale = 1.0 / torch.sqrt(torch.diagonal(S22, dim1=1, dim2=2).clamp_min(tiny))
         if m1:
-            # S21 S11⁻¹ S12 = W Wᵀ with W = S21 S11^{-1/2}
-            self.sd1 = Sall[K - m1:].clamp_min(tiny).mul(1.0 + ridge).sqrt().T  # (B, m1), batch-last
+            self._diagonal_rows(Sall, m2 * m2, D, B, ridge)
             if m2:
-                S21 = Sall[m2 * m2: m2 * m2 + m2 * m1].view(m2, m1, B).permute(2, 0, 1)
-                self.W = torch.div(S21, self.sd1[:, None, :], out=self._buffer("W", (B, m2, m1), D))
                 S = torch.baddbmm(S22, self.W, self.W.mT, alpha=-1.0, out=Sred)
         else:
             S = Sred.copy_(S22)
@@ -781,6 +778,15 @@ class _Newton:
             S.diagonal(dim1=1, dim2=2).add_(1e4 * ridge)
             torch.linalg.cholesky_ex(S.mT, out=(Lc, info))
         self.Lc = Lc
+
+    def _diagonal_rows(self, Sall: torch.Tensor, s22: int, D: torch.Tensor, B: int, ridge: float) -> None:
+        """``sd1 = (diag S11 (1 + ridge))^{1/2} (B, m1)`` and ``W = S21 S11^{-1/2} (B, m2, m1)``
+        (``S21 S11⁻¹ S12 = W Wᵀ``) from the assembled ``[S22 (s22 entries), S21, diag S11]``."""
+        m1, m2 = self.m1, self.m2
+        self.sd1 = Sall[s22 + m2 * m1:].clamp_min(torch.finfo(D.dtype).tiny).mul(1.0 + ridge).sqrt().T  # batch-last
+        if m2:
+            S21 = Sall[s22: s22 + m2 * m1].view(m2, m1, B).permute(2, 0, 1)
+            self.W = torch.div(S21, self.sd1[:, None, :], out=self._buffer("W", (B, m2, m1), D))
 
     def _banded_schur(self, T: dict, D: torch.Tensor, B: int) -> None:
         """:meth:`_schur` where the reduced matrix ``R = S22 − W Wᵀ`` is block tridiagonal
@@ -806,9 +812,7 @@ class _Newton:
         Rd = diag.contiguous()
         Rs = sub.contiguous()
         if m1:
-            self.sd1 = Sall[K - m1:].clamp_min(tiny).mul(1.0 + ridge).sqrt().T  # (B, m1)
-            S21 = Sall[s22: s22 + m2 * m1].view(m2, m1, B).permute(2, 0, 1)
-            self.W = torch.div(S21, self.sd1[:, None, :], out=self._buffer("W", (B, m2, m1), D))
+            self._diagonal_rows(Sall, s22, D, B, ridge)
             # W by blocks of rows, with a zero column m1 for the padding of the column lists:
             # only the diagonal rows a block meets enter its products
             Wk = torch.zeros(nk * w, B, m1 + 1, dtype=D.dtype, device=D.device)
