@@ -344,13 +344,14 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
         if not (row_blocks[r] & claimed):
             diag_rows.append(r)
             claimed |= row_blocks[r]
+    diag_rows.sort()  # their order in A, which the band's column lists (diagonal rows) index
     rest = sorted(set(range(m)) - set(diag_rows))
     m1 = len(diag_rows)
     m2 = m - m1
-    band = _band(row_blocks, sorted(diag_rows), rest, len(groups))
+    band = _band(row_blocks, diag_rows, rest, len(groups))
     if band:  # the other rows in a banded order
         rest = [rest[i] for i in band[1]]
-    order = sorted(diag_rows) + rest
+    order = diag_rows + rest
     A, b = A[order], b[order]
     w = band[0] if band else 0
     # the products G[r, c1] G[r, c2] of every row's nonzeros, at their place in the blocks (nb·s·s)
