@@ -107,7 +107,7 @@ class StandardForm:
     cache: dict
     lines: list[np.ndarray] = field(default_factory=list)  # (rows, size) free outputs of 0/1 equality rows, padded with d
     band: int = 0          # > 0: the reduced Schur complement is block tridiagonal in blocks of this size
-    band_cols: tuple[np.ndarray, np.ndarray] | None = None  # per block (pair) the diagonal rows it meets, padded with m1
+    band_cols: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # _band's column lists of the blocks (and pairs)
 
 
 def _sparse_rows(M: sp.spmatrix) -> sp.csr_matrix:
@@ -375,17 +375,27 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     r1, r2 = er[i1], er[i2]
     if np.any((r1 < m1) & (r2 < m1) & (r1 != r2)):  # pragma: no cover - the rows were chosen in disjoint blocks
         raise PolytopeError("internal error: rows of the diagonal block share a block")
-    s22 = _schur_size(m, m1, w) - m2 * m1 - m1
     if w:  # S22 as [diagonal blocks (nk·w·w), blocks below them (row block k, column block k − 1)]
         nk = -(-m2 // w)
         p1, p2 = r1 - m1, r2 - m1
         k1, k2 = p1 // w, p2 // w
         in22 = np.where(k1 == k2, k1 * w * w, nk * w * w + (k1 - 1) * w * w) + (p1 % w) * w + p2 % w
         use22 = k1 >= k2
+        # S21 by blocks of rows, (nk, w, c): row p of S21 keeps the columns of its block's list
+        c1 = band[2][0]
+        cw = c1.shape[1]
+        listed = (np.arange(nk)[:, None] * (m1 + 1) + c1).ravel()  # sorted: each list sorted, padded with m1
+        sought = np.where((r1 >= m1) & (r2 < m1), (p1 // w) * (m1 + 1) + r2, 0)
+        at = np.minimum(np.searchsorted(listed, sought), listed.size - 1)
+        if np.any((r1 >= m1) & (r2 < m1) & (listed[at] != sought)):  # pragma: no cover - the lists hold every row met
+            raise PolytopeError("internal error: a diagonal row missing from its block's column list")
+        in21 = p1 * cw + at - (p1 // w) * cw
     else:
         in22 = (r1 - m1) * m2 + (r2 - m1)
         use22 = np.ones(len(r1), dtype=bool)
-    pos = np.where(r1 >= m1, np.where(r2 >= m1, in22, s22 + (r1 - m1) * m1 + r2), s22 + m2 * m1 + r1)
+        cw, in21 = m1, (r1 - m1) * m1 + r2
+    s22, s21 = _schur_parts(m, m1, w, cw)
+    pos = np.where(r1 >= m1, np.where(r2 >= m1, in22, s22 + in21), s22 + s21 + r1)
     use = np.where(r1 >= m1, np.where(r2 >= m1, use22, True), r2 < m1)
     sidx = (eblock[i1] * size + epos[i1]) * size + epos[i2]
     spairs = (pos[use], sidx[use], (ev[i1] * ev[i2])[use])
@@ -538,12 +548,13 @@ _BAND_MIN_BLOCKS = 3
 
 def _band(row_blocks: list[set[int]], diag_rows: list[int], rest: list[int], nb: int
           ) -> tuple[int, list[int], tuple[np.ndarray, np.ndarray]] | None:
-    """``(w, order of rest, (c1, c2))``: the rows ``rest`` reordered so that ``S22 − S21 S11⁻¹
+    """``(w, order of rest, (c1, a, b))``: the rows ``rest`` reordered so that ``S22 − S21 S11⁻¹
     S12`` (rows coupled where they share a block of variables, directly or through a diagonal
     row) is block tridiagonal in blocks of w, where that pays (``_BAND_SHARE``); else None.
-    ``c1 (nk, ·)``: the diagonal rows that each block of rows meets, ``c2 (nk − 1, ·)`` those
-    that a block and the one before it both meet (padded with m1): the only columns of W that
-    enter ``W Wᵀ`` on the blocks."""
+    ``c1 (nk, c)``: the diagonal rows that each block of rows meets (padded with m1), the only
+    columns of S21 and W it has nonzero; ``a, b (nk − 1, ·)``: the diagonal rows that block k
+    and block k − 1 both meet, as positions in ``c1[k]`` and ``c1[k − 1]`` (padded with c), the
+    only columns that enter the product ``W_k W_{k−1}ᵀ`` of the sub-diagonal block."""
     m1, m2 = len(diag_rows), len(rest)
     if m2 < 4 * _BAND_MIN_BLOCKS:
         return None
@@ -578,14 +589,30 @@ def _band(row_blocks: list[set[int]], diag_rows: list[int], rest: list[int], nb:
     c1, c2 = padded(blocks), padded(pairs)
     if nk * (2.5 * w ** 3 + 2 * w * w * (c1.shape[1] + c2.shape[1])) > _BAND_SHARE * (m2 ** 3 / 3 + m2 * m2 * m1):
         return None
-    return w, order.tolist(), (c1, c2)
+    # where a pair's columns sit in the lists of its two blocks (padding: one past the list's end)
+    at = np.full((2,) + c2.shape, c1.shape[1], dtype=np.int64)
+    for k in range(1, nk):
+        got = c2[k - 1] < m1
+        at[0, k - 1, got] = np.searchsorted(c1[k], c2[k - 1, got])
+        at[1, k - 1, got] = np.searchsorted(c1[k - 1], c2[k - 1, got])
+    return w, order.tolist(), (c1, at[0], at[1])
 
 
-def _schur_size(m: int, m1: int, band: int = 0) -> int:
-    """Entries of ``[S22, S21, diag S11]`` as assembled (S22 dense, or its blocks)."""
+def _schur_parts(m: int, m1: int, band: int = 0, cols: int = 0) -> tuple[int, int]:
+    """Entries of S22 and S21 as assembled in ``[S22, S21, diag S11]``: dense, or (``band`` > 0)
+    S22's diagonal and sub-diagonal blocks of ``band`` rows and S21 by blocks of rows, each
+    with the ``cols`` diagonal rows of its column list."""
     m2 = m - m1
-    s22 = (2 * -(-m2 // band) - 1) * band * band if band else m2 * m2
-    return s22 + m2 * m1 + m1
+    if band:
+        nk = -(-m2 // band)
+        return (2 * nk - 1) * band * band, nk * band * cols
+    return m2 * m2, m2 * m1
+
+
+def _schur_layout(sf: StandardForm) -> tuple[int, int]:
+    """:func:`_schur_parts` of ``sf``: the entries of its S22 and S21 as assembled."""
+    cols = sf.band_cols[0].shape[1] if sf.band_cols is not None else 0
+    return _schur_parts(sf.A.shape[0], sf.m1, sf.band, cols)
 
 
 def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict:
@@ -607,7 +634,8 @@ def _tensors(sf: StandardForm, dtype: torch.dtype, device: torch.device) -> dict
             "gval": t(sf.gpairs[2]),
             # [S22, S21, diag S11] (flattened) = Sasm · M⁻¹ (flattened blocks, nb·s·s): one sparse product
             "Sasm": _csr(sf.spairs[0], sf.spairs[1], sf.spairs[2],
-                         (_schur_size(sf.A.shape[0], sf.m1, sf.band), sf.blocks.size * sf.blocks.shape[1]), dtype, device),
+                         (sum(_schur_layout(sf)) + sf.m1, sf.blocks.size * sf.blocks.shape[1]), dtype, device),
+            "schur": _schur_layout(sf),
             "m1": sf.m1,
             "band": sf.band,
             "band_cols": None if sf.band_cols is None else tuple(torch.as_tensor(c, device=device) for c in sf.band_cols),
@@ -750,7 +778,7 @@ class _Newton:
         if self.band:
             self._banded_schur(T, D, B)
             return
-        K = _schur_size(m, m1)
+        K = sum(T["schur"]) + m1
         Sred = self._buffer("Sred", (B, m2, m2), D)
         Lc = self._buffer("Lc", (B, m2, m2), D).mT
         info = self._buffer("info", (B,), D, torch.int32)
@@ -765,7 +793,7 @@ class _Newton:
         # degenerate flow problems lost rows to bad directions.)
         self.scale = 1.0 / torch.sqrt(torch.diagonal(S22, dim1=1, dim2=2).clamp_min(tiny))
         if m1:
-            self._diagonal_rows(Sall, m2 * m2, D, B, ridge)
+            self._diagonal_rows(Sall, T, D, B, ridge)
             if m2:
                 S = torch.baddbmm(S22, self.W, self.W.mT, alpha=-1.0, out=Sred)
         else:
@@ -780,14 +808,54 @@ class _Newton:
             torch.linalg.cholesky_ex(S.mT, out=(Lc, info))
         self.Lc = Lc
 
-    def _diagonal_rows(self, Sall: torch.Tensor, s22: int, D: torch.Tensor, B: int, ridge: float) -> None:
-        """``sd1 = (diag S11 (1 + ridge))^{1/2} (B, m1)`` and ``W = S21 S11^{-1/2} (B, m2, m1)``
-        (``S21 S11⁻¹ S12 = W Wᵀ``) from the assembled ``[S22 (s22 entries), S21, diag S11]``."""
+    def _diagonal_rows(self, Sall: torch.Tensor, T: dict, D: torch.Tensor, B: int, ridge: float) -> None:
+        """``sd1 = (diag S11 (1 + ridge))^{1/2} (B, m1)`` and ``W = S21 S11^{-1/2}``
+        (``S21 S11⁻¹ S12 = W Wᵀ``) from the assembled ``[S22, S21, diag S11]``: dense ``(B, m2,
+        m1)``, or with a band by blocks of rows, ``Wb (nk, B, w, c)``, block k's columns those
+        of its list ``c1[k]`` (see :func:`_band`)."""
         m1, m2 = self.m1, self.m2
-        self.sd1 = Sall[s22 + m2 * m1:].clamp_min(torch.finfo(D.dtype).tiny).mul(1.0 + ridge).sqrt().T  # batch-last
-        if m2:
-            S21 = Sall[s22: s22 + m2 * m1].view(m2, m1, B).permute(2, 0, 1)
+        s22, s21 = T["schur"]
+        self.sd1 = Sall[s22 + s21:].clamp_min(torch.finfo(D.dtype).tiny).mul(1.0 + ridge).sqrt().T  # batch-last
+        if not m2:
+            return
+        if self.band:
+            c1 = T["band_cols"][0]
+            nk, c = c1.shape
+            S21 = Sall[s22: s22 + s21].view(nk, self.band, c, B).permute(0, 3, 1, 2)
+            sd = torch.cat([self.sd1, torch.ones_like(self.sd1[:, :1])], 1)[:, c1]  # (B, nk, c); padding: 1
+            self.Wb = torch.div(S21, sd.transpose(0, 1)[:, :, None, :], out=self._buffer("Wb", (nk, B, self.band, c), D))
+        else:
+            S21 = Sall[s22: s22 + s21].view(m2, m1, B).permute(2, 0, 1)
             self.W = torch.div(S21, self.sd1[:, None, :], out=self._buffer("W", (B, m2, m1), D))
+
+    def _w_times(self, v: torch.Tensor) -> torch.Tensor:
+        """``W v`` for ``v (B, m1)``: ``(B, m2)``."""
+        if not self.band:
+            # (B, 1, m1) @ (B, m1, m2) runs ~4x faster than (B, m2, m1) @ (B, m1, 1) on this CPU once
+            # W has a few hundred entries (spanning trees n = 8: 56 × 28), slower below; (bmm
+            # wants row-major vectors: a batch-last one makes it ~10x slower)
+            vc = v.contiguous()
+            return torch.bmm(vc[:, None, :], self.W.mT)[:, 0] if self.m1 * self.m2 > 400 else torch.bmm(self.W, vc[..., None])[..., 0]
+        c1 = self.band_cols[0]
+        B = v.shape[0]
+        vk = torch.cat([v, torch.zeros_like(v[:, :1])], 1)[:, c1].transpose(0, 1)  # (nk, B, c)
+        out = torch.matmul(self.Wb, vk[..., None])[..., 0]                       # (nk, B, w)
+        return out.transpose(0, 1).reshape(B, -1)[:, : self.m2]
+
+    def _wt_times(self, v: torch.Tensor) -> torch.Tensor:
+        """``Wᵀ v`` for ``v (B, m2)``: ``(B, m1)``."""
+        if not self.band:
+            vc = v.contiguous()
+            return torch.bmm(vc[:, None, :], self.W)[:, 0] if self.m1 * self.m2 > 400 else torch.bmm(self.W.mT, vc[..., None])[..., 0]
+        c1 = self.band_cols[0]
+        nk, c = c1.shape
+        B = v.shape[0]
+        vk = torch.zeros(B, nk * self.band, dtype=v.dtype, device=v.device)
+        vk[:, : self.m2] = v
+        got = torch.matmul(vk.view(B, nk, 1, self.band).transpose(0, 1), self.Wb)[:, :, 0]  # (nk, B, c)
+        out = torch.zeros(B, self.m1 + 1, dtype=v.dtype, device=v.device)
+        out.index_add_(1, c1.reshape(-1), got.transpose(0, 1).reshape(B, nk * c))
+        return out[:, : self.m1]
 
     def _banded_schur(self, T: dict, D: torch.Tensor, B: int) -> None:
         """:meth:`_schur` where the reduced matrix ``R = S22 − W Wᵀ`` is block tridiagonal
@@ -798,8 +866,8 @@ class _Newton:
         m, m1, w = self.m, T["m1"], self.band
         m2 = m - m1
         nk = -(-m2 // w)
-        K = _schur_size(m, m1, w)
-        s22 = K - m2 * m1 - m1
+        s22, s21 = T["schur"]
+        K = s22 + s21 + m1
         ridge = 1e-14 if D.dtype == torch.float64 else 1e-7
         tiny = torch.finfo(D.dtype).tiny
         Sall = torch.mm(T["Sasm"], self.MinvT, out=self._buffer("Sall", (K, B), D))
@@ -812,22 +880,21 @@ class _Newton:
         self.scale = sc.transpose(0, 1).reshape(B, nk * w)[:, :m2]
         Rd = diag.contiguous()
         Rs = sub.contiguous()
+        self.band_cols = T["band_cols"]
         if m1:
-            self._diagonal_rows(Sall, s22, D, B, ridge)
-            # W by blocks of rows, with a zero column m1 for the padding of the column lists:
-            # only the diagonal rows a block meets enter its products
-            Wk = torch.zeros(nk * w, B, m1 + 1, dtype=D.dtype, device=D.device)
-            Wk[:m2, :, :m1] = self.W.transpose(0, 1)
-            Wk = Wk.view(nk, w, B, m1 + 1).transpose(1, 2)                    # (nk, B, w, m1 + 1)
-            c1, c2 = T["band_cols"]
+            self._diagonal_rows(Sall, T, D, B, ridge)
+            _, a, b = self.band_cols
+            Wb = self.Wb
+            c = Wb.shape[3]
+            Rd = torch.baddbmm(Rd.view(nk * B, w, w), Wb.reshape(nk * B, w, c), Wb.reshape(nk * B, w, c).mT,
+                               alpha=-1.0).view(nk, B, w, w)
+            if nk > 1:  # W_k W_{k−1}ᵀ over the columns both blocks have (padding: a zero column c)
+                Wp = torch.nn.functional.pad(Wb, (0, 1))
 
-            def cols(W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-                return torch.take_along_dim(W, c[:, None, None, :].expand(-1, B, w, -1), 3).reshape(-1, w, c.shape[1])
+                def cols(W: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+                    return torch.take_along_dim(W, at[:, None, None, :].expand(-1, B, w, -1), 3).reshape(-1, w, at.shape[1])
 
-            Wd = cols(Wk, c1)
-            Rd = torch.baddbmm(Rd.view(nk * B, w, w), Wd, Wd.mT, alpha=-1.0).view(nk, B, w, w)
-            if nk > 1:
-                Rs = torch.baddbmm(Rs.view(-1, w, w), cols(Wk[1:], c2), cols(Wk[:-1], c2).mT,
+                Rs = torch.baddbmm(Rs.view(-1, w, w), cols(Wp[1:], a), cols(Wp[:-1], b).mT,
                                    alpha=-1.0).view(nk - 1, B, w, w)
         Rd = Rd * sc[..., :, None] * sc[..., None, :]
         Rs = Rs * sc[1:, :, :, None] * sc[:-1, :, None, :]
@@ -874,12 +941,7 @@ class _Newton:
         r1 = r[:, :m1] / self.sd1 if m1 else r[:, :0]
         r2 = r[:, m1:]
         if m1 and m2:
-            # (B, 1, m1) @ (B, m1, m2) runs ~4x faster than (B, m2, m1) @ (B, m1, 1) on this CPU once
-            # W has a few hundred entries (spanning trees n = 8: 56 × 28), slower below
-            left = m1 * m2 > 400
-            # (bmm wants row-major vectors: a batch-last one makes it ~10x slower)
-            r1c = r1.contiguous()
-            r2 = r2 - (torch.bmm(r1c[:, None, :], self.W.mT)[:, 0] if left else torch.bmm(self.W, r1c[..., None])[..., 0])
+            r2 = r2 - self._w_times(r1)
         if m2:
             if self.band:
                 y2 = self._banded_solve(r2)
@@ -888,8 +950,7 @@ class _Newton:
                 y2 = torch.linalg.solve_triangular(self.Lc.mT, w, upper=True)[..., 0] * self.scale
             if not m1:
                 return y2
-            y2c = y2.contiguous()
-            y1 = (r1 - (torch.bmm(y2c[:, None, :], self.W)[:, 0] if left else torch.bmm(self.W.mT, y2c[..., None])[..., 0])) / self.sd1
+            y1 = (r1 - self._wt_times(y2)) / self.sd1
             return torch.cat([y1.T, y2.T], 0).T  # batch-last, like the iterates
         return r1 / self.sd1
 
@@ -1757,8 +1818,9 @@ def solve_torch(theta: torch.Tensor, polytope: Polytope, regularizer: Regularize
                              tol=0.0 if tol is None else tol)
         return (0.0 * theta + x.reshape(theta.shape[1:])), report
     # the batch's dense Schur complements are held at once (several copies: 951 rows at B = 128
-    # took 7.2 GB): a large batch of a large system is solved in chunks of bounded memory
-    per = max(1, CHUNK_BYTES // (8 * max(1, sf.A.shape[0]) ** 2))
+    # took 7.2 GB): a large batch of a large system is solved in chunks of bounded memory (banded:
+    # the blocks as assembled)
+    per = max(1, CHUNK_BYTES // (8 * (sum(_schur_layout(sf)) + sf.m1 if sf.band else max(1, sf.A.shape[0]) ** 2)))
     if B > per:
         parts = [solve_torch(theta[i:i + per], polytope, regularizer, tol, max_iter,
                              None if forbidden is None else forbidden[i:i + per]) for i in range(0, B, per)]
