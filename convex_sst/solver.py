@@ -375,7 +375,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     r1, r2 = er[i1], er[i2]
     if np.any((r1 < m1) & (r2 < m1) & (r1 != r2)):  # pragma: no cover - the rows were chosen in disjoint blocks
         raise PolytopeError("internal error: rows of the diagonal block share a block")
-    if w:  # S22 as [diagonal blocks (nk·w·w), blocks below them (row block k, column block k − 1)]
+    if band:  # S22 as [diagonal blocks (nk·w·w), blocks below them (row block k, column block k − 1)]
         nk = -(-m2 // w)
         p1, p2 = r1 - m1, r2 - m1
         k1, k2 = p1 // w, p2 // w
@@ -547,7 +547,7 @@ _BAND_MIN_BLOCKS = 3
 
 
 def _band(row_blocks: list[set[int]], diag_rows: list[int], rest: list[int], nb: int
-          ) -> tuple[int, list[int], tuple[np.ndarray, np.ndarray]] | None:
+          ) -> tuple[int, list[int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
     """``(w, order of rest, (c1, a, b))``: the rows ``rest`` reordered so that ``S22 − S21 S11⁻¹
     S12`` (rows coupled where they share a block of variables, directly or through a diagonal
     row) is block tridiagonal in blocks of w, where that pays (``_BAND_SHARE``); else None.
@@ -596,6 +596,30 @@ def _band(row_blocks: list[set[int]], diag_rows: list[int], rest: list[int], nb:
         at[0, k - 1, got] = np.searchsorted(c1[k], c2[k - 1, got])
         at[1, k - 1, got] = np.searchsorted(c1[k - 1], c2[k - 1, got])
     return w, order.tolist(), (c1, at[0], at[1])
+
+
+def looks_banded(P: Polytope) -> bool:
+    """Whether P's equality rows, linked where they share a variable or variables linked by an
+    inequality row, have a reverse Cuthill–McKee bandwidth of at most a quarter of their number:
+    a test of tens of ms on thousands of rows (correlated k-subsets n = 200: 45 ms), taken before
+    building the standard form, whose :func:`_band` decides. (Correlated k-subsets pass with
+    ratios of 12 to 160; spanning trees, arborescences and Birkhoff polytopes fail at 1 to 1.6.)"""
+    key = ("looks banded",)
+    if key not in P.cache:
+        from scipy.sparse.csgraph import connected_components, reverse_cuthill_mckee
+
+        A = (sp.csr_matrix(P.form.A_eq) != 0).astype(float)  # patterns (copies: the form stays as it is)
+        G = (sp.csr_matrix(P.form.A_ub) != 0).astype(float)
+        m, N = A.shape
+        k, label = connected_components(G.T @ G + sp.eye(N), directed=False)
+        rows = ((A @ sp.csr_matrix((np.ones(N), (np.arange(N), label)), shape=(N, k))) != 0).astype(float)
+        pattern = (rows @ rows.T).tocoo()
+        order = reverse_cuthill_mckee(pattern.tocsr(), symmetric_mode=True)
+        where = np.empty(m, dtype=np.int64)
+        where[order] = np.arange(m)
+        width = int(np.abs(where[pattern.row] - where[pattern.col]).max(initial=0)) + 1
+        P.cache[key] = m >= 4 * width
+    return bool(P.cache[key])
 
 
 def _schur_parts(m: int, m1: int, band: int = 0, cols: int = 0) -> tuple[int, int]:

@@ -110,8 +110,8 @@ def test_degenerate_polytope_with_redundant_rows_and_free_aux(tmp_path, gen):
 
 
 def test_auto_picks_torch_for_small_equality_systems(tmp_path):
-    from convex_sst.relax import TORCH_AUTO_MAX_ROWS, select_backend
-    from convex_sst.solver import relax_torch
+    from convex_sst.relax import TORCH_AUTO_MAX_BANDED_ROWS, TORCH_AUTO_MAX_ROWS, select_backend
+    from convex_sst.solver import relax_torch, standard_form
 
     reg = get_regularizer("quadratic")
     # Birkhoff, matchings and arborescences with the quadratic have fast paths; users' copies do not
@@ -125,13 +125,22 @@ def test_auto_picks_torch_for_small_equality_systems(tmp_path):
     # the entropies (exponential cones in cvxpylayers: slower, and inaccurate) take the torch
     # solver up to 1 600 rows (spanning trees up to n = 32, whose standard form takes seconds
     # to build, minutes before it was sparse and propagated bounds: correlated k-subsets here)
-    mid, large = cs.load_polytope("correlated_k_subset", n=50, k=8), cs.load_polytope("correlated_k_subset", n=70, k=12)
-    assert TORCH_AUTO_MAX_ROWS < 800 < mid.form.num_eq <= 1600 < large.form.num_eq
+    mid = cs.load_polytope("correlated_k_subset", n=50, k=8)
+    assert TORCH_AUTO_MAX_ROWS < 800 < mid.form.num_eq <= 1600
     for name in ("entropy", "binary_entropy"):
         assert select_backend(mid, get_regularizer(name), "auto") is relax_torch
-        assert select_backend(large, get_regularizer(name), "auto") is not relax_torch
+    # ... and every regularizer beyond, up to TORCH_AUTO_MAX_BANDED_ROWS, where the rows are
+    # banded (factored by blocks): correlated k-subsets, users' chains; not where they are not
+    # (the arborescences above, spanning trees)
+    large, huge = cs.load_polytope("correlated_k_subset", n=70, k=12), cs.load_polytope("correlated_k_subset", n=250, k=10)
+    assert 1600 < large.form.num_eq <= TORCH_AUTO_MAX_BANDED_ROWS < huge.form.num_eq
+    for name in ("entropy", "binary_entropy"):
+        assert select_backend(large, get_regularizer(name), "auto") is relax_torch
+        assert select_backend(huge, get_regularizer(name), "auto") is not relax_torch
     mid_copy = cs.load_polytope(user_copy(tmp_path, "correlated_k_subset"), n=50, k=8)
-    assert select_backend(mid_copy, reg, "auto") is not relax_torch  # the quadratic keeps 300
+    assert select_backend(mid_copy, reg, "auto") is relax_torch  # the quadratic too, banded
+    assert standard_form(mid_copy, reg).band > 0 and standard_form(big, reg).band == 0
+    assert not solver.looks_banded(cs.load_polytope(user_copy(tmp_path, "spanning_tree"), n=16))
     # a fast path always wins; a regularizer without elementwise derivatives goes to cvxpylayers
     assert select_backend(cs.load_polytope("birkhoff", n=4), get_regularizer("entropy"), "auto") is not relax_torch
 
