@@ -1148,8 +1148,9 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         # multiplier within _RESOLVED of each other) 100x tighter (on flows, _PEND_WEIGHT_FLOWS):
         # the mean over hundreds of pairs let one lag at 5e-9 (a matching's column with true slack
         # 1e-5 at slack 2e-5 and λ 2e-4: x off by 6e-6, reported converged, and the backward could
-        # not tell whether the column was full). Resolved pairs (a full column with λ = 6, slack 3e-11) and rows that
-        # stall above `accept` (degenerate ones, which go to the polish) are judged as before.
+        # not tell whether the column was full). Resolved pairs (a full column with λ = 6, slack
+        # 3e-11) and rows that stall above `accept` (degenerate ones, which go to the polish) are
+        # judged as before.
         pend = torch.maximum(_unresolved(pl, gl, zl).amax(1), _unresolved(pu, gu, zu).amax(1))
         if p:
             pend = torch.maximum(pend, _unresolved(ps, s, lam).amax(1))
