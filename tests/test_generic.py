@@ -175,8 +175,8 @@ def test_scs_solver_option(gen):
 def test_auto_solves_the_rows_cvxpylayers_leaves_inaccurate_again_with_the_torch_solver(tmp_path, monkeypatch):
     # a user's flow formulation with more equality rows (379) than auto gives the torch solver
     # (here made 300 for the entropy too, the bound before it became 800, and none for banded
-    # rows, which this chain has, so that a small config shows it): at t = 0.02 with the entropy, Clarabel's exponential cones leave rows
-    # inaccurate (warned; at n = 40, 633 rows, "infeasible solutions", a SolverError). auto
+    # rows, which this chain has, so that a small config shows it): at t = 0.02 with the
+    # entropy, Clarabel's exponential cones leave rows inaccurate (warned; at n = 40, 633 rows, "infeasible solutions", a SolverError). auto
     # solves those rows again with the torch solver: no warning, values and their gradients as
     # the torch backend's
     import importlib
@@ -209,7 +209,7 @@ def test_auto_solves_the_rows_cvxpylayers_leaves_inaccurate_again_with_the_torch
     assert 1 <= int(exact.sum()) < 8
 
 
-def test_auto_takes_the_generic_path_where_the_torch_solver_cannot_go(tmp_path, monkeypatch):
+def test_auto_takes_the_generic_path_where_the_torch_solver_cannot_go(tmp_path, monkeypatch, gen):
     # an auxiliary variable without bounds (x[0] = z[0] - z[1], z free): the torch solver needs
     # bounds on auxiliaries and raised PolytopeError under backend="auto", although the generic
     # path solves it; auto now takes the generic path (and finds that out once per polytope)
@@ -217,11 +217,13 @@ def test_auto_takes_the_generic_path_where_the_torch_solver_cannot_go(tmp_path, 
     path.write_text("name: free_aux\noutput: {name: x, shape: [3]}\nvariables:\n  z: [2]\nconstraints:\n"
                     "  - x[0] == z[0] - z[1]\n  - sum(x) == 1\n  - 0 <= x <= 1\n")
     P = cs.load_polytope(path)
-    u = torch.randn(2, 3, dtype=torch.float64)
+    u = torch.randn(2, 3, generator=gen, dtype=torch.float64)
     with pytest.raises(cs.PolytopeError, match="auxiliary variable z.* is unbounded"):
         cs.relax(u, P, "entropy", backend="torch")
     x = cs.relax(u, P, "entropy")
-    assert (x - torch.softmax(u, -1)).abs().max() < 1e-6  # P is the simplex
+    # P is the simplex. (Clarabel's exponential cones: up to 1.4e-6 over 60 seeds of the global
+    # generator, which this test drew from until it failed once in a run of these two files)
+    assert (x - torch.softmax(u, -1)).abs().max() < 5e-6
     import convex_sst.solver as solver_module
 
     monkeypatch.setattr(solver_module, "standard_form", lambda *a: pytest.fail("built again"))
