@@ -509,19 +509,28 @@ def test_implied_bounds_contain_the_ranges_over_P(seed, tmp_path):
 
 
 @pytest.mark.parametrize("seed", range(2))
-def test_independent_rows_per_component_span_the_rows(seed, tmp_path):
+@pytest.mark.parametrize("network", [False, True])
+def test_independent_rows_per_component_span_the_rows(seed, network, monkeypatch):
     # the rank test of the equality rows is done per connected component of rows (the flow
     # formulations: one per commodity): the rows kept must be independent and span all rows, as
     # one pivoted QR of the whole matrix finds; on built-ins and random configs with several
-    # components, dependent rows included (a sum of others, a copy)
+    # components, dependent rows included (a sum of others, a copy). With `network`, every
+    # component first tries the exact rule for rows with a column of their own and flow
+    # conservation (_network_rows, else the QR), which large components take
     import scipy.sparse as sp
 
-    from convex_sst.solver import _independent_rows
+    from convex_sst.solver import _independent_rows, _network_rows
 
+    if network:
+        monkeypatch.setattr(solver, "_QR_MAX_ROWS", 0)
     rng = np.random.default_rng(seed)
-    cases = [cs.load_polytope(name, **params).form.A_eq for name, params in
-             [("spanning_tree", {"n": 6}), ("arborescence", {"n": 5}), ("birkhoff", {"n": 4}),
-              ("correlated_k_subset", {"n": 6, "k": 3}), ("matching", {"n": 3, "m": 4})]]
+    flows = [cs.load_polytope(name, **params).form.A_eq for name, params in
+             [("correlated_k_subset", {"n": 12, "k": 4}), ("spanning_tree", {"n": 6}), ("arborescence", {"n": 5}),
+              ("dag_path", {"n": 7, "edges": [[i, j] for i in range(7) for j in range(i + 1, 7)], "source": 0, "target": 6})]]
+    for A in flows:  # these take the exact rule, not the QR
+        assert _network_rows(sp.csr_matrix(A)) is not None
+    cases = flows + [cs.load_polytope(name, **params).form.A_eq for name, params in
+                     [("birkhoff", {"n": 4}), ("correlated_k_subset", {"n": 6, "k": 3}), ("matching", {"n": 3, "m": 4})]]
     for _ in range(20):
         blocks = []
         for _ in range(int(rng.integers(1, 4))):
