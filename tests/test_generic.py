@@ -176,9 +176,9 @@ def test_auto_solves_the_rows_cvxpylayers_leaves_inaccurate_again_with_the_torch
     # a user's flow formulation with more equality rows (379) than auto gives the torch solver
     # (here made 300 for the entropy too, the bound before it became 800, and none for banded
     # rows, which this chain has, so that a small config shows it): at t = 0.02 with the
-    # entropy, Clarabel's exponential cones leave rows inaccurate (warned; at n = 40, 633 rows, "infeasible solutions", a SolverError). auto
-    # solves those rows again with the torch solver: no warning, values and their gradients as
-    # the torch backend's
+    # entropy, Clarabel's exponential cones leave rows inaccurate (warned; at n = 40, 633 rows,
+    # "infeasible solutions", a SolverError). auto solves those rows again with the torch
+    # solver: no warning, values and their gradients as the torch backend's
     import importlib
     import warnings
 
