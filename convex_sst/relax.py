@@ -11,8 +11,8 @@ Backends:
 * ``"auto"``: ``"fast"`` where registered, else ``"torch"`` where the regularizer allows it and
   the polytope has at most ``TORCH_AUTO_MAX_ROWS`` equality rows (1 600 for the entropies,
   ``TORCH_AUTO_MAX_ROWS_BY_REGULARIZER``; the solver factors a dense Schur complement of that
-  size per sample) or at most ``TORCH_AUTO_MAX_BANDED_ROWS`` banded ones (factored by blocks),
-  else ``"generic"``.
+  size per sample) or at most ``TORCH_AUTO_MAX_BANDED_ROWS`` banded ones (factored by blocks;
+  any number where they are also a flow's), else ``"generic"``.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ TORCH_AUTO_MAX_ROWS_BY_REGULARIZER = {"entropy": 1600, "binary_entropy": 1600}
 # gradients 1e3x more accurate. The first call builds the standard form, whose rank test is a
 # dense QR of Aᵀ for rows other than a flow's (solver._network_rows settles those in
 # milliseconds): at 4 401 rows 17 s, at 9 001 146 s, against about 2-12 s for cvxpylayers' first
-# call. The bound sits there (correlated k-subsets, whose rows are a flow's, would gain beyond:
-# n = 400, 9 001 rows, standard form 2.9 s, B = 8 in 6-8 s)
+# call. The bound sits there, for those; banded rows that are a flow's (solver.network_rows:
+# correlated k-subsets) have none (n = 400, 9 001 rows: standard form 2.9 s, B = 8 in 6-8 s)
 TORCH_AUTO_MAX_BANDED_ROWS = 4500
 
 
@@ -81,11 +81,11 @@ def _torch_auto(P: Polytope, reg: Regularizer) -> bool:
     rows = P.form.num_eq
     if rows <= torch_auto_max_rows(reg):
         return _torch_form_exists(P, reg)
-    if rows > TORCH_AUTO_MAX_BANDED_ROWS:
-        return False
-    from .solver import looks_banded, standard_form
+    from .solver import looks_banded, network_rows, standard_form
 
-    return looks_banded(P) and _torch_form_exists(P, reg) and standard_form(P, reg).band > 0
+    if not looks_banded(P) or (rows > TORCH_AUTO_MAX_BANDED_ROWS and not network_rows(P)):
+        return False
+    return _torch_form_exists(P, reg) and standard_form(P, reg).band > 0
 
 
 def register_fast_path(polytope: str, regularizer: str) -> Callable[[FastPath], FastPath]:
@@ -419,7 +419,8 @@ def _route(P: Polytope, reg: Regularizer, backend: str) -> tuple[str, FastPath |
     if backend == "auto" and fast is None and reg.cvxpy is None:
         have = sorted(p for (p, r) in _FAST if r == reg.name)
         torch_note = (f"the torch solver is used automatically only up to {torch_auto_max_rows(reg)} equality rows, "
-                      f"{TORCH_AUTO_MAX_BANDED_ROWS} where they are banded (this polytope has {P.form.num_eq}; "
+                      f"{TORCH_AUTO_MAX_BANDED_ROWS} where they are banded, any number where they are also a flow's "
+                      f"(this polytope has {P.form.num_eq}; "
                       "backend='torch' forces it)" if reg.separable else
                       f"{reg.name!r} gives no elementwise grad and hess for the torch solver")
         raise UnknownNameError(

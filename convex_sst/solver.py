@@ -687,6 +687,15 @@ def looks_banded(P: Polytope) -> bool:
     return bool(P.cache[key])
 
 
+def network_rows(P: Polytope) -> bool:
+    """Whether :func:`_network_rows` settles the rank of P's equality rows (a flow's: rows with
+    a column of their own, then flow conservation), so that the standard form needs no dense QR."""
+    key = ("network rows",)
+    if key not in P.cache:
+        P.cache[key] = _network_rows(sp.csr_matrix(P.form.A_eq)) is not None
+    return bool(P.cache[key])
+
+
 def _schur_parts(m: int, m1: int, band: int = 0, cols: int = 0) -> tuple[int, int]:
     """Entries of S22 and S21 as assembled in ``[S22, S21, diag S11]``: dense, or (``band`` > 0)
     S22's diagonal and sub-diagonal blocks of ``band`` rows and S21 by blocks of rows, each
@@ -924,7 +933,9 @@ class _Newton:
             # W has a few hundred entries (spanning trees n = 8: 56 × 28), slower below; (bmm
             # wants row-major vectors: a batch-last one makes it ~10x slower)
             vc = v.contiguous()
-            return torch.bmm(vc[:, None, :], self.W.mT)[:, 0] if self.m1 * self.m2 > 400 else torch.bmm(self.W, vc[..., None])[..., 0]
+            if self.m1 * self.m2 > 400:
+                return torch.bmm(vc[:, None, :], self.W.mT)[:, 0]
+            return torch.bmm(self.W, vc[..., None])[..., 0]
         c1 = self.band_cols[0]
         B = v.shape[0]
         vk = torch.cat([v, torch.zeros_like(v[:, :1])], 1)[:, c1].transpose(0, 1)  # (nk, B, c)
@@ -935,7 +946,9 @@ class _Newton:
         """``Wᵀ v`` for ``v (B, m2)``: ``(B, m1)``."""
         if not self.band:
             vc = v.contiguous()
-            return torch.bmm(vc[:, None, :], self.W)[:, 0] if self.m1 * self.m2 > 400 else torch.bmm(self.W.mT, vc[..., None])[..., 0]
+            if self.m1 * self.m2 > 400:
+                return torch.bmm(vc[:, None, :], self.W)[:, 0]
+            return torch.bmm(self.W.mT, vc[..., None])[..., 0]
         c1 = self.band_cols[0]
         nk, c = c1.shape
         B = v.shape[0]

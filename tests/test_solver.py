@@ -109,7 +109,7 @@ def test_degenerate_polytope_with_redundant_rows_and_free_aux(tmp_path, gen):
     assert cs.relax(u, P, "entropy", 0.5).shape == (5, 4)  # auto picks the torch solver here
 
 
-def test_auto_picks_torch_for_small_equality_systems(tmp_path):
+def test_auto_picks_torch_for_small_equality_systems(tmp_path, monkeypatch):
     from convex_sst.relax import TORCH_AUTO_MAX_BANDED_ROWS, TORCH_AUTO_MAX_ROWS, select_backend
     from convex_sst.solver import relax_torch, standard_form
 
@@ -131,12 +131,16 @@ def test_auto_picks_torch_for_small_equality_systems(tmp_path):
         assert select_backend(mid, get_regularizer(name), "auto") is relax_torch
     # ... and every regularizer beyond, up to TORCH_AUTO_MAX_BANDED_ROWS, where the rows are
     # banded (factored by blocks): correlated k-subsets, users' chains; not where they are not
-    # (the arborescences above, spanning trees)
+    # (the arborescences above, spanning trees). Banded rows that are a flow's (no dense QR in
+    # the standard form) have no bound
     large, huge = cs.load_polytope("correlated_k_subset", n=70, k=12), cs.load_polytope("correlated_k_subset", n=250, k=10)
     assert 1600 < large.form.num_eq <= TORCH_AUTO_MAX_BANDED_ROWS < huge.form.num_eq
     for name in ("entropy", "binary_entropy"):
         assert select_backend(large, get_regularizer(name), "auto") is relax_torch
-        assert select_backend(huge, get_regularizer(name), "auto") is not relax_torch
+        assert select_backend(huge, get_regularizer(name), "auto") is relax_torch
+    monkeypatch.setattr(solver, "network_rows", lambda P: False)  # as if they were not a flow's
+    assert select_backend(huge, get_regularizer("entropy"), "auto") is not relax_torch
+    assert select_backend(large, get_regularizer("entropy"), "auto") is relax_torch
     mid_copy = cs.load_polytope(user_copy(tmp_path, "correlated_k_subset"), n=50, k=8)
     assert select_backend(mid_copy, reg, "auto") is relax_torch  # the quadratic too, banded
     assert standard_form(mid_copy, reg).band > 0 and standard_form(big, reg).band == 0
@@ -952,7 +956,6 @@ def test_torch_solver_resolves_ambiguous_capacity_rows_of_flow_formulations():
         warnings.simplefilter("error", cs.SolverWarning)
         x = cs.relax(u, P, "quadratic", 1.0, backend="torch")
     assert (x - ref).abs().max() < 1e-9
-
 
 
 @pytest.mark.parametrize("reg, t, row", [("entropy", 1.0, 31), ("entropy", 0.3, 58), ("binary_entropy", 0.3, 41)])
