@@ -175,10 +175,10 @@ def test_scs_solver_option(gen):
 def test_auto_solves_the_rows_cvxpylayers_leaves_inaccurate_again_with_the_torch_solver(tmp_path, monkeypatch):
     # a user's flow formulation with more equality rows (379) than auto gives the torch solver
     # (here made 300 for the entropy too, the bound before it became 800, and none for banded
-    # rows, which this chain has, so that a small config shows it): at t = 0.02 with the
-    # entropy, Clarabel's exponential cones leave rows inaccurate (warned; at n = 40, 633 rows,
-    # "infeasible solutions", a SolverError). auto solves those rows again with the torch
-    # solver: no warning, values and their gradients as the torch backend's
+    # rows, which this chain has, a flow's or not, so that a small config shows it): at t = 0.02
+    # with the entropy, Clarabel's exponential cones leave rows inaccurate (warned; at n = 40,
+    # 633 rows, "infeasible solutions", a SolverError). auto solves those rows again with the
+    # torch solver: no warning, values and their gradients as the torch backend's
     import importlib
     import warnings
 
@@ -186,6 +186,7 @@ def test_auto_solves_the_rows_cvxpylayers_leaves_inaccurate_again_with_the_torch
 
     monkeypatch.setattr(importlib.import_module("convex_sst.relax"), "TORCH_AUTO_MAX_ROWS_BY_REGULARIZER", {})
     monkeypatch.setattr(importlib.import_module("convex_sst.relax"), "TORCH_AUTO_MAX_BANDED_ROWS", 0)
+    monkeypatch.setattr(importlib.import_module("convex_sst.solver"), "network_rows", lambda P: False)
 
     text = builtin_config_paths()["correlated_k_subset"].read_text()
     text = "\n".join(line for line in text.splitlines() if not line.startswith("argmax:"))
