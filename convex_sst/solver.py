@@ -248,7 +248,6 @@ def _network_rows(A: sp.csr_matrix) -> np.ndarray | None:
     core = np.flatnonzero(alive)
     if core.size:
         C = sp.csc_matrix(A[core])
-        C.eliminate_zeros()
         C.sort_indices()
         nnz = np.diff(C.indptr)
         if np.any((nnz != 0) & (nnz != 2)):
@@ -623,7 +622,6 @@ def _band(row_blocks: list[set[int]], diag_rows: list[int], rest: list[int], nb:
     m1, m2 = len(diag_rows), len(rest)
     if m2 < 4 * _BAND_MIN_BLOCKS:
         return None
-    from scipy.sparse.csgraph import reverse_cuthill_mckee
 
     def incidence(rows: list[int]) -> sp.csr_matrix:
         r = np.array([i for i, q in enumerate(rows) for _ in row_blocks[q]], dtype=np.int64)
@@ -632,12 +630,7 @@ def _band(row_blocks: list[set[int]], diag_rows: list[int], rest: list[int], nb:
 
     R2, R1 = incidence(rest), incidence(diag_rows)
     P21 = ((R2 @ R1.T) != 0).astype(np.float64)
-    pattern = (((R2 @ R2.T) != 0).astype(np.float64) + P21 @ P21.T).tocsr()
-    order = reverse_cuthill_mckee(pattern, symmetric_mode=True)
-    where = np.empty(m2, dtype=np.int64)
-    where[order] = np.arange(m2)
-    C = pattern.tocoo()
-    w = int(np.abs(where[C.row] - where[C.col]).max()) + 1
+    order, w = _rcm_width(((R2 @ R2.T) != 0).astype(np.float64) + P21 @ P21.T)
     nk = -(-m2 // w)
     if nk < _BAND_MIN_BLOCKS:
         return None
@@ -663,6 +656,18 @@ def _band(row_blocks: list[set[int]], diag_rows: list[int], rest: list[int], nb:
     return w, order.tolist(), (c1, at[0], at[1])
 
 
+def _rcm_width(pattern: sp.spmatrix) -> tuple[np.ndarray, int]:
+    """The reverse Cuthill–McKee order of a symmetric pattern and its bandwidth in that order
+    (the largest distance between linked rows, plus one)."""
+    pattern = sp.csr_matrix(pattern)
+    m = pattern.shape[0]
+    order = sp.csgraph.reverse_cuthill_mckee(pattern, symmetric_mode=True)
+    where = np.empty(m, dtype=np.int64)
+    where[order] = np.arange(m)
+    C = pattern.tocoo()
+    return order, int(np.abs(where[C.row] - where[C.col]).max(initial=0)) + 1
+
+
 def looks_banded(P: Polytope) -> bool:
     """Whether P's equality rows, linked where they share a variable or variables linked by an
     inequality row, have a reverse Cuthill–McKee bandwidth of at most a quarter of their number:
@@ -671,19 +676,12 @@ def looks_banded(P: Polytope) -> bool:
     ratios of 12 to 160; spanning trees, arborescences and Birkhoff polytopes fail at 1 to 1.6.)"""
     key = ("looks banded",)
     if key not in P.cache:
-        from scipy.sparse.csgraph import connected_components, reverse_cuthill_mckee
-
         A = (sp.csr_matrix(P.form.A_eq) != 0).astype(float)  # patterns (copies: the form stays as it is)
         G = (sp.csr_matrix(P.form.A_ub) != 0).astype(float)
         m, N = A.shape
-        k, label = connected_components(G.T @ G + sp.eye(N), directed=False)
+        k, label = sp.csgraph.connected_components(G.T @ G + sp.eye(N), directed=False)
         rows = ((A @ sp.csr_matrix((np.ones(N), (np.arange(N), label)), shape=(N, k))) != 0).astype(float)
-        pattern = (rows @ rows.T).tocoo()
-        order = reverse_cuthill_mckee(pattern.tocsr(), symmetric_mode=True)
-        where = np.empty(m, dtype=np.int64)
-        where[order] = np.arange(m)
-        width = int(np.abs(where[pattern.row] - where[pattern.col]).max(initial=0)) + 1
-        P.cache[key] = m >= 4 * width
+        P.cache[key] = m >= 4 * _rcm_width(rows @ rows.T)[1]
     return bool(P.cache[key])
 
 
@@ -1149,7 +1147,9 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
     outliers = bool((lower < scale).any())
     scales = torch.stack([lower, scale], 1)
     dlo, dhi = sf.domain
-    flows = n > d and (math.isfinite(dlo) or math.isfinite(dhi))  # the setting of _PEND_WEIGHT_FLOWS
+    # auxiliary variables under a regularizer with domain ends (the flow formulations with the
+    # entropies): no polish for ambiguous rows there (finish()), and _PEND_WEIGHT_FLOWS instead
+    flows = n > d and (math.isfinite(dlo) or math.isfinite(dhi))
     inside_lo = float(np.nextafter(dlo, math.inf)) if math.isfinite(dlo) else None
     inside_hi = float(np.nextafter(dhi, -math.inf)) if math.isfinite(dhi) else None
     lo = torch.where(hasL, Lb, torch.full_like(Lb, -math.inf))
@@ -1458,7 +1458,7 @@ def _ipm(theta: torch.Tensor, sf: StandardForm, reg: Regularizer, tol: float | N
         hh, rd, rp, rs, gl, gu, rgl, rgu, mu, D, resid = state(theta, scales, z, y, s, lam, zl, zu)
         amb = ambiguity(scales, z, s, lam, zl, zu)
         degen = torch.zeros_like(resid, dtype=torch.bool)
-        if n == d or not (math.isfinite(dlo) or math.isfinite(dhi)):
+        if not flows:
             degen = only & torch.isfinite(resid) & (resid <= accept) & (amb > _DEGENERATE)
         need = (only & torch.isfinite(resid) & ((resid > accept) | degen)).nonzero()[:, 0]
         if need.numel():
