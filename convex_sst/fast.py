@@ -762,13 +762,21 @@ def _k_subset_tree(th: torch.Tensor, k: int) -> torch.Tensor:
     return _k_subset_route(th, k, _TREE_STAGE)
 
 
-@_differentiates
 def _autograd_gradient(fn, x: torch.Tensor) -> torch.Tensor:
-    """``∇ₓ Σ fn(x)`` by autograd; differentiable (``create_graph``) when ``x`` requires grad,
-    otherwise a plain tensor, also under ``no_grad`` and ``inference_mode``."""
-    leaf = x if x.requires_grad else x.detach().requires_grad_(True)
+    """``∇ₓ Σ fn(x)`` by autograd; differentiable (``create_graph``) when ``x`` requires grad
+    and grad mode is on, otherwise a plain tensor, also under ``no_grad`` and ``inference_mode``.
+    Grad mode is read here, before :func:`_differentiates` turns inference mode off (which
+    turns grad mode on): under ``no_grad``, a view of a parameter still reports
+    ``requires_grad`` but is not recorded, and taking it as the leaf raised "not used in the
+    graph"."""
+    return _gradient_of(fn, x, x.requires_grad and torch.is_grad_enabled())
+
+
+@_differentiates
+def _gradient_of(fn, x: torch.Tensor, track: bool) -> torch.Tensor:
+    leaf = x if track else x.detach().requires_grad_(True)
     with torch.enable_grad():
-        (g,) = torch.autograd.grad(fn(leaf).sum(), leaf, create_graph=x.requires_grad)
+        (g,) = torch.autograd.grad(fn(leaf).sum(), leaf, create_graph=track)
     return g
 
 

@@ -268,7 +268,7 @@ def relax(
         _check_scaled(theta, u, tt)
     theta = theta.reshape((-1,) + P.shape)
     route = _route(P, reg, backend)
-    if forbidden is not None and route[0] == "generic" and theta.requires_grad:
+    if forbidden is not None and route[0] == "generic" and theta.requires_grad and torch.is_grad_enabled():
         route = _generic_with_forbidden(P, reg, backend, options)
     options = _check_options(P, reg, route, options)
     if route[0] == "generic" and backend == "auto" and reg.separable and not options:

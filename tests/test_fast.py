@@ -314,6 +314,23 @@ def test_autograd_fallbacks_work_without_grad_mode(mode, gen, monkeypatch):
 
 
 @pytest.mark.parametrize("name, reg", FAST)
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("t", [1.0, 0.5])
+def test_parameters_relax_without_grad_mode(name, reg, mode, t, gen):
+    # evaluation loops call a layer on its parameters under no_grad: there u / 1 is u, and a
+    # view of a parameter made under no_grad still reports requires_grad without being recorded;
+    # the dynamic programs (dag paths, correlated k-subsets) took it as autograd's leaf and
+    # raised "appears to not have been used in the graph"
+    P = small(name)
+    u = torch.nn.Parameter(torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64))
+    ref = cs.relax(u, P, reg, t, backend="fast")
+    with mode():
+        x = cs.relax(u, P, reg, t, backend="fast")
+    assert not x.requires_grad
+    torch.testing.assert_close(x, ref.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, reg", FAST)
 def test_autocast_does_not_reach_the_solvers(name, reg, gen):
     # under autocast, matrix products of float32 tensors would run in bfloat16 (Sinkhorn's
     # backward lost 2e-3): relax turns it off around the solve, and backward passes that use
