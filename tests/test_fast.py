@@ -562,6 +562,20 @@ def test_k_subset_dft_chunks_rows(gen, monkeypatch):
     assert all(torch.allclose(a, b, rtol=0, atol=1e-15) for o in out[1:] for a, b in zip(out[0], o))
 
 
+def test_k_subset_dft_chunks_are_smaller_on_cpu(monkeypatch):
+    # on CPU the kernels of a chunk stay near the caches (n = 500, k = 50, B = 256: 3.5x faster
+    # than at the memory bound); other devices keep the memory bound alone
+    import convex_sst.fast as fast
+
+    per_row = 500 * fast._dft_half(500, 50)
+    monkeypatch.setattr(fast, "_DFT_CHUNK", 64 * per_row)
+    monkeypatch.setattr(fast, "_DFT_CHUNK_CPU", 16 * per_row)
+    assert fast._dft_chunk_rows(500, 50, torch.device("cpu")) == 16
+    assert fast._dft_chunk_rows(500, 50, torch.device("cuda")) == 64
+    monkeypatch.setattr(fast, "_DFT_CHUNK", 8 * per_row)  # the memory bound still holds on CPU
+    assert fast._dft_chunk_rows(500, 50, torch.device("cpu")) == 8
+
+
 def test_sinkhorn_reports_non_convergence(gen):
     P = cs.load_polytope("birkhoff", n=5)
     u = 5 * torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
