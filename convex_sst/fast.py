@@ -464,8 +464,8 @@ def _log_e_k(theta: torch.Tensor, k: int, stage: int) -> torch.Tensor:
     m, tau, p, q = _bernoulli_tilt(theta, k, exact)
     if dft:
         _, om1, _, c0, *_ = _dft_consts(theta.shape[1], k, theta.dtype, theta.device)
-        rows = _dft_chunk_rows(theta.shape[1], k, p.device)
-        Z = torch.cat([(_dft_phi(part, om1) * c0).real.sum(1) for part in p.split(rows)])
+        per = _dft_chunk_rows(theta.shape[1], k, p.device)
+        Z = torch.cat([(_dft_phi(part, om1) * c0).real.sum(1) for part in p.split(per)])
         ok = Z >= _DFT_MIN_PK
     else:
         a, b, _, j = _tree_leaves(p, q, k)
