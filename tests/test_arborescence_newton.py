@@ -134,6 +134,24 @@ def test_low_temperature_on_twenty_vertices_converges(reg, gen):
     assert (gap > -1e-9).all() and (gap < t * 400 * np.log(2)).all()
 
 
+def test_working_sets_do_not_cycle():
+    # with every set of negative multiplier dropped at once, row 54 of this batch repeated a
+    # 12-round cycle of working sets until _MAX_ROUNDS (under the stage schedule that row 51's
+    # larger span sets; alone it converged) and went to the torch solver (8 s for two rows)
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_flow
+
+    P = cs.load_polytope("arborescence", n=30)
+    u = torch.randn(64, 30, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = cs.relax(u[[51, 54]], P, "entropy", 0.1, backend="fast", on_failure="raise")
+    alone = cs.relax(u[54:55], P, "entropy", 0.1, backend="fast", on_failure="raise")
+    assert (x[1] - alone[0]).abs().max() < 1e-8
+    assert (x.sum(1)[:, 1:] - 1).abs().max() < 1e-9
+    for xi in x.numpy():  # every vertex one unit of flow from the root: Edmonds' cuts hold
+        cap = csr_matrix(np.round(xi * 1e8).astype(np.int32))
+        assert min(maximum_flow(cap, 0, v).flow_value for v in range(1, 30)) >= 1e8 * (1 - 1e-5)
+
+
 def test_unconverged_rows_fall_back_warn_or_raise(gen):
     P = cs.load_polytope("arborescence", n=6)
     u = torch.randn(4, 6, 6, generator=gen, dtype=torch.float64)
