@@ -58,7 +58,7 @@ arborescence        exp_family          directed matrix-tree theorem (Koo et al.
 arborescence        entropy, binary     Newton on a dual with the in-degrees and a working set
                     entropy             of forest constraints ``x(E[S]) ≤ |S| − 1`` as
                                         equalities, violated sets added by Cunningham's minimum
-                                        partition, sets with negative multipliers dropped;
+                                        partition, the most negative multiplier's set dropped;
                                         implicit Jacobian on the final sets; separation on the
                                         CPU (NumPy) (:mod:`convex_sst._arborescence_newton`)
 arborescence,       quadratic           Wolfe's minimum-norm-point algorithm (SparseMAP's
@@ -1841,8 +1841,9 @@ def arborescence_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float
     """The entropy and the binary entropy on arborescences (``argmax ⟨θ, x⟩ − f(x)`` over their
     convex hull): Newton's method on a dual with one multiplier per in-degree and one per set
     ``S`` of a working set of constraints ``x(E[S]) ≤ |S| − 1``, the violated sets found by
-    Cunningham's minimum partition and added, those with a negative multiplier dropped, until x
-    is in the polytope and optimal (:mod:`convex_sst._arborescence_newton`). Implicit Jacobian
+    Cunningham's minimum partition and added, the one with the most negative multiplier dropped
+    (one a round), until x is in the polytope and optimal (:mod:`convex_sst._arborescence_newton`).
+    Implicit Jacobian
     on the in-degrees and the final sets; the Newton steps batched (any device), the separation
     on the CPU (NumPy); computed in float64. Rows whose best tree beats the second best by
     more than 2e17 n² (logits of 1e25 and beyond) are that tree, proven to rounding
