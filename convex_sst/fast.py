@@ -1843,11 +1843,10 @@ def arborescence_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float
     ``S`` of a working set of constraints ``x(E[S]) ≤ |S| − 1``, the violated sets found by
     Cunningham's minimum partition and added, the one with the most negative multiplier dropped
     (one a round), until x is in the polytope and optimal (:mod:`convex_sst._arborescence_newton`).
-    Implicit Jacobian
-    on the in-degrees and the final sets; the Newton steps batched (any device), the separation
-    on the CPU (NumPy); computed in float64. Rows whose best tree beats the second best by
-    more than 2e17 n² (logits of 1e25 and beyond) are that tree, proven to rounding
-    (:func:`_arborescence_limit`). Options as for :func:`birkhoff_projection`."""
+    Implicit Jacobian on the in-degrees and the final sets; the Newton steps batched (any
+    device), the separation on the CPU (NumPy); computed in float64. Rows whose best tree beats
+    the second best by more than 2e17 n² (logits of 1e25 and beyond) are that tree, proven to
+    rounding (:func:`_arborescence_limit`). Options as for :func:`birkhoff_projection`."""
     root = int(polytope.params["root"])
     n = int(polytope.params["n"])
 
