@@ -576,6 +576,27 @@ def test_k_subset_dft_chunks_are_smaller_on_cpu(monkeypatch):
     assert fast._dft_chunk_rows(500, 50, torch.device("cpu")) == 8
 
 
+def test_k_subset_tree_chunks_rows_on_cpu(gen, monkeypatch):
+    # on CPU the product tree takes rows in chunks of at most _TREE_CHUNK_CPU coefficients (time
+    # per row grew with the batch); the result and its gradient must not depend on them
+    import convex_sst.fast as fast
+
+    assert fast._tree_size(5, 2) == 5 * 2 + 3 * 3 + 2 * 3 + 1 * 3  # degrees 1, 2, 2, 2
+    u = torch.randn(7, 40, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 40, generator=gen, dtype=torch.float64)
+    calls = []
+    real = fast._k_subset_route
+    monkeypatch.setattr(fast, "_k_subset_route", lambda th, *a: calls.append(th.shape[0]) or real(th, *a))
+    out = []
+    for rows, expected in ((7, [7]), (3, [3, 3, 1]), (2, [2, 2, 2, 1])):
+        monkeypatch.setattr(fast, "_TREE_CHUNK_CPU", rows * fast._tree_size(40, 6))
+        calls.clear()
+        x = fast._k_subset_tree(u, 6)
+        assert calls == expected
+        out.append((x, *torch.autograd.grad((x * w).sum(), u)))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-15) for o in out[1:] for a, b in zip(out[0], o))
+
+
 def test_sinkhorn_reports_non_convergence(gen):
     P = cs.load_polytope("birkhoff", n=5)
     u = 5 * torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
