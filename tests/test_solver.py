@@ -1108,6 +1108,20 @@ def test_torch_solver_keeps_the_primal_residual_of_flows_at_low_temperature(tmp_
     assert (x - ref).abs().max() < 1e-8
 
 
+def test_torch_solver_keeps_the_primal_residual_of_large_flow_graphs():
+    # correlated k-subsets (n = 50, k = 10: 1 700 variables) with the binary entropy at t = 0.03:
+    # with 1e-6 as _AUX_PROX the primal residual of these two rows stalled at 1.6e-8 and 1.1e-8
+    # (reported not converged: relax warned); with 1e-4 they converge, to the same solver at
+    # tol 1e-12
+    P = cs.load_polytope("correlated_k_subset", n=50, k=10)
+    u = torch.randn(256, 99, generator=torch.Generator().manual_seed(1), dtype=torch.float64)[[49, 71]]
+    x, report = solve_torch(u / 0.03, P, get_regularizer("binary_entropy"))
+    ref, tight = solve_torch(u / 0.03, P, get_regularizer("binary_entropy"), tol=1e-12, max_iter=400)
+    assert bool(report.converged.all()), report.kkt_residual
+    assert float(tight.kkt_residual.max()) < 1e-10
+    assert (x - ref).abs().max() < 1e-8
+
+
 def test_torch_solver_backward_on_flows_at_low_temperature(tmp_path):
     # an arborescence with the entropy at t = 0.3 (Gaussian plus Gumbel utilities): with only
     # ε = 1e-10 on the flows' curvature, the backward's system next to the 1e8 penalties left
