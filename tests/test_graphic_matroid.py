@@ -3,6 +3,7 @@ minimum-cut and partition oracles against enumeration, the relaxation against th
 a Frank–Wolfe optimality certificate where that solver stalls, derivatives against differences."""
 
 import itertools
+import math
 import warnings
 
 import numpy as np
@@ -153,6 +154,60 @@ def test_min_cut_of_large_sparse_graphs_matches_scipy_max_flow():
         value = cap[np.ix_(side, ~side)].sum()
         assert side[0] and not side[N - 1]
         assert value == maximum_flow(csr_array(cap.astype(np.int32)), 0, N - 1).flow_value
+
+
+def test_min_cut_source_side_is_the_smallest_one():
+    """The source side must be the vertices reachable from s in the residual graph of a maximum
+    flow (the smallest minimum cut, the same for every maximum flow), not just some minimum cut.
+    Integer capacities, so that scipy's maximum flow is an exact reference, with many ties:
+    graphs of the sizes the separation cuts (10 to 40 vertices, each tied to s or to t, half
+    with symmetric inner arcs; the blocking flow splits the flow reaching a vertex over its
+    arcs), the same capacities times π (floats) and with an infinite arc out of s (against a
+    finite one above the total capacity); then small sparse digraphs."""
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import maximum_flow
+
+    def reachable(cap: np.ndarray, s: int, t: int) -> np.ndarray:
+        residual = cap - maximum_flow(csr_array(cap.astype(np.int32)), s, t).flow.toarray()
+        reach = np.zeros(len(cap), dtype=bool)
+        reach[s] = True
+        while True:
+            more = reach | (residual[reach] > 0).any(0)
+            if (more == reach).all():
+                return reach
+            reach = more
+
+    rng = np.random.default_rng(12)
+    split = 0
+    for _ in range(60):
+        N = int(rng.integers(10, 41))
+        s, t = 0, N - 1
+        cap = rng.integers(0, 4, (N, N)) * (rng.random((N, N)) < rng.choice([0.3, 0.7, 1.0]))
+        if rng.random() < 0.5:  # symmetric inner arcs, as in the separation's cuts
+            cap = np.triu(cap, 1) + np.triu(cap, 1).T
+        source = rng.random(N) < 0.5  # each vertex tied to s or to t
+        cap[s] = np.where(source, rng.integers(0, 2 * N, N), 0)
+        cap[:, t] = np.where(source, 0, rng.integers(0, 2 * N, N))
+        cap[:, s] = cap[t] = 0
+        np.fill_diagonal(cap, 0)
+        reach = reachable(cap, s, t)
+        split += 1 < reach.sum() < N - 1
+        assert (_min_cut_source_side(cap.astype(float), s, t) == reach).all()
+        assert (_min_cut_source_side(cap * math.pi, s, t) == reach).all()
+        big = cap.copy()
+        big[s, 1] = cap.sum() + 1
+        infinite = cap * 1.0
+        infinite[s, 1] = math.inf
+        assert (_min_cut_source_side(infinite, s, t) == reachable(big, s, t)).all()
+    assert split > 20  # cuts that split the inner vertices, not only s or everything but t alone
+    # small sparse digraphs, where a maximum flow has to send flow back along arcs it used (without
+    # the reverse arcs' residuals, 116 of 20 000 such graphs came out wrong)
+    for _ in range(1500):
+        N = int(rng.integers(4, 9))
+        cap = rng.integers(0, 3, (N, N)) * (rng.random((N, N)) < 0.5)
+        np.fill_diagonal(cap, 0)
+        cap[:, 0] = cap[N - 1] = 0
+        assert (_min_cut_source_side(cap.astype(float), 0, N - 1) == reachable(cap, 0, N - 1)).all()
 
 
 @pytest.mark.parametrize("reg", SEPARABLE)
