@@ -62,6 +62,16 @@ _PINV_RTOL = 1e-12
 _VJP_BYTES = 1 << 26
 # rounds of separation per stage at most (each changes the working set of the rows solved again)
 _MAX_ROUNDS = 100
+# from this many vertices on, the separation adds the vertices of y = x + xᵀ to Cunningham's
+# partition in increasing order of their weight in y (leaves first; the algorithm is exact in any
+# order): fewer of its steps need a minimum cut. The Y of one relax (entropy, B = 64, N(0, 2²)
+# logits): n = 30, t = 0.1, 3 971 → 2 535 cuts, min_partitions 2.5 → 1.7 s; n = 40, t = 0.03,
+# 6 686 → 4 444 cuts, 5.3 → 3.9 s; n = 20, binary entropy, 1 452 → 953. Below, where most steps
+# try every union of at most 10 parts instead of a cut, it made those unions larger: relax at
+# n = 12 to 14, t ∈ {0.3, 0.1}, six seeds of B = 32: 0.95-1.00×; n = 16 1.03-1.08×, n = 20
+# 1.15-1.21×. (For spanning trees the given order needs fewer cuts: 2, 14 and 464 against 27, 48
+# and 564 on K₂₀, K₃₀ and a sparse 40-vertex graph.)
+_LOW_DEGREE_FIRST = 15
 
 
 class _Cuts:
@@ -156,7 +166,14 @@ def _separate(x: torch.Tensor, S: torch.Tensor, tol: float) -> list[list[np.ndar
     n = Y.shape[1]
     Y[:, np.arange(n), np.arange(n)] = 0.0
     have = S.bool().cpu().numpy()
-    labels, values = min_partitions(Y, tol)
+    if n >= _LOW_DEGREE_FIRST:  # the vertices permuted by weight, and the parts' labels back
+        order = np.argsort(Y.sum(2), axis=1, kind="stable")
+        rows = np.arange(Y.shape[0])[:, None]
+        perm_labels, values = min_partitions(Y[rows[:, :, None], order[:, :, None], order[:, None, :]], tol)
+        labels = np.empty_like(perm_labels)
+        labels[rows, order] = perm_labels
+    else:
+        labels, values = min_partitions(Y, tol)
     found = []
     for i in range(Y.shape[0]):
         new = []

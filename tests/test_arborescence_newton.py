@@ -134,6 +134,56 @@ def test_low_temperature_on_twenty_vertices_converges(reg, gen):
     assert (gap > -1e-9).all() and (gap < t * 400 * np.log(2)).all()
 
 
+def _set_partitions(items: list[int]):
+    """Every partition of ``items`` into nonempty parts (lists)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for p in _set_partitions(rest):
+        yield [[first]] + p
+        for i in range(len(p)):
+            yield p[:i] + [[first] + p[i]] + p[i + 1:]
+
+
+@pytest.mark.parametrize("n", [7, 16])
+def test_separation_finds_a_minimum_partition_in_either_vertex_order(n, monkeypatch):
+    """``_separate`` returns the violated parts of a minimum partition of ``y = x + xᵀ``; from
+    ``_LOW_DEGREE_FIRST`` vertices on, Cunningham's algorithm takes them by increasing weight and
+    the parts are mapped back. On points with in-degree 1 off the root (cycles: violated sets),
+    half with tied logits, each set returned must be violated, and their total violation must be
+    the same in both orders; at n = 7 it must be the minimum over all 877 partitions."""
+    from convex_sst import _arborescence_newton as an
+
+    rng = np.random.default_rng(5)
+    B = 24
+    logits = rng.normal(size=(B, n, n)) * rng.choice([1.0, 3.0, 10.0], size=(B, 1, 1))
+    logits[: B // 2] = np.round(logits[: B // 2])
+    logits[:, np.arange(n), np.arange(n)] = -np.inf
+    x = torch.softmax(torch.from_numpy(logits), dim=1)  # each column (head distribution) sums to 1
+    x[:, :, 0] = 0.0  # the root has no parent
+    S = torch.zeros(B, 0, n, dtype=torch.float64)
+    Y = (x + x.mT).numpy()
+    totals = {}
+    for order, first in (("weight", 0), ("given", 10**9)):
+        monkeypatch.setattr(an, "_LOW_DEGREE_FIRST", first)
+        found = an._separate(x, S, 1e-12)
+        total = np.zeros(B)
+        for b, sets in enumerate(found):
+            for mask in sets:
+                violation = 0.5 * Y[b][np.ix_(mask, mask)].sum() - (mask.sum() - 1)
+                assert violation > 1e-12
+                total[b] += violation
+        totals[order] = total
+    assert np.allclose(totals["weight"], totals["given"], rtol=0, atol=1e-10)
+    assert (totals["weight"] > 0.1).sum() > B // 2  # most points are far from the polytope
+    if n <= 8:
+        for b in range(B):
+            best = max(sum(max(0.0, 0.5 * Y[b][np.ix_(p, p)].sum() - (len(p) - 1)) for p in parts)
+                       for parts in _set_partitions(list(range(n))))
+            assert abs(totals["weight"][b] - best) < 1e-10
+
+
 def test_working_sets_do_not_cycle():
     # with every set of negative multiplier dropped at once, row 54 of this batch repeated a
     # 12-round cycle of working sets until _MAX_ROUNDS (under the stage schedule that row 51's
