@@ -146,6 +146,17 @@ def test_spanning_tree_separable_benchmark_runs_and_agrees_with_the_torch_solver
         assert float(row[4]) < 1e-7 and float(row[5]) < 1e-5, row
 
 
+def test_arborescence_separation_benchmark_runs_and_both_orders_agree():
+    out = _run("arborescence_separation.py", "--n", "6", "16", "--batch", "2", "--repeats", "1",
+               "--temperatures", "0.5")
+    rows = _rows(out, "| n=")
+    assert len(rows) == 4
+    for row in rows:
+        cuts = [int(c) for c in row[4].split(",")]
+        assert float(row[6]) < 1e-9, row  # the partition is exact in either order
+        assert (cuts[0] > 0) == row[0].startswith("n=16"), row  # K6 settles every step without a cut
+
+
 def test_assignment_quadratic_benchmark_runs_and_agrees_with_the_torch_solver():
     cases = ("birkhoff:3", "matching:2:4", "dag_path:4")
     out = _run("assignment_quadratic.py", "--cases", *cases, "--temperatures", "0.5",
