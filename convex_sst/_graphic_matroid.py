@@ -57,14 +57,14 @@ def _min_cut_source_side(cap: np.ndarray, s: int, t: int) -> np.ndarray:
     eps = 1e-14 * max(scale, 1.0) * N
     linked = (cap > 0) | (cap.T > 0)
     res: list
-    if N <= 64:  # small: dense lists (0 where there is no arc)
+    dense = N <= 64
+    if dense:  # small: dense lists (0 where there is no arc)
         res = cap.tolist()
         adj = [[b for b, on in enumerate(row) if on] for row in linked.tolist()]
     else:  # the arcs present in either direction only: dense N × N lists cost more than the flow at N = 500
         rows, cols = np.nonzero(linked)
         adj = [a.tolist() for a in np.split(cols, np.cumsum(np.bincount(rows, minlength=N))[:-1])]
         res = [dict(zip(nb, cap[a, nb].tolist())) for a, nb in enumerate(adj)]
-    dense = N <= 64
     others = [b for b in range(N) if b != s]
     while True:
         level = [-1] * N
