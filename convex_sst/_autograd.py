@@ -9,15 +9,46 @@ from typing import Any, TypeVar, cast
 
 import torch
 
-from .errors import NotSupportedError
+from .errors import ConvexSSTError, NotSupportedError
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _transformed(v: Any) -> bool:
+    """Whether ``v`` is a tensor wrapped by a ``torch.func`` transform (vmap, grad, jacrev, jvp)."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return isinstance(v, torch.Tensor) and check is not None and bool(check(v))
+
+
+def _explain_torch_func(fn: F) -> F:
+    """Decorator: where ``fn`` fails on a tensor that a ``torch.func`` transform wrapped, the
+    failure is a :class:`NotSupportedError` that says so and what to do instead (torch's own
+    message is about internals: ".item() on a Tensor", "a Tensor that doesn't have storage",
+    "must override the setup_context staticmethod"). Calls that work under a transform (the
+    pure-torch exp-family paths of ``log_partition`` under ``jacrev``) are left as they are."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            if isinstance(e, ConvexSSTError) or not any(map(_transformed, (*args, *kwargs.values()))):
+                raise
+            raise NotSupportedError(
+                f"{fn.__name__} does not support torch.func transforms (vmap, grad, jacrev, jvp, ...): its "
+                "solvers branch on values, and some run through NumPy. Hint: batch along the leading "
+                f"dimensions instead ({fn.__name__} takes inputs of shape (*batch, *polytope.shape) and solves "
+                "every row at once), and for Jacobians use torch.autograd.functional.jacobian"
+            ) from e
+
+    return cast(F, wrapper)
+
+
 def graph_break(fn: F) -> F:
     """Decorator: under ``torch.compile``, ``fn`` runs eagerly as a graph break, as with
-    ``torch.compiler.disable`` (the solvers branch on values and call SciPy and HiGHS).
+    ``torch.compiler.disable`` (the solvers branch on values and call SciPy and HiGHS). A
+    failure under a ``torch.func`` transform is explained (:func:`_explain_torch_func`).
 
     ``torch.compiler.disable`` imports ``torch._dynamo`` when it decorates, which cost
     ``import convex_sst`` about 0.65 s (a third of its import time) in programs that never
@@ -25,6 +56,7 @@ def graph_break(fn: F) -> F:
     then logs one extra graph break on that first trace ("function marked as skipped:
     disable"). Torch versions without ``torch.compiler.is_compiling`` are decorated at once.
     """
+    fn = _explain_torch_func(fn)
     if not callable(getattr(torch.compiler, "is_compiling", None)):
         return cast(F, torch.compiler.disable(fn))
     # a dict with a constant key: dynamo traces its get and setitem (on torch 2.4 a list.append

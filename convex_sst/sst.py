@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._autograd import _explain_torch_func
 from .errors import InputError, unknown_name
 from .noise import Noise, get_noise
 from .polytope import Polytope
@@ -39,6 +40,7 @@ def perturb(theta: torch.Tensor, noise: Noise | None, generator: torch.Generator
     return theta + g
 
 
+@_explain_torch_func
 def sst(
     theta: torch.Tensor,
     polytope: Polytope | str,

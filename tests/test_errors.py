@@ -340,3 +340,33 @@ def test_no_warnings_on_normal_use(P):
     with warnings.catch_warnings():
         warnings.simplefilter("error", cs.SolverWarning)
         cs.relax(torch.randn(8, 4, dtype=torch.float64), P, "binary_entropy", backend="generic")
+
+
+def test_torch_func_transforms_raise_a_clear_error():
+    """Under vmap, grad or jacrev the solvers fail inside torch (".item() on a Tensor", "a Tensor
+    that doesn't have storage", "must override the setup_context staticmethod"): relax, argmax,
+    log_partition and the SST layer say instead that torch.func is not supported and what to do;
+    torch's error is kept as the cause. What works under a transform keeps working (log_partition
+    of spanning trees, pure torch, under jacrev), and so does the hint's Jacobian."""
+    K = cs.load_polytope("k_subset", n=5, k=2)
+    T = cs.load_polytope("spanning_tree", n=4)
+    batch = torch.randn(3, 5, dtype=torch.float64)
+    calls = {
+        "relax": lambda v: cs.relax(v, K, "entropy", 1.0),
+        "argmax": lambda v: T.argmax(v),
+        "log_partition": lambda v: cs.log_partition(v, K),
+        "sst": lambda v: cs.SST(K, "entropy")(v),
+    }
+    for name, fn in calls.items():
+        u = batch if name != "argmax" else torch.randn(3, 6, dtype=torch.float64)
+        for transform in (lambda f: torch.func.vmap(f, randomness="different"), torch.func.jacrev):
+            x = u if transform is not torch.func.jacrev else u[0]
+            said = "(sst|relax)" if name == "sst" else name  # (the layer's relax may be the one to fail)
+            with pytest.raises(cs.NotSupportedError, match=rf"{said} does not support torch\.func transforms") as err:
+                transform(fn)(x)
+            assert "leading dimensions" in str(err.value) and isinstance(err.value.__cause__, RuntimeError)
+    theta = torch.randn(6, dtype=torch.float64)
+    J = torch.func.jacrev(lambda v: cs.log_partition(v, T))(theta)
+    assert torch.allclose(J, torch.autograd.functional.jacobian(lambda v: cs.log_partition(v, T), theta))
+    Jx = torch.autograd.functional.jacobian(lambda v: cs.relax(v, K, "entropy", 1.0), batch[0])
+    assert Jx.shape == (5, 5) and torch.allclose(Jx.sum(0), torch.zeros(5, dtype=torch.float64), atol=1e-12)
