@@ -435,6 +435,10 @@ class Polytope:
             )
         if u.layout != torch.strided:
             raise InputError(f"{argname} must be a dense tensor, got layout {u.layout}; hint: {argname}.to_dense()")
+        if u.device.type == "meta":
+            raise InputError(f"{argname} is on the meta device, which holds shapes but no values, and the solvers "
+                             "need values; hint: materialize the model first (module.to_empty(device=...) and "
+                             "initialize it)")
         k = len(self.shape)
         if u.dim() < k or tuple(u.shape[u.dim() - k:]) != self.shape:
             names = ", ".join(f"{p}=..." for p in self.params)

@@ -370,3 +370,10 @@ def test_torch_func_transforms_raise_a_clear_error():
     assert torch.allclose(J, torch.autograd.functional.jacobian(lambda v: cs.log_partition(v, T), theta))
     Jx = torch.autograd.functional.jacobian(lambda v: cs.relax(v, K, "entropy", 1.0), batch[0])
     assert Jx.shape == (5, 5) and torch.allclose(Jx.sum(0), torch.zeros(5, dtype=torch.float64), atol=1e-12)
+
+
+def test_meta_tensors_are_an_input_error(P):
+    u = torch.zeros(P.shape, device="meta")
+    for call in (lambda: cs.relax(u, P, "entropy", 1.0), lambda: P.argmax(u), lambda: cs.SST(P)(u)):
+        with pytest.raises(cs.InputError, match="meta device"):
+            call()
