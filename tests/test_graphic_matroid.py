@@ -118,6 +118,28 @@ def test_min_partitions_of_a_batch_match_the_rows_one_by_one(monkeypatch):
             assert sorted(set(labels[b, :k])) == list(range(q)) and labels[b, k:].tolist() == list(range(q, q + pad))
 
 
+def test_weights_between_parts_by_edges_match_the_one_hot_products(monkeypatch):
+    """From _EDGE_SUMS_FROM vertices on, the weights between parts are summed over the edges
+    instead of by one-hot products: both ways on the same graphs (sparse and dense, 5 to 30
+    vertices, ties), row by row and batched, must give the same partitions' values."""
+    rng = np.random.default_rng(13)
+    violated = 0
+    for _ in range(40):
+        k, B = int(rng.integers(5, 31)), int(rng.integers(1, 5))
+        W = np.stack([_random_weights(rng, k) for _ in range(B)])
+        W *= rng.uniform(1.5, 4.0, (B, 1, 1)) / np.maximum(W.sum(2).mean(1), 1e-9)[:, None, None]  # mean degree
+        got = {}
+        for way, first in (("edges", 0), ("one-hot", 10**9)):
+            monkeypatch.setattr(_graphic_matroid, "_EDGE_SUMS_FROM", first)
+            monkeypatch.setattr(_graphic_matroid, "_BATCHED_ROWS", 1)
+            batched = min_partitions(W, np.full(B, 1e-12))[1]
+            rows = [min_partition(W[b], 1e-12)[1] for b in range(B)]
+            got[way] = np.concatenate([batched, rows])
+        assert np.allclose(got["edges"], got["one-hot"], rtol=0, atol=1e-12)
+        violated += (got["edges"] < -1e-9).sum()
+    assert violated > 40  # rows above the forest polytope: parts were merged
+
+
 def test_min_cut_matches_enumeration():
     rng = np.random.default_rng(1)
     for _ in range(300):
