@@ -63,8 +63,10 @@ def _min_cut_source_side(cap: np.ndarray, s: int, t: int) -> np.ndarray:
         adj = [[b for b, on in enumerate(row) if on] for row in linked.tolist()]
     else:  # the arcs present in either direction only: dense N × N lists cost more than the flow at N = 500
         rows, cols = np.nonzero(linked)
-        adj = [a.tolist() for a in np.split(cols, np.cumsum(np.bincount(rows, minlength=N))[:-1])]
-        res = [dict(zip(nb, cap[a, nb].tolist())) for a, nb in enumerate(adj)]
+        ends = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=N))]).tolist()
+        heads, caps = cols.tolist(), cap[rows, cols].tolist()
+        adj = [heads[ends[a]:ends[a + 1]] for a in range(N)]
+        res = [dict(zip(adj[a], caps[ends[a]:ends[a + 1]])) for a in range(N)]
     others = [b for b in range(N) if b != s]
     while True:
         level = [-1] * N
@@ -97,8 +99,8 @@ def _min_cut_source_side(cap: np.ndarray, s: int, t: int) -> np.ndarray:
         def push(a: int, flow: float) -> float:
             """Sends up to ``flow`` from a (≠ t) to t along the level graph; returns how much went."""
             row, ra, up = adj[a], res[a], level[a] + 1
-            sent = 0.0
-            while nxt[a] < len(row):
+            sent, end = 0.0, len(row)
+            while nxt[a] < end:
                 b = row[nxt[a]]
                 r = ra[b]
                 if level[b] == up and r > eps:
