@@ -1885,8 +1885,8 @@ class _TorchSST(torch.autograd.Function):
                     z[r], Dback[r] = z1[0], D1[0]
                     if Sback is not None:
                         Sback[r] = S1[0]
-                    for field in ("converged", "iterations", "kkt_residual"):
-                        getattr(report, field)[r] = getattr(rep1, field)[0]
+                    for key in ("converged", "iterations", "kkt_residual"):
+                        getattr(report, key)[r] = getattr(rep1, key)[0]
         # (and rows that did not converge with such entries: where every structure needs one, the
         # iterates can leave P, and the mass they put on them is no test; Birkhoff n = 3 with a
         # row masked at -1e9 and the quadratic ended at x = ±274, with negative mass there)
