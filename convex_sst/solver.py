@@ -1876,17 +1876,6 @@ class _TorchSST(torch.autograd.Function):
         tamed, low, out = tame_extremes(th, fb, vertex)
         given = _remove_offsets(tamed, sf, out)
         z, (Dback, Sback), report = _ipm(given, sf, reg, tol, max_iter, out)
-        # rows that did not converge, solved again one at a time (_RETRY_ALONE)
-        retry = (~report.converged & torch.isfinite(report.kkt_residual) & ~low.any(1)).nonzero()[:, 0]
-        if theta.shape[0] > 1 and 0 < retry.numel() <= _RETRY_ALONE:
-            for r in retry.tolist():
-                z1, (D1, S1), rep1 = _ipm(given[r:r + 1], sf, reg, tol, max_iter, None if out is None else out[r:r + 1])
-                if bool(rep1.converged[0]) or bool(rep1.kkt_residual[0] < report.kkt_residual[r]):
-                    z[r], Dback[r] = z1[0], D1[0]
-                    if Sback is not None:
-                        Sback[r] = S1[0]
-                    for key in ("converged", "iterations", "kkt_residual"):
-                        getattr(report, key)[r] = getattr(rep1, key)[0]
         # (and rows that did not converge with such entries: where every structure needs one, the
         # iterates can leave P, and the mass they put on them is no test; Birkhoff n = 3 with a
         # row masked at -1e9 and the quadratic ended at x = ±274, with negative mass there)
@@ -1902,6 +1891,17 @@ class _TorchSST(torch.autograd.Function):
                                  iterations=report.iterations.index_put((redo,), rep2.iterations),
                                  kkt_residual=report.kkt_residual.index_put((redo,), rep2.kkt_residual),
                                  tol=report.tol)
+        # rows that did not converge, solved again one at a time (_RETRY_ALONE)
+        retry = (~report.converged & torch.isfinite(report.kkt_residual) & ~low.any(1)).nonzero()[:, 0]
+        if theta.shape[0] > 1 and 0 < retry.numel() <= _RETRY_ALONE:
+            for r in retry.tolist():
+                z1, (D1, S1), rep1 = _ipm(given[r:r + 1], sf, reg, tol, max_iter, None if out is None else out[r:r + 1])
+                if bool(rep1.converged[0]) or bool(rep1.kkt_residual[0] < report.kkt_residual[r]):
+                    z[r], Dback[r] = z1[0], D1[0]
+                    if Sback is not None:
+                        Sback[r] = S1[0]
+                    for key in ("converged", "iterations", "kkt_residual"):
+                        getattr(report, key)[r] = getattr(rep1, key)[0]
         holder.append(report)
         ctx.sf = sf
         ctx.save_for_backward(Dback, Sback if Sback is not None else torch.empty(0))
