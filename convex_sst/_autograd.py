@@ -27,7 +27,19 @@ def _explain_torch_func(fn: F) -> F:
     message is about internals: ".item() on a Tensor", "a Tensor that doesn't have storage",
     "must override the setup_context staticmethod"). Calls that work under a transform (the
     pure-torch exp-family paths of ``log_partition`` under ``jacrev``) are left as they are."""
+    return _explaining(fn, f"batch along the leading dimensions instead ({fn.__name__} takes inputs of "
+                           f"shape (*batch, *polytope.shape) and solves every row at once)")
 
+
+def _explain_torch_func_per_theta(fn: F) -> F:
+    """:func:`_explain_torch_func` for the estimators, which take one θ of the polytope's shape a
+    call (their hint is a loop over θ, not a batch dimension)."""
+    return _explaining(fn, f"call {fn.__name__} once per θ (one θ of the polytope's shape a call, "
+                           "one estimate each), or batch the samples through sst / relax, which take "
+                           "inputs of shape (*batch, *polytope.shape)")
+
+
+def _explaining(fn: F, hint: str) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -37,9 +49,8 @@ def _explain_torch_func(fn: F) -> F:
                 raise
             raise NotSupportedError(
                 f"{fn.__name__} does not support torch.func transforms (vmap, grad, jacrev, jvp, ...): its "
-                "solvers branch on values, and some run through NumPy. Hint: batch along the leading "
-                f"dimensions instead ({fn.__name__} takes inputs of shape (*batch, *polytope.shape) and solves "
-                "every row at once), and for Jacobians use torch.autograd.functional.jacobian"
+                f"solvers branch on values, and some run through NumPy. Hint: {hint}, and for Jacobians "
+                "use torch.autograd.functional.jacobian"
             ) from e
 
     return cast(F, wrapper)

@@ -41,7 +41,7 @@ from .errors import InputError, PolytopeError
 from .noise import Gumbel, Noise, get_noise
 from .polytope import Polytope
 from .regularizers import Regularizer
-from ._autograd import _differentiates
+from ._autograd import _differentiates, _explain_torch_func_per_theta
 from .relax import as_polytope, relax
 from .sst import perturb
 
@@ -144,6 +144,7 @@ def _greedy_sequences(P: Polytope, limit: int) -> tuple[np.ndarray, np.ndarray, 
     return picks_a, np.asarray(relevant), ids
 
 
+@_explain_torch_func_per_theta
 def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str | Noise = "gumbel",
                      method: str = "exact", num_samples: int | None = None,
                      generator: torch.Generator | None = None, limit: int = 200_000,
@@ -245,6 +246,7 @@ def _exact_distribution(P: Polytope, theta: torch.Tensor, noise: str | Noise, ca
     return _exact_smt(P, theta, get_noise(noise), caller=caller)
 
 
+@_explain_torch_func_per_theta
 @_differentiates
 def exact_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str,
                    noise: str | Noise = "gumbel") -> torch.Tensor:
@@ -258,6 +260,7 @@ def exact_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
     return g
 
 
+@_explain_torch_func_per_theta
 def expected_loss(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str, noise: str | Noise = "gumbel") -> torch.Tensor:
     """``E[L(X)]`` exactly (small structures), differentiable in θ."""
     P = as_polytope(polytope)
@@ -313,6 +316,7 @@ def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
                    noise: str | Noise = "gumbel", *, return_info: Literal[True]) -> tuple[torch.Tensor, EstimateInfo]: ...
 
 
+@_explain_torch_func_per_theta
 @_differentiates
 def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str, num_samples: int = 1,
                    baseline: str | EMABaseline | Callable | None = "loo", generator: torch.Generator | None = None,
@@ -365,6 +369,7 @@ def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
     return (g, EstimateInfo(losses, b, X)) if return_info else g
 
 
+@_explain_torch_func_per_theta
 @_differentiates
 def sst_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str,
                  regularizer: str | Regularizer = "entropy",

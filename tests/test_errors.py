@@ -365,6 +365,25 @@ def test_torch_func_transforms_raise_a_clear_error():
             with pytest.raises(cs.NotSupportedError, match=rf"{said} does not support torch\.func transforms") as err:
                 transform(fn)(x)
             assert "leading dimensions" in str(err.value) and isinstance(err.value.__cause__, RuntimeError)
+    loss = lambda x: (x ** 2).sum(-1) + x[..., 0]  # noqa: E731
+    estimators = {
+        "sst_gradient": lambda v: cs.sst_gradient(loss, v, K),
+        "score_function": lambda v: cs.score_function(loss, v, K),
+        "exact_gradient": lambda v: cs.exact_gradient(loss, v, K),
+        "expected_loss": lambda v: cs.expected_loss(loss, v, K),
+        "smt_distribution": lambda v: cs.smt_distribution(K, v)[1],
+    }
+    for name, fn in estimators.items():  # one θ a call: their hint is a loop over θ
+        with pytest.raises(cs.NotSupportedError, match=rf"{name} does not support torch\.func") as err:
+            torch.func.vmap(fn, randomness="different")(batch)
+        assert "once per θ" in str(err.value) and isinstance(err.value.__cause__, RuntimeError)
+    for name in ("sst_gradient", "score_function", "exact_gradient"):
+        with pytest.raises(cs.NotSupportedError, match=rf"{name} does not support torch\.func"):
+            torch.func.grad(lambda v: estimators[name](v).sum())(batch[0])
+    theta5 = batch[0].clone().requires_grad_(True)  # the exact distribution is pure torch: it works
+    g = torch.func.grad(estimators["expected_loss"])(batch[0])
+    assert torch.allclose(g, torch.autograd.grad(cs.expected_loss(loss, theta5, K), theta5)[0])
+    assert torch.allclose(g, cs.exact_gradient(loss, batch[0], K))
     theta = torch.randn(6, dtype=torch.float64)
     J = torch.func.jacrev(lambda v: cs.log_partition(v, T))(theta)
     assert torch.allclose(J, torch.autograd.functional.jacobian(lambda v: cs.log_partition(v, T), theta))
