@@ -1,13 +1,14 @@
 """The quadratic and the binary entropy on Birkhoff polytopes, matchings and DAG paths, and the
-entropy on DAG paths; both entropies on arborescences: Newton's method on the dual (their fast
-path since 2026-12-06, ``convex_sst._assignment_projection``, ``convex_sst._flow_newton`` and
+entropy on DAG paths; every separable regularizer on arborescences: Newton's method on the dual
+(their fast path since 2026-12-06, the arborescences' quadratic since 2026-12-07,
+``convex_sst._assignment_projection``, ``convex_sst._flow_newton`` and
 ``convex_sst._arborescence_newton``) against the torch
 interior-point solver, which ``auto`` used before, and, for the quadratic, Wolfe's
-minimum-norm-point algorithm over the argmax (Hungarian, longest path; ``projection_by_argmax``,
-the fast path of arborescences), called directly. (The "Newton" column is the fast path: for the
-quadratic it sends rows not at a vertex whose logits span more than ``fast._DAG_HULL_SPAN`` or
-``fast._ASSIGNMENT_HULL_SPAN`` to that algorithm too, since 2026-12-06; ``--newton-only`` turns
-that off.)
+minimum-norm-point algorithm over the argmax (Hungarian, longest path, Chu–Liu/Edmonds;
+``projection_by_argmax``, the arborescences' fast path for the quadratic before), called
+directly. (The "Newton" column is the fast path: for the quadratic it sends rows not at a vertex
+whose logits span more than ``fast._DAG_HULL_SPAN``, ``fast._ASSIGNMENT_HULL_SPAN`` or
+``fast._ARBORESCENCE_HULL_SPAN + n / 3`` to that algorithm too; ``--newton-only`` turns that off.)
 
 For each case: forward + backward of a batch of utilities ``u ~ N(0, 1)``, float64, median of
 ``--repeats`` interleaved rounds (each timed call after an untimed one), all in the same
@@ -21,6 +22,7 @@ forward pass (exact on a piece of this piecewise-affine map).
     python benchmarks/assignment_quadratic.py --cases dag_path:10 dag_path:30 --regularizers quadratic binary_entropy
     python benchmarks/assignment_quadratic.py --cases dag_path:10 dag_path:30 --regularizers entropy
     python benchmarks/assignment_quadratic.py --cases arborescence:10 --regularizers entropy binary_entropy
+    python benchmarks/assignment_quadratic.py --cases arborescence:10 arborescence:20 --temperatures 0.3 1 3 10 --batch 32
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def main() -> None:
     if "entropy" in args.regularizers and any(not c.startswith(("dag_path", "arborescence")) for c in args.cases):
         ap.error("--regularizers entropy takes dag_path and arborescence cases only")
     if args.newton_only:
-        cs.fast._DAG_HULL_SPAN = cs.fast._ASSIGNMENT_HULL_SPAN = math.inf
+        cs.fast._DAG_HULL_SPAN = cs.fast._ASSIGNMENT_HULL_SPAN = cs.fast._ARBORESCENCE_HULL_SPAN = math.inf
     gen = torch.Generator().manual_seed(args.seed)
     print(f"forward + backward, B = {args.batch}, float64, median of {args.repeats} interleaved rounds (ms; "
           f"threads = {torch.get_num_threads()})\n")

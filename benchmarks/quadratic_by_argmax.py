@@ -1,5 +1,7 @@
 """The quadratic relaxation by Wolfe's minimum-norm-point algorithm (``convex_sst._min_norm_point``,
-the fast path of arborescences and correlated k-subsets since 2026-12-06) against the torch
+the fast path of arborescences and correlated k-subsets since 2026-12-06; for arborescences,
+since 2026-12-07, of their rows at low temperature only, ``benchmarks/assignment_quadratic.py``)
+against the torch
 interior-point solver, which ``auto`` used for them up to 300 equality rows (above: cvxpylayers).
 Birkhoff and matchings are measured too, through the same function called directly: they kept
 the torch solver, and these numbers are why (they now have Newton's method on the dual,

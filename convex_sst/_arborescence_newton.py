@@ -1,4 +1,4 @@
-"""Separable smooth regularizers on arborescences: Newton on a dual, sets added as needed.
+"""Separable regularizers on arborescences: Newton on a dual, sets added as needed.
 
 The arborescences rooted at r are the common bases of two matroids (Edmonds), so their convex
 hull is ``P = {x ≥ 0 : x(δ⁻(m)) = 1 for m ≠ r, x(E[S]) ≤ |S| − 1 for every S ⊆ V}`` over the
@@ -27,11 +27,18 @@ certify it. (Keeping ``λ ≥ 0`` inside Newton's method instead, by projected s
 nested sets that are nearly dependent.) Logits that span more than 50 start with a continuation
 in their scale, as for Birkhoff polytopes, the working sets carried from stage to stage.
 
+The quadratic (``x = [θ − a_m − Σ λ_S]₊``, the dual piecewise quadratic) takes the same
+semismooth steps, with weights 1 on the support and 0 off it. Its in-degree and set rows are
+often dependent on the support, so its system keeps a floor _RIDGE on the regularization, and a
+column or set with no arc on the support (no curvature) steps to where its best arc carries its
+residual. (Its rows on a tree, and its rows at low temperature, are handled before:
+:func:`convex_sst.fast.arborescence_dual_newton`.)
+
 The Jacobian is that of the equality-constrained problem on the in-degrees and the final
 working set (all tight, with ``λ_S ≥ 0``): ``√W ⊙ Π(√W ⊙ G)``, Π the projector onto the null
 space of ``A diag(√W)``, by the pseudo-inverse of ``diag(√W) Aᵀ`` (:func:`arborescence_vjp`),
-computed from the output x (``W = x`` for the entropy, ``x(1 − x)`` for the binary entropy), so
-second derivatives flow through x. Separation runs on the CPU (NumPy; the rows of a round
+computed from the output x (``W = x`` for the entropy, ``x(1 − x)`` for the binary entropy, the
+support for the quadratic), so second derivatives flow through x. Separation runs on the CPU (NumPy; the rows of a round
 together, :func:`~convex_sst._graphic_matroid.min_partitions`, where they are 16 or more); the
 Newton steps are batched torch operations, in float64. (Rows at logits of 1e25 and beyond, where x
 keeps no digits, are handled before: :func:`convex_sst.fast._arborescence_limit`.)
@@ -54,6 +61,10 @@ from ._graphic_matroid import min_partitions
 
 # the Newton system's regularization, times the residual (as for DAG paths' smooth regularizers)
 _MU = 1e-3
+# the quadratic's Newton system: a floor on its regularization (its weights are 0 off the support,
+# where the in-degree and set rows are often dependent: with μ = _MU·err alone, at residuals of
+# 1e-12 the step went 0.1 to 1e16 along the null directions, and the row stalled)
+_RIDGE = 1e-10
 # the largest KKT residual (in x) accepted where the arithmetic cannot resolve the tolerance
 _RESIDUAL_CAP = 1e-6
 # singular values of the backward pass's M below this times the largest count as 0
@@ -153,7 +164,22 @@ def _newton(theta: torch.Tensor, valid: torch.Tensor, cols: torch.Tensor, cuts: 
         ga = (1.0 - x.sum(1)) * cols
         gl = torch.where(cuts.used, cuts.b - cuts.inside(x), 0.0)
         W = torch.where(valid, reg.weight(V), 0.0)
-        da, dl = _solve_system(W, cuts, cols, -ga, -gl, _MU * err)
+        if not reg.vertices:
+            da, dl = _solve_system(W, cuts, cols, -ga, -gl, _MU * err)
+            return (da, dl), (ga, gl)
+        da, dl = _solve_system(W, cuts, cols, -ga, -gl, _MU * err + _RIDGE)
+        # the quadratic: a column or a set with no arc on the support has no curvature, and the
+        # system leaves its multiplier where it is (its residual would stay, up to |S| − 1); it
+        # steps instead to where its best arc carries its residual, V = max V + g there
+        Vv = V.masked_fill(~valid, -math.inf)
+        dead_a = (cols > 0) & (W.sum(1) == 0)
+        da = torch.where(dead_a, Vv.amax(1) - ga, da)
+        if cuts.S.shape[1]:
+            dead_l = cuts.used & (cuts.inside(W) == 0)
+            if bool(dead_l.any()):
+                inside = (cuts.S[:, :, :, None] * cuts.S[:, :, None, :]) > 0  # (B, J, n, n): arcs within S_j
+                best = torch.where(inside, Vv[:, None], -math.inf).amax((2, 3))
+                dl = torch.where(dead_l, best - gl, dl)
         return (da, dl), (ga, gl)
 
     return evaluate, direction, lambda z: z

@@ -56,13 +56,16 @@ spanning_tree       entropy, binary     the decomposition algorithm on the graph
                                         level (:mod:`convex_sst._graphic_matroid`)
 arborescence        exp_family          directed matrix-tree theorem (Koo et al. 2007), same
 arborescence        entropy, binary     Newton on a dual with the in-degrees and a working set
-                    entropy             of forest constraints ``x(E[S]) ≤ |S| − 1`` as
+                    entropy, quadratic  of forest constraints ``x(E[S]) ≤ |S| − 1`` as
                                         equalities, violated sets added by Cunningham's minimum
                                         partition, the most negative multiplier's set dropped;
                                         implicit Jacobian on the final sets; separation on the
-                                        CPU (NumPy) (:mod:`convex_sst._arborescence_newton`)
-arborescence,       quadratic           Wolfe's minimum-norm-point algorithm (SparseMAP's
-correlated_k_subset                     active set): the projection onto conv(𝒳) from the
+                                        CPU (NumPy) (:mod:`convex_sst._arborescence_newton`);
+                                        the quadratic's rows on a tree found by two argmax
+                                        calls, and where θ spans more than 2 + n/3 (low
+                                        temperature) Wolfe's minimum-norm point
+correlated_k_subset quadratic           Wolfe's minimum-norm-point algorithm (SparseMAP's
+                                        active set): the projection onto conv(𝒳) from the
                                         argmax alone, a few structures mixed, exact; Jacobian
                                         = projector onto the optimal face's affine hull; on
                                         the CPU in float64, row by row
@@ -1247,14 +1250,14 @@ _ASSIGNMENT_HULL_SPAN = 100.0
 
 def _dual_newton_path(theta: torch.Tensor, polytope: Polytope, reg: str, tol: float | None, max_iter: int,
                       on_failure: str, forbidden: torch.Tensor | None, solve, names: tuple[str, str],
-                      hull_span: float | None = None) -> torch.Tensor:
+                      hull_span: float | None = None, hull_band: float = 1.0) -> torch.Tensor:
     """What the Newton paths on a dual (assignments, DAG paths) share around ``solve(flat, tol,
     holder, low, vertex, at_vertex)`` (any subset of the rows): the options, forced entries and
     manual masks brought to moderate numbers, the quadratic's rows on a vertex, the entries left
     out of the continuation's span, and the rows that did not converge (``names``: the method and
     what it balances, for the report). With ``hull_span``, the rows not on a vertex whose logits
     (those entries left out) span more than it go to Wolfe's minimum-norm-point algorithm
-    instead (:func:`_newton_or_hull`)."""
+    instead (:func:`_newton_or_hull`, with ``hull_band``)."""
     if on_failure not in ("fallback", "warn", "raise"):
         raise InputError(f"on_failure must be 'fallback', 'warn' or 'raise', got {on_failure!r}")
     if theta.shape[0] == 0:
@@ -1278,7 +1281,7 @@ def _dual_newton_path(theta: torch.Tensor, polytope: Polytope, reg: str, tol: fl
     low = avoidable_below(th, polytope._flat_argmax, fb)
     low = low if fb is None else low | fb
     x, bad = _newton_or_hull(flat, polytope, solve, _default_tol(torch.float64) if tol is None else float(tol), low,
-                             vertex, at_vertex, hull_span, on_failure)
+                             vertex, at_vertex, hull_span, on_failure, hull_band)
     x = x.reshape(theta.shape)
     if bool(bad.any()):
         if on_failure == "fallback":
@@ -1294,16 +1297,25 @@ def _dual_newton_path(theta: torch.Tensor, polytope: Polytope, reg: str, tol: fl
 
 
 def _newton_or_hull(flat: torch.Tensor, polytope: Polytope, solve, tol: float, low: torch.Tensor, vertex: torch.Tensor,
-                    at_vertex: torch.Tensor, hull_span: float | None, on_failure: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    at_vertex: torch.Tensor, hull_span: float | None, on_failure: str,
+                    hull_band: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, bad)``: ``solve`` on the rows (as in :func:`_dual_newton_path`), but rows not at a
     vertex whose logits span more than ``hull_span`` (low temperature, where Newton would need a
     continuation) projected by Wolfe's algorithm over the polytope's argmax
     (:func:`~convex_sst._min_norm_point.project_onto_hull`; exact, its own ``max(1000, 3·size)``
-    major cycles). Its failures join ``bad`` (for the fallback) or are reported under its name."""
+    major cycles). Its failures join ``bad`` (for the fallback) or are reported under its name.
+    With ``hull_band > 1``, where the rows split between the two, those that span within a
+    factor ``hull_band`` of ``hull_span`` go with the larger group (each method costs a batch
+    something whatever its number of rows, so a batch near the threshold paid for both)."""
     hull = torch.zeros_like(at_vertex)
     if hull_span is not None:
         top, bottom = _row_extremes(flat.detach(), low)
-        hull = ~at_vertex & (top - bottom > hull_span)
+        span = top - bottom
+        hull = ~at_vertex & (span > hull_span)
+        newton = ~at_vertex & ~hull
+        if hull_band > 1.0 and bool(hull.any()) and bool(newton.any()):
+            near = ~at_vertex & (span > hull_span / hull_band) & (span <= hull_span * hull_band)
+            hull = (hull & ~near) | (near if int(hull.sum()) >= int(newton.sum()) else torch.zeros_like(near))
     holder: list[torch.Tensor] = []
     if not bool(hull.any()):
         x = solve(flat, tol, holder, low, vertex, at_vertex)
@@ -1768,10 +1780,9 @@ def projection_by_argmax(theta: torch.Tensor, polytope: Polytope, tol: float | N
     return x.reshape((B,) + shape)
 
 
-# where the torch solver's flow formulations are large. Birkhoff, matchings and DAG paths have
-# Newton's method on their duals (above and below), faster than this from t = 1 on
-for _name in ("arborescence", "correlated_k_subset"):
-    register_fast_path(_name, "quadratic")(projection_by_argmax)
+# where the torch solver's flow formulations are large. Birkhoff, matchings, DAG paths and
+# arborescences have Newton's method on their duals (above and below), faster than this from t = 1 on
+register_fast_path("correlated_k_subset", "quadratic")(projection_by_argmax)
 
 
 @register_fast_path("arborescence", "exp_family")
@@ -1861,27 +1872,46 @@ for _reg in ("entropy", "binary_entropy", "quadratic"):
 def arborescence_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float | None = None, max_iter: int = 100,
                              on_failure: str = "fallback", forbidden: torch.Tensor | None = None, *,
                              reg: str = "entropy") -> torch.Tensor:
-    """The entropy and the binary entropy on arborescences (``argmax ⟨θ, x⟩ − f(x)`` over their
-    convex hull): Newton's method on a dual with one multiplier per in-degree and one per set
-    ``S`` of a working set of constraints ``x(E[S]) ≤ |S| − 1``, the violated sets found by
-    Cunningham's minimum partition and added, the one with the most negative multiplier dropped
-    (one a round), until x is in the polytope and optimal (:mod:`convex_sst._arborescence_newton`).
-    Implicit Jacobian on the in-degrees and the final sets; the Newton steps batched (any
-    device), the separation on the CPU (NumPy); computed in float64. Rows whose best tree beats
-    the second best by more than 2e17 n² (logits of 1e25 and beyond) are that tree, proven to
-    rounding (:func:`_arborescence_limit`). Options as for :func:`birkhoff_projection`."""
+    """The entropy, the binary entropy and the quadratic on arborescences (``argmax ⟨θ, x⟩ −
+    f(x)`` over their convex hull): Newton's method on a dual with one multiplier per in-degree
+    and one per set ``S`` of a working set of constraints ``x(E[S]) ≤ |S| − 1``, the violated
+    sets found by Cunningham's minimum partition and added, the one with the most negative
+    multiplier dropped (one a round), until x is in the polytope and optimal
+    (:mod:`convex_sst._arborescence_newton`). Implicit Jacobian on the in-degrees and the final
+    sets (the quadratic: on its support); the Newton steps batched (any device), the separation
+    on the CPU (NumPy); computed in float64. Rows whose best tree beats the second best by more
+    than 2e17 n² (logits of 1e25 and beyond) are that tree, proven to rounding
+    (:func:`_arborescence_limit`). The quadratic's rows that project onto a tree are found by two
+    argmax calls, and its rows whose logits span more than ``_ARBORESCENCE_HULL_SPAN + n / 3``
+    (low temperature, where Wolfe's algorithm needs few trees) go to :func:`projection_by_argmax`.
+    Options as for :func:`birkhoff_projection`."""
     root = int(polytope.params["root"])
     n = int(polytope.params["n"])
 
-    def solve(flat, tol, holder, low, vertex, at_vertex):  # (vertex, at_vertex: the quadratic's, unused)
+    def solve(flat, tol, holder, low, vertex, at_vertex):  # (vertex, at_vertex: the quadratic's)
         th = flat.detach().double().reshape(-1, n, n)
-        vertex, at_vertex = _arborescence_limit(th, root)
+        if not SEPARABLE[reg].vertices:
+            vertex, at_vertex = _arborescence_limit(th, root)
         x = _ArborescenceRelaxation.apply(flat.reshape(-1, n, n), root, reg, tol, int(max_iter), holder,
-                                          low.reshape(-1, n, n), vertex, at_vertex)
+                                          low.reshape(-1, n, n), vertex.reshape(-1, n, n), at_vertex)
         return x.reshape(flat.shape)
 
     return _dual_newton_path(theta, polytope, reg, tol, max_iter, on_failure, forbidden, solve,
-                             ("Newton's method on the arborescence duals", "in-degrees and forest constraints"))
+                             ("Newton's method on the arborescence duals", "in-degrees and forest constraints"),
+                             hull_span=_ARBORESCENCE_HULL_SPAN + n / 3 if reg == "quadratic" else None,
+                             hull_band=_ARBORESCENCE_HULL_BAND)
+
+
+# the quadratic's rows (not at a tree) whose logits span more than this + n / 3 go to Wolfe's
+# algorithm: where the two took the same time (fwd+bwd, B = 32, N(0, 1) logits over t), spans of
+# about 5 at n = 10, 7-8 at n = 20, 11 at n = 30 and 16 at n = 50; at span 4 Newton was 1.6x,
+# 2.8x, 4.5x and 12.8x faster, at span 24 (n = 10 to 30) 3-5x slower
+_ARBORESCENCE_HULL_SPAN = 2.0
+# where a batch's rows split between the two, those within this factor of the threshold go with
+# the larger group: both methods cost a batch a fixed amount (Newton's steps and Wolfe's argmax
+# calls are batched), and n = 10 at t = 1 (a quarter of the rows above the threshold) took 46 ms
+# forward, against 27 by Newton alone and 35 by Wolfe alone
+_ARBORESCENCE_HULL_BAND = 2.0
 
 
 # logits spanning more than this are checked for rows that are the best tree to rounding
@@ -1925,7 +1955,7 @@ def _arborescence_limit(theta: torch.Tensor, root: int) -> tuple[torch.Tensor, t
     return tree, at
 
 
-for _reg in ("entropy", "binary_entropy"):
+for _reg in ("entropy", "binary_entropy", "quadratic"):
     _for_regularizer(arborescence_dual_newton, "arborescence", _reg)
 
 

@@ -158,7 +158,7 @@ def test_arborescence_separation_benchmark_runs_and_both_orders_agree():
 
 
 def test_assignment_quadratic_benchmark_runs_and_agrees_with_the_torch_solver():
-    cases = ("birkhoff:3", "matching:2:4", "dag_path:4")
+    cases = ("birkhoff:3", "matching:2:4", "dag_path:4", "arborescence:4")
     out = _run("assignment_quadratic.py", "--cases", *cases, "--temperatures", "0.5",
                "--regularizers", "quadratic", "binary_entropy", "--batch", "2", "--repeats", "1")
     rows = _rows(out, "| ")[1:]

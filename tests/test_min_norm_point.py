@@ -1,7 +1,9 @@
-"""The quadratic relaxation by Wolfe's minimum-norm-point algorithm (the fast path of arborescences
-and correlated k-subsets): against the projection onto the hull of the enumerated structures, an
-optimality certificate over every structure, derivatives against differences, and the Jacobian
-where the final vertices do not span the optimal face."""
+"""The quadratic relaxation by Wolfe's minimum-norm-point algorithm (the fast path of correlated
+k-subsets, and of arborescences at low temperature): against the projection onto the hull of the
+enumerated structures, an optimality certificate over every structure, derivatives against
+differences, and the Jacobian where the final vertices do not span the optimal face. Here every
+arborescence row off a tree goes to Wolfe's algorithm (the others' Newton path:
+test_arborescence_newton.py)."""
 
 import math
 import warnings
@@ -14,6 +16,13 @@ import convex_sst as cs
 import oracles
 from convex_sst._min_norm_point import TOL, min_norm_point, project_onto_hull
 from convex_sst.fast import projection_by_argmax
+
+@pytest.fixture(autouse=True)
+def _wolfe_for_every_arborescence_row(monkeypatch):
+    import convex_sst.fast
+
+    monkeypatch.setattr(convex_sst.fast, "_ARBORESCENCE_HULL_SPAN", -math.inf)
+
 
 CASES = [("arborescence", {"n": 4}), ("arborescence", {"n": 5, "root": 2}), ("correlated_k_subset", {"n": 7, "k": 3})]
 
@@ -112,7 +121,9 @@ def test_large_corrals_on_birkhoff_match_differences(gen):
 
 
 def test_unconverged_rows_are_reported(gen):
-    P = cs.load_polytope("arborescence", n=6)
+    # (correlated k-subsets: their fast path is this algorithm itself, whose options relax passes;
+    # arborescence rows at low temperature come here from Newton's path, with its own report)
+    P = cs.load_polytope("correlated_k_subset", n=7, k=3)
     u = torch.randn((4,) + P.shape, generator=gen, dtype=torch.float64)
     with pytest.warns(cs.SolverWarning, match="minimum-norm-point.*batch element"):
         cs.relax(u, P, "quadratic", 2.0, max_iter=1)
