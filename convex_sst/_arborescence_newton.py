@@ -368,12 +368,16 @@ class ArborescenceRelaxation(torch.autograd.Function):
         out = x.to(theta.dtype)
         ctx.reg, ctx.root = reg, root
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(out, S)
+            ctx.save_for_backward(out, S, at_vertex)
         return out
 
     @staticmethod
     def backward(ctx: Any, G: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         with autocast_off(G.device):
-            x, S = ctx.saved_tensors
-            out = arborescence_vjp(G.double(), x.double(), S, ctx.reg, ctx.root).to(G.dtype)
+            x, S, at_vertex = ctx.saved_tensors
+            out = torch.zeros_like(G)  # rows at a tree: a zero Jacobian
+            rows = (~at_vertex).nonzero()[:, 0]
+            if rows.numel():
+                vjp = arborescence_vjp(G[rows].double(), x[rows].double(), S[rows], ctx.reg, ctx.root)
+                out = out.index_put((rows,), vjp.to(G.dtype))
         return out, None, None, None, None, None, None, None, None

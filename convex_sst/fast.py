@@ -62,7 +62,7 @@ arborescence        entropy, binary     Newton on a dual with the in-degrees and
                                         implicit Jacobian on the final sets; separation on the
                                         CPU (NumPy) (:mod:`convex_sst._arborescence_newton`);
                                         the quadratic's rows on a tree found by two argmax
-                                        calls, and where θ spans more than 2 + n/3 (low
+                                        calls, and where θ spans more than 1 + n/3 (low
                                         temperature) Wolfe's minimum-norm point
 correlated_k_subset quadratic           Wolfe's minimum-norm-point algorithm (SparseMAP's
                                         active set): the projection onto conv(𝒳) from the
@@ -1904,9 +1904,9 @@ def arborescence_dual_newton(theta: torch.Tensor, polytope: Polytope, tol: float
 
 # the quadratic's rows (not at a tree) whose logits span more than this + n / 3 go to Wolfe's
 # algorithm: where the two took the same time (fwd+bwd, B = 32, N(0, 1) logits over t), spans of
-# about 5 at n = 10, 7-8 at n = 20, 11 at n = 30 and 16 at n = 50; at span 4 Newton was 1.6x,
+# about 4.5 at n = 10, 7-8 at n = 20, 11 at n = 30 and 16 at n = 50; at span 4 Newton was 1.6x,
 # 2.8x, 4.5x and 12.8x faster, at span 24 (n = 10 to 30) 3-5x slower
-_ARBORESCENCE_HULL_SPAN = 2.0
+_ARBORESCENCE_HULL_SPAN = 1.0
 # where a batch's rows split between the two, those within this factor of the threshold go with
 # the larger group: both methods cost a batch a fixed amount (Newton's steps and Wolfe's argmax
 # calls are batched), and n = 10 at t = 1 (a quarter of the rows above the threshold) took 46 ms

@@ -270,8 +270,9 @@ def test_quadratic_rows_go_to_newton_or_wolfe_by_their_span(gen, monkeypatch):
     (those near the threshold with the larger group): a batch of both gives the values and
     gradients of either method alone."""
     P = cs.load_polytope("arborescence", n=6)
-    # spans about 4.3 × scale: most rows below the threshold (4), some just above, some far above
-    scale = torch.tensor([0.2, 0.7, 0.7, 0.7, 1.3, 5.0], dtype=torch.float64).repeat(3)
+    # spans about 4.3 × scale: most rows below the threshold, some just above, some far above
+    threshold, band = DEFAULT_HULL_SPAN + 6 / 3, convex_sst.fast._ARBORESCENCE_HULL_BAND
+    scale = threshold / 4.3 * torch.tensor([0.2, 0.75, 0.75, 0.75, 1.4, 5.4], dtype=torch.float64).repeat(3)
     u = torch.randn(18, 6, 6, generator=gen, dtype=torch.float64) * scale[:, None, None]
     w = torch.randn(u.shape, generator=gen, dtype=torch.float64)
     real = convex_sst.fast.project_onto_hull
@@ -298,7 +299,6 @@ def test_quadratic_rows_go_to_newton_or_wolfe_by_their_span(gen, monkeypatch):
     assert newton_only == 0 and wolfe_only == int(off_tree.sum())
     # above the threshold to Wolfe, except that rows within a factor `band` of it go with the
     # larger group
-    threshold, band = DEFAULT_HULL_SPAN + 6 / 3, convex_sst.fast._ARBORESCENCE_HULL_BAND
     wide, narrow = off_tree & (span > threshold), off_tree & (span <= threshold)
     near = off_tree & (span > threshold / band) & (span <= threshold * band)
     assert wide.any() and narrow.any() and near.any() and (off_tree & ~near).any()
