@@ -38,9 +38,10 @@ The Jacobian is that of the equality-constrained problem on the in-degrees and t
 working set (all tight, with ``λ_S ≥ 0``): ``√W ⊙ Π(√W ⊙ G)``, Π the projector onto the null
 space of ``A diag(√W)``, by the pseudo-inverse of ``diag(√W) Aᵀ`` (:func:`arborescence_vjp`),
 computed from the output x (``W = x`` for the entropy, ``x(1 − x)`` for the binary entropy, the
-support for the quadratic), so second derivatives flow through x. Separation runs on the CPU (NumPy; the rows of a round
-together, :func:`~convex_sst._graphic_matroid.min_partitions`, where they are 16 or more); the
-Newton steps are batched torch operations, in float64. (Rows at logits of 1e25 and beyond, where x
+support for the quadratic), so second derivatives flow through x; rows on a tree have a zero
+Jacobian. Separation runs on the CPU (NumPy; the rows of a round together,
+:func:`~convex_sst._graphic_matroid.min_partitions`, where they are 16 or more); the Newton
+steps are batched torch operations, in float64. (Rows at logits of 1e25 and beyond, where x
 keeps no digits, are handled before: :func:`convex_sst.fast._arborescence_limit`.)
 """
 

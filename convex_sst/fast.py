@@ -1251,7 +1251,7 @@ _ASSIGNMENT_HULL_SPAN = 100.0
 def _dual_newton_path(theta: torch.Tensor, polytope: Polytope, reg: str, tol: float | None, max_iter: int,
                       on_failure: str, forbidden: torch.Tensor | None, solve, names: tuple[str, str],
                       hull_span: float | None = None, hull_band: float = 1.0) -> torch.Tensor:
-    """What the Newton paths on a dual (assignments, DAG paths) share around ``solve(flat, tol,
+    """What the Newton paths on a dual (assignments, DAG paths, arborescences) share around ``solve(flat, tol,
     holder, low, vertex, at_vertex)`` (any subset of the rows): the options, forced entries and
     manual masks brought to moderate numbers, the quadratic's rows on a vertex, the entries left
     out of the continuation's span, and the rows that did not converge (``names``: the method and
