@@ -234,11 +234,12 @@ def _add(S: torch.Tensor, lam: torch.Tensor, rows: list[int], sets: list[list[np
 
 def solve_arborescences(theta: torch.Tensor, root: int, reg: Separable, tol: float, max_iter: int,
                         low: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """``theta: (B, n, n)`` float64 (``theta[h, m]``: arc h → m) → ``(x, S, λ, bad, steps)``: the
-    relaxation, the working sets ``(B, J, n)`` with their multipliers ``(B, J)``, the rows whose
-    KKT residual stayed above ``tol`` (floored at ``100 eps |θ|``, but at most _RESIDUAL_CAP) or
-    whose working set still changed after _MAX_ROUNDS, and the Newton steps taken."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float]:
+    """``theta: (B, n, n)`` float64 (``theta[h, m]``: arc h → m) → ``(x, S, λ, bad, steps, tol)``:
+    the relaxation, the working sets ``(B, J, n)`` with their multipliers ``(B, J)``, the rows
+    whose KKT residual stayed above ``tol`` (floored at ``100 eps |θ|``, but at most
+    _RESIDUAL_CAP; the floored value is returned last) or whose working set still changed after
+    _MAX_ROUNDS, and the Newton steps taken."""
     B, n, _ = theta.shape
     dev, dt = theta.device, theta.dtype
     valid = ~torch.eye(n, dtype=torch.bool, device=dev)
@@ -312,26 +313,29 @@ def solve_arborescences(theta: torch.Tensor, root: int, reg: Separable, tol: flo
             rows = torch.tensor(again, device=dev, dtype=torch.long)
             pending[rows] = True
         if final:  # rows still changing their working set after _MAX_ROUNDS are not solved
-            return x, S, lam, ~(err <= tol) | pending, total
+            return x, S, lam, ~(err <= tol) | pending, total, tol
         new = min(1.0, _GROWTH * lam_scale)
         a, lam, lam_scale = a * (new / lam_scale), lam * (new / lam_scale), new
 
 
-def arborescence_vjp(G: torch.Tensor, x: torch.Tensor, S: torch.Tensor, reg: str, root: int) -> torch.Tensor:
+def arborescence_vjp(G: torch.Tensor, x: torch.Tensor, S: torch.Tensor, reg: str, root: int,
+                     support_tol: float = 0.0) -> torch.Tensor:
     """``J G`` for the relaxation ``x`` with active sets ``S (B, J, n)`` (zero rows: none):
     ``√W ⊙ Π(√W ⊙ G)`` with Π the orthogonal projector onto the null space of ``A diag(√W)``
     (A: the rows of the in-degrees and the sets), through the pseudo-inverse of
     ``M = diag(√W) Aᵀ`` (an SVD of M, not a solve with ``A diag(W) Aᵀ``: at low temperature the
     weights are 1 on a tree and ~1e-10 elsewhere, and a set's row is then nearly the sum of
     in-degree rows; the normal equations square that conditioning, and their solve left
-    columns of J G off zero sum by 9e-8). In chunks of rows of at most _VJP_BYTES."""
+    columns of J G off zero sum by 9e-8). The quadratic's support is ``x > support_tol`` (the
+    solve's tolerance: an arc at 2e-16, rounding, counted as free made the gradient of a row off
+    by 30 at t = 0.1). In chunks of rows of at most _VJP_BYTES."""
     B, n, _ = x.shape
     per_row = n * n * (n + S.shape[1]) * x.element_size()
     step = max(1, _VJP_BYTES // per_row)
     if B > step:  # in chunks of rows: M holds B·n²·(n − 1 + J) numbers
-        return torch.cat([arborescence_vjp(G[i:i + step], x[i:i + step], S[i:i + step], reg, root)
+        return torch.cat([arborescence_vjp(G[i:i + step], x[i:i + step], S[i:i + step], reg, root, support_tol)
                           for i in range(0, B, step)])
-    W = SEPARABLE[reg].weight_of_x(x)
+    W = SEPARABLE[reg].weight_of_x(x) if reg != "quadratic" else (x > support_tol).to(x.dtype)
     valid = ~torch.eye(n, dtype=torch.bool, device=x.device)
     valid[:, root] = False
     sw = torch.where(valid & (W > _WEIGHT_FLOOR) & torch.isfinite(W), W, 0.0).sqrt()
@@ -360,9 +364,10 @@ class ArborescenceRelaxation(torch.autograd.Function):
         bad = torch.zeros_like(at_vertex)
         S = th.new_zeros(th.shape[0], 0, th.shape[1])
         rows = (~at_vertex).nonzero()[:, 0]
+        ctx.support_tol = 0.0
         if rows.numel():
-            xr, Sr, _, badr, _ = solve_arborescences(th[rows], root, SEPARABLE[reg], tol, max_iter,
-                                                       None if low is None else low[rows])
+            xr, Sr, _, badr, _, ctx.support_tol = solve_arborescences(th[rows], root, SEPARABLE[reg], tol, max_iter,
+                                                                        None if low is None else low[rows])
             S = th.new_zeros(th.shape[0], Sr.shape[1], th.shape[1])
             x[rows], S[rows], bad[rows] = xr, Sr, badr
         holder.append(bad)
@@ -379,6 +384,6 @@ class ArborescenceRelaxation(torch.autograd.Function):
             out = torch.zeros_like(G)  # rows at a tree: a zero Jacobian
             rows = (~at_vertex).nonzero()[:, 0]
             if rows.numel():
-                vjp = arborescence_vjp(G[rows].double(), x[rows].double(), S[rows], ctx.reg, ctx.root)
+                vjp = arborescence_vjp(G[rows].double(), x[rows].double(), S[rows], ctx.reg, ctx.root, ctx.support_tol)
                 out = out.index_put((rows,), vjp.to(G.dtype))
         return out, None, None, None, None, None, None, None, None

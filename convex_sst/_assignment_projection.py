@@ -153,7 +153,7 @@ def project_assignments(theta: torch.Tensor, at_most: bool, tol: float, max_iter
         return damped_newton(z, *_assignment_newton(th, at_most, reg), tol, max_iter)
 
     (a, b), X, V, err, bad, steps = continuation(theta, low, tol, max_iter, start, solve)
-    return X, reg.weight(V), b, err, bad, steps
+    return X, solution_weights(reg, X, V, resolution(theta, low, tol)), b, err, bad, steps
 
 
 def row_extremes(theta: torch.Tensor, low: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +175,20 @@ def spread_and_scale(theta: torch.Tensor, low: torch.Tensor | None) -> tuple[flo
     return float((top - bottom).max()), float(torch.maximum(top.abs(), bottom.abs()).max())
 
 
+def resolution(theta: torch.Tensor, low: torch.Tensor | None, tol: float) -> float:
+    """``tol`` floored at the arithmetic's resolution ``100 eps max(1, |θ|)`` (``low`` entries
+    left out of |θ|): the residual the Newton paths accept."""
+    return max(tol, 100 * torch.finfo(theta.dtype).eps * max(1.0, spread_and_scale(theta, low)[1]))
+
+
+def solution_weights(reg: Separable, X: torch.Tensor, V: torch.Tensor, tol: float) -> torch.Tensor:
+    """The Hessian weights at a solution for its Jacobian: ``reg.weight(V)``, but the quadratic's
+    support is ``X > tol`` (the solve's tolerance), not ``X > 0``: an entry left at 2e-16 by
+    rounding, counted as free, changed the face and made gradients wrong by O(1/t) (Birkhoff
+    n = 5 and matchings with many tied logits; arborescences)."""
+    return reg.weight(V) if not reg.vertices else (X > tol).to(X.dtype)
+
+
 def continuation(theta: torch.Tensor, low: torch.Tensor | None, tol: float, max_iter: int,
                  start: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], solve: Callable[..., Any],
                  span: float = _SPAN, polish: bool = False
@@ -187,10 +201,9 @@ def continuation(theta: torch.Tensor, low: torch.Tensor | None, tol: float, max_
     resolution ``100 eps max(1, |θ|)``; with ``polish``, up to ``_POLISH_STEPS`` more steps go
     on to ``tol`` itself where the arithmetic allows (the floor still decides the rows reported
     unconverged). Returns ``(z, X, V, residual, bad, steps)``."""
-    eps = torch.finfo(theta.dtype).eps
-    spread, scale = spread_and_scale(theta, low)
+    spread, _ = spread_and_scale(theta, low)
     target = tol
-    tol = max(tol, 100 * eps * max(1.0, scale))
+    tol = resolution(theta, low, tol)
     lam = 1.0 if not spread > span else span / spread
     z = start(theta * lam)
     total = 0

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ._assignment_projection import (_SPAN, _WEIGHT_FLOOR, SEPARABLE, Separable, _chol_solve, continuation,
-                                     damped_newton, spread_and_scale)
+                                     damped_newton, resolution, solution_weights, spread_and_scale)
 from ._autograd import autocast_off
 from ._forbidden import far_below
 from .graphs import topological_order
@@ -194,7 +194,7 @@ def solve_flows(theta: torch.Tensor, plan: FlowPlan, reg: Separable, tol: float,
 
     _, x, V, _, bad, steps = continuation(theta, low, tol, max_iter, lambda th: (th.new_zeros(B, k),), solve,
                                           span=math.inf if reduce else _SPAN, polish=smooth)
-    return x, reg.weight(V), bad, steps
+    return x, solution_weights(reg, x, V, resolution(theta, low, tol)), bad, steps
 
 
 def _cut_off_blocks(W: torch.Tensor, plan: FlowPlan) -> torch.Tensor:

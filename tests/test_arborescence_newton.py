@@ -102,7 +102,7 @@ def test_kkt_certificate_over_every_vertex_set(t, reg, gen):
     sets: x is optimal."""
     n, B = 8, 16
     theta = torch.randn(B, n, n, generator=gen, dtype=torch.float64) / t
-    x, S, lam, bad, _ = solve_arborescences(theta, 0, SEPARABLE[reg], 1e-12, 100)
+    x, S, lam, bad, _, _ = solve_arborescences(theta, 0, SEPARABLE[reg], 1e-12, 100)
     assert not bad.any()
     assert (lam >= 0).all()
     tol = 1e-10 * max(1.0, float(theta.abs().max()))
@@ -320,8 +320,35 @@ def test_quadratic_newton_does_not_stall_on_dependent_rows(monkeypatch):
     for n, ties in [(5, False), (5, True)] * 4 + [(10, False), (10, True)] * 2:
         torch.randint(-2, 3, (64, n, n), generator=g) if ties else torch.randn(64, n, n, generator=g, dtype=torch.float64)
     theta = (torch.randn(64, 10, 10, generator=g, dtype=torch.float64) * 2.0)[27:28]
-    x, S, lam, bad, _ = solve_arborescences(theta, 0, SEPARABLE["quadratic"], 1e-12, 100)
+    x, S, lam, bad, _, _ = solve_arborescences(theta, 0, SEPARABLE["quadratic"], 1e-12, 100)
     assert not bad.any() and (x.sum(1)[:, 1:] - 1).abs().max() < 1e-12
     monkeypatch.setattr(module, "_RIDGE", 0.0)
     if not solve_arborescences(theta, 0, SEPARABLE["quadratic"], 1e-12, 100)[3].any():
         pytest.skip("without the floor this row converged too here (its stall depends on rounding)")
+
+
+def test_quadratic_support_leaves_out_arcs_at_rounding(monkeypatch):
+    """Forced arcs (+1e4) at t = 0.1: Newton leaves two arcs off the solution at 2.2e-16. Counted
+    as on the support, they changed the face of the Jacobian, and the gradient was off by 30
+    (3/t); the support is now x above the solve's tolerance. Against Wolfe's algorithm, whose
+    face comes from its trees, and central differences."""
+    F = 1e4
+    u = torch.tensor([[F, -1.04, -1.00, F, -1.25, -0.47],
+                      [F, -0.08, 0.73, F, F, -1.30],
+                      [0.26, F, -0.75, F, 1.17, 1.77],
+                      [F, F, F, 0.73, 0.71, F],
+                      [F, 1.18, -0.77, -0.57, F, -0.58],
+                      [-0.24, F, -1.80, -0.77, -0.00, F]], dtype=torch.float64)[None]
+    w = torch.arange(36, dtype=torch.float64).reshape(1, 6, 6)
+    P = cs.load_polytope("arborescence", n=6)
+    grads = []
+    for span in (math.inf, -math.inf):  # Newton, then Wolfe's algorithm
+        monkeypatch.setattr(convex_sst.fast, "_ARBORESCENCE_HULL_SPAN", span)
+        v = u.clone().requires_grad_()
+        grads.append(torch.autograd.grad((cs.relax(v, P, "quadratic", 0.1) * w).sum(), v)[0])
+    h = 1e-7
+    d = torch.randn(u.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        fd = ((cs.relax(u + h * d, P, "quadratic", 0.1) - cs.relax(u - h * d, P, "quadratic", 0.1)) * w).sum() / (2 * h)
+    assert (grads[0] - grads[1]).abs().max() < 1e-9
+    assert abs(float((grads[0] * d).sum() - fd)) < 1e-2  # (differences of entries at 1e4 keep 5 digits)

@@ -3,6 +3,7 @@ the dual (their fast path): against OSQP with its active-set polish and a certif
 the projection onto the hull of the enumerated permutations, the face Jacobian of the active
 constraints, central differences, low and extreme temperatures, and the failure modes."""
 
+import math
 import warnings
 
 import numpy as np
@@ -271,3 +272,29 @@ def test_binary_entropy_at_low_temperature(t, gen):
     with torch.no_grad():
         fd = (cs.relax(u + h * v, P, "binary_entropy", t) - cs.relax(u - h * v, P, "binary_entropy", t)) / (2 * h)
     assert t * (jv - fd).abs().max() < 1e-6
+
+
+def test_quadratic_support_leaves_out_entries_at_rounding(monkeypatch):
+    """Forced entries (+1e4) at t = 0.1: Newton leaves entries off the solution at rounding
+    level. Counted as on the support, they changed the face of the Jacobian, and the gradient
+    was off by 0.16/t; the support is now X above the solve's tolerance. Against Wolfe's
+    algorithm, whose face comes from its permutations, and central differences."""
+    F = 1e4
+    u = torch.tensor([[F, F, F, 0.30, 0.62],
+                      [F, F, F, -0.67, -0.66],
+                      [-0.58, 0.25, F, -2.03, -0.57],
+                      [0.24, -0.88, 0.76, F, 0.55],
+                      [F, F, 0.98, 1.99, F]], dtype=torch.float64)[None]
+    w = torch.randn(1, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    P = cs.load_polytope("birkhoff", n=5)
+    grads = []
+    for span in (math.inf, -math.inf):  # Newton, then Wolfe's algorithm
+        monkeypatch.setattr(cs.fast, "_ASSIGNMENT_HULL_SPAN", span)
+        v = u.clone().requires_grad_()
+        grads.append(torch.autograd.grad((cs.relax(v, P, "quadratic", 0.1) * w).sum(), v)[0])
+    h = 1e-7
+    d = torch.randn(u.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        fd = ((cs.relax(u + h * d, P, "quadratic", 0.1) - cs.relax(u - h * d, P, "quadratic", 0.1)) * w).sum() / (2 * h)
+    assert (grads[0] - grads[1]).abs().max() < 1e-9
+    assert abs(float((grads[0] * d).sum() - fd)) < 1e-2  # (differences of entries at 1e4 keep 5 digits)
