@@ -55,8 +55,8 @@ import numpy as np
 import torch
 
 from ._assignment_projection import (_GROWTH, _POLISH_STEPS, _SPAN, _STAGE_ITER, _STAGE_TOL, _WEIGHT_FLOOR,
-                                     SEPARABLE, Direction, Evaluate, Separable, _chol_solve, damped_newton,
-                                     spread_and_scale)
+                                     SEPARABLE, SUPPORT_FACTOR, Direction, Evaluate, Separable, _chol_solve,
+                                     damped_newton, spread_and_scale)
 from ._autograd import autocast_off
 from ._graphic_matroid import min_partitions
 
@@ -326,16 +326,16 @@ def arborescence_vjp(G: torch.Tensor, x: torch.Tensor, S: torch.Tensor, reg: str
     ``M = diag(√W) Aᵀ`` (an SVD of M, not a solve with ``A diag(W) Aᵀ``: at low temperature the
     weights are 1 on a tree and ~1e-10 elsewhere, and a set's row is then nearly the sum of
     in-degree rows; the normal equations square that conditioning, and their solve left
-    columns of J G off zero sum by 9e-8). The quadratic's support is ``x > support_tol`` (the
-    solve's tolerance: an arc at 2e-16, rounding, counted as free made the gradient of a row off
-    by 30 at t = 0.1). In chunks of rows of at most _VJP_BYTES."""
+    columns of J G off zero sum by 9e-8). The quadratic's support is ``x > SUPPORT_FACTOR ·
+    support_tol`` (the solve's tolerance: an arc at 2e-16, rounding, counted as free made the
+    gradient of a row off by 30 at t = 0.1). In chunks of rows of at most _VJP_BYTES."""
     B, n, _ = x.shape
     per_row = n * n * (n + S.shape[1]) * x.element_size()
     step = max(1, _VJP_BYTES // per_row)
     if B > step:  # in chunks of rows: M holds B·n²·(n − 1 + J) numbers
         return torch.cat([arborescence_vjp(G[i:i + step], x[i:i + step], S[i:i + step], reg, root, support_tol)
                           for i in range(0, B, step)])
-    W = SEPARABLE[reg].weight_of_x(x) if reg != "quadratic" else (x > support_tol).to(x.dtype)
+    W = SEPARABLE[reg].weight_of_x(x) if reg != "quadratic" else (x > SUPPORT_FACTOR * support_tol).to(x.dtype)
     valid = ~torch.eye(n, dtype=torch.bool, device=x.device)
     valid[:, root] = False
     sw = torch.where(valid & (W > _WEIGHT_FLOOR) & torch.isfinite(W), W, 0.0).sqrt()

@@ -181,12 +181,17 @@ def resolution(theta: torch.Tensor, low: torch.Tensor | None, tol: float) -> flo
     return max(tol, 100 * torch.finfo(theta.dtype).eps * max(1.0, spread_and_scale(theta, low)[1]))
 
 
+# the quadratic's support for its Jacobian: X above this times the solve's tolerance (entries
+# that are 0 at the solution were left at 2e-16 by rounding, and at 1.1-1.3e-12 by a solve to
+# 1e-12; counted as free, they changed the face, and gradients were off by O(1/t))
+SUPPORT_FACTOR = 1e3
+
+
 def solution_weights(reg: Separable, X: torch.Tensor, V: torch.Tensor, tol: float) -> torch.Tensor:
     """The Hessian weights at a solution for its Jacobian: ``reg.weight(V)``, but the quadratic's
-    support is ``X > tol`` (the solve's tolerance), not ``X > 0``: an entry left at 2e-16 by
-    rounding, counted as free, changed the face and made gradients wrong by O(1/t) (Birkhoff
+    support is ``X > SUPPORT_FACTOR · tol`` (``tol``: the solve's tolerance), not ``X > 0`` (Birkhoff
     n = 5 and matchings with many tied logits; arborescences)."""
-    return reg.weight(V) if not reg.vertices else (X > tol).to(X.dtype)
+    return reg.weight(V) if not reg.vertices else (X > SUPPORT_FACTOR * tol).to(X.dtype)
 
 
 def continuation(theta: torch.Tensor, low: torch.Tensor | None, tol: float, max_iter: int,
@@ -375,6 +380,14 @@ class AssignmentProjection(torch.autograd.Function):
         ctx.smooth, ctx.reg = not SEPARABLE[reg].vertices, reg
         if ctx.needs_input_grad[0]:
             T = b > 0 if at_most else torch.ones_like(b, dtype=torch.bool)
+            if at_most and not ctx.smooth and rows.numel():
+                # the quadratic: a column at capacity with b = 0 is tight too. Its dual can be
+                # degenerate (rows whose mass only such columns share: b is not unique, and the
+                # column stays full under every small change of θ); left out of T, the
+                # Jacobian let its sum move (matchings 4 × 6 with tied forced entries: gradients
+                # off by 0.15 where Wolfe's algorithm and central differences agreed)
+                full = X[rows].sum(1) >= 1.0 - SUPPORT_FACTOR * resolution(th[rows], None if low is None else low[rows], tol)
+                T = T.index_put((rows,), T[rows] | full)
             if ctx.smooth:
                 # J is a function of the output (w = X(1 − X)), so the backward computes it from
                 # X: second derivatives by autograd through X, as for Sinkhorn

@@ -298,3 +298,32 @@ def test_quadratic_support_leaves_out_entries_at_rounding(monkeypatch):
         fd = ((cs.relax(u + h * d, P, "quadratic", 0.1) - cs.relax(u - h * d, P, "quadratic", 0.1)) * w).sum() / (2 * h)
     assert (grads[0] - grads[1]).abs().max() < 1e-9
     assert abs(float((grads[0] * d).sum() - fd)) < 1e-2  # (differences of entries at 1e4 keep 5 digits)
+
+
+@pytest.mark.parametrize("row", ["full_column_without_multiplier", "entries_at_the_tolerance"])
+def test_matching_quadratic_jacobian_on_tied_forced_entries(row, monkeypatch):
+    """Matchings 4 × 6 with forced entries (+1e4) that tie. (1) Rows 0 and 2 put all their mass
+    on columns 1 and 2, which stay full under any small change, but their multipliers are not
+    unique and Newton's came out 0: the column must count as tight anyway. (2) Newton, solved to
+    1e-12, left entries that are 0 at 1.1-1.3e-12: they must not count as on the support. Either
+    way the gradient was off by 0.15-0.23 where Wolfe's algorithm and central differences agree."""
+    F = 1e4
+    u = torch.tensor({
+        "full_column_without_multiplier": [[1.00, F, F, 1.35, -0.12, -0.97], [-0.41, -1.31, -0.25, F, 0.58, F],
+                                           [-1.30, F, F, 0.21, F, -1.21], [1.42, 0.09, 0.46, 1.47, F, 0.70]],
+        "entries_at_the_tolerance": [[F, -0.80, F, 0.40, 1.03, -1.56], [-0.08, 0.92, F, -0.75, F, -0.73],
+                                     [F, 0.33, F, -1.22, 0.26, -0.57], [F, 1.36, F, F, 0.06, -0.89]]}[row],
+        dtype=torch.float64)[None]
+    w = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    P = cs.load_polytope("matching", n=4, m=6)
+    grads = []
+    for span in (math.inf, -math.inf):  # Newton, then Wolfe's algorithm
+        monkeypatch.setattr(cs.fast, "_ASSIGNMENT_HULL_SPAN", span)
+        v = u.clone().requires_grad_()
+        grads.append(torch.autograd.grad((cs.relax(v, P, "quadratic", 1.0) * w).sum(), v)[0])
+    h = 1e-6
+    d = torch.randn(u.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        fd = ((cs.relax(u + h * d, P, "quadratic", 1.0) - cs.relax(u - h * d, P, "quadratic", 1.0)) * w).sum() / (2 * h)
+    assert (grads[0] - grads[1]).abs().max() < 1e-9
+    assert abs(float((grads[0] * d).sum() - fd)) < 1e-3
