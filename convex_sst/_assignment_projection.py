@@ -385,7 +385,9 @@ class AssignmentProjection(torch.autograd.Function):
                 # degenerate (rows whose mass only such columns share: b is not unique, and the
                 # column stays full under every small change of θ); left out of T, the
                 # Jacobian let its sum move (matchings 4 × 6 with tied forced entries: gradients
-                # off by 0.15 where Wolfe's algorithm and central differences agreed)
+                # off by 0.15 where Wolfe's algorithm and central differences agreed). (Not the
+                # binary entropy: a column filled to 1 − 1e-300 by one entry near 1 has weights
+                # near 0, and taken as tight it spoiled the solve: gradients off by 90 %.)
                 full = X[rows].sum(1) >= 1.0 - SUPPORT_FACTOR * resolution(th[rows], None if low is None else low[rows], tol)
                 T = T.index_put((rows,), T[rows] | full)
             if ctx.smooth:

@@ -253,14 +253,26 @@ def capped_simplex(theta: torch.Tensor, k: int, reg: str, tol: float | None = No
     return x, d
 
 
+# entries of the capped simplex within this of a bound count as at it (clamped) in the Jacobian:
+# tied logits put entries exactly at the cap without clamping them (three edges forced with the
+# same +1e4 share a block of rank 3: each x = 1, computed as 1 − 1e-16). Counted as free, they
+# let mass move among them, which the cap forbids: gradients off by 0.5/t (spanning trees), where
+# the torch solver and central differences agreed on 0. At the solvers' tolerance, not above:
+# at low temperature entries 1 − e^(−20) = 1 − 2e-9 below the cap are free, and their exact
+# derivative couples them (central differences with steps below 1e-10 agree)
+_CAP_SLACK = 1e-12
+
+
 def _capped_slope(x: torch.Tensor, reg: str) -> torch.Tensor:
     """``d = ∂x_i/∂θ_i`` at fixed τ from x itself (as :func:`_capped_eval` gives it), so that
-    the backward is a differentiable function of the output: second derivatives by autograd."""
+    the backward is a differentiable function of the output: second derivatives by autograd.
+    Entries within ``_CAP_SLACK`` (or 8 eps) of a bound are at it: d = 0."""
+    slack = max(_CAP_SLACK, 8 * torch.finfo(x.dtype).eps)
     if reg == "entropy":                                 # ψ' = ψ; free where ψ < 1
-        return torch.where(x < 1, x, torch.zeros_like(x))
+        return torch.where(x < 1 - slack, x, torch.zeros_like(x))
     if reg == "binary_entropy":                          # ψ' = ψ (1 − ψ)
         return x * (1.0 - x)
-    return ((x > 0) & (x < 1)).to(x.dtype)               # quadratic: ψ' = 1 where 0 < ψ < 1
+    return ((x > slack) & (x < 1 - slack)).to(x.dtype)   # quadratic: ψ' = 1 where 0 < ψ < 1
 
 
 class _CappedSimplex(torch.autograd.Function):
@@ -1042,7 +1054,16 @@ class _Sinkhorn(torch.autograd.Function):
         X, bad, log_b = _sinkhorn_duals(th, tol, max_iter, on_failure, forbidden=forbidden is not None,
                                         at_most=at_most)
         holder.append(bad)
-        ctx.tight = (log_b < 0) if at_most else None  # columns at capacity (dual β = −log b > 0)
+        # columns at capacity: a positive dual β = −log b, or full to the tolerance with β = 0,
+        # where forced entries that tie fill a column exactly (x has a kink there: this takes the
+        # side the interior-point solver takes). Columns with room left of 1e-9 are not full: at
+        # t = 0.1 with tied integer utilities their slack is e^(−20) and real
+        # (test_torch_solver_backward_drops_constraints_the_polish_found_inactive)
+        if at_most:
+            floor = (1e-12 if X.dtype == torch.float64 else 1e-6) if tol is None else tol
+            ctx.tight = (log_b < 0) | (X.sum(1) >= 1.0 - 10 * max(floor, 100 * torch.finfo(X.dtype).eps))
+        else:
+            ctx.tight = None
         ctx.save_for_backward(X)
         return X
 

@@ -1079,3 +1079,20 @@ def test_large_structures_with_explicit_threads(name, params, reg, explicit_thre
     x1 = cs.relax(u, P, reg, 0.3, backend="fast")
     (g1,) = torch.autograd.grad((x1 * w).sum(), u)
     assert (x - x1).abs().max() < 1e-9 and (g - g1).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("reg", ["entropy", "binary_entropy", "quadratic"])
+def test_matching_full_columns_count_as_at_capacity(reg):
+    """Forced entries that tie fill column 3 exactly (rows 0 and 2 each split between it and
+    another column) with a zero dual: x has a kink there. The Jacobian takes such full columns as
+    at capacity, as the interior-point solver does (Sinkhorn took the other side before; central
+    differences average the two)."""
+    F = 1e4
+    u = torch.tensor([[[-0.45, -0.89, F, F, -0.01], [F, -1.27, -1.12, 1.17, 0.93], [0.65, 0.15, -1.15, F, F]]],
+                     dtype=torch.float64)
+    P = cs.load_polytope("matching", n=3, m=5)
+    x = cs.relax(u, P, reg, 1.0)
+    assert abs(float(x[0, :, 3].sum()) - 1.0) < 1e-9
+    J = torch.autograd.functional.jacobian(lambda v: cs.relax(v, P, reg, 1.0), u)
+    Jt = torch.autograd.functional.jacobian(lambda v: cs.relax(v, P, reg, 1.0, backend="torch"), u)
+    assert (J - Jt).abs().max() < 1e-5

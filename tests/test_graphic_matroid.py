@@ -399,3 +399,25 @@ def test_dtype_device_and_empty_batch():
     assert (x32.double() - cs.relax(u.double(), P, "entropy", 0.5)).abs().max() < 1e-6
     assert cs.relax(u[:0], P, "quadratic", 0.5).shape == (0,) + P.shape
     assert cs.relax(u.reshape(3, 1, -1), P, "quadratic", 0.5).shape == (3, 1) + P.shape
+
+
+@pytest.mark.parametrize("name, params, u", [
+    ("spanning_tree", {"n": 5}, [1e4, 1e4, 1e4, 1.0, -0.88, -1.28, -0.62, -0.87, -1.30, 1.52]),  # 3 edges of K5 forced
+    ("k_subset", {"n": 7, "k": 3}, [1e4, 1e4, 1e4, 0.3, -0.2, 0.5, 0.1]),                        # 3 items of 7 forced
+])
+@pytest.mark.parametrize("reg", ["entropy", "quadratic"])
+def test_tied_entries_at_the_cap_have_a_zero_derivative(name, params, u, reg):
+    """Tied logits put entries exactly at the cap x = 1 without clamping them (three edges forced
+    with the same +1e4: the block of rank 3 gives each 1, computed as 1 − 1e-16). Counted as
+    free, they let mass move among them, which the cap forbids: the gradient had ±0.5 between
+    them, where the torch solver and central differences give 0."""
+    P = cs.load_polytope(name, **params)
+    theta = torch.tensor([u], dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda v: cs.relax(v, P, reg, 1.0, backend="fast"), theta)[0, :, 0, :]
+    assert J[:3].abs().max() < 1e-9 and J[:, :3].abs().max() < 1e-9
+    Jt = torch.autograd.functional.jacobian(lambda v: cs.relax(v, P, reg, 1.0, backend="torch"), theta)[0, :, 0, :]
+    assert (J - Jt).abs().max() < 1e-5
+    h, d = 1e-6, torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        fd = (cs.relax(theta + h * d, P, reg, 1.0) - cs.relax(theta - h * d, P, reg, 1.0)) / (2 * h)
+    assert (J @ d[0] - fd[0]).abs().max() < 1e-5
