@@ -41,10 +41,12 @@ import torch
 from .errors import SolverError
 
 
-def _min_cut_source_side(cap: np.ndarray, s: int, t: int) -> np.ndarray:
+def _min_cut_source_side(cap: np.ndarray, s: int, t: int, largest: bool = False) -> np.ndarray:
     """The source side ``(N,) bool`` of a minimum s–t cut of the capacities ``cap (N, N)``
     (Dinic's algorithm on dense float capacities; ``inf`` allowed out of ``s``): the vertices
-    reachable from s in the residual graph of a maximum flow, the same for every maximum flow.
+    reachable from s in the residual graph of a maximum flow, the same for every maximum flow
+    (the smallest source side); with ``largest``, the vertices that cannot reach t in it (the
+    largest).
 
     Each phase's blocking flow is one depth-first search from s that splits the flow reaching a
     vertex over its arcs of the level graph (instead of one s–t path a search), and the level
@@ -90,7 +92,17 @@ def _min_cut_source_side(cap: np.ndarray, s: int, t: int) -> np.ndarray:
                         level[b] = up
                         queue.append(b)
         if level[t] < 0:
-            return np.array(level) >= 0
+            if not largest:
+                return np.array(level) >= 0
+            reach = [False] * N  # the vertices that reach t along residual arcs
+            reach[t] = True
+            back = [t]
+            for b in back:
+                for a in (range(N) if dense else adj[b]):
+                    if not reach[a] and res[a][b] > eps:
+                        reach[a] = True
+                        back.append(a)
+            return ~np.array(reach)
         for a in queue:  # vertices at t's level or beyond lead nowhere in this phase
             if level[a] >= level[t] and a != t:
                 level[a] = -1
@@ -146,7 +158,7 @@ def _union_gains(Wp: np.ndarray, wv: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return sub, sub @ wv + 0.5 * ((sub @ Wp) * sub).sum(1) - sub.sum(1)
 
 
-def _best_union(Wp: np.ndarray, wv: np.ndarray) -> np.ndarray:
+def _best_union(Wp: np.ndarray, wv: np.ndarray, larger: float | None = None) -> np.ndarray:
     """The parts S maximizing ``g(S) = wv(S) + Wp(E(S)) − |S|`` (``Wp (q, q)`` between parts,
     ``wv (q,)`` from the new vertex). Returns S's indices.
 
@@ -156,14 +168,17 @@ def _best_union(Wp: np.ndarray, wv: np.ndarray) -> np.ndarray:
     applied until nothing changes (at n = 30 they settle a quarter of these calls outright and
     leave at most _ENUMERATE_PARTS parts in another quarter); the parts left are decided by
     trying all their unions, or by a minimum cut with the new vertex and the parts in on the
-    source side."""
+    source side. With ``larger`` (a tolerance), the largest maximizer instead, gains within it
+    of the best counted as ties."""
     q = len(wv)
     open_ = np.ones(q, dtype=bool)  # not decided yet
-    inside = np.zeros(q, dtype=bool)  # in every maximizer
+    inside = np.zeros(q, dtype=bool)  # in every maximizer (with larger: in the largest)
+    tie = 0.0 if larger is None else larger
     while True:
-        out = open_ & (wv + Wp @ (open_ | inside) - 1.0 <= 0.0)
+        out = open_ & (wv + Wp @ (open_ | inside) - 1.0 <= -tie if larger is not None
+                       else wv + Wp @ (open_ | inside) - 1.0 <= 0.0)
         open_ &= ~out
-        into = open_ & (wv + Wp @ inside - 1.0 > 0.0)
+        into = open_ & (wv + Wp @ inside - 1.0 > -tie)
         open_ &= ~into
         inside |= into
         if not (out.any() or into.any()):
@@ -174,7 +189,7 @@ def _best_union(Wp: np.ndarray, wv: np.ndarray) -> np.ndarray:
         wr = wv[R] + Wp[np.ix_(R, np.flatnonzero(inside))].sum(1)  # from v and the parts already in
         if len(R) <= _ENUMERATE_PARTS:
             sub, gains = _union_gains(Wr, wr)
-            inside[R[sub[int(np.argmax(gains))] > 0]] = True
+            inside[R[sub[_pick(sub, gains, larger)] > 0]] = True
         else:
             c = 1.0 - 0.5 * (Wr.sum(1) + wr)  # cost of a part on v's side, less half its cut
             r = len(R)
@@ -185,8 +200,16 @@ def _best_union(Wp: np.ndarray, wv: np.ndarray) -> np.ndarray:
             cap[s, r] = math.inf
             cap[:r, t] = np.maximum(c, 0.0)
             cap[s, :r] = np.maximum(-c, 0.0)
-            inside[R[_min_cut_source_side(cap, s, t)[:r]]] = True
+            inside[R[_min_cut_source_side(cap, s, t, larger is not None)[:r]]] = True
     return np.flatnonzero(inside)
+
+
+def _pick(sub: np.ndarray, gains: np.ndarray, larger: float | None) -> int:
+    """The row of ``sub`` with the largest gain; with ``larger`` (a tolerance), the largest
+    subset among those within it of the best."""
+    if larger is None:
+        return int(np.argmax(gains))
+    return int(np.argmax(np.where(gains >= gains.max() - larger, sub.sum(1), -1.0)))
 
 
 # from this many vertices on, Cunningham's partition sums the weights between parts over the
@@ -206,7 +229,7 @@ def _edges_by_later_vertex(W: np.ndarray) -> tuple[np.ndarray, ...]:
     return b, i, j, W[b, i, j], np.searchsorted(j, np.arange(W.shape[-1] + 1))
 
 
-def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
+def min_partition(W: np.ndarray, tol: float, larger: bool = False) -> tuple[list[list[int]], float]:
     """``min_Π Σ_{P∈Π} (|P| − 1 − W(E(P)))`` over the partitions Π of the vertices of a graph
     with symmetric nonnegative edge weights ``W (k, k)`` (zero diagonal); returns the parts and
     the value (0 for the partition into singletons).
@@ -218,15 +241,18 @@ def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
     :data:`_ENUMERATE_PARTS` parts, the best of all their unions. A vertex whose
     weight towards the earlier vertices is at most 1 cannot gain and starts a part of its own.
     (That the other parts stay whole is checked against enumeration of all partitions in
-    ``tests/test_graphic_matroid.py``.)"""
+    ``tests/test_graphic_matroid.py``.) With ``larger``, unions whose gain is within ``tol`` of 0
+    or of the best are merged too, the largest among ties: the parts are then the largest sets
+    of a minimum partition (for a feasible point, its maximal tight sets)."""
     k = W.shape[0]
+    cut = -tol if larger else tol  # the gain a merge needs
     edges = _edges_by_later_vertex(W[None]) if k >= _EDGE_SUMS_FROM else None
     label = np.zeros(k, dtype=np.int64)
     q = 0  # number of parts so far
     for v in range(k):
         wv = np.bincount(label[:v], weights=W[v, :v], minlength=q)  # weight from v to each part
         merge: list[int] = []
-        if wv.sum() > 1.0 + tol:
+        if wv.sum() > 1.0 + cut:
             if edges is None:  # the weights between the parts
                 M = np.zeros((v, q))
                 M[np.arange(v), label[:v]] = 1.0
@@ -239,12 +265,12 @@ def min_partition(W: np.ndarray, tol: float) -> tuple[list[list[int]], float]:
             np.fill_diagonal(Wp, 0.0)
             if q <= _ENUMERATE_PARTS:  # few parts: every union of them at once beats a flow
                 subsets, gains = _union_gains(Wp, wv)
-                best = int(np.argmax(gains))
+                best = _pick(subsets, gains, tol if larger else None)
                 S, gain = np.flatnonzero(subsets[best]), float(gains[best])
             else:
-                S = _best_union(Wp, wv)
+                S = _best_union(Wp, wv, tol if larger else None)
                 gain = 0.5 * Wp[np.ix_(S, S)].sum() + wv[S].sum() - len(S)
-            if gain > tol:
+            if gain > cut and len(S):
                 merge = S.tolist()
         if merge:
             keep = np.ones(q, dtype=bool)
@@ -447,6 +473,26 @@ def _capped(theta: np.ndarray, k: np.ndarray, reg: str) -> np.ndarray:
     return x
 
 
+def _tied_tight_set(W: np.ndarray, y: np.ndarray, theta: np.ndarray, tol: float) -> np.ndarray | None:
+    """A set P of vertices, ``2 ≤ |P| < k``, with ``y(E(P)) = |P| − 1`` (tight, to ``tol``) for the
+    feasible ``y`` of a block with weights ``W (k, k)``, or None. Only where the logits of y's free
+    edges tie: otherwise y(E(P)) = |P| − 1 holds only where y's edges in P are at their bounds
+    (0 or 1, a zero derivative), and splitting changes nothing. Each vertex is left out in turn,
+    and the largest tight sets of the others are found by :func:`min_partition` (``larger``):
+    every proper tight set misses some vertex."""
+    k = W.shape[0]
+    free = (y > 0) & (y < 1)
+    if k <= 2 or len(np.unique(theta[free])) == int(free.sum()):
+        return None
+    for v in range(k):
+        keep = np.flatnonzero(np.arange(k) != v)
+        parts, _ = min_partition(W[np.ix_(keep, keep)], tol, larger=True)
+        for part in parts:
+            if len(part) >= 2:
+                return keep[part]
+    return None
+
+
 def spanning_tree_rows(theta: np.ndarray, edges: np.ndarray, n: int, reg: str) -> tuple[np.ndarray, np.ndarray]:
     """``argmax_{x∈B} θᵀx − f(x)`` for each row of ``theta (B, m)`` float64, ``edges (m, 2)`` of
     a connected graph on ``n`` vertices. Returns ``x (B, m)`` and the block of each edge
@@ -488,15 +534,30 @@ def spanning_tree_rows(theta: np.ndarray, edges: np.ndarray, n: int, reg: str) -
         # above the roots' tolerance: a near-minimizer found with 1.6e-11 for both put a block of
         # 1e-12 masses on the wrong side of a split (levels out of order; x off by ~1e-12 only)
         labels, values = min_partitions(W, 1e-14 * ks)
+        # rows whose free edges (0 < y < 1) have tied logits: only there can a proper set be tight
+        # without a violation and with free edges in it (_tied_tight_set)
+        with np.errstate(invalid="ignore"):
+            srt = np.sort(np.where((ys > 0) & (ys < 1) & np.isfinite(th), th, np.nan), axis=1)
+        tied = (srt[:, 1:] == srt[:, :-1]).any(1)
         level = []
-        for (b, k, uv, idx), y, label, value in zip(todo, ys, labels, values):
+        for j, ((b, k, uv, idx), y, label, value) in enumerate(zip(todo, ys, labels, values)):
             y, label = y[:len(idx)], label[:k]  # (the padding's parts come after the graph's)
             q = int(label.max()) + 1
             if value >= -4e-12 * k or q == 1:
-                x[b, idx] = y
-                block[b, idx] = blocks[b]
-                blocks[b] += 1
-                continue
+                tight = _tied_tight_set(W[j][:k, :k], y, theta[b, idx], 4e-12 * k) if tied[j] else None
+                if tight is None:
+                    x[b, idx] = y
+                    block[b, idx] = blocks[b]
+                    blocks[b] += 1
+                    continue
+                # y is feasible, but a proper set is tight with no violation: the solution keeps it
+                # tight (x(E(P)) = |P| − 1 under every small change of θ, where ties made it so),
+                # so the Jacobian must split there, as the algorithm does on a violated set
+                label = np.full(k, -1, dtype=np.int64)
+                label[tight] = 0
+                rest = label < 0
+                label[rest] = np.arange(1, int(rest.sum()) + 1)
+                q = int(label.max()) + 1
             lu, lv = label[uv[:, 0]], label[uv[:, 1]]
             inside = lu == lv
             local = np.empty(k, dtype=np.int64)

@@ -222,6 +222,22 @@ def test_min_cut_source_side_is_the_smallest_one():
         infinite[s, 1] = math.inf
         assert (_min_cut_source_side(infinite, s, t) == reachable(big, s, t)).all()
     assert split > 20  # cuts that split the inner vertices, not only s or everything but t alone
+    # the largest source side: the vertices that cannot reach t in the residual graph
+    for _ in range(200):
+        N = int(rng.integers(4, 12))
+        cap = rng.integers(0, 3, (N, N)) * (rng.random((N, N)) < 0.5)
+        np.fill_diagonal(cap, 0)
+        cap[:, 0] = cap[N - 1] = 0
+        residual = cap - maximum_flow(csr_array(cap.astype(np.int32)), 0, N - 1).flow.toarray()
+        to_t = np.zeros(N, dtype=bool)
+        to_t[N - 1] = True
+        while True:
+            more = to_t | (residual[:, to_t] > 0).any(1)
+            if (more == to_t).all():
+                break
+            to_t = more
+        largest = _min_cut_source_side(cap.astype(float), 0, N - 1, True)
+        assert (largest == ~to_t).all() and (largest >= reachable(cap, 0, N - 1)).all()
     # small sparse digraphs, where a maximum flow has to send flow back along arcs it used (without
     # the reverse arcs' residuals, 116 of 20 000 such graphs came out wrong)
     for _ in range(1500):
@@ -421,3 +437,31 @@ def test_tied_entries_at_the_cap_have_a_zero_derivative(name, params, u, reg):
     with torch.no_grad():
         fd = (cs.relax(theta + h * d, P, reg, 1.0) - cs.relax(theta - h * d, P, reg, 1.0)) / (2 * h)
     assert (J @ d[0] - fd[0]).abs().max() < 1e-5
+
+
+def test_tied_tight_sets_split_the_jacobian():
+    """K5, u = (−1, −1, 1, 1, −1, 0, 0, 0, 0, 2) at t = 0.1, the quadratic: {0, 3, 4} is
+    contracted to S, and in the contraction y = ½ on the four edges from 1 and from 2 to S is
+    feasible, but {1, S} and {2, S} are tight with no violation, and they stay tight under
+    every small change. Kept as one block, the gradient was off in every direction (0.75/t on
+    the diagonal where the torch solver and one-sided differences give 0.5/t); the block now
+    splits on such sets. min_partition with ``larger`` finds the largest tight parts."""
+    from convex_sst._graphic_matroid import min_partition
+
+    W = np.zeros((3, 3))
+    W[0, 1] = W[1, 0] = W[0, 2] = W[2, 0] = 1.0
+    assert min_partition(W, 1e-12)[0] == [[0], [1], [2]]  # smallest: no merge on a zero gain
+    assert min_partition(W, 1e-12, larger=True)[0] == [[0, 1, 2]]
+    assert min_partition(W[:2, :2], 1e-12, larger=True)[0] == [[0, 1]]  # {S, 1}
+    P = cs.load_polytope("spanning_tree", n=5)
+    u = torch.tensor([[-1.0, -1.0, 1.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 2.0]], dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda v: cs.relax(v, P, "quadratic", 0.1), u)[0, :, 0, :]
+    Jt = torch.autograd.functional.jacobian(lambda v: cs.relax(v, P, "quadratic", 0.1, backend="torch"), u)[0, :, 0, :]
+    assert (0.1 * (J - Jt)).abs().max() < 1e-6
+    for k in range(4):
+        d = torch.randn(u.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        h = 1e-7
+        x0 = cs.relax(u, P, "quadratic", 0.1)
+        for sign in (1, -1):
+            one_sided = sign * (cs.relax(u + sign * h * d, P, "quadratic", 0.1) - x0) / h
+            assert (J @ d[0] - one_sided[0]).abs().max() < 1e-6
