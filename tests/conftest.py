@@ -72,6 +72,24 @@ def user_copy(tmp_path, name):
     return path
 
 
+def check_newton_against_wolfe(P, u, w, t: float, constant: str, monkeypatch, h: float, fd_tol: float) -> None:
+    """The quadratic's gradient of ``(relax(u) * w).sum()`` by a Newton path (``fast.<constant>``,
+    its hull span, set to inf) equals Wolfe's algorithm's (set to -inf) to 1e-9, and its
+    directional derivative central differences (step h, a random direction) to ``fd_tol``."""
+    import math
+
+    grads = []
+    for span in (math.inf, -math.inf):  # Newton, then Wolfe's algorithm
+        monkeypatch.setattr(cs.fast, constant, span)
+        v = u.clone().requires_grad_()
+        grads.append(torch.autograd.grad((cs.relax(v, P, "quadratic", t) * w).sum(), v)[0])
+    d = torch.randn(u.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        fd = ((cs.relax(u + h * d, P, "quadratic", t) - cs.relax(u - h * d, P, "quadratic", t)) * w).sum() / (2 * h)
+    assert (grads[0] - grads[1]).abs().max() < 1e-9
+    assert abs(float((grads[0] * d).sum() - fd)) < fd_tol
+
+
 def check_unconverged_rows(P, u, reg: str, t: float, method: str, balance: str) -> None:
     """A Newton dual path stopped after one step (``max_iter=1``): by default its rows fall back
     to the interior-point solver silently and agree with the converged result; with

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import convex_sst as cs
-from conftest import check_unconverged_rows
+from conftest import check_newton_against_wolfe, check_unconverged_rows
 import oracles
 from convex_sst._arborescence_newton import solve_arborescences
 from convex_sst._assignment_projection import SEPARABLE
@@ -341,14 +341,5 @@ def test_quadratic_support_leaves_out_arcs_at_rounding(monkeypatch):
                       [-0.24, F, -1.80, -0.77, -0.00, F]], dtype=torch.float64)[None]
     w = torch.arange(36, dtype=torch.float64).reshape(1, 6, 6)
     P = cs.load_polytope("arborescence", n=6)
-    grads = []
-    for span in (math.inf, -math.inf):  # Newton, then Wolfe's algorithm
-        monkeypatch.setattr(convex_sst.fast, "_ARBORESCENCE_HULL_SPAN", span)
-        v = u.clone().requires_grad_()
-        grads.append(torch.autograd.grad((cs.relax(v, P, "quadratic", 0.1) * w).sum(), v)[0])
-    h = 1e-7
-    d = torch.randn(u.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with torch.no_grad():
-        fd = ((cs.relax(u + h * d, P, "quadratic", 0.1) - cs.relax(u - h * d, P, "quadratic", 0.1)) * w).sum() / (2 * h)
-    assert (grads[0] - grads[1]).abs().max() < 1e-9
-    assert abs(float((grads[0] * d).sum() - fd)) < 1e-2  # (differences of entries at 1e4 keep 5 digits)
+    # (differences of entries at 1e4 keep 5 digits)
+    check_newton_against_wolfe(P, u, w, 0.1, "_ARBORESCENCE_HULL_SPAN", monkeypatch, 1e-7, 1e-2)

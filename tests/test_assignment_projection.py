@@ -3,7 +3,6 @@ the dual (their fast path): against OSQP with its active-set polish and a certif
 the projection onto the hull of the enumerated permutations, the face Jacobian of the active
 constraints, central differences, low and extreme temperatures, and the failure modes."""
 
-import math
 import warnings
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import convex_sst as cs
-from conftest import check_unconverged_rows
+from conftest import check_newton_against_wolfe, check_unconverged_rows
 import oracles
 from convex_sst._assignment_projection import _null_blocks, project_assignments
 
@@ -287,17 +286,8 @@ def test_quadratic_support_leaves_out_entries_at_rounding(monkeypatch):
                       [F, F, 0.98, 1.99, F]], dtype=torch.float64)[None]
     w = torch.randn(1, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     P = cs.load_polytope("birkhoff", n=5)
-    grads = []
-    for span in (math.inf, -math.inf):  # Newton, then Wolfe's algorithm
-        monkeypatch.setattr(cs.fast, "_ASSIGNMENT_HULL_SPAN", span)
-        v = u.clone().requires_grad_()
-        grads.append(torch.autograd.grad((cs.relax(v, P, "quadratic", 0.1) * w).sum(), v)[0])
-    h = 1e-7
-    d = torch.randn(u.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with torch.no_grad():
-        fd = ((cs.relax(u + h * d, P, "quadratic", 0.1) - cs.relax(u - h * d, P, "quadratic", 0.1)) * w).sum() / (2 * h)
-    assert (grads[0] - grads[1]).abs().max() < 1e-9
-    assert abs(float((grads[0] * d).sum() - fd)) < 1e-2  # (differences of entries at 1e4 keep 5 digits)
+    # (differences of entries at 1e4 keep 5 digits)
+    check_newton_against_wolfe(P, u, w, 0.1, "_ASSIGNMENT_HULL_SPAN", monkeypatch, 1e-7, 1e-2)
 
 
 @pytest.mark.parametrize("row", ["full_column_without_multiplier", "entries_at_the_tolerance"])
@@ -316,14 +306,4 @@ def test_matching_quadratic_jacobian_on_tied_forced_entries(row, monkeypatch):
         dtype=torch.float64)[None]
     w = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     P = cs.load_polytope("matching", n=4, m=6)
-    grads = []
-    for span in (math.inf, -math.inf):  # Newton, then Wolfe's algorithm
-        monkeypatch.setattr(cs.fast, "_ASSIGNMENT_HULL_SPAN", span)
-        v = u.clone().requires_grad_()
-        grads.append(torch.autograd.grad((cs.relax(v, P, "quadratic", 1.0) * w).sum(), v)[0])
-    h = 1e-6
-    d = torch.randn(u.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with torch.no_grad():
-        fd = ((cs.relax(u + h * d, P, "quadratic", 1.0) - cs.relax(u - h * d, P, "quadratic", 1.0)) * w).sum() / (2 * h)
-    assert (grads[0] - grads[1]).abs().max() < 1e-9
-    assert abs(float((grads[0] * d).sum() - fd)) < 1e-3
+    check_newton_against_wolfe(P, u, w, 1.0, "_ASSIGNMENT_HULL_SPAN", monkeypatch, 1e-6, 1e-3)
