@@ -175,8 +175,7 @@ def _best_union(Wp: np.ndarray, wv: np.ndarray, larger: float | None = None) -> 
     inside = np.zeros(q, dtype=bool)  # in every maximizer (with larger: in the largest)
     tie = 0.0 if larger is None else larger
     while True:
-        out = open_ & (wv + Wp @ (open_ | inside) - 1.0 <= -tie if larger is not None
-                       else wv + Wp @ (open_ | inside) - 1.0 <= 0.0)
+        out = open_ & (wv + Wp @ (open_ | inside) - 1.0 <= -tie)
         open_ &= ~out
         into = open_ & (wv + Wp @ inside - 1.0 > -tie)
         open_ &= ~into
