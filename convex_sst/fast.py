@@ -988,13 +988,19 @@ def sinkhorn(theta: torch.Tensor, tol: float | None = None, max_iter: int = 2000
     return (X, bad) if return_error else X
 
 
+def _sinkhorn_tol(dtype: torch.dtype, tol: float | None) -> float:
+    """Sinkhorn's row/column-sum tolerance as asked for (the default of the dtype for None),
+    before :func:`_sinkhorn_duals` floors it at the arithmetic's resolution."""
+    return (1e-12 if dtype == torch.float64 else 1e-6) if tol is None else tol
+
+
 def _sinkhorn_duals(theta: torch.Tensor, tol: float | None, max_iter: int, on_failure: str,
                     check_every: int = _CHECK_EVERY, newton_after: int = _NEWTON_AFTER, newton_iter: int = _NEWTON_ITER,
                     forbidden: bool = False, at_most: bool = False):
     """:func:`sinkhorn`'s iterations and report: ``(X, bad, log_b)``."""
     B, n, m = theta.shape
     eps = torch.finfo(theta.dtype).eps
-    tol = (1e-12 if theta.dtype == torch.float64 else 1e-6) if tol is None else tol
+    tol = _sinkhorn_tol(theta.dtype, tol)
     # θ may hold -inf (forbidden entries: exact zeros of X); every row and column needs a finite one
     low = theta.masked_fill(theta == -math.inf, math.inf).amin((1, 2)) if forbidden else theta.amin((1, 2))
     scale = float(torch.maximum(theta.amax((1, 2)).abs(), low.abs()).max()) if theta.numel() else 0.0
@@ -1060,8 +1066,8 @@ class _Sinkhorn(torch.autograd.Function):
         # t = 0.1 with tied integer utilities their slack is e^(−20) and real
         # (test_torch_solver_backward_drops_constraints_the_polish_found_inactive)
         if at_most:
-            floor = (1e-12 if X.dtype == torch.float64 else 1e-6) if tol is None else tol
-            ctx.tight = (log_b < 0) | (X.sum(1) >= 1.0 - 10 * max(floor, 100 * torch.finfo(X.dtype).eps))
+            full = 1.0 - 10 * max(_sinkhorn_tol(X.dtype, tol), 100 * torch.finfo(X.dtype).eps)
+            ctx.tight = (log_b < 0) | (X.sum(1) >= full)
         else:
             ctx.tight = None
         ctx.save_for_backward(X)
