@@ -1156,6 +1156,50 @@ def test_torch_solver_backward_on_flows_at_low_temperature(tmp_path):
     assert (0.3 * (grads[0] - grads[1])).abs().max() < 1e-6
 
 
+def test_high_precision_hull_oracle_matches_the_k_subset_fast_path():
+    # the oracle of the next test, against an exact fast path on a generic row
+    import itertools
+
+    from oracles import hull_entropy_jvp_mp
+    V = np.array([[int(i in S) for i in range(5)] for S in itertools.combinations(range(5), 2)])
+    gen = torch.Generator().manual_seed(0)
+    u, d = torch.randn(2, 1, 5, generator=gen, dtype=torch.float64)
+    x, dx = hull_entropy_jvp_mp(V, u[0].numpy(), d[0].numpy())
+    P = cs.load_polytope("k_subset", n=5, k=2)
+    xf, jf = torch.autograd.functional.jvp(lambda z: cs.relax(z, P, "entropy", 1.0, backend="fast"), (u,), (d,))
+    assert np.abs(x - xf[0].numpy()).max() < 1e-12
+    assert np.abs(dx - jf[0].numpy()).max() < 1e-12
+
+
+def test_torch_solver_backward_near_a_vertex_against_a_high_precision_oracle():
+    # correlated k-subsets (n = 7, k = 3) with the entropy at t = 0.1 and tied integer utilities:
+    # x is within 1e-7 of a vertex, and two paths of weight 4e-8 tie ({0, 1, 5} and {0, 1, 6}),
+    # so x_5 and x_6, both near 1 where the entropy's curvature is 1, trade at a rate ~0.5/t
+    # until one weight reaches 0, about 1e-8 away in u: a kink. Central differences of the
+    # float64 forward (which splits the tie to ~1e-10) need steps far below that and gave ~0,
+    # which an earlier audit took for a wrong backward; a 30-digit barrier solve of the hull
+    # (tests/oracles.py) agrees with the backward to 7 digits.
+    import itertools
+
+    from oracles import hull_entropy_jvp_mp
+    n, k, t = 7, 3, 0.1
+    V = []
+    for S in itertools.combinations(range(n), k):
+        items = [int(i in S) for i in range(n)]
+        V.append(items + [items[i] * items[i + 1] for i in range(n - 1)])
+    u = torch.tensor([[1.0, 1, -1, -1, 1, 2, 2, -1, -2, -2, -2, 2, 1]], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    d, w = torch.randn(2, 1, 13, generator=gen, dtype=torch.float64)
+    x_ref, dx_ref = hull_entropy_jvp_mp(np.array(V), u[0].numpy() / t, d[0].numpy() / t)
+    uu = u.clone().requires_grad_()
+    x = cs.relax(uu, cs.load_polytope("correlated_k_subset", n=n, k=k), "entropy", t, backend="torch")
+    (g,) = torch.autograd.grad((x * w).sum(), uu)
+    assert np.abs(x[0].detach().numpy() - x_ref).max() < 1e-8  # the tie's split is off by 6e-9
+    ref = float(dx_ref @ w[0].numpy())
+    assert abs(ref) > 1.0  # the tie's large derivative, not a vanishing one
+    assert abs(float((g * d).sum()) - ref) < 1e-5 * abs(ref)
+
+
 def test_torch_solver_backward_on_degenerate_flows_refines_its_preconditioned_solve():
     # correlated k-subsets (flows through the states of a dynamic program, not unique) with the
     # binary entropy at t = 0.1: with ε + 1e-9 on the flows' curvature, the backward's normal
