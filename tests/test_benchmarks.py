@@ -191,3 +191,12 @@ def test_quadratic_by_argmax_benchmark_runs_and_agrees_with_the_torch_solver():
         assert re.fullmatch(r"[0-9.]+×", row[4])
         assert float(row[5]) < 1e-7 and float(row[6]) < 1e-5, row
         assert float(row[7].split("/")[0]) < 1e-6, row  # ours against differences
+
+
+def test_hull_oracle_benchmark_runs_and_agrees_on_gumbel_rows():
+    out = _run("hull_oracle.py", "--n", "4", "--k", "2", "--rows", "3", "--kinds", "gumbel", "--temperatures", "0.3")
+    rows = _rows(out, "| entropy") + _rows(out, "| binary_entropy")
+    assert len(rows) == 2
+    for row in rows:
+        assert float(row[3]) < 1e-8, row          # x against the 60-digit hull
+        assert row[4].startswith("0 / 3"), row    # no directional derivative off by more than 1e-6

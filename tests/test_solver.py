@@ -1177,7 +1177,7 @@ def test_torch_solver_backward_near_a_vertex_against_a_high_precision_oracle():
     # so x_5 and x_6, both near 1 where the entropy's curvature is 1, trade at a rate ~0.5/t
     # until one weight reaches 0, about 1e-8 away in u: a kink. Central differences of the
     # float64 forward (which splits the tie to ~1e-10) need steps far below that and gave ~0,
-    # which an earlier audit took for a wrong backward; a 30-digit barrier solve of the hull
+    # which an earlier audit took for a wrong backward; a 60-digit barrier solve of the hull
     # (tests/oracles.py) agrees with the backward to 7 digits.
     import itertools
 
