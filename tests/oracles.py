@@ -427,7 +427,6 @@ def masked_face_solve(theta: np.ndarray, form, low: np.ndarray, reg: str) -> tup
     return dual_solve(th, face, reg)
 
 
-
 def _mp_solve(K: list, r: list) -> list:
     """``K⁻¹ r`` by Gaussian elimination with partial pivoting, on lists of mpmath numbers."""
     import mpmath as mp
@@ -472,8 +471,8 @@ def hull_entropy_jvp_mp(V: np.ndarray, theta: np.ndarray, d: np.ndarray, reg: st
     with mp.workdps(dps):
         m, D = V.shape
         binary = reg == "binary_entropy"
-        if binary and V.all(0).any():  # such coordinates sit on the binary entropy's domain end
-            raise ValueError("leave out the coordinates that are 1 on every vertex")
+        if (~V.any(0)).any() or (binary and V.all(0).any()):  # x there sits on a domain end
+            raise ValueError("leave out the coordinates that are 0 on every vertex (and, for the binary entropy, 1)")
         th = [mp.mpf(float(a)) for a in theta]
         dd = [mp.mpf(float(a)) for a in d]
         supp = [[i for i in range(D) if V[a, i]] for a in range(m)]
