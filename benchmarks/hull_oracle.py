@@ -4,7 +4,8 @@ Correlated k-subsets with the entropy and the binary entropy are the built-in pa
 ``auto`` sends to the torch interior-point solver (flows through a dynamic program's states,
 not unique). The reference is ``tests/oracles.py`` ``hull_entropy_jvp_mp``: a barrier method over
 the weights of the C(n, k) enumerated vertices in mpmath, then the derivative of that barrier
-problem. It uses none of the library's code or float64.
+problem. It uses none of the library's code or float64. ``--regularizers quadratic`` checks
+``auto``'s path for the quadratic, Wolfe's minimum-norm-point algorithm.
 
 One markdown row per regularizer, kind of utilities and temperature. Kinds: ``gumbel`` is
 N(0, 1) plus Gumbel noise, an SST's perturbed utilities; ``int`` is integers in [-2, 2], which
@@ -20,6 +21,7 @@ tie. Columns:
 
     python benchmarks/hull_oracle.py                     # n = 6, k = 3: about 4 minutes
     python benchmarks/hull_oracle.py --n 7 --k 3 --rows 12
+    python benchmarks/hull_oracle.py --regularizers quadratic
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--rows", type=int, default=24)
     ap.add_argument("--regularizers", nargs="+", default=["entropy", "binary_entropy"],
-                    choices=["entropy", "binary_entropy"])
+                    choices=["entropy", "binary_entropy", "quadratic"])
     ap.add_argument("--kinds", nargs="+", default=["gumbel", "int"], choices=["gumbel", "int"])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.3, 0.1])
     ap.add_argument("--seed", type=int, default=5)

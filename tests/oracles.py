@@ -450,7 +450,8 @@ def _mp_solve(K: list, r: list) -> list:
 def hull_entropy_jvp_mp(V: np.ndarray, theta: np.ndarray, d: np.ndarray, reg: str = "entropy", dps: int = 60
                         ) -> tuple[np.ndarray, np.ndarray]:
     """``x = argmax_{x ∈ conv(V)} θᵀx − f(x)`` and its derivative ``(dx/dθ) d``, for the entropy
-    ``f = Σ x log x`` or the binary entropy ``Σ x log x + (1 − x) log(1 − x)``, in
+    ``f = Σ x log x``, the binary entropy ``Σ x log x + (1 − x) log(1 − x)`` or the quadratic
+    ``½‖x‖²`` (the projection onto conv(V)), in
     ``dps``-digit arithmetic (mpmath): independent of our constraints, solvers and float64.
 
     A barrier method on the vertex weights λ (``x = Vᵀλ``, ``Σ λ = 1``, ``μ Σ log λ``, μ from 1
@@ -470,8 +471,8 @@ def hull_entropy_jvp_mp(V: np.ndarray, theta: np.ndarray, d: np.ndarray, reg: st
 
     with mp.workdps(dps):
         m, D = V.shape
-        binary = reg == "binary_entropy"
-        if (~V.any(0)).any() or (binary and V.all(0).any()):  # x there sits on a domain end
+        binary, quadratic = reg == "binary_entropy", reg == "quadratic"
+        if not quadratic and ((~V.any(0)).any() or (binary and V.all(0).any())):  # x on a domain end
             raise ValueError("leave out the coordinates that are 0 on every vertex (and, for the binary entropy, 1)")
         th = [mp.mpf(float(a)) for a in theta]
         dd = [mp.mpf(float(a)) for a in d]
@@ -480,7 +481,7 @@ def hull_entropy_jvp_mp(V: np.ndarray, theta: np.ndarray, d: np.ndarray, reg: st
 
         def system(lam: list, mu) -> tuple[list, list]:
             x = [mp.fsum(lam[j] for j in range(m) if V[j, i]) for i in range(D)]
-            r = [1 / xi + (1 / (1 - xi) if binary else 0) for xi in x]
+            r = [mp.mpf(1) if quadratic else 1 / xi + (1 / (1 - xi) if binary else 0) for xi in x]
             K = [[mp.mpf(0)] * (m + 1) for _ in range(m + 1)]
             for a in range(m):
                 for b in range(a, m):
@@ -495,7 +496,8 @@ def hull_entropy_jvp_mp(V: np.ndarray, theta: np.ndarray, d: np.ndarray, reg: st
         while mu > floor:
             for _ in range(8):
                 x, K = system(lam, mu)
-                gx = [th[i] - (mp.log(x[i]) - mp.log(1 - x[i]) if binary else mp.log(x[i]) + 1) for i in range(D)]
+                gx = [th[i] - (x[i] if quadratic else mp.log(x[i]) - mp.log(1 - x[i]) if binary else mp.log(x[i]) + 1)
+                      for i in range(D)]
                 g = [mp.fsum(gx[i] for i in supp[j]) + mu / lam[j] for j in range(m)]
                 step = _mp_solve(K, [-a for a in g] + [mp.mpf(0)])
                 a = min([mp.mpf(1)] + [mp.mpf("0.9") * lam[j] / -step[j] for j in range(m) if step[j] < 0])

@@ -194,9 +194,10 @@ def test_quadratic_by_argmax_benchmark_runs_and_agrees_with_the_torch_solver():
 
 
 def test_hull_oracle_benchmark_runs_and_agrees_on_gumbel_rows():
-    out = _run("hull_oracle.py", "--n", "4", "--k", "2", "--rows", "3", "--kinds", "gumbel", "--temperatures", "0.3")
-    rows = _rows(out, "| entropy") + _rows(out, "| binary_entropy")
-    assert len(rows) == 2
+    out = _run("hull_oracle.py", "--n", "4", "--k", "2", "--rows", "3", "--kinds", "gumbel", "--temperatures", "0.3",
+               "--regularizers", "entropy", "binary_entropy", "quadratic")
+    rows = _rows(out, "| entropy") + _rows(out, "| binary_entropy") + _rows(out, "| quadratic")
+    assert len(rows) == 3
     for row in rows:
         assert float(row[3]) < 1e-8, row          # x against the 60-digit hull
         assert row[4].startswith("0 / 3"), row    # no directional derivative off by more than 1e-6
