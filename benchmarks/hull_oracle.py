@@ -2,7 +2,7 @@
 
 Correlated k-subsets with the entropy and the binary entropy are the built-in pairs that
 ``auto`` sends to the torch interior-point solver (flows through a dynamic program's states,
-not unique). The reference is ``tests/oracles.py`` ``hull_entropy_jvp_mp``: a barrier method over
+not unique). The reference is ``tests/oracles.py`` ``hull_relax_jvp_mp``: a barrier method over
 the weights of the C(n, k) enumerated vertices in mpmath, then the derivative of that barrier
 problem. It uses none of the library's code or float64. ``--regularizers quadratic`` checks
 ``auto``'s path for the quadratic, Wolfe's minimum-norm-point algorithm.
@@ -38,7 +38,7 @@ import torch
 import convex_sst as cs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from oracles import hull_entropy_jvp_mp  # noqa: E402  (the tests' independent oracle)
+from oracles import hull_relax_jvp_mp  # noqa: E402  (the tests' independent oracle)
 
 
 def vertices(n: int, k: int) -> np.ndarray:
@@ -87,7 +87,7 @@ def main() -> None:
         xerr, off, kinks, smooth, worst = 0.0, 0, 0, 0.0, 0.0
         for r in range(args.rows):
             th, dd, ww = u[r].numpy() / t, d[r].numpy() / t, w[r].numpy()
-            x_ref, dx = hull_entropy_jvp_mp(V, th, dd, reg=reg)
+            x_ref, dx = hull_relax_jvp_mp(V, th, dd, reg=reg)
             xerr = max(xerr, float(np.abs(x_ref - x[r]).max()))
             err = t * abs(float(jvp[r]) - float(dx @ ww))
             worst = max(worst, err)
@@ -95,8 +95,8 @@ def main() -> None:
                 continue
             off += 1
             h = 1e-9
-            plus = float((hull_entropy_jvp_mp(V, th + h * dd, dd, reg=reg)[0] - x_ref) @ ww) / h
-            minus = float((x_ref - hull_entropy_jvp_mp(V, th - h * dd, dd, reg=reg)[0]) @ ww) / h
+            plus = float((hull_relax_jvp_mp(V, th + h * dd, dd, reg=reg)[0] - x_ref) @ ww) / h
+            minus = float((x_ref - hull_relax_jvp_mp(V, th - h * dd, dd, reg=reg)[0]) @ ww) / h
             if t * abs(plus - minus) > 1e-6 * (1.0 + t * abs(plus)):
                 kinks += 1
             else:

@@ -447,7 +447,7 @@ def _mp_solve(K: list, r: list) -> list:
     return x
 
 
-def hull_entropy_jvp_mp(V: np.ndarray, theta: np.ndarray, d: np.ndarray, reg: str = "entropy", dps: int = 60
+def hull_relax_jvp_mp(V: np.ndarray, theta: np.ndarray, d: np.ndarray, reg: str = "entropy", dps: int = 60
                         ) -> tuple[np.ndarray, np.ndarray]:
     """``x = argmax_{x ∈ conv(V)} θᵀx − f(x)`` and its derivative ``(dx/dθ) d``, for the entropy
     ``f = Σ x log x``, the binary entropy ``Σ x log x + (1 − x) log(1 − x)`` or the quadratic

@@ -1160,11 +1160,11 @@ def test_high_precision_hull_oracle_matches_the_k_subset_fast_path():
     # the oracle of the next test, against an exact fast path on a generic row
     import itertools
 
-    from oracles import hull_entropy_jvp_mp
+    from oracles import hull_relax_jvp_mp
     V = np.array([[int(i in S) for i in range(5)] for S in itertools.combinations(range(5), 2)])
     gen = torch.Generator().manual_seed(0)
     u, d = torch.randn(2, 1, 5, generator=gen, dtype=torch.float64)
-    x, dx = hull_entropy_jvp_mp(V, u[0].numpy(), d[0].numpy())
+    x, dx = hull_relax_jvp_mp(V, u[0].numpy(), d[0].numpy())
     P = cs.load_polytope("k_subset", n=5, k=2)
     xf, jf = torch.autograd.functional.jvp(lambda z: cs.relax(z, P, "entropy", 1.0, backend="fast"), (u,), (d,))
     assert np.abs(x - xf[0].numpy()).max() < 1e-12
@@ -1181,7 +1181,7 @@ def test_torch_solver_backward_near_a_vertex_against_a_high_precision_oracle():
     # (tests/oracles.py) agrees with the backward to 7 digits.
     import itertools
 
-    from oracles import hull_entropy_jvp_mp
+    from oracles import hull_relax_jvp_mp
     n, k, t = 7, 3, 0.1
     V = []
     for S in itertools.combinations(range(n), k):
@@ -1190,7 +1190,7 @@ def test_torch_solver_backward_near_a_vertex_against_a_high_precision_oracle():
     u = torch.tensor([[1.0, 1, -1, -1, 1, 2, 2, -1, -2, -2, -2, 2, 1]], dtype=torch.float64)
     gen = torch.Generator().manual_seed(7)
     d, w = torch.randn(2, 1, 13, generator=gen, dtype=torch.float64)
-    x_ref, dx_ref = hull_entropy_jvp_mp(np.array(V), u[0].numpy() / t, d[0].numpy() / t)
+    x_ref, dx_ref = hull_relax_jvp_mp(np.array(V), u[0].numpy() / t, d[0].numpy() / t)
     uu = u.clone().requires_grad_()
     x = cs.relax(uu, cs.load_polytope("correlated_k_subset", n=n, k=k), "entropy", t, backend="torch")
     (g,) = torch.autograd.grad((x * w).sum(), uu)
