@@ -1,4 +1,4 @@
-"""Accuracy of ``relax`` on correlated k-subsets against a 30-digit oracle over the enumerated hull.
+"""Accuracy of ``relax`` on correlated k-subsets against a 60-digit oracle over the enumerated hull.
 
 Correlated k-subsets with the entropy and the binary entropy are the built-in pairs that
 ``auto`` sends to the torch interior-point solver (flows through a dynamic program's states,
