@@ -38,16 +38,7 @@ import torch
 import convex_sst as cs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from oracles import hull_relax_jvp_mp  # noqa: E402  (the tests' independent oracle)
-
-
-def vertices(n: int, k: int) -> np.ndarray:
-    """The correlated k-subsets: items, then the adjacent pairs chosen together."""
-    rows = []
-    for chosen in itertools.combinations(range(n), k):
-        items = [int(i in chosen) for i in range(n)]
-        rows.append(items + [items[i] * items[i + 1] for i in range(n - 1)])
-    return np.array(rows)
+from oracles import correlated_subsets, hull_relax_jvp_mp  # noqa: E402  (the tests' independent oracle)
 
 
 def main() -> None:
@@ -61,7 +52,7 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.3, 0.1])
     ap.add_argument("--seed", type=int, default=5)
     args = ap.parse_args()
-    V = vertices(args.n, args.k)
+    V = correlated_subsets(args.n, args.k)
     D = V.shape[1]
     P = cs.load_polytope("correlated_k_subset", n=args.n, k=args.k)
     print(f"correlated k-subsets n = {args.n}, k = {args.k} ({len(V)} vertices), {args.rows} rows each, "

@@ -427,6 +427,16 @@ def masked_face_solve(theta: np.ndarray, form, low: np.ndarray, reg: str) -> tup
     return dual_solve(th, face, reg)
 
 
+def correlated_subsets(n: int, k: int) -> np.ndarray:
+    """The correlated k-subsets ``(C(n, k), 2n − 1)``, enumerated: the items, then the adjacent
+    pairs chosen together (independent of the library's dynamic program)."""
+    rows = []
+    for chosen in itertools.combinations(range(n), k):
+        items = [int(i in chosen) for i in range(n)]
+        rows.append(items + [items[i] * items[i + 1] for i in range(n - 1)])
+    return np.array(rows)
+
+
 def _mp_solve(K: list, r: list) -> list:
     """``K⁻¹ r`` by Gaussian elimination with partial pivoting, on lists of mpmath numbers."""
     import mpmath as mp

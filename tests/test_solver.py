@@ -1179,18 +1179,13 @@ def test_torch_solver_backward_near_a_vertex_against_a_high_precision_oracle():
     # float64 forward (which splits the tie to ~1e-10) need steps far below that and gave ~0,
     # which an earlier audit took for a wrong backward; a 60-digit barrier solve of the hull
     # (tests/oracles.py) agrees with the backward to 7 digits.
-    import itertools
-
-    from oracles import hull_relax_jvp_mp
+    from oracles import correlated_subsets, hull_relax_jvp_mp
     n, k, t = 7, 3, 0.1
-    V = []
-    for S in itertools.combinations(range(n), k):
-        items = [int(i in S) for i in range(n)]
-        V.append(items + [items[i] * items[i + 1] for i in range(n - 1)])
+    V = correlated_subsets(n, k)
     u = torch.tensor([[1.0, 1, -1, -1, 1, 2, 2, -1, -2, -2, -2, 2, 1]], dtype=torch.float64)
     gen = torch.Generator().manual_seed(7)
     d, w = torch.randn(2, 1, 13, generator=gen, dtype=torch.float64)
-    x_ref, dx_ref = hull_relax_jvp_mp(np.array(V), u[0].numpy() / t, d[0].numpy() / t)
+    x_ref, dx_ref = hull_relax_jvp_mp(V, u[0].numpy() / t, d[0].numpy() / t)
     uu = u.clone().requires_grad_()
     x = cs.relax(uu, cs.load_polytope("correlated_k_subset", n=n, k=k), "entropy", t, backend="torch")
     (g,) = torch.autograd.grad((x * w).sum(), uu)
