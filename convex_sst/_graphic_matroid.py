@@ -472,16 +472,15 @@ def _capped(theta: np.ndarray, k: np.ndarray, reg: str) -> np.ndarray:
     return x
 
 
-def _tied_tight_set(W: np.ndarray, y: np.ndarray, theta: np.ndarray, tol: float) -> np.ndarray | None:
+def _tied_tight_set(W: np.ndarray, tol: float) -> np.ndarray | None:
     """A set P of vertices, ``2 ≤ |P| < k``, with ``y(E(P)) = |P| − 1`` (tight, to ``tol``) for the
-    feasible ``y`` of a block with weights ``W (k, k)``, or None. Only where the logits of y's free
-    edges tie: otherwise y(E(P)) = |P| − 1 holds only where y's edges in P are at their bounds
-    (0 or 1, a zero derivative), and splitting changes nothing. Each vertex is left out in turn,
-    and the largest tight sets of the others are found by :func:`min_partition` (``larger``):
-    every proper tight set misses some vertex."""
+    feasible y of a block with weights ``W (k, k)``, or None. The caller asks only where the
+    logits of y's free edges tie: otherwise y(E(P)) = |P| − 1 holds only where y's edges in P
+    are at their bounds (0 or 1, a zero derivative), and splitting changes nothing. Each vertex
+    is left out in turn, and the largest tight sets of the others are found by
+    :func:`min_partition` (``larger``): every proper tight set misses some vertex."""
     k = W.shape[0]
-    free = (y > 0) & (y < 1)
-    if k <= 2 or len(np.unique(theta[free])) == int(free.sum()):
+    if k <= 2:
         return None
     for v in range(k):
         keep = np.flatnonzero(np.arange(k) != v)
@@ -543,7 +542,7 @@ def spanning_tree_rows(theta: np.ndarray, edges: np.ndarray, n: int, reg: str) -
             y, label = y[:len(idx)], label[:k]  # (the padding's parts come after the graph's)
             q = int(label.max()) + 1
             if value >= -4e-12 * k or q == 1:
-                tight = _tied_tight_set(W[j][:k, :k], y, theta[b, idx], 4e-12 * k) if tied[j] else None
+                tight = _tied_tight_set(W[j][:k, :k], 4e-12 * k) if tied[j] else None
                 if tight is None:
                     x[b, idx] = y
                     block[b, idx] = blocks[b]
