@@ -98,6 +98,29 @@ def test_sst_gradient_approaches_exact_gradient_as_t_to_zero():
     assert bias[0] < 0.25 * rows[0]["exact_norm"]
 
 
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_sst_gradient_is_the_gradient_through_the_sst_layer(straight_through):
+    # the same noise through cs.sst: the estimate is the mean of the per-sample gradients of L at
+    # the layer's output (relaxed, or hard in the forward pass); a loss that is not linear in x
+    # tells the point where L is evaluated apart
+    P = cs.load_polytope("k_subset", n=5, k=2)
+    theta = torch.tensor([0.4, -0.3, 1.1, 0.0, -0.8], dtype=torch.float64)
+    c = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0], dtype=torch.float64)
+
+    def loss(x):
+        return ((x - c) ** 2).sum(-1)
+
+    K = 6
+    th = theta.expand(K, 5).clone().requires_grad_(True)
+    mode = "straight_through" if straight_through else "relaxed"
+    x = cs.sst(th, P, "binary_entropy", 0.5, mode=mode, generator=torch.Generator().manual_seed(5))
+    (want,) = torch.autograd.grad(loss(x).sum(), th)
+    got = cs.sst_gradient(loss, theta, P, "binary_entropy", 0.5, num_samples=K, straight_through=straight_through,
+                          generator=torch.Generator().manual_seed(5), per_sample=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert got.abs().max() > 0.1
+
+
 @pytest.mark.parametrize("name,params,reg", [
     ("simplex", {"n": 5}, "entropy"), ("k_subset", {"n": 6, "k": 2}, "exp_family"),
     ("spanning_tree", {"n": 4}, "exp_family"),

@@ -102,6 +102,7 @@ def test_an_unregistered_regularizer_cannot_borrow_a_registered_name():
     (dict(value=lambda x: math.sqrt(x)), r"value failed on a float64 tensor of shape \(5, 1\): ValueError"),
     (dict(value="x ** 1.5"), "value must be a function or None, got str"),
     (dict(domain=(1.0, 0.0)), "is empty"),
+    (dict(domain=(0.5, 0.5)), "is empty"),
     (dict(domain="positive"), r"domain must be a pair of numbers \(lo, hi\)"),
     (dict(name=""), "name must be a non-empty string"),
 ])

@@ -36,6 +36,44 @@ def test_noise_is_reproducible_with_generator_and_noise_objects():
     assert abs(n.std().item() - 2.0) < 0.03
 
 
+def _dist(name, scale):
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    return getattr(torch.distributions, name)(zero, zero + scale)
+
+
+@pytest.mark.parametrize("noise, dist", [
+    (cs.Gumbel(), _dist("Gumbel", 1.0)),
+    (cs.Gumbel(0.5), _dist("Gumbel", 0.5)),
+    (cs.Gaussian(), _dist("Normal", 1.0)),
+    (cs.Gaussian(2.5), _dist("Normal", 2.5)),
+])
+def test_noise_log_prob_and_moments_match_torch_distributions(noise, dist):
+    # log_prob is the score-function estimator's score; a wrong scale there biases it silently
+    g = torch.linspace(-4.0, 6.0, 21, dtype=torch.float64)
+    assert torch.allclose(noise.log_prob(g), dist.log_prob(g), rtol=1e-13, atol=1e-13)
+    N = 200000
+    s = noise.sample((N,), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert abs(s.mean().item() - float(dist.mean)) < 5 * float(dist.stddev) / math.sqrt(N)
+    assert abs(s.std().item() / float(dist.stddev) - 1) < 0.01
+
+
+@pytest.mark.parametrize("noise", [cs.Gumbel(2.0), cs.Gaussian(1.5)])
+def test_score_function_with_scaled_noise_is_unbiased(noise):
+    # two items: P(X = e0) = sigmoid((θ0 − θ1) / s) under Gumbel(s) noise (the Gumbel-max trick at
+    # scale s), Φ((θ0 − θ1) / (s √2)) under N(0, s²); L(X) = X[0], so the gradient is its derivative
+    P = cs.load_polytope("simplex", n=2)
+    theta = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    d, s = float(theta[0] - theta[1]), noise.scale
+    if isinstance(noise, cs.Gumbel):
+        dp = torch.sigmoid(torch.tensor(d / s)).item() * torch.sigmoid(torch.tensor(-d / s)).item() / s
+    else:
+        dp = math.exp(-d * d / (4 * s * s)) / math.sqrt(2 * math.pi) / (s * math.sqrt(2))
+    K = 200000
+    est = cs.score_function(lambda x: x[:, 0], theta, P, num_samples=K, noise=noise,
+                            generator=torch.Generator().manual_seed(2))
+    assert abs(est[0].item() - dp) < 3e-3 and abs(est[1].item() + dp) < 3e-3, (est, dp)  # ~8 standard errors
+
+
 def test_custom_noise_and_no_noise():
     class Zero(cs.Noise):
         def sample(self, shape, generator=None, dtype=torch.float32, device=None):
@@ -46,6 +84,23 @@ def test_custom_noise_and_no_noise():
     x1 = cs.SST(P, "entropy", 1.0, noise=Zero())(theta)
     x2 = cs.SST(P, "entropy", 1.0, noise=None)(theta)
     assert torch.allclose(x1, torch.softmax(theta, 0), atol=1e-6) and torch.allclose(x1, x2)
+
+
+def test_default_temperature_is_one():
+    P = cs.load_polytope("k_subset", n=5, k=2)
+    theta = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = cs.sst(theta, P, "binary_entropy", 1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(cs.sst(theta, P, "binary_entropy", generator=torch.Generator().manual_seed(1)), want)
+    assert torch.equal(cs.SST(P, "binary_entropy")(theta, generator=torch.Generator().manual_seed(1)), want)
+    assert torch.equal(cs.relax(theta, P, "binary_entropy"), cs.relax(theta, P, "binary_entropy", 1.0))
+
+
+def test_layer_checks_a_scalar_tensor_temperature_when_built():
+    P = cs.load_polytope("simplex", n=3)
+    for t in (torch.tensor(0.0), torch.tensor(-1.0), torch.tensor(float("nan"))):
+        with pytest.raises(cs.InputError, match="temperature must be finite and > 0"):
+            cs.SST(P, "entropy", t)
+    cs.SST(P, "entropy", torch.tensor([1.0, -1.0]))  # per-sample temperatures: checked per call
 
 
 def test_modes_hard_relaxed_straight_through():
