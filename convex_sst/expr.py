@@ -508,11 +508,14 @@ class Evaluator:
         for s in subs:
             if s[0] == "sub":
                 v = _as_array(self.evaluate(s[1]))
+                if v.ndim == 0:  # a non-integer index is an error, not silently truncated
+                    key.append(to_int(v.item(), "an index"))
+                    continue
                 if v.dtype.kind == "f" and np.all(v == np.round(v)):
                     v = v.astype(np.int64)
-                key.append(v if v.ndim else int(v))
+                key.append(v)
             else:
-                parts = [None if p is None else int(self.evaluate(p)) for p in s[1:]]
+                parts = [None if p is None else to_int(self.evaluate(p), "a slice bound") for p in s[1:]]
                 key.append(slice(*parts))
         key_t = tuple(key)
         try:
