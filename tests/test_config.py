@@ -73,6 +73,7 @@ def test_comparisons_produce_rows():
     rows = ev.evaluate(parse("0 <= x <= 1"))
     assert [r.kind for r in rows] == ["le", "le"]
     assert ev.evaluate(parse("sum(x) == 2"))[0].expr.shape == ()
+    assert ev.evaluate(parse("x[4 / 2] == 1"))[0].expr.coef.toarray().tolist() == [[0, 0, 1]]
 
 
 @pytest.mark.parametrize("text,msg", [
@@ -84,6 +85,8 @@ def test_comparisons_produce_rows():
     ("foo(x) == 1", "unknown function 'foo'"),
     ("sum(xx) == 1", "Did you mean 'x'"),
     ("x + ones(2) == 1", "cannot broadcast"),
+    ("x[3 / 2] == 1", "an index must evaluate to an integer, got 1.5"),  # was x[1], silently
+    ("x[0:2.5] == 1", "a slice bound must evaluate to an integer, got 2.5"),
 ])
 def test_expression_errors(text, msg):
     ev = Evaluator({"x": Affine.variable((3,), 0, 3)}, {"ones": lambda *s: np.ones(s)}, 3)
@@ -133,6 +136,14 @@ def test_canonical_form_moves_single_variable_rows_to_bounds(tmp_path):
     (GOOD + "regularizers: [entropi]\n", r"regularizers\[0\]: unknown regularizer 'entropi'.*Did you mean 'entropy'"),
     (GOOD + "argmax: kruskall_typo\n", r"argmax: unknown argmax algorithm"),
     (GOOD + "data:\n  sum: ones(2)\n", r"data\.sum: 'sum' is the name of a built-in function"),
+    (GOOD + "regularizers: entropy\n", r"p\.yaml:8: regularizers: regularizers must be a list of names"),
+    (GOOD.replace("  - sum(x) == 1", "  - {expr: sum(x) == 1, note: one}"),
+     r"p\.yaml:6: constraints\[0\]: a constraint is a string or a mapping \{expr: \.\.\., doc: \.\.\.\}"),
+    (GOOD.replace("  - sum(x) == 1", "  - {doc: one}"), r"p\.yaml:6: constraints\[0\]: a constraint is a string or a mapping"),
+    (GOOD.replace("min: 2,", "min: 2 +,"), r"p\.yaml:3: params\.n\.min: expected a value at column 4 of '2 \+', got 'end of expression'"),
+    (GOOD.replace("  - sum(x) == 1", "  - sum(x == 1"), r"p\.yaml:6: constraints\[0\]: expected '\)' at column 11 of 'sum\(x == 1', got 'end of expression'"),
+    (GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - n + 1 <= n"), r"p\.yaml:7: constraints\[1\]: a constraint between constants is violated"),
+    (GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - n == 4"), r"p\.yaml:7: constraints\[1\]: a constraint between constants is violated"),
     # resource limits: a clear ConfigError, not numpy's MemoryError or Python's RecursionError
     (GOOD.replace("default: 3", "default: 100000").replace("shape: [n]", "shape: [n, n]"),
      r"p\.yaml:4: output\.shape: 10,000,000,000 variables \(x \(100000, 100000\)\).*at most 10,000,000"),
@@ -189,7 +200,16 @@ def test_non_integral_polytope_reported_by_argmax(tmp_path):
         P.lp_argmax(torch.tensor([1.0, 0.5, 0.0]))
 
 
+def test_constraints_between_constants_that_hold_are_dropped(tmp_path):
+    P = cs.load_polytope(write(tmp_path, GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - n <= n\n  - n <= 5\n  - n == 3")))
+    assert P.form.num_eq == 1 and P.form.num_ub == 0 and P.vertices().shape == (3, 3)
+
+
 def test_parameter_errors():
+    with pytest.raises(cs.ConfigError, match=r"parameter n=1 \(given\): out of range; expected 2 <= n$"):
+        cs.load_polytope("simplex", n=1)
+    with pytest.raises(cs.ConfigError, match=r"expected a list of integer \[i, j\] pairs, got shape \(1, 3\)"):
+        cs.load_polytope("spanning_tree", n=4, edges=[[0, 1, 2]])
     with pytest.raises(cs.ConfigError, match=r"parameter k=7 \(given\): out of range; expected 1 <= k <= n \(with n = 5\)"):
         cs.load_polytope("k_subset", n=5, k=7)
     with pytest.raises(cs.ConfigError, match="expected an integer"):

@@ -137,6 +137,13 @@ def test_diagnostics_show_the_expected_pattern(name, params, reg):
     assert sf["bias"] < 3 * sf["bias_se"] + 1e-12                              # REINFORCE is unbiased
 
 
+def test_monte_carlo_smt_distribution_needs_samples():
+    P = cs.load_polytope("simplex", n=3)
+    for bad in (0, -1, None):
+        with pytest.raises(cs.InputError, match=rf"method='monte_carlo' needs num_samples >= 1, got {bad}"):
+            cs.smt_distribution(P, torch.zeros(3), method="monte_carlo", num_samples=bad)
+
+
 def test_estimator_input_errors():
     P = cs.load_polytope("k_subset", n=4, k=2)
     theta = torch.zeros(4, dtype=torch.float64)

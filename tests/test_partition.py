@@ -121,6 +121,10 @@ def test_forbidden_coordinates_sum_over_the_structures_that_avoid_them(gen):
     K = cs.load_polytope("k_subset", n=6, k=2)
     v = torch.tensor([1.0, NINF, 0.5, NINF, NINF, 2.0], dtype=torch.float64)
     torch.testing.assert_close(cs.log_partition(v, K), torch.logsumexp(torch.tensor([1.5, 3.0, 2.5]).double(), 0))
+    # one structure left, every utility negative: log Z = its score = −Σ|u| over the allowed
+    # entries, the bound below which a row's face counts as empty
+    for Q, w, want in [(cs.load_polytope("simplex", n=3), [-5.0, NINF, NINF], -5.0), (K, [-5.0, -3.0] + [NINF] * 4, -8.0)]:
+        assert cs.log_partition(torch.tensor(w, dtype=torch.float64), Q).item() == want
     with pytest.raises(cs.InputError, match=r"no structure of Polytope\('k_subset'.* avoids the coordinates where "
                                             r"u = -inf, at batch index \(1,\)"):
         cs.log_partition(torch.tensor([[1.0, NINF, NINF, NINF, NINF, 2.0], [1.0] + [NINF] * 5]), K)
