@@ -182,7 +182,8 @@ def test_empty_polytope_detected_at_load(tmp_path):
 
 
 def test_unbounded_polytope_detected_at_load(tmp_path):
-    with pytest.raises(cs.PolytopeError, match="unbounded"):
+    with pytest.raises(cs.PolytopeError, match=r"polytope 'tiny' \(n=3\) from \S*p\.yaml is unbounded in x\[0\]; "
+                                                r"a polytope must be bounded"):  # above only
         cs.load_polytope(write(tmp_path, GOOD.replace("  - 0 <= x <= 1", "  - x >= 0").replace("sum(x) == 1", "x[0] - x[1] == 0")))
 
 

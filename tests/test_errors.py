@@ -23,6 +23,10 @@ def test_nan_and_inf_in_u_name_the_batch_index(P):
     u[1, 2] = float("nan")
     with pytest.raises(cs.InputError, match=r"u contains NaN or \+inf at batch index \(1,\) \(1 of 3"):
         cs.relax(u, P, "entropy")
+    v = torch.zeros(2, 3, 4)
+    v[1, 2, 0] = v[0, 1, 3] = float("nan")  # the first one in row-major batch order, and a count
+    with pytest.raises(cs.InputError, match=r"u contains NaN or \+inf at batch index \(0, 1\) \(2 of 6 structures"):
+        cs.relax(v, P, "entropy")
     with pytest.raises(cs.InputError) as nan_only:
         P.argmax(u)
     assert "force" not in str(nan_only.value)  # the +inf hint is for +inf only

@@ -85,6 +85,8 @@ def test_ema_baseline_uses_past_losses_only():
     assert ema.value == pytest.approx(0.5 * 1.0 + 0.5 * info.losses.mean().item())
     g = cs.score_function(loss, theta, P, num_samples=8, baseline="ema")  # default state per loss_fn
     assert g.shape == (3,)
+    default = cs.EMABaseline()  # decay 0.9 from 0
+    assert default.update(torch.tensor([2.0, 4.0])) == 0.0 and default.value == pytest.approx(0.3)
 
 
 def test_sst_gradient_approaches_exact_gradient_as_t_to_zero():

@@ -66,6 +66,22 @@ def test_check_relaxation_accepts_a_right_fast_path_and_catches_a_wrong_gradient
         cs.testing.check_relaxation(P, wrong.name)
 
 
+def test_check_relaxation_reports_the_largest_error_of_any_entry():
+    # a fast path off in one sample, where most entries are 0 either way: the errors are maxima
+    # over all entries
+    off = tsallis15("test_entmax_off_in_one_sample")
+
+    def one_sample_off(theta, polytope):  # sample 0 moved 1e-4 of the way to its best vertex
+        x = entmax15(theta)
+        best = torch.nn.functional.one_hot(theta[:1].argmax(-1), theta.shape[-1]).to(x.dtype)
+        return torch.cat([x[:1] + 1e-4 * (best - x[:1]), x[1:]])
+
+    cs.register_fast_path("simplex", off.name)(one_sample_off)
+    with pytest.raises(AssertionError, match=r"fails value_error, (grad_error, )?forbidden_error against torch "
+                                             r"\(value error \d\.\d\de-0[4-6],"):
+        cs.testing.check_relaxation(cs.load_polytope("simplex", n=6), off.name)
+
+
 MY_SIMPLEX = """\
 name: test_my_simplex
 params:

@@ -141,7 +141,7 @@ def test_learnable_temperature_inside_a_model():
 
 def test_string_polytope_and_repr():
     layer = cs.SST("simplex", "entropy", 0.3)
-    assert "simplex" in repr(layer) and layer.polytope.shape == (5,)
+    assert "polytope=Polytope('simplex', n=5, shape=(5,))" in repr(layer) and layer.polytope.shape == (5,)
     assert "temperature=0.3," in repr(layer)
     learnable = cs.SST("simplex", "entropy", torch.nn.Parameter(torch.tensor(0.5)))
     assert "temperature=0.5 (learnable)," in repr(learnable) and "Parameter containing" not in repr(learnable)
