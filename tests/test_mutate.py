@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutate import mutants  # noqa: E402
+from mutate import mutants
 
 SOURCE = '''def f(a, b, *args):
     if not a < -b and True:
