@@ -3,7 +3,7 @@
     python tests/mutate.py MODULE [--count N] [--seed S] [--tests FILE ...] [--timeout SEC] [--out FILE]
 
 MODULE is a module of ``convex_sst`` (``noise``, ``config``, ``fast``, ...). The repository is
-copied to a temporary directory (without its hidden entries: ``.git``, ``.venv``, caches); the
+copied to a temporary directory (without ``.git``, ``.venv``, caches and example outputs); the
 tests must pass there first. Then, one at a time, a randomly chosen token of the module is
 changed and ``pytest -x`` runs the given test files (default: ``tests/``) in the copy:
 
@@ -38,6 +38,8 @@ SWAP = {"<": ["<="], "<=": ["<"], ">": [">="], ">=": [">"], "==": ["!="], "!=": 
         "+": ["-"], "-": ["+"], "*": ["/"], "/": ["*"], "+=": ["-="], "-=": ["+="],
         "and": ["or"], "or": ["and"], "True": ["False"], "False": ["True"],
         "min": ["max"], "max": ["min"], "any": ["all"], "all": ["any"]}
+# not copied: large, and no test reads them (.ci/run is read: the README's test command)
+SKIP = {".git", ".venv", ".mypy_cache", ".pytest_cache", ".ruff_cache", "runs"}
 # a '-' after one of these is a unary minus: it is dropped rather than swapped
 UNARY_AFTER = {"(", "[", "{", ",", "=", "return", "**", "*", "/", "+", "-", ":", "<", ">", "==", "<=", ">="}
 
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp) / "repo"
         work.mkdir()
         for entry in ROOT.iterdir():  # not .git, .venv, caches, build metadata or example outputs
-            if entry.name.startswith(".") or entry.name.endswith(".egg-info") or entry.name == "runs":
+            if entry.name in SKIP or entry.name.endswith(".egg-info"):
                 continue
             if entry.is_dir():
                 shutil.copytree(entry, work / entry.name, ignore=shutil.ignore_patterns("__pycache__"))

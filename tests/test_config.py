@@ -392,5 +392,8 @@ def test_incidence_like_config_functions_are_sparse_and_exact():
     assert sp.issparse(C) and (C.toarray() == want).all()
     G = graphs.group_indicator(np.array([1, 0, 1, 2]))
     assert sp.issparse(G) and (G.toarray() == [[0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]]).all()
+    for bad in ([1, -1, 0], [], [[0, 1]], [0.5, 1]):
+        with pytest.raises(ExprError, match="group labels must be a non-empty list of integers >= 0"):
+            graphs.group_indicator(np.array(bad))
     with pytest.raises(ExprError, match="out of range 0..3"):
         graphs.incidence(np.array([[0, 4]]), n)

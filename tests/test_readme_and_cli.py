@@ -111,6 +111,10 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     for name in ("simplex", "spanning_tree", "arborescence", "entropy", "binary_entropy"):
         assert name in out
+    assert "  arborescence    n=4, root=0\n" in out  # each polytope's parameters with their defaults
+    with pytest.raises(SystemExit):
+        main([])
+    assert "the following arguments are required: command" in capsys.readouterr().err
 
 
 def test_cli_check_builtin(capsys):
