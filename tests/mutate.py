@@ -64,12 +64,13 @@ def mutants(source: str) -> list[tuple[tuple[int, int], tuple[int, int], str, st
 
 
 def run_tests(work: Path, tests: list[str], timeout: float) -> str:
+    """``"passed"``, ``"failed"`` or ``"timeout"``: ``pytest -x`` on ``tests`` in ``work``."""
     try:
         p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                            cwd=work, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout"
-    return "killed" if p.returncode else "SURVIVED"
+    return "failed" if p.returncode else "passed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 shutil.copy2(entry, work / entry.name)
         target = work / "convex_sst" / f"{args.module}.py"
-        if run_tests(work, args.tests, args.timeout) != "SURVIVED":
+        if run_tests(work, args.tests, args.timeout) != "passed":
             print("the tests do not pass on the unchanged copy; nothing to audit", file=sys.stderr)
             return 2
         results = []
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             line = lines[r0 - 1]
             target.write_text("".join(lines[:r0 - 1] + [line[:c0] + new + line[c1:]] + lines[r0:]))
             start = time.perf_counter()
-            status = run_tests(work, args.tests, args.timeout)
+            status = {"failed": "killed", "passed": "SURVIVED"}.get(run_tests(work, args.tests, args.timeout), "timeout")
             results.append(dict(module=args.module, line=r0, old=old, new=new, status=status,
                                 seconds=round(time.perf_counter() - start, 1), source=line.strip()))
             print(f"{status:8s} {args.module}:{r0} {old!r} -> {new!r} | {line.strip()[:100]}", flush=True)
