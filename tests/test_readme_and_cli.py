@@ -1,5 +1,6 @@
 """README snippets, the README's commands, and the command line run in CI so they never rot."""
 
+import os
 import re
 import subprocess
 import sys
@@ -195,6 +196,18 @@ def test_cli_rejects_bad_counts_as_usage_errors(argv, msg, capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "convex_sst.cli", "list"], capture_output=True, text=True)
     assert out.returncode == 0 and "k_subset" in out.stdout
+
+
+def test_cli_stops_quietly_when_the_reader_closes_the_pipe():
+    # ``convex-sst list | head -1``: the reader is gone before the first write; no traceback
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, "-m", "convex_sst.cli", "list"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 1 and out.stderr == ""
 
 
 def test_demo_recovers_hidden_tree():
