@@ -215,6 +215,19 @@ def test_cli_diagnose(tmp_path, capsys):
     assert (tmp_path / "diagnostics.csv").exists() and "score_function_loo" in (tmp_path / "diagnostics.md").read_text()
 
 
+def test_cli_diagnose_plots_with_matplotlib(tmp_path, capsys):
+    # the tests above pass --no-plot; the figure (bias, variance, MSE against t, the score
+    # function's rows as horizontal lines) is drawn whenever matplotlib is installed (test extras)
+    pytest.importorskip("matplotlib")
+    assert main(["diagnose", "--polytope", "simplex", "--param", "n=3", "--regularizer", "entropy",
+                 "--temperatures", "0.5", "2", "--num-estimates", "4", "--num-samples", "2",
+                 "--out-dir", str(tmp_path)]) == 0
+    png = tmp_path / "diagnostics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in capsys.readouterr().out
+    md = (tmp_path / "diagnostics.md").read_text()
+    assert "| sst | 0.5 |" in md and "| sst | 2 |" in md and "| score_function | — |" in md
+
+
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_estimators_work_in_evaluation_modes(mode):
     # they differentiate inside; under inference_mode autograd raised "element 0 of tensors does

@@ -14,7 +14,7 @@ import torch
 
 import convex_sst as cs
 import oracles
-from convex_sst._min_norm_point import TOL, min_norm_point, project_onto_hull
+from convex_sst._min_norm_point import TOL, _Corral, _span_the_face, min_norm_point, project_onto_hull
 from convex_sst.fast import projection_by_argmax
 
 @pytest.fixture(autouse=True)
@@ -100,6 +100,24 @@ def test_the_jacobian_spans_the_optimal_face_when_the_vertices_do_not():
     J = torch.stack([torch.autograd.grad(x[0, j], theta, retain_graph=True)[0][0] for j in range(n * n)])
     c = torch.eye(n, dtype=torch.float64) - 1 / n
     assert (J - torch.kron(c, c)).abs().max() < 1e-12
+
+
+def test_the_face_completion_tilts_both_ways():
+    # the simplex at θ = 0: x = (1/3, 1/3, 1/3), every vertex optimal. A corral {e_0, e_1} ends
+    # short of the face; the completion tilts the scores by ±ε r with r ⟂ e_1 − e_0, and only one
+    # sign can reach e_2 (r_2 > r_0: +, else −). Each row draws its own r, so with 16 rows both
+    # signs are needed; every corral must end spanning the whole simplex
+    B, d = 16, 3
+    theta, x = np.zeros((B, d)), np.full((B, d), 1 / 3)
+    eye = np.eye(d)
+    corrals = []
+    for i in range(B):
+        c = _Corral(eye[0], theta[i])
+        assert c.add(eye[1], theta[i])
+        corrals.append(c)
+    _span_the_face(theta, x, corrals, lambda s: eye[s.argmax(1)])
+    for c in corrals:
+        assert c.k == 3 and np.linalg.matrix_rank(c.S[1:] - c.S[0]) == 2
 
 
 def test_large_corrals_on_birkhoff_match_differences(gen):
