@@ -119,6 +119,11 @@ def test_canonical_form_moves_single_variable_rows_to_bounds(tmp_path):
     assert f.num_eq == 1 and f.num_ub == 0
     assert np.all(f.lb == 0) and np.all(f.ub == 1)
     assert P.vertices().shape == (3, 3)
+    # scaled rows: 2 x ≤ 2 is x ≤ 1, and 3 x_0 ≥ 3 is x_0 ≥ 1 (the only vertex is e_0)
+    P = cs.load_polytope(write(tmp_path, GOOD.replace("0 <= x <= 1", "0 <= x\n  - 2 * x <= 2\n  - 3 * x[0] >= 3")))
+    f = P.form
+    assert f.num_ub == 0 and list(f.lb) == [1, 0, 0] and list(f.ub) == [1, 1, 1]
+    assert P.vertices().tolist() == [[1, 0, 0]]
 
 
 @pytest.mark.parametrize("text,pattern", [

@@ -130,13 +130,18 @@ def test_sst_gradient_is_the_gradient_through_the_sst_layer(straight_through):
 def test_diagnostics_show_the_expected_pattern(name, params, reg):
     P = cs.load_polytope(name, **params)
     rows = diagnose(P, reg, temperatures=[0.1, 1.0], num_estimates=300, num_samples=4,
-                    estimators=["sst", "score_function"], seed=0)
+                    estimators=["sst", "score_function", "score_function_loo"], seed=0)
     sst = {r["temperature"]: r for r in rows if r["estimator"] == "sst"}
-    sf = [r for r in rows if r["estimator"] == "score_function"][0]
+    sf, loo = ([r for r in rows if r["estimator"] == name][0] for name in ("score_function", "score_function_loo"))
     assert sst[0.1]["variance"] > sst[1.0]["variance"]                         # variance rises as t -> 0
     assert sst[0.1]["bias"] < sst[1.0]["bias"]                                 # bias falls as t -> 0
     assert sst[1.0]["variance"] < 0.2 * sf["variance"]                         # far below REINFORCE
     assert sf["bias"] < 3 * sf["bias_se"] + 1e-12                              # REINFORCE is unbiased
+    assert loo["bias"] < 3 * loo["bias_se"] + 1e-12                            # so is its leave-one-out baseline,
+    assert loo["variance"] < 0.2 * sf["variance"]                              # which cuts the variance
+    for r in rows:  # E‖ĝ − g‖² = E‖ĝ − mean ĝ‖² + ‖mean ĝ − g‖², and bias_se² = variance / R
+        assert r["mse"] == pytest.approx(r["variance"] + r["bias"] ** 2, rel=1e-9)
+        assert r["bias_se"] == pytest.approx(math.sqrt(r["variance"] / 300), rel=1e-12)
 
 
 def test_monte_carlo_smt_distribution_needs_samples():
@@ -259,3 +264,14 @@ def test_diagnose_takes_one_temperature_or_several(temperatures, want):
     rows = cs.diagnose("k_subset", "binary_entropy", temperatures=temperatures, num_estimates=2, num_samples=2,
                        estimators=["sst"])
     assert [r["temperature"] for r in rows] == want
+
+
+def test_diagnose_defaults(tmp_path):
+    # temperatures 0.1, 0.3, 1 and 3 (the command line's are 0.1, 0.2, 0.5, 1 and 2: --temperatures);
+    # every estimator; the report's folder is made with its parents
+    rows = cs.diagnose("simplex", num_estimates=2, num_samples=2)
+    assert [(r["estimator"], r["temperature"]) for r in rows] == [
+        (name, t) for name in ("sst", "straight_through") for t in (0.1, 0.3, 1.0, 3.0)
+    ] + [("score_function", None), ("score_function_loo", None)]
+    paths = cs.diagnostics.write_report(rows, tmp_path / "a" / "b", "title", plot=False)
+    assert [p.name for p in paths] == ["diagnostics.csv", "diagnostics.md"] and all(p.is_file() for p in paths)
