@@ -12,7 +12,7 @@ import torch
 import convex_sst as cs
 from conftest import check_newton_against_wolfe, check_unconverged_rows
 import oracles
-from convex_sst._assignment_projection import _null_blocks, project_assignments
+from convex_sst._assignment_projection import SEPARABLE, _dual, _null_blocks, project_assignments
 
 CASES = [("birkhoff", {"n": 3}), ("birkhoff", {"n": 5}), ("matching", {"n": 3, "m": 5}), ("matching", {"n": 4, "m": 6})]
 
@@ -141,6 +141,21 @@ def test_jacobian_is_an_orthogonal_projector(gen):
     assert (J - J.T).abs().max() < 1e-12
     assert (J @ J - J).abs().max() < 1e-12
     assert 0 < torch.linalg.matrix_rank(J) < 24
+
+
+@pytest.mark.parametrize("reg", sorted(SEPARABLE))
+def test_the_dual_function_has_the_constraint_residuals_as_gradient(reg, gen):
+    # D(a, b) = Σ f*(θ − a_i − b_j) + Σ a + Σ b, whose line search Newton's method runs on, has the
+    # gradient 1 − (row sums of X) in a and 1 − (column sums of X) in b: the residuals of P
+    theta = torch.randn(3, 4, 4, generator=gen, dtype=torch.float64)
+    a = torch.randn(3, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(3, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
+    D, X, V, scale = _dual(theta, a, b, SEPARABLE[reg])
+    ga, gb = torch.autograd.grad(D.sum(), (a, b))
+    torch.testing.assert_close(ga, 1.0 - X.sum(2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(gb, 1.0 - X.sum(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(V, theta - a[:, :, None] - b[:, None, :], rtol=0, atol=0)
+    assert (scale >= D.abs()).all()
 
 
 def test_null_blocks_are_the_connected_components_without_free_columns(gen):
