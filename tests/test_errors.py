@@ -397,6 +397,47 @@ def test_torch_func_transforms_raise_a_clear_error():
     assert Jx.shape == (5, 5) and torch.allclose(Jx.sum(0), torch.zeros(5, dtype=torch.float64), atol=1e-12)
 
 
+def test_the_torch_func_explanation_leaves_other_errors_alone():
+    # a RuntimeError outside a transform, and a ConvexSSTError inside one, pass through unchanged
+    from convex_sst._autograd import _explain_torch_func
+
+    @_explain_torch_func
+    def fails(v, error):
+        raise error
+
+    v = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="^boom$") as err:
+        fails(v, RuntimeError("boom"))
+    assert type(err.value) is RuntimeError
+    with pytest.raises(cs.SolverError, match="^stalled$"):
+        torch.func.vmap(lambda w: fails(w, cs.SolverError("stalled")))(torch.zeros(2, 3))
+    with pytest.raises(cs.NotSupportedError, match="fails does not support torch.func"):
+        torch.func.vmap(lambda w: fails(w, RuntimeError("boom")))(torch.zeros(2, 3))
+
+
+def test_autocast_off_on_torch_before_2_4(monkeypatch):
+    # torch < 2.4 has no device argument to is_autocast_enabled (it answers for CUDA) and asks
+    # is_autocast_cpu_enabled for the CPU
+    from convex_sst._autograd import autocast_off
+
+    def old_style(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments but 1 was given")
+        return False  # CUDA autocast is off
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(torch, "is_autocast_enabled", old_style)
+        with warnings.catch_warnings():  # torch 2.13 deprecates is_autocast_cpu_enabled
+            warnings.simplefilter("ignore", DeprecationWarning)
+            off = autocast_off(torch.device("cpu"))
+        monkeypatch.undo()  # (entering torch.autocast asks is_autocast_enabled itself)
+        with off:
+            assert not torch.is_autocast_enabled("cpu")
+            a = torch.randn(4, 4)
+            assert (a @ a).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")
+
+
 def test_meta_tensors_are_an_input_error(P):
     u = torch.zeros(P.shape, device="meta")
     for call in (lambda: cs.relax(u, P, "entropy", 1.0), lambda: P.argmax(u), lambda: cs.SST(P)(u)):
