@@ -176,6 +176,9 @@ def test_temperature_too_small_for_the_dtype(P):
         with pytest.raises(cs.InputError, match=r"u / temperature overflows torch.float32.*polytope.argmax\(u\).*"
                            r"a temperature above 6e-39, "):  # max |u| / float32's largest value
             cs.relax(u if isinstance(t, float) else u[None], P, "entropy", t)
+    big = torch.tensor([3e38, 0.0, -1.0, 1.0])  # finite in float32, but not 2 u: any t < 1 can overflow
+    with pytest.raises(cs.InputError, match=r"overflows torch.float32 \(temperature 0.5, .*a temperature above 0.9, "):
+        cs.relax(big, P, "entropy", 0.5)
     x = cs.relax(u.double(), P, "entropy", 1e-45)  # representable in float64: the hard limit
     assert torch.equal(x, P.argmax(u.double()))
 

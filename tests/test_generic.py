@@ -210,6 +210,29 @@ def test_auto_solves_the_rows_cvxpylayers_leaves_inaccurate_again_with_the_torch
     assert 1 <= int(exact.sum()) < 8
 
 
+def test_only_auto_lets_the_torch_solver_redo_rows_the_conic_solver_fails(tmp_path, monkeypatch, gen):
+    # backend="auto" on the generic route passes torch_fallback=True (rows Clarabel fails on go to
+    # the torch solver); backend="generic" asks for cvxpylayers alone, and so do explicit options
+    import convex_sst.generic as generic_module
+
+    path = tmp_path / "free_aux.yaml"
+    path.write_text("name: free_aux\noutput: {name: x, shape: [3]}\nvariables:\n  z: [2]\nconstraints:\n"
+                    "  - x[0] == z[0] - z[1]\n  - sum(x) == 1\n  - 0 <= x <= 1\n")
+    P = cs.load_polytope(path)
+    seen = []
+
+    def record(theta, polytope, reg, **options):
+        seen.append(options)
+        return torch.softmax(theta, -1)
+
+    monkeypatch.setattr(generic_module, "relax_generic", record)
+    u = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    cs.relax(u, P, "entropy")
+    cs.relax(u, P, "entropy", backend="generic")
+    cs.relax(u, P, "entropy", solver="scs")
+    assert seen == [{"torch_fallback": True}, {}, {"solver": "scs"}]
+
+
 def test_auto_takes_the_generic_path_where_the_torch_solver_cannot_go(tmp_path, monkeypatch, gen):
     # an auxiliary variable without bounds (x[0] = z[0] - z[1], z free): the torch solver needs
     # bounds on auxiliaries and raised PolytopeError under backend="auto", although the generic
