@@ -132,7 +132,7 @@ def test_diagnostics_show_the_expected_pattern(name, params, reg):
     rows = diagnose(P, reg, temperatures=[0.1, 1.0], num_estimates=300, num_samples=4,
                     estimators=["sst", "score_function", "score_function_loo"], seed=0)
     sst = {r["temperature"]: r for r in rows if r["estimator"] == "sst"}
-    sf, loo = ([r for r in rows if r["estimator"] == name][0] for name in ("score_function", "score_function_loo"))
+    sf, loo = ([r for r in rows if r["estimator"] == est][0] for est in ("score_function", "score_function_loo"))
     assert sst[0.1]["variance"] > sst[1.0]["variance"]                         # variance rises as t -> 0
     assert sst[0.1]["bias"] < sst[1.0]["bias"]                                 # bias falls as t -> 0
     assert sst[1.0]["variance"] < 0.2 * sf["variance"]                         # far below REINFORCE
