@@ -13,7 +13,8 @@ import torch
 import convex_sst as cs
 from conftest import check_unconverged_rows
 import oracles
-from convex_sst._flow_newton import _cut_off_blocks, flow_plan, reduced_costs
+from convex_sst._assignment_projection import SEPARABLE
+from convex_sst._flow_newton import _cut_off_blocks, _dual, _laplacian, _residual, flow_plan, reduced_costs
 
 # a DAG with arcs on no 0 → 5 path: 6 → 1 (6 unreachable from 0), 4 → 7 (7 cannot reach 5),
 # 5 → 7 (out of the target); and the complete DAG on 7 vertices
@@ -82,6 +83,25 @@ def test_gradient_is_the_face_jacobian_and_matches_differences(t, reg, gen):
     with torch.no_grad():
         fd = (cs.relax(u + h * w, P, reg, t) - cs.relax(u - h * w, P, reg, t)) / (2 * h)
     assert (g - fd).abs().max() < 1e-7  # the Jacobian is symmetric: Jᵀw = Jw
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_the_dual_function_has_the_conservation_residuals_as_gradient(reg, gen):
+    # D(p) = Σ f*(θ_e − p_tail + p_head) + bᵀp, whose line search Newton's method runs on, has the
+    # gradient b − A x (A: each vertex's incidence row but t's), and the Newton system's matrix is
+    # A diag(W) Aᵀ, by scattering each arc's weight
+    P = cs.load_polytope("dag_path", **ODD)
+    plan = flow_plan(8, P.data["A"], 0, 5, torch.device("cpu"))
+    B, k = 4, plan.A.shape[0]
+    theta = torch.randn(B, len(plan.arcs), generator=gen, dtype=torch.float64)
+    p = torch.randn(B, k, generator=gen, dtype=torch.float64).requires_grad_(True)
+    D, x, V, scale = _dual(theta, p, plan, SEPARABLE[reg])
+    (g,) = torch.autograd.grad(D.sum(), p)
+    torch.testing.assert_close(g, plan.b - x @ plan.A.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(_residual(x, plan), (x @ plan.A.T - plan.b).abs().amax(1), rtol=0, atol=0)
+    assert (scale >= D.abs()).all() and (g.abs().amax(1) > 1e-3).all()
+    W = torch.rand(B, len(plan.arcs), generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(_laplacian(W, plan), (plan.A * W[:, None, :]) @ plan.A.T, rtol=0, atol=1e-14)
 
 
 def test_reduced_costs_are_nonpositive_and_zero_on_a_longest_path(gen):
