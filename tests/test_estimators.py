@@ -74,6 +74,20 @@ def test_score_function_is_unbiased(name, params, baseline):
     assert torch.all((mean - exact).abs() <= 3 * se + 1e-12), (mean, exact, se)
 
 
+def test_loo_baseline_is_the_mean_of_the_other_losses():
+    # b_k = mean_{j ≠ k} L(X_j): independent of X_k, hence unbiased (a b_k that counts L(X_k)
+    # itself biases the estimate by a factor 1 − 2/(K − 1), −1 at K = 2)
+    P = cs.load_polytope("k_subset", n=5, k=2)
+    theta = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    loss = lin_loss(torch.arange(5.0, dtype=torch.float64))
+    for K in (2, 5):
+        _, info = cs.score_function(loss, theta, P, num_samples=K, baseline="loo", return_info=True,
+                                    generator=torch.Generator().manual_seed(K))
+        others = torch.stack([torch.cat([info.losses[:k], info.losses[k + 1:]]).mean() for k in range(K)])
+        torch.testing.assert_close(info.baseline, others, rtol=0, atol=1e-12)
+        assert len(set(info.losses.tolist())) > 1  # the samples differ: b_k tells k apart
+
+
 def test_ema_baseline_uses_past_losses_only():
     P = cs.load_polytope("simplex", n=3)
     ema = cs.EMABaseline(decay=0.5, initial=1.0)
