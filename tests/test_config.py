@@ -1,5 +1,6 @@
 """Config format: the expression language, the canonical form, errors with file/key/line, docs."""
 
+import math
 import re
 import subprocess
 import sys
@@ -226,6 +227,34 @@ def test_parameter_errors():
         cs.load_polytope("spanning_tree", n=4, edges=[[0, 9]])
     with pytest.raises(cs.ConfigError, match="directed cycle"):
         cs.load_polytope("dag_path", n=3, edges=[[0, 1], [1, 2], [2, 0]], target=2)
+
+
+def test_array_indices_of_whole_numbers(tmp_path):
+    # an index array computed with / (floats) selects like its integers; a fraction is an error
+    for index, row in (("[0, 2]", [1, 0, 1]), ("[0.0, 2.0]", [1, 0, 1]), ("range(2) * 2 / 2", [1, 1, 0])):
+        P = cs.load_polytope(write(tmp_path, GOOD.replace("sum(x) == 1", f"sum(x[{index}]) <= 1")))
+        assert P.form.A_ub.toarray().tolist() == [row]
+    with pytest.raises(cs.ConfigError, match=r"p\.yaml:6: constraints\[0\]: index error: arrays used as indices must be "
+                                             "of integer"):
+        cs.load_polytope(write(tmp_path, GOOD.replace("sum(x) == 1", "sum(x[[0.5, 1]]) <= 1")))
+
+
+def test_float_parameters_and_a_one_dimension_shape(tmp_path):
+    # type: float takes any finite number (numpy, 0-d tensors and ints too), not strings or bools;
+    # a shape may be one expression instead of a list of them
+    path = write(tmp_path, "name: capped\nparams:\n  n: {type: int, min: 2, default: 3}\n"
+                           "  cap: {type: float, default: 2, min: 1}\noutput: {name: x, shape: n}\n"
+                           "constraints:\n  - sum(x) <= cap\n  - 0 <= x <= 1\n")
+    P = cs.load_polytope(path)
+    assert P.params == {"n": 3, "cap": 2.0} and type(P.params["cap"]) is float and P.shape == (3,)
+    assert P.vertices().shape == (7, 3)  # the subsets of at most 2 of 3 items
+    for cap in (3, np.float32(1.0), torch.tensor(2.5)):
+        Q = cs.load_polytope(path, cap=cap)
+        assert type(Q.params["cap"]) is float and Q.params["cap"] == float(cap) and Q.form.b_ub.tolist() == [float(cap)]
+    for cap, msg in (("2", "expected a number, got str"), (True, "expected a number, got bool"),
+                     (math.inf, "expected a finite number"), (0.5, r"out of range; expected 1 <= cap")):
+        with pytest.raises(cs.ConfigError, match=rf"parameter cap={cap!r} \(given\): {msg}"):
+            cs.load_polytope(path, cap=cap)
 
 
 def test_parameters_accept_numpy_and_0d_tensor_scalars():

@@ -96,6 +96,10 @@ def test_an_unregistered_regularizer_cannot_borrow_a_registered_name():
     (dict(grad=lambda x: -2 * x.clamp_min(0).sqrt()), r"hess\(0.1\) = 3.16228, but the slope of grad there is -3.16228"),
     (dict(value=lambda x: ((x.clamp_min(0) ** 1.5).sum(-1) - 1) / 1.5), r"grad\(0.1\) = 0.632456, but the slope of value there is 0.316228"),
     (dict(hess=lambda x: -x.rsqrt()), r"hess = -3.16228; both must be finite and hess > 0 \(f strictly convex\)"),
+    # slips in part of the domain only (the probe points are 0.1, 0.5, 1, 2 and 5)
+    (dict(grad=lambda x: torch.where(x > 1.5, 3.0, 2.0) * x.clamp_min(0).sqrt()),
+     r"hess\(2\) = 0.707107, but the slope of grad there is 1.06066"),
+    (dict(hess=lambda x: torch.where(x > 1.5, 0.0, 1.0) * x.rsqrt()), r"at x = 2, grad = 2.82843 and hess = 0;"),
     (dict(hess=None), "give both grad and hess"),
     (dict(grad=lambda x: x.sum()), r"grad must return a tensor of shape \(5,\) for input \(5,\), got \(\)"),
     (dict(grad=lambda x: x.numpy()), "grad must return a tensor of shape"),
