@@ -178,6 +178,10 @@ def test_cli_demo_small(capsys):
     assert main(["demo", "--n", "4", "--steps", "15", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "most likely tree after training" in out and "hidden tree edges" in out
+    # Cayley: 4^2 = 16 spanning trees of K4, so a uniform sample is the hidden one 1/16 of the time
+    assert "(one of 16 trees)" in out and "(uniform: 6.2%)" in out and out.count("of 3 edges right") == 2
+    hidden = re.search(r"hidden tree edges: (.*)", out).group(1).split()
+    assert len(hidden) == 3 and all(re.fullmatch(r"[0-3]-[0-3]", e) for e in hidden)
 
 
 @pytest.mark.slow
