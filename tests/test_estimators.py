@@ -9,7 +9,7 @@ import torch
 
 import convex_sst as cs
 from convex_sst.cli import main
-from convex_sst.diagnostics import diagnose
+from convex_sst.diagnostics import diagnose, write_report
 
 
 def lin_loss(c):
@@ -287,5 +287,5 @@ def test_diagnose_defaults(tmp_path):
     assert [(r["estimator"], r["temperature"]) for r in rows] == [
         (name, t) for name in ("sst", "straight_through") for t in (0.1, 0.3, 1.0, 3.0)
     ] + [("score_function", None), ("score_function_loo", None)]
-    paths = cs.diagnostics.write_report(rows, tmp_path / "a" / "b", "title", plot=False)
+    paths = write_report(rows, tmp_path / "a" / "b", "title", plot=False)
     assert [p.name for p in paths] == ["diagnostics.csv", "diagnostics.md"] and all(p.is_file() for p in paths)

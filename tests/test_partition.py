@@ -197,14 +197,15 @@ def test_large_k_uses_products_with_linear_memory_and_agrees_with_the_coefficien
     torch.testing.assert_close(cs.relax(u, P, "exp_family"), x, atol=1e-12, rtol=0)
     torch.testing.assert_close(cs.log_partition(u, P), z, atol=1e-10, rtol=0)
     A, B = torch.randn(3, 2, 40, generator=gen, dtype=torch.float64), torch.randn(3, 2, 30, generator=gen, dtype=torch.float64)
+
+    def convolve(P, Q, deg):  # numpy's convolution of each pair of rows, truncated to degree deg
+        return np.array([[np.convolve(a, b)[: deg + 1] for a, b in zip(ra, rb)] for ra, rb in zip(P.numpy(), Q.numpy())])
+
     for deg in (50, 20):  # truncated above both factors' degrees, and below the shorter one's
         monkeypatch.setattr(fast, "_MAP_MAX", 1 << 40)
         want, want_log = fast._poly_mul(A, B, deg), fast._log_poly_mul(A, B, deg)
-        conv = np.array([[np.convolve(a, b)[: deg + 1] for a, b in zip(ra, rb)] for ra, rb in zip(A.numpy(), B.numpy())])
-        np.testing.assert_allclose(want.numpy(), conv, rtol=0, atol=1e-12)  # numpy's convolution
-        conv = np.array([[np.convolve(a, b)[: deg + 1] for a, b in zip(ra, rb)]
-                         for ra, rb in zip(A.exp().numpy(), B.exp().numpy())])
-        np.testing.assert_allclose(want_log.exp().numpy(), conv, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(want.numpy(), convolve(A, B, deg), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(want_log.exp().numpy(), convolve(A.exp(), B.exp(), deg), rtol=1e-12, atol=0)
         monkeypatch.setattr(fast, "_MAP_MAX", 0)
         torch.testing.assert_close(fast._poly_mul(A, B, deg), want, atol=1e-12, rtol=0)
         torch.testing.assert_close(fast._log_poly_mul(A, B, deg), want_log, atol=1e-12, rtol=0)
