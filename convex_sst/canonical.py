@@ -145,7 +145,8 @@ class CanonicalForm:
                 lb[j] = max(lb[j], bound)
         if np.any(lb > ub + 1e-12):
             j = int(np.flatnonzero(lb > ub + 1e-12)[0])
-            raise PolytopeError(f"bounds on z[{j}] are contradictory ({lb[j]} > {ub[j]}): the polytope is empty")
+            raise PolytopeError(f"the bounds on {_entry_name(j, layout)} are contradictory ({lb[j]:g} > {ub[j]:g}): "
+                                "the polytope is empty")
         multi = nnz > 1
         A_ub, c_ub = A_le[multi], c_le[multi]
         return CanonicalForm(
@@ -159,6 +160,16 @@ class CanonicalForm:
             ub=ub,
             layout=dict(layout),
         )
+
+
+def _entry_name(j: int, layout: dict[str, tuple[int, tuple[int, ...]]]) -> str:
+    """The config's name of the stacked variable ``z[j]``: ``x[2]``, ``f[0, 3]``."""
+    for name, (offset, shape) in layout.items():
+        size = int(np.prod(shape, dtype=np.int64))
+        if offset <= j < offset + size:
+            idx = np.unravel_index(j - offset, shape) if shape else ()
+            return f"{name}[{', '.join(str(int(i)) for i in idx)}]"
+    return f"z[{j}]"
 
 
 def _stack(exprs: list, num_z: int) -> tuple[sp.csr_matrix, np.ndarray]:

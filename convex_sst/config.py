@@ -381,6 +381,18 @@ class PolytopeConfig:
                     ("constraints", i),
                     "a constraint must be a comparison (==, <=, >=), e.g. 'sum(x) == k'",
                 )
+            for c in res:  # an entry whose variables all cancelled (0 * x <= -1): name the constraint
+                coef = c.expr.coef.copy()
+                coef.eliminate_zeros()
+                gone = np.diff(coef.indptr) == 0
+                false = gone & ((np.abs(c.expr.const) > 1e-12) if c.kind == "eq" else (c.expr.const > 1e-12))
+                if false.any():
+                    j = int(np.flatnonzero(false)[0])
+                    entry = f" in entry [{', '.join(str(int(k)) for k in np.unravel_index(j, c.expr.shape))}]" if c.expr.shape else ""
+                    raise PolytopeError(
+                        f"{self.where(('constraints', i))}: every variable's coefficient is 0{entry}, and what is left "
+                        "is false: the polytope is empty"
+                    )
             rows.extend(res)
         try:
             form = CanonicalForm.build(rows, num_z, out_size, layout)

@@ -27,6 +27,7 @@ Grammar (operators bind as in Python)::
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -184,11 +185,16 @@ def _constant(v: Any) -> Any:
 def _binary(op: str, a: Any, b: Any, num_z: int) -> Any:
     if not _is_affine(a) and not _is_affine(b):
         a, b = _as_array(a), _as_array(b)
-        if op == "@":
-            return a @ b
-        if op == "/":
-            return a / b
-        return {"+": np.add, "-": np.subtract, "*": np.multiply}[op](a, b)
+        try:
+            if op == "@":
+                return a @ b
+            if op == "/":
+                return a / b
+            return {"+": np.add, "-": np.subtract, "*": np.multiply}[op](a, b)
+        except ValueError:
+            if op == "@":
+                raise ExprError(f"'@' shape mismatch: {a.shape} @ {b.shape}") from None
+            raise ExprError(f"cannot broadcast shapes {a.shape} and {b.shape} for '{op}'") from None
     if op in "+-":
         A = a if _is_affine(a) else Affine.constant(a, num_z)
         B = b if _is_affine(b) else Affine.constant(b, num_z)
@@ -212,6 +218,8 @@ def _binary(op: str, a: Any, b: Any, num_z: int) -> Any:
         if _is_affine(b):
             raise ExprError("division by a variable expression is not linear")
         c = _as_array(b).astype(float)
+        if np.any(c == 0):
+            raise ExprError("division by zero")
         return _binary("*", a, 1.0 / c, num_z)
     if op == "@":
         if _is_affine(a) and _is_affine(b):
@@ -441,6 +449,16 @@ LINEAR_FUNCTIONS: dict[str, Callable[..., Any]] = {
 }
 
 
+def _usage(name: str, fn: Callable) -> str:
+    """``"; usage: name(a, b)"`` from ``fn``'s signature, or ``""`` where it has none."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return ""
+    plain = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return f"; usage: {name}{sig.replace(parameters=plain, return_annotation=inspect.Signature.empty)}"
+
+
 class Evaluator:
     """Evaluate ASTs over a name table, a function table and the stacked variable size."""
 
@@ -450,6 +468,16 @@ class Evaluator:
         self.num_z = num_z
 
     def evaluate(self, node: tuple) -> Any:
+        """The value of ``node``: a constant, an :class:`Affine` or a list of :class:`Constraint`.
+        Arithmetic on constants that overflows or divides by zero is an :class:`ExprError`, not
+        an ``inf`` or NaN in the polytope."""
+        with np.errstate(divide="raise", over="raise", invalid="raise"):
+            try:
+                return self._evaluate(node)
+            except FloatingPointError as exc:
+                raise ExprError(f"arithmetic on constants failed: {exc}") from None
+
+    def _evaluate(self, node: tuple) -> Any:
         tag = node[0]
         if tag == "num":
             return node[1]
@@ -461,20 +489,24 @@ class Evaluator:
                 raise ExprError(str(unknown_name("name", name, self.names)))
             return self.names[name]
         if tag == "list":
-            items = [self.evaluate(n) for n in node[1]]
+            items = [self._evaluate(n) for n in node[1]]
             if any(_is_affine(v) for v in items):
                 raise ExprError("list literals may only hold constants")
-            return np.asarray([_as_array(v) for v in items])
+            try:
+                return np.asarray([_as_array(v) for v in items])
+            except ValueError:
+                shapes = [np.shape(_as_array(v)) for v in items]
+                raise ExprError(f"a list literal needs items of one shape (a rectangular array), got shapes {shapes}") from None
         if tag == "neg":
-            v = self.evaluate(node[1])
+            v = self._evaluate(node[1])
             return -v if _is_affine(v) or sp.issparse(v) else -np.asarray(v)
         if tag == "bin":
-            return _binary(node[1], self.evaluate(node[2]), self.evaluate(node[3]), self.num_z)
+            return _binary(node[1], self._evaluate(node[2]), self._evaluate(node[3]), self.num_z)
         if tag == "T":
-            v = self.evaluate(node[1])
+            v = self._evaluate(node[1])
             return v.transpose() if _is_affine(v) or sp.issparse(v) else np.asarray(v).T
         if tag == "index":
-            return self._index(self.evaluate(node[1]), node[2])
+            return self._index(self._evaluate(node[1]), node[2])
         if tag == "call":
             name, args, kwargs = node[1], node[2], node[3]
             if name not in self.functions:
@@ -483,16 +515,16 @@ class Evaluator:
                 raise ExprError(str(unknown_name("function", name, self.functions)))
             # functions get arrays (a sparse matrix densified), except ``len``, which reads a shape
             keep = name == "len"
-            vals = [v if keep or not sp.issparse(v) else v.toarray() for v in map(self.evaluate, args)]
-            kw = {k: (v.toarray() if sp.issparse(v) else v) for k, v in ((k, self.evaluate(n)) for k, n in kwargs)}
+            vals = [v if keep or not sp.issparse(v) else v.toarray() for v in map(self._evaluate, args)]
+            kw = {k: (v.toarray() if sp.issparse(v) else v) for k, v in ((k, self._evaluate(n)) for k, n in kwargs)}
             try:
                 return self.functions[name](*vals, **kw)
             except ConfigError:
                 raise
-            except (TypeError, ValueError, IndexError) as exc:
-                raise ExprError(f"{name}(...) failed: {exc}") from None
+            except (TypeError, ValueError, IndexError, ArithmeticError) as exc:
+                raise ExprError(f"{name}(...) failed: {exc}{_usage(name, self.functions[name])}") from None
         if tag == "cmp":
-            values = [self.evaluate(node[1])] + [self.evaluate(n) for n in node[3]]
+            values = [self._evaluate(node[1])] + [self._evaluate(n) for n in node[3]]
             out: list[Constraint] = []
             for op, a, b in zip(node[2], values[:-1], values[1:]):
                 res = _compare(op, a, b, self.num_z)
@@ -507,7 +539,7 @@ class Evaluator:
         key: list[Any] = []
         for s in subs:
             if s[0] == "sub":
-                v = _as_array(self.evaluate(s[1]))
+                v = _as_array(self._evaluate(s[1]))  # a variable: a 0-d object array, refused by to_int
                 if v.ndim == 0:  # a non-integer index is an error, not silently truncated
                     key.append(to_int(v.item(), "an index"))
                     continue
@@ -515,7 +547,7 @@ class Evaluator:
                     v = v.astype(np.int64)
                 key.append(v)
             else:
-                parts = [None if p is None else to_int(self.evaluate(p), "a slice bound") for p in s[1:]]
+                parts = [None if p is None else to_int(self._evaluate(p), "a slice bound") for p in s[1:]]
                 key.append(slice(*parts))
         key_t = tuple(key)
         try:
@@ -529,7 +561,9 @@ class Evaluator:
 
 def to_int(value: Any, what: str) -> int:
     """Convert an evaluated constant to an int, or raise :class:`ExprError` naming ``what``."""
+    if _is_affine(value):
+        raise ExprError(f"{what} must be a constant expression, not a variable expression")
     arr = _as_array(value)
-    if arr.ndim != 0 or not np.isfinite(arr) or float(arr) != math.floor(float(arr)):
+    if arr.ndim != 0 or arr.dtype.kind not in "iuf" or not np.isfinite(arr) or float(arr) != math.floor(float(arr)):
         raise ExprError(f"{what} must evaluate to an integer, got {value!r}")
     return int(arr)

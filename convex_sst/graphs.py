@@ -17,6 +17,7 @@ elsewhere. Graph conventions:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,20 +27,43 @@ import scipy.sparse as sp
 from .expr import ExprError
 
 
-def _int(value: Any, what: str) -> int:
+#: the largest dynamic program ``subset_chain`` builds (as many variables as a config may have)
+MAX_CHAIN_ARCS = 10_000_000
+
+
+def _int(value: Any, what: str, minimum: int | None = None) -> int:
     arr = np.asarray(value)
-    if arr.ndim != 0 or arr.dtype.kind not in "iuf" or float(arr) != int(arr):
+    if arr.ndim != 0 or arr.dtype.kind not in "iuf" or not np.isfinite(arr) or float(arr) != math.floor(float(arr)):
         raise ExprError(f"{what} must be an integer, got {value!r}")
+    if abs(float(arr)) > 2.0**53:
+        raise ExprError(f"{what} = {float(arr):g} is too large to be a size or an index")
+    if minimum is not None and int(arr) < minimum:
+        raise ExprError(f"{what} must be >= {minimum}, got {int(arr)}")
     return int(arr)
 
 
-def _pairs(pairs: Any, n: int, what: str) -> np.ndarray:
-    arr = np.asarray(pairs if pairs is not None else np.zeros((0, 2)), dtype=float)
+def _int_pairs(pairs: Any, what: str) -> np.ndarray:
+    """``pairs`` as an ``(a, 2)`` int64 array (``[]`` is ``(0, 2)``), or :class:`ExprError`:
+    vertex indices are whole numbers, never truncated (``[0, 1.5]`` is not the arc ``(0, 1)``)."""
+    try:
+        arr = np.asarray(pairs, dtype=float)
+    except (TypeError, ValueError):
+        raise ExprError(f"{what} must be a list of integer pairs [i, j], got {pairs!r}") from None
     if arr.size == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    if arr.ndim != 2 or arr.shape[1] != 2 or np.any(arr != np.round(arr)):
-        raise ExprError(f"{what} must be a list of integer pairs [i, j], got shape {arr.shape}")
-    arr = arr.astype(np.int64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ExprError(f"{what} must be a list of integer pairs [i, j] (shape (m, 2)), got shape {arr.shape}")
+    bad = np.flatnonzero(~(np.isfinite(arr) & (arr == np.round(arr))).all(1))
+    if bad.size:
+        raise ExprError(f"{what}[{bad[0]}] = {arr[bad[0]].tolist()}: vertex indices must be whole numbers")
+    bad = np.flatnonzero((np.abs(arr) > 2.0**53).any(1))
+    if bad.size:
+        raise ExprError(f"{what}[{bad[0]}] = {arr[bad[0]].tolist()}: a vertex index that large is a mistake")
+    return arr.astype(np.int64)
+
+
+def _pairs(pairs: Any, n: int, what: str) -> np.ndarray:
+    arr = _int_pairs(pairs if pairs is not None else np.zeros((0, 2)), what)
     bad = np.flatnonzero((arr < 0).any(1) | (arr >= n).any(1))
     if bad.size:
         raise ExprError(f"{what}[{bad[0]}] = {arr[bad[0]].tolist()} has a vertex outside 0..{n - 1}")
@@ -51,7 +75,7 @@ def _pairs(pairs: Any, n: int, what: str) -> np.ndarray:
 
 def complete_edges(n: Any) -> np.ndarray:
     """Edges ``(i, j)``, ``i < j``, of Kₙ in lexicographic order: shape ``(n(n-1)/2, 2)``."""
-    n = _int(n, "n")
+    n = _int(n, "n", minimum=0)
     i, j = np.triu_indices(n, 1)
     return np.stack([i, j], 1).astype(np.int64)
 
@@ -71,14 +95,14 @@ def graph_edges(n: Any, edges: Any = None) -> np.ndarray:
 
 def complete_arcs(n: Any) -> np.ndarray:
     """Arcs ``(h, m)``, ``h != m``, of the complete digraph, ordered by ``h`` then ``m``."""
-    n = _int(n, "n")
+    n = _int(n, "n", minimum=0)
     h, m = np.nonzero(~np.eye(n, dtype=bool))
     return np.stack([h, m], 1).astype(np.int64)
 
 
 def both_orientations(edges: Any) -> np.ndarray:
     """Arcs ``(i, j)`` for every edge, then ``(j, i)`` for every edge: shape ``(2m, 2)``."""
-    e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    e = _int_pairs(edges, "edges")
     return np.concatenate([e, e[:, ::-1]], 0)
 
 
@@ -123,7 +147,7 @@ def _columns(rows: np.ndarray, num_rows: int, values: Any = 1.0, cols: np.ndarra
 
 
 def _arcs(arcs: Any) -> np.ndarray:
-    return np.asarray(arcs, dtype=np.int64).reshape(-1, 2)
+    return _int_pairs(arcs, "arcs")
 
 
 def incidence(arcs: Any, n: Any) -> sp.csr_array:
@@ -147,7 +171,7 @@ def out_incidence(arcs: Any, n: Any) -> sp.csr_array:
 
 def orientation_sum(edges: Any, arcs: Any) -> sp.csr_array:
     """``(m, a)`` (sparse) with 1 where arc ``a`` is an orientation of edge ``e``: ``x = M @ y``."""
-    e = np.sort(np.asarray(edges, dtype=np.int64).reshape(-1, 2), axis=1)
+    e = np.sort(_int_pairs(edges, "edges"), axis=1)
     a = np.sort(_arcs(arcs), axis=1)
     rows: dict[tuple[int, int], list[int]] = {}
     for i, (u, v) in enumerate(e.tolist()):
@@ -185,7 +209,9 @@ def group_indicator(labels: Any) -> sp.csr_array:
 
 def num_vertices(arcs: Any) -> int:
     """``1 + max`` vertex index of an arc list ``(a, 2)``: the vertex count of a built graph."""
-    a = np.asarray(arcs, dtype=np.int64).reshape(-1, 2)
+    a = _arcs(arcs)
+    if a.size and a.min() < 0:
+        raise ExprError(f"arcs hold a negative vertex index {int(a.min())}")
     return int(a.max()) + 1 if a.size else 0
 
 
@@ -202,6 +228,9 @@ def subset_chain(n: Any, k: Any) -> tuple[np.ndarray, sp.csr_array]:
     n, k = _int(n, "n"), _int(k, "k")
     if not 1 <= k <= n:
         raise ExprError(f"subset_chain needs 1 <= k <= n, got n = {n}, k = {k}")
+    if 4 * n * (k + 1) > MAX_CHAIN_ARCS:  # about 2n(k + 1) states, each with up to two in-arcs
+        raise ExprError(f"subset_chain with n = {n}, k = {k} would have about {4 * n * (k + 1):.3g} arcs; "
+                        f"at most {MAX_CHAIN_ARCS:,} are supported")
     ids: dict[tuple[int, int, int], int] = {(0, 0, 0): 0}   # (items decided, c, b) -> vertex
 
     def alive(i: int, c: int, b: int) -> bool:   # reachable from the source and can reach the sink
@@ -231,7 +260,7 @@ def subset_chain(n: Any, k: Any) -> tuple[np.ndarray, sp.csr_array]:
 
 
 def _shape(args: tuple) -> tuple[int, ...]:
-    return tuple(_int(a, "shape") for a in args)
+    return tuple(_int(a, "a dimension", minimum=0) for a in args)
 
 
 def _delete(arr: Any, index: Any, axis: Any = 0) -> np.ndarray:
@@ -241,7 +270,7 @@ def _delete(arr: Any, index: Any, axis: Any = 0) -> np.ndarray:
 #: Constant functions exposed to config expressions (linear ones live in :mod:`expr`).
 CONFIG_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "range": lambda n: np.arange(_int(n, "range bound")),
-    "eye": lambda n: np.eye(_int(n, "n")),
+    "eye": lambda n: np.eye(_int(n, "n", minimum=0)),
     "ones": lambda *shape: np.ones(_shape(shape)),
     "zeros": lambda *shape: np.zeros(_shape(shape)),
     "onehot": onehot,

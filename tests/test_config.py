@@ -101,6 +101,98 @@ def test_no_python_evaluation_is_possible():
             Evaluator({"x": 1}, {}).evaluate(parse(text))
 
 
+def _random_expression(rng, names, depth=0):
+    """A random expression over ``names``, the config functions, literals (ragged and huge
+    ones too), operators, subscripts and ``.T``: mostly nonsense, as typos are."""
+    from convex_sst.graphs import CONFIG_FUNCTIONS
+
+    atoms = list(names) + ["0", "1", "2", "0.5", "-1", "3", "1e300", "[1, 2]", "[[0, 1], [1, 2]]", "[0, 1, 1]",
+                           "[]", "[[1, 2], [3]]"]
+    r = rng.random()
+    if depth > 3 or r < 0.3:
+        return rng.choice(atoms)
+    if r < 0.55:
+        op = rng.choice(["+", "-", "*", "/", "@"])
+        return f"{_random_expression(rng, names, depth + 1)} {op} {_random_expression(rng, names, depth + 1)}"
+    if r < 0.8:
+        args = ", ".join(_random_expression(rng, names, depth + 1) for _ in range(rng.choice([0, 1, 1, 2, 2, 3])))
+        return f"{rng.choice(sorted(CONFIG_FUNCTIONS))}({args})"
+    if r < 0.87:
+        return f"({_random_expression(rng, names, depth + 1)}).T"
+    if r < 0.95:
+        sub = rng.choice(["0", "1", "-1", "5", "0:2", ":", "1:", "0, 1", ":, 0", "[0, 1]", "x", "1.5", "E"])
+        return f"{_random_expression(rng, names, depth + 1)}[{sub}]"
+    return f"-{_random_expression(rng, names, depth + 1)}"
+
+
+def test_random_expressions_fail_only_with_expression_errors():
+    # nonsense must be an ExprError (a ConfigError with file, key and line once in a config),
+    # never numpy's ValueError or an inf: before, 40 kinds of raw numpy errors and warnings got
+    # out of 20 000 such expressions (constant shapes that do not broadcast, a ragged list, 1 / 0,
+    # a variable as an index, vertex indices of 1e300 or 1.5)
+    import random
+    import warnings
+
+    from convex_sst.graphs import CONFIG_FUNCTIONS
+
+    num_z = 12
+    names = {"x": Affine.variable((3,), 0, num_z), "f": Affine.variable((2, 3), 3, num_z),
+             "y": Affine.variable((3,), 9, num_z), "n": 3, "k": 2, "E": np.array([[0, 1], [1, 2]]),
+             "S": CONFIG_FUNCTIONS["incidence"](np.array([[0, 1], [1, 2]]), 3), "A": np.arange(6.0).reshape(2, 3)}
+    rng = random.Random(0)
+    failed, kinds = 0, set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning would be a silent inf or NaN
+        for _ in range(1500):
+            text = _random_expression(rng, names)
+            if rng.random() < 0.5:
+                text += f" {rng.choice(['==', '<=', '>='])} {_random_expression(rng, names, 2)}"
+            try:
+                Evaluator(names, CONFIG_FUNCTIONS, num_z).evaluate(parse(text))
+            except ExprError as exc:
+                failed += 1
+                kinds.add(str(exc)[:20])
+            except Exception as exc:  # noqa: BLE001 - the finding
+                raise AssertionError(f"{text!r} raised {type(exc).__name__}: {exc}") from exc
+    assert failed > 900 and len(kinds) > 30  # the generator does reach the error paths
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("[[1, 2], [3]]", "a list literal needs items of one shape (a rectangular array), got shapes [(2,), (1,)]"),
+    ("[1, 2] + [1, 2, 3]", "cannot broadcast shapes (2,) and (3,) for '+'"),
+    ("[1, 2] <= [1, 2, 3]", "cannot broadcast shapes (2,) and (3,) for '-'"),
+    ("ones(2) @ ones(3)", "'@' shape mismatch: (2,) @ (3,)"),
+    ("1 / 0", "arithmetic on constants failed: divide by zero"),
+    ("1e200 * 1e200", "arithmetic on constants failed: overflow"),
+    ("x / 0 == 1", "division by zero"),
+    ("x / [1, 0, 1] == 1", "division by zero"),
+    ("ones(3)[x] == 1", "an index must be a constant expression, not a variable expression"),
+    ("x[0:x] == 1", "a slice bound must be a constant expression, not a variable expression"),
+    ("reshape(ones(3), 2, 2)", "reshape(...) failed: _reshape() takes 2 positional arguments but 3 were given; "
+                               "usage: reshape(value, shape)"),
+    ("incidence([[0, 1.5]], 3)", "arcs[0] = [0.0, 1.5]: vertex indices must be whole numbers"),  # was [0, 1]
+    ("incidence([0, 1], 3)", "arcs must be a list of integer pairs [i, j] (shape (m, 2)), got shape (2,)"),
+    ("both_orientations([[0, 1e300]])", "edges[0] = [0.0, 1e+300]: a vertex index that large is a mistake"),
+    ("num_vertices([[0, -1]])", "arcs hold a negative vertex index -1"),
+    ("graph_edges(3, [[1, 1]])", "edges[0] = [1, 1] is a self-loop"),
+    ("graph_edges(3, [[0, 1], [1, 0]])", "edges[1] = [0, 1] repeats an earlier edge"),
+    ("graph_edges(3, [[0, 5]])", "edges[0] = [0, 5] has a vertex outside 0..2"),
+    ("complete_edges(-2)", "n must be >= 0, got -2"),
+    ("complete_arcs(2.5)", "n must be an integer, got 2.5"),
+    ("eye(-1)", "n must be >= 0, got -1"),
+    ("zeros(3, -1)", "a dimension must be >= 0, got -1"),
+    ("onehot(3, 1e300)", "index = 1e+300 is too large to be a size or an index"),
+    ("subset_chain_arcs(1e7, 5)", "subset_chain with n = 10000000, k = 5 would have about 2.4e+08 arcs; "
+                                  "at most 10,000,000 are supported"),  # was a Python loop over 1e7 items
+])
+def test_constant_expression_errors(text, msg):
+    from convex_sst.graphs import CONFIG_FUNCTIONS
+
+    ev = Evaluator({"x": Affine.variable((3,), 0, 3)}, CONFIG_FUNCTIONS, 3)
+    with pytest.raises(ExprError, match=re.escape(msg)):
+        ev.evaluate(parse(text))
+
+
 # ---------------------------------------------------------------- config errors
 
 GOOD = """\
@@ -150,6 +242,29 @@ def test_canonical_form_moves_single_variable_rows_to_bounds(tmp_path):
     (GOOD.replace("  - sum(x) == 1", "  - sum(x == 1"), r"p\.yaml:6: constraints\[0\]: expected '\)' at column 11 of 'sum\(x == 1', got 'end of expression'"),
     (GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - n + 1 <= n"), r"p\.yaml:7: constraints\[1\]: a constraint between constants is violated"),
     (GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - n == 4"), r"p\.yaml:7: constraints\[1\]: a constraint between constants is violated"),
+    # every section of the wrong kind, and bad names
+    ("- sum(x) == 1\n- 0 <= x <= 1\n", r"p\.yaml: a polytope config must be a mapping with keys \['constraints', 'name', 'output'\], got list"),
+    (GOOD.replace("params:\n  n: {type: int, min: 2, default: 3}", "params: [n]").replace("[n]\n", "[3]\n"),
+     r"p\.yaml:2: params: params must be a mapping name -> \{type, default, min, max, doc\}"),
+    (GOOD.replace("n: {type: int, min: 2, default: 3}", "n: 3"), r"p\.yaml:3: params\.n: each parameter is a mapping"),
+    (GOOD + "data: [1]\n", r"p\.yaml:8: data: data must be a mapping name -> expression"),
+    (GOOD + "variables: [f]\n", r"p\.yaml:8: variables: variables must be a mapping name -> shape"),
+    (GOOD + "variables:\n  2f: [n]\n", r"p\.yaml:9: variables\.2f: '2f' is not a valid identifier"),
+    (GOOD + "variables:\n  n: [n]\n", r"p\.yaml:9: variables\.n: 'n' is already declared at params\.n"),
+    (GOOD + "description: [1]\n", r"p\.yaml:8: description: description must be a string"),
+    (GOOD + "argmax: 3\n", r"p\.yaml:8: argmax: argmax must be the name of a registered algorithm"),
+    (GOOD.replace("output: {name: x, shape: [n]}", "output: [n]"), r"p\.yaml:4: output: output must be a mapping with keys name"),
+    (GOOD.replace("shape: [n]}", "shape: [n], dtype: float}"), r"p\.yaml:4: output\.dtype: output keys are name, shape and doc"),
+    (GOOD.replace("shape: [n]", "shape: {a: 1}"), r"p\.yaml:4: output\.shape: a shape is a list of dimension expressions"),
+    (GOOD.replace("shape: [n]", "shape: [n +]"), r"p\.yaml:4: output\.shape\[0\]: expected a value at column 4 of 'n \+'"),
+    (GOOD.replace("min: 2,", "min: 2, max: 2 +,"), r"p\.yaml:3: params\.n\.max: expected a value at column 4"),
+    (GOOD.replace("  - sum(x) == 1\n  - 0 <= x <= 1\n", "  []\n"), r"p\.yaml:6: constraints: constraints must be a non-empty list"),
+    (GOOD.replace("  - sum(x) == 1", "  - sum([x, x]) == 1"), r"p\.yaml:6: constraints\[0\]: list literals may only hold constants"),
+    (GOOD + "data:\n  G: group_indicator([[0, 1], [2]])\n",  # was numpy's ValueError, with no file or key
+     r"p\.yaml:9: data\.G: a list literal needs items of one shape \(a rectangular array\), got shapes \[\(2,\), \(1,\)\]"),
+    (GOOD + "data:\n  E: incidence([[0, 1.5]], n)\n",  # was the arc (0, 1), silently
+     r"p\.yaml:9: data\.E: arcs\[0\] = \[0\.0, 1\.5\]: vertex indices must be whole numbers"),
+    (GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1 / (n - 3)"), r"p\.yaml:6: constraints\[0\]: arithmetic on constants failed: divide by zero"),
     # resource limits: a clear ConfigError, not numpy's MemoryError or Python's RecursionError
     (GOOD.replace("default: 3", "default: 100000").replace("shape: [n]", "shape: [n, n]"),
      r"p\.yaml:4: output\.shape: 10,000,000,000 variables \(x \(100000, 100000\)\).*at most 10,000,000"),
@@ -185,6 +300,39 @@ def test_empty_polytope_detected_at_load(tmp_path):
         cs.load_polytope("spanning_tree", n=4, edges=[[0, 1], [2, 3]])  # disconnected graph
     with pytest.raises(cs.PolytopeError, match="empty"):
         cs.load_polytope(write(tmp_path, GOOD.replace("  - sum(x) == 1", "  - 0 * sum(x) == 1")))
+
+
+def test_empty_polytopes_name_the_constraint_or_the_entry(tmp_path):
+    # a constraint whose variables cancel is named with its line (it was "an inequality reduces
+    # to a false constant", with no hint which); contradictory bounds name the entry, not z[j]
+    text = GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - 0 * x >= [0, 1, 0]")
+    with pytest.raises(cs.PolytopeError, match=r"p\.yaml:7: constraints\[1\]: every variable's coefficient is 0 in "
+                                               r"entry \[1\], and what is left is false: the polytope is empty"):
+        cs.load_polytope(write(tmp_path, text))
+    text = GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - 0 * sum(x) == 1")
+    with pytest.raises(cs.PolytopeError, match=r"p\.yaml:7: constraints\[1\]: every variable's coefficient is 0, and"):
+        cs.load_polytope(write(tmp_path, text))
+    text = GOOD + "variables:\n  f: [2, 2]\n"
+    text = text.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - f[1, 0] >= 0.75\n  - 2 * f[1, 0] <= 1\n  - 0 <= f <= 1")
+    with pytest.raises(cs.PolytopeError, match=r"the bounds on f\[1, 0\] are contradictory \(0\.75 > 0\.5\): the polytope is empty"):
+        cs.load_polytope(write(tmp_path, text))
+    # a constraint with variables left that cancel in some entries only, and hold there, is fine
+    P = cs.load_polytope(write(tmp_path, GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - '[0, 1, 1] * x <= [0, 1, 1]'")))
+    assert P.vertices().shape == (3, 3)
+
+
+def test_parameter_types_bool_and_lists(tmp_path):
+    text = GOOD.replace("params:\n", "params:\n  flag: {type: bool, default: true}\n  g: {type: int_list, default: [0, 1]}\n"
+                        "  e: {type: edge_list, default: []}\n")
+    P = cs.load_polytope(write(tmp_path, text))
+    assert P.params["flag"] is True and np.shape(P.params["e"]) == (0, 2) and list(P.params["g"]) == [0, 1]
+    assert cs.load_polytope(write(tmp_path, text), flag=np.bool_(False)).params["flag"] is False
+    with pytest.raises(cs.ConfigError, match=r"parameter flag=3 \(given\): expected true or false, got int"):
+        cs.load_polytope(write(tmp_path, text), flag=3)
+    with pytest.raises(cs.ConfigError, match=r"parameter g=\['a', 'b'\] \(given\): expected a list of integers"):
+        cs.load_polytope(write(tmp_path, text), g=["a", "b"])
+    with pytest.raises(cs.ConfigError, match=r"polytope 'tiny' needs parameter 'n' \(int: size\); pass it as n=\.\.\."):
+        cs.load_polytope(write(tmp_path, GOOD.replace("default: 3", "doc: size")))
 
 
 def test_unbounded_polytope_detected_at_load(tmp_path):
@@ -287,6 +435,14 @@ def test_register_polytope_by_name(tmp_path):
     assert cs.register_polytope(path) == "tiny_registered"
     assert "tiny_registered" in cs.available_polytopes()
     assert cs.load_polytope("tiny_registered", n=4).shape == (4,)
+    assert cs.register_polytope(path) == "tiny_registered"  # the same file again: nothing changes
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    with pytest.raises(cs.RegistrationError, match=r"a polytope named 'tiny_registered' is already registered from "
+                                                    + re.escape(str(path.resolve()))):
+        cs.register_polytope(write(other, GOOD.replace("name: tiny", "name: tiny_registered")))
+    with pytest.raises(cs.ConvexSSTError, match="taken by a built-in"):
+        cs.register_polytope(write(other, GOOD.replace("name: tiny", "name: simplex")))
 
 
 # ---------------------------------------------------------------- packaging and docs
