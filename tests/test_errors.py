@@ -258,6 +258,37 @@ def test_solver_exception_is_wrapped_with_index(P, monkeypatch):
         cs.relax(u, P, "entropy", backend="generic")
 
 
+def test_solver_nan_rows_and_many_failing_rows_are_named(P, monkeypatch):
+    # NaN from the conic solver is a SolverError naming the rows (never returned); a batch where
+    # every element fails alone lists the first 10 and stops solving them one by one
+    from convex_sst.generic import generic_layer
+    from convex_sst.regularizers import get_regularizer
+
+    layer = generic_layer(P, get_regularizer("entropy"))
+    real = layer.layer
+
+    def nan_rows(theta, solver_args=None):
+        out = real(theta, solver_args=solver_args)
+        bad = theta[:, 0:1] > 50
+        return tuple(torch.where(bad, math.nan, o) for o in out)
+
+    monkeypatch.setattr(layer, "layer", nan_rows)
+    u = torch.zeros(4, 4, dtype=torch.float64)
+    u[[1, 3], 0] = 100.0
+    with pytest.raises(cs.SolverError, match=r"returned NaN/inf for batch element\(s\) \[1, 3\] of 4"):
+        cs.relax(u, P, "entropy", backend="generic")
+    calls = []
+
+    def always_fails(theta, solver_args=None):
+        calls.append(theta.shape[0])
+        raise RuntimeError("Solver scs returned status infeasible")
+
+    monkeypatch.setattr(layer, "layer", always_fails)
+    with pytest.raises(cs.SolverError, match=re.escape(f"failed on batch element(s) {list(range(10))} of 25")):
+        cs.relax(torch.zeros(25, 4, dtype=torch.float64), P, "entropy", backend="generic")
+    assert calls == [25] + [1] * 10
+
+
 def test_inaccurate_solutions_warn(P, monkeypatch):
     import convex_sst.generic as g
 
@@ -322,6 +353,55 @@ def test_registration_rejects_duplicates_and_wrong_types():
         @cs.register_fast_path("simplex", "x_test_dup")
         def b(theta, polytope):
             return theta
+
+
+def test_registration_rejects_what_is_not_callable():
+    with pytest.raises(cs.RegistrationError, match="argmax 'x_test_three' must be callable"):
+        cs.register_argmax("x_test_three")(3)
+    with pytest.raises(cs.RegistrationError, match=re.escape("fast path ('simplex', 'x_test_three') must be callable")):
+        cs.register_fast_path("simplex", "x_test_three")(3)
+    assert {"top_k", "kruskal", "chu_liu_edmonds", "hungarian"} <= set(cs.polytope.available_argmax())
+    assert "x_test_three" not in cs.polytope.available_argmax()
+
+
+_LOSS = lambda x: x.sum(-1)  # noqa: E731
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda P, th: cs.diagnose(P, "entropy", _LOSS, estimators=["bogus"], theta=th), cs.InputError,
+     "unknown estimator(s) ['bogus']; available: sst, straight_through, score_function, score_function_loo"),
+    (lambda P, th: cs.diagnose(P, "entropy", _LOSS, estimators=["score_function_loo"], num_samples=1, theta=th),
+     cs.InputError, "score_function_loo needs num_samples >= 2 (leave-one-out baseline)"),
+    (lambda P, th: cs.diagnose(P, "entropy", _LOSS, seed=1.5, theta=th), cs.InputError, "seed must be an integer, got 1.5"),
+    (lambda P, th: cs.sst_gradient(lambda x: 1.0, th, P), cs.InputError, "loss_fn must return a tensor of shape (1,), got float"),
+    (lambda P, th: cs.smt_distribution(P, th, method="bogus"), cs.InputError,
+     "method must be 'exact' or 'monte_carlo', got 'bogus'"),
+    (lambda P, th: cs.score_function(_LOSS, th, P, noise=None), cs.InputError,
+     "the score-function estimator needs a noise distribution (got noise=None)"),
+    (lambda P, th: cs.score_function(_LOSS, th, P, baseline="bogus"), cs.InputError,
+     "baseline must be None, 'loo', 'ema', an EMABaseline or a callable, got 'bogus'"),
+    (lambda P, th: cs.sst(th, P, mode="bogus"), cs.UnknownNameError,
+     "unknown mode 'bogus'; available: hard, relaxed, straight_through"),
+    (lambda P, th: cs.SST(P, backend="bogus"), cs.UnknownNameError,
+     "unknown backend 'bogus'; available: auto, fast, generic, torch"),
+    (lambda P, th: cs.relax(torch.randn(4, 4), "birkhoff", "entropy", on_failure="bogus"), cs.InputError,
+     "on_failure must be 'fallback', 'warn' or 'raise', got 'bogus'"),
+    (lambda P, th: cs.relax(torch.randn(6), cs.load_polytope("spanning_tree", n=4), "exp_family", method="bogus"),
+     cs.InputError, "method must be 'auto', 'inverse' or 'elimination', got 'bogus'"),
+    (lambda P, th: cs.relax(torch.randn(3, 3), cs.load_polytope("arborescence", n=3), "exp_family", method="bogus"),
+     cs.InputError, "method must be 'auto', 'inverse' or 'elimination', got 'bogus'"),
+    (lambda P, th: cs.relax(th, P, "entropy", backend="torch", on_failure="bogus"), cs.InputError,
+     "on_failure must be 'warn' or 'raise', got 'bogus'"),
+    (lambda P, th: cs.relax(th, P, "exp_family", backend="torch"), cs.InputError,
+     "regularizer 'exp_family' has no elementwise derivatives (grad, hess), which the torch solver needs"),
+    (lambda P, th: cs.testing.check_relaxation(P, cs.Regularizer("x_test_nohow", "", None, _LOSS, domain=(0.0, 1.0))),
+     cs.InputError, "regularizer 'x_test_nohow' has no grad/hess, no cvxpy form and is not exp_family: there is no "
+                    "reference to check against"),
+])
+def test_bad_arguments_of_the_estimators_layers_and_solvers(call, error, message):
+    P = cs.load_polytope("simplex", n=3)
+    with pytest.raises(error, match=re.escape(message)):
+        call(P, torch.zeros(3))
 
 
 def test_vertices_too_many_is_a_clear_error():

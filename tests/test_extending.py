@@ -122,6 +122,27 @@ def test_fast_path_for_a_users_polytope(tmp_path):
     cs.testing.check_relaxation(P, "entropy")
 
 
+def test_a_fast_path_taking_keyword_arguments_gets_every_option(tmp_path):
+    # a fast path with **options receives relax's options as given (the check of option names
+    # applies to fast paths that list theirs)
+    path = tmp_path / "kw_simplex.yaml"
+    path.write_text(MY_SIMPLEX.replace("test_my_simplex", "test_kw_simplex"))
+    cs.register_polytope(path)
+    seen = []
+
+    @cs.register_fast_path("test_kw_simplex", "entropy")
+    def softmax(theta, polytope, **options):
+        seen.append(options)
+        return torch.softmax(theta * options.get("sharpen", 1.0), -1)
+
+    u = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    P = cs.load_polytope("test_kw_simplex")
+    torch.testing.assert_close(cs.relax(u, P, "entropy", 1.0, sharpen=3.0, note="x"), torch.softmax(3 * u, -1))
+    assert seen == [{"sharpen": 3.0, "note": "x"}]
+    cs.relax(u, P, "entropy", 1.0)
+    assert seen[-1] == {}
+
+
 def test_check_relaxation_argument_errors():
     P = cs.load_polytope("simplex", n=3)
     with pytest.raises(cs.UnknownNameError, match="unknown reference 'cvxpy'"):

@@ -183,6 +183,29 @@ def test_huge_range_tiny_temperature_is_finite(name, reg, dtype, gen):
         assert (x.double() - P.argmax(u.detach()).double()).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("name", ["spanning_tree", "arborescence"])
+def test_max_range_clips_the_scaled_logits_from_below(name, gen):
+    # max_range r (the paper's clipping, off by default) is the relaxation of
+    # θ' = max(θ, max θ − r), θ = u / t per sample, the clipped entries without gradient; it had
+    # only its argument checked
+    P = small(name)
+    t, r = 0.5, 2.0
+    u = (2 * torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    c = torch.randn((3,) + P.shape, generator=gen, dtype=torch.float64)
+    x = cs.relax(u, P, "exp_family", t, max_range=r)
+    theta = u / t
+    floor = theta.flatten(1).amax(1).detach().reshape((-1,) + (1,) * len(P.shape)) - r
+    clipped = theta < floor
+    assert 0 < int(clipped.sum()) < u.numel()
+    ref = cs.relax(torch.maximum(theta, floor) * t, P, "exp_family", t)
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-12)
+    assert (x - cs.relax(u, P, "exp_family", t)).abs().max() > 1e-3  # the clipping matters here
+    (g,) = torch.autograd.grad((x * c).sum(), u)
+    (g_ref,) = torch.autograd.grad((ref * c).sum(), u)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-12)
+    assert bool((g[clipped] == 0).all())
+
+
 @pytest.mark.parametrize("name,reg", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_logits_near_the_dtype_range_give_the_hard_limit(name, reg, dtype, gen):

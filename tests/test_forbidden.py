@@ -434,6 +434,40 @@ def test_sinkhorn_treats_forbidden_entries_as_exact_zeros(gen):
     torch.testing.assert_close(birkhoff_sinkhorn(theta, P).masked_fill(mask, 0.0), x, atol=1e-9, rtol=0)
 
 
+def test_auto_swaps_the_generic_route_for_the_torch_solver_when_a_gradient_is_needed(tmp_path, monkeypatch, gen):
+    # where "auto" routes a separable regularizer to cvxpylayers (a user config above the torch
+    # solver's row bounds: here any config, with _torch_auto made False), -inf coordinates and a
+    # gradient send it to the torch solver instead; values alone stay with cvxpylayers
+    import importlib
+
+    import convex_sst.generic as generic
+
+    monkeypatch.setattr(importlib.import_module("convex_sst.relax"), "_torch_auto", lambda P, reg: False)
+    path = tmp_path / "wide_simplex.yaml"
+    path.write_text(MY_SIMPLEX.replace("test_my_simplex", "test_wide_simplex"))
+    P = cs.load_polytope(path, n=6)
+    u = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    u[:, 1] = NINF
+    calls = []
+    monkeypatch.setattr(generic.GenericLayer, "solve", lambda self, *a, _solve=generic.GenericLayer.solve, **k:
+                        calls.append(1) or _solve(self, *a, **k))
+    with torch.no_grad():
+        x0 = cs.relax(u, P, "quadratic", 0.5)
+    assert calls and bool((x0[:, 1] == 0).all())
+    calls.clear()
+    v = u.clone().requires_grad_(True)
+    x = cs.relax(v, P, "quadratic", 0.5)
+    assert not calls  # the torch solver, not cvxpylayers
+    w = u.clone().requires_grad_(True)
+    ref = cs.relax(w, P, "quadratic", 0.5, backend="torch")
+    assert torch.equal(x, ref)
+    c = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    assert torch.equal(torch.autograd.grad((x * c).sum(), v)[0], torch.autograd.grad((ref * c).sum(), w)[0])
+    torch.testing.assert_close(x.detach(), x0, atol=1e-6, rtol=0)
+    with pytest.raises(cs.NotSupportedError, match="does not differentiate accurately"):
+        cs.relax(v, P, "quadratic", 0.5, solver="scs")  # options name cvxpylayers: no swap
+
+
 def test_generic_gradients_next_to_forbidden_coordinates_are_refused_and_auto_takes_the_torch_solver(gen):
     """cvxpylayers' derivatives with the stand-in utilities were off by up to 0.6 (simplex n = 40,
     quadratic): relax refuses them, and "auto", which picks the generic path for large
@@ -776,6 +810,28 @@ def test_manual_masks_that_leave_no_structure(name, params, backend):
                 if certificate > 1e-11:   # the dual oracle's own failure (an entropy at a bound): skip the row
                     continue
                 assert np.abs(x[b].numpy() - ref).max() < (1e-6 if backend == "torch" else 1e-4), (t, reg, b)
+
+
+@pytest.mark.parametrize("reg, backend", [("binary_entropy", "generic"), ("quadratic", "generic"), ("binary_entropy", "torch"),
+                                          ("quadratic", "torch"), ("binary_entropy", "fast"), ("quadratic", "fast"),
+                                          ("exp_family", "fast")])
+def test_manual_masks_every_structure_needs_once_minus_infinity_is_left_out(reg, backend):
+    # -inf and -1e9 in one row (and +1e9 forcing item 1 in the last two): every 2-subset of
+    # the allowed items {1, 2, 3} needs a masked one, though {0, 1} (which uses the forbidden
+    # item) needs none. The masked items are needed and share the second place (x = 0, 1, ½, ½
+    # by symmetry); in the other rows {1, 3} avoids the mask and is the answer. The search for a
+    # structure with the forced entries and without masked ones must leave the forbidden ones
+    # out too (needed_apart).
+    P = cs.load_polytope("k_subset", n=4, k=2)
+    u = torch.tensor([[NINF, 0.0, -1e9, -1e9], [NINF, 0.5, -1e9, 0.0], [NINF, 1e9, -1e9, -1e9], [NINF, 1e9, -1e9, 0.0]],
+                     dtype=torch.float64)
+    want = torch.tensor([[0.0, 1.0, 0.5, 0.5], [0.0, 1.0, 0.0, 1.0]] * 2, dtype=torch.float64)
+    rows = [0, 1, 3] if (reg, backend) == ("binary_entropy", "generic") else [0, 1, 2, 3]
+    x = cs.relax(u[rows], P, reg, 1.0, backend=backend)
+    torch.testing.assert_close(x, want[rows], atol=1e-5 if backend == "generic" else 1e-9, rtol=0)
+    if len(rows) < 4:  # Clarabel's exponential cones fail on the third row, solved at ±1e9 as given (README)
+        with pytest.raises(cs.SolverError, match=r"infeasible solutions for batch element\(s\) \[0\]"):
+            cs.relax(u[2:3], P, reg, 1.0, backend=backend)
 
 
 def test_centring_leaves_manual_masks_out_of_its_level():

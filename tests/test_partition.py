@@ -97,6 +97,24 @@ def test_float32_in_float32_out(name, params, gen):
     torch.testing.assert_close(z.double(), cs.log_partition(u.double(), P, 0.5), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precisions_are_computed_in_float32_and_rounded_back(dtype, gen):
+    # autocast activations: float16 and bfloat16 in, the same dtype out, with the float32
+    # value rounded to it, -inf entries and gradients included (as relax does)
+    P = cs.load_polytope("k_subset", n=6, k=2)
+    u = torch.randn(3, 6, generator=gen).to(dtype)
+    u[1, 2] = NINF
+    u.requires_grad_(True)
+    z = cs.log_partition(u, P, 0.5)
+    assert z.dtype == dtype
+    want = cs.log_partition(u.detach().float(), P, 0.5)
+    assert torch.equal(z.detach(), want.to(dtype))
+    (g,) = torch.autograd.grad(z.sum(), u)
+    assert g.dtype == dtype and bool(torch.isfinite(g).all()) and g[1, 2] == 0
+    marg = cs.relax(u.detach().float(), P, "exp_family", 0.5) / 0.5
+    torch.testing.assert_close(g.float(), marg, atol=0.02, rtol=0.02)
+
+
 def test_log_likelihoods_of_all_structures_sum_to_one(gen):
     """The CRF use: log p(x) = θᵀx − log Z(θ)."""
     P = cs.load_polytope("arborescence", n=4)

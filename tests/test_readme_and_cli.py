@@ -126,6 +126,14 @@ def test_cli_check_builtin(capsys):
     assert "vertices     16" in out and "integral     yes" in out and out.strip().endswith("OK")
 
 
+def test_cli_check_of_a_large_polytope_and_a_param_without_a_value(capsys):
+    assert main(["check", "spanning_tree", "--param", "n=4", "--max-vertices", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "vertices     more than 10 (not enumerated)" in out and out.strip().endswith("OK")  # K4 has 16
+    with pytest.raises(SystemExit, match=r"--param expects NAME=VALUE, got 'n'"):
+        main(["check", "spanning_tree", "--param", "n"])
+
+
 def test_cli_check_runs_the_feasibility_lp_on_builtins(monkeypatch, capsys):
     # built-in polytopes skip the LPs at load (one hard structure shows them non-empty); `check`
     # prints "non-empty ... (LP feasible)", so it runs the LP itself: here made to say infeasible

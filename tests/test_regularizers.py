@@ -117,6 +117,24 @@ def test_registration_catches_slips_where_they_are_made(change, message):
     assert "test_bad" not in cs.available_regularizers()
 
 
+def test_a_domain_bounded_only_above_is_probed_below_its_end():
+    # f(x) = −log(2 − x) on (−inf, 2): registration probes x = −3, 0, 1, 1.5, 1.9 (a slip in
+    # hess is caught there), and on the cube x_i = clip(2 − t / u_i, 0, 1), where u − t f'(x) = 0
+    def barrier(name, hess):
+        return cs.Regularizer(name=name, description="−log(2 − x)", cvxpy=lambda x: -cp.sum(cp.log(2 - x)),
+                              value=lambda x: -torch.log(2 - x).sum(-1), domain=(-math.inf, 2.0),
+                              grad=lambda x: 1 / (2 - x), hess=hess)
+
+    with pytest.raises(cs.RegistrationError, match=r"hess\(-3\) = 0.08, but the slope of grad there is 0.04"):
+        cs.register_regularizer(barrier("test_barrier_bad", lambda x: 2 / (2 - x) ** 2))
+    reg = cs.register_regularizer(barrier("test_barrier", lambda x: 1 / (2 - x) ** 2), replace=True)
+    P = cs.load_polytope("hypercube", n=5)
+    u = torch.tensor([-1.0, 0.2, 0.5, 0.8, 3.0], dtype=torch.float64)
+    t = 0.5
+    want = (2 - t / u).clamp(0, 1).where(u > 0, torch.zeros_like(u))
+    torch.testing.assert_close(cs.relax(u, P, reg, t), want, atol=1e-8, rtol=0)
+
+
 def test_a_polytope_used_with_an_unregistered_regularizer_still_pickles():
     # the polytope remembers which regularizers passed its domain check; a user's unregistered
     # one holds lambdas, which must not end up in pickles of the polytope (torch.save(model))

@@ -68,6 +68,15 @@ def test_low_temperature_gradients_match_closed_forms_on_every_sample(name, para
     assert bool((err <= 1e-6).all()), err.max()
 
 
+def test_report_status_names_each_outcome():
+    report = solver.SolveReport(converged=torch.tensor([True, False, True, False, True]),
+                                iterations=torch.tensor([5, 50, 7, 50, 9]),
+                                kkt_residual=torch.tensor([1e-12, 1e-3, math.nan, math.inf, 5e-8]).double(), tol=1e-9)
+    assert report.status == ["converged", "max_iter", "nan", "nan", "inaccurate"]
+    assert solver.SolveReport(converged=torch.tensor([True]), iterations=torch.tensor([3]),
+                              kkt_residual=torch.tensor([1e-8]).double(), tol=1e-9).status == ["converged"]  # 10·tol
+
+
 def test_report_and_failures_name_the_batch_indices(gen):
     P = cs.load_polytope("k_subset", n=6, k=2)
     reg = get_regularizer("binary_entropy")
