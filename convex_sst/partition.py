@@ -24,7 +24,7 @@ import torch
 from ._autograd import graph_break
 from ._forbidden import empty_face_error, fill_forbidden, lower_forced
 from ._scalars import positive_int
-from .errors import NotSupportedError, PolytopeError
+from .errors import InputError, NotSupportedError, PolytopeError
 from .fast import (_neg, k_subset_marginals, log1p_exp, log_e_k, log_partition_arborescences, log_partition_dag_paths,
                    log_partition_subset_chain)
 from .polytope import Polytope
@@ -146,7 +146,14 @@ def log_partition(u: torch.Tensor, polytope: Polytope | str, temperature: float 
     limit = positive_int(limit, "limit")
     if u.dtype not in (torch.float32, torch.float64):
         u32 = u.float() if forbidden is None else u.float().masked_fill(forbidden, -math.inf)
-        return log_partition(u32, P, temperature, limit).to(u.dtype)
+        z = log_partition(u32, P, temperature, limit)
+        over = z.detach().abs() > torch.finfo(u.dtype).max
+        if bool(over.any()):  # rounding back would give ±inf, silently
+            first = tuple(int(i) for i in over.nonzero()[0])
+            raise InputError(f"log_partition is {float(z.detach()[first]):.4g} at batch index {first}, beyond "
+                             f"{u.dtype}'s range (±{torch.finfo(u.dtype).max:g}); hint: pass u as float32 "
+                             "(u.float()), or use a higher temperature")
+        return z.to(u.dtype)
     t = check_temperature(temperature, batch, u)
     if forbidden is not None:
         u = u.masked_fill(forbidden, 0.0)  # before dividing by t: no inf in any backward pass

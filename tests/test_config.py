@@ -321,6 +321,24 @@ def test_empty_polytopes_name_the_constraint_or_the_entry(tmp_path):
     assert P.vertices().shape == (3, 3)
 
 
+def test_data_entries_are_a_lazy_read_only_mapping():
+    # a built-in's data entries are evaluated when first read (with the entries they name)
+    P = cs.load_polytope("arborescence", n=4)
+    assert len(P.data) == 5 and list(P.data) == ["A", "S", "In", "Inc", "R"] and "C" not in P.data
+    assert repr(P.data) == "DataEntries({A: ..., S: ..., In: ..., Inc: ..., R: ...})"  # nothing read yet
+    assert P.data["S"].shape == (16, 12)
+    assert repr(P.data) == "DataEntries({A: ndarray, S: csr_array, In: ..., Inc: ..., R: ...})"  # S read A
+    with pytest.raises(KeyError):
+        P.data["C"]
+
+
+def test_unreadable_config_files_and_unknown_names_in_shapes(tmp_path):
+    with pytest.raises(cs.ConfigError, match=r"cannot read polytope config '.*': Is a directory"):
+        cs.load_polytope(tmp_path)
+    with pytest.raises(cs.ConfigError, match=r"p\.yaml:4: output\.shape\[0\]: unknown name 'm'; available: n"):
+        cs.load_polytope(write(tmp_path, GOOD.replace("shape: [n]", "shape: [m]")))
+
+
 def test_parameter_types_bool_and_lists(tmp_path):
     text = GOOD.replace("params:\n", "params:\n  flag: {type: bool, default: true}\n  g: {type: int_list, default: [0, 1]}\n"
                         "  e: {type: edge_list, default: []}\n")

@@ -289,3 +289,13 @@ def test_diagnose_defaults(tmp_path):
     ] + [("score_function", None), ("score_function_loo", None)]
     paths = write_report(rows, tmp_path / "a" / "b", "title", plot=False)
     assert [p.name for p in paths] == ["diagnostics.csv", "diagnostics.md"] and all(p.is_file() for p in paths)
+
+
+def test_write_report_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
+    import sys
+
+    rows = cs.diagnose("simplex", temperatures=1.0, num_estimates=2, num_samples=2, estimators=["sst"])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    paths = write_report(rows, tmp_path, "title")
+    assert [p.name for p in paths] == ["diagnostics.csv", "diagnostics.md"] and not (tmp_path / "diagnostics.png").exists()
+    assert "matplotlib is not installed: no plot (pip install 'convex_sst[examples]')" in capsys.readouterr().out

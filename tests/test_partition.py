@@ -113,6 +113,11 @@ def test_half_precisions_are_computed_in_float32_and_rounded_back(dtype, gen):
     assert g.dtype == dtype and bool(torch.isfinite(g).all()) and g[1, 2] == 0
     marg = cs.relax(u.detach().float(), P, "exp_family", 0.5) / 0.5
     torch.testing.assert_close(g.float(), marg, atol=0.02, rtol=0.02)
+    if dtype == torch.float16:  # 1e5 does not fit (it was inf, silently)
+        big = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [1000.0, 2.0, 3.0, 4.0, 5.0, 6.0]], dtype=dtype)
+        with pytest.raises(cs.InputError, match=r"log_partition is 1.006e\+05 at batch index \(1,\), beyond "
+                                                r"torch.float16's range \(±65504\); hint: pass u as float32"):
+            cs.log_partition(big, P, 0.01)
 
 
 def test_log_likelihoods_of_all_structures_sum_to_one(gen):
@@ -227,6 +232,7 @@ def test_large_k_uses_products_with_linear_memory_and_agrees_with_the_coefficien
         monkeypatch.setattr(fast, "_MAP_MAX", 0)
         torch.testing.assert_close(fast._poly_mul(A, B, deg), want, atol=1e-12, rtol=0)
         torch.testing.assert_close(fast._log_poly_mul(A, B, deg), want_log, atol=1e-12, rtol=0)
+        torch.testing.assert_close(fast._log_poly_mul(B, A, deg), want_log, atol=1e-12, rtol=0)  # shorter first
 
 
 def test_large_score_gaps_keep_full_precision():
