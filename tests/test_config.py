@@ -157,6 +157,17 @@ def test_random_expressions_fail_only_with_expression_errors():
     assert failed > 900 and len(kinds) > 30  # the generator does reach the error paths
 
 
+def test_constant_expressions_at_the_bounds_of_their_checks():
+    from convex_sst.graphs import CONFIG_FUNCTIONS
+
+    ev = Evaluator({}, CONFIG_FUNCTIONS)
+    assert ev.evaluate(parse("complete_edges(0)")).shape == ev.evaluate(parse("complete_arcs(1)")).shape == (0, 2)
+    assert ev.evaluate(parse("zeros(3, 0)")).shape == (3, 0) and ev.evaluate(parse("eye(0)")).shape == (0, 0)
+    assert ev.evaluate(parse("both_orientations([[0, 9007199254740992]])")).tolist() == [[0, 2**53], [2**53, 0]]
+    for n, k in [(10, 1), (10, 2), (10, 5), (10, 10), (40, 7)]:  # the cap's estimate 4n(k + 1) bounds the arcs
+        assert 0 < len(ev.evaluate(parse(f"subset_chain_arcs({n}, {k})"))) <= 4 * n * (k + 1)
+
+
 @pytest.mark.parametrize("text,msg", [
     ("[[1, 2], [3]]", "a list literal needs items of one shape (a rectangular array), got shapes [(2,), (1,)]"),
     ("[1, 2] + [1, 2, 3]", "cannot broadcast shapes (2,) and (3,) for '+'"),
@@ -172,7 +183,7 @@ def test_random_expressions_fail_only_with_expression_errors():
                                "usage: reshape(value, shape)"),
     ("incidence([[0, 1.5]], 3)", "arcs[0] = [0.0, 1.5]: vertex indices must be whole numbers"),  # was [0, 1]
     ("incidence([0, 1], 3)", "arcs must be a list of integer pairs [i, j] (shape (m, 2)), got shape (2,)"),
-    ("both_orientations([[0, 1e300]])", "edges[0] = [0.0, 1e+300]: a vertex index that large is a mistake"),
+    ("both_orientations([[0, 1e17]])", "edges[0] = [0.0, 1e+17]: a vertex index that large is a mistake"),
     ("num_vertices([[0, -1]])", "arcs hold a negative vertex index -1"),
     ("graph_edges(3, [[1, 1]])", "edges[0] = [1, 1] is a self-loop"),
     ("graph_edges(3, [[0, 1], [1, 0]])", "edges[1] = [0, 1] repeats an earlier edge"),
@@ -184,6 +195,7 @@ def test_random_expressions_fail_only_with_expression_errors():
     ("onehot(3, 1e300)", "index = 1e+300 is too large to be a size or an index"),
     ("subset_chain_arcs(1e7, 5)", "subset_chain with n = 10000000, k = 5 would have about 2.4e+08 arcs; "
                                   "at most 10,000,000 are supported"),  # was a Python loop over 1e7 items
+    ("subset_chain_arcs(500001, 4)", "would have about 1e+07 arcs"),  # 10 000 020 > 10⁷
 ])
 def test_constant_expression_errors(text, msg):
     from convex_sst.graphs import CONFIG_FUNCTIONS
@@ -311,6 +323,9 @@ def test_empty_polytopes_name_the_constraint_or_the_entry(tmp_path):
         cs.load_polytope(write(tmp_path, text))
     text = GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - 0 * sum(x) == 1")
     with pytest.raises(cs.PolytopeError, match=r"p\.yaml:7: constraints\[1\]: every variable's coefficient is 0, and"):
+        cs.load_polytope(write(tmp_path, text))
+    text = GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - x[0] >= 1\n  - 2 * x[0] <= 1")
+    with pytest.raises(cs.PolytopeError, match=r"the bounds on x\[0\] are contradictory \(1 > 0\.5\)"):
         cs.load_polytope(write(tmp_path, text))
     text = GOOD + "variables:\n  f: [2, 2]\n"
     text = text.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - f[1, 0] >= 0.75\n  - 2 * f[1, 0] <= 1\n  - 0 <= f <= 1")
