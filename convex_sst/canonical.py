@@ -167,8 +167,9 @@ def _entry_name(j: int, layout: dict[str, tuple[int, tuple[int, ...]]]) -> str:
     for name, (offset, shape) in layout.items():
         size = int(np.prod(shape, dtype=np.int64))
         if offset <= j < offset + size:
-            idx = np.unravel_index(j - offset, shape) if shape else ()
-            return f"{name}[{', '.join(str(int(i)) for i in idx)}]"
+            if not shape:  # a scalar variable
+                return name
+            return f"{name}[{', '.join(str(int(i)) for i in np.unravel_index(j - offset, shape))}]"
     return f"z[{j}]"
 
 

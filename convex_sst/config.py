@@ -387,8 +387,8 @@ class PolytopeConfig:
                 gone = np.diff(coef.indptr) == 0
                 false = gone & ((np.abs(c.expr.const) > 1e-12) if c.kind == "eq" else (c.expr.const > 1e-12))
                 if false.any():
-                    j = int(np.flatnonzero(false)[0])
-                    entry = f" in entry [{', '.join(str(int(k)) for k in np.unravel_index(j, c.expr.shape))}]" if c.expr.shape else ""
+                    where = np.unravel_index(int(np.flatnonzero(false)[0]), c.expr.shape) if c.expr.shape else ()
+                    entry = f" in entry [{', '.join(str(int(k)) for k in where)}]" if where else ""
                     raise PolytopeError(
                         f"{self.where(('constraints', i))}: every variable's coefficient is 0{entry}, and what is left "
                         "is false: the polytope is empty"

@@ -327,6 +327,9 @@ def test_empty_polytopes_name_the_constraint_or_the_entry(tmp_path):
     text = GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - x[0] >= 1\n  - 2 * x[0] <= 1")
     with pytest.raises(cs.PolytopeError, match=r"the bounds on x\[0\] are contradictory \(1 > 0\.5\)"):
         cs.load_polytope(write(tmp_path, text))
+    text = GOOD.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - s >= 1\n  - s <= 0.5") + "variables:\n  s: []\n"
+    with pytest.raises(cs.PolytopeError, match=r"the bounds on s are contradictory \(1 > 0\.5\)"):  # a scalar
+        cs.load_polytope(write(tmp_path, text))
     text = GOOD + "variables:\n  f: [2, 2]\n"
     text = text.replace("  - sum(x) == 1", "  - sum(x) == 1\n  - f[1, 0] >= 0.75\n  - 2 * f[1, 0] <= 1\n  - 0 <= f <= 1")
     with pytest.raises(cs.PolytopeError, match=r"the bounds on f\[1, 0\] are contradictory \(0\.75 > 0\.5\): the polytope is empty"):
