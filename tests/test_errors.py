@@ -558,7 +558,7 @@ def test_random_calls_give_a_valid_result_or_a_library_error():
         u = u.to(dtype)
         if dtype in (torch.float32, torch.float64) and rng.random() < 0.5:
             u.requires_grad_(True)
-        t = rng.choice([1.0, 0.5, 0.1, 1e-3, 2.0, 0.0, -1.0, math.nan, "x", torch.rand(batch, dtype=torch.float64) + 0.05])
+        t = rng.choice([1.0, 0.5, 0.1, 1e-3, 2.0, 0.0, -1.0, math.nan, "x", torch.rand(batch, generator=gen, dtype=torch.float64) + 0.05])
         reg = rng.choice(list(P.regularizers) + ["quadratic"])
         backend = rng.choice(["auto", "auto", "fast", "torch", "generic"])
         what = rng.choice(["relax", "relax", "argmax", "sst", "log_partition"])

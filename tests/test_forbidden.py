@@ -819,9 +819,7 @@ def test_manual_masks_every_structure_needs_once_minus_infinity_is_left_out(reg,
     # -inf and -1e9 in one row (and +1e9 forcing item 1 in the last two): every 2-subset of
     # the allowed items {1, 2, 3} needs a masked one, though {0, 1} (which uses the forbidden
     # item) needs none. The masked items are needed and share the second place (x = 0, 1, ½, ½
-    # by symmetry); in the other rows {1, 3} avoids the mask and is the answer. The search for a
-    # structure with the forced entries and without masked ones must leave the forbidden ones
-    # out too (needed_apart).
+    # by symmetry); in the other rows {1, 3} avoids the mask and is the answer.
     P = cs.load_polytope("k_subset", n=4, k=2)
     u = torch.tensor([[NINF, 0.0, -1e9, -1e9], [NINF, 0.5, -1e9, 0.0], [NINF, 1e9, -1e9, -1e9], [NINF, 1e9, -1e9, 0.0]],
                      dtype=torch.float64)
