@@ -93,6 +93,15 @@ constraints:
 """
 
 
+def user_simplex(tmp_path, name, register=True):
+    """MY_SIMPLEX under ``name``, written to ``tmp_path``; registered (load it by name) or not."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(MY_SIMPLEX.replace("test_my_simplex", name))
+    if register:
+        cs.register_polytope(path)
+    return path
+
+
 def test_fast_path_for_a_users_polytope(tmp_path):
     # fast paths of user configs were never used (only built-ins were looked up)
     path = tmp_path / "my_simplex.yaml"
@@ -125,9 +134,7 @@ def test_fast_path_for_a_users_polytope(tmp_path):
 def test_a_fast_path_taking_keyword_arguments_gets_every_option(tmp_path):
     # a fast path with **options receives relax's options as given (the check of option names
     # applies to fast paths that list theirs)
-    path = tmp_path / "kw_simplex.yaml"
-    path.write_text(MY_SIMPLEX.replace("test_my_simplex", "test_kw_simplex"))
-    cs.register_polytope(path)
+    user_simplex(tmp_path, "test_kw_simplex")
     seen = []
 
     @cs.register_fast_path("test_kw_simplex", "entropy")
@@ -238,9 +245,7 @@ def test_check_command_imports_the_module_that_registers_a_regularizer(tmp_path,
 
 
 def test_check_relaxation_catches_a_fast_path_that_misreads_the_forbidden_mask(tmp_path):
-    path = tmp_path / "mask_simplex.yaml"
-    path.write_text(MY_SIMPLEX.replace("test_my_simplex", "test_misread_mask_simplex"))
-    cs.register_polytope(path)
+    user_simplex(tmp_path, "test_misread_mask_simplex")
 
     @cs.register_fast_path("test_misread_mask_simplex", "entropy")
     def softmax(theta, polytope, forbidden=None):  # forbidden read as "utility 0", not "x = 0"

@@ -14,7 +14,7 @@ import oracles
 import pytest
 import torch
 from conftest import RELAX_CASES, SMALL_CASES
-from test_extending import MY_SIMPLEX
+from test_extending import user_simplex
 
 import convex_sst as cs
 from convex_sst.relax import TORCH_AUTO_MAX_ROWS, available_fast_paths
@@ -396,9 +396,7 @@ def test_padding_recipe_gives_the_unpadded_marginals(name, reg, gen):
 
 
 def test_a_fast_path_declaring_forbidden_gets_the_mask_and_users_cannot_pass_it(tmp_path):
-    path = tmp_path / "masked_simplex.yaml"
-    path.write_text(MY_SIMPLEX.replace("test_my_simplex", "test_masked_simplex"))
-    cs.register_polytope(path)
+    user_simplex(tmp_path, "test_masked_simplex")
     seen = []
 
     @cs.register_fast_path("test_masked_simplex", "entropy")
@@ -443,9 +441,7 @@ def test_auto_swaps_the_generic_route_for_the_torch_solver_when_a_gradient_is_ne
     import convex_sst.generic as generic
 
     monkeypatch.setattr(importlib.import_module("convex_sst.relax"), "_torch_auto", lambda P, reg: False)
-    path = tmp_path / "wide_simplex.yaml"
-    path.write_text(MY_SIMPLEX.replace("test_my_simplex", "test_wide_simplex"))
-    P = cs.load_polytope(path, n=6)
+    P = cs.load_polytope(user_simplex(tmp_path, "test_wide_simplex", register=False), n=6)
     u = torch.randn(3, 6, generator=gen, dtype=torch.float64)
     u[:, 1] = NINF
     calls = []
