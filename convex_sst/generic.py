@@ -90,6 +90,10 @@ def build_problem(polytope: Polytope, reg: Regularizer) -> tuple[cp.Problem, cp.
     prob = cp.Problem(cp.Maximize(theta @ x - f(x)), cons)
     if not prob.is_dpp():  # pragma: no cover - a regularizer using parameters
         raise SolverError(f"the generic program for {polytope!r} with {reg.name!r} is not DPP")
+    if aux is not None and aux.id not in {v.id for v in prob.variables()}:
+        # auxiliary variables that no constraint reads (declared, not yet used): cvxpylayers
+        # refuses a variable outside the problem; their value is free, the solve gives them 0
+        variables = [x]
     return prob, theta, variables
 
 
@@ -103,6 +107,7 @@ class GenericLayer:
         self.reg = reg
         self.problem, self.theta, variables = build_problem(polytope, reg)
         self.layer = CvxpyLayer(self.problem, parameters=[self.theta], variables=variables)
+        self.free_aux = polytope.form.num_aux if len(variables) == 1 else 0  # in no constraint: 0
 
     @staticmethod
     def solver_args(solver: str, solver_args: dict | None) -> dict:
@@ -139,7 +144,7 @@ class GenericLayer:
                 f"({self.polytope!r}, {self.reg.name!r}); loosen the tolerances in solver_args, raise "
                 "the iteration limit, or use the default solver='clarabel'",
             )
-        z = torch.cat([s.detach() for s in sol], dim=1).numpy()
+        z = torch.cat([s.detach() for s in sol] + [theta.new_zeros(B, self.free_aux)], dim=1).numpy()
         finite = np.isfinite(z).all(1)
         res = np.full(B, np.inf)
         if finite.any():

@@ -62,7 +62,7 @@ import scipy.sparse.csgraph
 import torch
 
 from ._autograd import first_order_guard
-from .canonical import CanonicalForm
+from .canonical import CanonicalForm, _entry_name
 from ._forbidden import rows_on, solve_again, tame_extremes
 from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
@@ -297,8 +297,14 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
     cmask, cval = P.lp.constant_variables()  # LPs, once per polytope
     const = np.flatnonzero(cmask)
     fixed_x = const[const < d]
-    fixed = np.union1d(const, np.flatnonzero(np.abs(U - L) <= 1e-12))
+    # auxiliary variables that no constraint or bound reads (declared, not yet used) do not
+    # matter: fixed at 0 (the generic path leaves them out too)
+    read = (np.diff(sp.csc_matrix(form.A_eq).indptr) > 0) | (np.diff(sp.csc_matrix(form.A_ub).indptr) > 0)
+    unread = np.flatnonzero(~read & ~np.isfinite(L) & ~np.isfinite(U))
+    unread = unread[unread >= d]
+    fixed = np.union1d(np.union1d(const, unread), np.flatnonzero(np.abs(U - L) <= 1e-12))
     vals = L.copy()
+    vals[unread] = 0.0
     vals[const] = cval[const]
     vals = vals[fixed]
     b = b - A[:, fixed] @ vals
@@ -343,8 +349,8 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
                 lo, hi = P.lp.z_range(int(keep[jj]))
             if not (np.isfinite(lo) or np.isfinite(hi)):
                 raise PolytopeError(
-                    f"auxiliary variable z[{keep[jj]}] of {P!r} is unbounded; the torch solver needs bounds "
-                    "on auxiliary variables (add them to the config), or use backend='generic'"
+                    f"auxiliary variable {_entry_name(int(keep[jj]), form.layout)} of {P!r} is unbounded; the torch "
+                    "solver needs bounds on auxiliary variables (add them to the config), or use backend='generic'"
                 )
             L[jj], U[jj] = lo - 1.0, hi + 1.0  # strictly redundant: never active at the solution
     # blocks: connected components of the variables through the inequality rows, in the order of

@@ -242,7 +242,7 @@ def test_auto_takes_the_generic_path_where_the_torch_solver_cannot_go(tmp_path, 
                     "  - x[0] == z[0] - z[1]\n  - sum(x) == 1\n  - 0 <= x <= 1\n")
     P = cs.load_polytope(path)
     u = torch.randn(2, 3, generator=gen, dtype=torch.float64)
-    with pytest.raises(cs.PolytopeError, match="auxiliary variable z.* is unbounded"):
+    with pytest.raises(cs.PolytopeError, match=r"auxiliary variable z\[0\] of Polytope\('free_aux'.* is unbounded"):
         cs.relax(u, P, "entropy", backend="torch")
     x = cs.relax(u, P, "entropy")
     # P is the simplex. (Clarabel's exponential cones: up to 1.4e-6 over 60 seeds of the global
@@ -252,3 +252,31 @@ def test_auto_takes_the_generic_path_where_the_torch_solver_cannot_go(tmp_path, 
 
     monkeypatch.setattr(solver_module, "standard_form", lambda *a: pytest.fail("built again"))
     cs.relax(u, P, "entropy")
+
+
+def test_auxiliary_variables_no_constraint_reads_are_left_out(tmp_path, gen):
+    # a declared variable no constraint uses yet (a config in progress): with only bounds on x,
+    # cvxpylayers raised its ValueError ("Variable aux must be a subset of problem.variables",
+    # found by a fuzz of random configs), and the torch solver called it unbounded; both leave
+    # it out now, so auto takes the torch solver. P is the cube: x = σ(u / t) for the binary
+    # entropy, clip(u / t, 0, 1) for the quadratic
+    from convex_sst.regularizers import get_regularizer
+    from convex_sst.relax import select_backend
+    from convex_sst.solver import relax_torch
+
+    path = tmp_path / "unread_aux.yaml"
+    path.write_text("name: unread_aux\noutput: {name: x, shape: [3]}\nvariables:\n  f: [2]\nconstraints:\n"
+                    "  - 0 <= x <= 1\n")
+    P = cs.load_polytope(path)
+    assert P.form.num_aux == 2 and P.form.num_eq == P.form.num_ub == 0
+    assert select_backend(P, get_regularizer("binary_entropy"), "auto") is relax_torch
+    u = torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    for reg, closed in (("binary_entropy", torch.sigmoid), ("quadratic", lambda v: v.clamp(0, 1))):
+        ref = closed(u / 0.5)
+        (g_ref,) = torch.autograd.grad((ref * c).sum(), u)
+        for backend in ("auto", "torch", "generic"):
+            x = cs.relax(u, P, reg, 0.5, backend=backend)
+            assert (x - ref).abs().max() < (5e-6 if backend == "generic" else 1e-9), (reg, backend)
+            (g,) = torch.autograd.grad((x * c).sum(), u)
+            assert (g - g_ref).abs().max() < (1e-4 if backend == "generic" else 1e-6), (reg, backend)
