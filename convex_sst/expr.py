@@ -274,11 +274,18 @@ def tokenize(text: str) -> list[tuple[str, str, int]]:
     return tokens
 
 
+#: levels of nesting (parentheses, brackets, calls, subscripts, signs) one expression may have:
+#: counted, not left to Python's recursion limit, which other libraries raise (torch.compile
+#: does, and 400 levels then parsed in some test orders but not in others)
+MAX_NESTING = 100
+
+
 class _Parser:
     def __init__(self, text: str):
         self.text = text
         self.toks = tokenize(text)
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> tuple[str, str, int]:
         return self.toks[self.i]
@@ -327,11 +334,19 @@ class _Parser:
         return node
 
     def unary(self) -> tuple:
-        if self.peek()[1] in ("-", "+"):
-            op = self.next()[1]
-            operand = self.unary()
-            return ("neg", operand) if op == "-" else operand
-        return self.postfix()
+        # every level of nesting passes here once (a sign, or postfix -> atom -> a parenthesis,
+        # list, call or subscript whose contents start again at unary)
+        self.depth += 1
+        try:
+            if self.depth > MAX_NESTING:
+                raise RecursionError
+            if self.peek()[1] in ("-", "+"):
+                op = self.next()[1]
+                operand = self.unary()
+                return ("neg", operand) if op == "-" else operand
+            return self.postfix()
+        finally:
+            self.depth -= 1
 
     def postfix(self) -> tuple:
         node = self.atom()
@@ -408,10 +423,10 @@ def parse(text: str) -> tuple:
         raise ExprError(f"expected an expression string, got {type(text).__name__} {text!r}")
     try:
         return _Parser(text).parse()
-    except RecursionError:  # recursive descent: about 150 levels of parentheses or unary signs
+    except RecursionError:  # more than MAX_NESTING levels (or, deep in a caller's stack, fewer)
         raise ExprError(
-            f"expression nested too deeply to parse ({len(text)} characters); split it into "
-            "named 'data' entries"
+            f"expression nested too deeply to parse ({len(text)} characters, more than {MAX_NESTING} levels); "
+            "split it into named 'data' entries"
         ) from None
 
 

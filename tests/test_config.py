@@ -95,6 +95,29 @@ def test_expression_errors(text, msg):
         ev.evaluate(parse(text))
 
 
+def test_nesting_is_limited_whatever_the_recursion_limit():
+    # the limit was Python's recursion limit, which torch.compile raises: 400 levels parsed when
+    # the tests ran in reverse order (test_sst.py first) and the malformed-config test failed
+    import sys
+
+    from convex_sst.expr import MAX_NESTING
+
+    deep = "(" * 400 + "1" + ")" * 400
+    ok = "-(" * 45 + "x" + ")" * 45  # 91 levels
+    before = sys.getrecursionlimit()
+    for limit in (before, 100_000):
+        sys.setrecursionlimit(limit)
+        try:
+            with pytest.raises(ExprError, match=f"nested too deeply to parse \\(801 characters, more than {MAX_NESTING} levels\\)"):
+                parse(deep)
+            assert parse(ok)[0] == "neg"
+            for text in ("-" * MAX_NESTING + "1", "x" + "[0" * MAX_NESTING + "]" * MAX_NESTING):
+                with pytest.raises(ExprError, match="nested too deeply"):
+                    parse(text)
+        finally:
+            sys.setrecursionlimit(before)
+
+
 def test_no_python_evaluation_is_possible():
     for text in ("().__class__", "x.__dict__", "lambda: 1", "open('f')", "x; y"):
         with pytest.raises(ExprError):
