@@ -574,11 +574,17 @@ class Evaluator:
             raise ExprError(f"index error: {exc}") from None
 
 
+def is_whole_number(arr: np.ndarray) -> bool:
+    """Whether ``arr`` is a 0-d, finite, whole int or float (``2.0`` is, ``2.5``, ``inf`` and
+    ``True`` are not): what indices, slice bounds and the config functions' sizes accept."""
+    return arr.ndim == 0 and arr.dtype.kind in "iuf" and bool(np.isfinite(arr)) and float(arr) == math.floor(float(arr))
+
+
 def to_int(value: Any, what: str) -> int:
     """Convert an evaluated constant to an int, or raise :class:`ExprError` naming ``what``."""
     if _is_affine(value):
         raise ExprError(f"{what} must be a constant expression, not a variable expression")
     arr = _as_array(value)
-    if arr.ndim != 0 or arr.dtype.kind not in "iuf" or not np.isfinite(arr) or float(arr) != math.floor(float(arr)):
+    if not is_whole_number(arr):
         raise ExprError(f"{what} must evaluate to an integer, got {value!r}")
     return int(arr)

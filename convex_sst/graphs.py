@@ -17,14 +17,13 @@ elsewhere. Graph conventions:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from .expr import ExprError
+from .expr import ExprError, is_whole_number
 
 
 #: the largest dynamic program ``subset_chain`` builds (as many variables as a config may have)
@@ -33,7 +32,7 @@ MAX_CHAIN_ARCS = 10_000_000
 
 def _int(value: Any, what: str, minimum: int | None = None) -> int:
     arr = np.asarray(value)
-    if arr.ndim != 0 or arr.dtype.kind not in "iuf" or not np.isfinite(arr) or float(arr) != math.floor(float(arr)):
+    if not is_whole_number(arr):
         raise ExprError(f"{what} must be an integer, got {value!r}")
     if abs(float(arr)) > 2.0**53:
         raise ExprError(f"{what} = {float(arr):g} is too large to be a size or an index")
