@@ -984,3 +984,20 @@ def test_newton_paths_with_logits_far_below_zero(name, params, reg):
             checked += 1
             assert np.abs(x[b] - ref).max() < 1e-9, (t, offset, b)
     assert checked >= 16
+
+
+def test_needed_apart_looks_only_at_structures_that_avoid_the_forbidden_entries():
+    # (0, 0) forced by 2e9, (1, 1) masked at -1e9: the permutation (0,0)(1,2)(2,1) has the forced
+    # entry and avoids the mask, so the mask is far below the others, unless (1, 2) is forbidden
+    # (its value is then a stand-in for -inf, whatever it is): then every permutation with the
+    # forced entry takes the mask, and their balance decides
+    # (test_forced_entry_that_needs_a_masked_one_is_left_as_given)
+    from convex_sst._forbidden import needed_apart
+
+    P = cs.load_polytope("birkhoff", n=3)
+    u = torch.tensor([[[2e9, 0.1, 0.2], [0.3, -1e9, 0.7], [0.0, 0.5, -0.4]]], dtype=torch.float64).flatten(1)
+    forbidden = torch.zeros_like(u, dtype=torch.bool)
+    low = needed_apart(u, forbidden, P._flat_argmax)
+    assert low is not None and low.nonzero().tolist() == [[0, 4]]
+    forbidden[0, 5] = True
+    assert needed_apart(u, forbidden, P._flat_argmax) is None
