@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,18 @@ def _at_least(lo: int):
     return parse
 
 
+# a period that ends a sentence: followed by a capital, not the end of "et al.", "e.g.", "i.e." or "cf."
+_SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bcf)\.\s+(?=[A-Z])")
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text`` with its whitespace collapsed, ending in one period ("" for
+    a blank text)."""
+    text = " ".join(text.split())
+    end = _SENTENCE_END.search(text)
+    return (text if end is None else text[:end.start()]).rstrip(".") + "." if text else ""
+
+
 def _parse_params(items: Sequence[str]) -> dict:
     params = {}
     for item in items or []:
@@ -48,9 +61,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         ps = ", ".join(
             f"{p.name}={p.default!r}" if not p.required else f"{p.name} (required)" for p in cfg.params.values()
         )
-        first = cfg.description.split(". ")[0].rstrip(".")
         print(f"  {name:<15} {ps}")
-        print(f"  {'':<15} {first}.")
+        print(f"  {'':<15} {first_sentence(cfg.description)}")
         print(f"  {'':<15} regularizers: {', '.join(cfg.regularizers) or '-'}; exact argmax: {cfg.argmax or 'LP (HiGHS)'}")
     print("\nRegularizers:")
     for r in available_regularizers():

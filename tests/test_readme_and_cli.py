@@ -113,9 +113,26 @@ def test_cli_list(capsys):
     for name in ("simplex", "spanning_tree", "arborescence", "entropy", "binary_entropy"):
         assert name in out
     assert "  arborescence    n=4, root=0\n" in out  # each polytope's parameters with their defaults
+    # each description's first sentence, whole: "et al. 2020)" cut it short before
+    assert "(the correlated top-k of Paulus et al. 2020).\n" in out
+    assert "exactly one parent).\n" in out and "Multicommodity" not in out
     with pytest.raises(SystemExit):
         main([])
     assert "the following arguments are required: command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, first", [
+    ("One. Two.", "One."), ("One sentence", "One sentence."), ("Ends here.\n", "Ends here."),
+    ("Top-k (Paulus et al. 2020). More.", "Top-k (Paulus et al. 2020)."),
+    ("As in Paulus et al. Their trick. More.", "As in Paulus et al. Their trick."),
+    ("Sums, e.g. Kirchhoff's. Then, i.e. Tutte's. Else.", "Sums, e.g. Kirchhoff's."),
+    ("Unit flow (cf. Dantzig).  Integral\n  by TU.", "Unit flow (cf. Dantzig)."),
+    ("x = 1.5 or 2. Y.", "x = 1.5 or 2."), ("", ""), ("  \n", ""),
+])
+def test_cli_list_first_sentence(text, first):
+    from convex_sst.cli import first_sentence
+
+    assert first_sentence(text) == first
 
 
 def test_cli_check_builtin(capsys):
