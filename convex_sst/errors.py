@@ -61,7 +61,7 @@ def unknown_name(kind: str, name: object, available: Iterable[str], hint: str = 
     if close:
         msg += f". Did you mean {close[0]!r}?"
     if hint:
-        msg += f" {hint}"
+        msg += f" {hint}" if close else f". {hint}"
     return UnknownNameError(msg)
 
 
