@@ -28,6 +28,8 @@ def _at_least(lo: int):
     return parse
 
 
+DIAGNOSE_TEMPERATURES = (0.1, 0.2, 0.5, 1.0, 2.0)
+
 # a period that ends a sentence: followed by a capital, not the end of "et al.", "e.g.", "i.e." or "cf."
 _SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bcf)\.\s+(?=[A-Z])")
 
@@ -207,28 +209,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a polytope config and report its size")
     p.add_argument("file", help="config file path, or the name of a built-in polytope")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a parameter (repeatable)")
-    p.add_argument("--directions", type=_at_least(0), default=20, help="random LP directions for the integrality check")
-    p.add_argument("--max-vertices", type=_at_least(0), default=2000, help="enumerate vertices up to this count")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--directions", type=_at_least(0), default=20, help="random LP directions for the integrality check (default: %(default)s)")
+    p.add_argument("--max-vertices", type=_at_least(0), default=2000, help="enumerate vertices up to this count (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random directions (default: %(default)s)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import this Python module first (repeatable), e.g. the one that registers the "
                         "regularizers or argmax algorithm your config names; the current directory is searched")
     p.set_defaults(fn=cmd_check)
-    p = sub.add_parser("diagnose", help="bias/variance/MSE of gradient estimators vs the exact gradient")
-    p.add_argument("--polytope", default="k_subset", help="a structure with an exact SMT distribution")
-    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a polytope parameter (repeatable)")
-    p.add_argument("--regularizer", default="exp_family")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.2, 0.5, 1.0, 2.0])
-    p.add_argument("--num-estimates", type=_at_least(2), default=400)
-    p.add_argument("--num-samples", type=_at_least(1), default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="diagnostics")
-    p.add_argument("--no-plot", action="store_true")
+    p = sub.add_parser("diagnose", help="bias/variance/MSE of gradient estimators vs the exact gradient",
+                       description="Bias, variance and MSE of the SST, straight-through, score-function and "
+                                   "leave-one-out score-function estimators of the gradient of E[L(X)], "
+                                   "L(x) = ‖x − c‖²/d with a random target c, at θ ~ N(0, 1): one row per "
+                                   "estimator and temperature. The exact gradient sums over every structure, so "
+                                   "the polytope must be small.")
+    p.add_argument("--polytope", default="k_subset", help="a structure with an exact SMT distribution (default: %(default)s)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="a polytope parameter (repeatable); the polytope's defaults otherwise")
+    p.add_argument("--regularizer", default="exp_family", help="the SST's regularizer (default: %(default)s)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=list(DIAGNOSE_TEMPERATURES),
+                   help="SST temperatures, one row each (default: %s)" % " ".join(map(str, DIAGNOSE_TEMPERATURES)))
+    p.add_argument("--num-estimates", type=_at_least(2), default=400,
+                   help="independent gradient estimates per row (default: %(default)s)")
+    p.add_argument("--num-samples", type=_at_least(1), default=4, help="samples averaged in each estimate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of θ, c and the noise (default: %(default)s)")
+    p.add_argument("--out-dir", default="diagnostics",
+                   help="where diagnostics.csv, diagnostics.md and diagnostics.png go (default: %(default)s)")
+    p.add_argument("--no-plot", action="store_true", help="write no diagnostics.png")
     p.set_defaults(fn=cmd_diagnose)
     p = sub.add_parser("demo", help="learn a distribution over spanning trees through an SST layer")
-    p.add_argument("--n", type=_at_least(3), default=8, help="number of vertices")
-    p.add_argument("--steps", type=_at_least(1), default=150, help="training steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=_at_least(3), default=8, help="number of vertices (default: %(default)s)")
+    p.add_argument("--steps", type=_at_least(1), default=150, help="training steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the hidden tree and the noise (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_demo)
     return parser

@@ -121,6 +121,25 @@ def test_cli_list(capsys):
     assert "the following arguments are required: command" in capsys.readouterr().err
 
 
+def test_cli_every_option_is_explained():
+    """``--help`` of every command explains every option and names the defaults that are not off."""
+    import argparse
+
+    from convex_sst.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"convex-sst {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where} has no help"
+            if action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in action.help, f"{where} does not name its default"
+    (temps,) = [a for a in commands.choices["diagnose"]._actions if a.dest == "temperatures"]
+    assert temps.help.endswith("(default: 0.1 0.2 0.5 1.0 2.0)") and temps.default == [0.1, 0.2, 0.5, 1.0, 2.0]
+
+
 @pytest.mark.parametrize("text, first", [
     ("One. Two.", "One."), ("One sentence", "One sentence."), ("Ends here.\n", "Ends here."),
     ("Top-k (Paulus et al. 2020). More.", "Top-k (Paulus et al. 2020)."),
