@@ -18,6 +18,9 @@ Models (all classify the value, 10 classes, from the root token's representation
   the latent structure;
 * ``independent``: the same, each arc an independent Gumbel-sigmoid (``hypercube`` +
   ``binary_entropy``), arcs into the root and self-loops masked;
+* ``independent_sparse``: independent arcs with a tree-sized prior: the logits are offset by
+  ``−log(n − 2)``, so at θ = 0 each arc is on with probability ``1/(n − 1)`` and a token expects
+  one parent, as in a tree (plain ``independent`` starts with half of all arcs on);
 * ``independent_parents``: the same, every token but the root picks its parent independently
   (Gumbel-softmax over the other tokens: ``simplex`` + ``entropy``), so cycles are possible;
 * ``spanning_tree``: undirected: SST on ``spanning_tree`` (``exp_family``) over token pairs,
@@ -55,7 +58,7 @@ from _common import mean_std, parallel_map, pyplot, savefig  # noqa: E402
 
 OPS = ("[MIN", "[MAX", "[MED")
 VOCAB = {t: i for i, t in enumerate(OPS + ("]",) + tuple(str(d) for d in range(10)))}
-METHODS = ("arborescence", "independent", "independent_parents", "spanning_tree", "lstm")
+METHODS = ("arborescence", "independent", "independent_sparse", "independent_parents", "spanning_tree", "lstm")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -193,6 +196,8 @@ class ListOpsModel(nn.Module):
             logits = theta.transpose(1, 2).masked_fill(torch.eye(n, dtype=torch.bool), -1e4)
             x = cs.sst(logits, P, "entropy", t, mode=mode, generator=gen)
             return x.transpose(1, 2) * mask
+        if m == "independent_sparse":                 # P(arc) = 1/(n − 1) at θ = 0: one parent per token
+            theta = theta - float(np.log(max(n - 2, 1)))
         x = cs.sst(theta.reshape(B, n * n), P, "binary_entropy", t, mode=mode, generator=gen)
         return x.reshape(B, n, n) * mask
 
@@ -309,6 +314,7 @@ def _run(cfg: Config) -> dict:
 
 
 LABELS = {"arborescence": "arborescence SST (exp_family)", "independent": "independent arcs (Gumbel-sigmoid)",
+          "independent_sparse": "independent arcs, tree-sized prior (Gumbel-sigmoid, logits − log(n − 2))",
           "independent_parents": "independent parents (Gumbel-softmax per token)",
           "spanning_tree": "undirected spanning-tree SST (exp_family)", "lstm": "bi-LSTM, no latent structure"}
 
