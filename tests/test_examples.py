@@ -7,6 +7,7 @@ n = 5, the custom line-up) the tests also check that it learned.
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -124,7 +125,21 @@ def test_listops_quick_and_parses(tmp_path):
         assert _in_unit_interval(r["accuracy"][0])
         if r["method"] in ("arborescence", "independent_parents"):
             assert r["precision"][0] == pytest.approx(r["recall"][0])
-        assert ("head_accuracy" in r) == (r["method"] in ("arborescence", "independent", "independent_parents"))
+        assert ("head_accuracy" in r) == (r["method"] not in ("spanning_tree", "lstm"))
+
+
+def test_listops_tree_sized_prior_expects_one_parent_per_token():
+    # hard arcs [θ + G > 0], G Gumbel: at θ = 0 plain independent arcs keep each arc with
+    # probability 1 - 1/e, 5.7 parents per token at n = 10; the tree-sized prior (θ - log(n - 2))
+    # with probability 1 - exp(-1/(n - 2)), about one parent per token (1.06)
+    run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
+    n, B = 10, 2000
+    for method, parents in (("independent", (n - 1) * (1 - math.exp(-1))),
+                            ("independent_sparse", (n - 1) * (1 - math.exp(-1 / (n - 2))))):
+        model = run.ListOpsModel(run.Config(method=method))
+        hard = model.structure(torch.zeros(B, n, n), "hard", torch.Generator().manual_seed(0))
+        assert set(hard.unique().tolist()) == {0.0, 1.0} and not bool(hard[:, :, 0].any())
+        assert abs(hard.sum(1)[:, 1:].mean().item() - parents) < 0.05      # 7 standard errors
 
 
 def test_listops_temperature_schedule_runs_from_first_to_final(monkeypatch):
