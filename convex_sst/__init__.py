@@ -18,7 +18,7 @@ from .errors import (
     SolverWarning,
     UnknownNameError,
 )
-from .noise import Gaussian, Gumbel, Noise
+from .noise import Gaussian, Gumbel, Logistic, Noise
 from .polytope import (
     Polytope,
     available_argmax,
@@ -49,7 +49,7 @@ __all__ = [
     "__version__",
     "ConfigError", "ConvexSSTError", "InputError", "NotSupportedError", "PolytopeError", "RegistrationError",
     "SolverError", "SolverWarning", "UnknownNameError",
-    "Gaussian", "Gumbel", "Noise",
+    "Gaussian", "Gumbel", "Logistic", "Noise",
     "Polytope", "available_argmax", "available_polytopes", "load_polytope", "register_argmax",
     "register_polytope",
     "Regularizer", "available_regularizers", "register_regularizer",

@@ -8,14 +8,15 @@ Estimators (one call = one estimate, shape of θ):
 * **straight-through SST** (``straight_through=True``): forward ``X``, backward ``∂X_t/∂U``:
   ``L`` is evaluated on hard structures; biased.
 * **score function / REINFORCE** (:func:`score_function`): ``(1/K) Σ_k (L(X_k) − b_k) ∇θ log p_θ(U_k)``
-  with ``p_θ(U) = Π_i f_G(U_i − θ_i)`` the density of the utilities (exact for Gumbel and
-  Gaussian noise; works for any polytope because it never needs ``p_θ(X)``). Unbiased; high
+  with ``p_θ(U) = Π_i f_G(U_i − θ_i)`` the density of the utilities (exact for Gumbel, Gaussian
+  and logistic noise; works for any polytope because it never needs ``p_θ(X)``). Unbiased; high
   variance, reduced by a baseline ``b``: ``"loo"`` (mean loss of the other K − 1 samples),
   ``"ema"`` (exponential moving average of past losses), or a callable (NVIL-style learned
   baseline ``b(θ)``).
 
 Ground truth for small structures: :func:`smt_distribution` gives ``p_θ(x)`` over the vertices
-(closed form for one-hot and independent bits under Gumbel noise; exact enumeration of the
+(closed form for one-hot and independent bits under Gumbel noise, and for independent bits
+under logistic noise, ``σ(θ)``; exact enumeration of the
 Plackett–Luce orderings of the utilities for top-k and spanning trees, whose argmax depends only
 on the order of the utilities; Monte Carlo with a standard error otherwise), and
 :func:`exact_gradient` differentiates ``Σ_x p_θ(x) L(x)`` by autograd.
@@ -38,7 +39,7 @@ from ._scalars import as_int, as_real, positive_int
 from ._unionfind import UnionFind
 from ._forbidden import empty_face_error, fill_forbidden, is_forbidden
 from .errors import InputError, PolytopeError
-from .noise import Gumbel, Noise, get_noise
+from .noise import Gumbel, Logistic, Noise, get_noise
 from .polytope import Polytope
 from .regularizers import Regularizer
 from ._autograd import _differentiates, _explain_torch_func_per_theta
@@ -156,7 +157,8 @@ def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str |
         theta: ``polytope.shape`` (no batch), any float dtype; probabilities are differentiable
             in θ when ``method="exact"``. ``-inf`` forbids a coordinate: the structures using it
             have probability 0.
-        noise: ``"gumbel"`` (exact methods need it) or another noise (Monte Carlo only).
+        noise: ``"gumbel"`` (exact methods need it; on the hypercube ``"logistic"`` too) or another
+            noise (Monte Carlo only).
         method: ``"exact"`` (closed forms and ordering enumeration; raises where impossible or
             too large) or ``"monte_carlo"`` (needs ``num_samples``).
         limit: maximum number of utility orderings to enumerate.
@@ -199,16 +201,17 @@ def _exact_smt(P: Polytope, theta: torch.Tensor, nz: Noise, limit: int = 200_000
         return cls(f"{caller} is exact: {what}; for an estimate, average score_function or sst_gradient "
                    "over many samples")
 
-    if not isinstance(nz, Gumbel) or nz.scale != 1.0:
-        raise unavailable(InputError, f"exact SMT probabilities are implemented for standard Gumbel noise only, "
-                          f"got {nz!r}", "use method='monte_carlo'")
+    logistic_bits = isinstance(nz, Logistic) and nz.scale == 1.0 and P.name == "hypercube"
+    if not (isinstance(nz, Gumbel) and nz.scale == 1.0) and not logistic_bits:
+        raise unavailable(InputError, "exact SMT probabilities are implemented for standard Gumbel noise, and "
+                          f"for standard logistic noise on the hypercube, got {nz!r} on {P!r}", "use method='monte_carlo'")
     flat = theta.reshape(-1)
     mask = is_forbidden(flat.detach())
     forbidden = mask if bool(mask.any()) else None
     if forbidden is not None:  # relax's stand-in utility: structures using these get e^-(hundreds), 0 below
         flat = fill_forbidden(flat.masked_fill(forbidden, 0.0)[None], forbidden[None])[0]
-    if P.name == "hypercube":
-        p1 = 1.0 - torch.exp(-torch.exp(flat))  # P(θ_i + G_i > 0)
+    if P.name == "hypercube":  # P(θ_i + G_i > 0)
+        p1 = torch.sigmoid(flat) if logistic_bits else 1.0 - torch.exp(-torch.exp(flat))
         V = P.vertices(dtype=theta.dtype).to(theta.device).reshape(-1, P.size)
         probs = torch.where(V > 0.5, p1, 1 - p1).prod(1)
     else:

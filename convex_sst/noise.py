@@ -89,7 +89,38 @@ class Gaussian(Noise):
         return f"Gaussian(scale={self.scale})"
 
 
-_NOISES = {"gumbel": Gumbel, "gaussian": Gaussian}
+class Logistic(Noise):
+    """Logistic(0, scale): ``G = scale · (log V − log(1 − V))``, V ~ Uniform(0, 1) clamped away
+    from 0 and 1; the difference of two independent Gumbel(0, scale).
+
+    The noise of independent bits: on the ``hypercube``, ``[θ_i + G_i > 0]`` is
+    Bernoulli(σ(θ_i / scale)), and the SST with the binary entropy, ``σ((θ + G)/t)``, is the
+    binary Concrete (Gumbel-sigmoid) relaxation of Maddison et al. and Jang et al. (2017). Under
+    Gumbel noise the same bits are Bernoulli(1 − exp(−e^θ)).
+    """
+
+    name = "logistic"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = positive_real(scale, "logistic scale")
+
+    def sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        v = _draw(torch.rand, shape, generator, dtype, device)
+        tiny = torch.finfo(dtype).tiny
+        eps = torch.finfo(dtype).eps
+        v = v.clamp(min=tiny, max=1.0 - eps)
+        return self.scale * (torch.log(v) - torch.log1p(-v))
+
+    def log_prob(self, g: torch.Tensor) -> torch.Tensor:
+        z = g / self.scale
+        return -z - 2.0 * torch.nn.functional.softplus(-z) - math.log(self.scale)
+
+    def __repr__(self) -> str:
+        return f"Logistic(scale={self.scale})"
+
+
+_NOISES = {"gumbel": Gumbel, "gaussian": Gaussian, "logistic": Logistic}
 
 
 @overload
@@ -101,7 +132,8 @@ def get_noise(noise: str | Noise | None) -> Noise | None: ...
 
 
 def get_noise(noise: str | Noise | None) -> Noise | None:
-    """A :class:`Noise` from a name (``"gumbel"``, ``"gaussian"``), an instance, or None (no noise)."""
+    """A :class:`Noise` from a name (``"gumbel"``, ``"gaussian"``, ``"logistic"``), an instance, or
+    None (no noise)."""
     if noise is None or isinstance(noise, Noise):
         return noise
     if isinstance(noise, str) and noise in _NOISES:

@@ -58,7 +58,8 @@ def sst(
         theta: parameters (logits) ``(*batch, *polytope.shape)``; ``-inf`` forbids a
             coordinate (the sample is 0 there), as in :func:`relax`.
         polytope, regularizer, temperature, backend, **options: as in :func:`relax`.
-        noise: ``"gumbel"`` (default), ``"gaussian"``, a :class:`Noise`, or None.
+        noise: ``"gumbel"`` (default), ``"gaussian"``, ``"logistic"`` (independent bits: with the
+            ``hypercube`` and the binary entropy, the binary Concrete), a :class:`Noise`, or None.
         mode: ``"relaxed"`` | ``"hard"`` | ``"straight_through"``.
         generator: a ``torch.Generator`` for reproducible noise.
 

@@ -22,7 +22,7 @@ SECTIONS = [
                     "available_argmax", "register_argmax"]),
     ("Regularizers and fast paths", ["Regularizer", "available_regularizers", "register_regularizer",
                                      "available_fast_paths", "register_fast_path"]),
-    ("Noise", ["Noise", "Gumbel", "Gaussian"]),
+    ("Noise", ["Noise", "Gumbel", "Gaussian", "Logistic"]),
     ("Gradient estimators and diagnostics", ["sst_gradient", "score_function", "EMABaseline",
                                              "smt_distribution", "exact_gradient", "expected_loss",
                                              "gumbel_kl", "diagnose"]),

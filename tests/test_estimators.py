@@ -197,8 +197,10 @@ def test_estimator_input_errors():
         cs.smt_distribution(cs.load_polytope("spanning_tree", n=5), torch.zeros(10), limit=100)
     with pytest.raises(cs.PolytopeError, match="not a greedy rule.*monte_carlo"):
         cs.smt_distribution(cs.load_polytope("birkhoff", n=3), torch.zeros(3, 3))
-    with pytest.raises(cs.InputError, match="standard Gumbel noise only"):
+    with pytest.raises(cs.InputError, match="standard Gumbel noise, and for standard logistic noise on the hypercube"):
         cs.smt_distribution(P, theta, noise="gaussian")
+    with pytest.raises(cs.InputError, match=r"got Logistic\(scale=1.0\) on .*k_subset"):
+        cs.smt_distribution(P, theta, noise="logistic")
     # exact_gradient / expected_loss have no `method`: their errors point to the estimators instead
     loss = lambda x: x.sum(-1)  # noqa: E731
     for fn, args in [(cs.exact_gradient, (loss, torch.zeros(40), cs.load_polytope("k_subset", n=40, k=20))),

@@ -57,6 +57,57 @@ def test_noise_log_prob_and_moments_match_torch_distributions(noise, dist):
     assert abs(s.std().item() / float(dist.stddev) - 1) < 0.01
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_logistic_noise_log_prob_moments_and_independent_bits(scale):
+    # against torch's logistic distribution (the logit of a uniform, scaled), and its moments:
+    # mean 0, standard deviation s·π/√3
+    noise = cs.Logistic(scale)
+    uniform = torch.distributions.Uniform(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    dist = torch.distributions.TransformedDistribution(uniform, [torch.distributions.SigmoidTransform().inv,
+                                                                 torch.distributions.AffineTransform(0.0, scale)])
+    g = torch.linspace(-6.0, 6.0, 25, dtype=torch.float64)
+    assert torch.allclose(noise.log_prob(g), dist.log_prob(g), rtol=1e-12, atol=1e-12)
+    N = 200000
+    s = noise.sample((N,), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sd = scale * math.pi / math.sqrt(3)
+    assert abs(s.mean().item()) < 5 * sd / math.sqrt(N) and abs(s.std().item() / sd - 1) < 0.01
+    assert torch.isfinite(noise.sample((N,), dtype=torch.float32)).all()
+    # independent bits: [θ + G > 0] is Bernoulli(σ(θ / s)), not Gumbel's 1 - exp(-e^θ)
+    P = cs.load_polytope("hypercube", n=3)
+    theta = torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64)
+    freq = cs.sst(theta.expand(N, 3), P, mode="hard", noise=noise, generator=torch.Generator().manual_seed(2)).mean(0)
+    p = torch.sigmoid(theta / scale)
+    assert ((freq - p).abs() < 4 * (p * (1 - p) / N).sqrt()).all()
+    assert abs(freq[1].item() - (1 - math.exp(-1))) > 0.1         # at θ = 0: 1/2 against 0.63
+    # relaxed, with the binary entropy: the binary Concrete σ((θ + G)/t), G from the same stream
+    x = cs.sst(theta.expand(4, 3), P, "binary_entropy", 0.5, noise=cs.Logistic(scale),
+               generator=torch.Generator().manual_seed(3))
+    G = noise.sample((4, 3), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.allclose(x, torch.sigmoid((theta + G) / 0.5), rtol=1e-12, atol=1e-14)
+
+
+def test_logistic_noise_by_name_exact_distribution_and_score():
+    assert isinstance(cs.SST("hypercube", "binary_entropy", noise="logistic").noise, cs.Logistic)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(cs.InputError, match="logistic scale"):
+            cs.Logistic(bad)
+    with pytest.raises(cs.UnknownNameError, match="available: None, gaussian, gumbel, logistic"):
+        cs.SST("hypercube", noise="logstic")
+    # exact: the product of σ(θ_i) over the bits; its gradient against the score function
+    P = cs.load_polytope("hypercube", n=2)
+    theta = torch.tensor([0.4, -0.7], dtype=torch.float64)
+    V, probs = cs.smt_distribution(P, theta, noise="logistic")
+    p1 = torch.sigmoid(theta)
+    assert torch.allclose(probs, torch.where(V > 0.5, p1, 1 - p1).prod(1), rtol=1e-14)
+    loss = lambda x: x[..., 0] * (1 + x[..., 1])  # noqa: E731
+    exact = cs.exact_gradient(loss, theta, P, noise="logistic")
+    assert torch.allclose(exact, torch.stack([p1[0] * (1 - p1[0]) * (1 + p1[1]), p1[0] * p1[1] * (1 - p1[1])]),
+                          rtol=1e-13)
+    est = cs.score_function(loss, theta, P, num_samples=200000, noise="logistic", baseline="loo",
+                            generator=torch.Generator().manual_seed(4))
+    assert (est - exact).abs().max() < 5e-3, (est, exact)   # 5 to 8 standard errors
+
+
 @pytest.mark.parametrize("noise", [cs.Gumbel(2.0), cs.Gaussian(1.5)])
 def test_score_function_with_scaled_noise_is_unbiased(noise):
     # two items: P(X = e0) = sigmoid((θ0 − θ1) / s) under Gumbel(s) noise (the Gumbel-max trick at
