@@ -199,10 +199,12 @@ def test_unknown_names_list_available_and_suggest(P):
     # the hint is its own sentence, with a suggestion or without one
     with pytest.raises(cs.UnknownNameError) as err:
         cs.load_polytope("k_subsett")
-    assert str(err.value).endswith("spanning_tree. Did you mean 'k_subset'? Pass a path to a .yaml config to load your own.")
+    assert str(err.value).endswith("available: " + ", ".join(sorted(cs.available_polytopes()))
+                                   + ". Did you mean 'k_subset'? Pass a path to a .yaml config to load your own.")
     with pytest.raises(cs.UnknownNameError) as err:
         cs.load_polytope("no_such_structure")
-    assert str(err.value).endswith("spanning_tree. Pass a path to a .yaml config to load your own.")
+    assert str(err.value).endswith("available: " + ", ".join(sorted(cs.available_polytopes()))
+                                   + ". Pass a path to a .yaml config to load your own.")
 
 
 def test_fast_backend_without_fast_path_raises():
