@@ -48,7 +48,7 @@ def _score_estimates(loss_fn, theta, P, R, K, loo, generator, noise, forbidden):
     th = theta.detach().expand((R * K,) + P.shape).clone().requires_grad_(True)
     with torch.no_grad():
         u = perturb(th.detach(), nz, generator)
-        losses = _call_loss(loss_fn, P.argmax(u), P).to(theta.dtype).reshape(R, K)
+        losses = _call_loss(loss_fn, P.argmax(u).to(theta.dtype), P).to(theta.dtype).reshape(R, K)
     b = (losses.sum(1, keepdim=True) - losses) / (K - 1) if loo else torch.zeros_like(losses)
     with torch.enable_grad():
         logp = utility_log_density(nz, u, th, forbidden).reshape(R * K, -1).sum(1)

@@ -181,7 +181,7 @@ def smt_distribution(polytope: Polytope | str, theta: torch.Tensor, noise: str |
         num_samples = count
         with torch.no_grad():
             u = perturb(theta.detach().expand((num_samples,) + P.shape), nz, generator)
-            X = P.argmax(u).reshape(num_samples, -1)
+            X = P.argmax(u).to(theta.dtype).reshape(num_samples, -1)
         verts, counts = torch.unique(X, dim=0, return_counts=True)
         probs = counts.to(theta.dtype) / num_samples
         out = (verts.reshape((-1,) + P.shape), probs)
@@ -349,7 +349,7 @@ def score_function(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | st
     th = theta.detach().expand((num_samples,) + P.shape).clone().requires_grad_(True)
     with torch.no_grad():
         u = perturb(th.detach(), nz, generator)
-        X = P.argmax(u)
+        X = P.argmax(u).to(theta.dtype)
         losses = _call_loss(loss_fn, X, P).to(theta.dtype)
     K = num_samples
     if baseline is None:
@@ -389,9 +389,9 @@ def sst_gradient(loss_fn: LossFn, theta: torch.Tensor, polytope: Polytope | str,
     th = theta.detach().expand((num_samples,) + P.shape).clone().requires_grad_(True)
     with torch.enable_grad():
         u = perturb(th, get_noise(noise), generator)
-        x = relax(u, P, regularizer, temperature, backend)
+        x = relax(u, P, regularizer, temperature, backend).to(th.dtype)
         if straight_through:
-            x = x + (P.argmax(u.detach()) - x).detach()
+            x = x + (P.argmax(u.detach()).to(th.dtype) - x).detach()
         losses = _call_loss(loss_fn, x, P)
         (g,) = torch.autograd.grad(losses.sum(), th)
     return g if per_sample else g.mean(0)
