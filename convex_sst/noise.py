@@ -24,6 +24,13 @@ def _draw(sampler, shape, generator, dtype, device) -> torch.Tensor:
     return sampler(tuple(shape), dtype=dtype, device=device, **extra)
 
 
+def _open_uniform(shape, generator, dtype, device) -> torch.Tensor:
+    """Uniform(0, 1) of ``shape``, clamped to ``[tiny, 1 − eps]`` of ``dtype`` so that its logs
+    and those of ``1 − V`` are finite."""
+    v = _draw(torch.rand, shape, generator, dtype, device)
+    return v.clamp(min=torch.finfo(dtype).tiny, max=1.0 - torch.finfo(dtype).eps)
+
+
 class Noise:
     """Base class: i.i.d. noise added to every utility."""
 
@@ -55,10 +62,7 @@ class Gumbel(Noise):
 
     def sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-        v = _draw(torch.rand, shape, generator, dtype, device)
-        tiny = torch.finfo(dtype).tiny
-        eps = torch.finfo(dtype).eps
-        v = v.clamp(min=tiny, max=1.0 - eps)
+        v = _open_uniform(shape, generator, dtype, device)
         return -self.scale * torch.log(-torch.log(v))
 
     def log_prob(self, g: torch.Tensor) -> torch.Tensor:
@@ -106,10 +110,7 @@ class Logistic(Noise):
 
     def sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-        v = _draw(torch.rand, shape, generator, dtype, device)
-        tiny = torch.finfo(dtype).tiny
-        eps = torch.finfo(dtype).eps
-        v = v.clamp(min=tiny, max=1.0 - eps)
+        v = _open_uniform(shape, generator, dtype, device)
         return self.scale * (torch.log(v) - torch.log1p(-v))
 
     def log_prob(self, g: torch.Tensor) -> torch.Tensor:
