@@ -209,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a polytope config and report its size")
     p.add_argument("file", help="config file path, or the name of a built-in polytope")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a parameter (repeatable)")
-    p.add_argument("--directions", type=_at_least(0), default=20, help="random LP directions for the integrality check (default: %(default)s)")
-    p.add_argument("--max-vertices", type=_at_least(0), default=2000, help="enumerate vertices up to this count (default: %(default)s)")
+    p.add_argument("--directions", type=_at_least(0), default=20,
+                   help="random LP directions for the integrality check (default: %(default)s)")
+    p.add_argument("--max-vertices", type=_at_least(0), default=2000,
+                   help="enumerate vertices up to this count (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions (default: %(default)s)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import this Python module first (repeatable), e.g. the one that registers the "
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "L(x) = ‖x − c‖²/d with a random target c, at θ ~ N(0, 1): one row per "
                                    "estimator and temperature. The exact gradient sums over every structure, so "
                                    "the polytope must be small.")
-    p.add_argument("--polytope", default="k_subset", help="a structure with an exact SMT distribution (default: %(default)s)")
+    p.add_argument("--polytope", default="k_subset",
+                   help="a structure with an exact SMT distribution (default: %(default)s)")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="a polytope parameter (repeatable); the polytope's defaults otherwise")
     p.add_argument("--regularizer", default="exp_family", help="the SST's regularizer (default: %(default)s)")
@@ -230,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SST temperatures, one row each (default: %s)" % " ".join(map(str, DIAGNOSE_TEMPERATURES)))
     p.add_argument("--num-estimates", type=_at_least(2), default=400,
                    help="independent gradient estimates per row (default: %(default)s)")
-    p.add_argument("--num-samples", type=_at_least(1), default=4, help="samples averaged in each estimate (default: %(default)s)")
+    p.add_argument("--num-samples", type=_at_least(1), default=4,
+                   help="samples averaged in each estimate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of θ, c and the noise (default: %(default)s)")
     p.add_argument("--out-dir", default="diagnostics",
                    help="where diagnostics.csv, diagnostics.md and diagnostics.png go (default: %(default)s)")

@@ -204,7 +204,8 @@ def _exact_smt(P: Polytope, theta: torch.Tensor, nz: Noise, limit: int = 200_000
     logistic_bits = isinstance(nz, Logistic) and nz.scale == 1.0 and P.name == "hypercube"
     if not (isinstance(nz, Gumbel) and nz.scale == 1.0) and not logistic_bits:
         raise unavailable(InputError, "exact SMT probabilities are implemented for standard Gumbel noise, and "
-                          f"for standard logistic noise on the hypercube, got {nz!r} on {P!r}", "use method='monte_carlo'")
+                          f"for standard logistic noise on the hypercube, got {nz!r} on {P!r}",
+                          "use method='monte_carlo'")
     flat = theta.reshape(-1)
     mask = is_forbidden(flat.detach())
     forbidden = mask if bool(mask.any()) else None

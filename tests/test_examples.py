@@ -139,7 +139,7 @@ def test_listops_tree_sized_prior_expects_one_parent_per_token():
         model = run.ListOpsModel(run.Config(method=method))
         hard = model.structure(torch.zeros(B, n, n), "hard", torch.Generator().manual_seed(0))
         assert set(hard.unique().tolist()) == {0.0, 1.0} and not bool(hard[:, :, 0].any())
-        assert abs(hard.sum(1)[:, 1:].mean().item() - parents) < 0.05      # 7 standard errors
+        assert abs(hard.sum(1)[:, 1:].mean().item() - parents) < 0.05      # 5 (plain) and 7 standard errors
 
 
 def test_listops_temperature_schedule_runs_from_first_to_final(monkeypatch):

@@ -62,9 +62,9 @@ def test_logistic_noise_log_prob_moments_and_independent_bits(scale):
     # against torch's logistic distribution (the logit of a uniform, scaled), and its moments:
     # mean 0, standard deviation s·π/√3
     noise = cs.Logistic(scale)
-    uniform = torch.distributions.Uniform(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-    dist = torch.distributions.TransformedDistribution(uniform, [torch.distributions.SigmoidTransform().inv,
-                                                                 torch.distributions.AffineTransform(0.0, scale)])
+    D = torch.distributions
+    uniform = D.Uniform(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    dist = D.TransformedDistribution(uniform, [D.SigmoidTransform().inv, D.AffineTransform(0.0, scale)])
     g = torch.linspace(-6.0, 6.0, 25, dtype=torch.float64)
     assert torch.allclose(noise.log_prob(g), dist.log_prob(g), rtol=1e-12, atol=1e-12)
     N = 200000
