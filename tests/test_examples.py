@@ -142,6 +142,39 @@ def test_listops_tree_sized_prior_expects_one_parent_per_token():
         assert abs(hard.sum(1)[:, 1:].mean().item() - parents) < 0.05      # 5 (plain) and 7 standard errors
 
 
+def test_listops_regularizer_option(tmp_path):
+    """--regularizer swaps the tree SSTs' regularizer: the relaxed arborescence is then the entropy
+    SST of the same noise, and on scores without a heavy cycle it is each token's softmax over its
+    heads (the docstring's reading); hard samples are the same trees whatever the regularizer."""
+    run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
+    n, B = 7, 3
+    theta = torch.randn(B, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    P = cs.load_polytope("arborescence", n=n, root=0)
+    models = {reg: run.ListOpsModel(run.Config(method="arborescence", regularizer=reg))
+              for reg in ("exp_family", "entropy")}
+    relaxed = {reg: m.structure(theta, "relaxed", torch.Generator().manual_seed(1)) for reg, m in models.items()}
+    want = cs.sst(theta, P, "entropy", 1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(relaxed["entropy"], want, atol=1e-12)
+    assert (relaxed["entropy"] - relaxed["exp_family"]).abs().max() > 1e-2
+    hard = [m.structure(theta, "hard", torch.Generator().manual_seed(2)) for m in models.values()]
+    assert torch.equal(hard[0], hard[1])
+    chain = 4.0 * torch.diag_embed(torch.ones(n - 1, dtype=torch.float64), 1)     # i - 1 -> i: acyclic
+    x = cs.relax(chain, P, "entropy", 1.0)
+    soft = chain.masked_fill(torch.eye(n, dtype=torch.bool), -math.inf).softmax(0)  # over heads h of each m
+    assert torch.allclose(x[:, 1:], soft[:, 1:], atol=1e-8)
+    cycle = chain.clone()
+    cycle[1, 2] = cycle[2, 1] = 8.0                                                  # 1 <-> 2 outweighs the rest
+    x = cs.relax(cycle, P, "entropy", 1.0)
+    assert x[1, 2] + x[2, 1] <= 1 + 1e-8 < (cycle.masked_fill(torch.eye(n, dtype=torch.bool), -math.inf)
+                                              .softmax(0)[[1, 2], [2, 1]].sum())
+    out = run.main(["--quick", "--methods", "arborescence", "spanning_tree", "--regularizer", "entropy",
+                    "--workers", "1", "--out", str(tmp_path)])
+    assert out["config"]["regularizer"] == "entropy"
+    assert [r["label"] for r in out["table"]] == ["arborescence SST (entropy)", "undirected spanning-tree SST (entropy)"]
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--regularizer", "bogus"])
+
+
 def test_listops_temperature_schedule_runs_from_first_to_final(monkeypatch):
     run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
     seen = []
