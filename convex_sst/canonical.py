@@ -145,7 +145,7 @@ class CanonicalForm:
                 lb[j] = max(lb[j], bound)
         if np.any(lb > ub + 1e-12):
             j = int(np.flatnonzero(lb > ub + 1e-12)[0])
-            raise PolytopeError(f"the bounds on {_entry_name(j, layout)} are contradictory ({lb[j]:g} > {ub[j]:g}): "
+            raise PolytopeError(f"the bounds on {entry_name(j, layout)} are contradictory ({lb[j]:g} > {ub[j]:g}): "
                                 "the polytope is empty")
         multi = nnz > 1
         A_ub, c_ub = A_le[multi], c_le[multi]
@@ -162,7 +162,7 @@ class CanonicalForm:
         )
 
 
-def _entry_name(j: int, layout: dict[str, tuple[int, tuple[int, ...]]]) -> str:
+def entry_name(j: int, layout: dict[str, tuple[int, tuple[int, ...]]]) -> str:
     """The config's name of the stacked variable ``z[j]``: ``x[2]``, ``f[0, 3]``."""
     for name, (offset, shape) in layout.items():
         size = int(np.prod(shape, dtype=np.int64))

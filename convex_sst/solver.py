@@ -62,7 +62,7 @@ import scipy.sparse.csgraph
 import torch
 
 from ._autograd import first_order_guard
-from .canonical import CanonicalForm, _entry_name
+from .canonical import CanonicalForm, entry_name
 from ._forbidden import rows_on, solve_again, tame_extremes
 from .errors import InputError, PolytopeError, SolverError, warn_user
 from .polytope import Polytope
@@ -349,7 +349,7 @@ def standard_form(P: Polytope, reg: Regularizer) -> StandardForm:
                 lo, hi = P.lp.z_range(int(keep[jj]))
             if not (np.isfinite(lo) or np.isfinite(hi)):
                 raise PolytopeError(
-                    f"auxiliary variable {_entry_name(int(keep[jj]), form.layout)} of {P!r} is unbounded; the torch "
+                    f"auxiliary variable {entry_name(int(keep[jj]), form.layout)} of {P!r} is unbounded; the torch "
                     "solver needs bounds on auxiliary variables (add them to the config), or use backend='generic'"
                 )
             L[jj], U[jj] = lo - 1.0, hi + 1.0  # strictly redundant: never active at the solution
