@@ -224,6 +224,35 @@ def test_working_sets_do_not_cycle():
         assert min(maximum_flow(cap, 0, v).flow_value for v in range(1, 30)) >= 1e8 * (1 - 1e-5)
 
 
+def _listops_arc_scores() -> list[torch.Tensor]:
+    from pathlib import Path
+
+    text = (Path(__file__).parent / "data" / "listops_arc_scores.txt").read_text()
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    return [torch.tensor(np.loadtxt(b.splitlines()), dtype=torch.float64) for b in blocks]
+
+
+def test_working_sets_do_not_cycle_on_listops_scores(monkeypatch):
+    """Rows a ListOps model produced in training (tests/data/listops_arc_scores.txt). Dropping the
+    most negative set while keeping Newton's point, the first needed 128 rounds (more than the
+    100 allowed then) and the second cycled through the same 3 sets for 3 000 rounds; both went to
+    the torch solver. With the step back that keeps the multipliers ≥ 0 the dual decreases every
+    round: both converge within the fast path, to the interior-point solution."""
+    import convex_sst._arborescence_newton as module
+
+    rounds = []
+    separate = module._separate
+    monkeypatch.setattr(module, "_separate", lambda *a: rounds.append(1) or separate(*a))
+    for u in _listops_arc_scores():
+        n = u.shape[0]
+        P = cs.load_polytope("arborescence", n=n, root=0)
+        rounds.clear()
+        x = cs.relax(u, P, "entropy", 1.0, backend="fast", on_failure="raise")
+        assert len(rounds) <= 200
+        assert (x - cs.relax(u, P, "entropy", 1.0, backend="torch")).abs().max() < 1e-7
+        assert (x.sum(0)[1:] - 1).abs().max() < 1e-9 and not bool(x[:, 0].any())
+
+
 def test_unconverged_rows_fall_back_warn_or_raise(gen):
     P = cs.load_polytope("arborescence", n=6)
     u = torch.randn(4, 6, 6, generator=gen, dtype=torch.float64)
