@@ -77,7 +77,7 @@ _PINV_RTOL = 1e-12
 _VJP_BYTES = 1 << 26
 # rounds of separation per stage at most (each changes the working set of the rows solved again;
 # the dual decreases from round to round, so more rounds are progress, not a cycle): ListOps arc
-# scores at t = 1, n = 16 to 30, took 32 to 128 rounds on the rows that needed the most
+# scores at t = 1, n = 16 to 30, took 30 to 145 rounds on the 26 rows that needed the most
 _MAX_ROUNDS = 500
 # from this many vertices on, the separation adds the vertices of y = x + xᵀ to Cunningham's
 # partition in increasing order of their weight in y (leaves first; the algorithm is exact in any
@@ -299,9 +299,10 @@ def solve_arborescences(theta: torch.Tensor, root: int, reg: Separable, tol: flo
             # at z): D then decreases from round to round, so no working set repeats. (Dropping
             # every negative set at once cycled: arborescences n = 30 to 40, entropies at t ≤ 0.1,
             # about 1 row in 64 repeated a 12-round cycle. Dropping the most negative one a round,
-            # keeping z, still cycled: ListOps arc scores at t = 1, n = 16 to 30, 1 row in about
-            # 10⁴ of one training run needed 101 to 147 rounds, and one repeated 3 sets ~250
-            # times each over 3 000 rounds; each went to the torch solver, 0.2 to 8.8 s a row.)
+            # keeping z, was slow and could cycle: ListOps arc scores at t = 1, n = 16 to 30, 25 rows
+            # of the 6·10⁵ of one training run went past 100 rounds to the torch solver (0.1 to 17 s
+            # a row; 8 re-run without the cap needed 102 to 142), and a noisy copy of one repeated
+            # 3 sets ~250 times each over 3 000 rounds.)
             lr, lp = lam[rows], z0[1].clamp(min=0.0)
             neg = (lr < 0) & ok[:, None] & (S[rows].sum(2) > 0)
             dropped = neg.any(1)
