@@ -217,6 +217,48 @@ def test_listops_data_size_options(tmp_path):
             run.main(["--quick", flag, "0"])
 
 
+def test_listops_writes_each_job_as_it_ends_and_resume_reads_them_back(tmp_path, monkeypatch):
+    """A run that dies keeps the jobs it finished (OUT/jobs/, one JSON per job), and --resume
+    reads back exactly the jobs whose stored config equals the new one, training only the rest."""
+    run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
+    train, trained = run.train, []
+
+    def dies_on_second_job(cfg):
+        if trained:
+            raise RuntimeError("killed")
+        trained.append(cfg.method)
+        return train(cfg)
+
+    monkeypatch.setattr(run, "train", dies_on_second_job)
+    argv = ["--quick", "--methods", "lstm", "independent_parents", "--workers", "1", "--out", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="killed"):
+        run.main(argv)
+    (kept,) = (tmp_path / "jobs").glob("*.json")
+    assert kept.name.startswith("lstm-seed1-") and not (tmp_path / "results.json").exists()
+    assert json.loads(kept.read_text())["job"]["method"] == "lstm"
+
+    def spy(cfg):
+        trained.append(cfg.method)
+        return train(cfg)
+
+    trained.clear()
+    monkeypatch.setattr(run, "train", spy)
+    out = run.main(argv + ["--resume"])
+    assert trained == ["independent_parents"]                      # lstm was read back, not trained
+    assert [r["config"]["method"] for r in out["runs"]] == ["lstm", "independent_parents"]
+    assert len(list((tmp_path / "jobs").glob("*.json"))) == 2
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == out["runs"]
+
+    trained.clear()
+    again = run.main(argv + ["--resume"])                           # everything read back
+    assert trained == [] and again["table"] == out["table"]
+    run.main(argv + ["--resume", "--lr", "1e-3"])                  # another config: trained again
+    assert trained == ["lstm", "independent_parents"]
+    trained.clear()
+    run.main(argv)                                                   # no --resume: trained again
+    assert trained == ["lstm", "independent_parents"]
+
+
 def test_sorting_quick_learns_to_sort_five_numbers(tmp_path):
     run = _load(EXAMPLES / "sorting" / "run.py", "sorting_run")
     out = run.main(["--quick", "--out", str(tmp_path)])

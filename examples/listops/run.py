@@ -40,7 +40,8 @@ Metrics on held-out expressions: accuracy, and precision / recall of the hard sa
 accuracy: each token's best-scoring head ``argmax_h θ[h, m]`` against its true parent (one arc per
 token for every model, so it cannot be raised by keeping more arcs, unlike recall). Batches are
 bucketed by length so each batch uses one polytope size. Writes ``results.json``, ``results.md``
-and ``learning_curves.png`` under ``--out``.
+and ``learning_curves.png`` under ``--out`` when every job has ended, and each job's result to
+``--out``/jobs/ as soon as it ends; ``--resume`` reads those back instead of training again.
 """
 
 from __future__ import annotations
@@ -363,6 +364,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=Config.rounds,
                     help="message-passing rounds (at least --max-depth: a value climbs one level per round)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--resume", action="store_true",
+                    help="read back the jobs already finished under OUT/jobs/ (each job's result is written there "
+                         "as soon as it ends) instead of training them again; only for runs of the same code")
     a = ap.parse_args(argv)
     for name in ("max_depth", "max_len", "rounds"):
         if getattr(a, name) < 1:
@@ -376,7 +380,7 @@ def main(argv=None) -> dict:
         a.seeds = 1
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = [replace(base, method=m, seed=s) for m, s in itertools.product(a.methods, range(a.first_seed, a.first_seed + a.seeds))]
-    runs = parallel_map(_run, jobs, a.workers, "listops")
+    runs = parallel_map(_run, jobs, a.workers, "listops", checkpoints=a.out / "jobs", resume=a.resume)
     rows = []
     for m in a.methods:
         rs = [r for r in runs if r["config"]["method"] == m]
