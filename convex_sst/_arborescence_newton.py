@@ -313,7 +313,9 @@ def solve_arborescences(theta: torch.Tensor, root: int, reg: Separable, tol: flo
                 first = first & (lr == torch.where(first, lr, math.inf).amin(1, keepdim=True))
                 first = first & (first.cumsum(1) == 1)  # one set a row
                 alpha = torch.where(dropped, alpha[:, 0], 1.0)
-                step = tuple(w0 + alpha.reshape((-1,) + (1,) * (w.dim() - 1)) * (w - w0) for w0, w in zip(z0, z))
+                shape = lambda w: (-1,) + (1,) * (w.dim() - 1)  # noqa: E731
+                step = tuple(torch.where(dropped.reshape(shape(w)), w0 + alpha.reshape(shape(w)) * (w - w0), w)
+                             for w0, w in zip(z0, z))  # rows that drop nothing keep Newton's z exactly
                 Sr = S[rows]
                 S = S.index_put((rows,), Sr.masked_fill(first[:, :, None], 0.0))
                 a = a.index_put((rows,), step[0])
