@@ -126,6 +126,30 @@ def test_listops_quick_and_parses(tmp_path):
         if r["method"] in ("arborescence", "independent_parents"):
             assert r["precision"][0] == pytest.approx(r["recall"][0])
         assert ("head_accuracy" in r) == (r["method"] not in ("spanning_tree", "lstm"))
+        assert ("tree_rate" in r) == ("head_accuracy" in r)
+    assert next(r for r in out["table"] if r["method"] == "arborescence")["tree_rate"][0] == 1.0
+
+
+def test_listops_tree_rate_is_membership_in_the_arborescence_polytope():
+    """tree_rate (pointer jumping) against the library's own test of x ∈ P (arborescences rooted at
+    0): random parent choices with and without cycles, a second parent, an arc into the root."""
+    run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
+    gen = torch.Generator().manual_seed(0)
+    for n in (2, 3, 6, 9):
+        B = 400
+        parent = torch.randint(0, n, (B, n), generator=gen)
+        parent[:, 1:] = torch.where(parent[:, 1:] == torch.arange(1, n), 0, parent[:, 1:])   # no self-loop
+        hard = torch.zeros(B, n, n)
+        hard[torch.arange(B)[:, None], parent[:, 1:], torch.arange(1, n)] = 1.0
+        odd = torch.rand(B, generator=gen) < 0.2                      # a second parent or an arc into 0
+        hard[odd, 1 % n if n > 2 else 0, 0] = 1.0
+        hard[odd & (torch.rand(B, generator=gen) < 0.5), :, n - 1] = 1.0
+        hard[:, torch.arange(n), torch.arange(n)] = 0.0
+        want = cs.load_polytope("arborescence", n=n, root=0).contains(hard.double()).float()
+        got = run.tree_rate(hard)
+        assert torch.equal(got, want)
+        if n >= 3:
+            assert 0 < want.mean() < 1                                 # both kinds occur
 
 
 def test_listops_tree_sized_prior_expects_one_parent_per_token():

@@ -38,7 +38,9 @@ marginals over whole trees. The hard samples, and so the arc metrics, do not dep
 Metrics on held-out expressions: accuracy, and precision / recall of the hard sample's arcs
 ``argmax (θ + G)ᵀx`` against the true parse (undirected edges for the spanning tree), and head
 accuracy: each token's best-scoring head ``argmax_h θ[h, m]`` against its true parent (one arc per
-token for every model, so it cannot be raised by keeping more arcs, unlike recall). Batches are
+token for every model, so it cannot be raised by keeping more arcs, unlike recall), and for the
+directed models the fraction of hard samples that are trees (arborescences rooted at 0: always
+for ``arborescence``; independent parents and arcs can close cycles). Batches are
 bucketed by length so each batch uses one polytope size. Writes ``results.json``, ``results.md``
 and ``learning_curves.png`` under ``--out`` when every job has ended, and each job's result to
 ``--out``/jobs/ as soon as it ends; ``--resume`` reads those back instead of training again.
@@ -230,13 +232,30 @@ class ListOpsModel(nn.Module):
 
 
 def arc_scores(model: ListOpsModel, theta: torch.Tensor, arcs: torch.Tensor, gen: torch.Generator):
-    """Precision and recall of a hard sample's arcs against the true parse, per expression."""
+    """Precision and recall of a hard sample's arcs against the true parse, per expression, and
+    whether each sample is an arborescence rooted at 0 (:func:`tree_rate`; None for the
+    undirected spanning tree)."""
     hard = model.structure(theta, "hard", gen)
+    trees = tree_rate(hard) if model.cfg.method != "spanning_tree" else None
     if model.cfg.method == "spanning_tree":            # compare undirected edges
         hard = torch.triu(hard, 1)
         arcs = torch.triu(arcs + arcs.transpose(1, 2), 1)
     tp = (hard * arcs).sum((1, 2))
-    return tp / hard.sum((1, 2)).clamp_min(1), tp / arcs.sum((1, 2))
+    return tp / hard.sum((1, 2)).clamp_min(1), tp / arcs.sum((1, 2)), trees
+
+
+def tree_rate(hard: torch.Tensor) -> torch.Tensor:
+    """Per expression, 1.0 where the hard arcs ``(B, n, n)`` form an arborescence rooted at 0
+    (every other token exactly one parent, and following parents from any token reaches 0,
+    so no cycle), else 0.0."""
+    B, n, _ = hard.shape
+    one_parent = (hard.sum(1)[:, 1:] == 1).all(1) & (hard[:, :, 0] == 0).all(1)
+    parent = hard.argmax(1)
+    parent[:, 0] = 0
+    up = parent
+    for _ in range(max(1, (n - 1).bit_length())):     # pointer jumping: 2^k steps up after k rounds
+        up = up.gather(1, up)
+    return (one_parent & (up == 0).all(1)).float()
 
 
 def head_accuracy(theta: torch.Tensor, arcs: torch.Tensor) -> torch.Tensor:
@@ -252,22 +271,24 @@ def head_accuracy(theta: torch.Tensor, arcs: torch.Tensor) -> torch.Tensor:
 def evaluate(model: ListOpsModel, data: list[tuple], seed: int) -> dict:
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    correct, prec, rec, heads = [], [], [], []
+    correct, prec, rec, heads, trees = [], [], [], [], []
     for tok, arcs, val in batches(data, 250, None):
         logits, theta, _ = model(tok, "hard", gen)
         correct.append((logits.argmax(-1) == val).float())
         if theta is not None:
-            p, r = arc_scores(model, theta, arcs, gen)
+            p, r, tr = arc_scores(model, theta, arcs, gen)
             prec.append(p)
             rec.append(r)
             if model.cfg.method != "spanning_tree":   # directed heads only
                 heads.append(head_accuracy(theta, arcs))
+                trees.append(tr)
     model.train()
     res = {"accuracy": torch.cat(correct).mean().item()}
     if prec:
         res.update(precision=torch.cat(prec).mean().item(), recall=torch.cat(rec).mean().item())
         if heads:
             res["head_accuracy"] = torch.cat(heads).mean().item()
+            res["tree_rate"] = torch.cat(trees).mean().item()
     return res
 
 
@@ -386,7 +407,7 @@ def main(argv=None) -> dict:
         rs = [r for r in runs if r["config"]["method"] == m]
         row = {"method": m, "label": label(m, base.regularizer), "seeds": len(rs), "accuracy": mean_std([r["test"]["accuracy"] for r in rs])}
         if "precision" in rs[0]["test"]:
-            for k in ("precision", "recall", "head_accuracy"):
+            for k in ("precision", "recall", "head_accuracy", "tree_rate"):
                 if k in rs[0]["test"]:
                     row[k] = mean_std([r["test"][k] for r in rs])
         rows.append(row)
@@ -407,17 +428,17 @@ def table_markdown(rows: list[dict], base: Config, refs: dict) -> str:
           f"t = {base.temperature}"
           f"{'' if base.final_temperature is None else f' → {base.final_temperature} (geometric, per update)'}; test set, mean ± std over seeds. Arcs of hard samples vs the true parse "
           "(undirected edges for the spanning tree); head accuracy: each token's best-scoring head argmax_h θ[h, m] "
-          "vs its true parent.", "",
-          "| model | accuracy | arc precision | arc recall | head accuracy | seeds |", "|---|---|---|---|---|---|"]
+          "vs its true parent; trees: the fraction of hard samples that are arborescences rooted at 0 (no cycle).", "",
+          "| model | accuracy | arc precision | arc recall | head accuracy | trees | seeds |", "|---|---|---|---|---|---|---|"]
     pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f} %"  # noqa: E731
     cell = lambda r, k: pct(r[k]) if k in r else "—"  # noqa: E731
     for r in rows:
         md.append(f"| {r['label']} | {pct(r['accuracy'])} | {cell(r, 'precision')} | {cell(r, 'recall')} | "
-                  f"{cell(r, 'head_accuracy')} | {r['seeds']} |")
+                  f"{cell(r, 'head_accuracy')} | {cell(r, 'tree_rate')} | {r['seeds']} |")
     md.append(f"| *reference: left-to-right chain i−1 → i* | — | {100 * refs['chain']:.1f} % | {100 * refs['chain']:.1f} % | "
-              f"{100 * refs['chain']:.1f} % | — |")
+              f"{100 * refs['chain']:.1f} % | 100 % | — |")
     md.append(f"| *reference: uniformly random arborescence* | — | {100 * refs['random_arborescence']:.1f} % | "
-              f"{100 * refs['random_arborescence']:.1f} % | — | — |")
+              f"{100 * refs['random_arborescence']:.1f} % | — | 100 % | — |")
     return "\n".join(md) + "\n"
 
 
