@@ -128,6 +128,9 @@ def test_listops_quick_and_parses(tmp_path):
         assert ("head_accuracy" in r) == (r["method"] not in ("spanning_tree", "lstm"))
         assert ("tree_rate" in r) == ("head_accuracy" in r)
     assert next(r for r in out["table"] if r["method"] == "arborescence")["tree_rate"][0] == 1.0
+    (parents,) = [r["test"] for r in out["runs"] if r["config"]["method"] == "independent_parents"]
+    assert all(_in_unit_interval(parents[k]) for k in ("paired_precision_heads", "paired_precision_tree",
+                                                         "paired_tree_rate"))
 
 
 def test_listops_tree_rate_is_membership_in_the_arborescence_polytope():
@@ -150,6 +153,25 @@ def test_listops_tree_rate_is_membership_in_the_arborescence_polytope():
         assert torch.equal(got, want)
         if n >= 3:
             assert 0 < want.mean() < 1                                 # both kinds occur
+
+
+def test_listops_decode_as_trees_pairs_the_per_token_and_the_tree_decoding():
+    """Under one noise draw the per-token heads bound the best tree's score from above, with
+    equality exactly where the heads form a tree, which is then the same structure."""
+    run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
+    B, n = 300, 7
+    theta = 2 * torch.randn(B, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    arcs = cs.load_polytope("arborescence", n=n, root=0).argmax(theta)               # some true trees
+    p_heads, p_tree, is_tree = run.decode_as_trees(theta, arcs, torch.Generator().manual_seed(1))
+    U = theta + cs.Gumbel().sample(theta.shape, generator=torch.Generator().manual_seed(1)).double()
+    tree = cs.load_polytope("arborescence", n=n, root=0).argmax(U)
+    eye = torch.eye(n, dtype=torch.bool)
+    heads_score = U.masked_fill(eye, -torch.inf)[:, :, 1:].amax(1).sum(1)
+    tree_score = (U * tree).sum((1, 2))
+    assert bool((tree_score <= heads_score + 1e-9).all())
+    same = (heads_score - tree_score).abs() < 1e-9
+    assert torch.equal(same, is_tree.bool()) and 0 < is_tree.mean() < 1
+    assert torch.equal(p_heads[same], p_tree[same]) and torch.equal(p_tree, (tree * arcs).sum((1, 2)) / (n - 1))
 
 
 def test_listops_tree_sized_prior_expects_one_parent_per_token():

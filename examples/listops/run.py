@@ -40,7 +40,9 @@ Metrics on held-out expressions: accuracy, and precision / recall of the hard sa
 accuracy: each token's best-scoring head ``argmax_h θ[h, m]`` against its true parent (one arc per
 token for every model, so it cannot be raised by keeping more arcs, unlike recall), and for the
 directed models the fraction of hard samples that are trees (arborescences rooted at 0: always
-for ``arborescence``; independent parents and arcs can close cycles). Batches are
+for ``arborescence``; independent parents and arcs can close cycles). For independent parents
+also ``paired_*``: the same scores under one fresh noise draw decoded per token and as the best
+arborescence (:func:`decode_as_trees`), to tell a better scorer from cycles. Batches are
 bucketed by length so each batch uses one polytope size. Writes ``results.json``, ``results.md``
 and ``learning_curves.png`` under ``--out`` when every job has ended, and each job's result to
 ``--out``/jobs/ as soon as it ends; ``--resume`` reads those back instead of training again.
@@ -258,6 +260,22 @@ def tree_rate(hard: torch.Tensor) -> torch.Tensor:
     return (one_parent & (up == 0).all(1)).float()
 
 
+def decode_as_trees(theta: torch.Tensor, arcs: torch.Tensor, gen: torch.Generator):
+    """Arc scores ``θ (B, n, n)`` decoded two ways under the same Gumbel noise G: every token's best
+    head ``argmax_h (θ + G)[h, m]`` (independent parents' hard sample) and the best arborescence
+    rooted at 0, ``argmax_x (θ + G)ᵀx`` (the arborescence SST's). Returns, per expression, the
+    precision of each against the true ``arcs`` and whether the heads form a tree (then the two
+    are the same structure)."""
+    B, n, _ = theta.shape
+    U = theta + cs.Gumbel().sample(theta.shape, generator=gen).to(theta.dtype)
+    best = U.masked_fill(torch.eye(n, dtype=torch.bool), -torch.inf).argmax(1)      # (B, n): head of m
+    heads = torch.zeros_like(theta).scatter_(1, best[:, None, :], 1.0)
+    heads[:, :, 0] = 0.0                                                             # the root has none
+    tree = cs.load_polytope("arborescence", n=n, root=0).argmax(U)
+    precision = lambda x: (x * arcs).sum((1, 2)) / (n - 1)  # noqa: E731
+    return precision(heads), precision(tree), tree_rate(heads)
+
+
 def head_accuracy(theta: torch.Tensor, arcs: torch.Tensor) -> torch.Tensor:
     """Per expression, the fraction of non-root tokens whose best-scoring head ``argmax_h θ[h, m]``
     (h ≠ m, no noise) is the true parent: one arc per token for every model, so unlike arc
@@ -271,7 +289,8 @@ def head_accuracy(theta: torch.Tensor, arcs: torch.Tensor) -> torch.Tensor:
 def evaluate(model: ListOpsModel, data: list[tuple], seed: int) -> dict:
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    correct, prec, rec, heads, trees = [], [], [], [], []
+    paired = torch.Generator().manual_seed(seed + 10_000)     # its own noise: the metrics above stay as they were
+    correct, prec, rec, heads, trees, decoded = [], [], [], [], [], []
     for tok, arcs, val in batches(data, 250, None):
         logits, theta, _ = model(tok, "hard", gen)
         correct.append((logits.argmax(-1) == val).float())
@@ -282,6 +301,8 @@ def evaluate(model: ListOpsModel, data: list[tuple], seed: int) -> dict:
             if model.cfg.method != "spanning_tree":   # directed heads only
                 heads.append(head_accuracy(theta, arcs))
                 trees.append(tr)
+            if model.cfg.method == "independent_parents":
+                decoded.append(torch.stack(decode_as_trees(theta, arcs, paired), 1))
     model.train()
     res = {"accuracy": torch.cat(correct).mean().item()}
     if prec:
@@ -289,6 +310,9 @@ def evaluate(model: ListOpsModel, data: list[tuple], seed: int) -> dict:
         if heads:
             res["head_accuracy"] = torch.cat(heads).mean().item()
             res["tree_rate"] = torch.cat(trees).mean().item()
+        if decoded:  # the same scores decoded per token and as a tree, under one noise draw
+            d = torch.cat(decoded).mean(0).tolist()
+            res.update(paired_precision_heads=d[0], paired_precision_tree=d[1], paired_tree_rate=d[2])
     return res
 
 
