@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import yaml
 
+from .diagnostics import DEFAULT_TEMPERATURES
 from .errors import ConvexSSTError, NotSupportedError, PolytopeError
 
 
@@ -27,8 +28,6 @@ def _at_least(lo: int):
         return value
     return parse
 
-
-DIAGNOSE_TEMPERATURES = (0.1, 0.2, 0.5, 1.0, 2.0)
 
 # a period that ends a sentence: followed by a capital, not the end of "et al.", "e.g.", "i.e." or "cf."
 _SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bcf)\.\s+(?=[A-Z])")
@@ -229,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="a polytope parameter (repeatable); the polytope's defaults otherwise")
     p.add_argument("--regularizer", default="exp_family", help="the SST's regularizer (default: %(default)s)")
-    p.add_argument("--temperatures", type=float, nargs="+", default=list(DIAGNOSE_TEMPERATURES),
-                   help="SST temperatures, one row each (default: %s)" % " ".join(map(str, DIAGNOSE_TEMPERATURES)))
+    p.add_argument("--temperatures", type=float, nargs="+", default=list(DEFAULT_TEMPERATURES),
+                   help="SST temperatures, one row each (default: %s)" % " ".join(map(str, DEFAULT_TEMPERATURES)))
     p.add_argument("--num-estimates", type=_at_least(2), default=400,
                    help="independent gradient estimates per row (default: %(default)s)")
     p.add_argument("--num-samples", type=_at_least(1), default=4,

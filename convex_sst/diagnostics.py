@@ -56,9 +56,13 @@ def _score_estimates(loss_fn, theta, P, R, K, loo, generator, noise, forbidden):
     return score.reshape((R, K, -1)).mean(1)
 
 
+# the temperatures of diagnose and of `convex-sst diagnose` when none are given
+DEFAULT_TEMPERATURES = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+
 @_differentiates
 def diagnose(polytope: Polytope | str, regularizer: str | Regularizer = "entropy", loss_fn: LossFn | None = None,
-             temperatures: float | Sequence[float] = (0.1, 0.3, 1.0, 3.0), theta: torch.Tensor | None = None,
+             temperatures: float | Sequence[float] = DEFAULT_TEMPERATURES, theta: torch.Tensor | None = None,
              num_estimates: int = 400, num_samples: int = 4, estimators: Sequence[str] = ESTIMATORS,
              seed: int = 0, noise: str = "gumbel") -> list[dict]:
     """Estimate bias, variance and MSE of each estimator (and temperature) against the exact gradient.
@@ -68,7 +72,8 @@ def diagnose(polytope: Polytope | str, regularizer: str | Regularizer = "entropy
         regularizer: the SST's regularizer.
         loss_fn: ``(*batch, *shape) -> (*batch,)``, defined on P (relaxed samples); default
             :func:`default_loss`.
-        temperatures: SST temperatures (the score-function rows do not depend on it).
+        temperatures: SST temperatures (the score-function rows do not depend on it); the
+            default, :data:`DEFAULT_TEMPERATURES`, is also ``convex-sst diagnose``'s.
         theta: parameters of shape ``polytope.shape``; default N(0, 1) from ``seed``.
         num_estimates: independent estimates per row (R).
         num_samples: samples per estimate (K; leave-one-out needs K >= 2).

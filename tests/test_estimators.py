@@ -283,11 +283,11 @@ def test_diagnose_takes_one_temperature_or_several(temperatures, want):
 
 
 def test_diagnose_defaults(tmp_path):
-    # temperatures 0.1, 0.3, 1 and 3 (the command line's are 0.1, 0.2, 0.5, 1 and 2: --temperatures);
-    # every estimator; the report's folder is made with its parents
+    # temperatures 0.1, 0.2, 0.5, 1 and 2, the command line's too (test_readme_and_cli); every
+    # estimator; the report's folder is made with its parents
     rows = cs.diagnose("simplex", num_estimates=2, num_samples=2)
     assert [(r["estimator"], r["temperature"]) for r in rows] == [
-        (name, t) for name in ("sst", "straight_through") for t in (0.1, 0.3, 1.0, 3.0)
+        (name, t) for name in ("sst", "straight_through") for t in (0.1, 0.2, 0.5, 1.0, 2.0)
     ] + [("score_function", None), ("score_function_loo", None)]
     paths = write_report(rows, tmp_path / "a" / "b", "title", plot=False)
     assert [p.name for p in paths] == ["diagnostics.csv", "diagnostics.md"] and all(p.is_file() for p in paths)
