@@ -13,15 +13,17 @@ import numpy as np
 
 
 def parallel_map(fn, jobs: list, workers: int, desc: str, checkpoints: Path | None = None,
-                 resume: bool = False) -> list:
+                 resume: bool = False, key=None) -> list:
     """``[fn(j) for j in jobs]`` with a tqdm bar, in ``workers`` spawned processes when > 1
     (``fn`` must be a module-level function).
 
-    With ``checkpoints`` (a folder; jobs must be dataclasses and results JSON-serializable), each
-    result is written to ``checkpoints/<job>.json`` as soon as its job ends, so a run that dies
-    keeps what it finished. With ``resume`` too, a job whose file holds an equal job is read back
-    instead of run again (the files do not record the code: resume only runs of the same code).
+    With ``checkpoints`` (a folder; results JSON-serializable), each result is written to
+    ``checkpoints/<job>.json`` as soon as its job ends, so a run that dies keeps what it finished.
+    With ``resume`` too, a job whose file holds an equal job is read back instead of run again
+    (the files do not record the code: resume only runs of the same code). A job is identified by
+    ``key(job)``, a dataclass (default: the job itself).
     """
+    ident = (lambda job: _jsonable(job if key is None else key(job)))  # noqa: E731
     from tqdm import tqdm
 
     results: dict[int, object] = {}
@@ -29,10 +31,10 @@ def parallel_map(fn, jobs: list, workers: int, desc: str, checkpoints: Path | No
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         for i, job in enumerate(jobs):
-            files[i] = checkpoints / f"{_job_name(job)}.json"
+            files[i] = checkpoints / f"{_job_name(job if key is None else key(job))}.json"
             if resume and files[i].exists():
                 saved = json.loads(files[i].read_text())
-                if saved.get("job") == _jsonable(job):
+                if saved.get("job") == ident(job):
                     results[i] = saved["result"]
         if resume:
             print(f"{desc}: {len(results)} of {len(jobs)} jobs read back from {checkpoints}")
@@ -42,7 +44,7 @@ def parallel_map(fn, jobs: list, workers: int, desc: str, checkpoints: Path | No
         results[i] = result
         if checkpoints is not None:
             tmp = files[i].with_suffix(".tmp")
-            tmp.write_text(json.dumps({"job": _jsonable(jobs[i]), "result": result}, indent=1))
+            tmp.write_text(json.dumps({"job": ident(jobs[i]), "result": result}, indent=1))
             os.replace(tmp, files[i])                   # never a half-written file
 
     if workers <= 1 or not todo:

@@ -36,10 +36,26 @@ def _in_unit_interval(x) -> bool:
     return 0.0 <= x <= 1.0
 
 
-def test_graph_layout_quick(tmp_path):
+def _resumes_without_training(run, argv, out, monkeypatch, stages=("search", "seeds")):
+    """The same command with --resume reads every finished run back from OUT/jobs/ (one JSON per
+    run, written as it ended) and trains nothing."""
+    for stage in stages:
+        assert list((out / "jobs" / stage).glob("*.json"))
+    first = json.loads((out / "results.json").read_text())["table"]
+
+    def trains(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(run, "train", trains)
+    again = run.main(argv + ["--resume"])
+    assert json.loads(json.dumps(again["table"])) == first
+
+
+def test_graph_layout_quick(tmp_path, monkeypatch):
     pytest.importorskip("networkx")
     run = _load(EXAMPLES / "graph_layout" / "run.py", "graph_layout_run")
-    out = run.main(["--quick", "--out", str(tmp_path), "--workers", "1"])
+    argv = ["--quick", "--out", str(tmp_path), "--workers", "1"]
+    out = run.main(argv)
     assert [(r["method"], r["mode"]) for r in out["table"]] == run.SETTINGS
     for r in out["table"]:
         assert _in_unit_interval(r["precision"][0]) and _in_unit_interval(r["recall"][0])
@@ -51,6 +67,7 @@ def test_graph_layout_quick(tmp_path):
     assert "spanning tree" in (tmp_path / "results.md").read_text()
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "learning_curves.png").stat().st_size > 0 and (tmp_path / "trees.png").exists()
+    _resumes_without_training(run, argv, tmp_path, monkeypatch)
 
 
 def test_graph_layout_data_are_spring_layouts_of_trees():
@@ -78,14 +95,16 @@ def test_graph_layout_trains_under_torchrun_ddp(tmp_path):
     assert _in_unit_interval(res["test"]["precision"])
 
 
-def test_subset_selection_quick(tmp_path):
+def test_subset_selection_quick(tmp_path, monkeypatch):
     run = _load(EXAMPLES / "subset_selection" / "run.py", "subset_selection_run")
-    out = run.main(["--quick", "--out", str(tmp_path), "--workers", "1"])
+    argv = ["--quick", "--out", str(tmp_path), "--workers", "1"]
+    out = run.main(argv)
     assert {(r["task"], r["method"]) for r in out["table"]} == {(t, m) for t in run.TASKS for m in run.METHODS}
     for r in out["table"]:
         assert _in_unit_interval(r["accuracy"][0]) and _in_unit_interval(r["relevant_selected"][0])
         assert 1.0 <= r["median_rank"][0] <= 10.0
     assert (tmp_path / "results.md").exists()
+    _resumes_without_training(run, argv, tmp_path, monkeypatch)
 
 
 def test_subset_selection_tasks_have_the_stated_relevant_features():

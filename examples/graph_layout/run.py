@@ -53,6 +53,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 1.0])
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--resume", action="store_true",
+                    help="read back the runs already finished under OUT/jobs/ (each run's result is written there "
+                         "as soon as it ends) instead of training them again; only for runs of the same code")
     a = ap.parse_args(argv)
     base = Config(epochs=a.epochs, num_train=a.num_train, hidden=32)
     if a.quick:
@@ -65,7 +68,8 @@ def main(argv=None) -> dict:
     # 1. search: one seed per (setting, temperature, lr); select by validation ELBO
     grid = [replace(base, method=m, mode=mode, temperature=t, lr=lr, seed=0)
             for (m, mode), t, lr in itertools.product(SETTINGS, a.temperatures, a.lrs)]
-    search = parallel_map(_run, [(c, cache) for c in grid], a.workers, "search")
+    saved = dict(resume=a.resume, key=lambda job: job[0])   # a job is (config, data cache)
+    search = parallel_map(_run, [(c, cache) for c in grid], a.workers, "search", a.out / "jobs" / "search", **saved)
     best = {}
     for r in search:
         key = (r["config"]["method"], r["config"]["mode"])
@@ -73,7 +77,7 @@ def main(argv=None) -> dict:
             best[key] = r
     # 2. fresh seeds for the selected settings
     jobs = [replace(Config(**best[s]["config"]), seed=seed) for s in SETTINGS for seed in range(1, a.seeds + 1)]
-    final = parallel_map(_run, [(c, cache) for c in jobs], a.workers, "seeds")
+    final = parallel_map(_run, [(c, cache) for c in jobs], a.workers, "seeds", a.out / "jobs" / "seeds", **saved)
 
     rows = []
     for m, mode in SETTINGS:

@@ -197,6 +197,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.5])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--resume", action="store_true",
+                    help="read back the runs already finished under OUT/jobs/ (each run's result is written there "
+                         "as soon as it ends) instead of training them again; only for runs of the same code")
     a = ap.parse_args(argv)
     base = Config(epochs=a.epochs)
     if a.quick:
@@ -208,7 +211,7 @@ def main(argv=None) -> dict:
     grid = [replace(base, task=task, method=m, temperature=t, seed=0)
             for task, m, t in itertools.product(a.tasks, a.methods, a.temperatures)
             if m != "score_function" or t == a.temperatures[0]]
-    search = parallel_map(_run, grid, a.workers, "search")
+    search = parallel_map(_run, grid, a.workers, "search", a.out / "jobs" / "search", a.resume)
     best = {}
     for r in search:
         key = (r["config"]["task"], r["config"]["method"])
@@ -216,7 +219,7 @@ def main(argv=None) -> dict:
             best[key] = r
     jobs = [replace(Config(**best[(task, m)]["config"]), seed=s)
             for task in a.tasks for m in a.methods for s in range(1, a.seeds + 1)]
-    final = parallel_map(_run, jobs, a.workers, "seeds")
+    final = parallel_map(_run, jobs, a.workers, "seeds", a.out / "jobs" / "seeds", a.resume)
 
     rows = []
     for task in a.tasks:
