@@ -193,6 +193,21 @@ def test_listops_decode_as_trees_pairs_the_per_token_and_the_tree_decoding():
     assert torch.equal(p_heads[same], p_tree[same]) and torch.equal(p_tree, (tree * arcs).sum((1, 2)) / (n - 1))
 
 
+def test_listops_relaxation_gap_replays_the_noise_and_leaves_training_alone(tmp_path):
+    """relaxation_gap.py: the noise it replays is the noise cs.sst drew (relaxing it again gives
+    the model's X_t exactly), training is run.py's update for update (same test metrics), and with
+    the entropy the relaxed arcs equal the per-token softmax on some expressions, not on others."""
+    gap = _load(EXAMPLES / "listops" / "relaxation_gap.py", "listops_relaxation_gap")
+    out = gap.main(["--quick", "--out", str(tmp_path)])
+    assert out["replay_error"] == 0.0
+    assert out["test"] == gap.run.train(gap.run.Config(**out["config"]))["test"]
+    (epoch,) = out["epochs"]
+    assert 0 < epoch["differ_0.1"] <= epoch["differ_1e-3"] < 1 and epoch["l1_per_token"] > 0
+    assert (tmp_path / "relaxation_gap.md").read_text().count("\n| 1 |") == 1
+    with pytest.raises(ValueError, match="arborescence"):
+        gap.train_and_compare(gap.run.Config(method="independent_parents"))
+
+
 def test_listops_tree_sized_prior_expects_one_parent_per_token():
     # hard arcs [θ + G > 0], G Gumbel: at θ = 0 plain independent arcs keep each arc with
     # probability 1 - 1/e, 5.7 parents per token at n = 10; the tree-sized prior (θ - log(n - 2))
