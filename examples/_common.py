@@ -23,18 +23,19 @@ def parallel_map(fn, jobs: list, workers: int, desc: str, checkpoints: Path | No
     (the files do not record the code: resume only runs of the same code). A job is identified by
     ``key(job)``, a dataclass (default: the job itself).
     """
-    ident = (lambda job: _jsonable(job if key is None else key(job)))  # noqa: E731
     from tqdm import tqdm
+
+    config = (lambda job: job) if key is None else key  # noqa: E731
 
     results: dict[int, object] = {}
     files = {}
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         for i, job in enumerate(jobs):
-            files[i] = checkpoints / f"{_job_name(job if key is None else key(job))}.json"
+            files[i] = checkpoints / f"{_job_name(config(job))}.json"
             if resume and files[i].exists():
                 saved = json.loads(files[i].read_text())
-                if saved.get("job") == ident(job):
+                if saved.get("job") == _jsonable(config(job)):
                     results[i] = saved["result"]
         if resume:
             print(f"{desc}: {len(results)} of {len(jobs)} jobs read back from {checkpoints}")
@@ -44,7 +45,7 @@ def parallel_map(fn, jobs: list, workers: int, desc: str, checkpoints: Path | No
         results[i] = result
         if checkpoints is not None:
             tmp = files[i].with_suffix(".tmp")
-            tmp.write_text(json.dumps({"job": ident(jobs[i]), "result": result}, indent=1))
+            tmp.write_text(json.dumps({"job": _jsonable(config(jobs[i])), "result": result}, indent=1))
             os.replace(tmp, files[i])                   # never a half-written file
 
     if workers <= 1 or not todo:
