@@ -152,8 +152,8 @@ def test_listops_quick_and_parses(tmp_path):
                                                          "paired_tree_rate"))
 
 
-def test_listops_tree_rate_is_membership_in_the_arborescence_polytope():
-    """tree_rate (pointer jumping) against the library's own test of x ∈ P (arborescences rooted at
+def test_listops_is_tree_is_membership_in_the_arborescence_polytope():
+    """is_tree (pointer jumping) against the library's own test of x ∈ P (arborescences rooted at
     0): random parent choices with and without cycles, a second parent, an arc into the root."""
     run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
     gen = torch.Generator().manual_seed(0)
@@ -168,7 +168,7 @@ def test_listops_tree_rate_is_membership_in_the_arborescence_polytope():
         hard[odd & (torch.rand(B, generator=gen) < 0.5), :, n - 1] = 1.0
         hard[:, torch.arange(n), torch.arange(n)] = 0.0
         want = cs.load_polytope("arborescence", n=n, root=0).contains(hard.double()).float()
-        got = run.tree_rate(hard)
+        got = run.is_tree(hard)
         assert torch.equal(got, want)
         if n >= 3:
             assert 0 < want.mean() < 1                                 # both kinds occur

@@ -235,10 +235,10 @@ class ListOpsModel(nn.Module):
 
 def arc_scores(model: ListOpsModel, theta: torch.Tensor, arcs: torch.Tensor, gen: torch.Generator):
     """Precision and recall of a hard sample's arcs against the true parse, per expression, and
-    whether each sample is an arborescence rooted at 0 (:func:`tree_rate`; None for the
+    whether each sample is an arborescence rooted at 0 (:func:`is_tree`; None for the
     undirected spanning tree)."""
     hard = model.structure(theta, "hard", gen)
-    trees = tree_rate(hard) if model.cfg.method != "spanning_tree" else None
+    trees = is_tree(hard) if model.cfg.method != "spanning_tree" else None
     if model.cfg.method == "spanning_tree":            # compare undirected edges
         hard = torch.triu(hard, 1)
         arcs = torch.triu(arcs + arcs.transpose(1, 2), 1)
@@ -246,7 +246,7 @@ def arc_scores(model: ListOpsModel, theta: torch.Tensor, arcs: torch.Tensor, gen
     return tp / hard.sum((1, 2)).clamp_min(1), tp / arcs.sum((1, 2)), trees
 
 
-def tree_rate(hard: torch.Tensor) -> torch.Tensor:
+def is_tree(hard: torch.Tensor) -> torch.Tensor:
     """Per expression, 1.0 where the hard arcs ``(B, n, n)`` form an arborescence rooted at 0
     (every other token exactly one parent, and following parents from any token reaches 0,
     so no cycle), else 0.0."""
@@ -273,7 +273,7 @@ def decode_as_trees(theta: torch.Tensor, arcs: torch.Tensor, gen: torch.Generato
     heads[:, :, 0] = 0.0                                                             # the root has none
     tree = cs.load_polytope("arborescence", n=n, root=0).argmax(U)
     precision = lambda x: (x * arcs).sum((1, 2)) / (n - 1)  # noqa: E731
-    return precision(heads), precision(tree), tree_rate(heads)
+    return precision(heads), precision(tree), is_tree(heads)
 
 
 def head_accuracy(theta: torch.Tensor, arcs: torch.Tensor) -> torch.Tensor:
