@@ -208,6 +208,46 @@ def test_listops_relaxation_gap_replays_the_noise_and_leaves_training_alone(tmp_
         gap.train_and_compare(gap.run.Config(method="independent_parents"))
 
 
+def test_listops_gradient_signal_probes_without_changing_training(tmp_path):
+    """gradient_signal.py: training is run.py's update for update (same test metrics); the
+    per-token relaxation is independent parents' (the simplex SST of each token's heads); K draws
+    at once give each draw its own gradient; every relaxation's gradient columns sum to 0 with
+    nothing into the root, which the alignment statistics rely on."""
+    gs = _load(EXAMPLES / "listops" / "gradient_signal.py", "listops_gradient_signal")
+    run = gs.run
+    out = gs.main(["--quick", "--out", str(tmp_path)])
+    assert out["test"] == run.train(run.Config(**out["config"]))["test"]
+    (c,) = out["checkpoints"]
+    for name in gs.RELAXATIONS:
+        assert c[f"{name}/loss"] > 0 and c[f"{name}/grad_norm"] > 0 and 0 <= c[f"{name}/top_head"] <= 1
+        assert -1 <= c[f"{name}/align_single"] <= 1 and -1 <= c[f"{name}/align_mean"] <= 1
+    assert (tmp_path / "gradient_signal.md").read_text().count("| per_token |") == 1
+    with pytest.raises(ValueError, match="probe_set"):
+        gs.train_and_probe(run.Config(num_train=10), [1], 11, 2)
+
+    gen = torch.Generator().manual_seed(0)
+    model = run.ListOpsModel(run.Config(method="independent_parents"))
+    tok, arcs, val = run.batches(run.make_dataset(200, 1234, 3, 4, 30), 64, None)[3]
+    B, n = tok.shape
+    theta = 3 * torch.randn(B, n, n, generator=gen)
+    G = cs.Gumbel().sample((3, B, n, n), generator=gen)
+    U, t = theta + G[0], 0.7
+    own = cs.relax(U.transpose(1, 2).masked_fill(torch.eye(n, dtype=torch.bool), -1e4), model.polytope(n), "entropy", t)
+    assert torch.allclose(gs.relax("per_token", U, t), own.transpose(1, 2) * (torch.arange(n) > 0), atol=1e-6)
+    grads = {}
+    for name in gs.RELAXATIONS:
+        loss, g = gs.gradients(model, tok, val, theta, G, name)
+        single = [gs.gradients(model, tok, val, theta, G[k:k + 1], name) for k in range(3)]
+        assert torch.allclose(loss, torch.cat([s[0] for s in single]), atol=1e-6)
+        assert torch.allclose(g, torch.cat([s[1] for s in single]), atol=1e-7)
+        assert float(g.sum(2).abs().max()) < 1e-4 * float(g.abs().max()) and not bool(g[..., 0].any())
+        grads[name] = g
+    assert not torch.allclose(grads["entropy"], grads["exp_family"], atol=1e-6)
+    d = gs.parse_direction(arcs)
+    assert torch.allclose(d.sum(1), torch.zeros(B, n), atol=1e-6) and not bool(d[..., 0].any())
+    assert bool((gs.cosine(arcs, d) > 0).all()) and torch.allclose(gs.cosine(d, d), torch.ones(B))
+
+
 def test_listops_tree_sized_prior_expects_one_parent_per_token():
     # hard arcs [θ + G > 0], G Gumbel: at θ = 0 plain independent arcs keep each arc with
     # probability 1 - 1/e, 5.7 parents per token at n = 10; the tree-sized prior (θ - log(n - 2))

@@ -39,9 +39,9 @@ def per_token_softmax(u: torch.Tensor) -> torch.Tensor:
     """Independent parents' relaxation of utilities ``u (B, n, n)`` (already divided by t): each
     column m > 0 a softmax over the heads h ≠ m; nothing into the root."""
     n = u.shape[-1]
-    x = u.masked_fill(torch.eye(n, dtype=torch.bool), -math.inf).softmax(1)
-    x[:, :, 0] = 0.0
-    return x
+    root = torch.zeros(n, n, dtype=torch.bool)
+    root[:, 0] = True
+    return u.masked_fill(torch.eye(n, dtype=torch.bool), -math.inf).softmax(1).masked_fill(root, 0.0)   # differentiable
 
 
 def train_and_compare(cfg: run.Config) -> dict:

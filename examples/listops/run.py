@@ -225,12 +225,16 @@ class ListOpsModel(nn.Module):
             return self.classify(summary), None, None
         theta = self.arc_logits(states)
         A = self.structure(theta, mode, gen)
+        return self.readout(tok, A), theta, A
+
+    def readout(self, tok: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, 10)`` of tokens ``(B, n)`` by the GNN over the adjacency ``A (B, n, n)``."""
         h = torch.tanh(self.node(self.node_embed(tok)))
         B, n, H = h.shape
         for _ in range(self.cfg.rounds):
             msg = A @ self.up(h) + A.transpose(1, 2) @ self.down(h)
             h = self.gru(torch.relu(msg).reshape(B * n, H), h.reshape(B * n, H)).reshape(B, n, H)
-        return self.classify(h[:, 0]), theta, A
+        return self.classify(h[:, 0])
 
 
 def arc_scores(model: ListOpsModel, theta: torch.Tensor, arcs: torch.Tensor, gen: torch.Generator):
