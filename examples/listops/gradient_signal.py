@@ -17,16 +17,26 @@ training expressions, for ``--draws`` Gumbel draws G per expression, the same ut
 
 Each gives the gradient ``g = ∂L/∂θ`` of the classification loss (summed over expressions, so an
 expression's gradient is its own). Every column ``g[:, m]`` sums to 0 for all three (shifting
-the scores of token m's heads changes none of them), so only how g ranks the heads matters.
-Per relaxation: the loss; the mean gradient's alignment with the true parse (the cosine, per
-expression, between ``−ḡ`` and ``d``, where ``d[:, m]`` is the true parent's indicator minus its
-mean over m's candidate heads; ``ḡ``: the mean over draws), the same for a single draw, and the
-fraction of tokens whose descent direction ``−ḡ[:, m]`` raises the true parent most; the mean
-gradient's norm; against the per-token softmax on the same expressions, the gain in alignment
-and the alignment of the difference ``−(ḡ − ḡ_per_token)`` (negative: the relaxation deviates
-from the per-token softmax away from the parse); and the cosine between the mean gradients of
-two relaxations. Means over expressions come with their standard errors. Writes
-``gradient_signal.json`` and ``gradient_signal.md`` under ``--out``.
+the scores of token m's heads changes none of them), so only how g ranks the heads matters. The
+true parse's direction ``d`` has, per token m, the true parent's indicator minus its mean over
+m's candidate heads; ``ḡ`` is the mean gradient over the draws. Per checkpoint:
+
+* ``cyclic``: how often the tokens' best heads under ``θ + G`` close a cycle (where the per-token
+  and the tree relaxations can differ most);
+
+and per relaxation:
+
+* the loss;
+* the alignment: the cosine, per expression, between ``−ḡ`` and ``d``; the same for one draw's
+  gradient; the fraction of tokens whose ``−ḡ[:, m]`` raises the true parent most;
+* the mean gradient's norm;
+* against the per-token softmax on the same expressions: the gain in alignment, and the
+  alignment of the difference ``−(ḡ − ḡ_per_token)`` (negative: the relaxation deviates from the
+  per-token softmax away from the parse);
+* the cosine between the mean gradients of two relaxations.
+
+Means over expressions come with their standard errors. Writes ``gradient_signal.json`` and
+``gradient_signal.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -104,6 +114,10 @@ def probe(model: run.ListOpsModel, data: list[tuple], draws: int, seed: int) -> 
             theta = model.arc_logits(model.lstm(model.embed(tok))[0])
         G = cs.Gumbel().sample((draws, B, n, n), generator=gen).to(theta.dtype)
         d = parse_direction(arcs)
+        U = (theta + G).masked_fill(torch.eye(n, dtype=torch.bool), -torch.inf)
+        heads = torch.zeros_like(U).scatter_(2, U.argmax(2, keepdim=True), 1.0)    # each token's best head
+        heads[..., 0] = 0.0
+        per_expression["cyclic"].append(1.0 - run.is_tree(heads.reshape(draws * B, n, n)).reshape(draws, B).mean(0))
         gbar, align = {}, {}
         for name in RELAXATIONS:
             loss, g = gradients(model, tok, val, theta, G, name)
@@ -164,13 +178,14 @@ def table_markdown(out: dict) -> str:
           f"under three relaxations of the same θ + G ({out['probe_set']} training expressions, {out['draws']} draws "
           "each; mean ± standard error over expressions). Alignment: cosine between the descent direction −ḡ and the "
           "true parse's direction; gain: its difference from per_token's on the same expressions; difference: the "
-          "alignment of −(ḡ − ḡ_per_token).", "",
-          "| epoch | valid precision | relaxation | loss | alignment of the mean | of one draw | gain over per_token | "
+          "alignment of −(ḡ − ḡ_per_token). Cyclic: the draws whose per-token argmax (each token's best head) closes a cycle.", "",
+          "| epoch | valid precision | cyclic | relaxation | loss | alignment of the mean | of one draw | gain over per_token | "
           "alignment of the difference | true parent raised most | mean gradient's norm |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in out["checkpoints"]:
         for i, name in enumerate(RELAXATIONS):
-            head = f"| {c['epoch']} | {100 * c['valid_precision']:.1f} % " if i == 0 else "| | "
+            head = (f"| {c['epoch']} | {100 * c['valid_precision']:.1f} % | {100 * c['cyclic']:.1f} % " if i == 0
+                    else "| | | ")
             versus = (f"{pm(c, name + '/align_gain')} | {pm(c, name + '/align_difference')}" if i else "— | —")
             md.append(head + f"| {name} | {c[name + '/loss']:.3f} | {pm(c, name + '/align_mean')} | "
                       f"{c[name + '/align_single']:.3f} | {versus} | {100 * c[name + '/top_head']:.1f} % | "
