@@ -114,9 +114,7 @@ def probe(model: run.ListOpsModel, data: list[tuple], draws: int, seed: int) -> 
             theta = model.arc_logits(model.lstm(model.embed(tok))[0])
         G = cs.Gumbel().sample((draws, B, n, n), generator=gen).to(theta.dtype)
         d = parse_direction(arcs)
-        U = (theta + G).masked_fill(torch.eye(n, dtype=torch.bool), -torch.inf)
-        heads = torch.zeros_like(U).scatter_(2, U.argmax(2, keepdim=True), 1.0)    # each token's best head
-        heads[..., 0] = 0.0
+        heads = run.best_heads(theta + G)                                          # (K, B, n, n)
         per_expression["cyclic"].append(1.0 - run.is_tree(heads.reshape(draws * B, n, n)).reshape(draws, B).mean(0))
         gbar, align = {}, {}
         for name in RELAXATIONS:

@@ -272,12 +272,21 @@ def decode_as_trees(theta: torch.Tensor, arcs: torch.Tensor, gen: torch.Generato
     are the same structure)."""
     B, n, _ = theta.shape
     U = theta + cs.Gumbel().sample(theta.shape, generator=gen).to(theta.dtype)
-    best = U.masked_fill(torch.eye(n, dtype=torch.bool), -torch.inf).argmax(1)      # (B, n): head of m
-    heads = torch.zeros_like(theta).scatter_(1, best[:, None, :], 1.0)
-    heads[:, :, 0] = 0.0                                                             # the root has none
+    heads = best_heads(U)
     tree = cs.load_polytope("arborescence", n=n, root=0).argmax(U)
     precision = lambda x: (x * arcs).sum((1, 2)) / (n - 1)  # noqa: E731
     return precision(heads), precision(tree), is_tree(heads)
+
+
+def best_heads(U: torch.Tensor) -> torch.Tensor:
+    """Every token's best head under utilities ``U (..., n, n)`` as a 0/1 adjacency ``[h, m]``: one
+    arc ``argmax_{h ≠ m} U[h, m]`` into each token m > 0, none into the root (independent
+    parents' hard sample of ``U``)."""
+    n = U.shape[-1]
+    best = U.masked_fill(torch.eye(n, dtype=torch.bool), -torch.inf).argmax(-2, keepdim=True)
+    heads = torch.zeros_like(U).scatter_(-2, best, 1.0)
+    heads[..., 0] = 0.0
+    return heads
 
 
 def head_accuracy(theta: torch.Tensor, arcs: torch.Tensor) -> torch.Tensor:
