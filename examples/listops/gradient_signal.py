@@ -55,11 +55,10 @@ from torch import nn
 
 import convex_sst as cs
 
-_spec = importlib.util.spec_from_file_location("listops_relaxation_gap", Path(__file__).resolve().parent / "relaxation_gap.py")
-gap = importlib.util.module_from_spec(_spec)
-sys.modules["listops_relaxation_gap"] = gap
-_spec.loader.exec_module(gap)  # type: ignore[union-attr]
-run = gap.run
+_spec = importlib.util.spec_from_file_location("listops_run", Path(__file__).resolve().parent / "run.py")
+run = importlib.util.module_from_spec(_spec)
+sys.modules["listops_run"] = run           # dataclasses look their module up here
+_spec.loader.exec_module(run)  # type: ignore[union-attr]
 
 RELAXATIONS = ("per_token", "entropy", "exp_family")
 
@@ -67,7 +66,7 @@ RELAXATIONS = ("per_token", "entropy", "exp_family")
 def relax(name: str, U: torch.Tensor, t: float) -> torch.Tensor:
     """Relaxed arcs ``(B, n, n)`` (``[h, m]``: arc h → m) of utilities ``U (B, n, n)``."""
     if name == "per_token":
-        return gap.per_token_softmax(U / t)
+        return run.per_token_softmax(U / t)
     return cs.relax(U, cs.load_polytope("arborescence", n=U.shape[-1], root=0), name, t)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import sys
 from collections import defaultdict
 from dataclasses import asdict, replace
@@ -33,15 +32,6 @@ _spec = importlib.util.spec_from_file_location("listops_run", Path(__file__).res
 run = importlib.util.module_from_spec(_spec)
 sys.modules["listops_run"] = run           # dataclasses look their module up here
 _spec.loader.exec_module(run)  # type: ignore[union-attr]
-
-
-def per_token_softmax(u: torch.Tensor) -> torch.Tensor:
-    """Independent parents' relaxation of utilities ``u (B, n, n)`` (already divided by t): each
-    column m > 0 a softmax over the heads h ≠ m; nothing into the root."""
-    n = u.shape[-1]
-    root = torch.zeros(n, n, dtype=torch.bool)
-    root[:, 0] = True
-    return u.masked_fill(torch.eye(n, dtype=torch.bool), -math.inf).softmax(1).masked_fill(root, 0.0)   # differentiable
 
 
 def train_and_compare(cfg: run.Config) -> dict:
@@ -62,7 +52,7 @@ def train_and_compare(cfg: run.Config) -> dict:
             same = cs.relax(U, self.polytope(theta.shape[-1]), self.cfg.regularizer, self.temperature)
             seen["replay_error"] = max(seen["replay_error"], float((same - x.detach()).abs().max()))
             seen["checked"] += 1
-        d = (x.detach() - per_token_softmax(U / self.temperature)).abs()
+        d = (x.detach() - run.per_token_softmax(U / self.temperature)).abs()
         largest = d.amax((1, 2))
         n = theta.shape[-1]
         seen["rows"] += len(largest)

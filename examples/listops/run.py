@@ -35,14 +35,22 @@ softmax over its candidate heads wherever those contain no heavy cycle (the in-d
 the per-token simplices; the sets ``x(E[S]) ≤ |S| − 1`` bind only on cycles), rather than
 marginals over whole trees. The hard samples, and so the arc metrics, do not depend on it.
 
+``--per-token-weight W`` and ``--cycle-penalty λ`` (arborescence only) are probes of why independent
+parents parse better than the arborescence (docs/results.md), not recommended settings. Both use
+independent parents' relaxation A of the same utilities θ + G (each token's softmax over its heads).
+The first trains on ``(1 − W)·loss(X_t) + W·loss(A)``: the GNN also reads A, and the scorer gets A's
+gradient too. The second adds ``λ·(tr exp(A) − n)``, A's relaxed cycle weight (:func:`cycle_weight`):
+a push away from cyclic scores that, unlike A's loss, does not say which arc of a cycle is wrong.
+
 Metrics on held-out expressions: accuracy, and precision / recall of the hard sample's arcs
 ``argmax (θ + G)ᵀx`` against the true parse (undirected edges for the spanning tree), and head
 accuracy: each token's best-scoring head ``argmax_h θ[h, m]`` against its true parent (one arc per
 token for every model, so it cannot be raised by keeping more arcs, unlike recall), and for the
 directed models the fraction of hard samples that are trees (arborescences rooted at 0: always
 for ``arborescence``; independent parents and arcs can close cycles). For independent parents
-also ``paired_*``: the same scores under one fresh noise draw decoded per token and as the best
-arborescence (:func:`decode_as_trees`), to tell a better scorer from cycles. Batches are
+and the arborescence also ``paired_*``: the same scores under one fresh noise draw decoded per token and
+as the best arborescence (:func:`decode_as_trees`), to tell a better scorer from cycles
+(``paired_tree_rate``: how often the per-token decoding is a tree, i.e. closes no cycle). Batches are
 bucketed by length so each batch uses one polytope size. Writes ``results.json``, ``results.md``
 and ``learning_curves.png`` under ``--out`` when every job has ended, and each job's result to
 ``--out``/jobs/ as soon as it ends; ``--resume`` reads those back instead of training again.
@@ -160,6 +168,11 @@ class Config:
     max_args: int = 4
     max_len: int = 30
     seed: int = 0
+    # Interventions on the arborescence's training (a probe of why independent parents parse better,
+    # docs/results.md; not recommended settings): both act on independent parents' relaxation of the
+    # same utilities θ + G, each token's softmax over its heads (:func:`per_token_softmax`).
+    per_token_weight: float = 0.0   # w: train on (1 − w)·loss(X_t) + w·loss(per-token softmax)
+    cycle_penalty: float = 0.0      # λ: add λ·(relaxed cycle weight of the per-token softmax, :func:`cycle_weight`)
 
 
 class ListOpsModel(nn.Module):
@@ -235,6 +248,24 @@ class ListOpsModel(nn.Module):
             msg = A @ self.up(h) + A.transpose(1, 2) @ self.down(h)
             h = self.gru(torch.relu(msg).reshape(B * n, H), h.reshape(B * n, H)).reshape(B, n, H)
         return self.classify(h[:, 0])
+
+
+def per_token_softmax(u: torch.Tensor) -> torch.Tensor:
+    """Independent parents' relaxation of utilities ``u (B, n, n)`` (already divided by t): each
+    column m > 0 a softmax over the heads h ≠ m; nothing into the root."""
+    n = u.shape[-1]
+    root = torch.zeros(n, n, dtype=torch.bool)
+    root[:, 0] = True
+    return u.masked_fill(torch.eye(n, dtype=torch.bool), -torch.inf).softmax(1).masked_fill(root, 0.0)   # differentiable
+
+
+def cycle_weight(A: torch.Tensor) -> torch.Tensor:
+    """The relaxed cycle weight ``tr(exp(A)) − n = Σ_{k ≥ 1} tr(Aᵏ) / k!`` of nonnegative arc
+    weights ``A (B, n, n)``, per expression ``(B,)``: the weight of closed walks, 0 exactly when
+    the arcs of positive weight close no cycle (as for any arborescence), bounded by ``n(e^ρ − 1)``
+    with ρ the spectral radius (ρ ≤ 1 for a per-token softmax: each column sums to at most 1)."""
+    n = A.shape[-1]
+    return torch.linalg.matrix_exp(A).diagonal(dim1=-2, dim2=-1).sum(-1) - n
 
 
 def arc_scores(model: ListOpsModel, theta: torch.Tensor, arcs: torch.Tensor, gen: torch.Generator):
@@ -314,7 +345,7 @@ def evaluate(model: ListOpsModel, data: list[tuple], seed: int) -> dict:
             if model.cfg.method != "spanning_tree":   # directed heads only
                 heads.append(head_accuracy(theta, arcs))
                 trees.append(tr)
-            if model.cfg.method == "independent_parents":
+            if model.cfg.method in ("independent_parents", "arborescence"):
                 decoded.append(torch.stack(decode_as_trees(theta, arcs, paired), 1))
     model.train()
     res = {"accuracy": torch.cat(correct).mean().item()}
@@ -330,6 +361,8 @@ def evaluate(model: ListOpsModel, data: list[tuple], seed: int) -> dict:
 
 
 def train(cfg: Config) -> dict:
+    if (cfg.per_token_weight > 0 or cfg.cycle_penalty > 0) and cfg.method != "arborescence":
+        raise ValueError(f"per_token_weight and cycle_penalty act on the arborescence only, got method={cfg.method!r}")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -347,8 +380,19 @@ def train(cfg: Config) -> dict:
             if t1 is not None:                       # geometric: t0 at the first update, t1 at the last
                 model.temperature = t0 * (t1 / t0) ** (step / max(1, updates - 1))
                 step += 1
-            logits, _, _ = model(tok, cfg.mode, gen)
+            intervene = cfg.per_token_weight > 0 or cfg.cycle_penalty > 0
+            noise_state = gen.get_state() if intervene else None
+            logits, theta, _ = model(tok, cfg.mode, gen)
             loss = nn.functional.cross_entropy(logits, val)
+            if intervene:                            # the same θ + G: replay the noise cs.sst drew
+                replay = torch.Generator().set_state(noise_state)
+                U = theta + cs.Gumbel().sample(theta.shape, generator=replay).to(theta.dtype)
+                per_token = per_token_softmax(U / model.temperature)
+                if cfg.per_token_weight > 0:
+                    w = cfg.per_token_weight
+                    loss = (1 - w) * loss + w * nn.functional.cross_entropy(model.readout(tok, per_token), val)
+                if cfg.cycle_penalty > 0:
+                    loss = loss + cfg.cycle_penalty * cycle_weight(per_token).mean()
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -388,9 +432,16 @@ LABELS = {"arborescence": "arborescence SST (exp_family)", "independent": "indep
           "spanning_tree": "undirected spanning-tree SST (exp_family)", "lstm": "bi-LSTM, no latent structure"}
 
 
-def label(method: str, regularizer: str = Config.regularizer) -> str:
-    """The table's name of ``method``; the tree SSTs name their regularizer."""
-    return LABELS[method].replace("(exp_family)", f"({regularizer})")
+def label(method: str, regularizer: str = Config.regularizer, per_token_weight: float = 0.0,
+          cycle_penalty: float = 0.0) -> str:
+    """The table's name of ``method``; the tree SSTs name their regularizer, the arborescence its
+    interventions (:class:`Config`)."""
+    name = LABELS[method].replace("(exp_family)", f"({regularizer})")
+    if per_token_weight > 0:
+        name += f", per-token loss weight {per_token_weight:g}"
+    if cycle_penalty > 0:
+        name += f", cycle penalty {cycle_penalty:g}"
+    return name
 
 
 def _positive(text: str) -> float:
@@ -421,6 +472,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-len", type=int, default=Config.max_len, help="tokens per expression (paper: 50)")
     ap.add_argument("--rounds", type=int, default=Config.rounds,
                     help="message-passing rounds (at least --max-depth: a value climbs one level per round)")
+    ap.add_argument("--per-token-weight", type=float, default=0.0, metavar="W",
+                    help="arborescence only, a probe: train on (1 - W) x its loss + W x the loss on the per-token "
+                         "softmax of the same scores and noise (0 <= W <= 1; default 0)")
+    ap.add_argument("--cycle-penalty", type=float, default=0.0, metavar="LAMBDA",
+                    help="arborescence only, a probe: add LAMBDA x the per-token softmax's relaxed cycle weight "
+                         "tr(exp(A)) - n to the loss (LAMBDA >= 0; default 0)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--resume", action="store_true",
                     help="read back the jobs already finished under OUT/jobs/ (each job's result is written there "
@@ -429,10 +486,17 @@ def main(argv=None) -> dict:
     for name in ("max_depth", "max_len", "rounds"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if not 0 <= a.per_token_weight <= 1:
+        ap.error(f"--per-token-weight must be in [0, 1], got {a.per_token_weight}")
+    if not 0 <= a.cycle_penalty < float("inf"):
+        ap.error(f"--cycle-penalty must be >= 0 and finite, got {a.cycle_penalty}")
+    if (a.per_token_weight > 0 or a.cycle_penalty > 0) and a.methods != ["arborescence"]:
+        ap.error(f"--per-token-weight and --cycle-penalty act on the arborescence only; got --methods "
+                 f"{' '.join(a.methods)}. Hint: --methods arborescence")
     base = Config(epochs=a.epochs, num_train=a.num_train, temperature=a.temperature, mode=a.mode,
                   regularizer=a.regularizer,
                   lr=a.lr, final_temperature=a.final_temperature, max_depth=a.max_depth, max_len=a.max_len,
-                  rounds=a.rounds)
+                  rounds=a.rounds, per_token_weight=a.per_token_weight, cycle_penalty=a.cycle_penalty)
     if a.quick:
         base = replace(base, epochs=1, num_train=300, num_test=100, max_len=16)
         a.seeds = 1
@@ -442,7 +506,7 @@ def main(argv=None) -> dict:
     rows = []
     for m in a.methods:
         rs = [r for r in runs if r["config"]["method"] == m]
-        row = {"method": m, "label": label(m, base.regularizer), "seeds": len(rs), "accuracy": mean_std([r["test"]["accuracy"] for r in rs])}
+        row = {"method": m, "label": label(m, base.regularizer, base.per_token_weight, base.cycle_penalty), "seeds": len(rs), "accuracy": mean_std([r["test"]["accuracy"] for r in rs])}
         if "precision" in rs[0]["test"]:
             for k in ("precision", "recall", "head_accuracy", "tree_rate"):
                 if k in rs[0]["test"]:
@@ -489,7 +553,8 @@ def plot(runs: list[dict], methods, out: Path) -> None:
             for ax, key in zip(axes, ("valid_accuracy", "valid_precision")):
                 if key in rs[0]["curve"][0]:
                     ax.plot(ep, np.mean([[c[key] for c in r["curve"]] for r in rs], 0),
-                            label=label(m, rs[0]["config"]["regularizer"]))
+                            label=label(m, *(rs[0]["config"].get(k, 0.0) for k in ("regularizer", "per_token_weight",
+                                                                                           "cycle_penalty"))))
         axes[0].set(xlabel="epoch", ylabel="validation accuracy")
         axes[1].set(xlabel="epoch", ylabel="validation arc precision (hard samples)")
         axes[0].legend(fontsize=7)
