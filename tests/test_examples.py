@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -147,9 +148,10 @@ def test_listops_quick_and_parses(tmp_path):
         assert ("head_accuracy" in r) == (r["method"] not in ("spanning_tree", "lstm"))
         assert ("tree_rate" in r) == ("head_accuracy" in r)
     assert next(r for r in out["table"] if r["method"] == "arborescence")["tree_rate"][0] == 1.0
-    (parents,) = [r["test"] for r in out["runs"] if r["config"]["method"] == "independent_parents"]
-    assert all(_in_unit_interval(parents[k]) for k in ("paired_precision_heads", "paired_precision_tree",
-                                                         "paired_tree_rate"))
+    for method in ("independent_parents", "arborescence"):
+        (res,) = [r["test"] for r in out["runs"] if r["config"]["method"] == method]
+        assert all(_in_unit_interval(res[k]) for k in ("paired_precision_heads", "paired_precision_tree",
+                                                       "paired_tree_rate"))
 
 
 def test_listops_is_tree_is_membership_in_the_arborescence_polytope():
@@ -294,6 +296,71 @@ def test_listops_regularizer_option(tmp_path):
     assert [r["label"] for r in out["table"]] == ["arborescence SST (entropy)", "undirected spanning-tree SST (entropy)"]
     with pytest.raises(SystemExit):
         run.main(["--quick", "--regularizer", "bogus"])
+
+
+def test_listops_cycle_weight_counts_closed_walks():
+    """cycle_weight = tr(exp(A)) − n: 0 on an arborescence (and any acyclic weights), 2(cosh 1 − 1)
+    on a 2-cycle, the series Σ tr(Aᵏ)/k! on a per-token softmax, which always closes cycles."""
+    run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
+    n = 6
+    tree = cs.load_polytope("arborescence", n=n, root=0).argmax(torch.randn(3, n, n, dtype=torch.float64))
+    assert torch.equal(run.cycle_weight(tree), torch.zeros(3, dtype=torch.float64))
+    dag = torch.triu(torch.rand(n, n, dtype=torch.float64), 1)        # acyclic, several parents per token
+    assert abs(run.cycle_weight(dag[None]).item()) < 1e-12
+    two = torch.zeros(1, n, n, dtype=torch.float64)
+    two[0, 1, 2] = two[0, 2, 1] = 1.0
+    assert run.cycle_weight(two).item() == pytest.approx(2 * (math.cosh(1) - 1), rel=1e-12)
+    A = run.per_token_softmax(torch.randn(4, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(A.sum(1)[:, 1:], torch.ones(4, n - 1, dtype=torch.float64)) and not bool(A[..., 0].any())
+    series = sum(torch.linalg.matrix_power(A, k).diagonal(dim1=-2, dim2=-1).sum(-1) / float(math.factorial(k))
+                 for k in range(1, 25))
+    assert torch.allclose(run.cycle_weight(A), series, atol=1e-12) and bool((series > 0).all())
+
+
+def test_listops_interventions_relax_the_noise_the_arborescence_used(tmp_path, monkeypatch):
+    """--per-token-weight and --cycle-penalty: the per-token softmax they add is taken of the very
+    utilities θ + G the arborescence SST relaxed (relaxing them again gives its X_t exactly); each
+    changes training; both are refused for other methods and out of range."""
+    run = _load(EXAMPLES / "listops" / "run.py", "listops_run")
+    seen = {"X": [], "u": []}
+    structure, per_token = run.ListOpsModel.structure, run.per_token_softmax
+
+    def recording_structure(self, theta, mode, gen):
+        x = structure(self, theta, mode, gen)
+        if mode != "hard":
+            seen["X"].append((x.detach(), self.cfg.regularizer, self.temperature))
+        return x
+
+    def recording_per_token(u):
+        seen["u"].append(u.detach())
+        return per_token(u)
+
+    monkeypatch.setattr(run.ListOpsModel, "structure", recording_structure)
+    monkeypatch.setattr(run, "per_token_softmax", recording_per_token)
+    base = run.Config(method="arborescence", epochs=1, num_train=100, num_test=50, max_len=12, temperature=0.7)
+    plain = run.train(base)
+    assert seen["u"] == []                                   # off by default: nothing extra computed
+    losses = {}
+    for w, lam in ((0.5, 0.0), (0.0, 0.5)):
+        seen["X"].clear()
+        res = run.train(replace(base, per_token_weight=w, cycle_penalty=lam))
+        losses[w, lam] = res["curve"][0]["train_loss"]
+        assert len(seen["u"]) == len(seen["X"]) > 0
+        for (X, reg, t), u in zip(seen["X"], seen["u"]):
+            again = cs.relax(u * t, cs.load_polytope("arborescence", n=u.shape[-1], root=0), reg, t)
+            assert torch.allclose(again, X, atol=1e-6, rtol=0)
+        seen["u"].clear()
+    assert len({plain["curve"][0]["train_loss"], *losses.values()}) == 3
+    with pytest.raises(ValueError, match="arborescence only"):
+        run.train(replace(base, method="lstm", cycle_penalty=1.0))
+    out = run.main(["--quick", "--methods", "arborescence", "--per-token-weight", "0.25", "--cycle-penalty", "2",
+                    "--workers", "1", "--out", str(tmp_path)])
+    assert out["config"]["per_token_weight"] == 0.25 and out["config"]["cycle_penalty"] == 2.0
+    assert out["table"][0]["label"] == "arborescence SST (exp_family), per-token loss weight 0.25, cycle penalty 2"
+    for argv in (["--per-token-weight", "1.5"], ["--cycle-penalty", "-1"], ["--cycle-penalty", "nan"],
+                 ["--methods", "arborescence", "independent_parents", "--cycle-penalty", "1"]):
+        with pytest.raises(SystemExit):
+            run.main(["--quick", "--out", str(tmp_path)] + argv)
 
 
 def test_listops_temperature_schedule_runs_from_first_to_final(monkeypatch):
