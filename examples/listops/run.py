@@ -374,13 +374,13 @@ def train(cfg: Config) -> dict:
     t0, t1 = cfg.temperature, cfg.final_temperature
     per_epoch = sum(-(-c // cfg.batch_size) for c in Counter(len(ex[0]) for ex in tr).values())   # as batches()
     updates, step = cfg.epochs * per_epoch, 0
+    intervene = cfg.per_token_weight > 0 or cfg.cycle_penalty > 0
     for epoch in range(cfg.epochs):
         losses = []
         for tok, _, val in batches(tr, cfg.batch_size, rng):
             if t1 is not None:                       # geometric: t0 at the first update, t1 at the last
                 model.temperature = t0 * (t1 / t0) ** (step / max(1, updates - 1))
                 step += 1
-            intervene = cfg.per_token_weight > 0 or cfg.cycle_penalty > 0
             noise_state = gen.get_state() if intervene else None
             logits, theta, _ = model(tok, cfg.mode, gen)
             loss = nn.functional.cross_entropy(logits, val)
@@ -552,9 +552,9 @@ def plot(runs: list[dict], methods, out: Path) -> None:
             ep = [c["epoch"] for c in rs[0]["curve"]]
             for ax, key in zip(axes, ("valid_accuracy", "valid_precision")):
                 if key in rs[0]["curve"][0]:
-                    ax.plot(ep, np.mean([[c[key] for c in r["curve"]] for r in rs], 0),
-                            label=label(m, *(rs[0]["config"].get(k, 0.0) for k in ("regularizer", "per_token_weight",
-                                                                                           "cycle_penalty"))))
+                    c = rs[0]["config"]
+                    ax.plot(ep, np.mean([[e[key] for e in r["curve"]] for r in rs], 0),
+                            label=label(m, c["regularizer"], c.get("per_token_weight", 0.0), c.get("cycle_penalty", 0.0)))
         axes[0].set(xlabel="epoch", ylabel="validation accuracy")
         axes[1].set(xlabel="epoch", ylabel="validation arc precision (hard samples)")
         axes[0].legend(fontsize=7)
